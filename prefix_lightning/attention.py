@@ -1,0 +1,141 @@
+"""Prefix injection inside attention, through transformers' attention interface.
+
+Every attention module of a model set to ``ATTN_IMPLEMENTATION`` calls :func:`prefix_attention` with its
+queries, keys and values. Modules bound to a :class:`PrefixInjector` get that injector's prefix keys/values
+concatenated in front of their own, and the mask widened so that every query sees all L prefix positions.
+The LM's cache is never touched: it holds real tokens only, and the prefix is prepended on every call, which is
+what makes encoder self-attention, cross-attention, grouped-query attention, beam search and gradient
+checkpointing work through one path.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+ATTN_IMPLEMENTATION = "prefix_sdpa"
+
+
+@dataclass
+class AttentionCall:
+    """One attention call as seen before any prefix is added (for site discovery and real-word init)."""
+
+    module: nn.Module
+    query_length: int
+    key: torch.Tensor
+    value: torch.Tensor
+
+
+class PrefixInjector:
+    """The per-model switchboard that the attention function reads.
+
+    ``prefixes`` maps a site group to its materialized prefix of shape (n_sites, 2, kv_heads, L, head_dim).
+    It is set once per forward/generate by the owner and kept until the next one, so that gradient
+    checkpointing recomputes layers with the very same prefix tensors.
+    """
+
+    def __init__(self) -> None:
+        self.enabled = True
+        self.prefixes: dict[str, torch.Tensor] | None = None
+
+    def lookup(self, group: str, index: int) -> torch.Tensor | None:
+        if not self.enabled or self.prefixes is None:
+            return None
+        return self.prefixes[group][index]
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        previous, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = previous
+
+
+@dataclass(frozen=True)
+class _Binding:
+    injector: PrefixInjector
+    group: str
+    index: int
+
+
+_BINDINGS: weakref.WeakKeyDictionary[nn.Module, _Binding] = weakref.WeakKeyDictionary()
+_recording: list[AttentionCall] | None = None
+
+
+def bind(module: nn.Module, injector: PrefixInjector, group: str, index: int) -> None:
+    """Route ``module``'s attention through ``injector``'s prefix at (group, index)."""
+    if module in _BINDINGS:
+        raise ValueError("this attention module already carries a prefix: wrap each base model only once")
+    _BINDINGS[module] = _Binding(injector, group, index)
+
+
+@contextmanager
+def record_attention_calls() -> Iterator[list[AttentionCall]]:
+    """Collect every attention call made inside the block (keys/values detached, before prefixing)."""
+    global _recording
+    calls: list[AttentionCall] = []
+    previous, _recording = _recording, calls
+    try:
+        yield calls
+    finally:
+        _recording = previous
+
+
+def _widen_mask(
+    mask: torch.Tensor | None, causal: bool, query: torch.Tensor, key_length: int, prefix_length: int
+) -> torch.Tensor | None:
+    """Prepend ``prefix_length`` always-visible key columns to the attention mask.
+
+    With no mask the model relied on SDPA's ``is_causal``, which aligns top-left and would be wrong once keys
+    outnumber queries: the causal pattern is built explicitly (bottom-right aligned) before widening.
+    """
+    query_length = query.shape[2]
+    if mask is None:
+        if not causal or query_length == 1:
+            return None
+        mask = torch.ones(query_length, key_length, dtype=torch.bool, device=query.device)
+        mask = mask.tril(diagonal=key_length - query_length)[None, None]
+    if mask.shape[-1] != key_length:
+        raise RuntimeError(f"attention mask covers {mask.shape[-1]} keys but the layer has {key_length}")
+    visible = torch.ones if mask.dtype == torch.bool else torch.zeros
+    columns = visible(*mask.shape[:-1], prefix_length, dtype=mask.dtype, device=mask.device)
+    return torch.cat([columns, mask], dim=-1)
+
+
+def prefix_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """SDPA attention with the module's prefix keys/values in front of its own."""
+    if _recording is not None:
+        _recording.append(AttentionCall(module, query.shape[2], key.detach(), value.detach()))
+    binding = _BINDINGS.get(module)
+    prefix = binding.injector.lookup(binding.group, binding.index) if binding is not None else None
+    if prefix is not None:
+        causal = kwargs.get("is_causal")
+        if causal is None:
+            causal = getattr(module, "is_causal", True)
+        batch, length = key.shape[0], prefix.shape[2]
+        prefix = prefix.to(dtype=key.dtype)
+        attention_mask = _widen_mask(attention_mask, causal, query, key.shape[2], length)
+        key = torch.cat([prefix[0].expand(batch, -1, -1, -1), key], dim=2)
+        value = torch.cat([prefix[1].expand(batch, -1, -1, -1), value], dim=2)
+        kwargs["is_causal"] = False
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, prefix_attention)
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)

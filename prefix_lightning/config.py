@@ -1,0 +1,39 @@
+"""The prefix's hyperparameters: everything needed to rebuild a prefix for a given base model."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+Reparam = Literal["mlp", "none"]
+
+
+@dataclass
+class PrefixConfig:
+    """Prefix-tuning settings (Li & Liang 2021).
+
+    length: number of virtual tokens L in front of every attention layer's keys/values.
+    reparam: "mlp" trains P = MLP(P') (the paper's default, dropped at export); "none" trains P directly.
+    hidden_dim: width k of the reparametrization MLP (512 for table-to-text, 800 for summarization).
+    dropout: dropout on the materialized prefix during training.
+    shift_positions: real tokens take positions L, L+1, ... as if the prefix were real tokens before them.
+    """
+
+    length: int = 10
+    reparam: Reparam = "mlp"
+    hidden_dim: int = 512
+    dropout: float = 0.0
+    shift_positions: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.length, int) or self.length <= 0:
+            raise ValueError(f"prefix.length must be a positive integer, got {self.length!r}")
+        if self.reparam not in ("mlp", "none"):
+            raise ValueError(f"prefix.reparam must be 'mlp' or 'none', got {self.reparam!r}")
+        if self.reparam == "mlp" and (not isinstance(self.hidden_dim, int) or self.hidden_dim <= 0):
+            raise ValueError(f"prefix.hidden_dim must be a positive integer, got {self.hidden_dim!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"prefix.dropout must be in [0, 1), got {self.dropout!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,168 @@
+"""PrefixModel: a frozen transformers LM whose every attention layer sees a trainable prefix."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from prefix_lightning.attention import ATTN_IMPLEMENTATION, PrefixInjector, bind, record_attention_calls
+from prefix_lightning.config import PrefixConfig
+from prefix_lightning.encoder import PrefixEncoder
+from prefix_lightning.export import load_prefix, save_prefix
+from prefix_lightning.positions import attach_position_shift
+from prefix_lightning.sites import SUPPORTED, AttentionSite, UnsupportedModelError, discover_sites
+
+log = logging.getLogger(__name__)
+
+
+class PrefixModel(nn.Module):
+    """Wraps any supported causal or encoder-decoder LM; only the prefix is trainable.
+
+    The LM is frozen and kept in eval mode (no LM dropout) whatever mode the wrapper is in. Call the wrapper,
+    not ``.lm``: each forward/generate materializes the prefix once and every layer reads it.
+    """
+
+    def __init__(self, lm: PreTrainedModel, config: PrefixConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or PrefixConfig()
+        self.lm = lm
+        lm.requires_grad_(False)
+        lm.eval()
+        try:
+            lm.set_attn_implementation(ATTN_IMPLEMENTATION)
+        except (ValueError, TypeError) as error:
+            raise UnsupportedModelError(
+                f"{type(lm).__name__} has no attention layers that a prefix can reach. Supported: {SUPPORTED}."
+            ) from error
+        self.injector = PrefixInjector()
+        bound = discover_sites(lm)
+        self.sites: list[AttentionSite] = [site for _, site in bound]
+        groups: dict[str, list[AttentionSite]] = {}
+        for module, site in bound:
+            bind(module, self.injector, site.group, len(groups.setdefault(site.group, [])))
+            groups[site.group].append(site)
+        embed_dim = lm.get_input_embeddings().embedding_dim
+        self.encoders = nn.ModuleDict(
+            {
+                group: PrefixEncoder(self.config, len(members), members[0].kv_heads, members[0].head_dim, embed_dim)
+                for group, members in groups.items()
+            }
+        )
+        if self.config.shift_positions:
+            attach_position_shift(lm, self.config.length, self.injector)
+
+    # -- running -------------------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> PrefixModel:
+        super().train(mode)
+        self.lm.eval()
+        return self
+
+    def _materialize(self) -> None:
+        dropout = self.config.dropout if self.training else 0.0
+        self.injector.prefixes = {
+            group: nn.functional.dropout(encoder(), dropout) for group, encoder in self.encoders.items()
+        }
+
+    def forward(self, **inputs: Any) -> Any:
+        """The LM's forward (loss, logits, ...) with the prefix in every attention layer."""
+        self._materialize()
+        return self.lm(**inputs)
+
+    def generate(self, **kwargs: Any) -> Any:
+        """transformers' ``generate`` with the prefix; beams and batch rows share it without copies."""
+        self._materialize()
+        return self.lm.generate(**kwargs)
+
+    @contextmanager
+    def prefix_disabled(self) -> Iterator[None]:
+        """Run the plain LM (no prefix, usual positions) inside the block."""
+        with self.injector.disabled():
+            yield
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the frozen LM's layers in backward instead of storing their activations.
+
+        transformers only checkpoints layers in training mode, and the LM stays in eval mode here (no dropout),
+        so the layers are wrapped directly with non-reentrant checkpointing, which lets gradients reach the
+        prefix that the layers read from outside their inputs.
+        """
+        for module in self.lm.modules():
+            if isinstance(module, GradientCheckpointingLayer) and "forward" not in vars(module):
+                module.forward = partial(_checkpointed, module.forward)
+
+    # -- inspection ----------------------------------------------------------------------------------------
+    def prefix_key_values(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The materialized prefix per attention module name: (keys, values), each (kv_heads, L, head_dim)."""
+        prefixes = {group: encoder() for group, encoder in self.encoders.items()}
+        counters: dict[str, int] = {}
+        result = {}
+        for site in self.sites:
+            index = counters.get(site.group, 0)
+            counters[site.group] = index + 1
+            result[site.name] = (prefixes[site.group][index, 0], prefixes[site.group][index, 1])
+        return result
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # -- initialization ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_prefix_from_tokens(self, token_ids: Sequence[int] | torch.Tensor) -> None:
+        """Set the prefix to the LM's own keys/values for these tokens (real-word initialization).
+
+        The tokens are repeated or cut to the prefix length. With the MLP reparametrization, P' starts at the
+        tokens' input embeddings and the MLP is fitted to reproduce the target activations.
+        """
+        ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
+        length = self.config.length
+        if ids.numel() == 0:
+            raise ValueError("init_prefix_from_tokens needs at least one token")
+        if ids.numel() != length:
+            log.info("real-word init: %d tokens repeated/cut to the prefix length %d", ids.numel(), length)
+            ids = ids.repeat(length // ids.numel() + 1)[:length]
+        ids = ids.to(self.lm.device)[None]
+        inputs = {"input_ids": ids}
+        if self.lm.config.is_encoder_decoder:
+            inputs["decoder_input_ids"] = ids
+        with self.prefix_disabled(), record_attention_calls() as calls:
+            self.lm(**inputs, use_cache=False)
+        by_module = {id(call.module): call for call in calls}
+        named = dict(self.lm.named_modules())
+        targets: dict[str, list[torch.Tensor]] = {}
+        for site in self.sites:
+            call = by_module[id(named[site.name])]
+            targets.setdefault(site.group, []).append(torch.stack([call.key[0], call.value[0]]))
+        start = self.lm.get_input_embeddings()(ids)[0].float()
+        for group, encoder in self.encoders.items():
+            target = torch.stack(targets[group]).float()
+            if encoder.mlp is None:
+                encoder.assign(target)
+            else:
+                error = encoder.fit(target, start)
+                log.info("real-word init of the %s prefix: MLP fitted to relative error %.2e", group, error)
+
+    # -- export --------------------------------------------------------------------------------------------
+    def save_prefix(self, path: str | Path) -> Path:
+        """Write the materialized prefix (MLP dropped) and its description to the folder ``path``."""
+        return save_prefix(self, Path(path))
+
+    @classmethod
+    def from_prefix(cls, lm: PreTrainedModel, path: str | Path) -> PrefixModel:
+        """Load an exported prefix onto ``lm``; refuses a base model of another shape."""
+        return load_prefix(cls, lm, Path(path))
+
+
+def _checkpointed(forward: Any, *args: Any, **kwargs: Any) -> Any:
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)

@@ -1,0 +1,71 @@
+"""Shifting real tokens' positions by the prefix length L.
+
+The prefix stands for L virtual tokens at positions 0..L-1 (that is where real-word initialization computes
+them), so real tokens start at position L, as in the paper's code and in PEFT. Two mechanisms cover the
+supported families:
+- models whose forward takes ``position_ids`` (GPT-2, Llama, ...): a pre-hook on the model shifts the given
+  ids, or computes them from the 2-D attention mask (left padding) when the caller passed none;
+- BART-style learned position embeddings, which take no ids from outside: a pre-hook on each
+  ``embed_positions`` module moves its starting offset.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+from transformers import PreTrainedModel
+
+from prefix_lightning.attention import PrefixInjector
+from prefix_lightning.sites import UnsupportedModelError
+
+
+def _positions_from_inputs(tokens: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    """Positions as if unpadded: counted over the 2-D mask (left padding), else continuing the cache."""
+    query_length = tokens.shape[1]
+    mask = kwargs.get("attention_mask")
+    if mask is not None and mask.ndim == 2:
+        positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
+        return positions[:, -query_length:]
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    past = cache.get_seq_length() if cache is not None else 0
+    return torch.arange(past, past + query_length, device=tokens.device).unsqueeze(0)
+
+
+def attach_position_shift(lm: PreTrainedModel, length: int, injector: PrefixInjector) -> list[RemovableHandle]:
+    """Install the hooks that offset positions by ``length`` while ``injector`` is enabled."""
+
+    def shift_position_ids(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
+        if injector.enabled:
+            positions = kwargs.get("position_ids")
+            if positions is None:
+                tokens = args[0] if args else kwargs.get("input_ids")
+                positions = _positions_from_inputs(tokens if tokens is not None else kwargs["inputs_embeds"], kwargs)
+            kwargs["position_ids"] = positions + length
+        return args, kwargs
+
+    def shift_learned_embedding(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
+        if injector.enabled:
+            if kwargs.get("position_ids") is not None:
+                kwargs["position_ids"] = kwargs["position_ids"] + length
+            else:
+                start = args[1] if len(args) > 1 else kwargs.get("cache_length", 0)
+                args, kwargs["cache_length"] = args[:1], start + length
+        return args, kwargs
+
+    embedding_modules = [
+        module
+        for name, module in lm.named_modules()
+        if name.endswith("embed_positions") and "cache_length" in inspect.signature(module.forward).parameters
+    ]
+    if embedding_modules:
+        return [m.register_forward_pre_hook(shift_learned_embedding, with_kwargs=True) for m in embedding_modules]
+    if not lm.config.is_encoder_decoder and "position_ids" in inspect.signature(lm.forward).parameters:
+        return [lm.register_forward_pre_hook(shift_position_ids, with_kwargs=True)]
+    raise UnsupportedModelError(
+        f"don't know how to shift the positions of {type(lm).__name__}; set prefix.shift_positions=false "
+        "to keep real tokens at their usual positions"
+    )

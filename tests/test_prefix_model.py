@@ -1,0 +1,272 @@
+"""The method's invariants (DESIGN.md 1-5) on tiny random GPT-2, Llama with grouped-query attention, and BART."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+from prefix_lightning import PrefixConfig, PrefixModel, UnsupportedModelError
+from prefix_lightning.attention import record_attention_calls
+
+VOCAB, PAD = 100, 1
+TINY = {
+    "gpt2": dict(n_layer=2, n_embd=32, n_head=4, n_positions=64),
+    "llama": dict(num_hidden_layers=3, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64),
+    "bart": dict(
+        encoder_layers=2, decoder_layers=2, d_model=32, encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64, forced_eos_token_id=None,
+    ),
+}
+WORDS = torch.tensor([5, 6, 7, 8])
+
+
+def tiny_lm(kind: str, seed: int = 0):
+    config = AutoConfig.for_model(
+        kind, vocab_size=VOCAB, pad_token_id=PAD, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
+        **TINY[kind],
+    )
+    torch.manual_seed(seed)
+    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    return auto.from_config(config).eval()
+
+
+def pad_batch(rows: list[torch.Tensor], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), PAD)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, span], mask[i, span] = row, 1
+    return ids, mask
+
+
+ROWS = [torch.tensor([10, 11, 12, 13, 14]), torch.tensor([20, 21]), torch.tensor([30, 31, 32])]
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("left", [True, False])
+def test_real_word_prefix_equals_prepended_words(kind: str, left: bool) -> None:
+    """Invariant 1: layer mapping, kv-head layout, mask and positions all at once."""
+    reference = tiny_lm(kind)
+    model = PrefixModel(tiny_lm(kind), PrefixConfig(length=len(WORDS), reparam="none"))
+    model.init_prefix_from_tokens(WORDS)
+    ids, mask = pad_batch(ROWS, left)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        for i, row in enumerate(ROWS):
+            expected = reference(input_ids=torch.cat([WORDS, row])[None]).logits[0, len(WORDS) :]
+            got = logits[i][mask[i].bool()]
+            torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_real_word_prefix_without_padding_uses_explicit_causal_mask() -> None:
+    reference = tiny_lm("llama")
+    model = PrefixModel(tiny_lm("llama"), PrefixConfig(length=len(WORDS), reparam="none"))
+    model.init_prefix_from_tokens(WORDS)
+    with torch.no_grad():
+        got = model(input_ids=ROWS[0][None]).logits[0]
+        expected = reference(input_ids=torch.cat([WORDS, ROWS[0]])[None]).logits[0, len(WORDS) :]
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_bart_encoder_real_word_equivalence() -> None:
+    reference = tiny_lm("bart")
+    model = PrefixModel(tiny_lm("bart"), PrefixConfig(length=len(WORDS), reparam="none"))
+    assert {site.group for site in model.sites} == {"encoder", "decoder", "cross"}
+    assert len(model.sites) == 6
+    model.init_prefix_from_tokens(WORDS)
+    ids, mask = pad_batch(ROWS, left=False)
+    with torch.no_grad():
+        model._materialize()
+        hidden = model.lm.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+        for i, row in enumerate(ROWS):
+            expected = reference.get_encoder()(input_ids=torch.cat([WORDS, row])[None]).last_hidden_state[0, 4:]
+            torch.testing.assert_close(hidden[i, : len(row)], expected, atol=1e-4, rtol=0)
+
+
+def test_prefix_changes_the_output_and_disabling_restores_the_plain_lm() -> None:
+    reference = tiny_lm("gpt2")
+    model = PrefixModel(tiny_lm("gpt2"), PrefixConfig(length=3))
+    ids = ROWS[0][None]
+    with torch.no_grad():
+        plain = reference(input_ids=ids).logits
+        assert not torch.allclose(model(input_ids=ids).logits, plain, atol=1e-3)
+        with model.prefix_disabled():
+            torch.testing.assert_close(model.lm(input_ids=ids).logits, plain)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "bart"])
+def test_training_step_moves_only_the_prefix(kind: str) -> None:
+    """Invariant 2: no gradient reaches the LM, its weights stay bit-identical, the prefix's change."""
+    model = PrefixModel(tiny_lm(kind), PrefixConfig(length=3, hidden_dim=16, dropout=0.1))
+    lm_before = copy.deepcopy(model.lm.state_dict())
+    prefix_before = {k: v.clone() for k, v in model.encoders.state_dict().items()}
+    model.train()
+    assert not model.lm.training and all(not m.training for m in model.lm.modules())
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+    ids, mask = pad_batch(ROWS, left=False)
+    for _ in range(2):
+        extra = {"decoder_input_ids": ids} if kind == "bart" else {}
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids, **extra).loss
+        loss.backward()
+        assert all(p.grad is None for p in model.lm.parameters())
+        optimizer.step()
+        optimizer.zero_grad()
+    assert all(torch.equal(lm_before[k], v) for k, v in model.lm.state_dict().items())
+    assert all(not torch.equal(prefix_before[k], v) for k, v in model.encoders.state_dict().items())
+    assert all(p.requires_grad for p in model.trainable_parameters())
+    assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {"encoders"}
+
+
+def _greedy_without_cache(model: PrefixModel, ids: torch.Tensor, steps: int) -> torch.Tensor:
+    for _ in range(steps):
+        logits = model(input_ids=ids, use_cache=False).logits
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_generate_matches_stepwise_argmax_and_batching(kind: str) -> None:
+    """Invariant 3: cached greedy generate = uncached argmax loop; left-padded batch = one by one."""
+    model = PrefixModel(tiny_lm(kind), PrefixConfig(length=3)).eval()
+    settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=PAD, eos_token_id=None)
+    with torch.no_grad():
+        singles = [model.generate(input_ids=row[None], **settings)[0] for row in ROWS]
+        for row, single in zip(ROWS, singles, strict=True):
+            torch.testing.assert_close(single, _greedy_without_cache(model, row[None], 6)[0])
+        ids, mask = pad_batch(ROWS, left=True)
+        batched = model.generate(input_ids=ids, attention_mask=mask, **settings)
+    for i, (row, single) in enumerate(zip(ROWS, singles, strict=True)):
+        assert torch.equal(batched[i, ids.shape[1] - len(row) :], single)
+    scored = dict(settings, return_dict_in_generate=True, output_scores=True)
+    with torch.no_grad():
+        prefixed = model.generate(input_ids=ROWS[0][None], **scored).scores[0]
+        with model.prefix_disabled():
+            plain = model.lm.generate(input_ids=ROWS[0][None], **scored).scores[0]
+    assert not torch.allclose(plain, prefixed, atol=1e-3), "generation must use the prefix"
+
+
+def test_bart_generation_parity_and_beams() -> None:
+    model = PrefixModel(tiny_lm("bart"), PrefixConfig(length=3)).eval()
+    settings = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, eos_token_id=None)
+    ids, mask = pad_batch(ROWS, left=False)
+    with torch.no_grad():
+        batched = model.generate(input_ids=ids, attention_mask=mask, **settings)
+        for i, row in enumerate(ROWS):
+            assert torch.equal(batched[i], model.generate(input_ids=row[None], **settings)[0])
+        beams = model.generate(input_ids=ids, attention_mask=mask, num_beams=3, num_return_sequences=3, **settings)
+    assert beams.shape == (9, 6)
+
+
+def test_beam_search_shares_the_prefix_across_beams() -> None:
+    model = PrefixModel(tiny_lm("llama"), PrefixConfig(length=3)).eval()
+    ids, mask = pad_batch(ROWS, left=True)
+    with torch.no_grad(), record_attention_calls() as calls:
+        out = model.generate(input_ids=ids, attention_mask=mask, num_beams=4, max_new_tokens=4,
+                             pad_token_id=PAD, eos_token_id=None)
+    assert out.shape == (3, ids.shape[1] + 4)
+    assert all(call.key.shape[0] == 12 for call in calls)
+
+
+def test_gradient_checkpointing_recomputes_with_the_prefix() -> None:
+    """Invariant 5: same gradients, and the layers really run twice."""
+    model = PrefixModel(tiny_lm("llama"), PrefixConfig(length=3, hidden_dim=16)).train()
+    ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
+
+    def gradients() -> tuple[list[torch.Tensor], int]:
+        model.zero_grad()
+        with record_attention_calls() as calls:
+            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        return [p.grad.clone() for p in model.trainable_parameters()], len(calls)
+
+    plain, plain_calls = gradients()
+    model.enable_gradient_checkpointing()
+    checkpointed, checkpointed_calls = gradients()
+    assert checkpointed_calls == 2 * plain_calls
+    for a, b in zip(plain, checkpointed, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "bart"])
+def test_export_then_load_gives_the_same_logits(kind: str, tmp_path) -> None:
+    """Invariant 4: only the materialized prefix is saved; loading reproduces the trained model."""
+    model = PrefixModel(tiny_lm(kind), PrefixConfig(length=3, hidden_dim=16)).eval()
+    model.save_prefix(tmp_path)
+    tensors = load_file(tmp_path / "prefix.safetensors")
+    materialized = {g: e() for g, e in model.encoders.items()}
+    assert tensors.keys() == materialized.keys()
+    sites = len(model.sites)
+    site = model.sites[0]
+    assert sum(t.numel() * t.element_size() for t in tensors.values()) == 3 * sites * 2 * site.kv_heads * site.head_dim * 4
+    description = json.loads((tmp_path / "prefix_config.json").read_text())
+    assert description["base_model"]["model_type"] == kind and description["prefix"]["length"] == 3
+
+    loaded = PrefixModel.from_prefix(tiny_lm(kind), tmp_path).eval()
+    assert loaded.config.reparam == "none"
+    ids, mask = pad_batch(ROWS, left=kind != "bart")
+    extra = {"decoder_input_ids": ids} if kind == "bart" else {}
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(input_ids=ids, attention_mask=mask, **extra).logits,
+            model(input_ids=ids, attention_mask=mask, **extra).logits,
+        )
+
+
+def test_prefix_refuses_a_base_model_of_another_shape(tmp_path) -> None:
+    PrefixModel(tiny_lm("llama"), PrefixConfig(length=3)).save_prefix(tmp_path)
+    with pytest.raises(ValueError, match="trained for .*llama.* this base model \\(gpt2\\)"):
+        PrefixModel.from_prefix(tiny_lm("gpt2"), tmp_path)
+
+
+def test_corrupted_export_is_refused(tmp_path) -> None:
+    PrefixModel(tiny_lm("gpt2"), PrefixConfig(length=3)).save_prefix(tmp_path)
+    weights = tmp_path / "prefix.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    with pytest.raises(ValueError, match="truncated or corrupted"):
+        PrefixModel.from_prefix(tiny_lm("gpt2"), tmp_path)
+
+
+def test_real_word_init_with_mlp_fits_the_target() -> None:
+    direct = PrefixModel(tiny_lm("gpt2"), PrefixConfig(length=4, reparam="none"))
+    direct.init_prefix_from_tokens(WORDS)
+    mlp = PrefixModel(tiny_lm("gpt2"), PrefixConfig(length=4, hidden_dim=64))
+    mlp.init_prefix_from_tokens(WORDS)
+    for name, (key, value) in direct.prefix_key_values().items():
+        fitted_key, fitted_value = mlp.prefix_key_values()[name]
+        scale = key.abs().max()
+        assert (fitted_key - key).abs().max() < 0.05 * scale
+        assert (fitted_value - value).abs().max() < 0.05 * value.abs().max()
+
+
+def test_short_init_words_are_repeated_to_the_prefix_length() -> None:
+    model = PrefixModel(tiny_lm("gpt2"), PrefixConfig(length=4, reparam="none"))
+    model.init_prefix_from_tokens([5, 6])
+    key = next(iter(model.prefix_key_values().values()))[0]
+    assert key.shape[1] == 4 and not torch.allclose(key[:, 0], key[:, 1])
+
+
+def test_prefix_config_rejects_bad_values() -> None:
+    with pytest.raises(ValueError, match="prefix.length"):
+        PrefixConfig(length=0)
+    with pytest.raises(ValueError, match="prefix.hidden_dim"):
+        PrefixConfig(hidden_dim=-1)
+    with pytest.raises(ValueError, match="prefix.reparam"):
+        PrefixConfig(reparam="lstm")
+
+
+def test_wrapping_a_model_twice_is_refused() -> None:
+    lm = tiny_lm("gpt2")
+    PrefixModel(lm, PrefixConfig(length=2))
+    with pytest.raises(ValueError, match="only once"):
+        PrefixModel(lm, PrefixConfig(length=2))
+
+
+def test_model_without_attention_is_unsupported() -> None:
+    config = AutoConfig.for_model("mamba", vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, state_size=4)
+    with pytest.raises(UnsupportedModelError, match="MambaForCausalLM has no attention layers.*Supported: .*GPT-2"):
+        PrefixModel(AutoModelForCausalLM.from_config(config), PrefixConfig(length=2))
