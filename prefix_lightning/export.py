@@ -43,7 +43,8 @@ def site_shapes(model: PrefixModel) -> dict[str, dict[str, int]]:
     counts = Counter(site.group for site in model.sites)
     shapes = {}
     for site in model.sites:
-        shapes.setdefault(site.group, {"layers": counts[site.group], "kv_heads": site.kv_heads, "head_dim": site.head_dim})
+        shape = {"layers": counts[site.group], "kv_heads": site.kv_heads, "head_dim": site.head_dim}
+        shapes.setdefault(site.group, shape)
     return shapes
 
 

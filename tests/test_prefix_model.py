@@ -16,7 +16,9 @@ from prefix_lightning.attention import record_attention_calls
 VOCAB, PAD = 100, 1
 TINY = {
     "gpt2": dict(n_layer=2, n_embd=32, n_head=4, n_positions=64),
-    "llama": dict(num_hidden_layers=3, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64),
+    "llama": dict(
+        num_hidden_layers=3, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64
+    ),
     "bart": dict(
         encoder_layers=2, decoder_layers=2, d_model=32, encoder_attention_heads=4, decoder_attention_heads=4,
         encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64, forced_eos_token_id=None,
@@ -200,9 +202,9 @@ def test_export_then_load_gives_the_same_logits(kind: str, tmp_path) -> None:
     tensors = load_file(tmp_path / "prefix.safetensors")
     materialized = {g: e() for g, e in model.encoders.items()}
     assert tensors.keys() == materialized.keys()
-    sites = len(model.sites)
     site = model.sites[0]
-    assert sum(t.numel() * t.element_size() for t in tensors.values()) == 3 * sites * 2 * site.kv_heads * site.head_dim * 4
+    expected_bytes = 3 * len(model.sites) * 2 * site.kv_heads * site.head_dim * 4
+    assert sum(t.numel() * t.element_size() for t in tensors.values()) == expected_bytes
     description = json.loads((tmp_path / "prefix_config.json").read_text())
     assert description["base_model"]["model_type"] == kind and description["prefix"]["length"] == 3
 
