@@ -1,0 +1,1 @@
+"""The Lightning layer: module, callbacks and the ``train(cfg)`` entry that run.py calls."""

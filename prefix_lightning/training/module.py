@@ -1,0 +1,150 @@
+"""The LightningModule: a frozen LM with a prefix, trained on target tokens, scored by decoding."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
+
+from prefix_lightning.evaluation import corpus_bleu
+from prefix_lightning.model import PrefixModel
+
+log = logging.getLogger(__name__)
+
+
+class PrefixTuningModule(L.LightningModule):
+    """Optimizes only the prefix; validation reports loss and BLEU, test reports BLEU, both write generations.
+
+    Checkpoints hold the trainable tensors only (plus optimizer, scheduler and loop state): the frozen LM is
+    rebuilt from its source, never stored.
+    """
+
+    def __init__(
+        self,
+        model: PrefixModel,
+        tokenizer: PreTrainedTokenizerBase,
+        output_dir: str,
+        lr: float = 5e-5,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        generation: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["model", "tokenizer"])
+        self.model = model
+        self.tokenizer = tokenizer
+        self.output_dir = Path(output_dir)
+        self.generation = dict(generation or {})
+        self.strict_loading = False
+        self._outputs: list[dict[str, Any]] = []
+
+    def forward(self, **batch: Any) -> Any:
+        return self.model(**batch)
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(**batch, use_cache=False).loss
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    # -- decoding ------------------------------------------------------------------------------------------
+    def _generate(self, batch: dict[str, Any]) -> None:
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        output = self.model.generate(**inputs, **self.generation)
+        if not self.model.lm.config.is_encoder_decoder:
+            output = output[:, inputs["input_ids"].shape[1] :]
+        texts = self.tokenizer.batch_decode(output, skip_special_tokens=True)
+        rows = zip(batch["group_ids"], batch["sources"], batch["references"], texts, strict=True)
+        for group_id, source, references, text in rows:
+            self._outputs.append(
+                {"group_id": group_id, "source": source, "references": references, "generation": text.strip()}
+            )
+
+    def _score(self, split: str) -> None:
+        outputs = self._gather(self._outputs)
+        self._outputs = []
+        if not outputs:
+            return
+        bleu = corpus_bleu([o["generation"] for o in outputs], [o["references"] for o in outputs])
+        self.log(f"{split}/bleu", bleu, prog_bar=True, rank_zero_only=True)
+        if self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            self._write(split, outputs, {"bleu": bleu})
+
+    def _gather(self, outputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if self.trainer.world_size == 1:
+            return outputs
+        gathered: list[list[dict[str, Any]]] = [[] for _ in range(self.trainer.world_size)]
+        torch.distributed.all_gather_object(gathered, outputs)
+        by_group = {o["group_id"]: o for part in gathered for o in part}  # the sampler pads ranks with repeats
+        return [by_group[key] for key in sorted(by_group)]
+
+    def _write(self, split: str, outputs: list[dict[str, Any]], metrics: dict[str, float]) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        name = split if split == "test" else f"{split}_step{self.global_step}"
+        (self.output_dir / f"{name}_generations.txt").write_text("".join(o["generation"] + "\n" for o in outputs))
+        with open(self.output_dir / f"{name}_generations.jsonl", "w") as file:
+            for output in outputs:
+                file.write(json.dumps(output) + "\n")
+        (self.output_dir / f"{name}_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        log.info(
+            "%s: BLEU %.2f over %d inputs, generations in %s", split, metrics["bleu"], len(outputs), self.output_dir
+        )
+
+    # -- validation and test -------------------------------------------------------------------------------
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        if dataloader_idx == 0:
+            loss = self._loss(batch)
+            self.log(
+                "val/loss",
+                loss,
+                prog_bar=True,
+                sync_dist=True,
+                add_dataloader_idx=False,
+                batch_size=batch["input_ids"].shape[0],
+            )
+        else:
+            self._generate(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._score("val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._generate(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._score("test")
+
+    # -- optimization --------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = torch.optim.AdamW(
+            self.model.trainable_parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        )
+        schedule = get_linear_schedule_with_warmup(
+            optimizer, self.hparams.warmup_steps, max(1, self.trainer.estimated_stepping_batches)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # -- checkpoints: trainable tensors only ---------------------------------------------------------------
+    def _trainable_keys(self) -> set[str]:
+        return {name for name, p in self.named_parameters() if p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keep = self._trainable_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        missing = self._trainable_keys() - checkpoint["state_dict"].keys()
+        unexpected = checkpoint["state_dict"].keys() - self._trainable_keys()
+        if missing or unexpected:
+            raise ValueError(
+                "this checkpoint does not fit the configured prefix "
+                f"(missing: {sorted(missing)[:4]}, unexpected: {sorted(unexpected)[:4]}); was it written by a run "
+                "with another prefix length, reparametrization or base model?"
+            )

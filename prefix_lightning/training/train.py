@@ -1,0 +1,90 @@
+"""``train(cfg)``: one run from a composed config, returning the metric that sweepers optimize."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from prefix_lightning.backbones import load_backbone
+from prefix_lightning.config import PrefixConfig
+from prefix_lightning.model import PrefixModel
+from prefix_lightning.training.module import PrefixTuningModule
+
+log = logging.getLogger(__name__)
+
+
+def _instantiate_all(group: DictConfig | None) -> list[Any]:
+    """Callbacks and loggers are dicts of named entries so that configs can add or drop one by name."""
+    return [instantiate(entry) for entry in (group or {}).values() if entry is not None]
+
+
+def build_model(cfg: DictConfig) -> tuple[PrefixModel, Any]:
+    """The frozen backbone wrapped with the configured prefix (real-word initialized if asked)."""
+    lm, tokenizer = load_backbone(**OmegaConf.to_container(cfg.model.backbone, resolve=True))
+    settings = OmegaConf.to_container(cfg.prefix, resolve=True)
+    init_text = settings.pop("init_text", None)
+    model = PrefixModel(lm, PrefixConfig(**settings))
+    if init_text:
+        model.init_prefix_from_tokens(tokenizer(init_text, add_special_tokens=False).input_ids)
+        log.info("prefix initialized from the words %r", init_text)
+    if cfg.model.get("gradient_checkpointing"):
+        model.enable_gradient_checkpointing()
+    return model, tokenizer
+
+
+def generation_settings(cfg: DictConfig, tokenizer: Any) -> dict[str, Any]:
+    """Decoding options for ``generate``, with the end-of-target token of this model's data format."""
+    settings = OmegaConf.to_container(cfg.generation, resolve=True)
+    end_ids = tokenizer(cfg.model.target_end, add_special_tokens=False).input_ids
+    if len(end_ids) != 1:
+        raise ValueError(
+            f"model.target_end={cfg.model.target_end!r} must be one token of the tokenizer (it is {len(end_ids)}): "
+            "decoding stops on it"
+        )
+    settings.setdefault("eos_token_id", end_ids[0])
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    settings.setdefault("pad_token_id", pad_id)
+    return settings
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Train a prefix, test it, export it; return ``cfg.optimized_metric`` from validation (for sweepers)."""
+    started = time.perf_counter()
+    L.seed_everything(cfg.seed, workers=True)
+    model, tokenizer = build_model(cfg)
+    trainable = sum(p.numel() for p in model.trainable_parameters())
+    frozen = sum(p.numel() for p in model.lm.parameters())
+    log.info("prefix: %s trainable parameters over a frozen LM of %s", f"{trainable:,}", f"{frozen:,}")
+
+    datamodule = instantiate(
+        cfg.data,
+        tokenizer=tokenizer,
+        separator=cfg.model.separator,
+        target_end=cfg.model.target_end,
+        is_encoder_decoder=bool(model.lm.config.is_encoder_decoder),
+    )
+    module = PrefixTuningModule(
+        model,
+        tokenizer,
+        output_dir=cfg.paths.output_dir,
+        generation=generation_settings(cfg, tokenizer),
+        **OmegaConf.to_container(cfg.optim, resolve=True),
+    )
+    loggers = _instantiate_all(cfg.get("logger"))
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=_instantiate_all(cfg.get("callbacks")), logger=loggers or False
+    )
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metric = trainer.callback_metrics.get(cfg.optimized_metric) if cfg.get("optimized_metric") else None
+    if cfg.get("test", True):
+        trainer.test(module, datamodule=datamodule)
+    log.info("run finished in %.0f s; outputs in %s", time.perf_counter() - started, cfg.paths.output_dir)
+    return None if metric is None else float(metric)

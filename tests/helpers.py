@@ -1,0 +1,18 @@
+"""Composing the shipped Hydra configs in tests, as run.py does."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+
+
+def compose_train(output_dir: Path, overrides: Sequence[str] = ()) -> DictConfig:
+    """The config `python run.py <overrides>` would run, writing into ``output_dir``."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=[f"paths.output_dir={output_dir}", *overrides])

@@ -1,0 +1,77 @@
+"""Every shipped config composes, and instantiates against the code that reads it."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import lightning as L
+import pytest
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from prefix_lightning.backbones import load_backbone
+from prefix_lightning.config import PrefixConfig
+from prefix_lightning.data import E2EDataModule
+from prefix_lightning.training.train import _instantiate_all, build_model, generation_settings
+from tests.helpers import CONF, compose_train
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def test_every_group_has_its_options() -> None:
+    assert {"smollm2_135m", "gpt2", "gpt2_medium", "tiny_gpt2", "tiny_llama", "tiny_bart"} <= set(options("model"))
+    assert {"cpu", "gpu", "ddp", "ddp_cpu"} <= set(options("trainer"))
+    assert {"csv", "tensorboard", "wandb", "none"} <= set(options("logger"))
+
+
+@pytest.mark.parametrize("name", options("model"))
+def test_model_configs_match_the_loader(name: str, tmp_path: Path) -> None:
+    cfg = compose_train(tmp_path, [f"model={name}"])
+    backbone = OmegaConf.to_container(cfg.model.backbone, resolve=True)
+    inspect.signature(load_backbone).bind(**backbone)
+    assert isinstance(cfg.model.separator, str) and isinstance(cfg.model.target_end, str)
+    if backbone["source"] == "random":
+        model, tokenizer = build_model(cfg)
+        assert model.config.length == cfg.prefix.length
+        assert generation_settings(cfg, tokenizer)["eos_token_id"] == tokenizer.convert_tokens_to_ids(
+            cfg.model.target_end
+        )
+
+
+@pytest.mark.parametrize("name", options("prefix"))
+def test_prefix_configs_build_a_prefix_config(name: str, tmp_path: Path) -> None:
+    settings = OmegaConf.to_container(compose_train(tmp_path, [f"prefix={name}"]).prefix)
+    settings.pop("init_text")
+    PrefixConfig(**settings)
+
+
+@pytest.mark.parametrize("name", options("data"))
+def test_data_configs_instantiate(name: str, tmp_path: Path, gpt2_tokenizer) -> None:
+    cfg = compose_train(tmp_path, [f"data={name}", "model=tiny_gpt2"])
+    datamodule = instantiate(cfg.data, tokenizer=gpt2_tokenizer, separator=" =", target_end="<|endoftext|>")
+    assert isinstance(datamodule, E2EDataModule)
+
+
+@pytest.mark.parametrize("name", options("trainer"))
+def test_trainer_configs_instantiate(name: str, tmp_path: Path) -> None:
+    # GPU configs are checked on the CPU here: same keys, same strategy, only the accelerator differs.
+    overrides = [f"trainer={name}"] + (["trainer.accelerator=cpu"] if name in ("gpu", "ddp") else [])
+    trainer = instantiate(compose_train(tmp_path, overrides).trainer)
+    assert isinstance(trainer, L.Trainer)
+
+
+@pytest.mark.parametrize("group", ["callbacks", "logger"])
+def test_callback_and_logger_configs_instantiate(group: str, tmp_path: Path) -> None:
+    for name in options(group):
+        cfg = compose_train(tmp_path, [f"{group}={name}"])
+        entries = _instantiate_all(cfg.get(group))
+        assert len(entries) == len(cfg.get(group) or {})
+
+
+@pytest.mark.parametrize("name", options("debug"))
+def test_debug_configs_compose(name: str, tmp_path: Path) -> None:
+    cfg = compose_train(tmp_path, [f"debug={name}"])
+    assert cfg.trainer.max_steps <= 10
