@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
+from prefix_lightning.backbones import backbone_identity
 from prefix_lightning.config import PrefixConfig
 
 if TYPE_CHECKING:
@@ -28,15 +29,6 @@ if TYPE_CHECKING:
 WEIGHTS_NAME = "prefix.safetensors"
 CONFIG_NAME = "prefix_config.json"
 FORMAT = "prefix-lightning/1"
-
-
-def base_model_identity(lm: PreTrainedModel) -> dict[str, Any]:
-    config = lm.config
-    return {
-        "name_or_path": getattr(config, "_name_or_path", "") or "",
-        "model_type": config.model_type,
-        "architectures": list(getattr(config, "architectures", None) or [type(lm).__name__]),
-    }
 
 
 def site_shapes(model: PrefixModel) -> dict[str, dict[str, int]]:
@@ -51,6 +43,7 @@ def site_shapes(model: PrefixModel) -> dict[str, dict[str, int]]:
 def _atomic_write(path: Path, write: Any) -> None:
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(handle)
+    os.chmod(temporary, 0o644)  # mkstemp makes it private; an export is meant to be shared
     try:
         write(temporary)
         os.replace(temporary, path)
@@ -66,7 +59,7 @@ def save_prefix(model: PrefixModel, folder: Path) -> Path:
     description = {
         "format": FORMAT,
         "prefix": model.config.to_dict(),
-        "base_model": base_model_identity(model.lm),
+        "base_model": backbone_identity(model.lm),
         "sites": site_shapes(model),
     }
     _atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
@@ -96,7 +89,7 @@ def load_prefix(cls: type[PrefixModel], lm: PreTrainedModel, folder: Path) -> Pr
         raise ValueError(
             f"the prefix in {folder} was trained for {description['base_model']['name_or_path'] or 'a model'} "
             f"({description['base_model']['model_type']}) with attention sites {expected}, but this base model "
-            f"({base_model_identity(lm)['model_type']}) has {found}; load it onto the base model it was trained for"
+            f"({backbone_identity(lm)['model_type']}) has {found}; load it onto the base model it was trained for"
         )
     try:
         tensors = load_file(folder / WEIGHTS_NAME)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -75,3 +76,10 @@ def test_callback_and_logger_configs_instantiate(group: str, tmp_path: Path) -> 
 def test_debug_configs_compose(name: str, tmp_path: Path) -> None:
     cfg = compose_train(tmp_path, [f"debug={name}"])
     assert cfg.trainer.max_steps <= 10
+
+
+def test_evaluate_config_composes_on_top_of_train(tmp_path: Path) -> None:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("evaluate", overrides=[f"paths.output_dir={tmp_path}", "prefix_path=somewhere"])
+    assert cfg.task_name == "evaluate" and cfg.prefix_path == "somewhere"
+    assert cfg.model.backbone.source == "embedded" and cfg.data.test_size == 100

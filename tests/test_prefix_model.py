@@ -20,8 +20,15 @@ TINY = {
         num_hidden_layers=3, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64
     ),
     "bart": dict(
-        encoder_layers=2, decoder_layers=2, d_model=32, encoder_attention_heads=4, decoder_attention_heads=4,
-        encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64, forced_eos_token_id=None,
+        encoder_layers=2,
+        decoder_layers=2,
+        d_model=32,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=64,
+        forced_eos_token_id=None,
     ),
 }
 WORDS = torch.tensor([5, 6, 7, 8])
@@ -29,7 +36,12 @@ WORDS = torch.tensor([5, 6, 7, 8])
 
 def tiny_lm(kind: str, seed: int = 0):
     config = AutoConfig.for_model(
-        kind, vocab_size=VOCAB, pad_token_id=PAD, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
+        kind,
+        vocab_size=VOCAB,
+        pad_token_id=PAD,
+        bos_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=2,
         **TINY[kind],
     )
     torch.manual_seed(seed)
@@ -169,15 +181,17 @@ def test_beam_search_shares_the_prefix_across_beams() -> None:
     model = PrefixModel(tiny_lm("llama"), PrefixConfig(length=3)).eval()
     ids, mask = pad_batch(ROWS, left=True)
     with torch.no_grad(), record_attention_calls() as calls:
-        out = model.generate(input_ids=ids, attention_mask=mask, num_beams=4, max_new_tokens=4,
-                             pad_token_id=PAD, eos_token_id=None)
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, num_beams=4, max_new_tokens=4, pad_token_id=PAD, eos_token_id=None
+        )
     assert out.shape == (3, ids.shape[1] + 4)
     assert all(call.key.shape[0] == 12 for call in calls)
 
 
-def test_gradient_checkpointing_recomputes_with_the_prefix() -> None:
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "bart"])
+def test_gradient_checkpointing_recomputes_with_the_prefix(kind: str) -> None:
     """Invariant 5: same gradients, and the layers really run twice."""
-    model = PrefixModel(tiny_lm("llama"), PrefixConfig(length=3, hidden_dim=16)).train()
+    model = PrefixModel(tiny_lm(kind), PrefixConfig(length=3, hidden_dim=16)).train()
     ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
 
     def gradients() -> tuple[list[torch.Tensor], int]:

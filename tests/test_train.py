@@ -24,9 +24,9 @@ FAST = [
 ]
 
 
-def run_cli(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    """`python run.py ...` as a user types it."""
-    command = [sys.executable, "run.py", f"hydra.run.dir={run_dir}", *overrides]
+def run_cli(run_dir: Path, *overrides: str, entry: tuple[str, ...] = ("run.py",)) -> subprocess.CompletedProcess:
+    """`python run.py ...` (or another entry point) as a user types it."""
+    command = [sys.executable, *entry, f"hydra.run.dir={run_dir}", *overrides]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=os.environ, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -83,3 +83,10 @@ def test_resuming_continues_the_same_run(trained_run: Path, tmp_path: Path) -> N
     straight = load_file(trained_run / "prefix" / "prefix.safetensors")
     for group in straight:
         torch.testing.assert_close(resumed[group], straight[group], atol=1e-6, rtol=0)
+
+
+def test_evaluating_the_export_reproduces_the_runs_test_score(trained_run: Path, tmp_path: Path) -> None:
+    run_cli(tmp_path, *FAST, f"prefix_path={trained_run / 'prefix'}", entry=("-m", "prefix_lightning.evaluate"))
+    evaluated = json.loads((tmp_path / "test_metrics.json").read_text())
+    assert evaluated == json.loads((trained_run / "test_metrics.json").read_text())
+    assert (tmp_path / "test_generations.txt").read_text() == (trained_run / "test_generations.txt").read_text()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from typing import Any
 
 import lightning as L
@@ -17,15 +18,22 @@ from prefix_lightning.training.module import PrefixTuningModule
 
 log = logging.getLogger(__name__)
 
+# The frozen LM stays in eval mode on purpose (no LM dropout); Lightning warns about every such module.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+
 
 def _instantiate_all(group: DictConfig | None) -> list[Any]:
     """Callbacks and loggers are dicts of named entries so that configs can add or drop one by name."""
     return [instantiate(entry) for entry in (group or {}).values() if entry is not None]
 
 
+def load_configured_backbone(cfg: DictConfig) -> tuple[Any, Any]:
+    return load_backbone(**OmegaConf.to_container(cfg.model.backbone, resolve=True))
+
+
 def build_model(cfg: DictConfig) -> tuple[PrefixModel, Any]:
     """The frozen backbone wrapped with the configured prefix (real-word initialized if asked)."""
-    lm, tokenizer = load_backbone(**OmegaConf.to_container(cfg.model.backbone, resolve=True))
+    lm, tokenizer = load_configured_backbone(cfg)
     settings = OmegaConf.to_container(cfg.prefix, resolve=True)
     init_text = settings.pop("init_text", None)
     model = PrefixModel(lm, PrefixConfig(**settings))
@@ -52,6 +60,26 @@ def generation_settings(cfg: DictConfig, tokenizer: Any) -> dict[str, Any]:
     return settings
 
 
+def build_datamodule(cfg: DictConfig, tokenizer: Any, model: PrefixModel) -> L.LightningDataModule:
+    return instantiate(
+        cfg.data,
+        tokenizer=tokenizer,
+        separator=cfg.model.separator,
+        target_end=cfg.model.target_end,
+        is_encoder_decoder=bool(model.lm.config.is_encoder_decoder),
+    )
+
+
+def build_module(cfg: DictConfig, model: PrefixModel, tokenizer: Any) -> PrefixTuningModule:
+    return PrefixTuningModule(
+        model,
+        tokenizer,
+        output_dir=cfg.paths.output_dir,
+        generation=generation_settings(cfg, tokenizer),
+        **OmegaConf.to_container(cfg.optim, resolve=True),
+    )
+
+
 def train(cfg: DictConfig) -> float | None:
     """Train a prefix, test it, export it; return ``cfg.optimized_metric`` from validation (for sweepers)."""
     started = time.perf_counter()
@@ -60,25 +88,11 @@ def train(cfg: DictConfig) -> float | None:
     trainable = sum(p.numel() for p in model.trainable_parameters())
     frozen = sum(p.numel() for p in model.lm.parameters())
     log.info("prefix: %s trainable parameters over a frozen LM of %s", f"{trainable:,}", f"{frozen:,}")
-
-    datamodule = instantiate(
-        cfg.data,
-        tokenizer=tokenizer,
-        separator=cfg.model.separator,
-        target_end=cfg.model.target_end,
-        is_encoder_decoder=bool(model.lm.config.is_encoder_decoder),
-    )
-    module = PrefixTuningModule(
-        model,
-        tokenizer,
-        output_dir=cfg.paths.output_dir,
-        generation=generation_settings(cfg, tokenizer),
-        **OmegaConf.to_container(cfg.optim, resolve=True),
-    )
+    datamodule = build_datamodule(cfg, tokenizer, model)
+    module = build_module(cfg, model, tokenizer)
     loggers = _instantiate_all(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=_instantiate_all(cfg.get("callbacks")), logger=loggers or False
-    )
+    callbacks = _instantiate_all(cfg.get("callbacks"))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 

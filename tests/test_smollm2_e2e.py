@@ -1,0 +1,34 @@
+"""Slow: a real prefix on the real SmolLM2-135M, trained briefly on E2E from the data folder."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.test_train import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def test_prefix_on_smollm2_lowers_validation_loss_and_scores_bleu(tmp_path: Path, data_dir: Path) -> None:
+    run_cli(
+        tmp_path,
+        "trainer.max_steps=30",
+        "trainer.val_check_interval=10",
+        "data.train_size=300",
+        "data.val_size=5",
+        "data.test_size=10",
+        "generation.num_beams=2",
+        "generation.max_new_tokens=40",
+        "callbacks.progress_bar.refresh_rate=0",
+    )
+    with open(tmp_path / "csv" / "metrics.csv") as file:
+        losses = [float(row["val/loss"]) for row in csv.DictReader(file) if row.get("val/loss")]
+    assert len(losses) == 3
+    assert losses[-1] < losses[0], f"validation loss did not fall: {losses}"
+    bleu = json.loads((tmp_path / "test_metrics.json").read_text())["bleu"]
+    assert bleu > 10.0, f"test BLEU {bleu:.2f} after 30 steps"
+    assert (tmp_path / "prefix" / "prefix.safetensors").stat().st_size < 1_000_000
