@@ -17,8 +17,10 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from prefix_lightning.cli import report_errors
 from prefix_lightning.config import PrefixConfig
 from prefix_lightning.model import PrefixModel
+from prefix_lightning.training.checks import check_config
 from prefix_lightning.training.train import build_datamodule, build_module, load_configured_backbone
 
 log = logging.getLogger(__name__)
@@ -26,6 +28,7 @@ log = logging.getLogger(__name__)
 
 def evaluate(cfg: DictConfig) -> float:
     """Test BLEU of ``cfg.prefix_path`` on ``cfg.model``, or of the plain LM when no prefix is given."""
+    check_config(cfg)
     lm, tokenizer = load_configured_backbone(cfg)
     if cfg.prefix_path:
         model = PrefixModel.from_prefix(lm, cfg.prefix_path)
@@ -42,7 +45,7 @@ def evaluate(cfg: DictConfig) -> float:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> float:
-    return evaluate(cfg)
+    return report_errors(lambda: evaluate(cfg))
 
 
 if __name__ == "__main__":

@@ -9,8 +9,6 @@ Folder layout:
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
+from prefix_lightning.atomic import atomic_write
 from prefix_lightning.backbones import backbone_identity
 from prefix_lightning.config import PrefixConfig
 
@@ -40,18 +39,6 @@ def site_shapes(model: PrefixModel) -> dict[str, dict[str, int]]:
     return shapes
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(handle)
-    os.chmod(temporary, 0o644)  # mkstemp makes it private; an export is meant to be shared
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def save_prefix(model: PrefixModel, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
@@ -62,8 +49,8 @@ def save_prefix(model: PrefixModel, folder: Path) -> Path:
         "base_model": backbone_identity(model.lm),
         "sites": site_shapes(model),
     }
-    _atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
-    _atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(description, indent=2) + "\n"))
+    atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+    atomic_write(folder / CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(description, indent=2) + "\n"))
     return folder
 
 

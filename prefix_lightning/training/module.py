@@ -51,6 +51,12 @@ class PrefixTuningModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
+        if not torch.isfinite(loss):
+            kept = getattr(self.trainer.checkpoint_callback, "dirpath", None)
+            raise FloatingPointError(
+                f"the training loss is {loss.item()} at step {self.global_step}: stopped before it could spoil the "
+                f"prefix; the last good checkpoint is kept in {kept}. Lower optim.lr or check the data."
+            )
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
@@ -132,19 +138,21 @@ class PrefixTuningModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # -- checkpoints: trainable tensors only ---------------------------------------------------------------
-    def _trainable_keys(self) -> set[str]:
-        return {name for name, p in self.named_parameters() if p.requires_grad}
+    def _trainable(self) -> dict[str, torch.nn.Parameter]:
+        return {name: p for name, p in self.named_parameters() if p.requires_grad}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        keep = self._trainable_keys()
+        keep = self._trainable()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        missing = self._trainable_keys() - checkpoint["state_dict"].keys()
-        unexpected = checkpoint["state_dict"].keys() - self._trainable_keys()
-        if missing or unexpected:
+        """Non-strict loading (the LM is not in the file) would silently skip prefix tensors: check them here."""
+        expected = {name: tuple(p.shape) for name, p in self._trainable().items()}
+        found = {name: tuple(t.shape) for name, t in checkpoint["state_dict"].items()}
+        if found != expected:
+            differing = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
             raise ValueError(
-                "this checkpoint does not fit the configured prefix "
-                f"(missing: {sorted(missing)[:4]}, unexpected: {sorted(unexpected)[:4]}); was it written by a run "
-                "with another prefix length, reparametrization or base model?"
+                "this checkpoint does not fit the configured prefix: "
+                + "; ".join(f"{k}: checkpoint {found.get(k)}, run {expected.get(k)}" for k in differing[:3])
+                + ". Was it written by a run with another prefix length, reparametrization or base model?"
             )

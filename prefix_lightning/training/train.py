@@ -12,8 +12,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from prefix_lightning.backbones import load_backbone
-from prefix_lightning.config import PrefixConfig
 from prefix_lightning.model import PrefixModel
+from prefix_lightning.training.checks import check_config
 from prefix_lightning.training.module import PrefixTuningModule
 
 log = logging.getLogger(__name__)
@@ -33,10 +33,11 @@ def load_configured_backbone(cfg: DictConfig) -> tuple[Any, Any]:
 
 def build_model(cfg: DictConfig) -> tuple[PrefixModel, Any]:
     """The frozen backbone wrapped with the configured prefix (real-word initialized if asked)."""
+    prefix_config = check_config(cfg)
+    L.seed_everything(cfg.seed, workers=True)
     lm, tokenizer = load_configured_backbone(cfg)
-    settings = OmegaConf.to_container(cfg.prefix, resolve=True)
-    init_text = settings.pop("init_text", None)
-    model = PrefixModel(lm, PrefixConfig(**settings))
+    model = PrefixModel(lm, prefix_config)
+    init_text = cfg.prefix.get("init_text")
     if init_text:
         model.init_prefix_from_tokens(tokenizer(init_text, add_special_tokens=False).input_ids)
         log.info("prefix initialized from the words %r", init_text)
@@ -83,7 +84,6 @@ def build_module(cfg: DictConfig, model: PrefixModel, tokenizer: Any) -> PrefixT
 def train(cfg: DictConfig) -> float | None:
     """Train a prefix, test it, export it; return ``cfg.optimized_metric`` from validation (for sweepers)."""
     started = time.perf_counter()
-    L.seed_everything(cfg.seed, workers=True)
     model, tokenizer = build_model(cfg)
     trainable = sum(p.numel() for p in model.trainable_parameters())
     frozen = sum(p.numel() for p in model.lm.parameters())

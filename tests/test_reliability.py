@@ -1,0 +1,171 @@
+"""Bad input gets a clear error before anything expensive happens; faults lose nothing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from prefix_lightning.atomic import atomic_write
+from prefix_lightning.training.checks import ConfigError, check_config
+from tests.helpers import REPO, compose_train
+from tests.test_train import FAST, run_cli
+
+
+def run_failing(run_dir: Path, *overrides: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, "run.py", f"hydra.run.dir={run_dir}", *overrides]
+    result = subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600
+    )
+    assert result.returncode != 0
+    return result
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("prefix.length=0", "prefix.length must be a positive integer, got 0"),
+        ("prefix.length=-3", "prefix.length must be a positive integer, got -3"),
+        ("prefix.hidden_dim=0", "prefix.hidden_dim must be a positive integer, got 0"),
+        ("prefix.reparam=lstm", "prefix.reparam must be 'mlp' or 'none'"),
+        ("optim.lr=-0.001", "optim.lr=-0.001 is not valid: the learning rate must be > 0"),
+        ("generation.num_beams=0", "generation.num_beams=0 is not valid: use 1 (greedy) or more beams"),
+        ("data.train_size=0", "data.train_size=0 is not valid: use a positive integer or null"),
+        ("model.backbone.source=huggingface", "allowed: embedded, hub, random"),
+        ("model.backbone.name=smollm3", "embedded models: smollm2-135m-instruct"),
+    ],
+)
+def test_bad_values_are_rejected_naming_the_option(override: str, message: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        check_config(compose_train(tmp_path, [override]))
+    assert message in str(caught.value)
+
+
+def test_missing_local_model_folder_is_named(tmp_path: Path) -> None:
+    cfg = compose_train(tmp_path, ["model=gpt2", f"model.backbone.name={tmp_path}/no-such-model"])
+    with pytest.raises(ConfigError, match="no-such-model.*no such local model folder"):
+        check_config(cfg)
+
+
+def test_cli_error_is_one_line_before_any_model_loads(tmp_path: Path) -> None:
+    result = run_failing(tmp_path, "prefix.length=0")
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == [
+        "error: prefix.length must be a positive integer, got 0 (set HYDRA_FULL_ERROR=1 for the traceback)"
+    ]
+    assert "Traceback" not in result.stdout + result.stderr
+    assert "Loading embedded backbone" not in result.stdout + result.stderr
+    assert "ConfigError: prefix.length must be a positive integer" in (tmp_path / "run.log").read_text()
+
+
+def test_cli_shows_the_traceback_with_the_debug_switch(tmp_path: Path) -> None:
+    result = run_failing(tmp_path, "prefix.length=0", env={"HYDRA_FULL_ERROR": "1"})
+    assert "Traceback" in result.stderr and "ConfigError" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model=gpt3"], "Could not find 'model/gpt3'"),
+        (["data=e2e_typo"], "Could not find 'data/e2e_typo'"),
+    ],
+)
+def test_unknown_config_choices_list_the_options(overrides: list[str], message: str, tmp_path: Path) -> None:
+    result = run_failing(tmp_path, *overrides)
+    assert message in result.stderr and "Available options" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_train_size_larger_than_the_data_says_how_many_there_are(tmp_path: Path) -> None:
+    result = run_failing(tmp_path, *FAST, "data.train_size=100000")
+    assert "train_size=100000, but devset.csv has" in result.stderr
+    assert "training pairs available" in result.stderr
+
+
+def test_missing_data_says_where_it_looked(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run_failing(tmp_path / "run", *FAST, f"paths.data_dir={empty}", "data.download=false")
+    assert str(empty / "e2e") in result.stderr and "error:" in result.stderr
+
+
+def test_unsupported_architecture_names_the_supported_ones(tmp_path: Path) -> None:
+    mamba = {"model_type": "mamba", "hidden_size": 16, "num_hidden_layers": 1, "state_size": 4}
+    overrides = [f"++model.backbone.random_config.{key}={value}" for key, value in mamba.items()]
+    result = run_failing(tmp_path, *FAST, *overrides)
+    assert "MambaForCausalLM has no attention layers that a prefix can reach. Supported:" in result.stderr
+
+
+def test_checkpoint_of_another_prefix_is_refused_and_nothing_is_overwritten(tmp_path: Path) -> None:
+    first = tmp_path / "first"
+    run_cli(first, *FAST)
+    checkpoint = first / "checkpoints" / "last.ckpt"
+    before = checkpoint.read_bytes()
+    second = tmp_path / "second"
+    result = run_failing(second, *FAST, "prefix.length=3", f"ckpt_path={checkpoint}")
+    assert "this checkpoint does not fit the configured prefix" in result.stderr
+    assert checkpoint.read_bytes() == before
+    assert not (second / "prefix").exists()
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> None:
+    target = tmp_path / "file.bin"
+    target.write_bytes(b"old")
+
+    def crash(temporary: Path) -> None:
+        temporary.write_bytes(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, crash)
+    assert target.read_bytes() == b"old"
+    assert list(tmp_path.iterdir()) == [target]
+
+
+KILL_OVERRIDES = [
+    *FAST[:-2],
+    "trainer.val_check_interval=2",
+    "+callbacks.fault._target_=tests.faults.SignalAt",
+]
+
+
+def test_sigkill_mid_epoch_then_resume_ends_with_the_uninterrupted_prefix(tmp_path: Path) -> None:
+    """Killed at step 7 (checkpoint at step 6, mid-epoch), resumed with one command, bit-identical at the end."""
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run_cli(straight, *FAST[:-2], "trainer.val_check_interval=2")
+    result = run_failing(killed, *KILL_OVERRIDES, "+callbacks.fault.step=7", "+callbacks.fault.name=SIGKILL")
+    assert result.returncode == -9
+    checkpoint = killed / "checkpoints" / "last.ckpt"
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == 6  # 6 = 4 + 2: in the second epoch
+    assert not list((killed / "checkpoints").glob(".*tmp*"))
+    run_cli(killed, *FAST[:-2], "trainer.val_check_interval=2", f"ckpt_path={checkpoint}")
+    resumed = load_file(killed / "prefix" / "prefix.safetensors")
+    expected = load_file(straight / "prefix" / "prefix.safetensors")
+    for group in expected:
+        torch.testing.assert_close(resumed[group], expected[group], atol=1e-6, rtol=0)
+
+
+def test_ctrl_c_saves_a_checkpoint_to_resume_from(tmp_path: Path) -> None:
+    result = run_failing(tmp_path, *KILL_OVERRIDES, "+callbacks.fault.step=3", "+callbacks.fault.name=SIGINT")
+    assert result.returncode == 1
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+    assert "interrupted at step 3" in result.stdout + result.stderr
+
+
+def test_infinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
+    result = run_failing(
+        tmp_path, *KILL_OVERRIDES[:-1], "+callbacks.fault._target_=tests.faults.DivergeAt", "+callbacks.fault.step=5"
+    )
+    assert (
+        "the training loss is nan at step 5" in result.stderr or "the training loss is inf at step 5" in result.stderr
+    )
+    good = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert good["global_step"] == 4
+    assert all(torch.isfinite(tensor).all() for tensor in good["state_dict"].values())
+    assert not (tmp_path / "prefix").exists()
