@@ -6,13 +6,15 @@ import torch
 
 from prefix_lightning.data import (
     IGNORE_INDEX,
-    E2EDataModule,
     Example,
+    Group,
     TextToTextCollator,
+    TextToTextDataModule,
     download_e2e,
     group_references,
     linearize_mr,
     read_e2e,
+    reference_groups,
 )
 
 GPT2_LAYOUT = {"separator": " <|endoftext|>", "target_end": "<|endoftext|>"}
@@ -33,7 +35,7 @@ def offline_datamodule(tokenizer, data_dir, **overrides):
         "download": False,
         **GPT2_LAYOUT,
     }
-    return E2EDataModule(tokenizer, data_dir, **{**settings, **overrides})
+    return TextToTextDataModule(tokenizer, data_dir, "e2e", **{**settings, **overrides})
 
 
 # --- reading -------------------------------------------------------------------------------------------
@@ -62,6 +64,13 @@ def test_values_may_contain_commas():
 def test_group_references_keeps_first_seen_order():
     examples = [Example("b", "1", 0), Example("a", "2", 1), Example("b", "3", 0)]
     assert group_references(examples) == [("b", ["1", "3"]), ("a", ["2"])]
+    assert reference_groups(examples) == [Group(0, "b", ["1", "3"]), Group(1, "a", ["2"])]
+
+
+def test_groups_follow_ids_not_source_text():
+    # Two WebNLG/DART entries may share a triple set; each is scored against its own references.
+    examples = [Example("s", "1", 0, "Airport"), Example("s", "2", 1, "Airport")]
+    assert reference_groups(examples) == [Group(0, "s", ["1"], "Airport"), Group(1, "s", ["2"], "Airport")]
 
 
 @pytest.mark.parametrize(
@@ -120,11 +129,12 @@ def test_causal_training_batch(gpt2_tokenizer, devset):
 
 def test_causal_generation_batch_is_left_padded(gpt2_tokenizer, devset):
     collator = TextToTextCollator(gpt2_tokenizer, separator="\nDescription:", target_end="<|endoftext|>")
-    groups = group_references(devset)[:3]
+    groups = reference_groups(devset)[:3]
     batch = collator.generation_batch(collator.encode_prompts(groups, "test"))
-    assert set(batch) == {"input_ids", "attention_mask", "group_ids", "sources", "references"}
+    assert set(batch) == {"input_ids", "attention_mask", "group_ids", "sources", "references", "categories"}
     assert batch["attention_mask"][:, -1].all() and not batch["attention_mask"][:, 0].all()
-    for row, (source, references) in enumerate(groups):
+    assert batch["categories"] == ["", "", ""]
+    for row, (source, references) in enumerate(group_references(devset)[:3]):
         mask = batch["attention_mask"][row]
         length = int(mask.sum())
         assert mask[-length:].all() and not mask[:-length].any()
@@ -170,7 +180,7 @@ def test_seq2seq_batches(data_dir, devset):
         assert batch["input_ids"][row, len(source) :].eq(tokenizer.pad_token_id).all()
         assert batch["labels"][row, : len(target)].tolist() == target
         assert batch["labels"][row, len(target) :].eq(IGNORE_INDEX).all()
-    generation = collator.generation_batch(collator.encode_prompts(group_references(examples), "test"))
+    generation = collator.generation_batch(collator.encode_prompts(reference_groups(examples), "test"))
     assert generation["input_ids"][:, 0].eq(tokenizer.bos_token_id).all()  # encoder inputs: right padding
 
 
@@ -188,8 +198,8 @@ def test_train_subset_is_seeded_and_disjoint_from_held_out_validation(gpt2_token
     assert first.train_examples == again.train_examples
     assert first.train_examples != other.train_examples
     assert smaller.train_examples == first.train_examples[:50]  # one seed: smaller subsets nest in larger ones
-    assert first.val_groups == group_references(devset)[-50:]
-    val_sources = {source for source, _ in first.val_groups}
+    assert first.val_groups == reference_groups(devset)[-50:]
+    val_sources = {group.source for group in first.val_groups}
     assert not val_sources & {example.source for example in first.train_examples + other.train_examples}
 
 
@@ -220,15 +230,15 @@ def test_loaders(gpt2_tokenizer, data_dir):
     assert set(train) == {"input_ids", "attention_mask", "labels"} and train["input_ids"].shape[0] == 10
 
     loss_loader, generation_loader = module.val_dataloader()
-    assert len(loss_loader.dataset) == sum(len(refs) for _, refs in module.val_groups)
+    assert len(loss_loader.dataset) == sum(len(group.references) for group in module.val_groups)
     assert len(generation_loader.dataset) == 4
     generation = next(iter(generation_loader))
-    assert [refs for refs in generation["references"]] == [refs for _, refs in module.val_groups]
+    assert generation["references"] == [group.references for group in module.val_groups]
     assert generation["attention_mask"][:, -1].all()
 
     test_batches = list(module.test_dataloader())
     assert sum(len(batch["sources"]) for batch in test_batches) == 30
-    assert test_batches[0]["sources"][0] == module.test_groups[0][0]
+    assert test_batches[0]["sources"][0] == module.test_groups[0].source
 
     buffer = io.BytesIO()
     torch.save(dict(module.hparams), buffer)

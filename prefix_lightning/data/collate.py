@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from prefix_lightning.data.examples import Example
+from prefix_lightning.data.examples import Example, Group
 
 IGNORE_INDEX = -100
 logger = logging.getLogger("prefix_lightning.data")
@@ -36,6 +36,7 @@ class EncodedPrompt:
     group_id: int
     source: str
     references: list[str]
+    category: str
 
 
 class TextToTextCollator:
@@ -94,13 +95,13 @@ class TextToTextCollator:
         self._warn_truncation(name, len(examples), truncated_sources, truncated_targets)
         return encoded
 
-    def encode_prompts(self, groups: Sequence[tuple[str, list[str]]], name: str) -> list[EncodedPrompt]:
-        """Tokenize one generation input per (source, references) group; group ids are positions in `groups`."""
+    def encode_prompts(self, groups: Sequence[Group], name: str) -> list[EncodedPrompt]:
+        """Tokenize one generation input per group (a source with all its references)."""
         encoded, truncated = [], 0
-        for group_id, (source, references) in enumerate(groups):
-            ids, cut = self._encode_source(source)
+        for group in groups:
+            ids, cut = self._encode_source(group.source)
             truncated += cut
-            encoded.append(EncodedPrompt(input_ids=ids, group_id=group_id, source=source, references=references))
+            encoded.append(EncodedPrompt(ids, group.group_id, group.source, group.references, group.category))
         self._warn_truncation(name, len(groups), truncated, 0)
         return encoded
 
@@ -111,7 +112,8 @@ class TextToTextCollator:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
     def generation_batch(self, items: Sequence[EncodedPrompt]) -> dict[str, Any]:
-        """Prompts only, plus plain lists `group_ids`, `sources`, `references` for writing and scoring outputs.
+        """Prompts only, plus plain lists `group_ids`, `sources`, `references` and `categories` (empty strings
+        where the dataset has none) for writing and scoring outputs.
 
         Causal prompts are left-padded so that generation continues right after each prompt; encoder inputs are
         right-padded, since models with absolute positions (BART) would otherwise shift the padded rows.
@@ -125,6 +127,7 @@ class TextToTextCollator:
             "group_ids": [item.group_id for item in items],
             "sources": [item.source for item in items],
             "references": [item.references for item in items],
+            "categories": [item.category for item in items],
         }
 
     def _tokenize(self, text: str) -> list[int]:

@@ -1,4 +1,4 @@
-"""LightningDataModule for E2E: splits, seeded training subsets, and loss / generation loaders."""
+"""LightningDataModule for every text-to-text dataset: splits, seeded training subsets, loss / generation loaders."""
 
 from __future__ import annotations
 
@@ -10,20 +10,33 @@ import torch
 from torch.utils.data import DataLoader
 
 from prefix_lightning.data.collate import EncodedPair, EncodedPrompt, TextToTextCollator
-from prefix_lightning.data.e2e import download_e2e, read_e2e
-from prefix_lightning.data.examples import Example, group_references
-from prefix_lightning.data.sampler import EpochShuffleSampler
+from prefix_lightning.data.examples import Example, Group, reference_groups
+from prefix_lightning.data.registry import DATASETS, METRIC_SUITES
+from prefix_lightning.data.sampler import training_sampler
+
+TEST_SUBSETS = ("all", "seen", "unseen")
 
 
-class E2EDataModule(L.LightningDataModule):
-    """E2E splits read from `<data_dir>/e2e/<file>` (a relative `data_dir` is taken from the working directory).
+class TextToTextDataModule(L.LightningDataModule):
+    """Splits of the dataset named `dataset` (see `registry.DATASETS`: e2e, webnlg, dart, xsum, xsum_sample,
+    custom), read from `<data_dir>/<dataset folder>/<file>` (a relative `data_dir` is taken from the working
+    directory; an absolute file name is used as is; for `xsum` the "files" are Hub split names). Files left
+    None take the dataset's official names.
 
     - `train_size`: number of training (source, target) pairs drawn at random with `subset_seed`; the draw
       uses its own generator, so every DDP rank gets the same subset, and for one seed smaller subsets are
       contained in larger ones. None keeps all pairs.
-    - `val_size` / `test_size`: number of MR groups, the first N in file order. None keeps all.
-    - When `val_file == train_file` (offline: the E2E trainset is not shipped, so one trains on devset.csv),
-      the LAST `val_size` groups are held out for validation and training pairs come only from the others.
+    - `val_size` / `test_size`: number of groups (inputs with all their references), the first N in file
+      order. None keeps all.
+    - When `val_file == train_file` (offline: some official training sets are not shipped), the LAST `val_size`
+      groups are held out for validation and training pairs come only from the others.
+    - `test_subset` (WebNLG): `seen` / `unseen` keep only test inputs whose category does / does not occur in
+      the training split; `seen_categories` holds those categories, and generation batches carry each input's
+      category, so that one `all` run can also be scored per subset.
+    - `source_column` / `target_column` / `group_column`: the columns of your own data (`dataset=custom`).
+    - `metric_suite`: which scorers apply (e2e, webnlg, dart, xsum, bleu); None takes the dataset's own.
+    - `download`: fetch the official files when missing, where the dataset has a download address; otherwise
+      a missing file raises an error that says where it looked and how to get the data.
     - `shuffle_seed` seeds the training order (set it to the run's seed).
 
     Loaders: `val_dataloader()` returns `[loss_loader, generation_loader]` (dataloader_idx 0 and 1);
@@ -34,16 +47,22 @@ class E2EDataModule(L.LightningDataModule):
         self,
         tokenizer: Any,
         data_dir: str | Path,
+        dataset: str,
         separator: str,
         target_end: str,
         is_encoder_decoder: bool = False,
-        train_file: str = "trainset.csv",
-        val_file: str = "devset.csv",
-        test_file: str = "testset_w_refs.csv",
+        train_file: str | None = None,
+        val_file: str | None = None,
+        test_file: str | None = None,
         train_size: int | None = None,
         subset_seed: int = 0,
         val_size: int | None = None,
         test_size: int | None = None,
+        test_subset: str = "all",
+        source_column: str = "source",
+        target_column: str = "target",
+        group_column: str | None = None,
+        metric_suite: str | None = None,
         batch_size: int = 10,
         eval_batch_size: int = 10,
         max_source_tokens: int = 256,
@@ -53,63 +72,92 @@ class E2EDataModule(L.LightningDataModule):
         shuffle_seed: int = 0,
     ) -> None:
         super().__init__()
+        if dataset not in DATASETS:
+            raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASETS)}")
+        self.spec = DATASETS[dataset]
+        train_file, val_file, test_file = (
+            given or default for given, default in zip((train_file, val_file, test_file), self.spec.files, strict=True)
+        )
+        self.metric_suite: str = metric_suite or self.spec.metric_suite
+        if self.metric_suite not in METRIC_SUITES:
+            raise ValueError(f"unknown metric_suite {metric_suite!r}; choose one of {METRIC_SUITES}")
+        if test_subset not in TEST_SUBSETS:
+            raise ValueError(f"test_subset must be one of {TEST_SUBSETS}, got {test_subset!r}")
+        if test_subset != "all" and not self.spec.seen_unseen:
+            raise ValueError(f"test_subset={test_subset!r}: {dataset} has no seen/unseen categories (only webnlg)")
         data_dir = str(data_dir)  # checkpoints load with weights_only=True, which refuses Path objects
         self.save_hyperparameters(ignore=["tokenizer"])
         self.collator = TextToTextCollator(
             tokenizer, separator, target_end, is_encoder_decoder, max_source_tokens, max_target_tokens
         )
         self.train_examples: list[Example] = []
-        self.val_groups: list[tuple[str, list[str]]] = []
-        self.test_groups: list[tuple[str, list[str]]] = []
+        self.val_groups: list[Group] = []
+        self.test_groups: list[Group] = []
+        self.seen_categories: frozenset[str] = frozenset()
         self._train: list[EncodedPair] = []
         self._val_loss: list[EncodedPair] = []
         self._val_generation: list[EncodedPrompt] = []
         self._test_generation: list[EncodedPrompt] = []
 
-    @property
-    def e2e_dir(self) -> Path:
-        return Path(self.hparams.data_dir) / "e2e"
+    def _location(self, name: str) -> Path | str:
+        if self.spec.folder is None:
+            return name
+        return Path(self.hparams.data_dir) / self.spec.folder / name
+
+    def _read(self, name: str) -> list[Example]:
+        options = {option: self.hparams[option] for option in self.spec.options}
+        return self.spec.read(self._location(name), **options)
 
     def prepare_data(self) -> None:
-        """Download the official release (once, on one process per node) if a configured file is missing."""
-        files = {self.hparams.train_file, self.hparams.val_file, self.hparams.test_file}
-        if self.hparams.download and not all((self.e2e_dir / name).is_file() for name in files):
-            download_e2e(Path(self.hparams.data_dir))
+        """Download the official files (once, on one process per node) if a configured one is missing."""
+        hp = self.hparams
+        if not (hp.download and self.spec.download):
+            return
+        if not all(Path(self._location(name)).exists() for name in {hp.train_file, hp.val_file, hp.test_file}):
+            self.spec.download(Path(hp.data_dir))
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit", "validate"):
             self._setup_fit()
         if stage in (None, "test"):
-            test = read_e2e(self.e2e_dir / self.hparams.test_file)
-            self.test_groups = _first_groups(group_references(test), self.hparams.test_size, "test_size")
-            self._test_generation = self.collator.encode_prompts(self.test_groups, "test")
+            self._setup_test()
 
     def _setup_fit(self) -> None:
         hp = self.hparams
-        train = read_e2e(self.e2e_dir / hp.train_file)
+        train = self._read(hp.train_file)
         if hp.val_file == hp.train_file:
-            groups = group_references(train)
+            groups = reference_groups(train)
             if hp.val_size is None or not 0 < hp.val_size < len(groups):
                 raise ValueError(
-                    f"val_file == train_file ({hp.train_file}): set val_size to the number of MR groups to hold "
+                    f"val_file == train_file ({hp.train_file}): set val_size to the number of groups to hold "
                     f"out for validation, between 1 and {len(groups) - 1} (got {hp.val_size})"
                 )
             self.val_groups = groups[len(groups) - hp.val_size :]
-            held_out = {source for source, _ in self.val_groups}
+            held_out = {group.source for group in self.val_groups}
             pool = [example for example in train if example.source not in held_out]
         else:
             pool = train
-            val = read_e2e(self.e2e_dir / hp.val_file)
-            self.val_groups = _first_groups(group_references(val), hp.val_size, "val_size")
+            self.val_groups = _first_groups(reference_groups(self._read(hp.val_file)), hp.val_size, "val_size")
         self.train_examples = self._draw_subset(pool)
         val_pairs = [
-            Example(source, reference, group_id)
-            for group_id, (source, references) in enumerate(self.val_groups)
-            for reference in references
+            Example(group.source, reference, group.group_id, group.category)
+            for group in self.val_groups
+            for reference in group.references
         ]
         self._train = self.collator.encode_pairs(self.train_examples, "train")
         self._val_loss = self.collator.encode_pairs(val_pairs, "validation (loss)")
         self._val_generation = self.collator.encode_prompts(self.val_groups, "validation (generation)")
+
+    def _setup_test(self) -> None:
+        hp = self.hparams
+        groups = reference_groups(self._read(hp.test_file))
+        if self.spec.seen_unseen:
+            self.seen_categories = frozenset(example.category for example in self._read(hp.train_file))
+            if hp.test_subset != "all":
+                seen = hp.test_subset == "seen"
+                groups = [group for group in groups if (group.category in self.seen_categories) == seen]
+        self.test_groups = _first_groups(groups, hp.test_size, "test_size")
+        self._test_generation = self.collator.encode_prompts(self.test_groups, "test")
 
     def _draw_subset(self, pool: list[Example]) -> list[Example]:
         size = self.hparams.train_size
@@ -125,12 +173,13 @@ class E2EDataModule(L.LightningDataModule):
         return [pool[i] for i in torch.randperm(len(pool), generator=generator)[:size].tolist()]
 
     def train_dataloader(self) -> DataLoader:
+        hp = self.hparams
         return DataLoader(
             self._train,
-            batch_size=self.hparams.batch_size,
-            sampler=EpochShuffleSampler(len(self._train), self.hparams.shuffle_seed),
+            batch_size=hp.batch_size,
+            sampler=training_sampler(len(self._train), hp.shuffle_seed, hp.batch_size, self.trainer),
             collate_fn=self.collator.train_batch,
-            num_workers=self.hparams.num_workers,
+            num_workers=hp.num_workers,
         )
 
     def val_dataloader(self) -> list[DataLoader]:
@@ -154,9 +203,9 @@ class E2EDataModule(L.LightningDataModule):
         )
 
 
-def _first_groups(groups: list[tuple[str, list[str]]], size: int | None, name: str) -> list[tuple[str, list[str]]]:
+def _first_groups(groups: list[Group], size: int | None, name: str) -> list[Group]:
     if size is None:
         return groups
     if not 0 < size <= len(groups):
-        raise ValueError(f"{name}={size}, but the file has {len(groups)} MR groups")
+        raise ValueError(f"{name}={size}, but the split has {len(groups)} groups (inputs)")
     return groups[:size]

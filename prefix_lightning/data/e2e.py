@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import csv
 import io
-import os
 import re
-import tempfile
 import urllib.request
 import zipfile
 from pathlib import Path
 
+from prefix_lightning.atomic import atomic_write
 from prefix_lightning.data.examples import Example
+from prefix_lightning.data.files import DATA_DIR_HINT, require_file
+from prefix_lightning.data.table import read_table
 
 E2E_URL = "https://github.com/tuetschek/e2e-dataset/releases/download/v1.0.0/e2e-dataset.zip"
 E2E_FILES = ("trainset.csv", "devset.csv", "testset_w_refs.csv")
@@ -24,8 +24,7 @@ _MR_RE = re.compile(rf"{_PAIR}(?:,{_PAIR})*")
 
 def _how_to_get_data(folder: Path) -> str:
     return (
-        f"Download the official release from {E2E_URL} and put {', '.join(E2E_FILES)} in {folder}, "
-        "or point the data dir at a folder that holds e2e/ (paths.data_dir=... or env var PREFIX_LIGHTNING_DATA)."
+        f"Download the official release from {E2E_URL} and put {', '.join(E2E_FILES)} in {folder}, or {DATA_DIR_HINT}."
     )
 
 
@@ -44,31 +43,8 @@ def read_e2e(path: Path) -> list[Example]:
 
     Rows sharing an MR get one `group_id` (its index among the file's unique MRs, first-seen order).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"E2E file {path.name} not found: looked for {path}. {_how_to_get_data(path.parent)}")
-    examples: list[Example] = []
-    group_ids: dict[str, int] = {}
-    with path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle)
-        missing = [column for column in ("mr", "ref") if column not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(
-                f"{path}, line 1: missing column(s) {missing}; an E2E file has the header 'mr,ref' "
-                f"(found {reader.fieldnames})"
-            )
-        for row in reader:
-            where = f"{path}, line {reader.line_num}"
-            mr, ref = (row["mr"] or "").strip(), (row["ref"] or "").strip()
-            if not mr or not ref:
-                raise ValueError(f"{where}: empty {'mr' if not mr else 'ref'}")
-            try:
-                source = linearize_mr(mr)
-            except ValueError as err:
-                raise ValueError(f"{where}: {err}") from None
-            group_id = group_ids.setdefault(source, len(group_ids))
-            examples.append(Example(source=source, target=ref, group_id=group_id))
-    return examples
+    path = require_file(Path(path), f"E2E file {Path(path).name}", _how_to_get_data(Path(path).parent))
+    return read_table(path, source_column="mr", target_column="ref", linearize=linearize_mr)
 
 
 def download_e2e(data_dir: Path, url: str = E2E_URL) -> None:
@@ -92,17 +68,6 @@ def download_e2e(data_dir: Path, url: str = E2E_URL) -> None:
     absent = [name for name in E2E_FILES if name not in members]
     if absent:
         raise FileNotFoundError(f"{url} does not contain {absent}. {_how_to_get_data(folder)}")
-    folder.mkdir(parents=True, exist_ok=True)
     for name in E2E_FILES:
-        _write_atomically(folder / name, archive.read(members[name]))
-
-
-def _write_atomically(path: Path, payload: bytes) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(payload)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+        payload = archive.read(members[name])
+        atomic_write(folder / name, lambda temporary, data=payload: temporary.write_bytes(data))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -38,10 +39,14 @@ class EpochShuffleSampler(Sampler[int]):
 
 
 def training_sampler(size: int, seed: int, batch_size: int, trainer: Any | None) -> EpochShuffleSampler:
-    """The training sampler; when Lightning is resuming mid-epoch, it starts after the batches already trained."""
+    """The training sampler; when Lightning is resuming mid-epoch, it starts after the batches already trained.
+
+    A checkpoint taken after the last batch of an epoch restores a complete epoch: Lightning goes on with the
+    next one, which must start from its beginning.
+    """
     sampler = EpochShuffleSampler(size, seed)
     if trainer is not None and trainer.fit_loop.restarting:
         done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
-        if done and trainer.world_size == 1:
+        if 0 < done < math.ceil(size / batch_size) and trainer.world_size == 1:
             sampler.resume_at(done * batch_size)
     return sampler

@@ -1,5 +1,7 @@
-"""Scorers for generated text."""
+"""Scorers for generated text: `score(suite, ...)` for each dataset's official metrics, `corpus_bleu` for quick BLEU."""
 
 from prefix_lightning.evaluation.bleu import corpus_bleu
+from prefix_lightning.evaluation.java import MetricSkippedWarning
+from prefix_lightning.evaluation.suites import SUITES, score
 
-__all__ = ["corpus_bleu"]
+__all__ = ["SUITES", "MetricSkippedWarning", "corpus_bleu", "score"]

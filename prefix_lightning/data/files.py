@@ -1,0 +1,50 @@
+"""File access shared by the readers: a missing file, a failed download or undecodable bytes become errors
+that say where the reader looked and what to do about it."""
+
+from __future__ import annotations
+
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+
+from prefix_lightning.atomic import atomic_write
+
+DATA_DIR_HINT = "point the data dir at the folder that holds it (paths.data_dir=... or env var PREFIX_LIGHTNING_DATA)"
+
+
+def require_file(path: Path, what: str, how_to_get: str) -> Path:
+    """`path` if it is a file; otherwise a FileNotFoundError naming `what`, where it looked and `how_to_get`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: looked for {path}. {how_to_get}")
+    return path
+
+
+def read_text(path: Path) -> str:
+    """The file as UTF-8 text; undecodable bytes raise a ValueError naming the file and line."""
+    payload = Path(path).read_bytes()
+    try:
+        return payload.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = payload.count(b"\n", 0, err.start) + 1
+        raise ValueError(
+            f"{path}, line {line}: not UTF-8 text (byte {payload[err.start]:#04x}); save the file as UTF-8"
+        ) from None
+
+
+def fetch(urls: Mapping[str, str], folder: Path, how_to_get: str) -> None:
+    """Download each `name: url` into `folder/name`.
+
+    Each file is written under a temporary name and renamed, so an interrupted run never leaves a truncated
+    file that later runs would take for real data. A network failure becomes a FileNotFoundError that says
+    what is missing and how to provide it by hand (these machines are often offline).
+    """
+    for name, url in urls.items():
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response:
+                payload = response.read()
+        except OSError as err:
+            raise FileNotFoundError(
+                f"{name} missing: looked in {folder}, and downloading {url} failed ({err}). {how_to_get}"
+            ) from err
+        atomic_write(Path(folder) / name, lambda temporary, data=payload: temporary.write_bytes(data))

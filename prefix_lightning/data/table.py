@@ -1,0 +1,99 @@
+"""Reader for your own data: JSON Lines or CSV/TSV files with one (source, target) pair per row.
+
+Works for table-to-text (a linearized table in the source column) and summarization (a document) alike.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from prefix_lightning.data.examples import Example
+from prefix_lightning.data.files import read_text, require_file
+
+_DELIMITERS = {".csv": ",", ".tsv": "\t"}
+
+
+def read_table(
+    path: Path,
+    source_column: str = "source",
+    target_column: str = "target",
+    group_column: str | None = None,
+    linearize: Callable[[str], str] | None = None,
+) -> list[Example]:
+    """Read `.jsonl` (one JSON object per line) or `.csv` / `.tsv` (with a header row) into examples.
+
+    Rows with the same `group_column` value form one multi-reference group and must share their source;
+    without a group column, rows with the same source do. `linearize` turns a raw source cell into the model's
+    source text (E2E meaning representations); it raises ValueError on a malformed cell. Every error names the
+    file and line.
+    """
+    path = require_file(
+        Path(path),
+        "data file",
+        "Set data.train_file / val_file / test_file to your files (absolute, or relative to data.data_dir).",
+    )
+    columns = [source_column, target_column] + ([group_column] if group_column else [])
+    examples: list[Example] = []
+    group_ids: dict[str, int] = {}
+    first_seen: dict[str, tuple[str, int]] = {}
+    for line, row in _rows(path, columns):
+        where = f"{path}, line {line}"
+        source, target = (_cell(row, column, where) for column in (source_column, target_column))
+        if linearize is not None:
+            try:
+                source = linearize(source)
+            except ValueError as err:
+                raise ValueError(f"{where}: {err}") from None
+        key = _cell(row, group_column, where) if group_column else source
+        if group_column and first_seen.setdefault(key, (source, line))[0] != source:
+            raise ValueError(
+                f"{where}: group {key!r} has a different {source_column} than on line {first_seen[key][1]}; "
+                f"rows of one group ({group_column}) must share their source"
+            )
+        examples.append(Example(source, target, group_ids.setdefault(key, len(group_ids))))
+    return examples
+
+
+def _rows(path: Path, columns: list[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, row) pairs; a row may lack a column only in JSON Lines (checked per row there)."""
+    text = read_text(path)
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        for number, line in enumerate(text.split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg}, column {err.colno})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}, line {number}: expected a JSON object with fields {columns}")
+            yield number, row
+    elif suffix in _DELIMITERS:
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=_DELIMITERS[suffix])
+        missing = [column for column in columns if column not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}, line 1: missing column(s) {missing} (the header has {reader.fieldnames})")
+        for row in reader:
+            yield reader.line_num, row
+    else:
+        raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl, .csv or .tsv")
+
+
+def _cell(row: dict[str, Any], column: str, where: str) -> str:
+    if column not in row:
+        raise ValueError(f"{where}: missing field {column!r} (the row has {sorted(row)})")
+    value = row[column]
+    if value is None:
+        value = ""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ValueError(f"{where}: {column!r} must be text, not {type(value).__name__}")
+    text = str(value).strip()
+    if not text:
+        raise ValueError(f"{where}: empty {column}")
+    return text

@@ -1,0 +1,41 @@
+"""One entry point for every dataset's official metrics: `score(suite, hypotheses, references)`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prefix_lightning.evaluation.bleu import corpus_bleu
+from prefix_lightning.evaluation.e2e_metrics import score_e2e
+from prefix_lightning.evaluation.references import check_pairs
+from prefix_lightning.evaluation.rouge import score_xsum
+from prefix_lightning.evaluation.table_to_text import score_dart, score_webnlg
+
+
+def _bleu_only(hypotheses: list[str], references: list[list[str]]) -> dict[str, float]:
+    return {"BLEU": corpus_bleu(hypotheses, references)}
+
+
+SUITES: dict[str, Callable[[list[str], list[list[str]]], dict[str, float]]] = {
+    "e2e": score_e2e,
+    "webnlg": score_webnlg,
+    "dart": score_dart,
+    "xsum": score_xsum,
+    "bleu": _bleu_only,
+}
+
+
+def score(metric_suite: str, hypotheses: list[str], references: list[list[str]]) -> dict[str, float]:
+    """The official metrics of one dataset, keyed as its official script prints them.
+
+    Suites, keys and scales (BLEU is always on 0-100, whatever scale the official script prints it on):
+    - "e2e": BLEU (0-100), NIST, METEOR (0-1), ROUGE_L (0-1), CIDEr, as e2e-metrics computes them.
+    - "webnlg", "dart": BLEU (0-100), METEOR (0-1), TER (0-1, lower is better), as the official scripts.
+    - "xsum": rouge1, rouge2, rougeL (0-100), rouge-score F-measures with stemming.
+    - "bleu": BLEU (0-100), sacrebleu with 13a tokenization (`corpus_bleu`).
+    `references[i]` holds all references of `hypotheses[i]`. METEOR (and for E2E also ROUGE_L and CIDEr, which
+    need the Java tokenizer) is left out with one `MetricSkippedWarning` when Java is missing or fails.
+    """
+    if metric_suite not in SUITES:
+        raise ValueError(f"unknown metric suite {metric_suite!r}; choose one of {', '.join(SUITES)}")
+    check_pairs(hypotheses, references)
+    return SUITES[metric_suite](list(hypotheses), [list(refs) for refs in references])

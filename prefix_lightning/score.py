@@ -1,0 +1,136 @@
+"""Score a file of outputs with a dataset's official metrics, without training or a model.
+
+    python -m prefix_lightning.score --suite e2e --hypotheses gen.txt --references refs.txt [--output scores.json]
+    python -m prefix_lightning.score --suite e2e --generations run/test_generations.jsonl
+
+Hypotheses: one per line. References, one group per hypothesis, in either format:
+- text, as e2e-metrics reads it: one reference per line, groups separated by one empty line (a file without
+  empty lines holds one reference per hypothesis);
+- JSONL with a `references` list per line, such as the `test_generations.jsonl` a run writes;
+- the official E2E CSV (`mr,ref`), grouped by meaning representation in file order.
+`--generations` reads both sides from a run's JSONL (`generation` and `references`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import NoReturn
+
+from prefix_lightning.data import group_references, read_e2e
+from prefix_lightning.evaluation import SUITES, MetricSkippedWarning, score
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """One line instead of usage plus message, like every other failure of this command."""
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def read_hypotheses(path: Path) -> list[str]:
+    """One output per line, stripped; empty lines are empty outputs (e2e-metrics' `read_lines`)."""
+    return [line.strip() for line in _read_text(path).splitlines()]
+
+
+def read_references(path: Path, num_hypotheses: int) -> list[list[str]]:
+    """Reference groups from a text, JSONL or E2E CSV file (see the module docstring)."""
+    if path.suffix == ".jsonl":
+        return _read_jsonl(path, with_generation=False)[1]
+    if path.suffix == ".csv":
+        return [refs for _, refs in group_references(read_e2e(path))]
+    lines = _read_text(path).splitlines()
+    while lines and not lines[-1].strip():  # trailing empty lines end the file, not a group
+        lines.pop()
+    groups: list[list[str]] = [[]]
+    for number, line in enumerate(lines, start=1):
+        if line.strip():
+            groups[-1].append(line.strip())
+        elif not groups[-1]:
+            raise ValueError(f"{path}, line {number}: empty reference group (separate groups by one empty line)")
+        else:
+            groups.append([])
+    if len(groups) == 1 and num_hypotheses != 1:  # no separators: one reference per hypothesis
+        groups = [[reference] for reference in groups[0]]
+    return groups
+
+
+def read_generations(path: Path) -> tuple[list[str], list[list[str]]]:
+    """Outputs and reference groups from a run's `*_generations.jsonl`."""
+    return _read_jsonl(path, with_generation=True)
+
+
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    return path.read_text(encoding="utf-8")
+
+
+def _read_jsonl(path: Path, with_generation: bool) -> tuple[list[str], list[list[str]]]:
+    """(`generation` per line if asked for, `references` per line), checked, skipping empty lines."""
+    generations: list[str] = []
+    references: list[list[str]] = []
+    for number, line in enumerate(_read_text(path).split("\n"), start=1):  # JSON may hold a raw U+2028
+        if not line.strip():
+            continue
+        where = f"{path}, line {number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: not JSON ({err.msg})") from None
+        refs = record.get("references") if isinstance(record, dict) else None
+        if not refs or not isinstance(refs, list) or not all(isinstance(ref, str) for ref in refs):
+            raise ValueError(f"{where}: expected a non-empty `references` list of strings")
+        references.append(refs)
+        if with_generation:
+            generation = record.get("generation")
+            if not isinstance(generation, str):
+                raise ValueError(f"{where}: expected a `generation` string")
+            generations.append(generation)
+    return generations, references
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _Parser(prog="python -m prefix_lightning.score", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--suite", required=True, choices=list(SUITES), help="which official metrics")
+    parser.add_argument("--hypotheses", type=Path, help="outputs, one per line")
+    parser.add_argument("--references", type=Path, help="reference groups: .txt, .jsonl or E2E .csv")
+    parser.add_argument("--generations", type=Path, help="a run's *_generations.jsonl (outputs and references)")
+    parser.add_argument("--output", type=Path, help="also write the scores to this JSON file")
+    args = parser.parse_args(argv)
+    if args.generations is not None and (args.hypotheses or args.references):
+        parser.error("give either --generations or --hypotheses with --references, not both")
+    if args.generations is None and not (args.hypotheses and args.references):
+        parser.error("give --hypotheses and --references, or --generations")
+
+    try:
+        if args.generations is not None:
+            hypotheses, references = read_generations(args.generations)
+        else:
+            hypotheses = read_hypotheses(args.hypotheses)
+            references = read_references(args.references, len(hypotheses))
+        if len(hypotheses) != len(references):
+            raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} reference groups")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", MetricSkippedWarning)
+            scores = score(args.suite, hypotheses, references)
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
+
+    print(f"{args.suite}: {len(hypotheses)} hypotheses")
+    for name, value in scores.items():
+        print(f"  {name:<8} {value:10.4f}")
+    if args.output is not None:
+        report = {"suite": args.suite, "num_hypotheses": len(hypotheses), "scores": scores}
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
