@@ -1,0 +1,108 @@
+"""Aggregate a sweep folder into ``<sweep dir>/summary/``: results.csv, results.md, PNG plots and report.html.
+
+    python -m prefix_lightning.sweeps.aggregate multirun/<sweep name> [--metric test/bleu]
+
+Also runs at the end of every multirun (a Hydra callback). Reads the result records at any depth below the folder;
+job folders without a complete record are reported as unfinished. Plots: the metric against prefix length (a line
+per data size and other swept values) and against training-data size (a line per method or other swept values),
+each drawn when that value was swept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from prefix_lightning.sweeps.plots import plot_metric
+from prefix_lightning.sweeps.record import RECORD_FILE, read_record
+from prefix_lightning.sweeps.report import write_report
+from prefix_lightning.sweeps.table import Table, summarize, write_csv, write_markdown
+
+log = logging.getLogger(__name__)
+
+SUMMARY_DIR = "summary"
+# (swept key, axis label, logarithmic axis): the paper's two sweep figures.
+PLOTS = (("prefix.length", "prefix length", False), ("data.train_size", "training examples", True))
+
+
+def load_records(sweep_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """Complete records, and the job folders (relative to ``sweep_dir``) that have none yet."""
+    job_dirs = {path.parent for path in sweep_dir.rglob(".hydra")} | {
+        path.parent for path in sweep_dir.rglob(RECORD_FILE)
+    }
+    records, unfinished = [], []
+    for job_dir in sorted(job_dirs):
+        record = read_record(job_dir)
+        if record is None:
+            unfinished.append(str(job_dir.relative_to(sweep_dir)))
+        else:
+            records.append(record)
+    return records, unfinished
+
+
+def headline_metric(table: Table) -> str:
+    """The first test metric (what the paper reports), else the best validation value."""
+    return next((name for name in table.metrics if name.startswith("test/")), table.metrics[0])
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")
+
+
+def aggregate(sweep_dir: str | Path, metric: str | None = None) -> Path | None:
+    """Write the summary of ``sweep_dir``; return its folder, or None when no run has finished."""
+    sweep_dir = Path(sweep_dir)
+    records, unfinished = load_records(sweep_dir)
+    if not records:
+        log.warning("no finished runs (no complete %s) below %s: nothing to aggregate", RECORD_FILE, sweep_dir)
+        return None
+    table = summarize(records)
+    metric = metric or headline_metric(table)
+    if metric not in table.metrics:
+        raise ValueError(f"metric {metric!r} is not in the records of {sweep_dir}; they have {table.metrics}")
+
+    out = sweep_dir / SUMMARY_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("*.png"):
+        stale.unlink()
+    write_csv(table, out / "results.csv")
+    write_markdown(table, out / "results.md")
+    plots = []
+    for key, label, log_x in PLOTS:
+        path = out / f"{_slug(metric)}_vs_{_slug(label)}.png"
+        if plot_metric(table, key, metric, path, label, log_x):
+            plots.append(path)
+    write_report(table, sweep_dir.resolve().name, plots, out / "report.html", len(records), unfinished)
+    log.info(
+        "sweep %s: %d finished runs in %d settings%s; table, %d plots and report.html in %s",
+        sweep_dir,
+        len(records),
+        len(table.rows),
+        f", {len(unfinished)} unfinished" if unfinished else "",
+        len(plots),
+        out,
+    )
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("sweep_dir", type=Path, help="a multirun folder, e.g. multirun/<sweep name>")
+    parser.add_argument("--metric", help="the metric to plot (default: the first test metric)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not args.sweep_dir.is_dir():
+        parser.error(f"{args.sweep_dir} is not a folder")
+    out = aggregate(args.sweep_dir, args.metric)
+    if out is None:
+        raise SystemExit(1)
+    print((out / "results.md").read_text(), end="")
+    print(f"report: {out / 'report.html'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""A sweep's results as a table: one row per setting, each metric as mean ± std over that setting's repeats.
+
+A setting is a combination of the swept values (the overrides that differ between runs); runs that differ only in
+their seeds (``REPEAT_KEYS``) are repeats of one setting. Written as CSV (full precision) and Markdown.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPEAT_KEYS = ("seed", "data.subset_seed")
+
+
+@dataclass(frozen=True)
+class Stat:
+    mean: float
+    std: float | None  # sample standard deviation; None for a single run
+
+
+@dataclass(frozen=True)
+class Row:
+    setting: dict[str, Any]
+    runs: int
+    stats: dict[str, Stat]
+
+
+@dataclass(frozen=True)
+class Table:
+    keys: list[str]  # the swept keys that tell settings apart
+    shared: dict[str, Any]  # overrides common to all runs
+    metrics: list[str]
+    rows: list[Row]
+
+
+def record_metrics(record: dict[str, Any]) -> dict[str, float]:
+    """A record's numbers, named as in the table: ``<val metric>_best``, the test metrics, cost."""
+    values = {
+        f"{record['optimized_metric']}_best": record["best_val"],
+        **record["test"],
+        "trainable_params": record["trainable_params"],
+        "tokens_per_s": record["tokens_per_s"],
+        "wall_time_s": record["wall_time_s"],
+    }
+    return {name: float(value) for name, value in values.items() if value is not None}
+
+
+def _sort_key(value: Any) -> tuple[int, Any]:
+    """Numbers in numeric order, after a missing value and before text."""
+    if value is None:
+        return (0, 0)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (1, value)
+    return (2, json.dumps(value))
+
+
+def show(value: Any) -> str:
+    """A value as it is written on Hydra's command line."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return "[" + ",".join(show(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{key}:{show(item)}" for key, item in value.items()) + "}"
+    return str(value)
+
+
+def summarize(records: Sequence[dict[str, Any]]) -> Table:
+    all_keys = sorted({key for record in records for key in record["overrides"]})
+    seen = {key: {json.dumps(record["overrides"].get(key)) for record in records} for key in all_keys}
+    keys = [key for key in all_keys if len(seen[key]) > 1 and key not in REPEAT_KEYS]
+    shared = {key: records[0]["overrides"].get(key) for key in all_keys if len(seen[key]) == 1}
+
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        setting = {key: record["overrides"].get(key) for key in keys}
+        groups.setdefault(json.dumps(setting), []).append(record)
+
+    metrics: list[str] = []
+    for record in records:
+        metrics += [name for name in record_metrics(record) if name not in metrics]
+    rows = []
+    for members in groups.values():
+        values = [record_metrics(record) for record in members]
+        stats = {}
+        for name in metrics:
+            numbers = [value[name] for value in values if name in value]
+            if numbers:
+                std = statistics.stdev(numbers) if len(numbers) > 1 else None
+                stats[name] = Stat(statistics.fmean(numbers), std)
+        rows.append(Row({key: members[0]["overrides"].get(key) for key in keys}, len(members), stats))
+    rows.sort(key=lambda row: [_sort_key(row.setting[key]) for key in keys])
+    return Table(keys, shared, metrics, rows)
+
+
+def _number(value: float) -> str:
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.2f}"
+
+
+def cells(table: Table) -> tuple[list[str], list[list[str]]]:
+    """Header and rows as text, "mean ± std" per metric: shared by the Markdown table and the HTML report."""
+    header = [*table.keys, "runs", *table.metrics]
+    rows = []
+    for row in table.rows:
+        stats = [row.stats.get(name) for name in table.metrics]
+        numbers = [
+            "" if stat is None else _number(stat.mean) + ("" if stat.std is None else f" ± {_number(stat.std)}")
+            for stat in stats
+        ]
+        rows.append([*(show(row.setting[key]) for key in table.keys), str(row.runs), *numbers])
+    return header, rows
+
+
+def write_csv(table: Table, path: Path) -> None:
+    with open(path, "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(
+            [*table.keys, "runs", *(f"{name}_{part}" for name in table.metrics for part in ("mean", "std"))]
+        )
+        for row in table.rows:
+            numbers = []
+            for name in table.metrics:
+                stat = row.stats.get(name)
+                numbers += ["", ""] if stat is None else [stat.mean, "" if stat.std is None else stat.std]
+            writer.writerow([*(show(row.setting[key]) for key in table.keys), row.runs, *numbers])
+
+
+def write_markdown(table: Table, path: Path) -> None:
+    header, rows = cells(table)
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+        *("| " + " | ".join(row) + " |" for row in rows),
+    ]
+    if table.shared:
+        lines += [
+            "",
+            "Shared by all runs: " + ", ".join(f"`{key}={show(value)}`" for key, value in table.shared.items()),
+        ]
+    path.write_text("\n".join(lines) + "\n")

@@ -1,0 +1,204 @@
+"""Sweep pieces without training: records, aggregation of made-up records, skip/resume decisions, the sweep and
+launcher configs, and when W&B goes online."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from prefix_lightning.sweeps import dashboards
+from prefix_lightning.sweeps.aggregate import aggregate, main
+from prefix_lightning.sweeps.record import FIELDS, RECORD_FILE, read_record, write_record
+from prefix_lightning.sweeps.resume import finished_record, resume_checkpoint
+from tests.helpers import CONF, compose_train
+
+
+def make_record(overrides: dict[str, Any], bleu: float, seed: int = 1) -> dict[str, Any]:
+    record = dict.fromkeys(FIELDS)
+    record.update(
+        run=",".join(f"{key}={value}" for key, value in sorted(overrides.items())),
+        overrides=overrides,
+        choices={"model": "tiny_llama"},
+        seed=seed,
+        subset_seed=overrides.get("data.subset_seed", 0),
+        optimized_metric="val/bleu",
+        best_val=bleu + 1.0,
+        last_val=bleu + 0.5,
+        test={"test/bleu": bleu},
+        trainable_params=1000,
+        train_steps=4,
+        tokens_per_s=500.0,
+        wall_time_s=10.0,
+        finished="2026-01-01T00:00:00+00:00",
+    )
+    return record
+
+
+def write_sweep(sweep: Path, records: list[dict[str, Any]]) -> None:
+    for record in records:
+        write_record(sweep / record["run"], record)
+
+
+# Prefix length x data size, two training subsets and two seeds each: 4 repeats per setting.
+GRID = [
+    make_record(
+        {"prefix.length": length, "data.train_size": size, "data.subset_seed": subset, "seed": seed, "model": "tiny"},
+        bleu=length * 10 + size + subset + seed / 10,
+        seed=seed,
+    )
+    for length in (1, 5, 10)
+    for size in (50, 200)
+    for subset in (1, 2)
+    for seed in (1, 2)
+]
+
+
+def test_record_is_complete_only_with_every_field(tmp_path: Path) -> None:
+    record = make_record({"prefix.length": 5}, bleu=3.0)
+    write_record(tmp_path, record)
+    assert read_record(tmp_path) == record
+    with pytest.raises(ValueError, match="lacks"):
+        write_record(tmp_path, {"run": "x"})
+    (tmp_path / RECORD_FILE).write_text(json.dumps({key: record[key] for key in FIELDS[:-1]}))
+    assert read_record(tmp_path) is None
+    (tmp_path / RECORD_FILE).write_text('{"run": ')  # cut short
+    assert read_record(tmp_path) is None
+
+
+def test_table_averages_over_seeds_and_subsets(tmp_path: Path) -> None:
+    write_sweep(tmp_path, GRID)
+    out = aggregate(tmp_path)
+    with open(out / "results.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert len(rows) == 6  # 3 lengths x 2 sizes
+    assert list(rows[0])[:3] == ["data.train_size", "prefix.length", "runs"]  # seeds are averaged, not columns
+    for row in rows:
+        length, size = int(row["prefix.length"]), int(row["data.train_size"])
+        bleus = [
+            r["test"]["test/bleu"]
+            for r in GRID
+            if (r["overrides"]["prefix.length"], r["overrides"]["data.train_size"]) == (length, size)
+        ]
+        assert row["runs"] == "4"
+        assert float(row["test/bleu_mean"]) == pytest.approx(statistics.fmean(bleus))
+        assert float(row["test/bleu_std"]) == pytest.approx(statistics.stdev(bleus))
+        assert float(row["val/bleu_best_mean"]) == pytest.approx(statistics.fmean(bleus) + 1.0)
+    assert [(row["data.train_size"], row["prefix.length"]) for row in rows][:3] == [
+        ("50", "1"),
+        ("50", "5"),
+        ("50", "10"),
+    ]
+    markdown = (out / "results.md").read_text()
+    assert "| 50 | 10 | 4 |" in markdown and " ± " in markdown
+    assert "Shared by all runs: `model=tiny`" in markdown
+    assert {path.name for path in out.glob("*.png")} == {
+        "test_bleu_vs_prefix_length.png",
+        "test_bleu_vs_training_examples.png",
+    }
+
+
+def test_report_is_one_self_contained_page(tmp_path: Path) -> None:
+    write_sweep(tmp_path, GRID)
+    (tmp_path / "prefix.length=40" / ".hydra").mkdir(parents=True)  # a job that has not finished
+    out = aggregate(tmp_path, metric="val/bleu_best")
+    html = (out / "report.html").read_text()
+    assert html.count("src='data:image/png;base64,") == 2
+    assert "<img" in html and "http" not in html  # nothing fetched from elsewhere
+    assert "<td>10</td>" in html and "Unfinished runs (1)" in html and "prefix.length=40" in html
+    assert {path.name for path in out.glob("*.png")} == {
+        "val_bleu_best_vs_prefix_length.png",
+        "val_bleu_best_vs_training_examples.png",
+    }
+
+
+def test_one_line_per_method_when_several(tmp_path: Path) -> None:
+    records = [
+        make_record({"method": method, "data.train_size": size}, bleu=size / 10 + offset)
+        for method, offset in (("prefix", 0), ("finetune", 5))
+        for size in (50, 100, 200)
+    ]
+    write_sweep(tmp_path, records)
+    out = aggregate(tmp_path)
+    assert [path.name for path in out.glob("*.png")] == ["test_bleu_vs_training_examples.png"]  # length not swept
+    with open(out / "results.csv") as file:
+        settings = [(row["data.train_size"], row["method"]) for row in csv.DictReader(file)]
+    assert settings == [(size, method) for size in ("50", "100", "200") for method in ("finetune", "prefix")]
+
+
+def test_aggregate_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_sweep(tmp_path, GRID[:4])
+    main([str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert printed.startswith("| ") and f"report: {tmp_path / 'summary' / 'report.html'}" in printed
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "empty")])
+
+
+def test_finished_runs_are_skipped_and_unfinished_ones_resume(tmp_path: Path) -> None:
+    cfg = compose_train(tmp_path, ["model=tiny_llama"])
+    assert finished_record(tmp_path) is None and resume_checkpoint(cfg) is None
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.parent.mkdir()
+    last.write_bytes(b"")
+    assert resume_checkpoint(cfg) == str(last)
+    assert resume_checkpoint(compose_train(tmp_path, ["ckpt_path=elsewhere.ckpt"])) == "elsewhere.ckpt"
+    write_record(tmp_path, make_record({}, bleu=1.0))
+    assert finished_record(tmp_path)["last_val"] == 1.5
+
+
+SWEEPS = sorted(path.stem for path in (CONF / "sweep").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", SWEEPS)
+def test_sweep_configs_name_their_folder_and_sweep_existing_keys(name: str) -> None:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[f"+sweep={name}"], return_hydra_config=True)
+    assert cfg.hydra.sweep.dir == f"multirun/{name}"
+    params = cfg.hydra.sweeper.params
+    assert params
+    for key in params:
+        assert OmegaConf.select(cfg, key, default="missing") != "missing", f"{name} sweeps {key}, which no config has"
+    if name == "optuna":
+        assert cfg.hydra.sweeper.direction == "maximize"
+        assert set(params) == {"optim.lr", "prefix.length", "prefix.hidden_dim"}
+        assert instantiate(cfg.hydra.sweeper).__class__.__name__ == "OptunaSweeper"
+
+
+def test_plain_multirun_folder_is_named_after_the_task() -> None:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=["prefix.length=3"], return_hydra_config=True)
+    assert cfg.hydra.sweep.dir == "multirun/train"
+    assert "${now:" not in OmegaConf.to_yaml(cfg.hydra.sweep)
+
+
+@pytest.mark.parametrize(
+    ("launcher", "target"),
+    [("parallel", "JoblibLauncher"), ("slurm", "SlurmLauncher"), ("submitit_local", "LocalLauncher")],
+)
+def test_launcher_configs_instantiate(launcher: str, target: str) -> None:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    assert type(instantiate(cfg.hydra.launcher)).__name__ == target
+
+
+def test_wandb_goes_online_only_with_an_api_key(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    assert dashboards.wandb_logger(save_dir=str(tmp_path))._offline
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    assert not dashboards.wandb_logger(save_dir=str(tmp_path))._offline
+    monkeypatch.delenv("WANDB_API_KEY")
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "0" * 40 + "\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    assert dashboards.wandb_api_key_configured()
+    assert not dashboards.wandb_logger(save_dir=str(tmp_path), offline=False)._offline
+    assert dashboards.wandb_logger(save_dir=str(tmp_path), offline=True)._offline
