@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import PreTrainedModel
+from transformers import GenerationConfig, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from prefix_lightning.attention import ATTN_IMPLEMENTATION, PrefixInjector, bind, record_attention_calls
@@ -23,6 +24,8 @@ from prefix_lightning.positions import attach_position_shift
 from prefix_lightning.sites import SUPPORTED, AttentionSite, UnsupportedModelError, discover_sites
 
 log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # label of positions outside the target (transformers' convention)
 
 
 class PrefixModel(nn.Module):
@@ -78,10 +81,45 @@ class PrefixModel(nn.Module):
         self._materialize()
         return self.lm(**inputs)
 
+    def loss(self, labels: torch.Tensor, **inputs: Any) -> torch.Tensor:
+        """Token-mean cross-entropy over the target tokens (``labels != IGNORE_INDEX``): the LM's own ``loss``.
+
+        A causal LM's head then runs only at the positions that predict a target token (``logits_to_keep``):
+        over a vocabulary of 50k, logits at source and padding positions are a large share of a step's work and
+        memory, and none of them reaches the loss. Encoder-decoder targets fill the decoder, so they take the
+        LM's own path.
+        """
+        if not self._slices_logits():
+            return self(**inputs, labels=labels, use_cache=False).loss
+        predicts = torch.zeros_like(labels, dtype=torch.bool)
+        predicts[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+        logits = self(**inputs, use_cache=False, logits_to_keep=predicts).logits
+        return nn.functional.cross_entropy(logits.float(), labels[:, 1:][predicts[:, :-1]])
+
+    @torch.no_grad()
     def generate(self, **kwargs: Any) -> Any:
-        """transformers' ``generate`` with the prefix; beams and batch rows share it without copies."""
+        """transformers' ``generate`` with the prefix; beams and batch rows share it without copies.
+
+        With several beams (or returned sequences) per input, a decoder-only prompt is run once per input and
+        its cache repeated for the copies: transformers would run each prompt once per copy, five times for beam 5.
+        """
         self._materialize()
+        copies = _copies_per_input(self.lm.generation_config, kwargs)
+        input_ids = kwargs.get("input_ids")
+        own_cache = {"cache", "past_key_values", "inputs_embeds"} & kwargs.keys()
+        if copies > 1 and not own_cache and input_ids is not None and input_ids.shape[1] > 1 and self._slices_logits():
+            prompt = {"input_ids": input_ids[:, :-1]}
+            if kwargs.get("attention_mask") is not None:
+                prompt["attention_mask"] = kwargs["attention_mask"][:, :-1]
+            cache = self.lm(**prompt, use_cache=True, logits_to_keep=1).cache
+            cache.batch_repeat_interleave(copies)
+            kwargs["cache"] = cache  # generate sees the prompt's last token as the only one left to run
         return self.lm.generate(**kwargs)
+
+    def _slices_logits(self) -> bool:
+        """Whether this is a causal LM that computes logits at chosen positions only (``logits_to_keep``)."""
+        lm = self.lm
+        return not lm.config.is_encoder_decoder and "logits_to_keep" in inspect.signature(lm.forward).parameters
 
     @contextmanager
     def prefix_disabled(self) -> Iterator[None]:
@@ -160,6 +198,13 @@ class PrefixModel(nn.Module):
     def from_prefix(cls, lm: PreTrainedModel, path: str | Path) -> PrefixModel:
         """Load an exported prefix onto ``lm``; refuses a base model of another shape."""
         return load_prefix(cls, lm, Path(path))
+
+
+def _copies_per_input(defaults: GenerationConfig, kwargs: dict[str, Any]) -> int:
+    """How many rows ``generate`` makes of each input: beams, or sequences returned (transformers' rule)."""
+    config = kwargs.get("generation_config") or defaults
+    beams = kwargs.get("num_beams", config.num_beams) or 1
+    return max(beams, kwargs.get("num_return_sequences", config.num_return_sequences) or 1)
 
 
 def _checkpointed(forward: Any, *args: Any, **kwargs: Any) -> Any:

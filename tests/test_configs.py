@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from prefix_lightning.backbones import load_backbone
 from prefix_lightning.config import PrefixConfig
-from prefix_lightning.data import E2EDataModule
+from prefix_lightning.data import TextToTextDataModule
 from prefix_lightning.training.train import _instantiate_all, build_model, generation_settings
 from tests.helpers import CONF, compose_train
 
@@ -53,7 +53,7 @@ def test_prefix_configs_build_a_prefix_config(name: str, tmp_path: Path) -> None
 def test_data_configs_instantiate(name: str, tmp_path: Path, gpt2_tokenizer) -> None:
     cfg = compose_train(tmp_path, [f"data={name}", "model=tiny_gpt2"])
     datamodule = instantiate(cfg.data, tokenizer=gpt2_tokenizer, separator=" =", target_end="<|endoftext|>")
-    assert isinstance(datamodule, E2EDataModule)
+    assert isinstance(datamodule, TextToTextDataModule)
 
 
 @pytest.mark.parametrize("name", options("trainer"))

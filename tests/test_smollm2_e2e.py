@@ -29,6 +29,6 @@ def test_prefix_on_smollm2_lowers_validation_loss_and_scores_bleu(tmp_path: Path
         losses = [float(row["val/loss"]) for row in csv.DictReader(file) if row.get("val/loss")]
     assert len(losses) == 3
     assert losses[-1] < losses[0], f"validation loss did not fall: {losses}"
-    bleu = json.loads((tmp_path / "test_metrics.json").read_text())["bleu"]
+    bleu = json.loads((tmp_path / "test_metrics.json").read_text())["BLEU"]
     assert bleu > 10.0, f"test BLEU {bleu:.2f} after 30 steps"
     assert (tmp_path / "prefix" / "prefix.safetensors").stat().st_size < 1_000_000

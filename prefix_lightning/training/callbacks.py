@@ -1,12 +1,23 @@
-"""Callbacks: exporting the prefix at the end of training."""
+"""Callbacks: exporting the prefix, checkpointing on Ctrl-C, the run's result record, generation samples."""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import time
+from datetime import datetime, timezone
+from itertools import islice
 from pathlib import Path
+from typing import Any
 
 import lightning as L
+import torch
 
+from prefix_lightning.data.collate import IGNORE_INDEX
+from prefix_lightning.sweeps.dashboards import log_generation_samples, log_result
+from prefix_lightning.sweeps.job import current_job
+from prefix_lightning.sweeps.record import write_record
 from prefix_lightning.training.module import PrefixTuningModule
 
 log = logging.getLogger(__name__)
@@ -36,3 +47,158 @@ class InterruptCheckpoint(L.Callback):
             path = self.dirpath / "last.ckpt"
             trainer.save_checkpoint(path)
             log.warning("interrupted at step %d: saved %s; resume with ckpt_path=%s", trainer.global_step, path, path)
+
+
+class ResultRecord(L.Callback):
+    """Writes the run's result record (``result.json``, see ``prefix_lightning.sweeps.record``) when the run ends:
+    after the test when ``after_test``, else after fitting.
+
+    It tracks what only the training loop sees: the best and last value of ``monitor``, the tokens and seconds of
+    training steps (throughput) and the wall time. These travel in checkpoints, so a resumed run reports the whole
+    run.
+    """
+
+    def __init__(
+        self,
+        dirpath: str,
+        monitor: str,
+        mode: str = "max",
+        after_test: bool = True,
+        seed: int | None = None,
+        subset_seed: int | None = None,
+        train_size: int | None = None,
+        prefix_length: int | None = None,
+    ) -> None:
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+        self.dirpath = Path(dirpath)
+        self.monitor = monitor
+        self.mode = mode
+        self.after_test = after_test
+        self.settings = {
+            "seed": seed,
+            "subset_seed": subset_seed,
+            "train_size": train_size,
+            "prefix_length": prefix_length,
+        }
+        job = current_job()  # read here, in the main process: spawned DDP workers have no Hydra runtime
+        self.job = {
+            "run": job.name if job else self.dirpath.name,
+            "overrides": job.overrides if job else {},
+            "choices": job.choices if job else {},
+        }
+        self.progress: dict[str, Any] = {
+            "best_val": None,
+            "best_val_step": None,
+            "last_val": None,
+            "train_tokens": 0,
+            "train_time_s": 0.0,
+            "earlier_wall_time_s": 0.0,  # of the attempts before a resume
+        }
+        self._started = time.time()
+        self._step_started = 0.0
+        self._encoder_decoder = False
+
+    def _wall_time(self) -> float:
+        return self.progress["earlier_wall_time_s"] + time.time() - self._started
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.progress, "earlier_wall_time_s": self._wall_time()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.progress.update(state_dict)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: PrefixTuningModule) -> None:
+        self._encoder_decoder = bool(pl_module.model.lm.config.is_encoder_decoder)
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._step_started = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # Every real token the model reads; an encoder-decoder also reads the target. int() waits for the device,
+        # so the time below is that of the finished step.
+        tokens = int(batch["attention_mask"].sum())
+        if self._encoder_decoder:
+            tokens += int((batch["labels"] != IGNORE_INDEX).sum())
+        self.progress["train_tokens"] += tokens
+        self.progress["train_time_s"] += time.perf_counter() - self._step_started
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        value = trainer.callback_metrics.get(self.monitor)
+        if trainer.sanity_checking or value is None:
+            return
+        value = float(value)
+        best = self.progress["best_val"]
+        if best is None or (value > best if self.mode == "max" else value < best):
+            self.progress.update(best_val=value, best_val_step=trainer.global_step)
+        self.progress["last_val"] = value
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.after_test:
+            self._write(trainer, pl_module, test={})
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.after_test:
+            test = {name: float(value) for name, value in trainer.callback_metrics.items() if name.startswith("test/")}
+            self._write(trainer, pl_module, test)
+
+    def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, test: dict[str, float]) -> None:
+        tokens = self.progress["train_tokens"]
+        if trainer.world_size > 1:  # every rank trained on its own share of the batches
+            tokens = int(trainer.strategy.reduce(torch.tensor(float(tokens), device=pl_module.device), reduce_op="sum"))
+        if not trainer.is_global_zero:
+            return
+        train_time = self.progress["train_time_s"]
+        checkpoint = trainer.checkpoint_callback
+        export = next((c for c in trainer.callbacks if isinstance(c, PrefixExport)), None)
+        record = {
+            **self.job,
+            **self.settings,
+            "trainable_params": sum(p.numel() for p in pl_module.parameters() if p.requires_grad),
+            "optimized_metric": self.monitor,
+            **{name: self.progress[name] for name in ("best_val", "best_val_step", "last_val")},
+            "test": test,
+            "train_steps": trainer.global_step,
+            "train_tokens": tokens,
+            "train_time_s": round(train_time, 3),
+            "tokens_per_s": round(tokens / train_time, 1) if train_time > 0 else None,
+            "wall_time_s": round(self._wall_time(), 1),
+            "checkpoint": self._relative(checkpoint.last_model_path if checkpoint else None),
+            "best_checkpoint": self._relative(checkpoint.best_model_path if checkpoint else None),
+            "prefix": self._relative(export.dirpath if export else None),
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        path = write_record(self.dirpath, record)
+        log_result(trainer.loggers, record)
+        log.info("result record: %s", path)
+
+    def _relative(self, path: str | Path | None) -> str | None:
+        """Paths relative to the run folder: the record stays valid when a sweep folder is moved."""
+        return os.path.relpath(path, self.dirpath) if path and Path(path).exists() else None
+
+
+class GenerationSamples(L.Callback):
+    """Shows the first ``count`` generations of every validation and of the test in the dashboards (a W&B table,
+    TensorBoard text), read from the ``<split>_generations.jsonl`` files that the module has just written."""
+
+    def __init__(self, dirpath: str, count: int = 10) -> None:
+        self.dirpath = Path(dirpath)
+        self.count = count
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._log(trainer, "val", self.dirpath / f"val_step{trainer.global_step}_generations.jsonl")
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._log(trainer, "test", self.dirpath / "test_generations.jsonl")
+
+    def _log(self, trainer: L.Trainer, split: str, path: Path) -> None:
+        if not trainer.is_global_zero or not trainer.loggers or not path.is_file():
+            return
+        with open(path) as file:
+            rows = [json.loads(line) for line in islice(file, self.count)]
+        log_generation_samples(trainer.loggers, f"{split}/samples", rows, trainer.global_step)

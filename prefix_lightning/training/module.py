@@ -11,7 +11,7 @@ import lightning as L
 import torch
 from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
-from prefix_lightning.evaluation import corpus_bleu
+from prefix_lightning.evaluation import score
 from prefix_lightning.model import PrefixModel
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ class PrefixTuningModule(L.LightningModule):
         return self.model(**batch)
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.model(**batch, use_cache=False).loss
+        return self.model.loss(**batch)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
@@ -67,21 +67,30 @@ class PrefixTuningModule(L.LightningModule):
         if not self.model.lm.config.is_encoder_decoder:
             output = output[:, inputs["input_ids"].shape[1] :]
         texts = self.tokenizer.batch_decode(output, skip_special_tokens=True)
-        rows = zip(batch["group_ids"], batch["sources"], batch["references"], texts, strict=True)
-        for group_id, source, references, text in rows:
-            self._outputs.append(
-                {"group_id": group_id, "source": source, "references": references, "generation": text.strip()}
-            )
+        keys = ("group_id", "category", "source", "references")
+        columns = (batch["group_ids"], batch["categories"], batch["sources"], batch["references"])
+        for *values, text in zip(*columns, texts, strict=True):
+            self._outputs.append({**dict(zip(keys, values, strict=True)), "generation": text.strip()})
 
     def _score(self, split: str) -> None:
         outputs = self._gather(self._outputs)
         self._outputs = []
         if not outputs:
             return
-        bleu = corpus_bleu([o["generation"] for o in outputs], [o["references"] for o in outputs])
-        self.log(f"{split}/bleu", bleu, prog_bar=True, rank_zero_only=True)
+        # Validation tracks BLEU only (the other scorers start a JVM); the test runs the dataset's full suite,
+        # and for WebNLG also on the test inputs of categories seen / unseen in training.
+        datamodule = self.trainer.datamodule
+        suite = getattr(datamodule, "metric_suite", "bleu") if split == "test" else "bleu"
+        metrics = _score_outputs(suite, outputs)
+        seen = getattr(datamodule, "seen_categories", None) if split == "test" else None
+        for subset, is_seen in (("seen", True), ("unseen", False)) if seen else ():
+            part = [o for o in outputs if (o["category"] in seen) == is_seen]
+            if part:
+                metrics |= {f"{subset}/{key}": value for key, value in _score_outputs(suite, part).items()}
+        for key, value in metrics.items():
+            self.log(f"{split}/{key.lower()}", value, prog_bar=key == "BLEU", rank_zero_only=True)
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
-            self._write(split, outputs, {"bleu": bleu})
+            self._write(split, outputs, metrics)
 
     def _gather(self, outputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if self.trainer.world_size == 1:
@@ -99,9 +108,8 @@ class PrefixTuningModule(L.LightningModule):
             for output in outputs:
                 file.write(json.dumps(output) + "\n")
         (self.output_dir / f"{name}_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        log.info(
-            "%s: BLEU %.2f over %d inputs, generations in %s", split, metrics["bleu"], len(outputs), self.output_dir
-        )
+        scores = ", ".join(f"{key} {value:.4g}" for key, value in metrics.items())
+        log.info("%s over %d inputs: %s; generations in %s", split, len(outputs), scores, self.output_dir)
 
     # -- validation and test -------------------------------------------------------------------------------
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -156,3 +164,7 @@ class PrefixTuningModule(L.LightningModule):
                 + "; ".join(f"{k}: checkpoint {found.get(k)}, run {expected.get(k)}" for k in differing[:3])
                 + ". Was it written by a run with another prefix length, reparametrization or base model?"
             )
+
+
+def _score_outputs(suite: str, outputs: list[dict[str, Any]]) -> dict[str, float]:
+    return score(suite, [o["generation"] for o in outputs], [o["references"] for o in outputs])

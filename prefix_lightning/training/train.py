@@ -13,7 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from prefix_lightning.backbones import load_backbone
 from prefix_lightning.model import PrefixModel
-from prefix_lightning.training.checks import check_config
+from prefix_lightning.sweeps.resume import finished_record, resume_checkpoint
+from prefix_lightning.training.checks import ConfigError, check_config
 from prefix_lightning.training.module import PrefixTuningModule
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,9 @@ def build_model(cfg: DictConfig) -> tuple[PrefixModel, Any]:
 
 def generation_settings(cfg: DictConfig, tokenizer: Any) -> dict[str, Any]:
     """Decoding options for ``generate``, with the end-of-target token of this model's data format."""
-    settings = OmegaConf.to_container(cfg.generation, resolve=True)
+    settings = {k: v for k, v in OmegaConf.to_container(cfg.generation, resolve=True).items() if v is not None}
+    if settings.pop("ban_newline", False):
+        settings["bad_words_ids"] = newline_tokens(tokenizer)
     end_ids = tokenizer(cfg.model.target_end, add_special_tokens=False).input_ids
     if len(end_ids) != 1:
         raise ValueError(
@@ -61,6 +64,39 @@ def generation_settings(cfg: DictConfig, tokenizer: Any) -> dict[str, Any]:
     return settings
 
 
+def newline_tokens(tokenizer: Any) -> list[list[int]]:
+    """Every vocabulary entry whose text holds a newline, as ``bad_words_ids`` (one-token sequences)."""
+    vocabulary = range(len(tokenizer))
+    return [[i] for i in vocabulary if "\n" in tokenizer.decode([i], clean_up_tokenization_spaces=False)]
+
+
+def source_budget(cfg: DictConfig, model: PrefixModel) -> int:
+    """``data.max_source_tokens``, cut down where source, target and prefix would not fit the model's positions."""
+    wanted, target = cfg.data.max_source_tokens, cfg.data.max_target_tokens
+    config = model.lm.config
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if context is None:
+        return wanted
+    room = context - (model.config.length if model.config.shift_positions else 0)
+    budget = room if config.is_encoder_decoder else room - target
+    if budget < 1:
+        raise ConfigError(
+            f"data.max_target_tokens={target} plus a prefix of {model.config.length} leave no room for the source "
+            f"in the model's {context} positions"
+        )
+    if wanted > budget:
+        log.warning(
+            "data.max_source_tokens=%d does not fit the model's %d positions (prefix %d%s): sources are cut to %d "
+            "tokens (the data loader reports how many were cut)",
+            wanted,
+            context,
+            model.config.length,
+            "" if config.is_encoder_decoder else f", target {target}",
+            budget,
+        )
+    return min(wanted, budget)
+
+
 def build_datamodule(cfg: DictConfig, tokenizer: Any, model: PrefixModel) -> L.LightningDataModule:
     return instantiate(
         cfg.data,
@@ -68,6 +104,7 @@ def build_datamodule(cfg: DictConfig, tokenizer: Any, model: PrefixModel) -> L.L
         separator=cfg.model.separator,
         target_end=cfg.model.target_end,
         is_encoder_decoder=bool(model.lm.config.is_encoder_decoder),
+        max_source_tokens=source_budget(cfg, model),
     )
 
 
@@ -82,7 +119,13 @@ def build_module(cfg: DictConfig, model: PrefixModel, tokenizer: Any) -> PrefixT
 
 
 def train(cfg: DictConfig) -> float | None:
-    """Train a prefix, test it, export it; return ``cfg.optimized_metric`` from validation (for sweepers)."""
+    """Train a prefix, test it, export it; return ``cfg.optimized_metric`` from validation (for sweepers).
+
+    A run folder that already holds a complete result record is not run again; one with a last checkpoint resumes.
+    """
+    finished = finished_record(cfg.paths.output_dir)
+    if finished is not None:
+        return finished["last_val"]
     started = time.perf_counter()
     model, tokenizer = build_model(cfg)
     trainable = sum(p.numel() for p in model.trainable_parameters())
@@ -96,7 +139,7 @@ def train(cfg: DictConfig) -> float | None:
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg))
     metric = trainer.callback_metrics.get(cfg.optimized_metric) if cfg.get("optimized_metric") else None
     if cfg.get("test", True):
         trainer.test(module, datamodule=datamodule)
