@@ -154,7 +154,13 @@ class PrefixTuningModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Non-strict loading (the LM is not in the file) would silently skip prefix tensors: check them here."""
+        """Non-strict loading (the LM is not in the file) would silently skip prefix tensors: check them here.
+
+        DeepSpeed (its own checkpoint folders) and FSDP (which loads the tensors before this hook) leave no
+        ``state_dict`` here: they restore the module themselves.
+        """
+        if "state_dict" not in checkpoint:
+            return
         expected = {name: tuple(p.shape) for name, p in self._trainable().items()}
         found = {name: tuple(t.shape) for name, t in checkpoint["state_dict"].items()}
         if found != expected:
