@@ -169,3 +169,17 @@ def test_infinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path
     assert good["global_step"] == 4
     assert all(torch.isfinite(tensor).all() for tensor in good["state_dict"].values())
     assert not (tmp_path / "prefix").exists()
+
+
+def test_sources_longer_than_the_context_are_cut_with_a_warning(tmp_path: Path, caplog) -> None:
+    from prefix_lightning.training.train import build_model, source_budget
+
+    cfg = compose_train(tmp_path, ["model=tiny_gpt2", "data.max_source_tokens=1000", "data.max_target_tokens=100"])
+    model, _ = build_model(cfg)
+    with caplog.at_level("WARNING"):
+        budget = source_budget(cfg, model)
+    assert budget == 256 - cfg.prefix.length - 100  # tiny_gpt2 has 256 positions
+    assert "data.max_source_tokens=1000 does not fit the model's 256 positions" in caplog.text
+    cfg.data.max_target_tokens = 250
+    with pytest.raises(ConfigError, match="leave no room for the source"):
+        source_budget(cfg, model)
