@@ -10,7 +10,6 @@ checkpointing work through one path.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -46,6 +45,10 @@ class PrefixInjector:
         self.enabled = True
         self.prefixes: dict[str, torch.Tensor] | None = None
 
+    def __getstate__(self) -> dict:
+        """Copies (pickling for spawned processes) start without the materialized prefix of the last forward."""
+        return {**self.__dict__, "prefixes": None}
+
     def lookup(self, group: str, index: int) -> torch.Tensor | None:
         if not self.enabled or self.prefixes is None:
             return None
@@ -67,15 +70,17 @@ class _Binding:
     index: int
 
 
-_BINDINGS: weakref.WeakKeyDictionary[nn.Module, _Binding] = weakref.WeakKeyDictionary()
+# The binding is an attribute of the attention module, so that it travels with the model when the model is
+# copied or pickled (ddp_spawn sends it to each process).
+_BINDING = "_prefix_binding"
 _recording: list[AttentionCall] | None = None
 
 
 def bind(module: nn.Module, injector: PrefixInjector, group: str, index: int) -> None:
     """Route ``module``'s attention through ``injector``'s prefix at (group, index)."""
-    if module in _BINDINGS:
+    if hasattr(module, _BINDING):
         raise ValueError("this attention module already carries a prefix: wrap each base model only once")
-    _BINDINGS[module] = _Binding(injector, group, index)
+    setattr(module, _BINDING, _Binding(injector, group, index))
 
 
 @contextmanager
@@ -122,7 +127,7 @@ def prefix_attention(
     """SDPA attention with the module's prefix keys/values in front of its own."""
     if _recording is not None:
         _recording.append(AttentionCall(module, query.shape[2], key.detach(), value.detach()))
-    binding = _BINDINGS.get(module)
+    binding = getattr(module, _BINDING, None)
     prefix = binding.injector.lookup(binding.group, binding.index) if binding is not None else None
     if prefix is not None:
         causal = kwargs.get("is_causal")

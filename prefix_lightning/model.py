@@ -81,20 +81,36 @@ class PrefixModel(nn.Module):
         self._materialize()
         return self.lm(**inputs)
 
-    def loss(self, labels: torch.Tensor, **inputs: Any) -> torch.Tensor:
+    def loss(self, labels: torch.Tensor, length_groups: int | None = None, **inputs: Any) -> torch.Tensor:
         """Token-mean cross-entropy over the target tokens (``labels != IGNORE_INDEX``): the LM's own ``loss``.
 
-        A causal LM's head then runs only at the positions that predict a target token (``logits_to_keep``):
-        over a vocabulary of 50k, logits at source and padding positions are a large share of a step's work and
-        memory, and none of them reaches the loss. Encoder-decoder targets fill the decoder, so they take the
-        LM's own path.
+        Two savings for causal LMs, neither of which changes the loss. The LM head runs only at positions that
+        predict a target token (``logits_to_keep``): over a vocabulary of 50k, logits at source and padding
+        positions are a large share of a step's work and memory. And the rows are sorted by length and run in
+        ``length_groups`` groups, each cut to its own longest row, so that less padding is computed; the
+        prefix is materialized once for all groups. Grouping pays where compute grows with padded tokens and
+        smaller batches stay efficient: ``None`` takes 2 groups on CPU (about 15% faster on E2E batches of
+        10) and 1 on accelerators, where a small batch is bound by latency rather than by arithmetic.
+        Encoder-decoder targets fill the decoder: they take the LM's own path.
         """
         if not self._slices_logits():
             return self(**inputs, labels=labels, use_cache=False).loss
-        predicts = torch.zeros_like(labels, dtype=torch.bool)
-        predicts[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-        logits = self(**inputs, use_cache=False, logits_to_keep=predicts).logits
-        return nn.functional.cross_entropy(logits.float(), labels[:, 1:][predicts[:, :-1]])
+        if length_groups is None:
+            length_groups = 2 if labels.device.type == "cpu" else 1
+        mask = inputs.get("attention_mask")
+        width = labels.shape[1]
+        # Each row's extent: up to its last real token (its length when padded on the right).
+        extents = width - mask.flip(1).int().argmax(1) if mask is not None else labels.new_full(labels.shape[:1], width)
+        self._materialize()
+        total = labels.new_zeros((), dtype=torch.float)
+        for rows in extents.argsort().chunk(length_groups):
+            cut = int(extents[rows].max())
+            group = {k: v[rows, :cut] if _is_per_token(v, labels) else v for k, v in inputs.items()}
+            targets = labels[rows, 1:cut]
+            predicts = nn.functional.pad(targets != IGNORE_INDEX, (0, 1))  # position t predicts token t + 1
+            logits = self.lm(**group, use_cache=False, logits_to_keep=predicts).logits
+            total = total + nn.functional.cross_entropy(logits.float(), targets[predicts[:, :-1]], reduction="sum")
+        return total / (labels[:, 1:] != IGNORE_INDEX).sum()
 
     @torch.no_grad()
     def generate(self, **kwargs: Any) -> Any:
@@ -104,13 +120,15 @@ class PrefixModel(nn.Module):
         its cache repeated for the copies: transformers would run each prompt once per copy, five times for beam 5.
         """
         self._materialize()
-        copies = _copies_per_input(self.lm.generation_config, kwargs)
-        input_ids = kwargs.get("input_ids")
+        copies = rows_per_input(self.lm.generation_config, kwargs)
+        input_ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
         own_cache = {"cache", "past_key_values", "inputs_embeds"} & kwargs.keys()
-        if copies > 1 and not own_cache and input_ids is not None and input_ids.shape[1] > 1 and self._slices_logits():
+        # Without a mask, only a single row is sure to hold no padding that generate would infer a mask for.
+        known_mask = input_ids is not None and (mask is not None or input_ids.shape[0] == 1)
+        if copies > 1 and not own_cache and known_mask and input_ids.shape[1] > 1 and self._slices_logits():
             prompt = {"input_ids": input_ids[:, :-1]}
-            if kwargs.get("attention_mask") is not None:
-                prompt["attention_mask"] = kwargs["attention_mask"][:, :-1]
+            if mask is not None:
+                prompt["attention_mask"] = mask[:, :-1]
             cache = self.lm(**prompt, use_cache=True, logits_to_keep=1).cache
             cache.batch_repeat_interleave(copies)
             kwargs["cache"] = cache  # generate sees the prompt's last token as the only one left to run
@@ -136,7 +154,7 @@ class PrefixModel(nn.Module):
         """
         for module in self.lm.modules():
             if isinstance(module, GradientCheckpointingLayer) and "forward" not in vars(module):
-                module.forward = partial(_checkpointed, module.forward)
+                module.forward = partial(_checkpointed, module)
 
     # -- inspection ----------------------------------------------------------------------------------------
     def prefix_key_values(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -200,14 +218,20 @@ class PrefixModel(nn.Module):
         return load_prefix(cls, lm, Path(path))
 
 
-def _copies_per_input(defaults: GenerationConfig, kwargs: dict[str, Any]) -> int:
+def _is_per_token(value: Any, labels: torch.Tensor) -> bool:
+    return isinstance(value, torch.Tensor) and value.shape[:2] == labels.shape
+
+
+def rows_per_input(defaults: GenerationConfig, kwargs: dict[str, Any]) -> int:
     """How many rows ``generate`` makes of each input: beams, or sequences returned (transformers' rule)."""
     config = kwargs.get("generation_config") or defaults
     beams = kwargs.get("num_beams", config.num_beams) or 1
     return max(beams, kwargs.get("num_return_sequences", config.num_return_sequences) or 1)
 
 
-def _checkpointed(forward: Any, *args: Any, **kwargs: Any) -> Any:
+def _checkpointed(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The layer's own forward, recomputed in backward (a partial of this function pickles with the model)."""
+    forward = partial(type(module).forward, module)
     if not torch.is_grad_enabled():
         return forward(*args, **kwargs)
     return checkpoint(forward, *args, use_reentrant=False, **kwargs)

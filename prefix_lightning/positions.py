@@ -12,6 +12,7 @@ supported families:
 from __future__ import annotations
 
 import inspect
+from functools import partial
 from typing import Any
 
 import torch
@@ -35,36 +36,45 @@ def _positions_from_inputs(tokens: torch.Tensor, kwargs: dict[str, Any]) -> torc
     return torch.arange(past, past + query_length, device=tokens.device).unsqueeze(0)
 
 
+def _shift_position_ids(
+    length: int, injector: PrefixInjector, module: nn.Module, args: tuple, kwargs: dict[str, Any]
+) -> tuple[tuple, dict]:
+    if injector.enabled:
+        positions = kwargs.get("position_ids")
+        if positions is None:
+            tokens = args[0] if args else kwargs.get("input_ids")
+            positions = _positions_from_inputs(tokens if tokens is not None else kwargs["inputs_embeds"], kwargs)
+        kwargs["position_ids"] = positions + length
+    return args, kwargs
+
+
+def _shift_learned_embedding(
+    length: int, injector: PrefixInjector, module: nn.Module, args: tuple, kwargs: dict[str, Any]
+) -> tuple[tuple, dict]:
+    if injector.enabled:
+        if kwargs.get("position_ids") is not None:
+            kwargs["position_ids"] = kwargs["position_ids"] + length
+        else:
+            start = args[1] if len(args) > 1 else kwargs.get("cache_length", 0)
+            args, kwargs["cache_length"] = args[:1], start + length
+    return args, kwargs
+
+
 def attach_position_shift(lm: PreTrainedModel, length: int, injector: PrefixInjector) -> list[RemovableHandle]:
-    """Install the hooks that offset positions by ``length`` while ``injector`` is enabled."""
+    """Install the hooks that offset positions by ``length`` while ``injector`` is enabled.
 
-    def shift_position_ids(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
-        if injector.enabled:
-            positions = kwargs.get("position_ids")
-            if positions is None:
-                tokens = args[0] if args else kwargs.get("input_ids")
-                positions = _positions_from_inputs(tokens if tokens is not None else kwargs["inputs_embeds"], kwargs)
-            kwargs["position_ids"] = positions + length
-        return args, kwargs
-
-    def shift_learned_embedding(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
-        if injector.enabled:
-            if kwargs.get("position_ids") is not None:
-                kwargs["position_ids"] = kwargs["position_ids"] + length
-            else:
-                start = args[1] if len(args) > 1 else kwargs.get("cache_length", 0)
-                args, kwargs["cache_length"] = args[:1], start + length
-        return args, kwargs
-
+    The hooks are partials of module-level functions, not closures, so that the model can be pickled.
+    """
     embedding_modules = [
         module
         for name, module in lm.named_modules()
         if name.endswith("embed_positions") and "cache_length" in inspect.signature(module.forward).parameters
     ]
     if embedding_modules:
-        return [m.register_forward_pre_hook(shift_learned_embedding, with_kwargs=True) for m in embedding_modules]
+        hook = partial(_shift_learned_embedding, length, injector)
+        return [m.register_forward_pre_hook(hook, with_kwargs=True) for m in embedding_modules]
     if not lm.config.is_encoder_decoder and "position_ids" in inspect.signature(lm.forward).parameters:
-        return [lm.register_forward_pre_hook(shift_position_ids, with_kwargs=True)]
+        return [lm.register_forward_pre_hook(partial(_shift_position_ids, length, injector), with_kwargs=True)]
     raise UnsupportedModelError(
         f"don't know how to shift the positions of {type(lm).__name__}; set prefix.shift_positions=false "
         "to keep real tokens at their usual positions"
