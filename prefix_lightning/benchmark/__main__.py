@@ -1,0 +1,85 @@
+"""``python -m prefix_lightning.benchmark [options] [Hydra overrides]``: see ``--help``."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from prefix_lightning.benchmark import PHASES, format_report, run_benchmark, write_json
+from prefix_lightning.benchmark.phases import PRECISIONS, Setting
+from prefix_lightning.cli import report_errors
+
+EPILOG = """
+Hydra overrides choose the model, prefix, batch sizes and decoding as for run.py, e.g. model=tiny_llama
+prefix.length=5 data.batch_size=10 generation.num_beams=5 paths.data_dir=../shared/data. Training batches come
+from <data_dir>/e2e/devset.csv (drawn with data.subset_seed), decoding inputs are the first --inputs meaning
+representations of <data_dir>/e2e/testset_w_refs.csv. The JSON holds every number printed, the outputs of both
+decoders, and the setting.
+"""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m prefix_lightning.benchmark",
+        description="Our prefix training vs PEFT's prefix tuning vs full fine-tuning, and our beam search vs "
+        "PEFT's, on the same model, data and batches; each phase in a fresh process.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--steps", type=int, default=20, help="timed training steps per method (default 20)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed training steps before them (default 2)")
+    parser.add_argument("--inputs", type=int, default=100, help="test inputs decoded with beam search (default 100)")
+    parser.add_argument(
+        "--check-inputs", type=int, default=10, help="test inputs decoded greedily by both decoders (default 10)"
+    )
+    parser.add_argument(
+        "--phases",
+        default=",".join(PHASES),
+        help=f"comma-separated subset of {','.join(PHASES)} (default: all, in this order)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="32",
+        help="32 (default), or bf16-mixed: autocast for every method; our frozen LM is then stored in bf16",
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per phase (default: torch's)")
+    parser.add_argument(
+        "--prefix", default=None, help="exported prefix folder to decode with (default: the one train_ours ends with)"
+    )
+    parser.add_argument("--output", type=Path, default=None, help="JSON file (default outputs/benchmark/<time>.json)")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of the train config")
+    args = parser.parse_args(argv)
+    for option in ("steps", "inputs", "check_inputs"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option.replace('_', '-')} must be at least 1")
+    if args.warmup < 0:
+        parser.error("--warmup must be 0 or more")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    setting = Setting(
+        overrides=tuple(args.overrides),
+        steps=args.steps,
+        warmup=args.warmup,
+        inputs=args.inputs,
+        check_inputs=args.check_inputs,
+        precision=args.precision,
+        device=args.device,
+        threads=args.threads,
+        prefix_dir=args.prefix,
+    )
+    output = args.output or Path("outputs") / "benchmark" / f"{time.strftime('%Y-%m-%d_%H-%M-%S')}.json"
+    benchmark = run_benchmark(setting, tuple(name for name in args.phases.split(",") if name))
+    write_json(benchmark, output)
+    print("\n" + format_report(benchmark) + f"\n\nwritten to {output}")
+
+
+if __name__ == "__main__":
+    report_errors(main)

@@ -1,0 +1,101 @@
+"""The speed work changes no result, PEFT's decoding path really uses its prefix, and the benchmark runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PrefixTuningConfig, get_peft_model
+
+from prefix_lightning import PrefixConfig, PrefixModel
+from prefix_lightning.benchmark.peft_decoding import peft_generate, set_peft_prefix
+from prefix_lightning.benchmark.phases import decoding_batches, training_batches
+from prefix_lightning.training.train import load_configured_backbone
+from tests.helpers import REPO, compose_train
+
+
+def _setup(tmp_path: Path, name: str, reparam: str = "mlp") -> tuple[PrefixModel, object, object]:
+    cfg = compose_train(tmp_path, [f"model={name}"])
+    lm, tokenizer = load_configured_backbone(cfg)
+    model = PrefixModel(lm, PrefixConfig(length=3, hidden_dim=16, reparam=reparam))
+    return model, tokenizer, cfg
+
+
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_gpt2", "tiny_bart"])
+def test_target_logits_loss_is_the_lms_own_loss(name: str, tmp_path: Path, data_dir: Path) -> None:
+    """Logits at target positions only, rows in length groups: the same token-mean loss and prefix gradient.
+    (BART takes the LM's own path.)"""
+    model, tokenizer, cfg = _setup(tmp_path, name)
+    model.train()
+    (batch,) = training_batches(cfg, tokenizer, 1)  # real E2E pairs of different lengths, right-padded
+    reference = model(**batch, use_cache=False).loss
+    expected = torch.autograd.grad(reference, model.trainable_parameters())
+    for groups in (None, 1, 2, 3):
+        loss = model.loss(**batch, length_groups=groups)
+        torch.testing.assert_close(loss, reference, atol=1e-6, rtol=1e-6)
+        for got, want in zip(torch.autograd.grad(loss, model.trainable_parameters()), expected, strict=True):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+
+
+def test_target_logits_loss_with_left_padding(tmp_path: Path, data_dir: Path) -> None:
+    model, tokenizer, cfg = _setup(tmp_path, "tiny_llama")
+    (batch,) = training_batches(cfg, tokenizer, 1)
+    shifts = (batch["attention_mask"] == 0).sum(1).tolist()
+    left = {
+        key: torch.stack([row.roll(s) for row, s in zip(value, shifts, strict=True)]) for key, value in batch.items()
+    }
+    assert (left["attention_mask"][:, 0] == 0).any()
+    reference = model(**left, use_cache=False).loss
+    torch.testing.assert_close(model.loss(**left, length_groups=2), reference, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("options", [{"num_beams": 3}, {"num_beams": 3, "num_return_sequences": 2}])
+def test_prompt_run_once_for_all_beams_decodes_as_transformers(options: dict, tmp_path: Path, data_dir: Path) -> None:
+    """``generate`` runs each prompt once and repeats its cache for the beams: same beams as per-beam prompts."""
+    model, tokenizer, cfg = _setup(tmp_path, "tiny_llama")
+    model.eval()
+    (batch,) = decoding_batches(cfg, tokenizer, 4)  # left-padded prompts
+    settings = {"max_new_tokens": 6, "pad_token_id": tokenizer.pad_token_id, "eos_token_id": None, **options}
+    shared = model.generate(**batch, **settings)
+    per_beam = model.lm.generate(**batch, **settings)  # the prefix generate materialized is still in place
+    assert torch.equal(shared, per_beam)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # PEFT calls transformers' deprecated names
+def test_peft_decoding_uses_its_prefix_and_matches_ours(tmp_path: Path, data_dir: Path) -> None:
+    """PEFT's own generate drops the prefix under transformers 5; peft_generate must not."""
+    ours, tokenizer, cfg = _setup(tmp_path, "tiny_llama", reparam="none")
+    ours.eval()
+    lm, _ = load_configured_backbone(cfg)  # the same random weights
+    config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, inference_mode=True)
+    peft = get_peft_model(lm, config).eval()
+    with torch.no_grad():
+        set_peft_prefix(peft, ours.encoders["self"]())
+    (batch,) = decoding_batches(cfg, tokenizer, 4)
+    for beams in (1, 3):
+        settings = {"max_new_tokens": 6, "num_beams": beams, "pad_token_id": tokenizer.pad_token_id}
+        theirs = peft_generate(peft, **batch, **settings)
+        assert torch.equal(theirs, ours.generate(**batch, **settings))
+        assert not torch.equal(theirs, peft.base_model.generate(**batch, **settings))
+
+
+def test_benchmark_command_runs_on_a_tiny_model(tmp_path: Path, data_dir: Path) -> None:
+    output = tmp_path / "benchmark.json"
+    command = [sys.executable, "-m", "prefix_lightning.benchmark", "--steps", "2", "--warmup", "1", "--inputs", "3"]
+    command += ["--check-inputs", "3", "--threads", "1", "--output", str(output)]
+    command += ["model=tiny_llama", "generation.max_new_tokens=6", "generation.num_beams=2"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "beam-search tokens/s vs PEFT" in result.stdout
+    benchmark = json.loads(output.read_text())
+    assert set(benchmark["results"]) == {"train_ours", "train_peft", "train_full", "generate_ours", "generate_peft"}
+    for phase in benchmark["results"].values():
+        assert phase["tokens_per_s"] > 0 and phase["peak_memory_mb"] > 0
+    ours, full = benchmark["results"]["train_ours"], benchmark["results"]["train_full"]
+    assert ours["steps"] == 2 and ours["trainable_parameters"] < full["trainable_parameters"]
+    assert len(benchmark["ratios"]) == 5
+    assert all(benchmark["checks"].values()), benchmark["checks"]

@@ -1,0 +1,170 @@
+"""Scaling out by config: real CPU data parallelism (spawned and re-launched), and the sharded/cluster configs
+that need GPUs or a cluster, checked as far as this machine allows."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import pickle
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import get_class, instantiate
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.strategies import FSDPStrategy
+from safetensors.torch import load_file
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from prefix_lightning.training.train import build_model
+from tests.helpers import compose_train
+from tests.test_train import run_cli
+
+
+class BatchRecorder(L.Callback):
+    """Writes the training examples each rank saw, batch by batch, to ``<folder>/rank<N>.json``."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = Path(folder)
+        self.batches: list[list[list[int]]] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: dict, batch_idx: int) -> None:
+        rows = zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist(), strict=True)
+        self.batches.append([[t for t, keep in zip(ids, mask, strict=True) if keep] for ids, mask in rows])
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.batches))
+
+
+# One optimizer step per epoch: the global batch is the whole 8-pair subset, whichever way it is split across ranks.
+RUN = [
+    "model=tiny_llama",
+    "debug=fast",
+    "data.train_size=8",
+    "trainer.max_steps=3",
+    "trainer.val_check_interval=3",
+    "test=false",
+    "+callbacks.batch_recorder._target_=tests.test_distributed.BatchRecorder",
+]
+
+
+def _train(run_dir: Path, *overrides: str) -> Path:
+    run_cli(run_dir, *RUN, f"+callbacks.batch_recorder.folder={run_dir / 'batches'}", *overrides)
+    return run_dir
+
+
+def _seen(run_dir: Path, rank: int) -> list[list[tuple[int, ...]]]:
+    batches = json.loads((run_dir / "batches" / f"rank{rank}.json").read_text())
+    return [[tuple(row) for row in batch] for batch in batches]
+
+
+def _last_val_loss(run_dir: Path) -> float:
+    with open(run_dir / "csv" / "metrics.csv") as file:
+        return [float(row["val/loss"]) for row in csv.DictReader(file) if row.get("val/loss")][-1]
+
+
+def test_two_process_ddp_splits_the_subset_and_matches_one_process(tmp_path: Path, data_dir: Path) -> None:
+    """2 spawned gloo processes x batch 4 train like 1 process x batch 8: disjoint halves of the same subset,
+    a prefix-only checkpoint, nearly the same prefix and the same synced validation loss."""
+    ddp = _train(tmp_path / "ddp", "trainer=ddp_cpu", "data.batch_size=4")
+    single = _train(tmp_path / "single", "data.batch_size=8")
+
+    rank0, rank1 = _seen(ddp, 0), _seen(ddp, 1)
+    (subset,) = {frozenset(batch) for batch in _seen(single, 0)}  # the same 8 pairs at every step
+    assert len(rank0) == len(rank1) == 3
+    for half0, half1 in zip(rank0, rank1, strict=True):
+        assert len(half0) == len(half1) == 4
+        assert not set(half0) & set(half1), "the ranks must train on different examples"
+        assert set(half0) | set(half1) == subset, "together the ranks cover the single run's subset"
+
+    checkpoint = torch.load(ddp / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 3
+    assert checkpoint["state_dict"] and all(key.startswith("model.encoders.") for key in checkpoint["state_dict"])
+
+    # Each rank averages over its own target tokens, one process over all of them, and Adam's first steps are
+    # nearly sign(gradient): the two runs move the prefix the same way, not by bit-identical amounts.
+    model, _ = build_model(compose_train(tmp_path, RUN))
+    with torch.no_grad():
+        start = {group: encoder() for group, encoder in model.encoders.items()}
+    ddp_prefix, single_prefix = (load_file(run / "prefix" / "prefix.safetensors") for run in (ddp, single))
+    for group, initial in start.items():
+        ddp_move, single_move = (ddp_prefix[group] - initial).flatten(), (single_prefix[group] - initial).flatten()
+        assert torch.cosine_similarity(ddp_move, single_move, dim=0) > 0.95
+        assert (ddp_move - single_move).norm() < 0.3 * single_move.norm()
+    assert _last_val_loss(ddp) == pytest.approx(_last_val_loss(single), rel=1e-3)  # synced across the ranks
+
+
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_bart"])
+def test_a_pickled_model_keeps_its_prefix(name: str, tmp_path: Path) -> None:
+    """ddp_spawn pickles the module into each process: the copy must still inject (and train) the same prefix."""
+    model, _ = build_model(compose_train(tmp_path, [f"model={name}", "model.gradient_checkpointing=true"]))
+    copy = pickle.loads(pickle.dumps(model.train()))
+    ids = torch.arange(1, 7).repeat(2, 1)
+    inputs = {"input_ids": ids, "labels": ids, "use_cache": False}
+    torch.testing.assert_close(copy(**inputs).loss, model(**inputs).loss, atol=0, rtol=0)
+    copy(**inputs).loss.backward()
+    assert all(p.grad is not None for p in copy.trainable_parameters())
+    with copy.prefix_disabled():
+        assert copy(**inputs).loss != model(**inputs).loss
+
+
+def test_relaunching_ddp_runs_from_the_command_line(tmp_path: Path, data_dir: Path) -> None:
+    """Plain ``strategy=ddp`` starts the command line again for rank 1; both ranks must train and finish."""
+    run = _train(tmp_path, "trainer=ddp_cpu", "trainer.strategy=ddp", "data.batch_size=4")
+    assert len(_seen(run, 0)) == len(_seen(run, 1)) == 3
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 3 and all(key.startswith("model.encoders.") for key in checkpoint["state_dict"])
+    assert (run / "prefix" / "prefix.safetensors").is_file()
+
+
+def test_fsdp_config_shards_every_decoder_layer_of_any_model(tmp_path: Path) -> None:
+    """FSDP needs GPUs to run; here: the strategy instantiates, wraps each decoder layer, keeps original params."""
+    strategy = instantiate(compose_train(tmp_path, ["trainer=fsdp"]).trainer.strategy)
+    assert isinstance(strategy, FSDPStrategy)
+    assert strategy.kwargs["use_orig_params"] and strategy._state_dict_type == "full"
+    policy = strategy.kwargs["auto_wrap_policy"]
+    for name in ("tiny_llama", "tiny_gpt2", "tiny_bart"):
+        model, _ = build_model(compose_train(tmp_path, [f"model={name}"]))
+        wrapped = [m for m in model.lm.modules() if isinstance(m, tuple(policy._module_classes))]
+        assert wrapped and all(isinstance(m, GradientCheckpointingLayer) for m in wrapped)
+        assert not any(isinstance(m, tuple(policy._module_classes)) for m in model.encoders.modules())
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_configs_keep_frozen_weights_out_of_checkpoints(stage: int, tmp_path: Path) -> None:
+    """DeepSpeed needs CUDA and its package: instantiate where it is installed, else the target still resolves
+    and instantiating says how to install it."""
+    cfg = compose_train(tmp_path, [f"trainer=deepspeed_zero{stage}"])
+    assert cfg.trainer.strategy.stage == stage and cfg.trainer.strategy.exclude_frozen_parameters
+    assert get_class(cfg.trainer.strategy._target_).__name__ == "DeepSpeedStrategy"
+    if importlib.util.find_spec("deepspeed") is None:
+        with pytest.raises(InstantiationException, match="pip install"):
+            instantiate(cfg.trainer.strategy)
+    else:
+        strategy = instantiate(cfg.trainer.strategy)
+        assert strategy.zero_stage_3 == (stage == 3) and strategy.exclude_frozen_parameters
+
+
+def test_slurm_config_takes_ranks_from_slurm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under srun (faked here: task 5 of 2 nodes x 4), Lightning's SLURM environment sets the ranks."""
+    slurm = {
+        "SLURM_NTASKS": "8",
+        "SLURM_NTASKS_PER_NODE": "4",
+        "SLURM_NNODES": "2",
+        "SLURM_NODEID": "1",
+        "SLURM_PROCID": "5",
+        "SLURM_LOCALID": "1",
+        "SLURM_JOB_ID": "42",
+        "SLURM_JOB_NAME": "prefix",
+        "SLURM_NODELIST": "node[1-2]",
+    }
+    for key, value in slurm.items():
+        monkeypatch.setenv(key, value)
+    trainer = instantiate(compose_train(tmp_path, ["trainer=slurm", "trainer.accelerator=cpu"]).trainer)
+    assert isinstance(trainer.strategy.cluster_environment, SLURMEnvironment)
+    assert (trainer.num_nodes, trainer.world_size, trainer.global_rank, trainer.node_rank) == (2, 8, 5, 1)
