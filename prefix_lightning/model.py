@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -20,12 +19,11 @@ from prefix_lightning.attention import ATTN_IMPLEMENTATION, PrefixInjector, bind
 from prefix_lightning.config import PrefixConfig
 from prefix_lightning.encoder import PrefixEncoder
 from prefix_lightning.export import load_prefix, save_prefix
+from prefix_lightning.loss import slices_logits, target_loss
 from prefix_lightning.positions import attach_position_shift
 from prefix_lightning.sites import SUPPORTED, AttentionSite, UnsupportedModelError, discover_sites
 
 log = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100  # label of positions outside the target (transformers' convention)
 
 
 class PrefixModel(nn.Module):
@@ -82,35 +80,10 @@ class PrefixModel(nn.Module):
         return self.lm(**inputs)
 
     def loss(self, labels: torch.Tensor, length_groups: int | None = None, **inputs: Any) -> torch.Tensor:
-        """Token-mean cross-entropy over the target tokens (``labels != IGNORE_INDEX``): the LM's own ``loss``.
-
-        Two savings for causal LMs, neither of which changes the loss. The LM head runs only at positions that
-        predict a target token (``logits_to_keep``): over a vocabulary of 50k, logits at source and padding
-        positions are a large share of a step's work and memory. And the rows are sorted by length and run in
-        ``length_groups`` groups, each cut to its own longest row, so that less padding is computed; the
-        prefix is materialized once for all groups. Grouping pays where compute grows with padded tokens and
-        smaller batches stay efficient: ``None`` takes 2 groups on CPU (about 15% faster on E2E batches of
-        10) and 1 on accelerators, where a small batch is bound by latency rather than by arithmetic.
-        Encoder-decoder targets fill the decoder: they take the LM's own path.
-        """
-        if not self._slices_logits():
-            return self(**inputs, labels=labels, use_cache=False).loss
-        if length_groups is None:
-            length_groups = 2 if labels.device.type == "cpu" else 1
-        mask = inputs.get("attention_mask")
-        width = labels.shape[1]
-        # Each row's extent: up to its last real token (its length when padded on the right).
-        extents = width - mask.flip(1).int().argmax(1) if mask is not None else labels.new_full(labels.shape[:1], width)
+        """Token-mean cross-entropy over the target tokens (see :func:`target_loss`); the prefix is
+        materialized once for the whole batch."""
         self._materialize()
-        total = labels.new_zeros((), dtype=torch.float)
-        for rows in extents.argsort().chunk(length_groups):
-            cut = int(extents[rows].max())
-            group = {k: v[rows, :cut] if _is_per_token(v, labels) else v for k, v in inputs.items()}
-            targets = labels[rows, 1:cut]
-            predicts = nn.functional.pad(targets != IGNORE_INDEX, (0, 1))  # position t predicts token t + 1
-            logits = self.lm(**group, use_cache=False, logits_to_keep=predicts).logits
-            total = total + nn.functional.cross_entropy(logits.float(), targets[predicts[:, :-1]], reduction="sum")
-        return total / (labels[:, 1:] != IGNORE_INDEX).sum()
+        return target_loss(self.lm, labels, length_groups, **inputs)
 
     @torch.no_grad()
     def generate(self, **kwargs: Any) -> Any:
@@ -125,7 +98,7 @@ class PrefixModel(nn.Module):
         own_cache = {"cache", "past_key_values", "inputs_embeds"} & kwargs.keys()
         # Without a mask, only a single row is sure to hold no padding that generate would infer a mask for.
         known_mask = input_ids is not None and (mask is not None or input_ids.shape[0] == 1)
-        if copies > 1 and not own_cache and known_mask and input_ids.shape[1] > 1 and self._slices_logits():
+        if copies > 1 and not own_cache and known_mask and input_ids.shape[1] > 1 and slices_logits(self.lm):
             prompt = {"input_ids": input_ids[:, :-1]}
             if mask is not None:
                 prompt["attention_mask"] = mask[:, :-1]
@@ -133,11 +106,6 @@ class PrefixModel(nn.Module):
             cache.batch_repeat_interleave(copies)
             kwargs["cache"] = cache  # generate sees the prompt's last token as the only one left to run
         return self.lm.generate(**kwargs)
-
-    def _slices_logits(self) -> bool:
-        """Whether this is a causal LM that computes logits at chosen positions only (``logits_to_keep``)."""
-        lm = self.lm
-        return not lm.config.is_encoder_decoder and "logits_to_keep" in inspect.signature(lm.forward).parameters
 
     @contextmanager
     def prefix_disabled(self) -> Iterator[None]:
@@ -216,10 +184,6 @@ class PrefixModel(nn.Module):
     def from_prefix(cls, lm: PreTrainedModel, path: str | Path) -> PrefixModel:
         """Load an exported prefix onto ``lm``; refuses a base model of another shape."""
         return load_prefix(cls, lm, Path(path))
-
-
-def _is_per_token(value: Any, labels: torch.Tensor) -> bool:
-    return isinstance(value, torch.Tensor) and value.shape[:2] == labels.shape
 
 
 def rows_per_input(defaults: GenerationConfig, kwargs: dict[str, Any]) -> int:

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from prefix_lightning.data.examples import Example, Group
+from prefix_lightning.loss import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 logger = logging.getLogger("prefix_lightning.data")
 
 
