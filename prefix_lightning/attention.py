@@ -2,7 +2,8 @@
 
 Every attention module of a model set to ``ATTN_IMPLEMENTATION`` calls :func:`prefix_attention` with its
 queries, keys and values. Modules bound to a :class:`PrefixInjector` get that injector's prefix keys/values
-concatenated in front of their own, and the mask widened so that every query sees all L prefix positions.
+concatenated in front of their own, and the mask widened so that every query sees all L prefix positions (for an
+infix, only the queries of the target: see :func:`infix_rows`).
 The LM's cache is never touched: it holds real tokens only, and the prefix is prepended on every call, which is
 what makes encoder self-attention, cross-attention, grouped-query attention, beam search and gradient
 checkpointing work through one path.
@@ -25,7 +26,7 @@ ATTN_IMPLEMENTATION = "prefix_sdpa"
 
 @dataclass
 class AttentionCall:
-    """One attention call as seen before any prefix is added (for site discovery and real-word init)."""
+    """One attention call as seen before any prefix is added (site discovery, real-word init, embedding-only)."""
 
     module: nn.Module
     query_length: int
@@ -41,8 +42,10 @@ class PrefixInjector:
     checkpointing recomputes layers with the very same prefix tensors.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, infix: bool = False) -> None:
         self.enabled = True
+        self.infix = infix
+        self.prompt_width: int | None = None  # set by generate for an infix
         self.prefixes: dict[str, torch.Tensor] | None = None
 
     def __getstate__(self) -> dict:
@@ -85,7 +88,7 @@ def bind(module: nn.Module, injector: PrefixInjector, group: str, index: int) ->
 
 @contextmanager
 def record_attention_calls() -> Iterator[list[AttentionCall]]:
-    """Collect every attention call made inside the block (keys/values detached, before prefixing)."""
+    """Collect every attention call made inside the block (keys/values before prefixing, still in the graph)."""
     global _recording
     calls: list[AttentionCall] = []
     previous, _recording = _recording, calls
@@ -95,24 +98,60 @@ def record_attention_calls() -> Iterator[list[AttentionCall]]:
         _recording = previous
 
 
+INFIX_QUERIES = "infix_queries"  # forward keyword: (batch, tokens) bool, the tokens that read the infix
+
+
+def infix_rows(
+    injector: PrefixInjector, queries: torch.Tensor | None, start: int, length: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For the tokens at sequence indices start..start+length-1: which read the infix, and which stand after it.
+
+    [x; INFIX; y]: the target y reads the infix and takes positions shifted by L; so does the last source token,
+    which predicts y's first token and stands in for the infix's last position, but unshifted. Training passes
+    ``infix_queries`` (from the labels); generate sets the padded prompt width on the injector; any other call
+    is all prompt.
+    """
+    if queries is not None:
+        reads = queries.bool()
+        return reads, reads & (reads.cumsum(1) > 1)
+    width = injector.prompt_width if injector.prompt_width is not None else start + length
+    index = torch.arange(start, start + length, device=device)[None]
+    return index >= width - 1, index >= width
+
+
 def _widen_mask(
-    mask: torch.Tensor | None, causal: bool, query: torch.Tensor, key_length: int, prefix_length: int
+    mask: torch.Tensor | None,
+    causal: bool,
+    query: torch.Tensor,
+    key_length: int,
+    prefix_length: int,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """Prepend ``prefix_length`` always-visible key columns to the attention mask.
+    """Prepend ``prefix_length`` key columns to the attention mask: visible to every query, or to ``rows`` only.
 
     With no mask the model relied on SDPA's ``is_causal``, which aligns top-left and would be wrong once keys
     outnumber queries: the causal pattern is built explicitly (bottom-right aligned) before widening.
     """
     query_length = query.shape[2]
     if mask is None:
-        if not causal or query_length == 1:
+        if (not causal or query_length == 1) and (rows is None or bool(rows.all())):
             return None
         mask = torch.ones(query_length, key_length, dtype=torch.bool, device=query.device)
-        mask = mask.tril(diagonal=key_length - query_length)[None, None]
+        if causal:
+            mask = mask.tril(diagonal=key_length - query_length)
+        mask = mask[None, None]
     if mask.shape[-1] != key_length:
         raise RuntimeError(f"attention mask covers {mask.shape[-1]} keys but the layer has {key_length}")
-    visible = torch.ones if mask.dtype == torch.bool else torch.zeros
-    columns = visible(*mask.shape[:-1], prefix_length, dtype=mask.dtype, device=mask.device)
+    if rows is None:
+        visible = torch.ones if mask.dtype == torch.bool else torch.zeros
+        columns = visible(*mask.shape[:-1], prefix_length, dtype=mask.dtype, device=mask.device)
+    else:
+        seen = rows[:, None, :, None].expand(-1, mask.shape[1], -1, prefix_length)
+        if mask.dtype != torch.bool:
+            hidden = torch.tensor(torch.finfo(mask.dtype).min, dtype=mask.dtype, device=mask.device)
+            seen = torch.where(seen, torch.zeros_like(hidden), hidden)
+        batch = max(mask.shape[0], seen.shape[0])
+        mask, columns = mask.expand(batch, -1, -1, -1), seen.expand(batch, -1, -1, -1)
     return torch.cat([columns, mask], dim=-1)
 
 
@@ -126,7 +165,8 @@ def prefix_attention(
 ) -> tuple[torch.Tensor, None]:
     """SDPA attention with the module's prefix keys/values in front of its own."""
     if _recording is not None:
-        _recording.append(AttentionCall(module, query.shape[2], key.detach(), value.detach()))
+        _recording.append(AttentionCall(module, query.shape[2], key, value))
+    queries = kwargs.pop(INFIX_QUERIES, None)
     binding = getattr(module, _BINDING, None)
     prefix = binding.injector.lookup(binding.group, binding.index) if binding is not None else None
     if prefix is not None:
@@ -135,7 +175,11 @@ def prefix_attention(
             causal = getattr(module, "is_causal", True)
         batch, length = key.shape[0], prefix.shape[2]
         prefix = prefix.to(dtype=key.dtype)
-        attention_mask = _widen_mask(attention_mask, causal, query, key.shape[2], length)
+        rows = None
+        if binding.injector.infix:
+            start = key.shape[2] - query.shape[2]  # the cached tokens before this call's
+            rows, _ = infix_rows(binding.injector, queries, start, query.shape[2], query.device)
+        attention_mask = _widen_mask(attention_mask, causal, query, key.shape[2], length, rows)
         key = torch.cat([prefix[0].expand(batch, -1, -1, -1), key], dim=2)
         value = torch.cat([prefix[1].expand(batch, -1, -1, -1), value], dim=2)
         kwargs["is_causal"] = False

@@ -6,13 +6,19 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 Reparam = Literal["mlp", "none"]
+Kind = Literal["prefix", "infix", "embedding"]
+KINDS = ("prefix", "infix", "embedding")
 
 
 @dataclass
 class PrefixConfig:
     """Prefix-tuning settings (Li & Liang 2021).
 
-    length: number of virtual tokens L in front of every attention layer's keys/values.
+    length: number of virtual tokens L.
+    kind: where they stand and what trains. "prefix": keys/values in front of every attention layer's own
+        ([PREFIX; x; y]). "infix": keys/values in every layer that only the target reads ([x; INFIX; y]).
+        "embedding": input embeddings only, whose activations in every layer the frozen LM computes (the paper's
+        embedding-only ablation). Infix and embedding are for decoder-only LMs.
     reparam: "mlp" trains P = MLP(P') (the paper's default, dropped at export); "none" trains P directly.
     hidden_dim: width k of the reparametrization MLP (512 for table-to-text, 800 for summarization).
     dropout: dropout on the materialized prefix during training.
@@ -20,6 +26,7 @@ class PrefixConfig:
     """
 
     length: int = 10
+    kind: Kind = "prefix"
     reparam: Reparam = "mlp"
     hidden_dim: int = 512
     dropout: float = 0.0
@@ -28,6 +35,8 @@ class PrefixConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.length, int) or self.length <= 0:
             raise ValueError(f"prefix.length must be a positive integer, got {self.length!r}")
+        if self.kind not in KINDS:
+            raise ValueError(f"prefix kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         if self.reparam not in ("mlp", "none"):
             raise ValueError(f"prefix.reparam must be 'mlp' or 'none', got {self.reparam!r}")
         if self.reparam == "mlp" and (not isinstance(self.hidden_dim, int) or self.hidden_dim <= 0):

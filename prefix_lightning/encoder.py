@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -9,16 +11,18 @@ from prefix_lightning.config import PrefixConfig
 
 
 class PrefixEncoder(nn.Module):
-    """Produces the prefix of one group of attention sites, shape (n_sites, 2, kv_heads, L, head_dim).
+    """Produces one trainable block with the virtual-token axis L second to last: a group of attention sites'
+    keys/values, ``token_shape`` (n_sites, 2, kv_heads, head_dim) -> (n_sites, 2, kv_heads, L, head_dim), or
+    input embeddings, (d_model,) -> (L, d_model).
 
-    The flat layout (L, n_sites * 2 * kv_heads * head_dim) is the paper's: one row per virtual token, so the
-    MLP maps each row of P' (L x d) to all layers' keys and values for that token.
+    The flat layout (L, prod(token_shape)) is the paper's: one row per virtual token, so the MLP maps each row of
+    P' (L x d) to everything that token holds (all layers' keys and values).
     """
 
-    def __init__(self, config: PrefixConfig, n_sites: int, kv_heads: int, head_dim: int, embed_dim: int) -> None:
+    def __init__(self, config: PrefixConfig, token_shape: tuple[int, ...], embed_dim: int) -> None:
         super().__init__()
-        self.shape = (config.length, n_sites, 2, kv_heads, head_dim)
-        width = n_sites * 2 * kv_heads * head_dim
+        self.shape = (config.length, *token_shape)
+        width = math.prod(token_shape)
         self.mlp: nn.Sequential | None = None
         if config.reparam == "mlp":
             # P' starts like an embedding table and the MLP like any Linear stack, as in the paper's code.
@@ -33,11 +37,11 @@ class PrefixEncoder(nn.Module):
         return self.mlp(self.embedding) if self.mlp is not None else self.prefix
 
     def forward(self) -> torch.Tensor:
-        return self.flat().view(self.shape).permute(1, 2, 3, 0, 4)
+        return self.flat().view(self.shape).movedim(0, -2)
 
     def to_flat(self, prefix: torch.Tensor) -> torch.Tensor:
-        """Inverse of the layout in :meth:`forward`: (n_sites, 2, kv_heads, L, head_dim) -> (L, width)."""
-        return prefix.permute(3, 0, 1, 2, 4).reshape(self.shape[0], -1)
+        """Inverse of the layout in :meth:`forward`: (..., L, last) -> (L, width)."""
+        return prefix.movedim(-2, 0).reshape(self.shape[0], -1)
 
     @torch.no_grad()
     def assign(self, prefix: torch.Tensor) -> None:

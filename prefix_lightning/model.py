@@ -15,15 +15,23 @@ from torch.utils.checkpoint import checkpoint
 from transformers import GenerationConfig, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from prefix_lightning.attention import ATTN_IMPLEMENTATION, PrefixInjector, bind, record_attention_calls
+from prefix_lightning.attention import (
+    ATTN_IMPLEMENTATION,
+    INFIX_QUERIES,
+    PrefixInjector,
+    bind,
+    record_attention_calls,
+)
 from prefix_lightning.config import PrefixConfig
 from prefix_lightning.encoder import PrefixEncoder
 from prefix_lightning.export import load_prefix, save_prefix
-from prefix_lightning.loss import slices_logits, target_loss
+from prefix_lightning.loss import IGNORE_INDEX, slices_logits, target_loss
 from prefix_lightning.positions import attach_position_shift
 from prefix_lightning.sites import SUPPORTED, AttentionSite, UnsupportedModelError, discover_sites
 
 log = logging.getLogger(__name__)
+
+INPUT = "input"  # the encoder of embedding-only: input embeddings, not a site group
 
 
 class PrefixModel(nn.Module):
@@ -45,7 +53,10 @@ class PrefixModel(nn.Module):
             raise UnsupportedModelError(
                 f"{type(lm).__name__} has no attention layers that a prefix can reach. Supported: {SUPPORTED}."
             ) from error
-        self.injector = PrefixInjector()
+        kind = self.config.kind
+        if kind != "prefix" and lm.config.is_encoder_decoder:
+            raise UnsupportedModelError(f"prefix kind {kind!r} is for decoder-only LMs; {type(lm).__name__} is not one")
+        self.injector = PrefixInjector(infix=kind == "infix")
         bound = discover_sites(lm)
         self.sites: list[AttentionSite] = [site for _, site in bound]
         groups: dict[str, list[AttentionSite]] = {}
@@ -53,11 +64,12 @@ class PrefixModel(nn.Module):
             bind(module, self.injector, site.group, len(groups.setdefault(site.group, [])))
             groups[site.group].append(site)
         embed_dim = lm.get_input_embeddings().embedding_dim
+        if kind == "embedding":
+            shapes = {INPUT: (embed_dim,)}
+        else:
+            shapes = {group: (len(sites), 2, sites[0].kv_heads, sites[0].head_dim) for group, sites in groups.items()}
         self.encoders = nn.ModuleDict(
-            {
-                group: PrefixEncoder(self.config, len(members), members[0].kv_heads, members[0].head_dim, embed_dim)
-                for group, members in groups.items()
-            }
+            {group: PrefixEncoder(self.config, shape, embed_dim) for group, shape in shapes.items()}
         )
         if self.config.shift_positions:
             attach_position_shift(lm, self.config.length, self.injector)
@@ -68,22 +80,52 @@ class PrefixModel(nn.Module):
         self.lm.eval()
         return self
 
+    def materialized(self, dropout: float = 0.0) -> dict[str, torch.Tensor]:
+        """Each site group's prefix keys/values, (n_sites, 2, kv_heads, L, head_dim), in the graph.
+
+        Embedding-only computes them as the frozen LM's own activations of the trainable input embeddings, at
+        positions 0..L-1: exactly what the LM would hold for those embeddings in front of the input.
+        """
+        blocks = {group: nn.functional.dropout(encoder(), dropout) for group, encoder in self.encoders.items()}
+        if self.config.kind == "embedding":
+            return self._activations(inputs_embeds=blocks[INPUT][None])
+        return blocks
+
     def _materialize(self) -> None:
-        dropout = self.config.dropout if self.training else 0.0
-        self.injector.prefixes = {
-            group: nn.functional.dropout(encoder(), dropout) for group, encoder in self.encoders.items()
-        }
+        self.injector.prefixes = self.materialized(self.config.dropout if self.training else 0.0)
+
+    def _activations(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The plain LM's keys/values of one sequence in every attention site, grouped like the prefix."""
+        with self.prefix_disabled(), record_attention_calls() as calls:
+            self.lm(**inputs, use_cache=False)
+        by_module = {id(call.module): call for call in calls}
+        named = dict(self.lm.named_modules())
+        groups: dict[str, list[torch.Tensor]] = {}
+        for site in self.sites:
+            call = by_module[id(named[site.name])]
+            groups.setdefault(site.group, []).append(torch.stack([call.key[0], call.value[0]]))
+        return {group: torch.stack(blocks) for group, blocks in groups.items()}
+
+    def _with_infix_queries(self, inputs: dict[str, Any], labels: torch.Tensor) -> dict[str, Any]:
+        """An infix is read from the token that predicts the target's first token on (see ``infix_rows``)."""
+        if not self.injector.infix:
+            return inputs
+        index = torch.arange(labels.shape[1], device=labels.device)
+        first_target = (labels != IGNORE_INDEX).int().argmax(1, keepdim=True)
+        return {**inputs, INFIX_QUERIES: index >= first_target - 1}
 
     def forward(self, **inputs: Any) -> Any:
         """The LM's forward (loss, logits, ...) with the prefix in every attention layer."""
         self._materialize()
+        if "labels" in inputs:
+            inputs = self._with_infix_queries(inputs, inputs["labels"])
         return self.lm(**inputs)
 
     def loss(self, labels: torch.Tensor, length_groups: int | None = None, **inputs: Any) -> torch.Tensor:
         """Token-mean cross-entropy over the target tokens (see :func:`target_loss`); the prefix is
         materialized once for the whole batch."""
         self._materialize()
-        return target_loss(self.lm, labels, length_groups, **inputs)
+        return target_loss(self.lm, labels, length_groups, **self._with_infix_queries(inputs, labels))
 
     @torch.no_grad()
     def generate(self, **kwargs: Any) -> Any:
@@ -102,10 +144,15 @@ class PrefixModel(nn.Module):
             prompt = {"input_ids": input_ids[:, :-1]}
             if mask is not None:
                 prompt["attention_mask"] = mask[:, :-1]
+            self.injector.prompt_width = input_ids.shape[1]
             cache = self.lm(**prompt, use_cache=True, logits_to_keep=1).cache
             cache.batch_repeat_interleave(copies)
             kwargs["cache"] = cache  # generate sees the prompt's last token as the only one left to run
-        return self.lm.generate(**kwargs)
+        self.injector.prompt_width = input_ids.shape[1] if input_ids is not None else None
+        try:
+            return self.lm.generate(**kwargs)
+        finally:
+            self.injector.prompt_width = None
 
     @contextmanager
     def prefix_disabled(self) -> Iterator[None]:
@@ -127,7 +174,7 @@ class PrefixModel(nn.Module):
     # -- inspection ----------------------------------------------------------------------------------------
     def prefix_key_values(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """The materialized prefix per attention module name: (keys, values), each (kv_heads, L, head_dim)."""
-        prefixes = {group: encoder() for group, encoder in self.encoders.items()}
+        prefixes = self.materialized()
         counters: dict[str, int] = {}
         result = {}
         for site in self.sites:
@@ -142,42 +189,45 @@ class PrefixModel(nn.Module):
     # -- initialization ------------------------------------------------------------------------------------
     @torch.no_grad()
     def init_prefix_from_tokens(self, token_ids: Sequence[int] | torch.Tensor) -> None:
-        """Set the prefix to the LM's own keys/values for these tokens (real-word initialization).
+        """Set the prefix to the LM's own keys/values for these tokens (real-word initialization), or for
+        embedding-only to their input embeddings.
 
         The tokens are repeated or cut to the prefix length. With the MLP reparametrization, P' starts at the
-        tokens' input embeddings and the MLP is fitted to reproduce the target activations.
+        tokens' input embeddings and the MLP is fitted to reproduce the target values.
         """
         ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
         length = self.config.length
         if ids.numel() == 0:
             raise ValueError("init_prefix_from_tokens needs at least one token")
         if ids.numel() != length:
-            log.info("real-word init: %d tokens repeated/cut to the prefix length %d", ids.numel(), length)
+            log.info("prefix init: %d tokens repeated/cut to the prefix length %d", ids.numel(), length)
             ids = ids.repeat(length // ids.numel() + 1)[:length]
         ids = ids.to(self.lm.device)[None]
-        inputs = {"input_ids": ids}
-        if self.lm.config.is_encoder_decoder:
-            inputs["decoder_input_ids"] = ids
-        with self.prefix_disabled(), record_attention_calls() as calls:
-            self.lm(**inputs, use_cache=False)
-        by_module = {id(call.module): call for call in calls}
-        named = dict(self.lm.named_modules())
-        targets: dict[str, list[torch.Tensor]] = {}
-        for site in self.sites:
-            call = by_module[id(named[site.name])]
-            targets.setdefault(site.group, []).append(torch.stack([call.key[0], call.value[0]]))
         start = self.lm.get_input_embeddings()(ids)[0].float()
+        if self.config.kind == "embedding":
+            targets = {INPUT: start}
+        else:
+            inputs = {"input_ids": ids}
+            if self.lm.config.is_encoder_decoder:
+                inputs["decoder_input_ids"] = ids
+            targets = {group: block.float() for group, block in self._activations(**inputs).items()}
         for group, encoder in self.encoders.items():
-            target = torch.stack(targets[group]).float()
             if encoder.mlp is None:
-                encoder.assign(target)
+                encoder.assign(targets[group])
             else:
-                error = encoder.fit(target, start)
-                log.info("real-word init of the %s prefix: MLP fitted to relative error %.2e", group, error)
+                error = encoder.fit(targets[group], start)
+                log.info("prefix init of the %s block: MLP fitted to relative error %.2e", group, error)
+
+    def init_prefix_from_vocabulary(self, generator: torch.Generator | None = None) -> None:
+        """Initialize from L tokens drawn uniformly from the vocabulary (the LM's activations of real tokens,
+        without choosing words)."""
+        vocabulary = self.lm.get_input_embeddings().num_embeddings
+        self.init_prefix_from_tokens(torch.randint(vocabulary, (self.config.length,), generator=generator))
 
     # -- export --------------------------------------------------------------------------------------------
-    def save_prefix(self, path: str | Path) -> Path:
-        """Write the materialized prefix (MLP dropped) and its description to the folder ``path``."""
+    def save(self, path: str | Path) -> Path:
+        """Write what trains, materialized (MLP dropped), and its description to the folder ``path``: the
+        prefix's (or infix's) keys/values, or embedding-only's input embeddings."""
         return save_prefix(self, Path(path))
 
     @classmethod

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from transformers import PreTrainedModel
 
-from prefix_lightning.attention import PrefixInjector
+from prefix_lightning.attention import INFIX_QUERIES, PrefixInjector, infix_rows
 from prefix_lightning.sites import UnsupportedModelError
 
 
@@ -36,15 +36,29 @@ def _positions_from_inputs(tokens: torch.Tensor, kwargs: dict[str, Any]) -> torc
     return torch.arange(past, past + query_length, device=tokens.device).unsqueeze(0)
 
 
+def _cached_length(tokens: torch.Tensor, kwargs: dict[str, Any]) -> int:
+    mask = kwargs.get("attention_mask")
+    if mask is not None and mask.ndim == 2:
+        return mask.shape[1] - tokens.shape[1]
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    return cache.get_seq_length() if cache is not None else 0
+
+
 def _shift_position_ids(
     length: int, injector: PrefixInjector, module: nn.Module, args: tuple, kwargs: dict[str, Any]
 ) -> tuple[tuple, dict]:
     if injector.enabled:
+        tokens = args[0] if args else kwargs.get("input_ids")
+        tokens = tokens if tokens is not None else kwargs["inputs_embeds"]
         positions = kwargs.get("position_ids")
         if positions is None:
-            tokens = args[0] if args else kwargs.get("input_ids")
-            positions = _positions_from_inputs(tokens if tokens is not None else kwargs["inputs_embeds"], kwargs)
-        kwargs["position_ids"] = positions + length
+            positions = _positions_from_inputs(tokens, kwargs)
+        if injector.infix:  # only the tokens after the infix move
+            start, count = _cached_length(tokens, kwargs), tokens.shape[1]
+            _, after = infix_rows(injector, kwargs.get(INFIX_QUERIES), start, count, tokens.device)
+            kwargs["position_ids"] = positions + length * after
+        else:
+            kwargs["position_ids"] = positions + length
     return args, kwargs
 
 

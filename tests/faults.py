@@ -31,4 +31,3 @@ class DivergeAt(L.Callback):
             with torch.no_grad():
                 for parameter in pl_module.model.trainable_parameters():
                     parameter.fill_(float("inf"))
-

@@ -12,8 +12,8 @@ import torch
 from peft import PrefixTuningConfig, get_peft_model
 
 from prefix_lightning import PrefixConfig, PrefixModel
-from prefix_lightning.benchmark.peft_decoding import peft_generate, set_peft_prefix
 from prefix_lightning.benchmark.phases import decoding_batches, training_batches
+from prefix_lightning.peft_prefix import peft_generate, set_peft_prefix
 from prefix_lightning.training.train import load_configured_backbone
 from tests.helpers import REPO, compose_train
 

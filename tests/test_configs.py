@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from prefix_lightning.backbones import load_backbone
 from prefix_lightning.config import PrefixConfig
 from prefix_lightning.data import TextToTextDataModule
+from prefix_lightning.training.checks import check_config
 from prefix_lightning.training.train import _instantiate_all, build_model, generation_settings
 from tests.helpers import CONF, compose_train
 
@@ -44,9 +45,19 @@ def test_model_configs_match_the_loader(name: str, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", options("prefix"))
 def test_prefix_configs_build_a_prefix_config(name: str, tmp_path: Path) -> None:
-    settings = OmegaConf.to_container(compose_train(tmp_path, [f"prefix={name}"]).prefix)
-    settings.pop("init_text")
-    PrefixConfig(**settings)
+    cfg = compose_train(tmp_path, [f"prefix={name}"])
+    prefix = check_config(cfg)
+    assert isinstance(prefix, PrefixConfig) and prefix.length == cfg.prefix.length
+    assert prefix.reparam == cfg.prefix.reparam
+
+
+@pytest.mark.parametrize("name", options("method"))
+def test_method_configs_build_their_model(name: str, tmp_path: Path) -> None:
+    """Each method file's options are the keywords of the code that builds it (tests/test_methods.py trains them)."""
+    cfg = compose_train(tmp_path, [f"method={name}", "model=tiny_llama"])
+    model, _ = build_model(cfg)
+    assert model.trainable_parameters() and callable(model.save)
+    assert cfg.callbacks.prefix_export.dirpath.endswith(cfg.method.export_dir)
 
 
 @pytest.mark.parametrize("name", options("data"))

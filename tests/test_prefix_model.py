@@ -213,7 +213,7 @@ def test_gradient_checkpointing_recomputes_with_the_prefix(kind: str) -> None:
 def test_export_then_load_gives_the_same_logits(kind: str, tmp_path) -> None:
     """Invariant 4: only the materialized prefix is saved; loading reproduces the trained model."""
     model = PrefixModel(tiny_lm(kind), PrefixConfig(length=3, hidden_dim=16)).eval()
-    model.save_prefix(tmp_path)
+    model.save(tmp_path)
     tensors = load_file(tmp_path / "prefix.safetensors")
     materialized = {g: e() for g, e in model.encoders.items()}
     assert tensors.keys() == materialized.keys()
@@ -235,13 +235,13 @@ def test_export_then_load_gives_the_same_logits(kind: str, tmp_path) -> None:
 
 
 def test_prefix_refuses_a_base_model_of_another_shape(tmp_path) -> None:
-    PrefixModel(tiny_lm("llama"), PrefixConfig(length=3)).save_prefix(tmp_path)
+    PrefixModel(tiny_lm("llama"), PrefixConfig(length=3)).save(tmp_path)
     with pytest.raises(ValueError, match="trained for .*llama.* this base model \\(gpt2\\)"):
         PrefixModel.from_prefix(tiny_lm("gpt2"), tmp_path)
 
 
 def test_corrupted_export_is_refused(tmp_path) -> None:
-    PrefixModel(tiny_lm("gpt2"), PrefixConfig(length=3)).save_prefix(tmp_path)
+    PrefixModel(tiny_lm("gpt2"), PrefixConfig(length=3)).save(tmp_path)
     weights = tmp_path / "prefix.safetensors"
     weights.write_bytes(weights.read_bytes()[:-10])
     with pytest.raises(ValueError, match="truncated or corrupted"):

@@ -28,6 +28,7 @@ from transformers.utils import logging as transformers_logging
 from prefix_lightning.data import TextToTextCollator, read_e2e, reference_groups
 from prefix_lightning.export import WEIGHTS_NAME
 from prefix_lightning.model import PrefixModel
+from prefix_lightning.peft_prefix import peft_generate, peft_prefix_config, set_peft_prefix
 from prefix_lightning.training.checks import check_config
 from prefix_lightning.training.train import build_model, generation_settings, load_configured_backbone
 
@@ -207,19 +208,6 @@ def _train(
     }
 
 
-def _peft_config(cfg: DictConfig, inference_mode: bool) -> Any:
-    """PEFT's prefix tuning with our prefix's length and reparametrization (prefix_projection, MLP width)."""
-    from peft import PrefixTuningConfig
-
-    return PrefixTuningConfig(
-        task_type="CAUSAL_LM",
-        num_virtual_tokens=cfg.prefix.length,
-        prefix_projection=cfg.prefix.reparam == "mlp",
-        encoder_hidden_size=cfg.prefix.hidden_dim,
-        inference_mode=inference_mode,
-    )
-
-
 def train_ours(setting: Setting) -> dict[str, Any]:
     """The model run.py trains, with the LightningModule's loss (target-token logits); exports its last prefix."""
     cfg = _start(setting, frozen_in_compute_dtype=True)
@@ -228,7 +216,7 @@ def train_ours(setting: Setting) -> dict[str, Any]:
     model.to(setting.device).train()
     batches = training_batches(cfg, tokenizer, setting.warmup + setting.steps)
     result = _train(setting, model, lambda batch: model.loss(**batch), batches, cfg.optim.lr)
-    model.save_prefix(setting.prefix_dir)
+    model.save(setting.prefix_dir)
     return result
 
 
@@ -238,7 +226,7 @@ def train_peft(setting: Setting) -> dict[str, Any]:
 
     cfg = _start(setting)
     lm, tokenizer = _backbone(cfg, setting.device)
-    model = get_peft_model(lm, _peft_config(cfg, inference_mode=False)).train()
+    model = get_peft_model(lm, peft_prefix_config(check_config(cfg))).train()
     batches = training_batches(cfg, tokenizer, setting.warmup + setting.steps)
     return _train(setting, model, lambda batch: model(**batch).loss, batches, cfg.optim.lr)
 
@@ -307,11 +295,9 @@ def generate_peft(setting: Setting) -> dict[str, Any]:
     ``peft_generate``; the bare LM's greedy outputs come along to show that the prefix is used."""
     from peft import get_peft_model
 
-    from prefix_lightning.benchmark.peft_decoding import peft_generate, set_peft_prefix
-
     cfg = _start(setting)
     lm, tokenizer = _backbone(cfg, setting.device)
-    model = get_peft_model(lm, _peft_config(cfg, inference_mode=True)).eval()
+    model = get_peft_model(lm, peft_prefix_config(check_config(cfg), inference_mode=True)).eval()
     set_peft_prefix(model, load_file(Path(setting.prefix_dir) / WEIGHTS_NAME)["self"].to(setting.device))
     result = _decode(setting, cfg, tokenizer, partial(peft_generate, model))
     result["bare_greedy"] = _greedy(setting, cfg, tokenizer, model.base_model.generate)

@@ -28,6 +28,8 @@ class TextToTextDataModule(L.LightningDataModule):
       contained in larger ones. None keeps all pairs.
     - `val_size` / `test_size`: number of groups (inputs with all their references), the first N in file
       order. None keeps all.
+    - `val_fraction`: when `val_size` is None, validate on `val_fraction` x `train_size` groups (rounded, at
+      least 1), e.g. 0.3 for the paper's low-data dev splits (30% of the training size). Needs `train_size`.
     - When `val_file == train_file` (offline: some official training sets are not shipped), the LAST `val_size`
       groups are held out for validation and training pairs come only from the others.
     - `test_subset` (WebNLG): `seen` / `unseen` keep only test inputs whose category does / does not occur in
@@ -58,6 +60,7 @@ class TextToTextDataModule(L.LightningDataModule):
         subset_seed: int = 0,
         val_size: int | None = None,
         test_size: int | None = None,
+        val_fraction: float | None = None,
         test_subset: str = "all",
         source_column: str = "source",
         target_column: str = "target",
@@ -85,6 +88,11 @@ class TextToTextDataModule(L.LightningDataModule):
             raise ValueError(f"test_subset must be one of {TEST_SUBSETS}, got {test_subset!r}")
         if test_subset != "all" and not self.spec.seen_unseen:
             raise ValueError(f"test_subset={test_subset!r}: {dataset} has no seen/unseen categories (only webnlg)")
+        if val_fraction is not None and not (val_fraction > 0 and (train_size is not None or val_size is not None)):
+            raise ValueError(
+                f"val_fraction={val_fraction} sizes validation as a fraction of train_size: use a positive "
+                "fraction and set train_size (or give val_size instead)"
+            )
         data_dir = str(data_dir)  # checkpoints load with weights_only=True, which refuses Path objects
         self.save_hyperparameters(ignore=["tokenizer"])
         self.collator = TextToTextCollator(
@@ -125,19 +133,20 @@ class TextToTextDataModule(L.LightningDataModule):
     def _setup_fit(self) -> None:
         hp = self.hparams
         train = self._read(hp.train_file)
+        val_size = self.val_size
         if hp.val_file == hp.train_file:
             groups = reference_groups(train)
-            if hp.val_size is None or not 0 < hp.val_size < len(groups):
+            if val_size is None or not 0 < val_size < len(groups):
                 raise ValueError(
                     f"val_file == train_file ({hp.train_file}): set val_size to the number of groups to hold "
-                    f"out for validation, between 1 and {len(groups) - 1} (got {hp.val_size})"
+                    f"out for validation, between 1 and {len(groups) - 1} (got {val_size})"
                 )
-            self.val_groups = groups[len(groups) - hp.val_size :]
+            self.val_groups = groups[len(groups) - val_size :]
             held_out = {group.source for group in self.val_groups}
             pool = [example for example in train if example.source not in held_out]
         else:
             pool = train
-            self.val_groups = _first_groups(reference_groups(self._read(hp.val_file)), hp.val_size, "val_size")
+            self.val_groups = _first_groups(reference_groups(self._read(hp.val_file)), val_size, "val_size")
         self.train_examples = self._draw_subset(pool)
         val_pairs = [
             Example(group.source, reference, group.group_id, group.category)
@@ -147,6 +156,14 @@ class TextToTextDataModule(L.LightningDataModule):
         self._train = self.collator.encode_pairs(self.train_examples, "train")
         self._val_loss = self.collator.encode_pairs(val_pairs, "validation (loss)")
         self._val_generation = self.collator.encode_prompts(self.val_groups, "validation (generation)")
+
+    @property
+    def val_size(self) -> int | None:
+        """The number of validation groups: `val_size`, else `val_fraction` x `train_size`, else None (all)."""
+        hp = self.hparams
+        if hp.val_size is not None or hp.val_fraction is None:
+            return hp.val_size
+        return max(1, round(hp.val_fraction * hp.train_size))
 
     def _setup_test(self) -> None:
         hp = self.hparams

@@ -24,16 +24,17 @@ log = logging.getLogger(__name__)
 
 
 class PrefixExport(L.Callback):
-    """Writes the final prefix with ``save_prefix`` (MLP dropped): the run's deliverable, a few hundred KB."""
+    """Writes what the method trained with the model's ``save``: the run's deliverable (for prefix-tuning the
+    prefix with its MLP dropped, a few hundred KB; for full fine-tuning the whole model)."""
 
     def __init__(self, dirpath: str) -> None:
         self.dirpath = Path(dirpath)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: PrefixTuningModule) -> None:
         if trainer.is_global_zero:
-            pl_module.model.save_prefix(self.dirpath)
-            size = sum(f.stat().st_size for f in self.dirpath.iterdir())
-            log.info("exported the prefix to %s (%.1f KB)", self.dirpath, size / 1024)
+            pl_module.model.save(self.dirpath)
+            size = sum(f.stat().st_size for f in self.dirpath.rglob("*") if f.is_file())
+            log.info("exported the trained part to %s (%.1f KB)", self.dirpath, size / 1024)
 
 
 class InterruptCheckpoint(L.Callback):

@@ -8,7 +8,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from prefix_lightning.backbones import DTYPES, EMBEDDED, SOURCES
-from prefix_lightning.config import PrefixConfig
+from prefix_lightning.config import KINDS, PrefixConfig
+from prefix_lightning.finetuning import FINETUNING_METHODS
 
 
 class ConfigError(ValueError):
@@ -45,10 +46,37 @@ def _check_backbone(backbone: DictConfig) -> None:
         )
 
 
+METHODS = (*KINDS, *FINETUNING_METHODS)
+INIT_OPTIONS = ("init_text", "init_vocab")  # how the prefix starts, read by build_model, not by PrefixConfig
+
+
+def _check_method(cfg: DictConfig) -> str:
+    method = OmegaConf.select(cfg, "method.name")
+    _require(method in METHODS, "method.name", method, f"allowed: {', '.join(METHODS)} (or pick a method=<file>)")
+    if cfg.prefix.get("init_text") is not None or cfg.prefix.get("init_vocab"):
+        _require(method in KINDS, "method", method, "prefix.init_text / init_vocab start a prefix, infix or embedding")
+        _require(
+            cfg.prefix.get("init_text") is None or not cfg.prefix.get("init_vocab"),
+            "prefix.init_vocab",
+            cfg.prefix.init_vocab,
+            "choose one initialization: words (prefix.init_text) or drawn tokens (prefix.init_vocab=true)",
+        )
+    if method == "top_layers":
+        layers = cfg.method.get("layers")
+        _require(isinstance(layers, int) and layers >= 1, "method.layers", layers, "use a positive number of layers")
+    if method == "lora":
+        rank = cfg.method.get("rank")
+        _require(isinstance(rank, int) and rank >= 1, "method.rank", rank, "use a positive LoRA rank")
+    return method
+
+
 def check_config(cfg: DictConfig) -> PrefixConfig:
-    """Validate the options a run depends on; return the prefix config they describe."""
+    """Validate the options a run depends on; return the prefix config they describe (its kind from the method)."""
+    method = _check_method(cfg)
     settings = OmegaConf.to_container(cfg.prefix, resolve=True)
-    settings.pop("init_text", None)
+    for option in INIT_OPTIONS:
+        settings.pop(option, None)
+    settings["kind"] = method if method in KINDS else "prefix"
     try:
         prefix = PrefixConfig(**settings)
     except TypeError as error:

@@ -12,21 +12,27 @@ import torch
 from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from prefix_lightning.evaluation import score
+from prefix_lightning.finetuning import FineTunedLM
 from prefix_lightning.model import PrefixModel
 
 log = logging.getLogger(__name__)
 
+# What every method hands the module, with one protocol: ``lm``, ``loss``, ``generate``, ``trainable_parameters``,
+# ``save``.
+TrainableLM = PrefixModel | FineTunedLM
+
 
 class PrefixTuningModule(L.LightningModule):
-    """Optimizes only the prefix; validation reports loss and BLEU, test reports BLEU, both write generations.
+    """Optimizes only what the method trains (the prefix, by default); validation reports loss and BLEU, test the
+    dataset's metrics, both write generations.
 
-    Checkpoints hold the trainable tensors only (plus optimizer, scheduler and loop state): the frozen LM is
-    rebuilt from its source, never stored.
+    Checkpoints hold the trainable tensors only (plus optimizer, scheduler and loop state): the frozen part of the
+    LM is rebuilt from its source, never stored.
     """
 
     def __init__(
         self,
-        model: PrefixModel,
+        model: TrainableLM,
         tokenizer: PreTrainedTokenizerBase,
         output_dir: str,
         lr: float = 5e-5,

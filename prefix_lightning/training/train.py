@@ -8,14 +8,18 @@ import warnings
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from prefix_lightning.backbones import load_backbone
+from prefix_lightning.config import KINDS
+from prefix_lightning.finetuning import FineTunedLM
 from prefix_lightning.model import PrefixModel
 from prefix_lightning.sweeps.resume import finished_record, resume_checkpoint
 from prefix_lightning.training.checks import ConfigError, check_config
-from prefix_lightning.training.module import PrefixTuningModule
+from prefix_lightning.training.module import PrefixTuningModule, TrainableLM
 
 log = logging.getLogger(__name__)
 
@@ -32,19 +36,31 @@ def load_configured_backbone(cfg: DictConfig) -> tuple[Any, Any]:
     return load_backbone(**OmegaConf.to_container(cfg.model.backbone, resolve=True))
 
 
-def build_model(cfg: DictConfig) -> tuple[PrefixModel, Any]:
-    """The frozen backbone wrapped with the configured prefix (real-word initialized if asked)."""
+def build_model(cfg: DictConfig) -> tuple[TrainableLM, Any]:
+    """The frozen backbone with the configured method: a prefix (initialized as asked), or a fine-tuning baseline."""
     prefix_config = check_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     lm, tokenizer = load_configured_backbone(cfg)
-    model = PrefixModel(lm, prefix_config)
-    init_text = cfg.prefix.get("init_text")
-    if init_text:
-        model.init_prefix_from_tokens(tokenizer(init_text, add_special_tokens=False).input_ids)
-        log.info("prefix initialized from the words %r", init_text)
+    method = cfg.method.name
+    if method in KINDS:
+        model: TrainableLM = PrefixModel(lm, prefix_config)
+        initialize_prefix(model, cfg.prefix, tokenizer, cfg.seed)
+    else:
+        options = {k: v for k, v in OmegaConf.to_container(cfg.method).items() if k not in ("name", "export_dir")}
+        model = FineTunedLM(lm, method, prefix=prefix_config, **options)
     if cfg.model.get("gradient_checkpointing"):
         model.enable_gradient_checkpointing()
     return model, tokenizer
+
+
+def initialize_prefix(model: PrefixModel, prefix: DictConfig, tokenizer: Any, seed: int) -> None:
+    """Random (the encoder's own init), from real words (``prefix.init_text``) or drawn tokens (``init_vocab``)."""
+    if prefix.get("init_text"):
+        model.init_prefix_from_tokens(tokenizer(prefix.init_text, add_special_tokens=False).input_ids)
+        log.info("prefix initialized from the words %r", prefix.init_text)
+    elif prefix.get("init_vocab"):
+        model.init_prefix_from_vocabulary(torch.Generator().manual_seed(seed))
+        log.info("prefix initialized from %d tokens drawn from the vocabulary", model.config.length)
 
 
 def generation_settings(cfg: DictConfig, tokenizer: Any) -> dict[str, Any]:
@@ -70,34 +86,41 @@ def newline_tokens(tokenizer: Any) -> list[list[int]]:
     return [[i] for i in vocabulary if "\n" in tokenizer.decode([i], clean_up_tokenization_spaces=False)]
 
 
-def source_budget(cfg: DictConfig, model: PrefixModel) -> int:
+def virtual_positions(cfg: DictConfig) -> int:
+    """Positions the method's virtual tokens take in front of the real ones (PEFT's prefix shifts them too)."""
+    if cfg.method.name == "peft_prefix" or (cfg.method.name in KINDS and cfg.prefix.shift_positions):
+        return cfg.prefix.length
+    return 0
+
+
+def source_budget(cfg: DictConfig, model: TrainableLM) -> int:
     """``data.max_source_tokens``, cut down where source, target and prefix would not fit the model's positions."""
     wanted, target = cfg.data.max_source_tokens, cfg.data.max_target_tokens
     config = model.lm.config
     context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if context is None:
         return wanted
-    room = context - (model.config.length if model.config.shift_positions else 0)
-    budget = room if config.is_encoder_decoder else room - target
+    occupied = virtual_positions(cfg)
+    budget = context - occupied if config.is_encoder_decoder else context - occupied - target
     if budget < 1:
         raise ConfigError(
-            f"data.max_target_tokens={target} plus a prefix of {model.config.length} leave no room for the source "
+            f"data.max_target_tokens={target} plus {occupied} virtual tokens leave no room for the source "
             f"in the model's {context} positions"
         )
     if wanted > budget:
         log.warning(
-            "data.max_source_tokens=%d does not fit the model's %d positions (prefix %d%s): sources are cut to %d "
-            "tokens (the data loader reports how many were cut)",
+            "data.max_source_tokens=%d does not fit the model's %d positions (%d virtual tokens%s): sources are cut "
+            "to %d tokens (the data loader reports how many were cut)",
             wanted,
             context,
-            model.config.length,
+            occupied,
             "" if config.is_encoder_decoder else f", target {target}",
             budget,
         )
     return min(wanted, budget)
 
 
-def build_datamodule(cfg: DictConfig, tokenizer: Any, model: PrefixModel) -> L.LightningDataModule:
+def build_datamodule(cfg: DictConfig, tokenizer: Any, model: TrainableLM) -> L.LightningDataModule:
     return instantiate(
         cfg.data,
         tokenizer=tokenizer,
@@ -108,7 +131,7 @@ def build_datamodule(cfg: DictConfig, tokenizer: Any, model: PrefixModel) -> L.L
     )
 
 
-def build_module(cfg: DictConfig, model: PrefixModel, tokenizer: Any) -> PrefixTuningModule:
+def build_module(cfg: DictConfig, model: TrainableLM, tokenizer: Any) -> PrefixTuningModule:
     return PrefixTuningModule(
         model,
         tokenizer,
@@ -130,11 +153,13 @@ def train(cfg: DictConfig) -> float | None:
     model, tokenizer = build_model(cfg)
     trainable = sum(p.numel() for p in model.trainable_parameters())
     frozen = sum(p.numel() for p in model.lm.parameters())
-    log.info("prefix: %s trainable parameters over a frozen LM of %s", f"{trainable:,}", f"{frozen:,}")
+    log.info("method %s: %s trainable parameters, LM of %s", cfg.method.name, f"{trainable:,}", f"{frozen:,}")
     datamodule = build_datamodule(cfg, tokenizer, model)
     module = build_module(cfg, model, tokenizer)
     loggers = _instantiate_all(cfg.get("logger"))
     callbacks = _instantiate_all(cfg.get("callbacks"))
+    if not loggers:  # logger=none: the learning-rate monitor has nowhere to write and Lightning would refuse it
+        callbacks = [callback for callback in callbacks if not isinstance(callback, LearningRateMonitor)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))

@@ -1,0 +1,73 @@
+"""PEFT's prefix tuning as a baseline: its config from our prefix settings, and a decoding path that uses its prefix.
+
+Under transformers 5, ``PeftModel.generate`` hands the prefix over as ``past_key_values``, which ``generate``
+ignores in favour of its own ``cache``: the prefix is silently dropped and the model decodes as the bare LM.
+PEFT's prefix *is* a pre-filled key/value cache, so here it is given to transformers' ``generate`` as one: the
+cache holds the L prefix positions for every row generate will run (each beam its own copy, as PEFT does), and
+L placeholder tokens stand in front of the prompt so that generate takes them as already processed. The
+attention mask shows them and the real tokens take positions L, L+1, ..., as in PEFT's training forward.
+
+peft is an optional dependency (extras ``dev``, ``bench``): it is imported only when a function needs it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from prefix_lightning.config import PrefixConfig
+from prefix_lightning.model import rows_per_input
+
+if TYPE_CHECKING:
+    from peft import PeftModel, PrefixTuningConfig
+
+
+def peft_prefix_config(prefix: PrefixConfig, *, inference_mode: bool = False) -> PrefixTuningConfig:
+    """PEFT's prefix tuning with our prefix's length and reparametrization (prefix_projection, MLP width), so
+    that the two methods are compared at equal settings. Settings PEFT cannot follow are refused rather than
+    silently dropped."""
+    from peft import PrefixTuningConfig
+
+    if prefix.kind != "prefix":
+        raise ValueError(f"PEFT's prefix tuning is a prefix, not {prefix.kind!r}: use prefix kind 'prefix'")
+    if prefix.dropout:
+        raise ValueError(f"PEFT's prefix tuning has no prefix dropout: set prefix.dropout=0 (got {prefix.dropout})")
+    if not prefix.shift_positions:
+        raise ValueError("PEFT's prefix tuning always shifts the real tokens' positions by L: set shift_positions")
+    return PrefixTuningConfig(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=prefix.length,
+        prefix_projection=prefix.reparam == "mlp",
+        encoder_hidden_size=prefix.hidden_dim,
+        inference_mode=inference_mode,
+    )
+
+
+@torch.no_grad()
+def peft_generate(
+    model: PeftModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **generation: Any
+) -> torch.Tensor:
+    """``generate`` for a causal LM with a PEFT prefix; returns prompt + new tokens, like ``generate``."""
+    length = model.active_peft_config.num_virtual_tokens
+    batch = input_ids.shape[0]
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    cache = model.get_prompt(batch * rows_per_input(model.base_model.generation_config, generation))
+    placeholders = input_ids.new_full((batch, length), generation.get("pad_token_id") or 0)
+    output = model.base_model.generate(
+        input_ids=torch.cat([placeholders, input_ids], dim=1),
+        attention_mask=torch.cat([attention_mask.new_ones(batch, length), attention_mask], dim=1),
+        cache=cache,
+        **generation,
+    )
+    return output[:, length:]
+
+
+def set_peft_prefix(model: PeftModel, prefix: torch.Tensor) -> None:
+    """Give a PEFT prefix without MLP (inference mode, PEFT's saved form, or ``prefix_projection=False``) the
+    values of one of our exported prefixes: ours is (layers, 2, kv_heads, L, head_dim), PEFT's table
+    (L, layers * 2 * kv_heads * head_dim)."""
+    table = model.prompt_encoder[model.active_adapter].embedding.weight
+    with torch.no_grad():
+        table.copy_(prefix.permute(3, 0, 1, 2, 4).reshape(table.shape))

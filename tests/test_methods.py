@@ -1,0 +1,97 @@
+"""Every `method` choice trains through the same harness (train(cfg)) on a tiny model: only what the method is
+meant to train changes, and the checkpoint and the export hold only that."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from prefix_lightning.training.checks import ConfigError
+from prefix_lightning.training.train import build_model, train
+from tests.helpers import compose_train
+
+QUICK = ["model=tiny_llama", "debug=fast", "logger=none", "trainer.max_steps=2", "trainer.val_check_interval=2"]
+
+# method -> (names of the parameters it trains, files its export holds)
+EXPECTED = {
+    "prefix": (lambda name: name.startswith("encoders.self."), {"prefix.safetensors", "prefix_config.json"}),
+    "prefix_direct": (lambda name: name == "encoders.self.prefix", {"prefix.safetensors", "prefix_config.json"}),
+    "embedding": (lambda name: name.startswith("encoders.input."), {"prefix.safetensors", "prefix_config.json"}),
+    "infix": (lambda name: name.startswith("encoders.self."), {"prefix.safetensors", "prefix_config.json"}),
+    "full": (lambda name: True, {"config.json", "generation_config.json", "model.safetensors"}),
+    # tiny_llama has 2 layers: the top 2 are all of them, so the test trains the top 1 (method.layers=1)
+    "top2": (lambda name: ".layers.1." in name, {"top_layers.safetensors", "top_layers.json"}),
+    "lora": (lambda name: "lora_" in name, {"adapter_config.json", "adapter_model.safetensors", "README.md"}),
+    "peft_prefix": (
+        lambda name: "prompt_encoder" in name,
+        {"adapter_config.json", "adapter_model.safetensors", "README.md"},
+    ),
+}
+
+
+@pytest.mark.parametrize("method", sorted(EXPECTED))
+def test_each_method_trains_and_saves_only_its_own_parameters(method: str, tmp_path: Path) -> None:
+    cfg = compose_train(tmp_path, [*QUICK, f"method={method}", *(["method.layers=1"] if method == "top2" else [])])
+    model, _ = build_model(cfg)
+    intended, export_files = EXPECTED[method]
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(intended(name) for name in trainable), sorted(trainable)[:5]
+    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+
+    train(cfg)  # builds its own model with the same seed: compare the artifacts with this untouched copy
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    saved = {name.removeprefix("model.") for name in checkpoint["state_dict"]}
+    assert saved == trainable
+    changed = {
+        name
+        for name, tensor in checkpoint["state_dict"].items()
+        if not torch.equal(tensor, dict(model.named_parameters())[name.removeprefix("model.")])
+    }
+    assert changed, "training changed nothing"
+    export = tmp_path / cfg.method.export_dir
+    assert {path.name for path in export.iterdir()} == export_files
+    if method in ("full", "top2"):
+        tensors = {}
+        for file in export.glob("*.safetensors"):
+            tensors |= load_file(file)
+        assert len(tensors) == len(trainable) if method == "top2" else len(tensors) >= len(trainable) - 1
+    assert frozen_before.keys().isdisjoint(trainable)
+    record = json.loads((tmp_path / "result.json").read_text())
+    assert record["trainable_params"] == sum(p.numel() for n, p in model.named_parameters() if n in trainable)
+
+
+def test_embedding_only_export_is_the_input_embeddings(tmp_path: Path) -> None:
+    cfg = compose_train(tmp_path, [*QUICK, "method=embedding", "prefix.length=3"])
+    train(cfg)
+    tensors = load_file(tmp_path / "prefix" / "prefix.safetensors")
+    assert set(tensors) == {"input"} and tensors["input"].shape == (3, 32)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["method.name=adapters"], "method.name='adapters' is not valid"),
+        (["method=full", "prefix.init_text=table-to-text:"], "start a prefix, infix or embedding"),
+        (["prefix.init_text=hello", "prefix.init_vocab=true"], "choose one initialization"),
+        (["method=top2", "method.layers=0"], "method.layers=0 is not valid"),
+        (["method=lora", "method.rank=0"], "method.rank=0 is not valid"),
+    ],
+)
+def test_bad_method_options_are_named(overrides: list[str], message: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=message):
+        build_model(compose_train(tmp_path, [*QUICK, *overrides]))
+
+
+@pytest.mark.parametrize("init", ["prefix.init_text=table-to-text:", "prefix.init_vocab=true"])
+@pytest.mark.parametrize("method", ["prefix", "embedding"])
+def test_initialization_options_set_the_prefix(method: str, init: str, tmp_path: Path) -> None:
+    random, _ = build_model(compose_train(tmp_path, [*QUICK, f"method={method}"]))
+    initialized, _ = build_model(compose_train(tmp_path, [*QUICK, f"method={method}", init]))
+    with torch.no_grad():
+        before = {k: v for k, v in random.materialized().items()}
+        after = initialized.materialized()
+    assert all(not torch.allclose(before[k], after[k]) for k in after)

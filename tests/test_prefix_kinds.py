@@ -1,0 +1,183 @@
+"""Embedding-only and infix ([x; INFIX; y]) on tiny random models, and the initialization options."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prefix_lightning import PrefixConfig, PrefixModel, UnsupportedModelError
+from prefix_lightning.loss import IGNORE_INDEX
+from tests.test_prefix_model import PAD, ROWS, WORDS, pad_batch, tiny_lm
+
+TARGETS = [torch.tensor([40, 41, 42]), torch.tensor([50, 51]), torch.tensor([60, 61, 62, 63])]
+
+
+def _randomize(model: PrefixModel, seed: int = 1) -> None:
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.encoders.parameters():
+            parameter.normal_()
+
+
+def _pairs() -> dict[str, torch.Tensor]:
+    """Right-padded source+target rows with the source masked out of the labels, as the collator makes them."""
+    rows = [torch.cat([x, y]) for x, y in zip(ROWS, TARGETS, strict=True)]
+    ids, mask = pad_batch(rows, left=False)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    for i, (x, y) in enumerate(zip(ROWS, TARGETS, strict=True)):
+        labels[i, len(x) : len(x) + len(y)] = y
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+# -- embedding-only ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("left", [True, False])
+def test_embedding_only_equals_prepending_the_embeddings(kind: str, left: bool) -> None:
+    reference = tiny_lm(kind)
+    model = PrefixModel(tiny_lm(kind), PrefixConfig(length=3, kind="embedding", reparam="none"))
+    _randomize(model)
+    embeddings = model.encoders["input"]().detach()
+    ids, mask = pad_batch(ROWS, left)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        for i, row in enumerate(ROWS):
+            inputs = torch.cat([embeddings, reference.get_input_embeddings()(row)])[None]
+            expected = reference(inputs_embeds=inputs).logits[0, len(embeddings) :]
+            torch.testing.assert_close(logits[i][mask[i].bool()], expected, atol=1e-4, rtol=0)
+
+
+def test_embedding_only_trains_nothing_but_the_input_embeddings() -> None:
+    model = PrefixModel(tiny_lm("llama"), PrefixConfig(length=3, kind="embedding", reparam="none"))
+    lm_before = {k: v.clone() for k, v in model.lm.state_dict().items()}
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"encoders.input.prefix"}
+    assert model.encoders["input"]().shape == (3, model.lm.get_input_embeddings().embedding_dim)
+    before = model.encoders["input"]().detach().clone()
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+    model.train()
+    for _ in range(2):
+        optimizer.zero_grad()
+        model.loss(**_pairs()).backward()
+        optimizer.step()
+    assert not torch.equal(before, model.encoders["input"]())
+    assert all(torch.equal(lm_before[k], v) for k, v in model.lm.state_dict().items())
+
+
+@pytest.mark.parametrize("reparam", ["none", "mlp"])
+def test_embedding_only_real_word_init_equals_the_words(reparam: str) -> None:
+    """Initialized from real words, embedding-only is the plain LM reading those words first."""
+    reference = tiny_lm("llama")
+    model = PrefixModel(tiny_lm("llama"), PrefixConfig(length=len(WORDS), kind="embedding", reparam=reparam))
+    model.init_prefix_from_tokens(WORDS)
+    row = ROWS[0]
+    with torch.no_grad():
+        logits = model(input_ids=row[None]).logits[0]
+        expected = reference(input_ids=torch.cat([WORDS, row])[None]).logits[0, len(WORDS) :]
+    torch.testing.assert_close(logits, expected, atol=1e-4 if reparam == "none" else 2e-2, rtol=0)
+
+
+def test_embedding_only_and_infix_refuse_encoder_decoder_models() -> None:
+    for kind in ("embedding", "infix"):
+        with pytest.raises(UnsupportedModelError, match="decoder-only"):
+            PrefixModel(tiny_lm("bart"), PrefixConfig(length=2, kind=kind))
+
+
+# -- infix -------------------------------------------------------------------------------------------------
+def _positions_seen(model: PrefixModel, **inputs) -> torch.Tensor:
+    """The position ids that reach the decoder stack (after the prefix's shift)."""
+    seen = []
+    hook = model.lm.model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["position_ids"]), with_kwargs=True
+    )
+    try:
+        model(**inputs)
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+def test_infix_sits_between_source_and_target() -> None:
+    """The source neither reads the infix nor moves; the target reads it and stands L positions later."""
+    length = 4
+    reference = tiny_lm("llama")
+    model = PrefixModel(tiny_lm("llama"), PrefixConfig(length=length, kind="infix", reparam="none"))
+    _randomize(model)
+    batch = _pairs()
+    with torch.no_grad():
+        logits = model(**batch).logits
+        positions = _positions_seen(model, **batch)
+        plain = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    for i, (x, y) in enumerate(zip(ROWS, TARGETS, strict=True)):
+        source, boundary = len(x) - 1, len(x) - 1  # the last source token predicts y's first token
+        torch.testing.assert_close(logits[i, :source], plain[i, :source], atol=1e-5, rtol=0)
+        assert not torch.allclose(logits[i, boundary : len(x) + len(y)], plain[i, boundary : len(x) + len(y)])
+        expected = torch.cat([torch.arange(len(x)), torch.arange(len(x), len(x) + len(y)) + length])
+        assert torch.equal(positions[i, : len(x) + len(y)], expected)
+
+
+def test_infix_loss_reads_the_infix_only_from_the_target_side() -> None:
+    """Gradients reach the infix only through the target: with a single target token predicted by the last source
+    token, moving the infix moves the loss; the source-only prefix of the row does not."""
+    model = PrefixModel(tiny_lm("llama"), PrefixConfig(length=2, kind="infix", reparam="none"))
+    _randomize(model)
+    batch = _pairs()
+    loss = model.loss(**batch)
+    loss.backward()
+    assert model.encoders["self"].prefix.grad.abs().sum() > 0
+    # Same loss with one or two length groups: the infix queries follow the rows.
+    torch.testing.assert_close(model.loss(**batch, length_groups=1), model.loss(**batch, length_groups=2))
+    torch.testing.assert_close(model(**batch).loss, model.loss(**batch), atol=1e-5, rtol=0)
+
+
+def test_infix_generation_follows_the_training_layout() -> None:
+    """Each greedy step's logits equal a full forward in which the last prompt token and the generated tokens
+    read the infix; the same forward with the infix read one token earlier differs."""
+    model = PrefixModel(tiny_lm("llama"), PrefixConfig(length=3, kind="infix", reparam="none"))
+    _randomize(model)
+    ids, mask = pad_batch(ROWS, left=True)
+    width = ids.shape[1]
+    output = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=4,
+        do_sample=False,
+        pad_token_id=PAD,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    with torch.no_grad():
+        for step, logits in enumerate(output.logits):
+            sequence = output.sequences[:, : width + step]
+            full_mask = torch.cat([mask, torch.ones(len(ROWS), step, dtype=mask.dtype)], dim=1)
+            index = torch.arange(sequence.shape[1])[None]
+            inputs = {"input_ids": sequence, "attention_mask": full_mask}
+            expected = model(**inputs, infix_queries=index >= width - 1).logits[:, -1]
+            torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+            earlier = model(**inputs, infix_queries=index >= width - 2).logits[:, -1]
+            assert not torch.allclose(logits, earlier, atol=1e-4)
+    beams = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, num_beams=3, pad_token_id=PAD)
+    assert beams.shape[0] == len(ROWS)
+
+
+# -- initialization and export -----------------------------------------------------------------------------
+def test_vocabulary_init_is_real_token_init_of_drawn_tokens() -> None:
+    drawn = PrefixModel(tiny_lm("gpt2"), PrefixConfig(length=3, reparam="none"))
+    drawn.init_prefix_from_vocabulary(torch.Generator().manual_seed(7))
+    tokens = torch.randint(
+        drawn.lm.get_input_embeddings().num_embeddings, (3,), generator=torch.Generator().manual_seed(7)
+    )
+    chosen = PrefixModel(tiny_lm("gpt2"), PrefixConfig(length=3, reparam="none"))
+    chosen.init_prefix_from_tokens(tokens)
+    torch.testing.assert_close(drawn.encoders["self"](), chosen.encoders["self"]())
+
+
+@pytest.mark.parametrize("kind", ["embedding", "infix"])
+def test_export_then_load_keeps_the_kind(kind: str, tmp_path) -> None:
+    model = PrefixModel(tiny_lm("llama"), PrefixConfig(length=3, kind=kind, hidden_dim=16))
+    _randomize(model)
+    batch = _pairs()
+    model.save(tmp_path)
+    loaded = PrefixModel.from_prefix(tiny_lm("llama"), tmp_path)
+    assert loaded.config.kind == kind
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, atol=1e-5, rtol=0)
