@@ -20,6 +20,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from safetensors.torch import load_file
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from prefix_lightning.data.sampler import EpochShuffleSampler
 from prefix_lightning.training.train import build_model
 from tests.helpers import compose_train
 from tests.test_train import run_cli
@@ -41,11 +42,11 @@ class BatchRecorder(L.Callback):
         (self.folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.batches))
 
 
-# One optimizer step per epoch: the global batch is the whole 8-pair subset, whichever way it is split across ranks.
+# Two optimizer steps per epoch of the 16-pair subset (global batch 8).
 RUN = [
     "model=tiny_llama",
     "debug=fast",
-    "data.train_size=8",
+    "data.train_size=16",
     "trainer.max_steps=3",
     "trainer.val_check_interval=3",
     "test=false",
@@ -69,18 +70,19 @@ def _last_val_loss(run_dir: Path) -> float:
 
 
 def test_two_process_ddp_splits_the_subset_and_matches_one_process(tmp_path: Path, data_dir: Path) -> None:
-    """2 spawned gloo processes x batch 4 train like 1 process x batch 8: disjoint halves of the same subset,
-    a prefix-only checkpoint, nearly the same prefix and the same synced validation loss."""
+    """2 spawned gloo processes x batch 4 train like 1 process x batch 8: step by step, the ranks' batches are
+    disjoint halves of the single process's batch; a prefix-only checkpoint, nearly the same prefix and the same
+    synced validation loss."""
     ddp = _train(tmp_path / "ddp", "trainer=ddp_cpu", "data.batch_size=4")
     single = _train(tmp_path / "single", "data.batch_size=8")
 
-    rank0, rank1 = _seen(ddp, 0), _seen(ddp, 1)
-    (subset,) = {frozenset(batch) for batch in _seen(single, 0)}  # the same 8 pairs at every step
-    assert len(rank0) == len(rank1) == 3
-    for half0, half1 in zip(rank0, rank1, strict=True):
+    rank0, rank1, steps = _seen(ddp, 0), _seen(ddp, 1), _seen(single, 0)
+    assert len(rank0) == len(rank1) == len(steps) == 3
+    assert len(set(steps[0]) | set(steps[1])) == 16, "the first epoch's two batches cover the subset"
+    for half0, half1, whole in zip(rank0, rank1, steps, strict=True):
         assert len(half0) == len(half1) == 4
         assert not set(half0) & set(half1), "the ranks must train on different examples"
-        assert set(half0) | set(half1) == subset, "together the ranks cover the single run's subset"
+        assert set(half0) | set(half1) == set(whole), "together the ranks train on the single run's batch"
 
     checkpoint = torch.load(ddp / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 3
@@ -97,6 +99,23 @@ def test_two_process_ddp_splits_the_subset_and_matches_one_process(tmp_path: Pat
         assert torch.cosine_similarity(ddp_move, single_move, dim=0) > 0.95
         assert (ddp_move - single_move).norm() < 0.3 * single_move.norm()
     assert _last_val_loss(ddp) == pytest.approx(_last_val_loss(single), rel=1e-3)  # synced across the ranks
+
+
+def test_ranks_split_each_global_batch_and_resume_mid_epoch() -> None:
+    """Rank r takes the r-th share of every global batch of the single-process order, also after a resume."""
+    single = list(EpochShuffleSampler(10, seed=3, batch_size=4))
+    ranks = [list(EpochShuffleSampler(10, seed=3, batch_size=2, num_replicas=2, rank=r)) for r in (0, 1)]
+    assert [len(r) for r in ranks] == [5, 5]
+    for begin, width in ((0, 4), (4, 4), (8, 2)):
+        share = width // 2
+        rank_begin = begin // 2
+        together = ranks[0][rank_begin : rank_begin + share] + ranks[1][rank_begin : rank_begin + share]
+        assert together == single[begin : begin + width]
+    for rank in (0, 1):
+        resumed = EpochShuffleSampler(10, seed=3, batch_size=2, num_replicas=2, rank=rank)
+        resumed.resume_at(4)  # one global batch of 4 done
+        assert list(resumed) == ranks[rank][2:]
+        assert list(resumed) == ranks[rank], "only the first pass after the resume is shortened"
 
 
 @pytest.mark.parametrize("name", ["tiny_llama", "tiny_bart"])

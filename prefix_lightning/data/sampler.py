@@ -1,4 +1,5 @@
-"""Training order that depends only on (seed, epoch), and that a resumed run can pick up mid-epoch."""
+"""Training order that depends only on (seed, epoch), split across ranks like one process's batches, and that a
+resumed run can pick up mid-epoch."""
 
 from __future__ import annotations
 
@@ -7,22 +8,28 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DistributedSampler
 
 
-class EpochShuffleSampler(Sampler[int]):
+class EpochShuffleSampler(DistributedSampler):
     """A fresh permutation per epoch, drawn from ``seed + epoch`` rather than from a running generator.
 
     Lightning calls ``set_epoch`` at every epoch start, so a run resumed from a checkpoint sees exactly the
     order that the uninterrupted run would have seen; ``resume_at`` skips the examples that the interrupted
     run already trained on in its last epoch.
+
+    With several ranks, each run of ``num_replicas * batch_size`` examples of the order is one global batch, and
+    rank r takes the r-th ``batch_size`` of it: DDP's global batch k is the single-process batch k of
+    ``num_replicas * batch_size`` examples. (A DistributedSampler, so that Lightning uses it as it is instead of
+    wrapping it in its own, which would re-shuffle.) The last, short global batch is shared evenly, padded with
+    examples from the start of the order as DistributedSampler pads.
     """
 
-    def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed, self.epoch, self.start = size, seed, 0, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def __init__(self, size: int, seed: int, batch_size: int = 1, num_replicas: int = 1, rank: int = 0) -> None:
+        # DistributedSampler's own __init__ wants a dataset and a process group; everything it sets is set here.
+        self.size, self.seed, self.batch_size = size, seed, batch_size
+        self.num_replicas, self.rank = num_replicas, rank
+        self.epoch, self.start, self.shuffle, self.drop_last = 0, 0, True, False
 
     def resume_at(self, position: int) -> None:
         """Start the next pass at ``position`` of the epoch's order (later passes start at 0)."""
@@ -32,21 +39,31 @@ class EpochShuffleSampler(Sampler[int]):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(self.size, generator=generator).tolist()
         start, self.start = self.start, 0
-        return iter(order[start:])
+        order = order[start:]
+        order += order[: -len(order) % self.num_replicas]  # every rank the same number of examples
+        width = self.num_replicas * self.batch_size
+        mine = []
+        for begin in range(0, len(order), width):
+            chunk = order[begin : begin + width]
+            share = len(chunk) // self.num_replicas
+            mine += chunk[self.rank * share : (self.rank + 1) * share]
+        return iter(mine)
 
     def __len__(self) -> int:
-        return self.size
+        return math.ceil(self.size / self.num_replicas)
 
 
 def training_sampler(size: int, seed: int, batch_size: int, trainer: Any | None) -> EpochShuffleSampler:
-    """The training sampler; when Lightning is resuming mid-epoch, it starts after the batches already trained.
+    """The training sampler for this rank; when Lightning is resuming mid-epoch, it starts after the global batches
+    already trained.
 
     A checkpoint taken after the last batch of an epoch restores a complete epoch: Lightning goes on with the
     next one, which must start from its beginning.
     """
-    sampler = EpochShuffleSampler(size, seed)
+    replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+    sampler = EpochShuffleSampler(size, seed, batch_size, replicas, rank)
     if trainer is not None and trainer.fit_loop.restarting:
         done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
-        if 0 < done < math.ceil(size / batch_size) and trainer.world_size == 1:
-            sampler.resume_at(done * batch_size)
+        if 0 < done < math.ceil(size / (batch_size * replicas)):
+            sampler.resume_at(done * batch_size * replicas)
     return sampler
