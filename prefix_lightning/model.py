@@ -22,6 +22,13 @@ from prefix_lightning.attention import (
     bind,
     record_attention_calls,
 )
+from prefix_lightning.beam_search import (
+    CachedPrefix,
+    beam_search,
+    beam_search_options,
+    generation_mask,
+    prefix_layers,
+)
 from prefix_lightning.config import PrefixConfig
 from prefix_lightning.encoder import PrefixEncoder
 from prefix_lightning.export import load_prefix, save_prefix
@@ -133,23 +140,38 @@ class PrefixModel(nn.Module):
 
         With several beams (or returned sequences) per input, a decoder-only prompt is run once per input and
         its cache repeated for the copies: transformers would run each prompt once per copy, five times for beam 5.
+        A plain beam search (the options of the project's generation configs, sequences only) goes through
+        :func:`beam_search`, which gives the same sequences and stops computing each input once its search is
+        over, where transformers runs every input until the batch's last one is done.
         """
         self._materialize()
         copies = rows_per_input(self.lm.generation_config, kwargs)
         input_ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
         own_cache = {"cache", "past_key_values", "inputs_embeds"} & kwargs.keys()
+        searched = beam_search_options(self.lm, kwargs) if copies > 1 and slices_logits(self.lm) else None
+        if searched is not None and mask is None:
+            mask = searched["attention_mask"] = generation_mask(
+                input_ids, searched["pad_token_id"], searched["eos_token_id"]
+            )
         # Without a mask, only a single row is sure to hold no padding that generate would infer a mask for.
         known_mask = input_ids is not None and (mask is not None or input_ids.shape[0] == 1)
-        if copies > 1 and not own_cache and known_mask and input_ids.shape[1] > 1 and slices_logits(self.lm):
-            prompt = {"input_ids": input_ids[:, :-1]}
-            if mask is not None:
-                prompt["attention_mask"] = mask[:, :-1]
-            self.injector.prompt_width = input_ids.shape[1]
-            cache = self.lm(**prompt, use_cache=True, logits_to_keep=1).cache
-            cache.batch_repeat_interleave(copies)
-            kwargs["cache"] = cache  # generate sees the prompt's last token as the only one left to run
         self.injector.prompt_width = input_ids.shape[1] if input_ids is not None else None
         try:
+            cache = None
+            if copies > 1 and not own_cache and known_mask and input_ids.shape[1] > 1 and slices_logits(self.lm):
+                prompt = {"input_ids": input_ids[:, :-1]}
+                if mask is not None:
+                    prompt["attention_mask"] = mask[:, :-1]
+                cache = self.lm(**prompt, use_cache=True, logits_to_keep=1).cache
+            if searched is not None:  # the cache has one row per input; beam_search runs the last prompt token
+                # After the prompt, the prefix is read from the cache instead of being prepended at every step.
+                layers = prefix_layers(self.lm, self.sites, self.injector.prefixes)
+                shift = self.config.length if self.config.shift_positions else 0
+                moved = CachedPrefix(layers, shift, self.prefix_disabled) if layers and self.injector.enabled else None
+                return beam_search(self.lm, **searched, cache=cache, cached_prefix=moved)
+            if cache is not None:
+                cache.batch_repeat_interleave(copies)
+                kwargs["cache"] = cache  # generate sees the prompt's last token as the only one left to run
             return self.lm.generate(**kwargs)
         finally:
             self.injector.prompt_width = None

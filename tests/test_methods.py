@@ -79,6 +79,7 @@ def test_embedding_only_export_is_the_input_embeddings(tmp_path: Path) -> None:
         (["prefix.init_text=hello", "prefix.init_vocab=true"], "choose one initialization"),
         (["method=top2", "method.layers=0"], "method.layers=0 is not valid"),
         (["method=lora", "method.rank=0"], "method.rank=0 is not valid"),
+        (["method=peft_prefix", "prefix.dropout=0.1"], "PEFT's prefix tuning has no dropout"),
     ],
 )
 def test_bad_method_options_are_named(overrides: list[str], message: str, tmp_path: Path) -> None:

@@ -64,6 +64,9 @@ def _check_method(cfg: DictConfig) -> str:
     if method == "top_layers":
         layers = cfg.method.get("layers")
         _require(isinstance(layers, int) and layers >= 1, "method.layers", layers, "use a positive number of layers")
+    if method == "peft_prefix":  # what PEFT's prefix tuning has no switch for
+        _require(cfg.prefix.dropout == 0, "prefix.dropout", cfg.prefix.dropout, "PEFT's prefix tuning has no dropout")
+        _require(cfg.prefix.shift_positions, "prefix.shift_positions", False, "PEFT's prefix always shifts positions")
     if method == "lora":
         rank = cfg.method.get("rank")
         _require(isinstance(rank, int) and rank >= 1, "method.rank", rank, "use a positive LoRA rank")

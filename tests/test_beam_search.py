@@ -1,0 +1,300 @@
+"""Our beam search (prefix_lightning.beam_search) against transformers' own, on tiny random GPT-2 and Llama (GQA).
+
+The reference is ``PrefixModel.generate`` forced onto transformers' ``generate`` (the path every call that is
+not a plain beam search takes), on the very same model and prefix. The sequences must be identical, also when
+inputs end at different steps and their rows are dropped from the running batch (checked by counting the rows
+of every forward).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, LogitsProcessorList
+
+import prefix_lightning.model as model_module
+from prefix_lightning import PrefixConfig, PrefixModel
+from prefix_lightning.beam_search import beam_search, beam_search_options, generation_mask
+
+VOCAB, PAD = 100, 1
+TINY = {
+    "gpt2": dict(n_layer=2, n_embd=32, n_head=4, n_positions=128),
+    "llama": dict(
+        num_hidden_layers=3, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64
+    ),
+}
+# Peaked next-token distributions (the usual 0.02 makes them nearly uniform), and an end token made likelier
+# (its output embedding scaled) so that the inputs end after different numbers of tokens.
+INIT, END = 0.5, 2
+BOOST = {"gpt2": 1.8, "llama": 3.5}
+LENGTHS = (5, 2, 7, 3, 4, 6)
+NEW = 15
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread, and far faster than on threads that wait for busy cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_lm(kind: str, seed: int = 0):
+    config = AutoConfig.for_model(
+        kind, vocab_size=VOCAB, pad_token_id=PAD, bos_token_id=0, eos_token_id=2, initializer_range=INIT, **TINY[kind]
+    )
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def ending_lm(kind: str):
+    lm = tiny_lm(kind)
+    with torch.no_grad():
+        lm.get_output_embeddings().weight[END] *= BOOST[kind]
+    return lm
+
+
+def prefixed(kind: str, prefix_kind: str = "prefix") -> PrefixModel:
+    """A tiny LM with a random prefix (large enough to change its outputs)."""
+    model = PrefixModel(ending_lm(kind), PrefixConfig(length=3, reparam="none", kind=prefix_kind))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.encoders.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    return model.eval()
+
+
+def left_padded(lengths: tuple[int, ...] = LENGTHS, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), PAD)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for i, length in enumerate(lengths):
+        ids[i, width - length :] = torch.randint(3, VOCAB, (length,), generator=generator)
+        mask[i, width - length :] = 1
+    return ids, mask
+
+
+@contextmanager
+def transformers_search(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """PrefixModel.generate with transformers' beam search (what it does for options beam_search lacks)."""
+    with monkeypatch.context() as patch:
+        patch.setattr(model_module, "beam_search_options", lambda lm, kwargs: None)
+        yield
+
+
+@contextmanager
+def rows_per_forward(model: PrefixModel) -> Iterator[list[int]]:
+    """The batch size of every forward of the LM on tokens inside the block (embedding-only's prefix is the
+    LM's activations of embeddings)."""
+    rows: list[int] = []
+
+    def count(module, args, kwargs) -> None:
+        if kwargs.get("input_ids") is not None:
+            rows.append(kwargs["input_ids"].shape[0])
+
+    handle = model.lm.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        yield rows
+    finally:
+        handle.remove()
+
+
+def compare(model: PrefixModel, monkeypatch: pytest.MonkeyPatch, **options) -> tuple[torch.Tensor, list[int]]:
+    """Our sequences (asserted equal to transformers') and the rows of each of our forwards: the prompt but its
+    last token, the last token (one row per input), then one per step (a row per beam of the inputs left)."""
+    ids, mask = left_padded()
+    with rows_per_forward(model) as rows:
+        ours = model.generate(input_ids=ids, attention_mask=mask, **options)
+    with transformers_search(monkeypatch):
+        theirs = model.generate(input_ids=ids, attention_mask=mask, **options)
+    assert ours.shape == theirs.shape
+    assert torch.equal(ours, theirs)
+    return ours, rows
+
+
+BASE = dict(max_new_tokens=NEW, pad_token_id=PAD)
+
+
+def dropped(rows: list[int]) -> int:
+    """How many times inputs were dropped from the running batch."""
+    return len(set(rows[2:])) - 1
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("beams", [2, 3, 4, 5])
+def test_same_sequences_as_transformers_with_inputs_ending_early(kind, beams, monkeypatch) -> None:
+    model = prefixed(kind)
+    sequences, rows = compare(model, monkeypatch, num_beams=beams, eos_token_id=END, **BASE)
+    new = sequences[:, max(LENGTHS) :]
+    assert len(set((new != PAD).sum(1).tolist())) >= 3  # outputs of different lengths
+    assert rows[:2] == [len(LENGTHS)] * 2  # the prompt once per input, not once per beam
+    assert rows[2] == beams * len(LENGTHS) and sorted(rows[2:], reverse=True) == rows[2:]
+    assert all(r % beams == 0 for r in rows[2:])
+    assert dropped(rows) >= 2 and rows[-1] < rows[2]
+
+
+SETTINGS = {
+    "bad_words": dict(bad_words_ids=[[7], [9], [48], [44]]),
+    "summarization": dict(length_penalty=0.8, no_repeat_ngram_size=3, min_new_tokens=4, early_stopping=True),
+    "early_stopping": dict(early_stopping=True),
+    "never": dict(early_stopping="never", length_penalty=1.3),
+    "negative_penalty": dict(length_penalty=-0.5, bad_words_ids=[[5]]),
+}
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("setting", sorted(SETTINGS))
+@pytest.mark.parametrize("beams", [2, 5])
+def test_same_sequences_with_generation_options(kind, setting, beams, monkeypatch) -> None:
+    model = prefixed(kind)
+    options = dict(num_beams=beams, **BASE, **SETTINGS[setting])
+    _, rows = compare(model, monkeypatch, eos_token_id=END, **options)
+    if setting != "never":  # which waits for the longest a beam may get: inputs seldom end before the last step
+        assert dropped(rows)
+    for eos in (44, 48, [44, END]):  # other end tokens, several at once
+        compare(model, monkeypatch, eos_token_id=eos, **options)
+
+
+def test_min_new_tokens_and_bad_words_hold() -> None:
+    model = prefixed("llama")
+    ids, mask = left_padded()
+    eos, banned = END, [[44], [4]]
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        num_beams=3,
+        eos_token_id=eos,
+        bad_words_ids=banned,
+        min_new_tokens=5,
+        **BASE,
+    )
+    new = out[:, ids.shape[1] :]
+    assert not (new[:, :5] == eos).any()
+    assert not torch.isin(new, torch.tensor([44, 4])).any()
+
+
+@pytest.mark.parametrize("prefix_kind", ["infix", "embedding"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_other_prefix_kinds(kind, prefix_kind, monkeypatch) -> None:
+    model = prefixed(kind, prefix_kind)
+    if prefix_kind == "embedding":
+        model.init_prefix_from_vocabulary(torch.Generator().manual_seed(1))
+    for beams in (2, 4):
+        _, rows = compare(model, monkeypatch, num_beams=beams, eos_token_id=END, **BASE)
+        assert dropped(rows)
+    assert model.injector.prompt_width is None
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_prefix_read_from_the_cache_changes_nothing(kind, monkeypatch) -> None:
+    """After the prompt, the prefix moves into the cache and the attention stops prepending it (the prefix is
+    turned off for the decoding steps); the sequences are those of the prefix prepended at every step."""
+    model = prefixed(kind)
+    ids, mask = left_padded()
+    options = dict(input_ids=ids, attention_mask=mask, num_beams=3, eos_token_id=END, **BASE)
+    turned_off = []
+    disabled = PrefixModel.prefix_disabled
+
+    def spied(self):
+        turned_off.append(True)
+        return disabled(self)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(PrefixModel, "prefix_disabled", spied)
+        cached = model.generate(**options)
+        assert turned_off
+    with monkeypatch.context() as patch:
+        patch.setattr(model_module, "prefix_layers", lambda *args: None)
+        assert torch.equal(model.generate(**options), cached)
+    # Where the prefix is off, none comes into the cache.
+    with model.prefix_disabled():
+        bare = model.generate(**options)
+        with transformers_search(monkeypatch):
+            assert torch.equal(model.generate(**options), bare)
+    assert not torch.equal(bare, cached)
+
+
+def test_no_padding_one_token_prompts_and_no_mask(monkeypatch) -> None:
+    """Prompts without padding (generate drops the mask), of one token (no prompt cache), and a mask left for
+    generate to infer from the pad token."""
+    model = prefixed("llama")
+    full = torch.randint(3, VOCAB, (4, 6), generator=torch.Generator().manual_seed(3))
+    for ids in (full, full[:, :1]):
+        options = dict(num_beams=3, eos_token_id=END, **BASE)
+        ours = model.generate(input_ids=ids, **options)
+        with transformers_search(monkeypatch):
+            assert torch.equal(ours, model.generate(input_ids=ids, **options))
+    ids, mask = left_padded()
+    options = dict(num_beams=3, eos_token_id=END, **BASE)
+    ours = model.generate(input_ids=ids, **options)
+    assert torch.equal(generation_mask(ids, PAD, END), mask)
+    with transformers_search(monkeypatch):
+        assert torch.equal(ours, model.generate(input_ids=ids, attention_mask=mask, **options))
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_plain_lm(kind) -> None:
+    """The core function on a bare LM, against its own generate (no prompt cache given)."""
+    lm = ending_lm(kind)
+    ids, mask = left_padded()
+    options = dict(num_beams=4, eos_token_id=END, length_penalty=0.8, **BASE)
+    rows: list[int] = []
+    ours = beam_search(lm, ids, mask, on_step=lambda step, count: rows.append(count), **options)
+    assert torch.equal(ours, lm.generate(input_ids=ids, attention_mask=mask, **options))
+    assert rows[0] == len(LENGTHS) and rows[1] == 4 * len(LENGTHS)
+
+
+def test_greedy_and_unsupported_options_use_transformers(monkeypatch) -> None:
+    model = prefixed("gpt2")
+    ids, mask = left_padded()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("beam_search should not run")
+
+    calls = [
+        dict(num_beams=1),
+        dict(num_beams=3, num_return_sequences=2),
+        dict(num_beams=3, do_sample=True),
+        dict(num_beams=3, repetition_penalty=1.3),
+        dict(num_beams=3, logits_processor=LogitsProcessorList()),
+    ]
+    for call in calls:
+        options = dict(input_ids=ids, attention_mask=mask, eos_token_id=END, **BASE, **call)
+        with monkeypatch.context() as patch:
+            patch.setattr(model_module, "beam_search", refuse)
+            torch.manual_seed(0)
+            got = model.generate(**options)
+        with transformers_search(monkeypatch):
+            torch.manual_seed(0)
+            assert torch.equal(got, model.generate(**options))
+    with monkeypatch.context() as patch:
+        patch.setattr(model_module, "beam_search", refuse)
+        scored = model.generate(input_ids=ids, attention_mask=mask, num_beams=3, **BASE, return_dict_in_generate=True)
+    assert scored.sequences.shape[0] == len(LENGTHS)
+
+
+def test_options_layered_like_generate() -> None:
+    lm = tiny_lm("gpt2")
+    ids = torch.ones(1, 3, dtype=torch.long)
+    config = GenerationConfig(num_beams=4, max_new_tokens=9, length_penalty=0.5)
+    options = beam_search_options(lm, {"input_ids": ids, "generation_config": config, "length_penalty": 2.0})
+    assert options is not None
+    assert (options["num_beams"], options["max_new_tokens"], options["length_penalty"]) == (4, 9, 2.0)
+    assert (options["eos_token_id"], options["pad_token_id"], options["early_stopping"]) == (2, PAD, False)
+    assert options["bad_words_ids"] is None and options["min_new_tokens"] == 0
+    for refused in (
+        {"num_beams": 1},
+        {"max_new_tokens": None, "max_length": 30},
+        {"output_scores": True},
+        {"top_k": 5, "do_sample": True},
+        {"streamer": object()},
+        {"forced_eos_token_id": 2},
+    ):
+        assert beam_search_options(lm, {"input_ids": ids, "num_beams": 3, "max_new_tokens": 5, **refused}) is None
+    # options that change nothing without sampling are accepted
+    assert beam_search_options(lm, {"input_ids": ids, "num_beams": 3, "max_new_tokens": 5, "temperature": 0.7})
