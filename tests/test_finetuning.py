@@ -9,33 +9,19 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from prefix_lightning import PrefixConfig, PrefixModel
 from prefix_lightning.finetuning import FINETUNING_METHODS, FineTunedLM, decoder_blocks, load_top_layers
 from prefix_lightning.loss import IGNORE_INDEX
 from prefix_lightning.peft_prefix import set_peft_prefix
+from tests.test_prefix_model import PAD, VOCAB
+from tests.test_prefix_model import tiny_lm as tiny_prefix_model_lm
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # PEFT calls transformers' deprecated names
 
-VOCAB, PAD = 100, 1
-TINY = {
-    "llama": dict(
-        num_hidden_layers=3, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64
-    ),
-    "gpt2": dict(n_layer=3, n_embd=32, n_head=4, n_positions=64),
-    "bart": dict(
-        encoder_layers=2,
-        decoder_layers=3,
-        d_model=32,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        max_position_embeddings=64,
-        forced_eos_token_id=None,
-    ),
-}
+# Three blocks everywhere, so that the top two are not the whole stack.
+DEEPER = {"llama": {}, "gpt2": dict(n_layer=3), "bart": dict(decoder_layers=3)}
 OPTIONS = {"lora": dict(rank=4, alpha=8), "peft_prefix": dict(prefix=PrefixConfig(length=3, hidden_dim=16))}
 # (source, target) token pairs of different lengths.
 PAIRS = [([10, 11, 12], [30, 31, 32, 33]), ([20, 21], [40, 41]), ([50, 51, 52, 53], [60, 61, 62])]
@@ -44,12 +30,7 @@ CASES = [("llama", method) for method in FINETUNING_METHODS] + [("gpt2", "full")
 
 
 def tiny_lm(kind: str):
-    config = AutoConfig.for_model(
-        kind, vocab_size=VOCAB, pad_token_id=PAD, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, **TINY[kind]
-    )
-    torch.manual_seed(0)
-    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    return auto.from_config(config).eval()
+    return tiny_prefix_model_lm(kind, **DEEPER[kind])
 
 
 def _padded(rows: list[list[int]], fill: int, left: bool = False) -> torch.Tensor:

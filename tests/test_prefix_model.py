@@ -34,7 +34,8 @@ TINY = {
 WORDS = torch.tensor([5, 6, 7, 8])
 
 
-def tiny_lm(kind: str, seed: int = 0):
+def tiny_lm(kind: str, seed: int = 0, **overrides):
+    """A tiny random model of the family ``kind``; ``overrides`` change its config (e.g. more layers)."""
     config = AutoConfig.for_model(
         kind,
         vocab_size=VOCAB,
@@ -42,7 +43,7 @@ def tiny_lm(kind: str, seed: int = 0):
         bos_token_id=0,
         eos_token_id=2,
         decoder_start_token_id=2,
-        **TINY[kind],
+        **{**TINY[kind], **overrides},
     )
     torch.manual_seed(seed)
     auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
