@@ -32,6 +32,8 @@ from transformers import (
 )
 from transformers.cache_utils import Cache, DynamicLayer
 
+from prefix_lightning.positions import positions_from_mask
+
 # transformers' mark for a score that must not be chosen (added, not assigned, exactly as its beam search does).
 _HIDDEN = -1.0e9
 
@@ -201,17 +203,15 @@ def beam_search(
     bad_words_ids: list[list[int]] | None = None,
     no_repeat_ngram_size: int = 0,
     min_new_tokens: int = 0,
-    cache: Cache | None = None,
     cached_prefix: CachedPrefix | None = None,
     on_step: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """``lm.generate(num_beams=..., ...)``'s sequences (prompt + new tokens, padded after the end token, as wide
     as the prompt plus the longest output), computing only the inputs whose search is not over.
 
-    ``cache``, if given, holds the keys/values of the prompt's first ``cache.get_seq_length()`` columns, one row
-    per input (the rest of the prompt is run here). ``cached_prefix`` moves a prefix into the cache after the
-    prompt (see :class:`CachedPrefix`; it is left where it is for a cache whose layers cannot take it).
-    ``on_step(step, rows)`` is told how many rows each forward ran (step 0: the prompt, one row per input).
+    ``cached_prefix`` moves a prefix into the cache after the prompt (see :class:`CachedPrefix`; it is left
+    where it is for a cache whose layers cannot take it). ``on_step(step, rows)`` is told how many rows each
+    forward ran (step 0: the prompt, one row per input).
     """
     device = input_ids.device
     batch, width = input_ids.shape
@@ -222,7 +222,7 @@ def beam_search(
         attention_mask = generation_mask(input_ids, pad_token_id, eos_token_id)
     # generate drops an all-ones mask (no padding anywhere) before its first forward; positions come from it.
     model_mask = None if bool((attention_mask == 1).all()) else attention_mask
-    positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    positions = positions_from_mask(attention_mask)
     forward = _Forward(lm)
     rules = _Rules(
         width=width,
@@ -238,8 +238,7 @@ def beam_search(
     output_lengths = torch.zeros(batch, dtype=torch.long, device=device)
 
     # The prompt, once per input.
-    past = cache.get_seq_length() if cache is not None else 0
-    logits, cache = forward(input_ids[:, past:], model_mask, positions[:, past:], cache)
+    logits, cache = forward(input_ids, model_mask, positions, None)
     if on_step is not None:
         on_step(0, batch)
     with ExitStack() as stack:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -33,7 +34,8 @@ from prefix_lightning.config import PrefixConfig
 from prefix_lightning.encoder import PrefixEncoder
 from prefix_lightning.export import load_prefix, save_prefix
 from prefix_lightning.loss import IGNORE_INDEX, slices_logits, target_loss
-from prefix_lightning.positions import attach_position_shift
+from prefix_lightning.packed_linear import PackedWeights, packed_linears
+from prefix_lightning.positions import attach_position_shift, positions_from_mask
 from prefix_lightning.sites import SUPPORTED, AttentionSite, UnsupportedModelError, discover_sites
 
 log = logging.getLogger(__name__)
@@ -80,11 +82,14 @@ class PrefixModel(nn.Module):
         )
         if self.config.shift_positions:
             attach_position_shift(lm, self.config.length, self.injector)
+        self.packed_weights: PackedWeights = {}  # the frozen LM's weights packed for decoding (see generate)
 
     # -- running -------------------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> PrefixModel:
         super().train(mode)
         self.lm.eval()
+        if mode:  # back to training: the packed copy of the weights is not needed until the next decoding
+            self.packed_weights.clear()
         return self
 
     def materialized(self, dropout: float = 0.0) -> dict[str, torch.Tensor]:
@@ -142,39 +147,45 @@ class PrefixModel(nn.Module):
         its cache repeated for the copies: transformers would run each prompt once per copy, five times for beam 5.
         A plain beam search (the options of the project's generation configs, sequences only) goes through
         :func:`beam_search`, which gives the same sequences and stops computing each input once its search is
-        over, where transformers runs every input until the batch's last one is done.
+        over, where transformers runs every input until the batch's last one is done. On CPU the frozen LM's
+        linear layers compute with weights packed once for oneDNN (:func:`packed_linears`; freed by ``train()``).
         """
         self._materialize()
+        input_ids = kwargs.get("input_ids")
+        self.injector.prompt_width = input_ids.shape[1] if input_ids is not None else None
+        try:
+            with packed_linears(self.lm, self.packed_weights):
+                return self._generate(kwargs)
+        finally:
+            self.injector.prompt_width = None
+
+    def _generate(self, kwargs: dict[str, Any]) -> Any:
         copies = rows_per_input(self.lm.generation_config, kwargs)
         input_ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
         own_cache = {"cache", "past_key_values", "inputs_embeds"} & kwargs.keys()
         searched = beam_search_options(self.lm, kwargs) if copies > 1 and slices_logits(self.lm) else None
-        if searched is not None and mask is None:
-            mask = searched["attention_mask"] = generation_mask(
-                input_ids, searched["pad_token_id"], searched["eos_token_id"]
-            )
+        if searched is not None:  # beam_search runs each prompt once, with the prefix prepended
+            if mask is None:
+                searched["attention_mask"] = generation_mask(
+                    input_ids, searched["pad_token_id"], searched["eos_token_id"]
+                )
+            # After the prompt, the prefix is read from the cache instead of being prepended at every step.
+            layers = prefix_layers(self.lm, self.sites, self.injector.prefixes)
+            shift = self.config.length if self.config.shift_positions else 0
+            moved = CachedPrefix(layers, shift, self.prefix_disabled) if layers and self.injector.enabled else None
+            return beam_search(self.lm, **searched, cached_prefix=moved)
         # Without a mask, only a single row is sure to hold no padding that generate would infer a mask for.
         known_mask = input_ids is not None and (mask is not None or input_ids.shape[0] == 1)
-        self.injector.prompt_width = input_ids.shape[1] if input_ids is not None else None
-        try:
-            cache = None
-            if copies > 1 and not own_cache and known_mask and input_ids.shape[1] > 1 and slices_logits(self.lm):
-                prompt = {"input_ids": input_ids[:, :-1]}
-                if mask is not None:
-                    prompt["attention_mask"] = mask[:, :-1]
-                cache = self.lm(**prompt, use_cache=True, logits_to_keep=1).cache
-            if searched is not None:  # the cache has one row per input; beam_search runs the last prompt token
-                # After the prompt, the prefix is read from the cache instead of being prepended at every step.
-                layers = prefix_layers(self.lm, self.sites, self.injector.prefixes)
-                shift = self.config.length if self.config.shift_positions else 0
-                moved = CachedPrefix(layers, shift, self.prefix_disabled) if layers and self.injector.enabled else None
-                return beam_search(self.lm, **searched, cache=cache, cached_prefix=moved)
-            if cache is not None:
-                cache.batch_repeat_interleave(copies)
-                kwargs["cache"] = cache  # generate sees the prompt's last token as the only one left to run
-            return self.lm.generate(**kwargs)
-        finally:
-            self.injector.prompt_width = None
+        if copies > 1 and not own_cache and known_mask and input_ids.shape[1] > 1 and slices_logits(self.lm):
+            prompt = {"input_ids": input_ids[:, :-1]}
+            if mask is not None:  # positions counted as generate counts them (a left-padded row from its pad)
+                prompt["attention_mask"] = mask[:, :-1]
+                if "position_ids" in inspect.signature(self.lm.forward).parameters:
+                    prompt["position_ids"] = positions_from_mask(prompt["attention_mask"])
+            cache = self.lm(**prompt, use_cache=True, logits_to_keep=1).cache
+            cache.batch_repeat_interleave(copies)
+            kwargs["cache"] = cache  # generate sees the prompt's last token as the only one left to run
+        return self.lm.generate(**kwargs)
 
     @contextmanager
     def prefix_disabled(self) -> Iterator[None]:

@@ -24,13 +24,18 @@ from prefix_lightning.attention import INFIX_QUERIES, PrefixInjector, infix_rows
 from prefix_lightning.sites import UnsupportedModelError
 
 
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Each token's position as if its row were unpadded (left padding; pads, which no token reads, at 0), as
+    ``generate`` counts them; a forward given no ids would count the pads."""
+    return (mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
 def _positions_from_inputs(tokens: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
     """Positions as if unpadded: counted over the 2-D mask (left padding), else continuing the cache."""
     query_length = tokens.shape[1]
     mask = kwargs.get("attention_mask")
     if mask is not None and mask.ndim == 2:
-        positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
-        return positions[:, -query_length:]
+        return positions_from_mask(mask)[:, -query_length:]
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     past = cache.get_seq_length() if cache is not None else 0
     return torch.arange(past, past + query_length, device=tokens.device).unsqueeze(0)

@@ -105,8 +105,8 @@ def rows_per_forward(model: PrefixModel) -> Iterator[list[int]]:
 
 
 def compare(model: PrefixModel, monkeypatch: pytest.MonkeyPatch, **options) -> tuple[torch.Tensor, list[int]]:
-    """Our sequences (asserted equal to transformers') and the rows of each of our forwards: the prompt but its
-    last token, the last token (one row per input), then one per step (a row per beam of the inputs left)."""
+    """Our sequences (asserted equal to transformers') and the rows of each of our forwards: the prompt (one row
+    per input), then one per step (a row per beam of the inputs left)."""
     ids, mask = left_padded()
     with rows_per_forward(model) as rows:
         ours = model.generate(input_ids=ids, attention_mask=mask, **options)
@@ -122,7 +122,7 @@ BASE = dict(max_new_tokens=NEW, pad_token_id=PAD)
 
 def dropped(rows: list[int]) -> int:
     """How many times inputs were dropped from the running batch."""
-    return len(set(rows[2:])) - 1
+    return len(set(rows[1:])) - 1
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
@@ -132,10 +132,10 @@ def test_same_sequences_as_transformers_with_inputs_ending_early(kind, beams, mo
     sequences, rows = compare(model, monkeypatch, num_beams=beams, eos_token_id=END, **BASE)
     new = sequences[:, max(LENGTHS) :]
     assert len(set((new != PAD).sum(1).tolist())) >= 3  # outputs of different lengths
-    assert rows[:2] == [len(LENGTHS)] * 2  # the prompt once per input, not once per beam
-    assert rows[2] == beams * len(LENGTHS) and sorted(rows[2:], reverse=True) == rows[2:]
-    assert all(r % beams == 0 for r in rows[2:])
-    assert dropped(rows) >= 2 and rows[-1] < rows[2]
+    assert rows[0] == len(LENGTHS)  # the prompt once per input, not once per beam
+    assert rows[1] == beams * len(LENGTHS) and sorted(rows[1:], reverse=True) == rows[1:]
+    assert all(r % beams == 0 for r in rows[1:])
+    assert dropped(rows) >= 2 and rows[-1] < rows[1]
 
 
 SETTINGS = {
