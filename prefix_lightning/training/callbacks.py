@@ -6,6 +6,8 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from itertools import islice
 from pathlib import Path
@@ -13,6 +15,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
 from prefix_lightning.data.collate import IGNORE_INDEX
 from prefix_lightning.sweeps.dashboards import log_generation_samples, log_result
@@ -31,10 +34,33 @@ class PrefixExport(L.Callback):
         self.dirpath = Path(dirpath)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: PrefixTuningModule) -> None:
-        if trainer.is_global_zero:
-            pl_module.model.save(self.dirpath)
-            size = sum(f.stat().st_size for f in self.dirpath.rglob("*") if f.is_file())
-            log.info("exported the trained part to %s (%.1f KB)", self.dirpath, size / 1024)
+        with _whole_on_rank_zero(trainer, pl_module):
+            if trainer.is_global_zero:
+                pl_module.model.save(self.dirpath)
+                size = sum(f.stat().st_size for f in self.dirpath.rglob("*") if f.is_file())
+                log.info("exported the trained part to %s (%.1f KB)", self.dirpath, size / 1024)
+
+
+@contextmanager
+def _whole_on_rank_zero(trainer: L.Trainer, pl_module: L.LightningModule) -> Iterator[None]:
+    """The trainable parameters whole on global rank 0 inside the block, where the strategy shards them outside
+    its steps: FSDP (gathered into rank 0's CPU memory, as its full checkpoints are) and DeepSpeed ZeRO-3. Every
+    rank must enter it (it gathers from all of them)."""
+    strategy = trainer.strategy
+    if isinstance(strategy, FSDPStrategy):
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        with FullyShardedDataParallel.summon_full_params(
+            strategy.model, writeback=False, rank0_only=True, offload_to_cpu=True
+        ):
+            yield
+    elif isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p for p in pl_module.parameters() if p.requires_grad]):
+            yield
+    else:
+        yield
 
 
 class InterruptCheckpoint(L.Callback):
