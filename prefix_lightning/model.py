@@ -84,6 +84,11 @@ class PrefixModel(nn.Module):
             attach_position_shift(lm, self.config.length, self.injector)
         self.packed_weights: PackedWeights = {}  # the frozen LM's weights packed for decoding (see generate)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies (pickled for spawned processes, deep-copied) start without packed weights, which neither
+        pickling nor copying can read; they are packed again when the copy decodes."""
+        return {**super().__getstate__(), "packed_weights": {}}
+
     # -- running -------------------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> PrefixModel:
         super().train(mode)

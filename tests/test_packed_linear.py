@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 from torch import nn
@@ -85,3 +88,16 @@ def test_generate_uses_them_with_unchanged_outputs(beams, monkeypatch) -> None:
     assert all(model.packed_weights[name][1] is entry[1] for name, entry in kept.items())
     model.train()
     assert not model.packed_weights
+
+
+def test_a_model_that_decoded_can_be_pickled_and_copied() -> None:
+    """Spawned DDP workers get the model pickled; packed weights cannot be, so copies start without them."""
+    model = prefixed("llama")
+    ids, mask = left_padded()
+    options = dict(input_ids=ids, attention_mask=mask, num_beams=2, max_new_tokens=6, eos_token_id=2)
+    expected = model.generate(**options)
+    assert model.packed_weights
+    for twin in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        assert not twin.packed_weights
+        assert torch.equal(twin.generate(**options), expected) and twin.packed_weights
+    assert model.packed_weights  # the original keeps its own
