@@ -183,7 +183,7 @@ class PrefixModel(nn.Module):
         known_mask = input_ids is not None and (mask is not None or input_ids.shape[0] == 1)
         if copies > 1 and not own_cache and known_mask and input_ids.shape[1] > 1 and slices_logits(self.lm):
             prompt = {"input_ids": input_ids[:, :-1]}
-            if mask is not None:  # positions counted as generate counts them (a left-padded row from its pad)
+            if mask is not None:  # positions as generate counts them: from each row's first real token
                 prompt["attention_mask"] = mask[:, :-1]
                 if "position_ids" in inspect.signature(self.lm.forward).parameters:
                     prompt["position_ids"] = positions_from_mask(prompt["attention_mask"])
