@@ -24,7 +24,6 @@ from prefix_lightning.atomic import atomic_write
 from prefix_lightning.backbones import backbone_identity
 from prefix_lightning.config import PrefixConfig
 from prefix_lightning.loss import slices_logits, target_loss
-from prefix_lightning.onednn_linear import route_frozen_linears
 from prefix_lightning.peft_prefix import peft_generate, peft_prefix_config
 
 FINETUNING_METHODS = ("full", "top_layers", "lora", "peft_prefix")
@@ -83,7 +82,6 @@ class FineTunedLM(nn.Module):
                 )
             lm = _peft_model(lm, method, peft_prefix_config(prefix or PrefixConfig()))
         self.lm = lm
-        route_frozen_linears(lm)  # on CPU, oneDNN computes the layers left frozen (trainable ones run as before)
         # PEFT's forward takes **kwargs and hands logits_to_keep on to the causal LM it wraps (LoRA: the LM with
         # its adapted layers; prefix tuning: with the prefix as its cache), but target_loss only computes
         # target-position logits for a forward that names the argument: the loss shows it one that does.

@@ -34,7 +34,7 @@ from prefix_lightning.config import PrefixConfig
 from prefix_lightning.encoder import PrefixEncoder
 from prefix_lightning.export import load_prefix, save_prefix
 from prefix_lightning.loss import IGNORE_INDEX, slices_logits, target_loss
-from prefix_lightning.onednn_linear import route_frozen_linears
+from prefix_lightning.packed_linear import PackedWeights, packed_linears
 from prefix_lightning.positions import attach_position_shift, positions_from_mask
 from prefix_lightning.sites import SUPPORTED, AttentionSite, UnsupportedModelError, discover_sites
 
@@ -56,7 +56,6 @@ class PrefixModel(nn.Module):
         self.lm = lm
         lm.requires_grad_(False)
         lm.eval()
-        route_frozen_linears(lm)  # on CPU, oneDNN computes the frozen layers, forward and backward
         try:
             lm.set_attn_implementation(ATTN_IMPLEMENTATION)
         except (ValueError, TypeError) as error:
@@ -83,11 +82,19 @@ class PrefixModel(nn.Module):
         )
         if self.config.shift_positions:
             attach_position_shift(lm, self.config.length, self.injector)
+        self.packed_weights: PackedWeights = {}  # the frozen LM's weights packed for decoding (see generate)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies (pickled for spawned processes, deep-copied) start without packed weights, which neither
+        pickling nor copying can read; they are packed again when the copy decodes."""
+        return {**super().__getstate__(), "packed_weights": {}}
 
     # -- running -------------------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> PrefixModel:
         super().train(mode)
         self.lm.eval()
+        if mode:  # back to training: the packed copy of the weights is not needed until the next decoding
+            self.packed_weights.clear()
         return self
 
     def materialized(self, dropout: float = 0.0) -> dict[str, torch.Tensor]:
@@ -145,13 +152,15 @@ class PrefixModel(nn.Module):
         its cache repeated for the copies: transformers would run each prompt once per copy, five times for beam 5.
         A plain beam search (the options of the project's generation configs, sequences only) goes through
         :func:`beam_search`, which gives the same sequences and stops computing each input once its search is
-        over, where transformers runs every input until the batch's last one is done.
+        over, where transformers runs every input until the batch's last one is done. On CPU the frozen LM's
+        linear layers compute with weights packed once for oneDNN (:func:`packed_linears`; freed by ``train()``).
         """
         self._materialize()
         input_ids = kwargs.get("input_ids")
         self.injector.prompt_width = input_ids.shape[1] if input_ids is not None else None
         try:
-            return self._generate(kwargs)
+            with packed_linears(self.lm, self.packed_weights):
+                return self._generate(kwargs)
         finally:
             self.injector.prompt_width = None
 

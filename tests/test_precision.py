@@ -11,7 +11,6 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from safetensors.torch import load_file
-from transformers.modeling_layers import GradientCheckpointingLayer
 
 from prefix_lightning.training.train import build_model
 from tests.helpers import compose_train
@@ -32,8 +31,7 @@ def test_bf16_mixed_with_gradient_checkpointing_and_accumulation(tmp_path: Path,
     """bf16 autocast on CPU, the LM's layers recomputed in backward, 2 batches per step: a float32 prefix trains."""
     overrides = [*SHORT, "trainer.precision=bf16-mixed", "model.gradient_checkpointing=true"]
     model, _ = build_model(compose_train(tmp_path / "cfg", overrides))
-    layers = [module for module in model.lm.modules() if isinstance(module, GradientCheckpointingLayer)]
-    assert len(layers) == 2 and all("forward" in vars(layer) for layer in layers)  # both decoder layers wrapped
+    assert sum("forward" in vars(module) for module in model.lm.modules()) == 2  # both decoder layers wrapped
     run_cli(tmp_path, *overrides, "trainer.accumulate_grad_batches=2", "trainer.log_every_n_steps=1")
     checkpoint, losses = _trained(tmp_path)
     batches = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"]
