@@ -1,12 +1,11 @@
 """prefix-lightning: prefix-tuning of frozen transformers LMs.
 
-The core (this package's top level) knows nothing of Lightning or Hydra: ``PrefixModel`` works in any
-PyTorch loop.
+The library (this package's subpackages but ``training`` and ``sweeps``) knows nothing of Lightning or Hydra:
+``PrefixModel`` works in any PyTorch loop. The modules at this level besides this one are the commands
+(``python -m prefix_lightning.<command>``).
 """
 
 from prefix_lightning.backbones import load_backbone
-from prefix_lightning.config import PrefixConfig
-from prefix_lightning.model import PrefixModel
-from prefix_lightning.sites import UnsupportedModelError
+from prefix_lightning.prefix import PrefixConfig, PrefixModel, UnsupportedModelError
 
 __all__ = ["PrefixConfig", "PrefixModel", "UnsupportedModelError", "load_backbone"]

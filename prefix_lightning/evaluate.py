@@ -18,10 +18,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from prefix_lightning.cli import report_errors
-from prefix_lightning.config import PrefixConfig
-from prefix_lightning.model import PrefixModel
+from prefix_lightning.prefix import PrefixModel
+from prefix_lightning.training.build import build_datamodule, build_module, load_configured_backbone
 from prefix_lightning.training.checks import check_config
-from prefix_lightning.training.train import build_datamodule, build_module, load_configured_backbone
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +33,7 @@ def evaluate(cfg: DictConfig) -> float:
         model = PrefixModel.from_prefix(lm, cfg.prefix_path)
         log.info("evaluating the prefix in %s", cfg.prefix_path)
     else:
-        model = PrefixModel(lm, PrefixConfig(length=1))
+        model = PrefixModel(lm, length=1)
         log.info("no prefix_path given: evaluating the plain LM on the same prompts")
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
     module = build_module(cfg, model, tokenizer)

@@ -14,8 +14,8 @@ import huggingface_hub.constants
 import pytest
 import torch
 
-from prefix_lightning import backbones
-from prefix_lightning.backbones import backbone_identity, load_backbone
+from prefix_lightning.backbones import backbone_identity, embedded, load_backbone
+from prefix_lightning.files import atomic_folder
 
 REPO = Path(__file__).resolve().parents[1]
 GPT2_EOS = 50256
@@ -141,8 +141,8 @@ def test_hub_source_without_network_gives_a_one_line_error(monkeypatch: pytest.M
 @pytest.mark.parametrize(
     ("source", "name", "kwargs", "match"),
     [
-        ("pretrained", "gpt2", {}, "Unknown backbone source 'pretrained'; allowed: embedded, hub, random"),
-        ("embedded", "smollm2-1.7b", {}, "Unknown embedded backbone 'smollm2-1.7b'; allowed: smollm2-135m-instruct"),
+        ("pretrained", "gpt2", {}, "unknown backbone source 'pretrained'; allowed: embedded, hub, random"),
+        ("embedded", "smollm2-1.7b", {}, "embedded backbone 'smollm2-1.7b'; embedded models: smollm2-135m-instruct"),
         ("embedded", "smollm2-135m-instruct", {"tokenizer": "gpt2"}, "brings its own tokenizer"),
         ("random", "gpt2", {"random_config": {"model_type": "gpt2"}}, "needs both `tokenizer`"),
         ("random", "gpt2", {"tokenizer": "gpt2", "random_config": {"n_layer": 2}}, "needs a 'model_type' key"),
@@ -171,14 +171,14 @@ def test_cache_is_written_atomically(tmp_path: Path) -> None:
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        backbones._write_atomically(target, fail_halfway)
+        atomic_folder(target, fail_halfway)
     assert list(tmp_path.iterdir()) == []
 
-    backbones._write_atomically(target, lambda folder: (folder / "config.json").write_text("{}"))
+    atomic_folder(target, lambda folder: (folder / "config.json").write_text("{}"))
     assert [p.name for p in tmp_path.iterdir()] == ["model"] and (target / "config.json").is_file()
 
     # A concurrent conversion that finished first wins; ours is discarded.
-    backbones._write_atomically(target, lambda folder: (folder / "other.json").write_text("{}"))
+    atomic_folder(target, lambda folder: (folder / "other.json").write_text("{}"))
     assert sorted(p.name for p in target.iterdir()) == ["config.json"]
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
 
@@ -231,7 +231,7 @@ def test_smollm2_second_load_uses_the_cache(
     smollm2, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     _, _, cache_dir = smollm2
-    monkeypatch.setattr(backbones, "_dequantize", lambda *a: pytest.fail("the cache was not used"))
+    monkeypatch.setattr(embedded, "_dequantize", lambda *a: pytest.fail("the cache was not used"))
     caplog.set_level(logging.INFO, logger="prefix_lightning.backbones")
     start = time.perf_counter()
     model, _ = load_backbone("embedded", "smollm2-135m-instruct", cache_dir=str(cache_dir), dtype="bfloat16")

@@ -1,4 +1,4 @@
-"""Our beam search (prefix_lightning.beam_search) against transformers' own, on tiny random GPT-2 and Llama (GQA).
+"""Our beam search (prefix_lightning.decoding) against transformers' own, on tiny random GPT-2 and Llama (GQA).
 
 The reference is ``PrefixModel.generate`` forced onto transformers' ``generate`` (the path every call that is
 not a plain beam search takes), on the very same model and prefix. The sequences must be identical, also when
@@ -15,9 +15,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, LogitsProcessorList
 
-import prefix_lightning.model as model_module
+import prefix_lightning.decoding.routes as routes
 from prefix_lightning import PrefixConfig, PrefixModel
-from prefix_lightning.beam_search import beam_search, beam_search_options, generation_mask
+from prefix_lightning.decoding import beam_search, beam_search_options, generation_mask
 
 VOCAB, PAD = 100, 1
 TINY = {
@@ -83,7 +83,7 @@ def left_padded(lengths: tuple[int, ...] = LENGTHS, seed: int = 0) -> tuple[torc
 def transformers_search(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """PrefixModel.generate with transformers' beam search (what it does for options beam_search lacks)."""
     with monkeypatch.context() as patch:
-        patch.setattr(model_module, "beam_search_options", lambda lm, kwargs: None)
+        patch.setattr(routes, "beam_search_options", lambda lm, kwargs: None)
         yield
 
 
@@ -209,7 +209,7 @@ def test_prefix_read_from_the_cache_changes_nothing(kind, monkeypatch) -> None:
         cached = model.generate(**options)
         assert turned_off
     with monkeypatch.context() as patch:
-        patch.setattr(model_module, "prefix_layers", lambda *args: None)
+        patch.setattr(PrefixModel, "_cached_prefix", lambda self: None)
         assert torch.equal(model.generate(**options), cached)
     # Where the prefix is off, none comes into the cache.
     with model.prefix_disabled():
@@ -266,14 +266,14 @@ def test_greedy_and_unsupported_options_use_transformers(monkeypatch) -> None:
     for call in calls:
         options = dict(input_ids=ids, attention_mask=mask, eos_token_id=END, **BASE, **call)
         with monkeypatch.context() as patch:
-            patch.setattr(model_module, "beam_search", refuse)
+            patch.setattr(routes, "beam_search", refuse)
             torch.manual_seed(0)
             got = model.generate(**options)
         with transformers_search(monkeypatch):
             torch.manual_seed(0)
             assert torch.equal(got, model.generate(**options))
     with monkeypatch.context() as patch:
-        patch.setattr(model_module, "beam_search", refuse)
+        patch.setattr(routes, "beam_search", refuse)
         scored = model.generate(input_ids=ids, attention_mask=mask, num_beams=3, **BASE, return_dict_in_generate=True)
     assert scored.sequences.shape[0] == len(LENGTHS)
 

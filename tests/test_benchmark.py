@@ -12,9 +12,9 @@ import torch
 from peft import PrefixTuningConfig, get_peft_model
 
 from prefix_lightning import PrefixConfig, PrefixModel
+from prefix_lightning.baselines.peft_prefix import peft_generate, set_peft_prefix
 from prefix_lightning.benchmark.phases import decoding_batches, training_batches
-from prefix_lightning.peft_prefix import peft_generate, set_peft_prefix
-from prefix_lightning.training.train import load_configured_backbone
+from prefix_lightning.training.build import load_configured_backbone
 from tests.helpers import REPO, compose_train
 
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from prefix_lightning.data.sampler import EpochShuffleSampler
-from prefix_lightning.training.train import build_model
+from prefix_lightning.training.build import build_model
 from tests.helpers import compose_train
 from tests.test_train import run_cli
 

@@ -9,13 +9,13 @@ from prefix_lightning.data import (
     Example,
     Group,
     TextToTextCollator,
-    TextToTextDataModule,
     download_e2e,
     group_references,
     linearize_mr,
     read_e2e,
     reference_groups,
 )
+from prefix_lightning.data.datamodule import TextToTextDataModule
 
 GPT2_LAYOUT = {"separator": " <|endoftext|>", "target_end": "<|endoftext|>"}
 

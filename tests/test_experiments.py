@@ -19,9 +19,10 @@ from omegaconf import OmegaConf
 from omegaconf.errors import InterpolationKeyError
 
 from prefix_lightning.backbones import load_backbone
-from prefix_lightning.data import TextToTextDataModule
+from prefix_lightning.data.datamodule import TextToTextDataModule
+from prefix_lightning.training.build import build_datamodule, build_model, build_module
 from prefix_lightning.training.checks import check_config
-from prefix_lightning.training.train import _instantiate_all, build_datamodule, build_model, build_module
+from prefix_lightning.training.train import instantiate_all
 from tests.helpers import CONF, REPO, compose_train
 from tests.test_configs import options
 from tests.test_e2e_data import offline_datamodule
@@ -30,12 +31,12 @@ EXPERIMENTS = options("experiment")
 
 # What each experiment must set, per the paper (ACL 2021 version: Table 6, footnote 4, section 5.3, A.1, A.2).
 TABLE_TO_TEXT = {"model": "gpt2_medium", "prefix.hidden_dim": 512, "generation.num_beams": 5}
-E2E = {**TABLE_TO_TEXT, "data.dataset": "e2e", "optim.lr": 8e-5, "trainer.max_epochs": 5, "data.batch_size": 10}
-DART = {**TABLE_TO_TEXT, "data.dataset": "dart", "optim.lr": 5e-5, "trainer.max_epochs": 10, "data.batch_size": 5}
+E2E = {**TABLE_TO_TEXT, "data.dataset": "e2e", "method.lr": 8e-5, "trainer.max_epochs": 5, "data.batch_size": 10}
+DART = {**TABLE_TO_TEXT, "data.dataset": "dart", "method.lr": 5e-5, "trainer.max_epochs": 10, "data.batch_size": 5}
 XSUM = {
     "model": "bart_large",
     "data.dataset": "xsum",
-    "optim.lr": 5e-5,
+    "method.lr": 5e-5,
     "trainer.max_epochs": 30,
     "data.batch_size": 14,
     "prefix.hidden_dim": 800,
@@ -48,7 +49,7 @@ PAPER: dict[str, dict[str, Any]] = {
     "paper_webnlg": {
         **E2E,
         "data.dataset": "webnlg",
-        "optim.lr": 5e-5,
+        "method.lr": 5e-5,
         "data.batch_size": 5,
         "prefix.length": 5,
         "method.name": "prefix",
@@ -58,7 +59,7 @@ PAPER: dict[str, dict[str, Any]] = {
     "paper_lowdata": {
         **TABLE_TO_TEXT,
         "data.dataset": "e2e",
-        "optim.lr": 5e-5,
+        "method.lr": 5e-5,
         "data.batch_size": 10,
         "data.val_fraction": 0.3,
         "prefix.length": 6,
@@ -126,7 +127,7 @@ def test_experiment_composes_and_instantiates(name: str, tmp_path: Path, gpt2_to
         cfg.data, tokenizer=gpt2_tokenizer, separator=cfg.model.separator, target_end=cfg.model.target_end
     )
     assert isinstance(datamodule, TextToTextDataModule)
-    callbacks, loggers = _instantiate_all(cfg.callbacks), _instantiate_all(cfg.logger)
+    callbacks, loggers = instantiate_all(cfg.callbacks), instantiate_all(cfg.logger)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     assert isinstance(trainer, L.Trainer)
     assert (trainer.max_epochs, trainer.max_steps) == (cfg.trainer.max_epochs, cfg.trainer.max_steps)
@@ -144,7 +145,7 @@ def test_paper_settings_reach_the_code(name: str, tmp_path: Path) -> None:
 
     assert model.config.length == settings.get("prefix.length", cfg.prefix.length)
     assert model.config.hidden_dim == settings["prefix.hidden_dim"]
-    assert module.hparams.lr == settings["optim.lr"]
+    assert module.hparams.lr == settings["method.lr"]
     assert datamodule.hparams.batch_size == settings["data.batch_size"]
     assert datamodule.hparams.dataset == settings["data.dataset"]
     assert module.generation["num_beams"] == settings["generation.num_beams"]
@@ -164,7 +165,7 @@ def test_lowdata_step_budget_follows_table_8(method: str, size: int, steps: int,
     check_config(cfg)
     trainer = instantiate(cfg.trainer)
     assert trainer.max_steps == steps
-    assert cfg.optim.lr == 5e-5
+    assert cfg.method.lr == 5e-5
     # Only prefix-tuning starts from the words; fine-tuning has no prefix.
     assert cfg.prefix.init_text == ("table-to-text:" if method == "prefix" else None)
 

@@ -12,9 +12,17 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from prefix_lightning import PrefixConfig, PrefixModel
-from prefix_lightning.finetuning import FINETUNING_METHODS, FineTunedLM, decoder_blocks, load_top_layers
-from prefix_lightning.loss import IGNORE_INDEX
-from prefix_lightning.peft_prefix import set_peft_prefix
+from prefix_lightning.baselines import (
+    FineTunedLM,
+    FullFineTuning,
+    LoRA,
+    PeftPrefixTuning,
+    TopLayers,
+    decoder_blocks,
+    load_top_layers,
+)
+from prefix_lightning.baselines.peft_prefix import set_peft_prefix
+from prefix_lightning.methods.loss import IGNORE_INDEX
 from tests.test_prefix_model import PAD, VOCAB
 from tests.test_prefix_model import tiny_lm as tiny_prefix_model_lm
 
@@ -22,11 +30,12 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # PEFT calls t
 
 # Three blocks everywhere, so that the top two are not the whole stack.
 DEEPER = {"llama": {}, "gpt2": dict(n_layer=3), "bart": dict(decoder_layers=3)}
-OPTIONS = {"lora": dict(rank=4, alpha=8), "peft_prefix": dict(prefix=PrefixConfig(length=3, hidden_dim=16))}
+METHODS = {"full": FullFineTuning, "top_layers": TopLayers, "lora": LoRA, "peft_prefix": PeftPrefixTuning}
+OPTIONS = {"lora": dict(rank=4, alpha=8), "peft_prefix": dict(config=PrefixConfig(length=3, hidden_dim=16))}
 # (source, target) token pairs of different lengths.
 PAIRS = [([10, 11, 12], [30, 31, 32, 33]), ([20, 21], [40, 41]), ([50, 51, 52, 53], [60, 61, 62])]
 PROMPTS = [[10, 11, 12, 13, 14], [20, 21, 22]]
-CASES = [("llama", method) for method in FINETUNING_METHODS] + [("gpt2", "full"), ("bart", "top_layers")]
+CASES = [("llama", method) for method in METHODS] + [("gpt2", "full"), ("bart", "top_layers")]
 
 
 def tiny_lm(kind: str):
@@ -61,7 +70,7 @@ def prompt_batch() -> dict[str, torch.Tensor]:
 
 
 def build(kind: str, method: str) -> FineTunedLM:
-    return FineTunedLM(tiny_lm(kind), method, **OPTIONS.get(method, {}))
+    return METHODS[method](tiny_lm(kind), **OPTIONS.get(method, {}))
 
 
 def train_steps(model: FineTunedLM, steps: int = 3) -> None:
@@ -80,13 +89,13 @@ def train_steps(model: FineTunedLM, steps: int = 3) -> None:
 def expected_trainable(model: FineTunedLM) -> set[str]:
     """What the method should train, named in ``model.state_dict()`` (tied copies included)."""
     names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-    if model.method == "full":
+    if isinstance(model, FullFineTuning):
         return names
-    if model.method == "top_layers":
+    if isinstance(model, TopLayers):
         name, blocks = decoder_blocks(model.lm)
         top = tuple(f"lm.{name}.{i}." for i in (len(blocks) - 2, len(blocks) - 1))
         return {n for n in names if n.startswith(top)}
-    if model.method == "lora":
+    if isinstance(model, LoRA):
         return {n for n in names if ".lora_A." in n or ".lora_B." in n}
     return {n for n in names if n.startswith("lm.prompt_encoder.")}
 
@@ -193,7 +202,7 @@ def test_generate_left_padded_batch(method: str) -> None:
 def test_peft_prefix_generates_as_our_prefix_with_the_same_values() -> None:
     """PEFT's own generate would decode as the bare LM; ours and PEFT's prefix with equal values must agree."""
     ours = PrefixModel(tiny_lm("llama"), PrefixConfig(length=3, reparam="none")).eval()
-    theirs = FineTunedLM(tiny_lm("llama"), "peft_prefix", prefix=PrefixConfig(length=3, reparam="none")).eval()
+    theirs = PeftPrefixTuning(tiny_lm("llama"), PrefixConfig(length=3, reparam="none")).eval()
     with torch.no_grad():
         set_peft_prefix(theirs.lm, ours.encoders["self"]())
     batch = prompt_batch()
@@ -227,18 +236,20 @@ def test_gradient_checkpointing_recomputes_with_the_same_gradients(method: str) 
 
 
 def test_clear_errors() -> None:
-    with pytest.raises(ValueError, match="unknown fine-tuning method 'ft'; allowed: full, top_layers, lora, peft"):
-        FineTunedLM(tiny_lm("llama"), "ft")
     for layers in (0, 4):
         with pytest.raises(ValueError, match="layers must be between 1 and 3 \\(model.layers\\)"):
-            FineTunedLM(tiny_lm("llama"), "top_layers", layers=layers)
+            TopLayers(tiny_lm("llama"), layers=layers)
     with pytest.raises(ValueError, match="peft_prefix covers causal LMs only"):
-        FineTunedLM(tiny_lm("bart"), "peft_prefix")
+        PeftPrefixTuning(tiny_lm("bart"))
+    with pytest.raises(ValueError, match="LoRA rank must be a positive integer, got 0"):
+        LoRA(tiny_lm("llama"), rank=0)
+    with pytest.raises(ValueError, match="starts from random values"):
+        PeftPrefixTuning(tiny_lm("llama"), PrefixConfig(init_text="table-to-text:"))
     with pytest.raises(ValueError, match="no prefix dropout"):
-        FineTunedLM(tiny_lm("llama"), "peft_prefix", prefix=PrefixConfig(dropout=0.1))
+        PeftPrefixTuning(tiny_lm("llama"), PrefixConfig(dropout=0.1))
     with pytest.raises(ValueError, match="not 'infix'"):
-        FineTunedLM(tiny_lm("llama"), "peft_prefix", prefix=PrefixConfig(kind="infix"))
+        PeftPrefixTuning(tiny_lm("llama"), PrefixConfig(kind="infix"))
     mamba = AutoConfig.for_model("mamba", vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, state_size=4)
     for method in ("lora", "peft_prefix"):
         with pytest.raises(ValueError, match=f"peft cannot apply {method} to MambaForCausalLM \\(mamba\\)"):
-            FineTunedLM(AutoModelForCausalLM.from_config(mamba), method)
+            METHODS[method](AutoModelForCausalLM.from_config(mamba))

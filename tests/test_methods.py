@@ -10,8 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from prefix_lightning.training.checks import ConfigError
-from prefix_lightning.training.train import build_model, train
+from prefix_lightning.training.build import build_model
+from prefix_lightning.training.checks import ConfigError, check_config
+from prefix_lightning.training.train import train
 from tests.helpers import compose_train
 
 QUICK = ["model=tiny_llama", "debug=fast", "logger=none", "trainer.max_steps=2", "trainer.val_check_interval=2"]
@@ -19,11 +20,10 @@ QUICK = ["model=tiny_llama", "debug=fast", "logger=none", "trainer.max_steps=2",
 # method -> (names of the parameters it trains, files its export holds)
 EXPECTED = {
     "prefix": (lambda name: name.startswith("encoders.self."), {"prefix.safetensors", "prefix_config.json"}),
-    "prefix_direct": (lambda name: name == "encoders.self.prefix", {"prefix.safetensors", "prefix_config.json"}),
     "embedding": (lambda name: name.startswith("encoders.input."), {"prefix.safetensors", "prefix_config.json"}),
     "infix": (lambda name: name.startswith("encoders.self."), {"prefix.safetensors", "prefix_config.json"}),
     "full": (lambda name: True, {"config.json", "generation_config.json", "model.safetensors"}),
-    # tiny_llama has 2 layers: the top 2 are all of them, so the test trains the top 1 (method.layers=1)
+    # tiny_llama has 2 layers: the top 2 are all of them, so the test trains the top 1 (method.model.layers=1)
     "top2": (lambda name: ".layers.1." in name, {"top_layers.safetensors", "top_layers.json"}),
     "lora": (lambda name: "lora_" in name, {"adapter_config.json", "adapter_model.safetensors", "README.md"}),
     "peft_prefix": (
@@ -33,12 +33,19 @@ EXPECTED = {
 }
 
 
-@pytest.mark.parametrize("method", sorted(EXPECTED))
-def test_each_method_trains_and_saves_only_its_own_parameters(method: str, tmp_path: Path) -> None:
-    cfg = compose_train(tmp_path, [*QUICK, f"method={method}", *(["method.layers=1"] if method == "top2" else [])])
+# (method, more overrides): every method file, and the prefix without its MLP (prefix=direct)
+CASES = [(method, []) for method in sorted(EXPECTED)] + [("prefix", ["prefix=direct"])]
+
+
+@pytest.mark.parametrize(("method", "overrides"), CASES)
+def test_each_method_trains_and_saves_only_its_own_parameters(method: str, overrides: list[str], tmp_path) -> None:
+    layers = ["method.model.layers=1"] if method == "top2" else []
+    cfg = compose_train(tmp_path, [*QUICK, f"method={method}", *layers, *overrides])
     model, _ = build_model(cfg)
     intended, export_files = EXPECTED[method]
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    if overrides == ["prefix=direct"]:
+        assert trainable == {"encoders.self.prefix"}
     assert trainable and all(intended(name) for name in trainable), sorted(trainable)[:5]
     frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
 
@@ -74,16 +81,27 @@ def test_embedding_only_export_is_the_input_embeddings(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["method.name=adapters"], "method.name='adapters' is not valid"),
-        (["method=full", "prefix.init_text=table-to-text:"], "start a prefix, infix or embedding"),
+        (["method.model._target_=adapters.Adapter"], "method.model._target_='adapters.Adapter' is not a class"),
+        (["method=lora", "+method.model.rnak=4"], "LoRA takes no option rnak; options: \\['alpha', 'dropout'"),
+        (["method=full", "prefix.init_text=table-to-text:"], "start a prefix, infix or embedding; method full"),
         (["prefix.init_text=hello", "prefix.init_vocab=true"], "choose one initialization"),
-        (["method=top2", "method.layers=0"], "method.layers=0 is not valid"),
-        (["method=lora", "method.rank=0"], "method.rank=0 is not valid"),
-        (["method=peft_prefix", "prefix.dropout=0.1"], "PEFT's prefix tuning has no dropout"),
     ],
 )
-def test_bad_method_options_are_named(overrides: list[str], message: str, tmp_path: Path) -> None:
+def test_bad_method_options_are_named_before_loading(overrides: list[str], message: str, tmp_path) -> None:
     with pytest.raises(ConfigError, match=message):
+        check_config(compose_train(tmp_path, [*QUICK, *overrides]))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["method=top2", "method.model.layers=0"], "top_layers: layers must be between 1 and 2"),
+        (["method=lora", "method.model.rank=0"], "LoRA rank must be a positive integer, got 0"),
+        (["method=peft_prefix", "prefix.dropout=0.1"], "PEFT's prefix tuning has no prefix dropout"),
+    ],
+)
+def test_bad_method_values_are_refused_by_the_method(overrides: list[str], message: str, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=message):
         build_model(compose_train(tmp_path, [*QUICK, *overrides]))
 
 

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-import prefix_lightning.packed_linear as packed_linear
-from prefix_lightning.packed_linear import can_pack, packed_linears
+import prefix_lightning.decoding.packed_linear as packed_linear
+from prefix_lightning.decoding.packed_linear import can_pack, packed_linears
 from tests.test_beam_search import left_padded, prefixed
 from tests.test_prefix_model import tiny_lm
 

@@ -12,7 +12,7 @@ import torch
 from hydra.utils import instantiate
 from safetensors.torch import load_file
 
-from prefix_lightning.training.train import build_model
+from prefix_lightning.training.build import build_model
 from tests.helpers import compose_train
 from tests.test_train import run_cli
 

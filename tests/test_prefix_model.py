@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from prefix_lightning import PrefixConfig, PrefixModel, UnsupportedModelError
-from prefix_lightning.attention import record_attention_calls
+from prefix_lightning.prefix.attention import record_attention_calls
 
 VOCAB, PAD = 100, 1
 TINY = {

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from prefix_lightning.atomic import atomic_write
+from prefix_lightning.files.atomic import atomic_write
 from prefix_lightning.training.checks import ConfigError, check_config
 from tests.helpers import REPO, compose_train
 from tests.test_train import FAST, run_cli
@@ -33,7 +33,7 @@ def run_failing(run_dir: Path, *overrides: str, env: dict[str, str] | None = Non
         ("prefix.length=-3", "prefix.length must be a positive integer, got -3"),
         ("prefix.hidden_dim=0", "prefix.hidden_dim must be a positive integer, got 0"),
         ("prefix.reparam=lstm", "prefix.reparam must be 'mlp' or 'none'"),
-        ("optim.lr=-0.001", "optim.lr=-0.001 is not valid: the learning rate must be > 0"),
+        ("method.lr=-0.001", "method.lr=-0.001 is not valid: the learning rate must be > 0"),
         ("generation.num_beams=0", "generation.num_beams=0 is not valid: use 1 (greedy) or more beams"),
         ("data.train_size=0", "data.train_size=0 is not valid: use a positive integer or null"),
         ("model.backbone.source=huggingface", "allowed: embedded, hub, random"),
@@ -172,7 +172,7 @@ def test_infinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path
 
 
 def test_sources_longer_than_the_context_are_cut_with_a_warning(tmp_path: Path, caplog) -> None:
-    from prefix_lightning.training.train import build_model, source_budget
+    from prefix_lightning.training.build import build_model, source_budget
 
     cfg = compose_train(tmp_path, ["model=tiny_gpt2", "data.max_source_tokens=1000", "data.max_target_tokens=100"])
     model, _ = build_model(cfg)

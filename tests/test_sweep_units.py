@@ -14,10 +14,10 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from prefix_lightning.sweeps import dashboards
 from prefix_lightning.sweeps.aggregate import aggregate, main
-from prefix_lightning.sweeps.record import FIELDS, RECORD_FILE, read_record, write_record
-from prefix_lightning.sweeps.resume import finished_record, resume_checkpoint
+from prefix_lightning.training import dashboards
+from prefix_lightning.training.record import FIELDS, RECORD_FILE, read_record, write_record
+from prefix_lightning.training.resume import finished_record, resume_checkpoint
 from tests.helpers import CONF, compose_train
 
 
@@ -168,7 +168,7 @@ def test_sweep_configs_name_their_folder_and_sweep_existing_keys(name: str) -> N
         assert OmegaConf.select(cfg, key, default="missing") != "missing", f"{name} sweeps {key}, which no config has"
     if name == "optuna":
         assert cfg.hydra.sweeper.direction == "maximize"
-        assert set(params) == {"optim.lr", "prefix.length", "prefix.hidden_dim"}
+        assert set(params) == {"method.lr", "prefix.length", "prefix.hidden_dim"}
         assert instantiate(cfg.hydra.sweeper).__class__.__name__ == "OptunaSweeper"
 
 

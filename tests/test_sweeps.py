@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from prefix_lightning.sweeps.record import RECORD_FILE, read_record
+from prefix_lightning.training.record import RECORD_FILE, read_record
 from tests.helpers import REPO
 
 TINY = ["model=tiny_llama", "debug=fast"]

@@ -20,17 +20,17 @@ from typing import Any
 
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
+from prefix_lightning.baselines.peft_prefix import peft_generate, peft_prefix_config, set_peft_prefix
 from prefix_lightning.data import TextToTextCollator, read_e2e, reference_groups
-from prefix_lightning.export import WEIGHTS_NAME
-from prefix_lightning.model import PrefixModel
-from prefix_lightning.peft_prefix import peft_generate, peft_prefix_config, set_peft_prefix
+from prefix_lightning.prefix import PrefixConfig, PrefixModel
+from prefix_lightning.prefix.export import WEIGHTS_NAME
+from prefix_lightning.training.build import build_model, generation_settings, load_configured_backbone
 from prefix_lightning.training.checks import check_config
-from prefix_lightning.training.train import build_model, generation_settings, load_configured_backbone
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 TRAIN_FILE = Path("e2e") / "devset.csv"
@@ -75,6 +75,10 @@ def _start(setting: Setting, frozen_in_compute_dtype: bool = False) -> DictConfi
     check_config(cfg)
     torch.manual_seed(cfg.seed)
     return cfg
+
+
+def _prefix_config(cfg: DictConfig) -> PrefixConfig:
+    return PrefixConfig.of(OmegaConf.to_container(cfg.prefix, resolve=True))
 
 
 def _causal(lm: PreTrainedModel, device: str) -> PreTrainedModel:
@@ -215,7 +219,7 @@ def train_ours(setting: Setting) -> dict[str, Any]:
     _causal(model.lm, setting.device)
     model.to(setting.device).train()
     batches = training_batches(cfg, tokenizer, setting.warmup + setting.steps)
-    result = _train(setting, model, lambda batch: model.loss(**batch), batches, cfg.optim.lr)
+    result = _train(setting, model, lambda batch: model.loss(**batch), batches, cfg.method.lr)
     model.save(setting.prefix_dir)
     return result
 
@@ -226,9 +230,9 @@ def train_peft(setting: Setting) -> dict[str, Any]:
 
     cfg = _start(setting)
     lm, tokenizer = _backbone(cfg, setting.device)
-    model = get_peft_model(lm, peft_prefix_config(check_config(cfg))).train()
+    model = get_peft_model(lm, peft_prefix_config(_prefix_config(cfg))).train()
     batches = training_batches(cfg, tokenizer, setting.warmup + setting.steps)
-    return _train(setting, model, lambda batch: model(**batch).loss, batches, cfg.optim.lr)
+    return _train(setting, model, lambda batch: model(**batch).loss, batches, cfg.method.lr)
 
 
 def train_full(setting: Setting) -> dict[str, Any]:
@@ -297,7 +301,7 @@ def generate_peft(setting: Setting) -> dict[str, Any]:
 
     cfg = _start(setting)
     lm, tokenizer = _backbone(cfg, setting.device)
-    model = get_peft_model(lm, peft_prefix_config(check_config(cfg), inference_mode=True)).eval()
+    model = get_peft_model(lm, peft_prefix_config(_prefix_config(cfg), inference_mode=True)).eval()
     set_peft_prefix(model, load_file(Path(setting.prefix_dir) / WEIGHTS_NAME)["self"].to(setting.device))
     result = _decode(setting, cfg, tokenizer, partial(peft_generate, model))
     result["bare_greedy"] = _greedy(setting, cfg, tokenizer, model.base_model.generate)

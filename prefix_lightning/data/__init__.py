@@ -1,8 +1,8 @@
-"""Dataset readers, tokenization/batching, and the LightningDataModule."""
+"""Dataset readers and tokenization/batching. The LightningDataModule is ``prefix_lightning.data.datamodule``, not
+imported here, so that reading and scoring data never needs Lightning."""
 
 from prefix_lightning.data.collate import IGNORE_INDEX, EncodedPair, EncodedPrompt, TextToTextCollator
 from prefix_lightning.data.dart import DART_FILES, DART_URL, download_dart, read_dart
-from prefix_lightning.data.datamodule import TEST_SUBSETS, TextToTextDataModule
 from prefix_lightning.data.e2e import E2E_FILES, E2E_URL, download_e2e, linearize_mr, read_e2e
 from prefix_lightning.data.examples import Example, Group, group_references, reference_groups
 from prefix_lightning.data.registry import DATASETS, METRIC_SUITES, DatasetSpec
@@ -20,7 +20,6 @@ __all__ = [
     "E2E_URL",
     "IGNORE_INDEX",
     "METRIC_SUITES",
-    "TEST_SUBSETS",
     "XSUM_HUB_NAME",
     "DatasetSpec",
     "EncodedPair",
@@ -28,7 +27,6 @@ __all__ = [
     "Example",
     "Group",
     "TextToTextCollator",
-    "TextToTextDataModule",
     "download_dart",
     "download_e2e",
     "group_references",

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from prefix_lightning.data.examples import Example, Group
-from prefix_lightning.loss import IGNORE_INDEX
+from prefix_lightning.methods.loss import IGNORE_INDEX
 
 logger = logging.getLogger("prefix_lightning.data")
 

@@ -8,10 +8,10 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
-from prefix_lightning.atomic import atomic_write
 from prefix_lightning.data.examples import Example
 from prefix_lightning.data.files import DATA_DIR_HINT, require_file
 from prefix_lightning.data.table import read_table
+from prefix_lightning.files.atomic import atomic_write
 
 E2E_URL = "https://github.com/tuetschek/e2e-dataset/releases/download/v1.0.0/e2e-dataset.zip"
 E2E_FILES = ("trainset.csv", "devset.csv", "testset_w_refs.csv")

@@ -7,7 +7,7 @@ import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 
-from prefix_lightning.atomic import atomic_write
+from prefix_lightning.files.atomic import atomic_write
 
 DATA_DIR_HINT = "point the data dir at the folder that holds it (paths.data_dir=... or env var PREFIX_LIGHTNING_DATA)"
 

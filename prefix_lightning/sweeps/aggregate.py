@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from prefix_lightning.sweeps.plots import plot_metric
-from prefix_lightning.sweeps.record import RECORD_FILE, read_record
 from prefix_lightning.sweeps.report import write_report
 from prefix_lightning.sweeps.table import Table, summarize, write_csv, write_markdown
+from prefix_lightning.training.record import RECORD_FILE, read_record
 
 log = logging.getLogger(__name__)
 

@@ -17,23 +17,23 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
-from prefix_lightning.data.collate import IGNORE_INDEX
-from prefix_lightning.sweeps.dashboards import log_generation_samples, log_result
-from prefix_lightning.sweeps.job import current_job
-from prefix_lightning.sweeps.record import write_record
-from prefix_lightning.training.module import PrefixTuningModule
+from prefix_lightning.methods import IGNORE_INDEX
+from prefix_lightning.training.dashboards import log_generation_samples, log_result
+from prefix_lightning.training.job import current_job
+from prefix_lightning.training.module import MethodModule
+from prefix_lightning.training.record import write_record
 
 log = logging.getLogger(__name__)
 
 
-class PrefixExport(L.Callback):
+class MethodExport(L.Callback):
     """Writes what the method trained with the model's ``save``: the run's deliverable (for prefix-tuning the
     prefix with its MLP dropped, a few hundred KB; for full fine-tuning the whole model)."""
 
     def __init__(self, dirpath: str) -> None:
         self.dirpath = Path(dirpath)
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: PrefixTuningModule) -> None:
+    def on_train_end(self, trainer: L.Trainer, pl_module: MethodModule) -> None:
         with _whole_on_rank_zero(trainer, pl_module):
             if trainer.is_global_zero:
                 pl_module.model.save(self.dirpath)
@@ -77,7 +77,7 @@ class InterruptCheckpoint(L.Callback):
 
 
 class ResultRecord(L.Callback):
-    """Writes the run's result record (``result.json``, see ``prefix_lightning.sweeps.record``) when the run ends:
+    """Writes the run's result record (``result.json``, see ``prefix_lightning.training.record``) when the run ends:
     after the test when ``after_test``, else after fitting.
 
     It tracks what only the training loop sees: the best and last value of ``monitor``, the tokens and seconds of
@@ -135,7 +135,7 @@ class ResultRecord(L.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.progress.update(state_dict)
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: PrefixTuningModule) -> None:
+    def on_fit_start(self, trainer: L.Trainer, pl_module: MethodModule) -> None:
         self._encoder_decoder = bool(pl_module.model.lm.config.is_encoder_decoder)
 
     def on_train_batch_start(
@@ -181,7 +181,7 @@ class ResultRecord(L.Callback):
             return
         train_time = self.progress["train_time_s"]
         checkpoint = trainer.checkpoint_callback
-        export = next((c for c in trainer.callbacks if isinstance(c, PrefixExport)), None)
+        export = next((c for c in trainer.callbacks if isinstance(c, MethodExport)), None)
         record = {
             **self.job,
             **self.settings,

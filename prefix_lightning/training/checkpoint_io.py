@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from prefix_lightning.atomic import atomic_write
+from prefix_lightning.files.atomic import atomic_write
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -1,15 +1,19 @@
-"""Checks of a composed config that run before anything is loaded, so a typo costs seconds, not a model load."""
+"""Checks of a composed config that run before anything is loaded, so a typo costs seconds, not a model load.
+
+The rules live with what they describe (``BackboneConfig``, ``PrefixConfig``, the method classes' signatures);
+this module asks them, and adds the rules of a run (learning rate, budgets, decoding).
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+import inspect
 from typing import Any
 
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from prefix_lightning.backbones import DTYPES, EMBEDDED, SOURCES
-from prefix_lightning.config import KINDS, PrefixConfig
-from prefix_lightning.finetuning import FINETUNING_METHODS
+from prefix_lightning.backbones import BackboneConfig
+from prefix_lightning.prefix import PrefixConfig
 
 
 class ConfigError(ValueError):
@@ -26,70 +30,42 @@ def _positive_or_null(cfg: DictConfig, option: str) -> None:
     _require(value is None or (isinstance(value, int) and value > 0), option, value, "use a positive integer or null")
 
 
-def _check_backbone(backbone: DictConfig) -> None:
-    source, name = backbone.source, backbone.name
-    _require(source in SOURCES, "model.backbone.source", source, f"allowed: {', '.join(SOURCES)}")
-    _require(
-        backbone.get("dtype", "float32") in DTYPES,
-        "model.backbone.dtype",
-        backbone.get("dtype"),
-        f"allowed: {', '.join(DTYPES)}",
-    )
-    if source == "embedded":
-        _require(name in EMBEDDED, "model.backbone.name", name, f"embedded models: {', '.join(EMBEDDED)}")
-    elif source == "hub" and (name.startswith((".", "/", "~")) or Path(name).suffix):
-        _require(
-            Path(name).expanduser().is_dir(),
-            "model.backbone.name",
-            name,
-            "no such local model folder (give an existing folder or a Hugging Face Hub id such as gpt2)",
-        )
-
-
-METHODS = (*KINDS, *FINETUNING_METHODS)
-INIT_OPTIONS = ("init_text", "init_vocab")  # how the prefix starts, read by build_model, not by PrefixConfig
-
-
-def _check_method(cfg: DictConfig) -> str:
-    method = OmegaConf.select(cfg, "method.name")
-    _require(method in METHODS, "method.name", method, f"allowed: {', '.join(METHODS)} (or pick a method=<file>)")
-    if cfg.prefix.get("init_text") is not None or cfg.prefix.get("init_vocab"):
-        _require(method in KINDS, "method", method, "prefix.init_text / init_vocab start a prefix, infix or embedding")
-        _require(
-            cfg.prefix.get("init_text") is None or not cfg.prefix.get("init_vocab"),
-            "prefix.init_vocab",
-            cfg.prefix.init_vocab,
-            "choose one initialization: words (prefix.init_text) or drawn tokens (prefix.init_vocab=true)",
-        )
-    if method == "top_layers":
-        layers = cfg.method.get("layers")
-        _require(isinstance(layers, int) and layers >= 1, "method.layers", layers, "use a positive number of layers")
-    if method == "peft_prefix":  # what PEFT's prefix tuning has no switch for
-        _require(cfg.prefix.dropout == 0, "prefix.dropout", cfg.prefix.dropout, "PEFT's prefix tuning has no dropout")
-        _require(cfg.prefix.shift_positions, "prefix.shift_positions", False, "PEFT's prefix always shifts positions")
-    if method == "lora":
-        rank = cfg.method.get("rank")
-        _require(isinstance(rank, int) and rank >= 1, "method.rank", rank, "use a positive LoRA rank")
-    return method
-
-
-def check_config(cfg: DictConfig) -> PrefixConfig:
-    """Validate the options a run depends on; return the prefix config they describe (its kind from the method)."""
-    method = _check_method(cfg)
-    settings = OmegaConf.to_container(cfg.prefix, resolve=True)
-    for option in INIT_OPTIONS:
-        settings.pop(option, None)
-    settings["kind"] = method if method in KINDS else "prefix"
+def _built(option: str | None, build: Any, settings: dict[str, Any]) -> Any:
+    """``build(**settings)``, its refusal as a ConfigError (under ``option`` unless the message names it)."""
     try:
-        prefix = PrefixConfig(**settings)
-    except TypeError as error:
-        options = ", ".join(PrefixConfig.__annotations__)
-        raise ConfigError(f"unknown prefix option ({error}); options: {options}") from error
-    except ValueError as error:
-        raise ConfigError(str(error)) from error
-    _check_backbone(cfg.model.backbone)
-    lr = cfg.optim.lr
-    _require(isinstance(lr, (int, float)) and lr > 0, "optim.lr", lr, "the learning rate must be > 0")
+        return build(**settings)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{option}: {error}" if option else str(error)) from error
+
+
+def method_class(cfg: DictConfig) -> type:
+    """The class that ``method.model`` builds; its options must be keywords it takes."""
+    target = OmegaConf.select(cfg, "method.model._target_")
+    try:
+        cls = get_class(target)
+    except Exception as error:
+        raise ConfigError(f"method.model._target_={target!r} is not a class that can be imported ({error})") from error
+    options = set(cfg.method.model) - {"_target_"}
+    parameters = inspect.signature(cls).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    unknown = sorted(options - set(parameters)) if not takes_any else []
+    if unknown:
+        accepted = sorted(set(parameters) - {"self", "lm", "tokenizer"})
+        raise ConfigError(f"method.model: {cls.__name__} takes no option {', '.join(unknown)}; options: {accepted}")
+    return cls
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Validate the options a run depends on, naming the option and what it accepts."""
+    _built("model.backbone", BackboneConfig, OmegaConf.to_container(cfg.model.backbone, resolve=True))
+    prefix = _built(None, PrefixConfig.of, {"config": OmegaConf.to_container(cfg.prefix, resolve=True)})
+    method_class(cfg)
+    if (prefix.init_text is not None or prefix.init_vocab) and "config" not in cfg.method.model:
+        raise ConfigError(
+            f"prefix.init_text / init_vocab start a prefix, infix or embedding; method {cfg.method.name} has none"
+        )
+    lr = cfg.method.lr
+    _require(isinstance(lr, (int, float)) and lr > 0, "method.lr", lr, "the learning rate must be > 0")
     _require(cfg.optim.weight_decay >= 0, "optim.weight_decay", cfg.optim.weight_decay, "use a value >= 0")
     _require(cfg.optim.warmup_steps >= 0, "optim.warmup_steps", cfg.optim.warmup_steps, "use a value >= 0")
     beams = cfg.generation.get("num_beams", 1)
@@ -100,4 +76,3 @@ def check_config(cfg: DictConfig) -> PrefixConfig:
         _positive_or_null(cfg, option)
     steps = cfg.trainer.get("max_steps", -1)
     _require(steps == -1 or steps > 0, "trainer.max_steps", steps, "use a positive number of steps, or -1 for epochs")
-    return prefix

@@ -1,4 +1,4 @@
-"""The LightningModule: a frozen LM with a prefix, trained on target tokens, scored by decoding."""
+"""The LightningModule: any method (a prefix by default), trained on target tokens, scored by decoding."""
 
 from __future__ import annotations
 
@@ -12,17 +12,12 @@ import torch
 from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from prefix_lightning.evaluation import score
-from prefix_lightning.finetuning import FineTunedLM
-from prefix_lightning.model import PrefixModel
+from prefix_lightning.methods import TrainableLM
 
 log = logging.getLogger(__name__)
 
-# What every method hands the module, with one protocol: ``lm``, ``loss``, ``generate``, ``trainable_parameters``,
-# ``save``.
-TrainableLM = PrefixModel | FineTunedLM
 
-
-class PrefixTuningModule(L.LightningModule):
+class MethodModule(L.LightningModule):
     """Optimizes only what the method trains (the prefix, by default); validation reports loss and BLEU, test the
     dataset's metrics, both write generations.
 
@@ -61,7 +56,7 @@ class PrefixTuningModule(L.LightningModule):
             kept = getattr(self.trainer.checkpoint_callback, "dirpath", None)
             raise FloatingPointError(
                 f"the training loss is {loss.item()} at step {self.global_step}: stopped before it could spoil the "
-                f"prefix; the last good checkpoint is kept in {kept}. Lower optim.lr or check the data."
+                f"prefix; the last good checkpoint is kept in {kept}. Lower method.lr or check the data."
             )
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss

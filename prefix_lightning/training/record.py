@@ -25,7 +25,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from prefix_lightning.atomic import atomic_write
+from prefix_lightning.files.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 

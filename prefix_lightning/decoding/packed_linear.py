@@ -1,10 +1,10 @@
 """The frozen LM's linear layers through oneDNN with weights packed once, for decoding on CPU.
 
-torch's float32 linear layer on CPU calls MKL's GEMM, which lays the weight matrix out anew on every call: a
-decoding step multiplies a few dozen rows by every weight of the LM, and on the project's AMD EPYC machine runs
-at a third of the speed oneDNN reaches with weights packed in advance into its own blocked layout. The LM is
-frozen, so its weights are packed once and reused by every step of every ``generate`` call, and packed again
-only where a weight tensor changed. Packing costs a copy of the weights while they are kept.
+torch's float32 linear layer on CPU calls MKL's GEMM, which lays the weight matrix out anew on every call;
+oneDNN with weights packed in advance into its own blocked layout runs decoding's small products several times
+faster (docs/performance.md has the numbers). The LM is frozen, so its weights are packed once and reused by every
+step of every ``generate`` call, and packed again only where a weight tensor changed. Packing costs a copy of the
+weights while they are kept.
 """
 
 from __future__ import annotations
@@ -13,13 +13,22 @@ import platform
 from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
 from functools import partial
+from typing import SupportsIndex
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-# module name -> (the weight it was packed from: storage address and version counter, the packed weight)
-PackedWeights = MutableMapping[str, tuple[tuple[int, int], torch.Tensor]]
+Packed = tuple[tuple[int, int], torch.Tensor]
+
+
+class PackedWeights(dict[str, Packed]):
+    """The packed copies kept between decoding calls: module name -> (the weight it was packed from: storage
+    address and version counter, the packed weight). Copies (pickled for spawned processes, deep-copied) start
+    empty: oneDNN tensors can be neither pickled nor copied, and are packed again when needed."""
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> tuple[type, tuple[()]]:
+        return type(self), ()
 
 
 def can_pack() -> bool:
@@ -48,7 +57,7 @@ def _packed_forward(weight: torch.Tensor, bias: torch.Tensor | None, inputs: tor
 
 
 @contextmanager
-def packed_linears(model: nn.Module, packed: PackedWeights) -> Iterator[int]:
+def packed_linears(model: nn.Module, packed: MutableMapping[str, Packed]) -> Iterator[int]:
     """Inside the block, ``model``'s frozen float32 CPU linear layers compute through oneDNN with packed weights
     (yields how many); ``packed`` keeps them between blocks (clear it to free them). Nothing changes under
     autocast (which must keep choosing the dtype) or where :func:`can_pack` says no.
@@ -65,10 +74,11 @@ def packed_linears(model: nn.Module, packed: PackedWeights) -> Iterator[int]:
                 continue
             weight = module.weight
             source = (weight.data_ptr(), weight._version)
-            if name not in packed or packed[name][0] != source:
+            kept = packed.get(name)
+            if kept is None or kept[0] != source:
                 matrix = weight.detach() if isinstance(module, nn.Linear) else weight.detach().t().contiguous()
-                packed[name] = (source, torch.ops.mkldnn._reorder_linear_weight(matrix))
-            module.forward = partial(_packed_forward, packed[name][1], module.bias)
+                kept = packed[name] = (source, torch.ops.mkldnn._reorder_linear_weight(matrix))
+            module.forward = partial(_packed_forward, kept[1], module.bias)
             patched.append(module)
         yield len(patched)
     finally:

@@ -11,7 +11,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from prefix_lightning.sweeps.record import RECORD_FILE, read_record
+from prefix_lightning.training.record import RECORD_FILE, read_record
 
 log = logging.getLogger(__name__)
 

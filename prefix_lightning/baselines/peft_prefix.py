@@ -12,15 +12,45 @@ peft is an optional dependency (extras ``dev``, ``bench``): it is imported only 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
+from transformers import PreTrainedModel
 
-from prefix_lightning.config import PrefixConfig
-from prefix_lightning.model import rows_per_input
+from prefix_lightning.baselines.peft_adapter import PeftAdapter, require_peft
+from prefix_lightning.decoding import rows_per_input
+from prefix_lightning.prefix import PrefixConfig
 
 if TYPE_CHECKING:
     from peft import PeftModel, PrefixTuningConfig
+
+
+class PeftPrefixTuning(PeftAdapter):
+    """PEFT's own prefix tuning, the peer to compare with, at our prefix's settings (``config``: the same
+    length, reparametrization and MLP width). Causal LMs only."""
+
+    def __init__(self, lm: PreTrainedModel, config: PrefixConfig | Mapping[str, Any] | None = None) -> None:
+        if lm.config.is_encoder_decoder:
+            raise ValueError(
+                f"peft_prefix covers causal LMs only, not {type(lm).__name__}: PEFT's encoder-decoder prefix "
+                "generates without its prefix under transformers 5 and has no working decoding path here"
+            )
+        require_peft("peft_prefix")
+        prefix = PrefixConfig.of(config)
+        self.virtual_positions = prefix.length  # PEFT always shifts the real tokens by L
+        super().__init__(lm, peft_prefix_config(prefix), "peft_prefix")
+
+    @torch.no_grad()
+    def generate(self, **kwargs: Any) -> Any:
+        """Through :func:`peft_generate`: PEFT's own ``generate`` drops the prefix under transformers 5."""
+        return peft_generate(self.lm, **kwargs)
+
+    def enable_gradient_checkpointing(self) -> None:
+        raise ValueError(
+            "PEFT's prefix tuning does not work with gradient checkpointing (its prefix travels as a key/value "
+            "cache, which checkpointed layers do not support): set model.gradient_checkpointing=false"
+        )
 
 
 def peft_prefix_config(prefix: PrefixConfig, *, inference_mode: bool = False) -> PrefixTuningConfig:
@@ -35,6 +65,8 @@ def peft_prefix_config(prefix: PrefixConfig, *, inference_mode: bool = False) ->
         raise ValueError(f"PEFT's prefix tuning has no prefix dropout: set prefix.dropout=0 (got {prefix.dropout})")
     if not prefix.shift_positions:
         raise ValueError("PEFT's prefix tuning always shifts the real tokens' positions by L: set shift_positions")
+    if prefix.init_text is not None or prefix.init_vocab:
+        raise ValueError("PEFT's prefix tuning starts from random values: set prefix.init_text=null, init_vocab=false")
     return PrefixTuningConfig(
         task_type="CAUSAL_LM",
         num_virtual_tokens=prefix.length,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from prefix_lightning.attention import ATTN_IMPLEMENTATION, record_attention_calls
+from prefix_lightning.prefix.attention import ATTN_IMPLEMENTATION, record_attention_calls
 
 SUPPORTED = "decoder-only LMs such as GPT-2 and the Llama family (SmolLM2), and encoder-decoders such as BART"
 

@@ -11,7 +11,7 @@ from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 
-from prefix_lightning.sweeps.job import current_job
+from prefix_lightning.training.job import current_job
 
 SAMPLE_COLUMNS = ("source", "generation", "references")
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -13,30 +12,23 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import GenerationConfig, PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from prefix_lightning.attention import (
+from prefix_lightning.decoding import CachedPrefix, PackedWeights, generate
+from prefix_lightning.methods import IGNORE_INDEX, target_loss
+from prefix_lightning.prefix.attention import (
     ATTN_IMPLEMENTATION,
     INFIX_QUERIES,
     PrefixInjector,
     bind,
     record_attention_calls,
 )
-from prefix_lightning.beam_search import (
-    CachedPrefix,
-    beam_search,
-    beam_search_options,
-    generation_mask,
-    prefix_layers,
-)
-from prefix_lightning.config import PrefixConfig
-from prefix_lightning.encoder import PrefixEncoder
-from prefix_lightning.export import load_prefix, save_prefix
-from prefix_lightning.loss import IGNORE_INDEX, slices_logits, target_loss
-from prefix_lightning.packed_linear import PackedWeights, packed_linears
-from prefix_lightning.positions import attach_position_shift, positions_from_mask
-from prefix_lightning.sites import SUPPORTED, AttentionSite, UnsupportedModelError, discover_sites
+from prefix_lightning.prefix.config import PrefixConfig
+from prefix_lightning.prefix.encoder import PrefixEncoder
+from prefix_lightning.prefix.export import read_prefix, save_prefix
+from prefix_lightning.prefix.positions import attach_position_shift
+from prefix_lightning.prefix.sites import SUPPORTED, AttentionSite, UnsupportedModelError, discover_sites
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +38,21 @@ INPUT = "input"  # the encoder of embedding-only: input embeddings, not a site g
 class PrefixModel(nn.Module):
     """Wraps any supported causal or encoder-decoder LM; only the prefix is trainable.
 
+    ``PrefixModel(lm, PrefixConfig(length=10))``, or the config's fields as keywords (``PrefixModel(lm,
+    length=10)``, also on top of a config). A prefix initialized from words (``init_text``) needs the tokenizer.
     The LM is frozen and kept in eval mode (no LM dropout) whatever mode the wrapper is in. Call the wrapper,
     not ``.lm``: each forward/generate materializes the prefix once and every layer reads it.
     """
 
-    def __init__(self, lm: PreTrainedModel, config: PrefixConfig | None = None) -> None:
+    def __init__(
+        self,
+        lm: PreTrainedModel,
+        config: PrefixConfig | Mapping[str, Any] | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        **fields: Any,
+    ) -> None:
         super().__init__()
-        self.config = config or PrefixConfig()
+        self.config = PrefixConfig.of(config, **fields)
         self.lm = lm
         lm.requires_grad_(False)
         lm.eval()
@@ -82,12 +82,12 @@ class PrefixModel(nn.Module):
         )
         if self.config.shift_positions:
             attach_position_shift(lm, self.config.length, self.injector)
-        self.packed_weights: PackedWeights = {}  # the frozen LM's weights packed for decoding (see generate)
+        self.packed_weights = PackedWeights()  # the frozen LM's weights packed for decoding on CPU
+        self._initialize(tokenizer)
 
-    def __getstate__(self) -> dict[str, Any]:
-        """Copies (pickled for spawned processes, deep-copied) start without packed weights, which neither
-        pickling nor copying can read; they are packed again when the copy decodes."""
-        return {**super().__getstate__(), "packed_weights": {}}
+    @property
+    def virtual_positions(self) -> int:
+        return self.config.length if self.config.shift_positions else 0
 
     # -- running -------------------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> PrefixModel:
@@ -146,51 +146,33 @@ class PrefixModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, **kwargs: Any) -> Any:
-        """transformers' ``generate`` with the prefix; beams and batch rows share it without copies.
-
-        With several beams (or returned sequences) per input, a decoder-only prompt is run once per input and
-        its cache repeated for the copies: transformers would run each prompt once per copy, five times for beam 5.
-        A plain beam search (the options of the project's generation configs, sequences only) goes through
-        :func:`beam_search`, which gives the same sequences and stops computing each input once its search is
-        over, where transformers runs every input until the batch's last one is done. On CPU the frozen LM's
-        linear layers compute with weights packed once for oneDNN (:func:`packed_linears`; freed by ``train()``).
-        """
+        """transformers' ``generate`` with the prefix; beams and batch rows share it without copies (the route
+        each call takes is :func:`prefix_lightning.decoding.generate`'s)."""
         self._materialize()
         input_ids = kwargs.get("input_ids")
         self.injector.prompt_width = input_ids.shape[1] if input_ids is not None else None
         try:
-            with packed_linears(self.lm, self.packed_weights):
-                return self._generate(kwargs)
+            return generate(self.lm, kwargs, self.packed_weights, self._cached_prefix())
         finally:
             self.injector.prompt_width = None
 
-    def _generate(self, kwargs: dict[str, Any]) -> Any:
-        copies = rows_per_input(self.lm.generation_config, kwargs)
-        input_ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
-        own_cache = {"cache", "past_key_values", "inputs_embeds"} & kwargs.keys()
-        searched = beam_search_options(self.lm, kwargs) if copies > 1 and slices_logits(self.lm) else None
-        if searched is not None:  # beam_search runs each prompt once, with the prefix prepended
-            if mask is None:
-                searched["attention_mask"] = generation_mask(
-                    input_ids, searched["pad_token_id"], searched["eos_token_id"]
-                )
-            # After the prompt, the prefix is read from the cache instead of being prepended at every step.
-            layers = prefix_layers(self.lm, self.sites, self.injector.prefixes)
-            shift = self.config.length if self.config.shift_positions else 0
-            moved = CachedPrefix(layers, shift, self.prefix_disabled) if layers and self.injector.enabled else None
-            return beam_search(self.lm, **searched, cached_prefix=moved)
-        # Without a mask, only a single row is sure to hold no padding that generate would infer a mask for.
-        known_mask = input_ids is not None and (mask is not None or input_ids.shape[0] == 1)
-        if copies > 1 and not own_cache and known_mask and input_ids.shape[1] > 1 and slices_logits(self.lm):
-            prompt = {"input_ids": input_ids[:, :-1]}
-            if mask is not None:  # positions as generate counts them: from each row's first real token
-                prompt["attention_mask"] = mask[:, :-1]
-                if "position_ids" in inspect.signature(self.lm.forward).parameters:
-                    prompt["position_ids"] = positions_from_mask(prompt["attention_mask"])
-            cache = self.lm(**prompt, use_cache=True, logits_to_keep=1).cache
-            cache.batch_repeat_interleave(copies)
-            kwargs["cache"] = cache  # generate sees the prompt's last token as the only one left to run
-        return self.lm.generate(**kwargs)
+    def _cached_prefix(self) -> CachedPrefix | None:
+        """The prefix as cache entries for the steps after the prompt (a decoder-only LM whose attention modules
+        name their cache layer), with attention's own route turned off meanwhile."""
+        if not self.injector.enabled or self.injector.prefixes is None or self.lm.config.is_encoder_decoder:
+            return None
+        named = dict(self.lm.named_modules())
+        counters: dict[str, int] = {}
+        layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for site in self.sites:
+            index = counters.get(site.group, 0)
+            counters[site.group] = index + 1
+            layer = getattr(named[site.name], "layer_idx", None)
+            if not isinstance(layer, int) or layer in layers:
+                return None
+            block = self.injector.prefixes[site.group][index]
+            layers[layer] = (block[0], block[1])
+        return CachedPrefix(layers, self.virtual_positions, self.prefix_disabled) if layers else None
 
     @contextmanager
     def prefix_disabled(self) -> Iterator[None]:
@@ -225,6 +207,17 @@ class PrefixModel(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     # -- initialization ------------------------------------------------------------------------------------
+    def _initialize(self, tokenizer: PreTrainedTokenizerBase | None) -> None:
+        """Random (the encoder's own init), from real words (``init_text``) or drawn tokens (``init_vocab``)."""
+        if self.config.init_text is not None:
+            if tokenizer is None:
+                raise ValueError("a prefix initialized from words (init_text) needs the tokenizer: pass tokenizer=")
+            self.init_prefix_from_tokens(tokenizer(self.config.init_text, add_special_tokens=False).input_ids)
+            log.info("prefix initialized from the words %r", self.config.init_text)
+        elif self.config.init_vocab:
+            self.init_prefix_from_vocabulary()
+            log.info("prefix initialized from %d tokens drawn from the vocabulary", self.config.length)
+
     @torch.no_grad()
     def init_prefix_from_tokens(self, token_ids: Sequence[int] | torch.Tensor) -> None:
         """Set the prefix to the LM's own keys/values for these tokens (real-word initialization), or for
@@ -266,19 +259,22 @@ class PrefixModel(nn.Module):
     def save(self, path: str | Path) -> Path:
         """Write what trains, materialized (MLP dropped), and its description to the folder ``path``: the
         prefix's (or infix's) keys/values, or embedding-only's input embeddings."""
-        return save_prefix(self, Path(path))
+        with torch.no_grad():
+            blocks = {group: encoder() for group, encoder in self.encoders.items()}
+        return save_prefix(Path(path), blocks, self.config, self.lm, self.sites)
 
     @classmethod
     def from_prefix(cls, lm: PreTrainedModel, path: str | Path) -> PrefixModel:
         """Load an exported prefix onto ``lm``; refuses a base model of another shape."""
-        return load_prefix(cls, lm, Path(path))
-
-
-def rows_per_input(defaults: GenerationConfig, kwargs: dict[str, Any]) -> int:
-    """How many rows ``generate`` makes of each input: beams, or sequences returned (transformers' rule)."""
-    config = kwargs.get("generation_config") or defaults
-    beams = kwargs.get("num_beams", config.num_beams) or 1
-    return max(beams, kwargs.get("num_return_sequences", config.num_return_sequences) or 1)
+        exported = read_prefix(path)
+        model = cls(lm, exported.config)
+        exported.check_fits(lm, model.sites)
+        with torch.no_grad():
+            blocks = {group: encoder() for group, encoder in model.encoders.items()}
+        tensors = exported.tensors({group: block.shape for group, block in blocks.items()})
+        for group, encoder in model.encoders.items():
+            encoder.assign(tensors[group].to(encoder.prefix.device))
+        return model
 
 
 def _checkpointed(module: nn.Module, *args: Any, **kwargs: Any) -> Any:

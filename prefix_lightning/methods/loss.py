@@ -25,8 +25,8 @@ def target_loss(lm: nn.Module, labels: torch.Tensor, length_groups: int | None =
     positions are a large share of a step's work and memory. And the rows are sorted by length and run in
     ``length_groups`` groups, each cut to its own longest row, so that less padding is computed. Grouping pays
     where compute grows with padded tokens and smaller batches stay efficient: ``None`` takes 2 groups on CPU
-    (about 15% faster on E2E batches of 10) and 1 on accelerators, where a small batch is bound by latency
-    rather than by arithmetic. Encoder-decoder targets fill the decoder: they take the LM's own path.
+    and 1 on accelerators, where a small batch is bound by latency rather than by arithmetic (docs/performance.md).
+    Encoder-decoder targets fill the decoder: they take the LM's own path.
     """
     if not slices_logits(lm):
         return lm(**inputs, labels=labels, use_cache=False).loss

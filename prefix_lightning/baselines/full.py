@@ -1,0 +1,22 @@
+"""Full fine-tuning: every weight of the LM trains (the paper's main baseline)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import PreTrainedModel
+
+from prefix_lightning.baselines.base import FineTunedLM
+
+
+class FullFineTuning(FineTunedLM):
+    def __init__(self, lm: PreTrainedModel) -> None:
+        lm.requires_grad_(True)
+        super().__init__(lm)
+
+    def save(self, path: str | Path) -> Path:
+        """The whole model, as ``from_pretrained`` loads it."""
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.lm.save_pretrained(folder)
+        return folder

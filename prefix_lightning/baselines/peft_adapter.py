@@ -1,0 +1,75 @@
+"""Baselines that train a PEFT adapter around the LM (LoRA, PEFT's prefix tuning): building, loss and export.
+
+peft is an optional dependency (extras ``dev``, ``bench``): it is imported only when such a method is built.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from prefix_lightning.baselines.base import FineTunedLM
+from prefix_lightning.methods import slices_logits, target_loss
+
+
+class PeftAdapter(FineTunedLM):
+    """``.lm`` is the ``PeftModel`` that wraps the LM with the adapter described by ``peft_config``."""
+
+    def __init__(self, lm: PreTrainedModel, peft_config: Any, method: str) -> None:
+        self.method = method
+        training = lm.training
+        super().__init__(_peft_model(lm, peft_config, method))
+        self.train(training)
+        # PEFT's forward takes **kwargs and hands logits_to_keep on to the causal LM it wraps (LoRA: the LM with
+        # its adapted layers; prefix tuning: with the prefix as its cache), but target_loss only computes
+        # target-position logits for a forward that names the argument: the loss shows it one that does.
+        self._slices_logits = slices_logits(lm)
+
+    def loss(self, labels: torch.Tensor, length_groups: int | None = None, **inputs: Any) -> torch.Tensor:
+        lm = _LogitsToKeep(self.lm) if self._slices_logits else self.lm
+        return target_loss(lm, labels, length_groups, **inputs)
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.lm.get_base_model().activation_checkpointing_enable({"use_reentrant": False})
+
+    def save(self, path: str | Path) -> Path:
+        """PEFT's adapter folder, as ``PeftModel.from_pretrained`` loads it."""
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        # Never the embeddings: "auto" adds them whenever it guesses the vocabulary was resized.
+        self.lm.save_pretrained(folder, save_embedding_layers=False)
+        return folder
+
+
+def require_peft(method: str) -> None:
+    if importlib.util.find_spec("peft") is None:
+        raise ModuleNotFoundError(f"method {method} needs peft: pip install 'peft>=0.21,<0.22'")
+
+
+def _peft_model(lm: PreTrainedModel, config: Any, method: str) -> Any:
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(lm, config)
+    except ValueError as error:  # peft's messages name the option, not the model or the method that was asked
+        hint = " (set method.model.target_modules to its linear layers' names)" if method == "lora" else ""
+        raise ValueError(
+            f"peft cannot apply {method} to {type(lm).__name__} ({lm.config.model_type}){hint}: {error}"
+        ) from error
+
+
+class _LogitsToKeep:
+    """A PeftModel whose forward names ``logits_to_keep``, which it passes on to the wrapped causal LM."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.config = model.config
+
+    def forward(self, *, logits_to_keep: int | torch.Tensor = 0, **inputs: Any) -> Any:
+        return self.model(**inputs, logits_to_keep=logits_to_keep)
+
+    __call__ = forward

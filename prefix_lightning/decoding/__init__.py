@@ -1,0 +1,18 @@
+"""Decoding a (prefixed) LM: the routes per call, a beam search equal to transformers' that drops finished
+inputs, and the CPU's packed frozen weights."""
+
+from prefix_lightning.decoding.beam_search import CachedPrefix, beam_search, beam_search_options
+from prefix_lightning.decoding.masks import generation_mask, positions_from_mask
+from prefix_lightning.decoding.packed_linear import PackedWeights
+from prefix_lightning.decoding.routes import generate, rows_per_input
+
+__all__ = [
+    "CachedPrefix",
+    "PackedWeights",
+    "beam_search",
+    "beam_search_options",
+    "generate",
+    "generation_mask",
+    "positions_from_mask",
+    "rows_per_input",
+]

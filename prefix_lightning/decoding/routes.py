@@ -1,0 +1,61 @@
+"""The decoding routes of a prefixed causal LM, chosen per call: the project's beam search, transformers' generate
+with the prompt run once per input, or transformers' generate as it is."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from transformers import GenerationConfig, PreTrainedModel
+
+from prefix_lightning.decoding.beam_search import CachedPrefix, beam_search, beam_search_options
+from prefix_lightning.decoding.masks import generation_mask, positions_from_mask
+from prefix_lightning.decoding.packed_linear import PackedWeights, packed_linears
+from prefix_lightning.methods.loss import slices_logits
+
+
+def rows_per_input(defaults: GenerationConfig, kwargs: dict[str, Any]) -> int:
+    """How many rows ``generate`` makes of each input: beams, or sequences returned (transformers' rule)."""
+    config = kwargs.get("generation_config") or defaults
+    beams = kwargs.get("num_beams", config.num_beams) or 1
+    return max(beams, kwargs.get("num_return_sequences", config.num_return_sequences) or 1)
+
+
+@torch.no_grad()
+def generate(
+    lm: PreTrainedModel, kwargs: dict[str, Any], packed: PackedWeights, cached_prefix: CachedPrefix | None = None
+) -> Any:
+    """``lm.generate(**kwargs)``'s result, computed the fastest way that gives the same one.
+
+    A plain beam search (the options of the project's generation configs, sequences only) goes through
+    :func:`beam_search`, which runs each prompt once, reads the prefix from the cache after the prompt
+    (``cached_prefix``) and stops computing each input once its search is over. Other calls with several rows
+    per input run the prompt once per input and repeat its cache for the copies (transformers would run it once
+    per copy). On CPU the frozen linear layers compute with weights packed once for oneDNN (``packed``).
+    """
+    with packed_linears(lm, packed):
+        return _route(lm, kwargs, cached_prefix)
+
+
+def _route(lm: PreTrainedModel, kwargs: dict[str, Any], cached_prefix: CachedPrefix | None) -> Any:
+    copies = rows_per_input(lm.generation_config, kwargs)
+    input_ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+    own_cache = {"cache", "past_key_values", "inputs_embeds"} & kwargs.keys()
+    searched = beam_search_options(lm, kwargs) if copies > 1 and slices_logits(lm) else None
+    if searched is not None:
+        if mask is None:
+            searched["attention_mask"] = generation_mask(input_ids, searched["pad_token_id"], searched["eos_token_id"])
+        return beam_search(lm, **searched, cached_prefix=cached_prefix)
+    # Without a mask, only a single row is sure to hold no padding that generate would infer a mask for.
+    known_mask = input_ids is not None and (mask is not None or input_ids.shape[0] == 1)
+    if copies > 1 and not own_cache and known_mask and input_ids.shape[1] > 1 and slices_logits(lm):
+        prompt = {"input_ids": input_ids[:, :-1]}
+        if mask is not None:  # positions as generate counts them: from each row's first real token
+            prompt["attention_mask"] = mask[:, :-1]
+            if "position_ids" in inspect.signature(lm.forward).parameters:
+                prompt["position_ids"] = positions_from_mask(prompt["attention_mask"])
+        cache = lm(**prompt, use_cache=True, logits_to_keep=1).cache
+        cache.batch_repeat_interleave(copies)
+        kwargs = {**kwargs, "cache": cache}  # generate sees the prompt's last token as the only one left to run
+    return lm.generate(**kwargs)

@@ -1,0 +1,5 @@
+"""Files a run writes so that a crash or kill never leaves half of one."""
+
+from prefix_lightning.files.atomic import atomic_folder, atomic_write
+
+__all__ = ["atomic_folder", "atomic_write"]

@@ -1,0 +1,44 @@
+"""Writing files and folders so that a crash or kill leaves either the old one or the new one, never half of one."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from uuid import uuid4
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Let ``write`` fill a temporary sibling of ``path``, flush it to disk, then rename it over ``path``.
+
+    The sibling lives in the same folder, so the final rename never crosses filesystems.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{uuid4().hex}")
+    try:
+        write(temporary)
+        with open(temporary, "rb+") as file:
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def atomic_folder(target: Path, write: Callable[[Path], None]) -> None:
+    """Run ``write`` into a temporary sibling folder, then rename it to ``target``; if another process finished
+    the same target first, its copy is kept."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Not tempfile.mkdtemp: its folder is private (0700) and would stay so after the rename; mkdir honours umask.
+    temporary = target.with_name(f".{target.name}.tmp-{uuid4().hex}")
+    temporary.mkdir()
+    try:
+        write(temporary)
+        try:
+            temporary.rename(target)
+        except OSError:
+            if not target.is_dir():
+                raise
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)

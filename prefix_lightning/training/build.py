@@ -1,0 +1,118 @@
+"""Building a run's parts from its composed config: the method around the backbone, the data, the module."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from prefix_lightning.backbones import load_backbone
+from prefix_lightning.methods import TrainableLM
+from prefix_lightning.training.checks import ConfigError, check_config, method_class
+from prefix_lightning.training.module import MethodModule
+
+log = logging.getLogger(__name__)
+
+
+def load_configured_backbone(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    return load_backbone(**OmegaConf.to_container(cfg.model.backbone, resolve=True))
+
+
+def build_model(cfg: DictConfig) -> tuple[TrainableLM, PreTrainedTokenizerBase]:
+    """The configured method around the backbone (checked first, seeded, gradient checkpointing as asked)."""
+    check_config(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    lm, tokenizer = load_configured_backbone(cfg)
+    model = build_method(cfg, lm, tokenizer)
+    if cfg.model.get("gradient_checkpointing"):
+        model.enable_gradient_checkpointing()
+    return model, tokenizer
+
+
+def build_method(cfg: DictConfig, lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> TrainableLM:
+    """The class ``method.model._target_`` called with the LM, its other keys, and the tokenizer where the class
+    takes one (called directly, not through Hydra, so that its refusals reach the user as they are)."""
+    cls = method_class(cfg)
+    options = OmegaConf.to_container(cfg.method.model, resolve=True)
+    del options["_target_"]
+    if "tokenizer" in inspect.signature(cls).parameters:
+        options["tokenizer"] = tokenizer
+    return cls(lm, **options)
+
+
+def generation_settings(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    """Decoding options for ``generate``, with the end-of-target token of this model's data format."""
+    settings = {k: v for k, v in OmegaConf.to_container(cfg.generation, resolve=True).items() if v is not None}
+    if settings.pop("ban_newline", False):
+        settings["bad_words_ids"] = newline_tokens(tokenizer)
+    end_ids = tokenizer(cfg.model.target_end, add_special_tokens=False).input_ids
+    if len(end_ids) != 1:
+        raise ValueError(
+            f"model.target_end={cfg.model.target_end!r} must be one token of the tokenizer (it is {len(end_ids)}): "
+            "decoding stops on it"
+        )
+    settings.setdefault("eos_token_id", end_ids[0])
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    settings.setdefault("pad_token_id", pad_id)
+    return settings
+
+
+def newline_tokens(tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+    """Every vocabulary entry whose text holds a newline, as ``bad_words_ids`` (one-token sequences)."""
+    vocabulary = range(len(tokenizer))
+    return [[i] for i in vocabulary if "\n" in tokenizer.decode([i], clean_up_tokenization_spaces=False)]
+
+
+def source_budget(cfg: DictConfig, model: TrainableLM) -> int:
+    """``data.max_source_tokens``, cut down where source, target and virtual tokens would not fit the model's
+    positions."""
+    wanted, target = cfg.data.max_source_tokens, cfg.data.max_target_tokens
+    config = model.lm.config
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if context is None:
+        return wanted
+    occupied = model.virtual_positions
+    budget = context - occupied if config.is_encoder_decoder else context - occupied - target
+    if budget < 1:
+        raise ConfigError(
+            f"data.max_target_tokens={target} plus {occupied} virtual tokens leave no room for the source "
+            f"in the model's {context} positions"
+        )
+    if wanted > budget:
+        log.warning(
+            "data.max_source_tokens=%d does not fit the model's %d positions (%d virtual tokens%s): sources are cut "
+            "to %d tokens (the data loader reports how many were cut)",
+            wanted,
+            context,
+            occupied,
+            "" if config.is_encoder_decoder else f", target {target}",
+            budget,
+        )
+    return min(wanted, budget)
+
+
+def build_datamodule(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, model: TrainableLM) -> L.LightningDataModule:
+    return instantiate(
+        cfg.data,
+        tokenizer=tokenizer,
+        separator=cfg.model.separator,
+        target_end=cfg.model.target_end,
+        is_encoder_decoder=bool(model.lm.config.is_encoder_decoder),
+        max_source_tokens=source_budget(cfg, model),
+    )
+
+
+def build_module(cfg: DictConfig, model: TrainableLM, tokenizer: PreTrainedTokenizerBase) -> MethodModule:
+    return MethodModule(
+        model,
+        tokenizer,
+        output_dir=cfg.paths.output_dir,
+        generation=generation_settings(cfg, tokenizer),
+        lr=cfg.method.lr,
+        **OmegaConf.to_container(cfg.optim, resolve=True),
+    )
