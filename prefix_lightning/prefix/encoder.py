@@ -9,6 +9,20 @@ import torch
 from torch import nn
 
 from prefix_lightning.prefix.config import PrefixConfig
+from prefix_lightning.prefix.sites import AttentionSite
+
+INPUT = "input"  # the encoder of embedding-only: input embeddings, not a site group
+
+
+def prefix_encoders(config: PrefixConfig, sites: Sequence[AttentionSite], embed_dim: int) -> nn.ModuleDict:
+    """What trains for one prefix on these attention sites: an encoder per site group, each site with its own
+    shape (2, kv_heads, head_dim) per virtual token; for embedding-only one encoder of input embeddings."""
+    if config.kind == "embedding":
+        return nn.ModuleDict({INPUT: PrefixEncoder(config, [(embed_dim,)], embed_dim)})
+    shapes: dict[str, list[tuple[int, ...]]] = {}
+    for site in sites:
+        shapes.setdefault(site.group, []).append((2, site.kv_heads, site.head_dim))
+    return nn.ModuleDict({group: PrefixEncoder(config, shape, embed_dim) for group, shape in shapes.items()})
 
 
 class PrefixEncoder(nn.Module):
