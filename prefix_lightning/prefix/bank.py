@@ -100,10 +100,11 @@ class PrefixBank(nn.Module):
             raise UnsupportedModelError(self._cannot_shift)
         device = next(self.lm.parameters()).device
         entry = StoredPrefix(config, [block.detach().float().to(device) for block in blocks])
-        self._put(name, entry)
+        self.hold(name, entry)
 
-    def _put(self, name: str, entry: nn.Module) -> None:
-        """Hold ``entry`` (``config``, ``site_blocks()``: one block per site in the bank's site order)."""
+    def hold(self, name: str, entry: nn.Module) -> None:
+        """Hold any prefix module under ``name``: one with a ``config`` and ``site_blocks()`` (a block per site, in
+        the bank's site order), e.g. a trainable one (``MultiTaskPrefix``)."""
         try:
             self.entries[name] = entry
         except KeyError as error:  # a name nn.ModuleDict keeps for itself

@@ -15,6 +15,7 @@ from prefix_lightning.backbones import load_backbone
 from prefix_lightning.methods import TrainableLM
 from prefix_lightning.training.checks import ConfigError, check_config, method_class
 from prefix_lightning.training.module import MethodModule
+from prefix_lightning.training.tasks import task_data_configs
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +98,12 @@ def source_budget(cfg: DictConfig, model: TrainableLM) -> int:
 
 
 def build_datamodule(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, model: TrainableLM) -> L.LightningDataModule:
+    """The configured data module; a mixture of tasks (``data.tasks``) gets each task's composed data config."""
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    if "tasks" in data:
+        data["tasks"] = task_data_configs(cfg)
     return instantiate(
-        cfg.data,
+        data,
         tokenizer=tokenizer,
         separator=cfg.model.separator,
         target_end=cfg.model.target_end,

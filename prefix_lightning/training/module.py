@@ -64,30 +64,35 @@ class MethodModule(L.LightningModule):
     # -- decoding ------------------------------------------------------------------------------------------
     def _generate(self, batch: dict[str, Any]) -> None:
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if "prefixes" in batch:  # a mixture of tasks: each row with its task's prefix
+            inputs["prefixes"] = batch["prefixes"]
         output = self.model.generate(**inputs, **self.generation)
         if not self.model.lm.config.is_encoder_decoder:
             output = output[:, inputs["input_ids"].shape[1] :]
         texts = self.tokenizer.batch_decode(output, skip_special_tokens=True)
         keys = ("group_id", "category", "source", "references")
         columns = (batch["group_ids"], batch["categories"], batch["sources"], batch["references"])
-        for *values, text in zip(*columns, texts, strict=True):
-            self._outputs.append({**dict(zip(keys, values, strict=True)), "generation": text.strip()})
+        tasks = batch.get("prefixes", [None] * len(texts))
+        for *values, task, text in zip(*columns, tasks, texts, strict=True):
+            row = {**dict(zip(keys, values, strict=True)), "generation": text.strip()}
+            self._outputs.append(row if task is None else {"task": task, **row})
 
     def _score(self, split: str) -> None:
         outputs = self._gather(self._outputs)
         self._outputs = []
         if not outputs:
             return
-        # Validation tracks BLEU only (the other scorers start a JVM); the test runs the dataset's full suite,
-        # and for WebNLG also on the test inputs of categories seen / unseen in training.
         datamodule = self.trainer.datamodule
-        suite = getattr(datamodule, "metric_suite", "bleu") if split == "test" else "bleu"
-        metrics = _score_outputs(suite, outputs)
-        seen = getattr(datamodule, "seen_categories", None) if split == "test" else None
-        for subset, is_seen in (("seen", True), ("unseen", False)) if seen else ():
-            part = [o for o in outputs if (o["category"] in seen) == is_seen]
-            if part:
-                metrics |= {f"{subset}/{key}": value for key, value in _score_outputs(suite, part).items()}
+        if "task" in outputs[0]:  # each task with its own metrics; BLEU overall is the tasks' mean
+            metrics = {}
+            for task, data in datamodule.tasks.items():
+                part = [o for o in outputs if o["task"] == task]
+                if part:
+                    metrics |= {f"{task}/{key}": value for key, value in _split_metrics(split, data, part).items()}
+            bleus = [value for key, value in metrics.items() if key.endswith("/BLEU") and key.count("/") == 1]
+            metrics["BLEU"] = sum(bleus) / len(bleus)
+        else:
+            metrics = _split_metrics(split, datamodule, outputs)
         for key, value in metrics.items():
             self.log(f"{split}/{key.lower()}", value, prog_bar=key == "BLEU", rank_zero_only=True)
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
@@ -171,6 +176,19 @@ class MethodModule(L.LightningModule):
                 + "; ".join(f"{k}: checkpoint {found.get(k)}, run {expected.get(k)}" for k in differing[:3])
                 + ". Was it written by a run with another prefix length, reparametrization or base model?"
             )
+
+
+def _split_metrics(split: str, datamodule: Any, outputs: list[dict[str, Any]]) -> dict[str, float]:
+    """Validation tracks BLEU only (the other scorers start a JVM); the test runs the dataset's full suite, and for
+    WebNLG also on the test inputs of categories seen / unseen in training."""
+    suite = getattr(datamodule, "metric_suite", "bleu") if split == "test" else "bleu"
+    metrics = _score_outputs(suite, outputs)
+    seen = getattr(datamodule, "seen_categories", None) if split == "test" else None
+    for subset, is_seen in (("seen", True), ("unseen", False)) if seen else ():
+        part = [o for o in outputs if (o["category"] in seen) == is_seen]
+        if part:
+            metrics |= {f"{subset}/{key}": value for key, value in _score_outputs(suite, part).items()}
+    return metrics
 
 
 def _score_outputs(suite: str, outputs: list[dict[str, Any]]) -> dict[str, float]:
