@@ -57,11 +57,10 @@ def test_each_rows_gradient_reaches_only_its_tasks_prefix() -> None:
     model = multitask().train()
     inputs = batch(ROWS)
     logits = model(prefixes=["e2e", "webnlg", "dart"], input_ids=inputs["input_ids"]).logits
+    parameters = model.trainable_parameters()
     for row, task in enumerate(["e2e", "webnlg", "dart"]):
-        grads = torch.autograd.grad(
-            logits[row].sum(), model.trainable_parameters(), retain_graph=True, allow_unused=True
-        )
-        reached = {id(p) for p, g in zip(model.trainable_parameters(), grads, strict=True) if g is not None and g.any()}
+        grads = torch.autograd.grad(logits[row].sum(), parameters, retain_graph=True, allow_unused=True)
+        reached = {id(p) for p, g in zip(parameters, grads, strict=True) if g is not None and g.any()}
         for other in TASKS:
             own = {id(p) for p in model.task_parameters(other).values()}
             assert (own <= reached) if other == task else not (own & reached), (row, other)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from prefix_lightning import PrefixBank, PrefixConfig, PrefixModel
-from tests.test_model_families import DECODERS, ENCODER_DECODERS, PAD, GQA, pad_batch, tiny_model
+from tests.test_model_families import DECODERS, ENCODER_DECODERS, GQA, PAD, pad_batch, tiny_model
 
 FAMILIES = {**DECODERS, **ENCODER_DECODERS, "mistral_window": ("mistral", dict(GQA, sliding_window=3))}
 ROWS = [
