@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+from prefix_lightning.training.compose import CONF_DIR, compose_config
+
 SINGLE = "prefix_lightning.data.datamodule.TextToTextDataModule"
 
 
@@ -41,17 +39,8 @@ def task_data_configs(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     """Task name -> the resolved arguments of its ``TextToTextDataModule`` (its data config without ``_target_``)."""
     configs = {}
     for task in check_tasks(cfg.data.tasks):
-        fields = OmegaConf.to_container(_compose_data(task), resolve=True)
+        fields = OmegaConf.to_container(compose_config("train", [f"data={task}"]).data, resolve=True)
         if fields.pop("_target_", None) != SINGLE:
             raise TaskConfigError(f"data.tasks: {task} is not a single-dataset data config")
         configs[task] = fields
     return configs
-
-
-def _compose_data(task: str) -> DictConfig:
-    """``data=<task>`` composed from the shipped configs, inside a running Hydra app or on its own."""
-    overrides = [f"data={task}"]
-    if GlobalHydra.instance().is_initialized():
-        return compose("train", overrides=overrides).data
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=overrides).data
