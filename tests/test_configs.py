@@ -13,9 +13,11 @@ from omegaconf import OmegaConf
 
 from prefix_lightning.backbones import load_backbone
 from prefix_lightning.data.datamodule import TextToTextDataModule
+from prefix_lightning.data.multitask import MultiTaskDataModule
 from prefix_lightning.methods import TrainableLM
 from prefix_lightning.prefix import PrefixConfig
 from prefix_lightning.training.build import build_model, generation_settings
+from prefix_lightning.training.tasks import task_data_configs
 from prefix_lightning.training.train import instantiate_all
 from tests.helpers import CONF, compose_train
 
@@ -57,6 +59,8 @@ def test_prefix_configs_build_their_prefix(name: str, tmp_path: Path) -> None:
 def test_method_configs_build_their_model(name: str, tmp_path: Path) -> None:
     """Each method file's options are the keywords of the code that builds it (tests/test_methods.py trains them)."""
     cfg = compose_train(tmp_path, [f"method={name}", "model=tiny_llama"])
+    if "tasks" in cfg.method.model:  # one prefix per task: trained on a mixture of tasks
+        cfg = compose_train(tmp_path, ["data=multi", f"method={name}", "model=tiny_llama"])
     model, _ = build_model(cfg)
     assert type(model) is get_class(cfg.method.model._target_) and isinstance(model, TrainableLM)
     assert model.trainable_parameters()
@@ -68,8 +72,12 @@ def test_method_configs_build_their_model(name: str, tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", options("data"))
 def test_data_configs_instantiate(name: str, tmp_path: Path, gpt2_tokenizer) -> None:
     cfg = compose_train(tmp_path, [f"data={name}", "model=tiny_gpt2"])
-    datamodule = instantiate(cfg.data, tokenizer=gpt2_tokenizer, separator=" =", target_end="<|endoftext|>")
-    assert isinstance(datamodule, TextToTextDataModule)
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    if "tasks" in data:  # a mixture: each task's own data config
+        data["tasks"] = task_data_configs(cfg)
+    datamodule = instantiate(data, tokenizer=gpt2_tokenizer, separator=" =", target_end="<|endoftext|>")
+    parts = datamodule.tasks.values() if isinstance(datamodule, MultiTaskDataModule) else [datamodule]
+    assert parts and all(isinstance(part, TextToTextDataModule) for part in parts)
 
 
 # FSDP and DeepSpeed trainers refuse a CPU: tests/test_distributed.py instantiates and checks their strategies.
