@@ -66,6 +66,18 @@ def test_each_rows_gradient_reaches_only_its_tasks_prefix() -> None:
             assert (own <= reached) if other == task else not (own & reached), (row, other)
 
 
+def test_gradient_checkpointing_recomputes_each_row_with_its_own_prefix() -> None:
+    """Recomputed layers read the prefixes of the whole batch (length groups would leave the last group's)."""
+    model = multitask().train()
+    parameters, inputs = model.trainable_parameters(), batch(ROWS)
+    prefixes = ["e2e", "dart", "webnlg"]
+    expected = torch.autograd.grad(model.loss(prefixes=prefixes, length_groups=2, **inputs), parameters)
+    model.enable_gradient_checkpointing()
+    got = torch.autograd.grad(model.loss(prefixes=prefixes, length_groups=2, **inputs), parameters)
+    for want, have in zip(expected, got, strict=True):
+        torch.testing.assert_close(have, want, atol=1e-6, rtol=1e-4)
+
+
 def test_each_task_exports_an_ordinary_prefix(tmp_path: Path) -> None:
     """prefix/<task>/ loads as a PrefixModel and gives the row's logits of the multi-task model."""
     model = multitask().eval()
