@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -161,7 +162,7 @@ def prefix_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
-    **kwargs,
+    **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """SDPA attention with the module's prefix keys/values in front of its own."""
     if _recording is not None:
@@ -169,7 +170,7 @@ def prefix_attention(
     queries = kwargs.pop(INFIX_QUERIES, None)
     binding = getattr(module, _BINDING, None)
     prefix = binding.injector.lookup(binding.group, binding.index) if binding is not None else None
-    if prefix is not None:
+    if binding is not None and prefix is not None:
         causal = kwargs.get("is_causal")
         if causal is None:
             causal = getattr(module, "is_causal", True)

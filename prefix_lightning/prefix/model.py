@@ -72,7 +72,9 @@ class PrefixModel(nn.Module):
         for module, site in bound:
             bind(module, self.injector, site.group, len(groups.setdefault(site.group, [])))
             groups[site.group].append(site)
-        embed_dim = lm.get_input_embeddings().embedding_dim
+        # transformers types the embeddings as a plain Module.
+        embed_dim: int = lm.get_input_embeddings().embedding_dim  # type: ignore[assignment]
+        shapes: dict[str, tuple[int, ...]]
         if kind == "embedding":
             shapes = {INPUT: (embed_dim,)}
         else:
@@ -246,13 +248,15 @@ class PrefixModel(nn.Module):
             if encoder.mlp is None:
                 encoder.assign(targets[group])
             else:
-                error = encoder.fit(targets[group], start)
+                # An nn.ModuleDict yields plain Modules.
+                error = encoder.fit(targets[group], start)  # type: ignore[operator]
                 log.info("prefix init of the %s block: MLP fitted to relative error %.2e", group, error)
 
     def init_prefix_from_vocabulary(self, generator: torch.Generator | None = None) -> None:
         """Initialize from L tokens drawn uniformly from the vocabulary (the LM's activations of real tokens,
         without choosing words)."""
-        vocabulary = self.lm.get_input_embeddings().num_embeddings
+        # transformers types the embeddings as a plain Module.
+        vocabulary: int = self.lm.get_input_embeddings().num_embeddings  # type: ignore[assignment]
         self.init_prefix_from_tokens(torch.randint(vocabulary, (self.config.length,), generator=generator))
 
     # -- export --------------------------------------------------------------------------------------------
@@ -273,7 +277,8 @@ class PrefixModel(nn.Module):
             blocks = {group: encoder() for group, encoder in model.encoders.items()}
         tensors = exported.tensors({group: block.shape for group, block in blocks.items()})
         for group, encoder in model.encoders.items():
-            encoder.assign(tensors[group].to(encoder.prefix.device))
+            # An nn.ModuleDict yields plain Modules.
+            encoder.assign(tensors[group].to(encoder.prefix.device))  # type: ignore[operator, arg-type]
         return model
 
 

@@ -125,7 +125,7 @@ def write_csv(table: Table, path: Path) -> None:
             [*table.keys, "runs", *(f"{name}_{part}" for name in table.metrics for part in ("mean", "std"))]
         )
         for row in table.rows:
-            numbers = []
+            numbers: list[str | float] = []
             for name in table.metrics:
                 stat = row.stats.get(name)
                 numbers += ["", ""] if stat is None else [stat.mean, "" if stat.std is None else stat.std]

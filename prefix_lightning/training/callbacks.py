@@ -15,6 +15,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
 from prefix_lightning.methods import IGNORE_INDEX
@@ -33,7 +34,8 @@ class MethodExport(L.Callback):
     def __init__(self, dirpath: str) -> None:
         self.dirpath = Path(dirpath)
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: MethodModule) -> None:
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        assert isinstance(pl_module, MethodModule)  # the callbacks of run.py's runs
         with _whole_on_rank_zero(trainer, pl_module):
             if trainer.is_global_zero:
                 pl_module.model.save(self.dirpath)
@@ -48,6 +50,7 @@ def _whole_on_rank_zero(trainer: L.Trainer, pl_module: L.LightningModule) -> Ite
     rank must enter it (it gathers from all of them)."""
     strategy = trainer.strategy
     if isinstance(strategy, FSDPStrategy):
+        assert strategy.model is not None  # set up before training starts
         from torch.distributed.fsdp import FullyShardedDataParallel
 
         with FullyShardedDataParallel.summon_full_params(
@@ -135,7 +138,8 @@ class ResultRecord(L.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.progress.update(state_dict)
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: MethodModule) -> None:
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        assert isinstance(pl_module, MethodModule)  # the callbacks of run.py's runs
         self._encoder_decoder = bool(pl_module.model.lm.config.is_encoder_decoder)
 
     def on_train_batch_start(
@@ -155,10 +159,10 @@ class ResultRecord(L.Callback):
         self.progress["train_time_s"] += time.perf_counter() - self._step_started
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        value = trainer.callback_metrics.get(self.monitor)
-        if trainer.sanity_checking or value is None:
+        metric = trainer.callback_metrics.get(self.monitor)
+        if trainer.sanity_checking or metric is None:
             return
-        value = float(value)
+        value = float(metric)
         best = self.progress["best_val"]
         if best is None or (value > best if self.mode == "max" else value < best):
             self.progress.update(best_val=value, best_val_step=trainer.global_step)
@@ -181,7 +185,9 @@ class ResultRecord(L.Callback):
             return
         train_time = self.progress["train_time_s"]
         checkpoint = trainer.checkpoint_callback
-        export = next((c for c in trainer.callbacks if isinstance(c, MethodExport)), None)
+        # Lightning sets this attribute without declaring it.
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]
+        export = next((c for c in callbacks if isinstance(c, MethodExport)), None)
         record = {
             **self.job,
             **self.settings,
@@ -194,8 +200,12 @@ class ResultRecord(L.Callback):
             "train_time_s": round(train_time, 3),
             "tokens_per_s": round(tokens / train_time, 1) if train_time > 0 else None,
             "wall_time_s": round(self._wall_time(), 1),
-            "checkpoint": self._relative(checkpoint.last_model_path if checkpoint else None),
-            "best_checkpoint": self._relative(checkpoint.best_model_path if checkpoint else None),
+            "checkpoint": self._relative(
+                checkpoint.last_model_path if isinstance(checkpoint, ModelCheckpoint) else None
+            ),
+            "best_checkpoint": self._relative(
+                checkpoint.best_model_path if isinstance(checkpoint, ModelCheckpoint) else None
+            ),
             "prefix": self._relative(export.dirpath if export else None),
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
