@@ -18,7 +18,10 @@ from typing import Any
 import pytest
 
 from prefix_lightning.training.record import RECORD_FILE, read_record
-from tests.helpers import REPO
+from tests.helpers.cli import run_python
+from tests.helpers.config import REPO
+
+pytestmark = pytest.mark.integration
 
 TINY = ["model=tiny_llama", "debug=fast"]
 GRID = [*TINY, "trainer.max_steps=2", "prefix.length=1,2", "data.train_size=8,16", "logger=[tensorboard,wandb]"]
@@ -30,28 +33,25 @@ GRID_JOBS = {
 
 
 @pytest.fixture(scope="module")
-def env(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def env(data_dir: Path, tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """The data, W&B offline and kept inside the test's folders."""
     wandb_home = tmp_path_factory.mktemp("wandb_home")
-    tokenizer = os.environ.get("PREFIX_LIGHTNING_TOKENIZER", str(data_dir.parent / "tokenizers" / "gpt2"))
     return {
         **os.environ,
         "PREFIX_LIGHTNING_DATA": str(data_dir),
-        "PREFIX_LIGHTNING_TOKENIZER": tokenizer,
+        "PREFIX_LIGHTNING_TOKENIZER": str(tokenizer_dir),
         "WANDB_MODE": "offline",
         **{f"WANDB_{name}_DIR": str(wandb_home / name.lower()) for name in ("CACHE", "CONFIG", "DATA", "ARTIFACT")},
     }
 
 
-def sweep_command(sweep_dir: Path, overrides: list[str]) -> list[str]:
-    return [sys.executable, "run.py", "-m", f"hydra.sweep.dir={sweep_dir}", *overrides]
+def sweep_arguments(sweep_dir: Path, overrides: list[str]) -> list[str]:
+    return ["run.py", "-m", f"hydra.sweep.dir={sweep_dir}", *overrides]
 
 
 def run_sweep(sweep_dir: Path, overrides: list[str], env: dict[str, str]) -> str:
     """`python run.py -m ...` as a user types it; returns its log."""
-    result = subprocess.run(
-        sweep_command(sweep_dir, overrides), cwd=REPO, capture_output=True, text=True, env=env, timeout=600
-    )
+    result = run_python(*sweep_arguments(sweep_dir, overrides), env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout + result.stderr
 
@@ -209,7 +209,7 @@ def test_rerunning_a_killed_sweep_skips_finished_jobs_and_resumes_the_rest(tmp_p
     sweep_dir, overrides = tmp_path / "sweep", [*TINY, "prefix.length=1,2"]
     first, second = (sweep_dir / f"debug=fast,model=tiny_llama,prefix.length={length}" for length in (1, 2))
     process = subprocess.Popen(
-        sweep_command(sweep_dir, overrides),
+        [sys.executable, *sweep_arguments(sweep_dir, overrides)],
         cwd=REPO,
         env=env,
         stdout=subprocess.DEVNULL,
