@@ -245,3 +245,25 @@ def test_submitit_local_launcher_runs_each_job_in_its_own_process(tmp_path: Path
     assert record is not None and record["prefix_length"] == 3
     assert list((sweep_dir / ".submitit").glob("*/*_result.pkl"))  # the job ran in a submitit process
     assert (sweep_dir / "summary" / "report.html").is_file()  # aggregated by the launching process
+
+
+@pytest.mark.integration
+def test_lowdata_sweep_ends_with_its_paired_comparison(tmp_path: Path, env: dict[str, str]) -> None:
+    """The shipped +sweep=smollm2_lowdata, narrowed to a tiny model: prefix and full on two subsets; the multirun's
+    own aggregation writes the paired table. (The sweep's own test size and metrics come after debug=fast.)"""
+    sweep_dir = tmp_path / "lowdata"
+    small = ["data.train_size=16", "data.test_size=4", "data.metric_suite=bleu"]
+    overrides = ["+sweep=smollm2_lowdata", *TINY, *small, "data.subset_seed=1,2"]
+    log = run_sweep(sweep_dir, overrides, env)
+    jobs = {path.parent.name for path in sweep_dir.glob(f"*/{RECORD_FILE}")}
+    assert jobs == {
+        f"data.metric_suite=bleu,data.subset_seed={subset},data.test_size=4,data.train_size=16,debug=fast,"
+        f"method={method},model=tiny_llama,seed=1"
+        for subset in (1, 2)
+        for method in ("prefix", "full")
+    }
+    assert "paired comparison" in log
+    with open(sweep_dir / "summary" / "paired.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert [(row["metric"], row["pairs"]) for row in rows] == [("test/bleu", "2")]
+    assert "Paired comparison: prefix − full" in (sweep_dir / "summary" / "report.html").read_text()
