@@ -18,6 +18,7 @@ from omegaconf.errors import InterpolationKeyError
 from prefix_lightning.backbones import load_backbone
 from prefix_lightning.training.build import build_datamodule, build_model, build_module
 from prefix_lightning.training.checks import check_config
+from prefix_lightning.training.optimized import settle_optimized_metric
 from prefix_lightning.training.train import instantiate_all
 from tests.helpers.cli import run_python
 from tests.helpers.config import CONF, compose_train, options
@@ -123,6 +124,7 @@ def test_experiment_composes_and_instantiates(name: str, tmp_path: Path, gpt2_to
         cfg.data, tokenizer=gpt2_tokenizer, separator=cfg.model.separator, target_end=cfg.model.target_end
     )
     assert (datamodule.hparams.dataset, datamodule.hparams.batch_size) == (cfg.data.dataset, cfg.data.batch_size)
+    settle_optimized_metric(cfg)  # as train() does: the checkpoint callback monitors it
     callbacks, loggers = instantiate_all(cfg.callbacks), instantiate_all(cfg.logger)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     assert (trainer.max_epochs, trainer.max_steps) == (cfg.trainer.max_epochs, cfg.trainer.max_steps)

@@ -57,7 +57,7 @@ def test_run_writes_generations_and_scores(trained_run: Path) -> None:
 
 def test_resuming_continues_the_same_run(trained_run: Path, tmp_path: Path) -> None:
     """Resuming the 8-step run from its step-4 checkpoint ends with the uninterrupted run's very prefix."""
-    (halfway,) = (trained_run / "checkpoints").glob("step4-*.ckpt")
+    (halfway,) = (trained_run / "checkpoints").glob("step4.ckpt")
     at_step_4 = torch.load(halfway, weights_only=True)
     at_step_8 = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True)
     assert at_step_4["global_step"] == 4

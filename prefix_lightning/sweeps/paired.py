@@ -100,10 +100,10 @@ def compare_methods(records: Sequence[dict[str, Any]], table: Table, metric: str
     for name in metrics:
         groups: dict[str, tuple[dict[str, Any], list[tuple[float, float]]]] = {}
         for treatment, baseline in pairs:
-            scores = record_metrics(treatment).get(name), record_metrics(baseline).get(name)
-            if None not in scores:
+            treated, base = record_metrics(treatment).get(name), record_metrics(baseline).get(name)
+            if treated is not None and base is not None:
                 setting = {key: treatment["overrides"].get(key) for key in keys}
-                groups.setdefault(json.dumps(setting), (setting, []))[1].append(scores)
+                groups.setdefault(json.dumps(setting), (setting, []))[1].append((treated, base))
         if not groups:
             continue
         rows = sorted(
@@ -121,7 +121,7 @@ def _setting_cells(paired: Paired, row: PairedRow) -> list[str]:
 
 
 def _interval_text(interval: Interval) -> str:
-    if interval.low is None:
+    if interval.low is None or interval.high is None:
         return ""
     return f"[{format_number(interval.low)}, {format_number(interval.high)}]"
 
