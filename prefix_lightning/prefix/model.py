@@ -63,8 +63,7 @@ class PrefixModel(nn.Module):
         self.injector = PrefixInjector(infix=kind == "infix")
         bound = discover_sites(lm)
         self.sites: list[AttentionSite] = [site for _, site in bound]
-        biased = {module for module, site in bound if site.position_bias}
-        bias_hooks = prefix_bias_hooks(bound, biased, self.config.shift_positions)
+        bias_hooks = prefix_bias_hooks(bound, self.config.shift_positions)
         groups: dict[str, list[AttentionSite]] = {}
         for module, site in bound:
             index = len(groups.setdefault(site.group, []))
@@ -79,7 +78,7 @@ class PrefixModel(nn.Module):
             {group: PrefixEncoder(self.config, shape, embed_dim) for group, shape in shapes.items()}
         )
         # A relative position bias (T5) places the prefix by itself (prefix.relative_bias); absolute positions move.
-        if self.config.shift_positions and not biased:
+        if self.config.shift_positions and not bias_hooks:
             attach_position_shift(lm, self.config.length, self.injector)
         self.packed_weights = PackedWeights()  # the frozen LM's weights packed for decoding on CPU
         self._initialize(tokenizer)

@@ -56,9 +56,9 @@ def _computes_relative_bias(module: nn.Module) -> bool:
 
 
 def prefix_bias_hooks(
-    bound: Sequence[tuple[nn.Module, AttentionSite]], biased: set[nn.Module], shift_positions: bool
+    bound: Sequence[tuple[nn.Module, AttentionSite]], shift_positions: bool
 ) -> dict[nn.Module, PrefixBias]:
-    """The hook of every site whose attention receives a position bias (``biased``).
+    """The hook of every site whose attention receives a position bias (none for most models).
 
     A site's bias table is its own if it has one, else that of the nearest earlier site of its group that has one
     (T5 computes the bias in each stack's first layer and passes it on); a group without any table (T5's
@@ -69,7 +69,7 @@ def prefix_bias_hooks(
     for module, site in bound:
         if _computes_relative_bias(module):
             tables[site.group] = module
-        if module not in biased:
+        if not site.position_bias:
             continue
         if not (_computes_relative_bias(module) or hasattr(module, "has_relative_attention_bias")):
             raise UnsupportedModelError(
