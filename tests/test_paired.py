@@ -12,7 +12,7 @@ import pytest
 
 from prefix_lightning.sweeps.aggregate import aggregate, main
 from prefix_lightning.sweeps.intervals import mean_interval, t_quantile
-from tests.test_sweep_units import make_record, write_sweep
+from tests.helpers.sweeps import make_record, write_sweep
 
 
 def exact_t_two_degrees(confidence: float) -> float:

@@ -50,13 +50,13 @@ def test_frozen_lm_in_bf16_trains_a_float32_prefix(tmp_path: Path, data_dir: Pat
     assert next(model.lm.parameters()).dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in model.trainable_parameters())
     with torch.no_grad():
-        start = {group: encoder() for group, encoder in model.encoders.items()}
+        start = {f"{g}.{i}": block for g, encoder in model.encoders.items() for i, block in enumerate(encoder())}
     run_cli(tmp_path, *overrides)
     checkpoint, losses = _trained(tmp_path)
     assert checkpoint["global_step"] == 2 and losses and all(math.isfinite(loss) for loss in losses)
     exported = load_file(tmp_path / "prefix" / "prefix.safetensors")
-    assert all(exported[group].dtype == torch.float32 for group in start)
-    assert all(not torch.equal(exported[group], start[group]) for group in start), "the prefix must train"
+    assert exported.keys() == start.keys() and all(exported[name].dtype == torch.float32 for name in start)
+    assert all(not torch.equal(exported[name], start[name]) for name in start), "the prefix must train"
 
 
 @pytest.mark.filterwarnings("ignore:.*AMP with fp16 is not supported on CPU")

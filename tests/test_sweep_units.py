@@ -7,7 +7,6 @@ import csv
 import json
 import statistics
 from pathlib import Path
-from typing import Any
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -19,33 +18,7 @@ from prefix_lightning.training import dashboards
 from prefix_lightning.training.record import FIELDS, RECORD_FILE, read_record, write_record
 from prefix_lightning.training.resume import finished_record, resume_checkpoint
 from tests.helpers.config import CONF, compose_train
-
-
-def make_record(overrides: dict[str, Any], bleu: float, seed: int = 1) -> dict[str, Any]:
-    record = dict.fromkeys(FIELDS)
-    record.update(
-        run=",".join(f"{key}={value}" for key, value in sorted(overrides.items())),
-        overrides=overrides,
-        choices={"model": "tiny_llama"},
-        seed=seed,
-        subset_seed=overrides.get("data.subset_seed", 0),
-        optimized_metric="val/bleu",
-        best_val=bleu + 1.0,
-        last_val=bleu + 0.5,
-        test={"test/bleu": bleu},
-        trainable_params=1000,
-        train_steps=4,
-        tokens_per_s=500.0,
-        wall_time_s=10.0,
-        finished="2026-01-01T00:00:00+00:00",
-    )
-    return record
-
-
-def write_sweep(sweep: Path, records: list[dict[str, Any]]) -> None:
-    for record in records:
-        write_record(sweep / record["run"], record)
-
+from tests.helpers.sweeps import make_record, write_sweep
 
 # Prefix length x data size, two training subsets and two seeds each: 4 repeats per setting.
 GRID = [

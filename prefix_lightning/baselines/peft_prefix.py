@@ -101,7 +101,7 @@ def peft_generate(
 
 def set_peft_prefix(model: PeftModel, prefix: torch.Tensor) -> None:
     """Give a PEFT prefix without MLP (inference mode, PEFT's saved form, or ``prefix_projection=False``) the
-    values of one of our exported prefixes: ours is (layers, 2, kv_heads, L, head_dim), PEFT's table
+    values of one of our prefixes, its layers' blocks stacked: (layers, 2, kv_heads, L, head_dim); PEFT's table
     (L, layers * 2 * kv_heads * head_dim)."""
     encoder = model.prompt_encoder[model.active_adapter]
     # PEFT's encoders are plain Modules.

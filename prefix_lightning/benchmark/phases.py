@@ -21,14 +21,13 @@ from typing import Any
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
-from safetensors.torch import load_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
 from prefix_lightning.baselines.peft_prefix import peft_generate, peft_prefix_config, set_peft_prefix
 from prefix_lightning.data import TextToTextCollator, read_e2e, reference_groups
 from prefix_lightning.prefix import PrefixConfig, PrefixModel
-from prefix_lightning.prefix.export import WEIGHTS_NAME
+from prefix_lightning.prefix.export import read_prefix
 from prefix_lightning.training.build import build_model, generation_settings, load_configured_backbone
 from prefix_lightning.training.checks import check_config, options_at
 
@@ -310,7 +309,9 @@ def generate_peft(setting: Setting) -> dict[str, Any]:
     cfg = _start(setting)
     lm, tokenizer = _backbone(cfg, setting.device)
     model = get_peft_model(lm, peft_prefix_config(_prefix_config(cfg), inference_mode=True)).eval()
-    set_peft_prefix(model, load_file(Path(_prefix_dir(setting)) / WEIGHTS_NAME)["self"].to(setting.device))
+    exported = read_prefix(_prefix_dir(setting))
+    sites = exported.tensors()
+    set_peft_prefix(model, torch.stack([sites[f"self.{i}"] for i in range(len(exported.sites))]).to(setting.device))
     result = _decode(setting, cfg, tokenizer, partial(peft_generate, model))
     # PEFT types base_model as a plain Module.
     result["bare_greedy"] = _greedy(setting, cfg, tokenizer, model.base_model.generate)  # type: ignore[arg-type]

@@ -25,6 +25,16 @@ FAMILIES: dict[str, dict[str, Any]] = {
         max_position_embeddings=64,
         forced_eos_token_id=None,
     ),
+    "t5": dict(
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+    ),
 }
 # Real words of a prefix (invariant 1), and rows of different lengths.
 WORDS = torch.tensor([5, 6, 7, 8])
@@ -32,8 +42,9 @@ ROWS = [torch.tensor([10, 11, 12, 13, 14]), torch.tensor([20, 21]), torch.tensor
 
 
 def tiny_lm(family: str, seed: int = 0, **overrides: Any) -> PreTrainedModel:
-    """A tiny random model of ``family`` (gpt2, llama, bart) in eval mode; ``overrides`` change its config (more
-    layers, ``initializer_range``, ...). The same arguments give the same weights."""
+    """A tiny random model of ``family`` (a transformers model type; gpt2, llama, bart and t5 have tiny defaults here)
+    in eval mode; ``overrides`` change its config (more layers, ``initializer_range``, ...). The same arguments give
+    the same weights."""
     config = AutoConfig.for_model(
         family,
         vocab_size=VOCAB,
@@ -41,7 +52,7 @@ def tiny_lm(family: str, seed: int = 0, **overrides: Any) -> PreTrainedModel:
         bos_token_id=0,
         eos_token_id=2,
         decoder_start_token_id=2,
-        **{**FAMILIES[family], **overrides},
+        **{**FAMILIES.get(family, {}), **overrides},
     )
     torch.manual_seed(seed)
     auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
