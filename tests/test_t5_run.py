@@ -15,7 +15,7 @@ from prefix_lightning.training.build import build_model, load_configured_backbon
 from tests.helpers.cli import run_cli
 from tests.helpers.config import compose_train
 
-OVERRIDES = ["model=tiny_t5", "debug=fast"]
+OVERRIDES = ["model=tiny_t5", "debug=fast", "export=last"]
 
 
 @pytest.mark.integration
