@@ -27,6 +27,7 @@ from prefix_lightning.sweeps.table import (
     Table,
     format_number,
     format_stat,
+    markdown_lines,
     record_metrics,
     show,
     sort_key,
@@ -55,6 +56,11 @@ class Paired:
     keys: list[str]  # the swept keys that tell settings apart (method and the repeat keys aside)
     rows: list[PairedRow]
     overall: PairedRow | None  # all pairs together, when there are several settings
+
+    @property
+    def table_rows(self) -> list[PairedRow]:
+        """The rows as tables show them: one per setting, then the overall one."""
+        return [*self.rows, *([self.overall] if self.overall else [])]
 
 
 def compared_methods(records: Sequence[dict[str, Any]]) -> tuple[str, str] | None:
@@ -138,7 +144,7 @@ def cells(paired: Paired) -> tuple[list[str], list[list[str]]]:
         f"{paired.treatment} ahead",
     ]
     rows = []
-    for row in [*paired.rows, *([paired.overall] if paired.overall else [])]:
+    for row in paired.table_rows:
         difference = row.difference
         rows.append(
             [
@@ -174,15 +180,7 @@ def explanation(paired: Paired) -> str:
 def write_markdown(comparisons: Sequence[Paired], path: Path) -> None:
     lines = [explanation(comparisons[0]), ""]
     for paired in comparisons:
-        header, rows = cells(paired)
-        lines += [
-            f"### {title(paired)}",
-            "",
-            "| " + " | ".join(header) + " |",
-            "|" + "|".join("---" for _ in header) + "|",
-            *("| " + " | ".join(row) + " |" for row in rows),
-            "",
-        ]
+        lines += [f"### {title(paired)}", "", *markdown_lines(*cells(paired)), ""]
     path.write_text("\n".join(lines))
 
 
@@ -208,7 +206,7 @@ def write_csv(comparisons: Sequence[Paired], path: Path) -> None:
             ]
         )
         for paired in comparisons:
-            for row in [*paired.rows, *([paired.overall] if paired.overall else [])]:
+            for row in paired.table_rows:
                 difference = row.difference
                 writer.writerow(
                     [

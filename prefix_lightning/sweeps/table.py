@@ -141,13 +141,16 @@ def write_csv(table: Table, path: Path) -> None:
             writer.writerow([*(show(row.setting[key]) for key in table.keys), row.runs, *numbers])
 
 
-def write_markdown(table: Table, path: Path) -> None:
-    header, rows = cells(table)
-    lines = [
+def markdown_lines(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    return [
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" for _ in header) + "|",
         *("| " + " | ".join(row) + " |" for row in rows),
     ]
+
+
+def write_markdown(table: Table, path: Path) -> None:
+    lines = markdown_lines(*cells(table))
     if table.shared:
         lines += [
             "",
