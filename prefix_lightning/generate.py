@@ -176,7 +176,7 @@ def opened(path: str, mode: str) -> Iterator[TextIO]:
         yield sys.stdin if mode == "r" else sys.stdout
         return
     with open(path, mode, encoding="utf-8") as file:
-        yield file
+        yield file  # type: ignore[misc]  # open() in text mode returns a TextIOWrapper, typed as IO[Any] here
 
 
 def run(args: argparse.Namespace) -> int:

@@ -16,7 +16,7 @@ import torch
 from prefix_lightning import PrefixModel
 from prefix_lightning.generate import main
 from prefix_lightning.training.build import generation_settings, load_configured_backbone
-from tests.helpers import REPO, compose_train
+from tests.helpers.config import REPO, compose_train
 
 SOURCES = [
     "name : The Eagle | eatType : coffee shop | area : riverside",

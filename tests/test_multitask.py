@@ -11,12 +11,15 @@ import pytest
 import torch
 
 from prefix_lightning import PrefixConfig, PrefixModel
+from prefix_lightning.evaluation import task_metrics
 from prefix_lightning.prefix.multitask import MultiTaskPrefix
 from prefix_lightning.training.build import build_datamodule, build_model
 from prefix_lightning.training.checks import ConfigError, check_config
-from tests.helpers import compose_train
-from tests.test_model_families import DECODERS, PAD, pad_batch, tiny_model
-from tests.test_train import run_cli
+from prefix_lightning.training.optimized import settle_optimized_metric
+from tests.helpers.cli import run_cli
+from tests.helpers.config import compose_train
+from tests.helpers.families import DECODERS
+from tests.helpers.tiny import PAD, pad_batch, tiny_lm
 
 TASKS = ["e2e", "webnlg", "dart"]
 ROWS = [torch.tensor([10, 11, 12, 13, 14]), torch.tensor([20, 21, 22]), torch.tensor([30, 31, 32, 33])]
@@ -25,7 +28,7 @@ ROWS = [torch.tensor([10, 11, 12, 13, 14]), torch.tensor([20, 21, 22]), torch.te
 def multitask(family: str = "llama_gqa") -> MultiTaskPrefix:
     model_type, fields = DECODERS[family]
     torch.manual_seed(0)
-    return MultiTaskPrefix(tiny_model(model_type, **fields), TASKS, PrefixConfig(length=3, hidden_dim=16))
+    return MultiTaskPrefix(tiny_lm(model_type, **fields), TASKS, PrefixConfig(length=3, hidden_dim=16))
 
 
 def batch(rows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -88,7 +91,7 @@ def test_each_task_exports_an_ordinary_prefix(tmp_path: Path) -> None:
         mixed = model(prefixes=TASKS, input_ids=ids, attention_mask=mask).logits
         for i, task in enumerate(TASKS):
             model_type, fields = DECODERS["llama_gqa"]
-            single = PrefixModel.from_prefix(tiny_model(model_type, **fields), tmp_path / "prefix" / task).eval()
+            single = PrefixModel.from_prefix(tiny_lm(model_type, **fields), tmp_path / "prefix" / task).eval()
             expected = single(input_ids=ROWS[i][None]).logits[0]
             torch.testing.assert_close(mixed[i][mask[i].bool()], expected, atol=1e-5, rtol=0)
         greedy = dict(max_new_tokens=4, pad_token_id=PAD, eos_token_id=None)
@@ -136,6 +139,43 @@ def test_mixture_configs_are_checked(overrides: list[str], message: str | None, 
         return
     with pytest.raises(ConfigError, match=message):
         check_config(cfg)
+
+
+def test_each_task_is_scored_alone_and_the_shared_metrics_averaged() -> None:
+    by_task = {
+        "e2e": {"BLEU": 60.0, "NIST": 6.0},
+        "webnlg": {"BLEU": 40.0, "TER": 0.5, "seen/BLEU": 45.0},
+    }
+    assert task_metrics(by_task) == {
+        "e2e/BLEU": 60.0,
+        "e2e/NIST": 6.0,
+        "webnlg/BLEU": 40.0,
+        "webnlg/TER": 0.5,
+        "webnlg/seen/BLEU": 45.0,
+        "BLEU": 50.0,
+    }
+
+
+@pytest.mark.parametrize(
+    ("tasks", "metric", "settled"),
+    [
+        ("[e2e_devsplit,webnlg]", "null", ("val/bleu", "max")),  # the tasks' common metric, averaged
+        ("[e2e_devsplit,webnlg]", "val/webnlg/bleu", ("val/webnlg/bleu", "max")),
+        ("[e2e_devsplit,xsum_sample]", "val/xsum_sample/rougel", ("val/xsum_sample/rougel", "max")),
+        ("[e2e_devsplit,xsum_sample]", "null", "validated by different metrics; name one of val/loss, "),
+        ("[e2e_devsplit,webnlg]", "val/rougel", "validation on e2e_devsplit, webnlg logs val/loss, "),
+    ],
+)
+def test_the_optimized_metric_of_a_mixture(tasks: str, metric: str, settled, tmp_path: Path) -> None:
+    cfg = compose_train(
+        tmp_path, ["model=tiny_llama", "data=multi", f"data.tasks={tasks}", f"optimized_metric={metric}"]
+    )
+    if isinstance(settled, str):
+        with pytest.raises(ConfigError, match=settled):
+            settle_optimized_metric(cfg)
+        return
+    settle_optimized_metric(cfg)
+    assert (cfg.optimized_metric, cfg.optimized_mode) == settled
 
 
 @pytest.mark.integration

@@ -7,7 +7,7 @@ import torch
 
 from prefix_lightning import PrefixConfig, PrefixModel, UnsupportedModelError
 from prefix_lightning.methods.loss import IGNORE_INDEX
-from tests.test_prefix_model import PAD, ROWS, WORDS, pad_batch, tiny_lm
+from tests.helpers.tiny import PAD, ROWS, WORDS, pad_batch, tiny_lm
 
 TARGETS = [torch.tensor([40, 41, 42]), torch.tensor([50, 51]), torch.tensor([60, 61, 62, 63])]
 

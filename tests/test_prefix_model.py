@@ -1,4 +1,4 @@
-"""The method's invariants (DESIGN.md 1-5) on tiny random GPT-2, Llama with grouped-query attention, BART and T5
+"""The method's invariants 1-5 (docs/design.md) on tiny random GPT-2, Llama with grouped-query attention, BART and T5
 (every family's real-word equivalence: test_model_families.py)."""
 
 from __future__ import annotations
@@ -9,69 +9,11 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from prefix_lightning import PrefixConfig, PrefixModel, UnsupportedModelError
 from prefix_lightning.prefix.attention import record_attention_calls
-
-VOCAB, PAD = 100, 1
-TINY = {
-    "gpt2": dict(n_layer=2, n_embd=32, n_head=4, n_positions=64),
-    "llama": dict(
-        num_hidden_layers=3, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64
-    ),
-    "bart": dict(
-        encoder_layers=2,
-        decoder_layers=2,
-        d_model=32,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        max_position_embeddings=64,
-        forced_eos_token_id=None,
-    ),
-    "t5": dict(
-        d_model=32,
-        d_kv=8,
-        d_ff=64,
-        num_layers=2,
-        num_decoder_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=16,
-    ),
-}
-WORDS = torch.tensor([5, 6, 7, 8])
-
-
-def tiny_lm(kind: str, seed: int = 0, **overrides):
-    """A tiny random model of the family ``kind``; ``overrides`` change its config (e.g. more layers)."""
-    config = AutoConfig.for_model(
-        kind,
-        vocab_size=VOCAB,
-        pad_token_id=PAD,
-        bos_token_id=0,
-        eos_token_id=2,
-        decoder_start_token_id=2,
-        **{**TINY[kind], **overrides},
-    )
-    torch.manual_seed(seed)
-    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    return auto.from_config(config).eval()
-
-
-def pad_batch(rows: list[torch.Tensor], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), PAD)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, row in enumerate(rows):
-        span = slice(width - len(row), width) if left else slice(0, len(row))
-        ids[i, span], mask[i, span] = row, 1
-    return ids, mask
-
-
-ROWS = [torch.tensor([10, 11, 12, 13, 14]), torch.tensor([20, 21]), torch.tensor([30, 31, 32])]
+from tests.helpers.tiny import PAD, ROWS, VOCAB, WORDS, pad_batch, tiny_lm
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from prefix_lightning import PrefixConfig, PrefixModel
-from tests.test_model_families import GQA, WORDS, check_decoding, pad_batch, tiny_model
+from tests.helpers.families import GQA, check_decoding
+from tests.helpers.tiny import WORDS, pad_batch, tiny_lm
 
 WINDOW = 3
 MISTRAL = dict(GQA, sliding_window=WINDOW)
@@ -24,8 +25,8 @@ def sink_mask(words: int, tokens: int) -> torch.Tensor:
 
 
 def test_prefix_columns_stay_visible_beyond_the_window() -> None:
-    reference = tiny_model("mistral", **MISTRAL)
-    model = PrefixModel(tiny_model("mistral", **MISTRAL), PrefixConfig(length=len(WORDS), reparam="none"))
+    reference = tiny_lm("mistral", **MISTRAL)
+    model = PrefixModel(tiny_lm("mistral", **MISTRAL), PrefixConfig(length=len(WORDS), reparam="none"))
     model.init_prefix_from_tokens(WORDS)
     ids, mask = pad_batch(ROWS, left=True)
     with torch.no_grad():
@@ -42,5 +43,5 @@ def test_prefix_columns_stay_visible_beyond_the_window() -> None:
 def test_decoding_past_the_window_keeps_the_sink() -> None:
     """Decoding with the window's cache, far beyond the window, still reads the prefix (as the uncached loop
     does), and batches equal single inputs."""
-    model = PrefixModel(tiny_model("mistral", **MISTRAL), PrefixConfig(length=3)).eval()
+    model = PrefixModel(tiny_lm("mistral", **MISTRAL), PrefixConfig(length=3)).eval()
     check_decoding(model, ROWS, steps=6)

@@ -80,7 +80,7 @@ def _ratios(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 def _checks(results: dict[str, dict[str, Any]]) -> dict[str, bool]:
     """Both decoders hold the same prefix values, so they must decode alike; PEFT's prefix must matter; mixed
     batches decode every row as its prefix alone does."""
-    checks = {}
+    checks: dict[str, bool] = {}
     if {"generate_ours", "generate_peft"} <= results.keys():
         ours, peft = results["generate_ours"], results["generate_peft"]
         checks |= {

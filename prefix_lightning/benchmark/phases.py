@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
@@ -29,7 +29,7 @@ from prefix_lightning.prefix import PrefixBank, PrefixConfig, PrefixModel
 from prefix_lightning.prefix.bank import StoredPrefix
 from prefix_lightning.prefix.export import read_prefix
 from prefix_lightning.training.build import build_model, generation_settings, load_configured_backbone
-from prefix_lightning.training.checks import check_config
+from prefix_lightning.training.checks import check_config, options_at
 from prefix_lightning.training.compose import compose_config
 
 TRAIN_FILE = Path("e2e") / "devset.csv"
@@ -73,14 +73,21 @@ def _start(setting: Setting, frozen_in_compute_dtype: bool = False) -> DictConfi
     return cfg
 
 
+def _prefix_dir(setting: Setting) -> str:
+    if setting.prefix_dir is None:
+        raise ValueError("this phase needs the prefix folder: setting.prefix_dir (run_benchmark fills it)")
+    return setting.prefix_dir
+
+
 def _prefix_config(cfg: DictConfig) -> PrefixConfig:
-    return PrefixConfig.of(OmegaConf.to_container(cfg.prefix, resolve=True))
+    return PrefixConfig.of(options_at(cfg, "prefix"))
 
 
 def _causal(lm: PreTrainedModel, device: str) -> PreTrainedModel:
     if lm.config.is_encoder_decoder:
         raise ValueError("the benchmark compares causal LMs (PEFT's prefix tuning and ours on the same decoder)")
-    return lm.to(device)
+    # transformers wraps `to` with functools.wraps, whose type needs self.
+    return lm.to(device)  # type: ignore[arg-type]
 
 
 def _backbone(cfg: DictConfig, device: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -212,11 +219,12 @@ def train_ours(setting: Setting) -> dict[str, Any]:
     """The model run.py trains, with the LightningModule's loss (target-token logits); exports its last prefix."""
     cfg = _start(setting, frozen_in_compute_dtype=True)
     model, tokenizer = build_model(cfg)
+    assert isinstance(model, torch.nn.Module)  # every method is a module (see TrainableLM)
     _causal(model.lm, setting.device)
     model.to(setting.device).train()
     batches = training_batches(cfg, tokenizer, setting.warmup + setting.steps)
     result = _train(setting, model, lambda batch: model.loss(**batch), batches, cfg.method.lr)
-    model.save(setting.prefix_dir)
+    model.save(_prefix_dir(setting))
     return result
 
 
@@ -286,7 +294,7 @@ def generate_ours(setting: Setting) -> dict[str, Any]:
     """Our exported prefix on the frozen LM: ``PrefixModel.generate``."""
     cfg = _start(setting, frozen_in_compute_dtype=True)
     lm, tokenizer = _backbone(cfg, setting.device)
-    model = PrefixModel.from_prefix(lm, setting.prefix_dir).to(setting.device).eval()
+    model = PrefixModel.from_prefix(lm, _prefix_dir(setting)).to(setting.device).eval()
     return _decode(setting, cfg, tokenizer, model.generate)
 
 
@@ -298,11 +306,12 @@ def generate_peft(setting: Setting) -> dict[str, Any]:
     cfg = _start(setting)
     lm, tokenizer = _backbone(cfg, setting.device)
     model = get_peft_model(lm, peft_prefix_config(_prefix_config(cfg), inference_mode=True)).eval()
-    exported = read_prefix(setting.prefix_dir)
+    exported = read_prefix(_prefix_dir(setting))
     sites = exported.tensors()
     set_peft_prefix(model, torch.stack([sites[f"self.{i}"] for i in range(len(exported.sites))]).to(setting.device))
     result = _decode(setting, cfg, tokenizer, partial(peft_generate, model))
-    result["bare_greedy"] = _greedy(setting, cfg, tokenizer, model.base_model.generate)
+    # PEFT types base_model as a plain Module.
+    result["bare_greedy"] = _greedy(setting, cfg, tokenizer, model.base_model.generate)  # type: ignore[arg-type]
     return result
 
 
@@ -313,11 +322,11 @@ MIXED = 4  # prefixes in a mixed batch
 def _mixed_prefixes(bank: PrefixBank, setting: Setting) -> list[str]:
     """The prefix and the mixed ones given, then random prefixes of the first one's length and scale up to
     ``MIXED`` (decoding time does not depend on the values, and fixed-length decoding not on the outputs)."""
-    folders = [setting.prefix_dir, *setting.mixed_prefix_dirs][:MIXED]
+    folders = [_prefix_dir(setting), *setting.mixed_prefix_dirs][:MIXED]
     names = [f"prefix{index}" for index in range(len(folders))]
     for name, folder in zip(names, folders, strict=True):
         bank.add(name, folder)
-    first = bank.entries[names[0]]
+    first = bank.held(names[0])
     generator = torch.Generator().manual_seed(0)
     while len(names) < MIXED:
         blocks = [torch.randn(block.shape, generator=generator) * block.std() for block in first.site_blocks()]
@@ -380,7 +389,7 @@ def generate_mixed(setting: Setting) -> dict[str, Any]:
         "inputs": len(outputs["mixed"]),
         "num_beams": options.get("num_beams", 1),
         "fixed_new_tokens": setting.fixed_new_tokens,
-        "prefix_lengths": {name: int(bank.entries[name].config.length) for name in names},
+        "prefix_lengths": {name: bank.held(name).config.length for name in names},
         "tokens": tokens["mixed"],
         "tokens_per_s": tokens["mixed"] / mixed_time,
         "tokens_per_cpu_s": tokens["mixed"] / cpu,

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 from torch.utils.data import DataLoader
@@ -77,7 +77,9 @@ class MultiTaskDataModule(L.LightningDataModule):
             max_source_tokens=max_source_tokens,
             max_target_tokens=max_target_tokens,
         )
-        given = dict(train_size=train_size, subset_seed=subset_seed, val_size=val_size, test_size=test_size)
+        given: dict[str, Any] = dict(
+            train_size=train_size, subset_seed=subset_seed, val_size=val_size, test_size=test_size
+        )
         given |= dict(metric_suite=metric_suite, data_dir=str(data_dir) if data_dir is not None else None)
         shared |= {key: value for key, value in given.items() if value is not None}
         self.tasks: dict[str, TextToTextDataModule] = {
@@ -111,11 +113,16 @@ class MultiTaskDataModule(L.LightningDataModule):
     @staticmethod
     def _renumbered(prompts: list[Tagged]) -> list[Tagged]:
         """Group ids unique over all tasks (each task counts its own from 0), as gathering across ranks needs."""
-        return [Tagged(tagged.task, replace(tagged.item, group_id=index)) for index, tagged in enumerate(prompts)]
+        # Only prompts (validation and test inputs) are renumbered.
+        return [
+            Tagged(tagged.task, replace(cast(EncodedPrompt, tagged.item), group_id=index))
+            for index, tagged in enumerate(prompts)
+        ]
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(
-            self._train,
+            # A list is a map-style dataset; torch annotates Dataset.
+            self._train,  # type: ignore[arg-type]
             batch_size=self.batch_size,
             sampler=training_sampler(len(self._train), self.shuffle_seed, self.batch_size, self.trainer),
             collate_fn=partial(_batch, self.collator.train_batch),
@@ -123,8 +130,9 @@ class MultiTaskDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> list[DataLoader]:
-        loss_loader = DataLoader(
-            self._val_loss,
+        loss_loader: DataLoader = DataLoader(
+            # A list is a map-style dataset; torch annotates Dataset.
+            self._val_loss,  # type: ignore[arg-type]
             batch_size=self.eval_batch_size,
             collate_fn=partial(_batch, self.collator.train_batch),
             num_workers=self.num_workers,
@@ -136,7 +144,8 @@ class MultiTaskDataModule(L.LightningDataModule):
 
     def _generation_loader(self, prompts: list[Tagged]) -> DataLoader:
         return DataLoader(
-            prompts,
+            # A list is a map-style dataset; torch annotates Dataset.
+            prompts,  # type: ignore[arg-type]
             batch_size=self.eval_batch_size,
             collate_fn=partial(_batch, self.collator.generation_batch),
             num_workers=self.num_workers,

@@ -2,6 +2,23 @@
 
 from prefix_lightning.evaluation.bleu import corpus_bleu
 from prefix_lightning.evaluation.java import MetricSkippedWarning
-from prefix_lightning.evaluation.suites import SUITES, score
+from prefix_lightning.evaluation.suites import (
+    SUITES,
+    main_validation_metric,
+    score,
+    validation_metrics,
+    validation_suite,
+)
+from prefix_lightning.evaluation.tasks import task_metrics, task_validation_metrics
 
-__all__ = ["SUITES", "MetricSkippedWarning", "corpus_bleu", "score"]
+__all__ = [
+    "SUITES",
+    "MetricSkippedWarning",
+    "corpus_bleu",
+    "main_validation_metric",
+    "score",
+    "task_metrics",
+    "task_validation_metrics",
+    "validation_metrics",
+    "validation_suite",
+]

@@ -19,7 +19,7 @@ def slices_logits(lm: PreTrainedModel) -> bool:
 
 
 def target_loss(
-    lm: nn.Module,
+    lm: Any,
     labels: torch.Tensor,
     length_groups: int | None = None,
     on_group: Callable[[torch.Tensor], None] | None = None,

@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -49,6 +50,18 @@ class AttentionCall:
     position_bias: bool = False  # the model passed a position bias for the scores (T5)
 
 
+class RowsPrefix(Protocol):
+    """A site's prefix where the rows of a batch read different ones (``PrefixBank``; see ``prefix.rows.SiteRows``)."""
+
+    def rows(self, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each row's keys and values (batch, kv_heads, L_max, head_dim) and the columns it sees (batch, L_max)."""
+        ...
+
+    def bias(self, hook: PrefixBias, bias: torch.Tensor, batch: int) -> torch.Tensor:
+        """Each row's position bias of the prefix columns (batch, heads, queries, L_max), from the site's hook."""
+        ...
+
+
 class PrefixInjector:
     """The per-model switchboard that the attention function reads.
 
@@ -68,7 +81,8 @@ class PrefixInjector:
         """Copies (pickling for spawned processes) start without the materialized prefix of the last forward."""
         return {**self.__dict__, "prefixes": None}
 
-    def lookup(self, group: str, index: int) -> torch.Tensor | None:
+    def lookup(self, group: str, index: int) -> torch.Tensor | RowsPrefix | None:
+        """The prefix that the site (group, index) reads now: one block for every row, or each row its own."""
         if not self.enabled or self.prefixes is None:
             return None
         return self.prefixes[group][index]
@@ -189,7 +203,7 @@ def prefix_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
-    **kwargs,
+    **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """SDPA attention with the module's prefix keys/values in front of its own."""
     if _recording is not None:
@@ -198,7 +212,7 @@ def prefix_attention(
     queries = kwargs.pop(INFIX_QUERIES, None)
     binding = getattr(module, _BINDING, None)
     prefix = binding.injector.lookup(binding.group, binding.index) if binding is not None else None
-    if prefix is not None:
+    if binding is not None and prefix is not None:
         causal = kwargs.get("is_causal")
         if causal is None:
             causal = getattr(module, "is_causal", True)

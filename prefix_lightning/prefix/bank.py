@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
@@ -21,7 +21,7 @@ from transformers import PreTrainedModel
 from prefix_lightning.decoding import CachedPrefix, PackedWeights, generate
 from prefix_lightning.methods import target_loss
 from prefix_lightning.prefix.config import PrefixConfig
-from prefix_lightning.prefix.encoder import INPUT
+from prefix_lightning.prefix.encoder import INPUT, site_token_shapes
 from prefix_lightning.prefix.export import read_prefix
 from prefix_lightning.prefix.model import PrefixModel
 from prefix_lightning.prefix.positions import attach_position_shift
@@ -32,6 +32,15 @@ from prefix_lightning.prefix.wiring import bind_sites, cache_layers, checkpoint_
 log = logging.getLogger(__name__)
 
 PrefixNames = Sequence[str | None]
+
+
+class HeldPrefix(Protocol):
+    """What a bank holds under a name: the prefix's config and its keys/values at every site, (2, kv_heads, L,
+    head_dim) each, in the bank's site order (a ``StoredPrefix``, or a trainable one such as multi-task training's)."""
+
+    config: PrefixConfig
+
+    def site_blocks(self) -> list[torch.Tensor]: ...
 
 
 class StoredPrefix(nn.Module):
@@ -110,6 +119,11 @@ class PrefixBank(nn.Module):
         except KeyError as error:  # a name nn.ModuleDict keeps for itself
             raise ValueError(f"{name!r} cannot name a prefix ({error.args[0]}); choose another name") from error
 
+    def held(self, name: str) -> HeldPrefix:
+        """The prefix held under ``name``."""
+        self._known([name])
+        return cast(HeldPrefix, self.entries[name])
+
     def remove(self, name: str) -> None:
         self._known([name])
         del self.entries[name]
@@ -136,16 +150,14 @@ class PrefixBank(nn.Module):
             log.warning("the prefix in %s was trained on %s; the bank's LM is %s", folder, trained_for, here)
         config = exported.config
         if config.kind == "embedding":  # input embeddings: what the frozen LM makes of them in every layer
-            width = self.lm.get_input_embeddings().embedding_dim
+            # transformers types the embeddings as a plain Module.
+            width: int = self.lm.get_input_embeddings().embedding_dim  # type: ignore[assignment]
             embeddings = exported.blocks({INPUT: [(config.length, width)]})[INPUT][0]
             parameter = next(self.lm.parameters())
             inputs_embeds = embeddings.to(parameter.device, parameter.dtype)[None]
             with torch.no_grad():
                 return config, site_activations(self.lm, self.injector, self.sites, inputs_embeds=inputs_embeds)
-        shapes: dict[str, list[tuple[int, ...]]] = {}
-        for site in self.sites:
-            shapes.setdefault(site.group, []).append((2, site.kv_heads, config.length, site.head_dim))
-        blocks = exported.blocks(shapes)
+        blocks = exported.blocks(site_token_shapes(self.sites, config.length))
         return config, [blocks[group][index] for group, index in site_keys(self.sites)]
 
     def _check_model_type(self, model_type: str | None, what: str) -> None:
@@ -158,7 +170,7 @@ class PrefixBank(nn.Module):
     @property
     def virtual_positions(self) -> int:
         """The most positions any held prefix takes in front of the real tokens (source budgets leave room)."""
-        return max((_shift(entry.config) for entry in self.entries.values()), default=0)
+        return max((_shift(self.held(name).config) for name in self.entries), default=0)
 
     # -- running ---------------------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> PrefixBank:
@@ -212,7 +224,7 @@ class PrefixBank(nn.Module):
         if not used:
             self.injector.current = None
             return None
-        entries = [self.entries[name] for name in used]
+        entries = [self.held(name) for name in used]
         blocks: list[list[torch.Tensor] | None] = [entry.site_blocks() for entry in entries]
         shifts = [_shift(entry.config) for entry in entries]
         if None in names:  # the rows without a prefix: an entry that shows nothing

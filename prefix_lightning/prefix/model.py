@@ -6,7 +6,7 @@ import logging
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -16,7 +16,7 @@ from prefix_lightning.decoding import CachedPrefix, PackedWeights, generate
 from prefix_lightning.methods import IGNORE_INDEX, target_loss
 from prefix_lightning.prefix.attention import INFIX_QUERIES, PrefixInjector
 from prefix_lightning.prefix.config import PrefixConfig
-from prefix_lightning.prefix.encoder import INPUT, prefix_encoders
+from prefix_lightning.prefix.encoder import INPUT, PrefixEncoder, prefix_encoders
 from prefix_lightning.prefix.export import read_prefix, save_prefix
 from prefix_lightning.prefix.positions import attach_position_shift
 from prefix_lightning.prefix.sites import AttentionSite, UnsupportedModelError, use_prefix_attention
@@ -53,7 +53,9 @@ class PrefixModel(nn.Module):
         shift = self.config.length if self.config.shift_positions else 0
         self.injector = PrefixInjector(infix=kind == "infix", shift=shift)
         self.sites: list[AttentionSite] = bind_sites(lm, self.injector, self.config.shift_positions)
-        self.encoders = prefix_encoders(self.config, self.sites, lm.get_input_embeddings().embedding_dim)
+        # transformers types the embeddings as a plain Module.
+        embed_dim: int = lm.get_input_embeddings().embedding_dim  # type: ignore[assignment]
+        self.encoders = prefix_encoders(self.config, self.sites, embed_dim)
         # A relative position bias (T5) places the prefix by itself (prefix.relative_bias); absolute positions move.
         if self.config.shift_positions and not any(site.position_bias for site in self.sites):
             attach_position_shift(lm, self.injector)
@@ -157,6 +159,11 @@ class PrefixModel(nn.Module):
             for site, (group, index) in zip(self.sites, site_keys(self.sites), strict=True)
         }
 
+    @property
+    def prefix_encoders(self) -> dict[str, PrefixEncoder]:
+        """The trainable part by group (``self.encoders``, whose nn.ModuleDict types its values as plain Modules)."""
+        return {group: cast(PrefixEncoder, encoder) for group, encoder in self.encoders.items()}
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
@@ -197,7 +204,7 @@ class PrefixModel(nn.Module):
                 inputs["decoder_input_ids"] = ids
             activations = self._activations(**inputs)
             targets = {group: [block.float() for block in blocks] for group, blocks in activations.items()}
-        for group, encoder in self.encoders.items():
+        for group, encoder in self.prefix_encoders.items():
             if encoder.mlp is None:
                 encoder.assign(targets[group])
             else:
@@ -207,7 +214,8 @@ class PrefixModel(nn.Module):
     def init_prefix_from_vocabulary(self, generator: torch.Generator | None = None) -> None:
         """Initialize from L tokens drawn uniformly from the vocabulary (the LM's activations of real tokens,
         without choosing words)."""
-        vocabulary = self.lm.get_input_embeddings().num_embeddings
+        # transformers types the embeddings as a plain Module.
+        vocabulary: int = self.lm.get_input_embeddings().num_embeddings  # type: ignore[assignment]
         self.init_prefix_from_tokens(torch.randint(vocabulary, (self.config.length,), generator=generator))
 
     # -- export --------------------------------------------------------------------------------------------
@@ -224,7 +232,8 @@ class PrefixModel(nn.Module):
         exported = read_prefix(path)
         model = cls(lm, exported.config)
         exported.check_fits(lm, model.sites)
-        blocks = exported.blocks({group: encoder.block_shapes() for group, encoder in model.encoders.items()})
-        for group, encoder in model.encoders.items():
+        encoders = model.prefix_encoders
+        blocks = exported.blocks({group: encoder.block_shapes() for group, encoder in encoders.items()})
+        for group, encoder in encoders.items():
             encoder.assign([block.to(encoder.prefix.device) for block in blocks[group]])
         return model

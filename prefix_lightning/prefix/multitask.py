@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -70,7 +70,8 @@ class MultiTaskPrefix(nn.Module):
             raise ValueError(f"give one or more distinct task names, got {tasks}")
         self.tasks = tasks
         self.bank = PrefixBank(lm)
-        embed_dim = lm.get_input_embeddings().embedding_dim
+        # transformers types the embeddings as a plain Module.
+        embed_dim: int = lm.get_input_embeddings().embedding_dim  # type: ignore[assignment]
         for task in tasks:
             self.bank.hold(task, TaskPrefix(self.config, self.bank.sites, embed_dim))
 
@@ -97,7 +98,11 @@ class MultiTaskPrefix(nn.Module):
 
     def task_parameters(self, task: str) -> dict[str, nn.Parameter]:
         """The trainable tensors of one task's prefix, by name."""
-        return dict(self.bank.entries[task].named_parameters())
+        return dict(self.task_prefix(task).named_parameters())
+
+    def task_prefix(self, task: str) -> TaskPrefix:
+        """The trainable prefix of one task (held by the bank)."""
+        return cast(TaskPrefix, self.bank.entries[task])
 
     def enable_gradient_checkpointing(self) -> None:
         self.bank.enable_gradient_checkpointing()
@@ -106,7 +111,7 @@ class MultiTaskPrefix(nn.Module):
         """Each task's prefix, materialized (MLP dropped), into ``path/<task>/``."""
         path = Path(path)
         for task in self.tasks:
-            entry = self.bank.entries[task]
+            entry = self.task_prefix(task)
             with torch.no_grad():
                 blocks = entry.groups()
             save_prefix(path / task, blocks, self.config, self.lm, self.bank.sites)

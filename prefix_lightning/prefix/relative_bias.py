@@ -19,8 +19,9 @@ row, and so does the prefix.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
+from typing import cast
 
 import torch
 from torch import nn
@@ -35,17 +36,19 @@ def _zero_columns(bias: torch.Tensor, length: int) -> torch.Tensor:
 
 def _relative_columns(source: nn.Module, bias: torch.Tensor, length: int) -> torch.Tensor:
     """The bias of ``source``'s relative-attention table for prefix slots at distances ``(j - L) - i``."""
+    table = cast(nn.Embedding, source.relative_attention_bias)
+    bucket = cast(Callable[..., torch.Tensor], source._relative_position_bucket)
     queries, keys = bias.shape[-2], bias.shape[-1]
-    device = source.relative_attention_bias.weight.device
+    device = table.weight.device
     query_positions = torch.arange(keys - queries, keys, device=device)[:, None]  # after the cached tokens
     slot_positions = torch.arange(-length, 0, device=device)[None, :]
-    buckets = source._relative_position_bucket(
+    buckets = bucket(
         slot_positions - query_positions,
         bidirectional=not source.is_decoder,
         num_buckets=source.relative_attention_num_buckets,
         max_distance=source.relative_attention_max_distance,
     )
-    columns = source.relative_attention_bias(buckets).permute(2, 0, 1)[None]  # (1, heads, queries, L)
+    columns = table(buckets).permute(2, 0, 1)[None]  # (1, heads, queries, L)
     return columns.expand(*bias.shape[:-1], length)
 
 
@@ -56,9 +59,9 @@ def _computes_relative_bias(module: nn.Module) -> bool:
 
 
 def prefix_bias_hooks(
-    bound: Sequence[tuple[nn.Module, AttentionSite]], biased: set[nn.Module], shift_positions: bool
+    bound: Sequence[tuple[nn.Module, AttentionSite]], shift_positions: bool
 ) -> dict[nn.Module, PrefixBias]:
-    """The hook of every site whose attention receives a position bias (``biased``).
+    """The hook of every site whose attention receives a position bias (none for most models).
 
     A site's bias table is its own if it has one, else that of the nearest earlier site of its group that has one
     (T5 computes the bias in each stack's first layer and passes it on); a group without any table (T5's
@@ -69,7 +72,7 @@ def prefix_bias_hooks(
     for module, site in bound:
         if _computes_relative_bias(module):
             tables[site.group] = module
-        if module not in biased:
+        if not site.position_bias:
             continue
         if not (_computes_relative_bias(module) or hasattr(module, "has_relative_attention_bias")):
             raise UnsupportedModelError(

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from prefix_lightning.prefix.attention import PrefixBias, PrefixInjector
+from prefix_lightning.prefix.attention import PrefixBias, PrefixInjector, RowsPrefix
 
 
 class RowPrefixes:
@@ -127,7 +127,7 @@ class RowInjector(PrefixInjector):
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "current": None}
 
-    def lookup(self, group: str, index: int) -> torch.Tensor | SiteRows | None:
+    def lookup(self, group: str, index: int) -> torch.Tensor | RowsPrefix | None:
         if not self.enabled or self.current is None:
             return None
         current = self.current

@@ -35,8 +35,7 @@ def bind_sites(lm: PreTrainedModel, injector: PrefixInjector, shift_positions: b
     """Route every attention site of ``lm`` (already set to the prefix attention) through ``injector``; sites
     with a relative position bias (T5) get the hook that extends it to the prefix columns."""
     bound = discover_sites(lm)
-    biased = {module for module, site in bound if site.position_bias}
-    bias_hooks = prefix_bias_hooks(bound, biased, shift_positions)
+    bias_hooks = prefix_bias_hooks(bound, shift_positions)
     sites = [site for _, site in bound]
     for (module, _), (group, index) in zip(bound, site_keys(sites), strict=True):
         bind(module, injector, group, index, bias_hooks.get(module))
@@ -62,9 +61,10 @@ def cache_layers(lm: PreTrainedModel, sites: Sequence[AttentionSite]) -> list[in
         return None
     named: dict[str, nn.Module] = dict(lm.named_modules())
     layers = [getattr(named[site.name], "layer_idx", None) for site in sites]
-    if not layers or not all(isinstance(layer, int) for layer in layers) or len(set(layers)) != len(layers):
+    numbered = [layer for layer in layers if isinstance(layer, int)]
+    if not numbered or len(numbered) != len(layers) or len(set(numbered)) != len(numbered):
         return None
-    return layers
+    return numbered
 
 
 def checkpoint_layers(lm: PreTrainedModel) -> None:

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import inspect
 import logging
-from typing import Any
+from typing import Any, Protocol
 
 import lightning as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from prefix_lightning.backbones import load_backbone
 from prefix_lightning.methods import TrainableLM
-from prefix_lightning.training.checks import ConfigError, check_config, method_class
+from prefix_lightning.training.checks import ConfigError, check_config, method_class, options_at
 from prefix_lightning.training.module import MethodModule
 from prefix_lightning.training.tasks import task_data_configs
 
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 def load_configured_backbone(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    return load_backbone(**OmegaConf.to_container(cfg.model.backbone, resolve=True))
+    return load_backbone(**options_at(cfg, "model.backbone"))
 
 
 def build_model(cfg: DictConfig) -> tuple[TrainableLM, PreTrainedTokenizerBase]:
@@ -39,7 +39,7 @@ def build_method(cfg: DictConfig, lm: PreTrainedModel, tokenizer: PreTrainedToke
     """The class ``method.model._target_`` called with the LM, its other keys, and the tokenizer where the class
     takes one (called directly, not through Hydra, so that its refusals reach the user as they are)."""
     cls = method_class(cfg)
-    options = OmegaConf.to_container(cfg.method.model, resolve=True)
+    options = options_at(cfg, "method.model")
     del options["_target_"]
     if "tokenizer" in inspect.signature(cls).parameters:
         options["tokenizer"] = tokenizer
@@ -48,7 +48,7 @@ def build_method(cfg: DictConfig, lm: PreTrainedModel, tokenizer: PreTrainedToke
 
 def generation_settings(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
     """Decoding options for ``generate``, with the end-of-target token of this model's data format."""
-    settings = {k: v for k, v in OmegaConf.to_container(cfg.generation, resolve=True).items() if v is not None}
+    settings = {k: v for k, v in options_at(cfg, "generation").items() if v is not None}
     if settings.pop("ban_newline", False):
         settings["bad_words_ids"] = newline_tokens(tokenizer)
     end_ids = tokenizer(cfg.model.target_end, add_special_tokens=False).input_ids
@@ -69,7 +69,18 @@ def newline_tokens(tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
     return [[i] for i in vocabulary if "\n" in tokenizer.decode([i], clean_up_tokenization_spaces=False)]
 
 
-def source_budget(cfg: DictConfig, model: TrainableLM) -> int:
+class _Positioned(Protocol):
+    """What the source budget reads of a model: its LM and the positions its virtual tokens take (a method, or a
+    bank of prefixes)."""
+
+    @property
+    def lm(self) -> PreTrainedModel: ...
+
+    @property
+    def virtual_positions(self) -> int: ...
+
+
+def source_budget(cfg: DictConfig, model: _Positioned) -> int:
     """``data.max_source_tokens``, cut down where source, target and virtual tokens would not fit the model's
     positions."""
     wanted, target = cfg.data.max_source_tokens, cfg.data.max_target_tokens
@@ -99,7 +110,7 @@ def source_budget(cfg: DictConfig, model: TrainableLM) -> int:
 
 def build_datamodule(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, model: TrainableLM) -> L.LightningDataModule:
     """The configured data module; a mixture of tasks (``data.tasks``) gets each task's composed data config."""
-    data = OmegaConf.to_container(cfg.data, resolve=True)
+    data: dict[str, Any] = options_at(cfg, "data")
     if "tasks" in data:
         data["tasks"] = task_data_configs(cfg)
     return instantiate(
@@ -119,5 +130,5 @@ def build_module(cfg: DictConfig, model: TrainableLM, tokenizer: PreTrainedToken
         output_dir=cfg.paths.output_dir,
         generation=generation_settings(cfg, tokenizer),
         lr=cfg.method.lr,
-        **OmegaConf.to_container(cfg.optim, resolve=True),
+        **options_at(cfg, "optim"),
     )

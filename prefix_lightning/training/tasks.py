@@ -39,7 +39,9 @@ def task_data_configs(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     """Task name -> the resolved arguments of its ``TextToTextDataModule`` (its data config without ``_target_``)."""
     configs = {}
     for task in check_tasks(cfg.data.tasks):
-        fields = OmegaConf.to_container(compose_config("train", [f"data={task}"]).data, resolve=True)
+        node = OmegaConf.to_container(compose_config("train", [f"data={task}"]).data, resolve=True)
+        assert isinstance(node, dict)  # a config group's node is a mapping
+        fields = {str(key): value for key, value in node.items()}
         if fields.pop("_target_", None) != SINGLE:
             raise TaskConfigError(f"data.tasks: {task} is not a single-dataset data config")
         configs[task] = fields
