@@ -26,10 +26,13 @@ FAST = [
 ]
 
 
-def run_cli(run_dir: Path, *overrides: str, entry: tuple[str, ...] = ("run.py",)) -> subprocess.CompletedProcess:
+def run_cli(
+    run_dir: Path, *overrides: str, entry: tuple[str, ...] = ("run.py",), env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """`python run.py ...` (or another entry point) as a user types it."""
     command = [sys.executable, *entry, f"hydra.run.dir={run_dir}", *overrides]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=os.environ, timeout=600)
+    environment = {**os.environ, **(env or {})}
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=environment, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 

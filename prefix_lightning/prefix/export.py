@@ -84,6 +84,8 @@ class ExportedPrefix:
     def tensors(self, shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
         """The saved blocks, each checked against the ``shapes`` the loading model expects."""
         path = self.folder / WEIGHTS_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"the exported prefix in {self.folder} has no {WEIGHTS_NAME}")
         try:
             tensors = load_file(path)
         except (SafetensorError, OSError) as error:
@@ -102,10 +104,16 @@ def read_prefix(folder: str | Path) -> ExportedPrefix:
         raise FileNotFoundError(f"no exported prefix at {folder}: {CONFIG_NAME} is missing")
     try:
         description = json.loads(config_file.read_text())
-    except json.JSONDecodeError as error:
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"{config_file} is not valid JSON ({error})") from error
     if not isinstance(description, dict) or description.get("format") != FORMAT:
         found = description.get("format") if isinstance(description, dict) else None
         raise ValueError(f"{config_file} is not a prefix-lightning export (format {found!r})")
-    config = PrefixConfig.of(description["prefix"], reparam="none").without_initialization()
+    missing = [key for key in ("prefix", "base_model", "sites") if not isinstance(description.get(key), dict)]
+    if missing:
+        raise ValueError(f"{config_file} lacks {', '.join(missing)}: not a complete prefix-lightning export")
+    try:
+        config = PrefixConfig.of(description["prefix"], reparam="none").without_initialization()
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{config_file}: its prefix settings are not valid ({error})") from error
     return ExportedPrefix(folder, config, description["base_model"], description["sites"])
