@@ -74,7 +74,7 @@ def test_peft_decoding_uses_its_prefix_and_matches_ours(tmp_path: Path, data_dir
     config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, inference_mode=True)
     peft = get_peft_model(lm, config).eval()
     with torch.no_grad():
-        set_peft_prefix(peft, ours.encoders["self"]())
+        set_peft_prefix(peft, ours.prefix_key_values())
     (batch,) = decoding_batches(cfg, tokenizer, 4)
     for beams in (1, 3):
         settings = {"max_new_tokens": 6, "num_beams": beams, "pad_token_id": tokenizer.pad_token_id}

@@ -21,14 +21,13 @@ from typing import Any
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
-from prefix_lightning.baselines.peft_prefix import peft_generate, peft_prefix_config, set_peft_prefix
+from prefix_lightning.baselines import PeftPrefixTuning
+from prefix_lightning.baselines.peft_prefix import peft_generate, peft_prefix_config
 from prefix_lightning.data import TextToTextCollator, read_e2e, reference_groups
 from prefix_lightning.prefix import PrefixConfig, PrefixModel
-from prefix_lightning.prefix.export import WEIGHTS_NAME
 from prefix_lightning.training.build import build_model, generation_settings, load_configured_backbone
 from prefix_lightning.training.checks import check_config
 
@@ -295,14 +294,12 @@ def generate_ours(setting: Setting) -> dict[str, Any]:
 
 
 def generate_peft(setting: Setting) -> dict[str, Any]:
-    """The same prefix values in PEFT's inference layout (its MLP dropped, as PEFT saves it), decoded through
-    ``peft_generate``; the bare LM's greedy outputs come along to show that the prefix is used."""
-    from peft import get_peft_model
-
+    """The same prefix values as PEFT loads them from the export's PEFT files (inference layout: its MLP dropped, as
+    PEFT saves it), decoded through ``peft_generate``; the bare LM's greedy outputs come along to show that the
+    prefix is used."""
     cfg = _start(setting)
     lm, tokenizer = _backbone(cfg, setting.device)
-    model = get_peft_model(lm, peft_prefix_config(_prefix_config(cfg), inference_mode=True)).eval()
-    set_peft_prefix(model, load_file(Path(setting.prefix_dir) / WEIGHTS_NAME)["self"].to(setting.device))
+    model = PeftPrefixTuning.from_export(lm, setting.prefix_dir).lm.to(setting.device).eval()  # our export, PEFT files
     result = _decode(setting, cfg, tokenizer, partial(peft_generate, model))
     result["bare_greedy"] = _greedy(setting, cfg, tokenizer, model.base_model.generate)
     return result
