@@ -24,6 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from prefix_lightning.cli import report_errors
+from prefix_lightning.data.datamodule import TextToTextDataModule
 from prefix_lightning.evaluation import main_validation_metric
 from prefix_lightning.methods.exports import export_loader
 from prefix_lightning.prefix import PrefixModel
@@ -54,6 +55,7 @@ def evaluate(cfg: DictConfig) -> float:
     datamodule = build_datamodule(cfg, tokenizer, model)
     with nullcontext() if path else model.prefix_disabled():
         (metrics,) = trainer.test(module, datamodule=datamodule)
+    assert isinstance(datamodule, TextToTextDataModule)  # conf/data's
     main = main_validation_metric(datamodule.metric_suite).removeprefix("val/")
     return metrics[f"test/{main}"]
 

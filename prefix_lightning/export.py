@@ -13,8 +13,9 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, cast
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from prefix_lightning.cli import report_errors
 from prefix_lightning.files.checkpoints import load_checkpoint
@@ -41,6 +42,8 @@ def export_checkpoint(checkpoint: str | Path, folder: str | Path) -> Path:
             f"<run>/checkpoints/ and its config in <run>/{RUN_CONFIG})"
         )
     cfg = OmegaConf.load(config_file)
+    if not isinstance(cfg, DictConfig):
+        raise ValueError(f"{config_file} is not a run config (a YAML mapping)")
     cfg.paths.output_dir = str(run_dir)  # the one setting that Hydra's runtime filled in
     model, tokenizer = build_model(cfg)
     module = build_module(cfg, model, tokenizer)
@@ -54,7 +57,7 @@ def export_checkpoint(checkpoint: str | Path, folder: str | Path) -> Path:
         scores = {**record["test"], record["optimized_metric"]: record[f"{record['export']}_val"]}
     ModelCard(
         method=cfg.method.name,
-        backbone=OmegaConf.to_container(cfg.model.backbone, resolve=True),
+        backbone=cast(dict[str, Any], OmegaConf.to_container(cfg.model.backbone, resolve=True)),
         dataset=cfg.data.dataset,
         train_size=cfg.data.train_size,
         train_steps=record.get("train_steps"),

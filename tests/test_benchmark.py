@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +13,8 @@ from prefix_lightning import PrefixConfig, PrefixModel
 from prefix_lightning.baselines.peft_prefix import peft_generate, set_peft_prefix
 from prefix_lightning.benchmark.phases import decoding_batches, training_batches
 from prefix_lightning.training.build import load_configured_backbone
-from tests.helpers import REPO, compose_train
+from tests.helpers.cli import run_python
+from tests.helpers.config import compose_train
 
 
 def _setup(tmp_path: Path, name: str, reparam: str = "mlp") -> tuple[PrefixModel, object, object]:
@@ -83,12 +82,13 @@ def test_peft_decoding_uses_its_prefix_and_matches_ours(tmp_path: Path, data_dir
         assert not torch.equal(theirs, peft.base_model.generate(**batch, **settings))
 
 
+@pytest.mark.integration
 def test_benchmark_command_runs_on_a_tiny_model(tmp_path: Path, data_dir: Path) -> None:
     output = tmp_path / "benchmark.json"
-    command = [sys.executable, "-m", "prefix_lightning.benchmark", "--steps", "2", "--warmup", "1", "--inputs", "3"]
-    command += ["--check-inputs", "3", "--threads", "1", "--output", str(output)]
-    command += ["model=tiny_llama", "generation.max_new_tokens=6", "generation.num_beams=2"]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    arguments = ["-m", "prefix_lightning.benchmark", "--steps", "2", "--warmup", "1", "--inputs", "3"]
+    arguments += ["--check-inputs", "3", "--threads", "1", "--output", str(output)]
+    arguments += ["model=tiny_llama", "generation.max_new_tokens=6", "generation.num_beams=2"]
+    result = run_python(*arguments)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "beam-search tokens/s vs PEFT" in result.stdout
     benchmark = json.loads(output.read_text())

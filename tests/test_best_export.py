@@ -13,8 +13,8 @@ from prefix_lightning.prefix import PrefixModel
 from prefix_lightning.training.build import build_model, load_configured_backbone
 from prefix_lightning.training.checks import ConfigError
 from prefix_lightning.training.optimized import settle_optimized_metric
-from tests.helpers import compose_train
-from tests.test_train import run_cli
+from tests.helpers.cli import run_cli
+from tests.helpers.config import compose_train
 
 
 def test_validation_scores_bleu_for_table_to_text_and_rouge_for_xsum() -> None:

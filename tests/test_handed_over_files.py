@@ -14,7 +14,7 @@ import torch
 
 from prefix_lightning import PrefixConfig, PrefixModel
 from prefix_lightning.files.checkpoints import DamagedCheckpointError, check_checkpoint, load_checkpoint
-from tests.test_prefix_model import tiny_lm
+from tests.helpers.tiny import tiny_lm
 
 
 def lightning_checkpoint(path: Path, step: int) -> Path:
@@ -90,6 +90,10 @@ def _description(folder: Path) -> dict:
                 json.dumps({**_description(f), "prefix": {**_description(f)["prefix"], "length": 0}})
             ),
             r"prefix_config\.json: its prefix settings are not valid \(.*length must be a positive integer",
+        ),
+        (
+            lambda f: (f / "prefix_config.json").write_text(json.dumps({**_description(f), "sites": [{"group": 1}]})),
+            r"prefix_config\.json: its sites should each give group, kv_heads, head_dim",
         ),
         (lambda f: (f / "prefix_config.json").write_text('{"format": "other"}'), r"not a prefix-lightning export"),
     ],

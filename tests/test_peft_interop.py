@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,8 @@ from peft import LoraConfig, PeftModel, PrefixTuningConfig, get_peft_model
 
 from prefix_lightning import PrefixConfig, PrefixModel
 from prefix_lightning.prefix.peft_format import PEFT_CONFIG, PEFT_WEIGHTS
-from tests.test_prefix_model import ROWS, pad_batch, tiny_lm
+from tests.helpers.families import DECODERS
+from tests.helpers.tiny import ROWS, pad_batch, tiny_lm
 
 LENGTH = 4
 
@@ -82,12 +84,47 @@ def test_every_prefix_export_carries_peft_files_where_peft_can_hold_it(tmp_path:
     assert {PEFT_CONFIG, PEFT_WEIGHTS, "prefix_config.json"} <= {p.name for p in (tmp_path / "llama").iterdir()}
     described = json.loads((tmp_path / "llama" / PEFT_CONFIG).read_text())
     assert (described["num_layers"], described["num_attention_heads"], described["token_dim"]) == (3, 2, 16)
-    PrefixModel(tiny_lm("bart"), length=LENGTH).save(tmp_path / "bart")
-    assert not (tmp_path / "bart" / PEFT_CONFIG).exists()
-    with pytest.raises(ValueError, match="PEFT cannot load this prefix: .*decoder-only"):
-        PrefixModel(tiny_lm("bart"), length=LENGTH).save(tmp_path / "bart_peft", format="peft")
-    with pytest.raises(ValueError, match="PEFT cannot load this prefix: .*shift_positions=false"):
-        PrefixModel(tiny_lm("gpt2"), length=LENGTH, shift_positions=False).save(tmp_path / "x", format="peft")
+
+
+GEMMA4, GEMMA4_LAYERS = DECODERS["gemma4_per_layer_heads"]
+GEMMA3, GEMMA3_LAYERS = DECODERS["gemma3"]
+
+
+@pytest.mark.parametrize(
+    ("family", "overrides", "prefix", "reason"),
+    [
+        (
+            "bart",
+            {},
+            {},
+            "PEFT's prefix for encoder-decoder models sits in the decoder's self- and cross-attention only",
+        ),
+        ("t5", {}, {}, "also has a prefix in every encoder self-attention layer, which PEFT has no place for"),
+        (
+            GEMMA4,
+            GEMMA4_LAYERS,
+            {},
+            "PEFT's table needs one key/value shape in every layer, but model.layers.0.self_attn has 2 key/value "
+            "heads of size 8 and model.layers.1.self_attn 1 of size 16",
+        ),
+        (GEMMA3, GEMMA3_LAYERS, {}, "model.layers.0.self_attn attends through a sliding window of 64 tokens"),
+        ("gpt2", {}, {"shift_positions": False}, "this prefix was trained with shift_positions=false"),
+        ("gpt2", {}, {"kind": "infix"}, "a prefix of kind 'infix' has no PEFT counterpart"),
+    ],
+)
+def test_prefixes_peft_cannot_compute_exactly_are_refused_with_the_reason(
+    family: str, overrides: dict, prefix: dict, reason: str, tmp_path: Path
+) -> None:
+    """Our own export leaves PEFT's files out for them; format="peft" and from_peft refuse, saying why."""
+    model = PrefixModel(tiny_lm(family, **overrides), length=LENGTH, **prefix)
+    model.save(tmp_path / "ours")
+    assert (tmp_path / "ours" / "prefix_config.json").is_file() and not (tmp_path / "ours" / PEFT_CONFIG).exists()
+    with pytest.raises(ValueError, match=f"^PEFT cannot load this prefix: .*{re.escape(reason)}"):
+        model.save(tmp_path / "peft", format="peft")
+    if not prefix:  # a PEFT adapter of matching size cannot be loaded onto this model either
+        PrefixModel(tiny_lm("llama"), length=LENGTH).save(tmp_path / "llama", format="peft")
+        with pytest.raises(ValueError, match=f"^cannot load the PEFT prefix in .*llama onto .*{re.escape(reason)}"):
+            PrefixModel.from_peft(tiny_lm(family, **overrides), tmp_path / "llama")
 
 
 def test_foreign_or_misfitting_adapters_are_refused_in_one_line(tmp_path: Path) -> None:

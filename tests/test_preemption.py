@@ -16,16 +16,15 @@ from safetensors.torch import load_file
 
 from prefix_lightning.training.checks import ConfigError
 from prefix_lightning.training.resume import check_resumed_config, resume_arguments
-from tests.helpers import compose_train
-from tests.test_reliability import run_failing
-from tests.test_train import run_cli
+from tests.helpers.cli import run_cli, run_failing
+from tests.helpers.config import compose_train
 
 # Two epochs of 4 batches, validating every 2 steps; the last step's prefix is exported (it changes every step).
 RUN = ["model=tiny_llama", "debug=fast", "export=last", "trainer.max_steps=8", "trainer.val_check_interval=2"]
 
 
 def fault(callback: str, **options: object) -> list[str]:
-    return [f"+callbacks.{callback}._target_=tests.faults.{callback}"] + [
+    return [f"+callbacks.{callback}._target_=tests.helpers.faults.{callback}"] + [
         f"+callbacks.{callback}.{key}={value}" for key, value in options.items()
     ]
 

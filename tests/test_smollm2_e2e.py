@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_train import run_cli
+from tests.helpers.cli import run_cli
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 
 def test_prefix_on_smollm2_lowers_validation_loss_and_scores_bleu(tmp_path: Path, data_dir: Path) -> None:

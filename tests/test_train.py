@@ -3,39 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import REPO, compose_train
+from tests.helpers.cli import FAST, run_cli
+from tests.helpers.config import compose_train
 
-# Two epochs of 4 batches, validating (and checkpointing) after each; exporting the last step's weights (a tiny
-# random model's validation BLEU stays 0, so its best checkpoint is always the first).
-FAST = [
-    "model=tiny_llama",
-    "debug=fast",
-    "export=last",
-    "trainer.max_steps=8",
-    "trainer.val_check_interval=4",
-    "callbacks.model_checkpoint.save_top_k=-1",
-]
-
-
-def run_cli(
-    run_dir: Path, *overrides: str, entry: tuple[str, ...] = ("run.py",), env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess:
-    """`python run.py ...` (or another entry point) as a user types it."""
-    command = [sys.executable, *entry, f"hydra.run.dir={run_dir}", *overrides]
-    environment = {**os.environ, **(env or {})}
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=environment, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
+pytestmark = pytest.mark.integration
 
 FULL_SCORING = [*FAST, "data.metric_suite=e2e"]
 

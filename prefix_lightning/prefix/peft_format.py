@@ -3,9 +3,12 @@
 saves (with ``prefix_projection`` too: it saves the MLP's output, never the MLP). Row t holds virtual token t's
 keys and values, layer by layer, keys before values, head by head.
 
-PEFT hands a prefix to the LM as its key/value cache, so only decoder-only LMs whose layers all have the same
-key/value heads and head size can take one, with the real tokens at positions L, L+1, ... (``shift_positions``).
-The conversion goes through ``PrefixModel.prefix_key_values()`` (per attention module), never the internal tensors.
+PEFT hands a prefix to the LM as its key/value cache: one table for all layers, so every layer must have the same
+key/value heads and head size, the real tokens stand at positions L, L+1, ... (``shift_positions``), and a sliding
+window would drop the prefix with the oldest tokens (ours stays visible). For encoder-decoder models PEFT's table
+holds the decoder's self- and cross-attention prefixes only (no encoder prefix), so ours, which has all three, has
+no exact PEFT form. :func:`peft_incompatibility` says which of these a prefix meets. The conversion goes through
+``PrefixModel.prefix_key_values()`` (per attention site, in cache-layer order), never the internal tensors.
 """
 
 from __future__ import annotations
@@ -32,16 +35,29 @@ PEFT_TYPE = "PREFIX_TUNING"
 
 
 def peft_incompatibility(config: PrefixConfig, sites: Sequence[AttentionSite], is_encoder_decoder: bool) -> str | None:
-    """Why PEFT cannot hold this prefix, or None when it can."""
+    """Why PEFT's prefix tuning cannot compute what this prefix computes, or None when it can exactly."""
     if is_encoder_decoder:
-        return "PEFT's prefix tuning is used here for decoder-only LMs only (its encoder-decoder prefix is not loaded)"
+        return (
+            "PEFT's prefix for encoder-decoder models sits in the decoder's self- and cross-attention only, while "
+            "this one also has a prefix in every encoder self-attention layer, which PEFT has no place for"
+        )
     if config.kind != "prefix":
         return f"a prefix of kind {config.kind!r} has no PEFT counterpart (PEFT's is a prefix in every layer)"
     if not config.shift_positions:
         return "PEFT puts the real tokens at positions L, L+1, ...; this prefix was trained with shift_positions=false"
-    shapes = {(site.kv_heads, site.head_dim) for site in sites}
-    if len(shapes) != 1:
-        return f"PEFT's table needs one key/value shape for all layers; this model's layers have {sorted(shapes)}"
+    first = sites[0]
+    differing = next((s for s in sites if (s.kv_heads, s.head_dim) != (first.kv_heads, first.head_dim)), None)
+    if differing is not None:
+        return (
+            f"PEFT's table needs one key/value shape in every layer, but {first.name} has {first.kv_heads} key/value "
+            f"heads of size {first.head_dim} and {differing.name} {differing.kv_heads} of size {differing.head_dim}"
+        )
+    windowed = next((site for site in sites if site.sliding_window is not None), None)
+    if windowed is not None:
+        return (
+            f"{windowed.name} attends through a sliding window of {windowed.sliding_window} tokens: PEFT's prefix, "
+            "held in the cache, falls out of the window, where this one stays visible to every token"
+        )
     return None
 
 
@@ -52,7 +68,9 @@ def peft_table(key_values: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch
     return stacked.permute(3, 0, 1, 2, 4).reshape(length, -1)
 
 
-def layer_key_values(table: torch.Tensor, layers: int, kv_heads: int, head_dim: int) -> list[tuple[torch.Tensor, ...]]:
+def layer_key_values(
+    table: torch.Tensor, layers: int, kv_heads: int, head_dim: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The inverse of :func:`peft_table`: each layer's (keys, values), bottom layer first."""
     length = table.shape[0]
     blocks = table.reshape(length, layers, 2, kv_heads, head_dim).permute(1, 2, 3, 0, 4)
@@ -60,7 +78,10 @@ def layer_key_values(table: torch.Tensor, layers: int, kv_heads: int, head_dim: 
 
 
 def save_peft_prefix(
-    folder: Path, key_values: Mapping[str, tuple[torch.Tensor, torch.Tensor]], config: PrefixConfig, base_model: str
+    folder: Path,
+    key_values: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    config: PrefixConfig,
+    base_model: str | None,
 ) -> Path:
     """Write the prefix (``key_values`` per attention module, in layer order) as PEFT's adapter folder."""
     pairs = list(key_values.values())
@@ -96,7 +117,7 @@ class PeftPrefix:
     token_dim: int
     table: torch.Tensor
 
-    def key_values(self, sites: Sequence[AttentionSite]) -> list[tuple[torch.Tensor, ...]]:
+    def key_values(self, sites: Sequence[AttentionSite]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each layer's (keys, values) for a model with these attention ``sites``; refuses another shape."""
         kv_heads, head_dim = sites[0].kv_heads, sites[0].head_dim
         if self.layers != len(sites) or self.token_dim != kv_heads * head_dim:

@@ -51,7 +51,8 @@ class MethodExport(L.Callback):
         self.step: int | None = None
         self._validation: dict[str, float] = {}
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: MethodModule) -> None:
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        assert isinstance(pl_module, MethodModule)  # the callbacks of run.py's runs
         self.source, self.step = "last", trainer.global_step
         if self.weights == "best":
             self._load_best(trainer, pl_module)
@@ -68,7 +69,8 @@ class MethodExport(L.Callback):
                 size = sum(f.stat().st_size for f in self.dirpath.rglob("*") if f.is_file()) / 1024
                 log.info("exported %s weights (step %d) to %s (%.1f KB)", self.source, self.step, self.dirpath, size)
 
-    def on_test_end(self, trainer: L.Trainer, pl_module: MethodModule) -> None:
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        assert isinstance(pl_module, MethodModule)  # the callbacks of run.py's runs
         if trainer.is_global_zero and self.source is not None and self.dirpath.is_dir():
             test = {name: float(value) for name, value in trainer.callback_metrics.items() if name.startswith("test/")}
             self._write_card(trainer, pl_module, test)
@@ -124,6 +126,7 @@ def _whole_on_rank_zero(trainer: L.Trainer, pl_module: L.LightningModule) -> Ite
     rank must enter it (it gathers from all of them)."""
     strategy = trainer.strategy
     if isinstance(strategy, FSDPStrategy):
+        assert strategy.model is not None  # set up before training starts
         from torch.distributed.fsdp import FullyShardedDataParallel
 
         with FullyShardedDataParallel.summon_full_params(
@@ -198,7 +201,8 @@ class ResultRecord(L.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.progress.update(state_dict)
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: MethodModule) -> None:
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        assert isinstance(pl_module, MethodModule)  # the callbacks of run.py's runs
         self._encoder_decoder = bool(pl_module.model.lm.config.is_encoder_decoder)
 
     def on_train_batch_start(
@@ -218,10 +222,10 @@ class ResultRecord(L.Callback):
         self.progress["train_time_s"] += time.perf_counter() - self._step_started
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        value = trainer.callback_metrics.get(self.monitor)
-        if trainer.sanity_checking or value is None:
+        metric = trainer.callback_metrics.get(self.monitor)
+        if trainer.sanity_checking or metric is None:
             return
-        value = float(value)
+        value = float(metric)
         best = self.progress["best_val"]
         if best is None or (value > best if self.mode == "max" else value < best):
             self.progress.update(best_val=value, best_val_step=trainer.global_step)
@@ -244,8 +248,10 @@ class ResultRecord(L.Callback):
             return
         train_time = self.progress["train_time_s"]
         checkpoint = best_checkpoint_callback(trainer)
-        last = next((c for c in trainer.callbacks if isinstance(c, LastCheckpoint)), None)
-        export = next((c for c in trainer.callbacks if isinstance(c, MethodExport)), None)
+        # Lightning sets this attribute without declaring it.
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]
+        last = next((c for c in callbacks if isinstance(c, LastCheckpoint)), None)
+        export = next((c for c in callbacks if isinstance(c, MethodExport)), None)
         record = {
             **self.job,
             **self.settings,

@@ -107,7 +107,7 @@ class LastCheckpoint(Checkpoint):
         )
         if trainer.world_size > 1:  # rank 0's clock decides, or the ranks would not save together
             due = trainer.strategy.broadcast(due)
-        if due:
+        if due and self.interval_s is not None:
             self.save(trainer)
             log.info("saved %s at step %d (every %.4g minutes)", self.path, trainer.global_step, self.interval_s / 60)
 

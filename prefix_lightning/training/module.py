@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.data import AttributeDict
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from prefix_lightning.evaluation import main_validation_metric, score, validation_suite
@@ -43,6 +45,12 @@ class MethodModule(L.LightningModule):
         self.generation = dict(generation or {})
         self.strict_loading = False
         self._outputs: list[dict[str, Any]] = []
+
+    @property
+    def hparams(self) -> AttributeDict:
+        """The saved arguments. Lightning's type also admits a plain mapping, which has no attribute access;
+        ``save_hyperparameters`` always stores an ``AttributeDict``."""
+        return cast(AttributeDict, super().hparams)
 
     def forward(self, **batch: Any) -> Any:
         return self.model(**batch)
@@ -80,12 +88,13 @@ class MethodModule(L.LightningModule):
             return
         # Validation scores what picks the best checkpoint (see validation_suite: BLEU, XSum's ROUGE); the test runs
         # the dataset's full suite, and for WebNLG also on the test inputs of categories seen / unseen in training.
-        datamodule = self.trainer.datamodule
+        # Lightning sets this attribute without declaring it.
+        datamodule = self.trainer.datamodule  # type: ignore[attr-defined]
         suite = getattr(datamodule, "metric_suite", "bleu")
         suite = suite if split == "test" else validation_suite(suite)
         main = main_validation_metric(suite).removeprefix("val/")
         metrics = _score_outputs(suite, outputs)
-        seen = getattr(datamodule, "seen_categories", None) if split == "test" else None
+        seen: frozenset[str] = getattr(datamodule, "seen_categories", frozenset()) if split == "test" else frozenset()
         for subset, is_seen in (("seen", True), ("unseen", False)) if seen else ():
             part = [o for o in outputs if (o["category"] in seen) == is_seen]
             if part:
@@ -139,7 +148,7 @@ class MethodModule(L.LightningModule):
         self._score("test")
 
     # -- optimization --------------------------------------------------------------------------------------
-    def configure_optimizers(self) -> dict[str, Any]:
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         optimizer = torch.optim.AdamW(
             self.model.trainable_parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
         )
