@@ -26,6 +26,8 @@ from transformers.utils import logging as transformers_logging
 
 from prefix_lightning.baselines import PeftPrefixTuning
 from prefix_lightning.baselines.peft_prefix import peft_generate, peft_prefix_config
+from prefix_lightning.benchmark.hardware import matmul_parameters, mfu, peak_tflops
+from prefix_lightning.benchmark.profiling import profiled
 from prefix_lightning.data import TextToTextCollator, read_e2e, reference_groups
 from prefix_lightning.prefix import PrefixConfig, PrefixModel
 from prefix_lightning.training.build import build_model, generation_settings, load_configured_backbone
@@ -53,6 +55,8 @@ class Setting:
     device: str
     threads: int | None  # torch threads per phase (None: torch's default)
     prefix_dir: str | None  # exported prefix that both decoders load (None: the one train_ours ends with)
+    peak_tflops: float | None = None  # the device's peak for MFU (None: from hardware.PEAK_TFLOPS where known)
+    profile_dir: str | None = None  # where each phase writes the profile of one more step or batch (None: none)
 
 
 # -- setting up a phase ------------------------------------------------------------------------------------
@@ -183,9 +187,16 @@ def measured(device: str) -> Iterator[dict[str, float]]:
 
 # -- training ----------------------------------------------------------------------------------------------
 def _train(
-    setting: Setting, model: torch.nn.Module, loss_of: Callable[[Batch], torch.Tensor], batches: list[Batch], lr: float
+    phase: str,
+    setting: Setting,
+    model: torch.nn.Module,
+    loss_of: Callable[[Batch], torch.Tensor],
+    batches: list[Batch],
+    lr: float,
+    flops_per_token: float,
 ) -> dict[str, Any]:
-    """AdamW steps over the trainable parameters; the steps after ``warmup`` are measured."""
+    """AdamW steps over the trainable parameters; the steps after ``warmup`` are measured; with a profile folder,
+    one more step is profiled. ``flops_per_token``: the model FLOPs of a step per token (see hardware)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr)
     batches = [_to(batch, setting.device) for batch in batches]
@@ -205,17 +216,32 @@ def _train(
         for batch in batches[setting.warmup :]:
             step(batch)
     tokens = sum(int(batch["attention_mask"].sum()) for batch in batches[setting.warmup :])
+    peak = setting.peak_tflops or peak_tflops(setting.device, setting.precision)
+    profile = _profile(setting, phase, lambda: step(batches[-1]))
     return {
         **stats,
+        **profile,
         "steps": len(batches) - setting.warmup,
         "tokens": tokens,
         "tokens_per_s": tokens / stats["seconds"],
         "tokens_per_cpu_s": tokens / stats["cpu_seconds"],
+        "flops_per_token": flops_per_token,
+        "peak_tflops": peak,
+        "mfu": mfu(tokens / stats["seconds"], flops_per_token, peak),
         "trainable_parameters": sum(p.numel() for p in trainable),
         "first_loss": losses[0],
         "last_loss": losses[-1],
         "weights_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
     }
+
+
+def _profile(setting: Setting, phase: str, work: Callable[[], object]) -> dict[str, Any]:
+    """``work`` once more under the profiler, when the setting asks for it; what the profile found."""
+    if setting.profile_dir is None:
+        return {}
+    with profiled(setting.profile_dir, phase, setting.device) as found:
+        work()
+    return {"profile": found}
 
 
 def train_ours(setting: Setting) -> dict[str, Any]:
@@ -226,7 +252,8 @@ def train_ours(setting: Setting) -> dict[str, Any]:
     _causal(model.lm, setting.device)
     model.to(setting.device).train()
     batches = training_batches(cfg, tokenizer, setting.warmup + setting.steps)
-    result = _train(setting, model, lambda batch: model.loss(**batch), batches, cfg.method.lr)
+    flops = 4 * matmul_parameters(model.lm)  # frozen LM: no weight gradients
+    result = _train("train_ours", setting, model, lambda batch: model.loss(**batch), batches, cfg.method.lr, flops)
     model.save(_prefix_dir(setting))
     return result
 
@@ -237,9 +264,10 @@ def train_peft(setting: Setting) -> dict[str, Any]:
 
     cfg = _start(setting)
     lm, tokenizer = _backbone(cfg, setting.device)
+    flops = 4 * matmul_parameters(lm)  # frozen LM: no weight gradients
     model = get_peft_model(lm, peft_prefix_config(_prefix_config(cfg))).train()
     batches = training_batches(cfg, tokenizer, setting.warmup + setting.steps)
-    return _train(setting, model, lambda batch: model(**batch).loss, batches, cfg.method.lr)
+    return _train("train_peft", setting, model, lambda batch: model(**batch).loss, batches, cfg.method.lr, flops)
 
 
 def train_full(setting: Setting) -> dict[str, Any]:
@@ -248,7 +276,8 @@ def train_full(setting: Setting) -> dict[str, Any]:
     lm, tokenizer = _backbone(cfg, setting.device)
     lm.requires_grad_(True).train()
     batches = training_batches(cfg, tokenizer, setting.warmup + setting.steps)
-    return _train(setting, lm, lambda batch: lm(**batch).loss, batches, FULL_FINETUNING_LR)
+    flops = 6 * matmul_parameters(lm)
+    return _train("train_full", setting, lm, lambda batch: lm(**batch).loss, batches, FULL_FINETUNING_LR, flops)
 
 
 # -- decoding ----------------------------------------------------------------------------------------------
@@ -272,8 +301,11 @@ def _greedy(
     return _outputs(setting, generate, decoding_batches(cfg, tokenizer, setting.check_inputs), options)
 
 
-def _decode(setting: Setting, cfg: DictConfig, tokenizer: Any, generate: Callable[..., torch.Tensor]) -> dict[str, Any]:
-    """Greedy outputs of the check inputs (untimed), then the configured beam search over all inputs (timed)."""
+def _decode(
+    phase: str, setting: Setting, cfg: DictConfig, tokenizer: Any, generate: Callable[..., torch.Tensor]
+) -> dict[str, Any]:
+    """Greedy outputs of the check inputs (untimed), then the configured beam search over all inputs (timed); with
+    a profile folder, the first batch once more under the profiler."""
     greedy = _greedy(setting, cfg, tokenizer, generate)
     options = generation_settings(cfg, tokenizer)
     batches = decoding_batches(cfg, tokenizer, setting.inputs)
@@ -282,6 +314,7 @@ def _decode(setting: Setting, cfg: DictConfig, tokenizer: Any, generate: Callabl
     tokens = sum(len(output) for output in outputs)
     return {
         **stats,
+        **_profile(setting, phase, lambda: _outputs(setting, generate, batches[:1], options)),
         "inputs": len(outputs),
         "num_beams": options.get("num_beams", 1),
         "tokens": tokens,
@@ -298,7 +331,7 @@ def generate_ours(setting: Setting) -> dict[str, Any]:
     cfg = _start(setting, frozen_in_compute_dtype=True)
     lm, tokenizer = _backbone(cfg, setting.device)
     model = PrefixModel.from_prefix(lm, _prefix_dir(setting)).to(setting.device).eval()
-    return _decode(setting, cfg, tokenizer, model.generate)
+    return _decode("generate_ours", setting, cfg, tokenizer, model.generate)
 
 
 def generate_peft(setting: Setting) -> dict[str, Any]:
@@ -308,6 +341,6 @@ def generate_peft(setting: Setting) -> dict[str, Any]:
     cfg = _start(setting)
     lm, tokenizer = _backbone(cfg, setting.device)
     model = PeftPrefixTuning.from_export(lm, _prefix_dir(setting)).lm.to(setting.device).eval()  # PEFT files
-    result = _decode(setting, cfg, tokenizer, partial(peft_generate, model))
+    result = _decode("generate_peft", setting, cfg, tokenizer, partial(peft_generate, model))
     result["bare_greedy"] = _greedy(setting, cfg, tokenizer, model.base_model.generate)
     return result

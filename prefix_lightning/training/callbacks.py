@@ -7,8 +7,6 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from itertools import islice
 from pathlib import Path
@@ -17,7 +15,6 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
 from prefix_lightning.files.checkpoints import check_checkpoint
 from prefix_lightning.methods import IGNORE_INDEX
@@ -27,6 +24,7 @@ from prefix_lightning.training.job import current_job
 from prefix_lightning.training.last_checkpoint import LastCheckpoint
 from prefix_lightning.training.module import MethodModule
 from prefix_lightning.training.record import write_record
+from prefix_lightning.training.sharded import trainable_whole_on_rank_zero
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +60,7 @@ class MethodExport(L.Callback):
                 callback.best_model_score if self.source == "best" else trainer.callback_metrics.get(callback.monitor)
             )
             self._validation = {callback.monitor: float(value)} if value is not None else {}
-        with _whole_on_rank_zero(trainer, pl_module):
+        with trainable_whole_on_rank_zero(trainer, pl_module):
             if trainer.is_global_zero:
                 pl_module.model.save(self.dirpath)
                 self._write_card(trainer, pl_module, {})
@@ -117,29 +115,6 @@ def early_stopping(monitor: str, mode: str, patience: int | None, min_delta: flo
     if not isinstance(patience, int) or patience < 1:
         raise ValueError(f"callbacks.early_stopping.patience={patience!r} is not valid: use a positive integer or null")
     return EarlyStopping(monitor=monitor, mode=mode, patience=patience, min_delta=min_delta)
-
-
-@contextmanager
-def _whole_on_rank_zero(trainer: L.Trainer, pl_module: L.LightningModule) -> Iterator[None]:
-    """The trainable parameters whole on global rank 0 inside the block, where the strategy shards them outside
-    its steps: FSDP (gathered into rank 0's CPU memory, as its full checkpoints are) and DeepSpeed ZeRO-3. Every
-    rank must enter it (it gathers from all of them)."""
-    strategy = trainer.strategy
-    if isinstance(strategy, FSDPStrategy):
-        assert strategy.model is not None  # set up before training starts
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        with FullyShardedDataParallel.summon_full_params(
-            strategy.model, writeback=False, rank0_only=True, offload_to_cpu=True
-        ):
-            yield
-    elif isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters([p for p in pl_module.parameters() if p.requires_grad]):
-            yield
-    else:
-        yield
 
 
 class ResultRecord(L.Callback):
