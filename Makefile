@@ -37,14 +37,14 @@ test: test-fast test-slow
 test-fast: lint test-unit test-integration
 
 test-unit: setup
-	$(BIN)/python -m pytest -m "not slow and not integration"
+	$(BIN)/python -m pytest -m "not slow and not integration" --durations=10
 
 test-integration: setup
-	$(BIN)/python -m pytest -m "integration and not slow"
+	$(BIN)/python -m pytest -m "integration and not slow" --durations=10
 
 # The real SmolLM2 and whole datasets (minutes).
 test-slow: setup
-	$(BIN)/python -m pytest -m slow
+	$(BIN)/python -m pytest -m slow --durations=10
 
 lint: setup
 	$(BIN)/ruff check .
