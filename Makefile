@@ -16,7 +16,7 @@ BIN := $(VENV)/bin
 export PREFIX_LIGHTNING_DATA := $(DATA_DIR)
 export PREFIX_LIGHTNING_TOKENIZER := $(TOKENIZER_DIR)
 
-.PHONY: setup run test test-fast test-unit test-integration test-slow lint
+.PHONY: setup run test test-fast test-unit test-integration test-slow lint gpu-bundle
 
 setup: $(VENV)/.installed
 
@@ -37,16 +37,25 @@ test: test-fast test-slow
 test-fast: lint test-unit test-integration
 
 test-unit: setup
-	$(BIN)/python -m pytest -m "not slow and not integration"
+	$(BIN)/python -m pytest -m "not slow and not integration" --durations=10
 
 test-integration: setup
-	$(BIN)/python -m pytest -m "integration and not slow"
+	$(BIN)/python -m pytest -m "integration and not slow" --durations=10
 
 # The real SmolLM2 and whole datasets (minutes).
 test-slow: setup
-	$(BIN)/python -m pytest -m slow
+	$(BIN)/python -m pytest -m slow --durations=10
 
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+# What .ci/gpu needs on a GPU machine without a package registry (see docs/gpu.md): the project's wheels that
+# such machines lack, pytest's, the E2E files and the GPT-2 tokenizer, in the ignored folder .gpu-bundle/.
+gpu-bundle: setup
+	../shared/gpu/wheels.sh .gpu-bundle/wheels
+	$(BIN)/pip download --quiet --no-deps -d .gpu-bundle/wheels pytest pluggy iniconfig pytest-timeout packaging pygments
+	mkdir -p .gpu-bundle/data .gpu-bundle/tokenizers
+	cp -r $(DATA_DIR)/e2e .gpu-bundle/data/
+	cp -r $(TOKENIZER_DIR) .gpu-bundle/tokenizers/gpt2

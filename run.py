@@ -1,4 +1,7 @@
-"""Train a prefix from the composed Hydra config: `python run.py [group=option ...] [key=value ...]`."""
+"""Train a prefix from the composed Hydra config: `python run.py [group=option ...] [key=value ...]`; go on with an
+interrupted run: `python run.py resume=<run dir>`."""
+
+import sys
 
 import hydra
 from omegaconf import DictConfig
@@ -13,4 +16,9 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    if any(argument.startswith("resume=") for argument in sys.argv[1:]):  # that run's config, in its folder
+        from prefix_lightning.cli import report_errors
+        from prefix_lightning.training.resume import resume_arguments
+
+        sys.argv = report_errors(lambda: resume_arguments(sys.argv))
     main()

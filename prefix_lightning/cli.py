@@ -17,15 +17,20 @@ DEBUG_VARIABLE = "HYDRA_FULL_ERROR"
 def report_errors(entry: Callable[[], T]) -> T:
     """Run ``entry``; turn any exception into one line on stderr and exit code 1.
 
-    Set HYDRA_FULL_ERROR=1 (Hydra's own switch) to get the traceback instead.
+    Set HYDRA_FULL_ERROR=1 (Hydra's own switch) to get the traceback instead. An exception with an ``exit_code``
+    (a run stopped by a signal, which is not an error) prints its line as it is and exits with that status.
     """
     try:
         return entry()
     except Exception as error:
-        if os.environ.get(DEBUG_VARIABLE) == "1":
+        stopped = getattr(error, "exit_code", None)
+        if os.environ.get(DEBUG_VARIABLE) == "1" and stopped is None:
             raise
         message = " ".join(str(error).split()) or type(error).__name__
         _log_to_files(f"{type(error).__name__}: {message}")
+        if stopped is not None:
+            print(message, file=sys.stderr)
+            sys.exit(stopped)
         print(f"error: {message} (set {DEBUG_VARIABLE}=1 for the traceback)", file=sys.stderr)
         sys.exit(1)
 

@@ -1,16 +1,22 @@
-"""Score an exported prefix, or the plain LM, on the configured test split without training.
+"""Score any method's export, or the plain LM, on the configured test split without training.
 
-    python -m prefix_lightning.evaluate prefix_path=outputs/train/<run>/prefix   # a trained prefix
-    python -m prefix_lightning.evaluate                                          # the un-tuned LM, same prompts
+    python -m prefix_lightning.evaluate export_path=outputs/train/<run>/prefix    # a trained prefix
+    python -m prefix_lightning.evaluate export_path=outputs/train/<run>/adapter   # LoRA / PEFT prefix; model/, layers/
+    python -m prefix_lightning.evaluate                                           # the un-tuned LM, same prompts
 
-Takes the same config groups as run.py (model, data, generation, ...); writes test generations and metrics
-into its own run folder.
+The export folder says which method wrote it and that method's class loads it (``load_export``). An export inside
+a run folder is evaluated with that run's own settings (its ``.hydra/overrides.yaml``, then the ones given here);
+otherwise pass the same config groups as the run (model, data, generation, ...). Writes test generations and
+metrics into its own output folder. ``prefix_path`` is the older name of ``export_path``.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
+from collections.abc import Sequence
 from contextlib import nullcontext
+from pathlib import Path
 
 import hydra
 import lightning as L
@@ -18,28 +24,56 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from prefix_lightning.cli import report_errors
+from prefix_lightning.data.datamodule import TextToTextDataModule
+from prefix_lightning.evaluation import main_validation_metric
+from prefix_lightning.methods.exports import export_loader
 from prefix_lightning.prefix import PrefixModel
 from prefix_lightning.training.build import build_datamodule, build_module, load_configured_backbone
 from prefix_lightning.training.checks import check_config
+from prefix_lightning.training.resume import RUN_OVERRIDES, override, run_overrides, unquoted
 
 log = logging.getLogger(__name__)
 
+EXPORT_KEYS = ("export_path=", "prefix_path=")
+
 
 def evaluate(cfg: DictConfig) -> float:
-    """Test BLEU of ``cfg.prefix_path`` on ``cfg.model``, or of the plain LM when no prefix is given."""
+    """The test's main metric (BLEU, or ROUGE-L for XSum) of the export at ``cfg.export_path`` on ``cfg.model``'s
+    backbone, or of the plain LM when no export is given."""
     check_config(cfg)
+    path = cfg.get("export_path") or cfg.get("prefix_path")
+    load = export_loader(path) if path else None  # a wrong folder is refused before the model loads
     lm, tokenizer = load_configured_backbone(cfg)
-    if cfg.prefix_path:
-        model = PrefixModel.from_prefix(lm, cfg.prefix_path)
-        log.info("evaluating the prefix in %s", cfg.prefix_path)
+    if load is not None:
+        model = load(lm, path).eval()
+        log.info("evaluating the %s export in %s", type(model).__name__, path)
     else:
         model = PrefixModel(lm, length=1)
-        log.info("no prefix_path given: evaluating the plain LM on the same prompts")
+        log.info("no export_path given: evaluating the plain LM on the same prompts")
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
     module = build_module(cfg, model, tokenizer)
-    with nullcontext() if cfg.prefix_path else model.prefix_disabled():
-        (metrics,) = trainer.test(module, datamodule=build_datamodule(cfg, tokenizer, model))
-    return metrics["test/bleu"]
+    datamodule = build_datamodule(cfg, tokenizer, model)
+    with nullcontext() if path else model.prefix_disabled():
+        (metrics,) = trainer.test(module, datamodule=datamodule)
+    assert isinstance(datamodule, TextToTextDataModule)  # conf/data's
+    main = main_validation_metric(datamodule.metric_suite).removeprefix("val/")
+    return metrics[f"test/{main}"]
+
+
+def with_run_settings(argv: Sequence[str]) -> list[str]:
+    """``argv`` with the overrides of the run whose folder holds the given export put first (the ones given win),
+    and the export's path quoted for Hydra (sweep job folders hold ``=`` and ``,``)."""
+    given = [argument.partition("=") for argument in argv[1:] if argument.startswith(EXPORT_KEYS)]
+    if not given:
+        return list(argv)
+    key, _, value = given[-1]
+    export = Path(unquoted(value))
+    rest = [argument for argument in argv[1:] if not argument.startswith(EXPORT_KEYS)]
+    overrides = []
+    if (export.parent / RUN_OVERRIDES).is_file():
+        overrides = run_overrides(export.parent)
+        print(f"evaluating with the settings of the run in {export.parent}: {' '.join(overrides)}", file=sys.stderr)
+    return [argv[0], *overrides, *rest, override(key, export)]
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
@@ -48,4 +82,5 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    sys.argv = with_run_settings(sys.argv)
     main()

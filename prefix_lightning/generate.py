@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
@@ -130,14 +130,16 @@ def model_config_for(prefixes: dict[str, Path]) -> str:
     return matches[0]
 
 
-def _backbone_of(name: str) -> str:
+def _backbone_of(name: str) -> str | None:
     """The identity the backbone of model config ``name`` records (``backbone_identity``): embedded:<name>,
-    random:<model_type>, or the Hub id / folder."""
+    random:<model_type>, or the Hub id / folder; None for a random model shaped like another one (``like``), whose
+    type only its config on the Hub says."""
     backbone = compose_config("generate", [f"model={name}"]).model.backbone
     if backbone.source == "embedded":
         return f"embedded:{backbone.name}"
     if backbone.source == "random":
-        return f"random:{backbone.random_config.model_type}"
+        model_type = OmegaConf.select(backbone, "random_config.model_type")
+        return f"random:{model_type}" if model_type is not None else None
     return str(backbone.name)
 
 

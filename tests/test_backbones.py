@@ -117,6 +117,33 @@ def test_hub_source_loads_a_local_folder(kind: str, tokenizer_dir: Path, tmp_pat
     torch.testing.assert_close(forward_logits(loaded, loaded_tok, texts), forward_logits(model, tok, texts))
 
 
+def test_random_backbone_like_a_saved_model_takes_its_shape_not_its_weights(
+    tokenizer_dir: Path, tmp_path: Path
+) -> None:
+    """``like``: a real model's config (here a saved folder; a Hub id where the Hub is reachable), random weights,
+    this tokenizer's vocabulary and special ids; other keys override the config's fields."""
+    saved, _ = load_backbone("random", "llama", tokenizer=tokenizer_dir, random_config=RANDOM_CONFIGS["llama"])
+    saved.config.vocab_size, saved.config.eos_token_id = 1000, 7  # another tokenizer's
+    saved.save_pretrained(tmp_path)
+    model, tok = load_backbone("random", "x", tokenizer=tokenizer_dir, random_config={"like": str(tmp_path)})
+    assert type(model) is type(saved) and model.config.num_key_value_heads == 2 and model.config.hidden_size == 32
+    assert model.config.vocab_size == len(tok) and model.config.eos_token_id == GPT2_EOS
+    one_layer, _ = load_backbone(
+        "random", "x", tokenizer=tokenizer_dir, random_config={"like": str(tmp_path), "num_hidden_layers": 1}
+    )
+    assert len(one_layer.model.layers) == 1
+
+
+def test_random_backbone_like_an_unreachable_model_gives_a_one_line_error(
+    monkeypatch: pytest.MonkeyPatch, tokenizer_dir: Path
+) -> None:
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(OSError) as info:
+        load_backbone("random", "x", tokenizer=tokenizer_dir, random_config={"like": "no-such-org/no-such-model"})
+    message = str(info.value)
+    assert "\n" not in message and "config of 'no-such-org/no-such-model'" in message
+
+
 def test_hub_source_without_network_gives_a_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
     # Offline mode fails at once instead of retrying DNS for ~25 s; the message must be the same kind either way.
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
@@ -134,7 +161,13 @@ def test_hub_source_without_network_gives_a_one_line_error(monkeypatch: pytest.M
         ("embedded", "smollm2-1.7b", {}, "embedded backbone 'smollm2-1.7b'; embedded models: smollm2-135m-instruct"),
         ("embedded", "smollm2-135m-instruct", {"tokenizer": "gpt2"}, "brings its own tokenizer"),
         ("random", "gpt2", {"random_config": {"model_type": "gpt2"}}, "needs both `tokenizer`"),
-        ("random", "gpt2", {"tokenizer": "gpt2", "random_config": {"n_layer": 2}}, "needs a 'model_type' key"),
+        ("random", "gpt2", {"tokenizer": "gpt2", "random_config": {"n_layer": 2}}, "needs either 'model_type'"),
+        (
+            "random",
+            "gpt2",
+            {"tokenizer": "gpt2", "random_config": {"model_type": "gpt2", "like": "gpt2"}},
+            "not both; got keys ['like', 'model_type']",
+        ),
     ],
 )
 def test_bad_arguments_name_the_allowed_values(source: str, name: str, kwargs: dict, match: str) -> None:

@@ -18,7 +18,7 @@ from transformers import GenerationConfig, LogitsProcessorList
 import prefix_lightning.decoding.routes as routes
 from prefix_lightning import PrefixModel
 from prefix_lightning.decoding import beam_search, beam_search_options, generation_mask
-from tests.helpers.decoding import END, LENGTHS, ending_lm, left_padded, prefixed
+from tests.helpers.decoding import END, LENGTHS, ending_lm, left_padded, prefixed, transformers_search
 from tests.helpers.tiny import PAD, VOCAB, tiny_lm
 
 NEW = 15
@@ -31,14 +31,6 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@contextmanager
-def transformers_search(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """PrefixModel.generate with transformers' beam search (what it does for options beam_search lacks)."""
-    with monkeypatch.context() as patch:
-        patch.setattr(routes, "beam_search_options", lambda lm, kwargs: None)
-        yield
 
 
 @contextmanager

@@ -11,7 +11,10 @@ from peft import PrefixTuningConfig, get_peft_model
 
 from prefix_lightning import PrefixConfig, PrefixModel
 from prefix_lightning.baselines.peft_prefix import peft_generate, set_peft_prefix
+from prefix_lightning.benchmark import PHASES
+from prefix_lightning.benchmark.hardware import matmul_parameters, mfu
 from prefix_lightning.benchmark.phases import decoding_batches, training_batches
+from prefix_lightning.benchmark.suites import SUITES
 from prefix_lightning.training.build import load_configured_backbone
 from tests.helpers.cli import run_python
 from tests.helpers.config import compose_train
@@ -73,7 +76,7 @@ def test_peft_decoding_uses_its_prefix_and_matches_ours(tmp_path: Path, data_dir
     config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, inference_mode=True)
     peft = get_peft_model(lm, config).eval()
     with torch.no_grad():
-        set_peft_prefix(peft, torch.stack(ours.encoders["self"]()))
+        set_peft_prefix(peft, ours.prefix_key_values())
     (batch,) = decoding_batches(cfg, tokenizer, 4)
     for beams in (1, 3):
         settings = {"max_new_tokens": 6, "num_beams": beams, "pad_token_id": tokenizer.pad_token_id}
@@ -87,6 +90,7 @@ def test_benchmark_command_runs_on_a_tiny_model(tmp_path: Path, data_dir: Path) 
     output = tmp_path / "benchmark.json"
     arguments = ["-m", "prefix_lightning.benchmark", "--steps", "2", "--warmup", "1", "--inputs", "3"]
     arguments += ["--check-inputs", "3", "--threads", "1", "--output", str(output)]
+    arguments += ["--peak-tflops", "0.5", "--profile", str(tmp_path / "profile")]
     arguments += ["model=tiny_llama", "generation.max_new_tokens=6", "generation.num_beams=2"]
     result = run_python(*arguments)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -94,8 +98,16 @@ def test_benchmark_command_runs_on_a_tiny_model(tmp_path: Path, data_dir: Path) 
     benchmark = json.loads(output.read_text())
     phases = {"train_ours", "train_peft", "train_full", "generate_ours", "generate_peft", "generate_mixed"}
     assert set(benchmark["results"]) == phases
-    for phase in benchmark["results"].values():
+    for name, phase in benchmark["results"].items():
         assert phase["tokens_per_s"] > 0 and phase["peak_memory_mb"] > 0
+        table = Path(phase["profile"]["table"]).read_text()
+        assert Path(phase["profile"]["trace"]).stat().st_size > 0 and "aten::" in table, name
+    training = {name: benchmark["results"][name] for name in ("train_ours", "train_peft", "train_full")}
+    for phase in training.values():
+        assert phase["mfu"] == pytest.approx(phase["tokens_per_s"] * phase["flops_per_token"] / 0.5e12)
+    # 4N per token with the LM frozen, 6N with its weights trained, N the same LM's
+    assert training["train_ours"]["flops_per_token"] == training["train_peft"]["flops_per_token"]
+    assert training["train_full"]["flops_per_token"] == 1.5 * training["train_ours"]["flops_per_token"]
     ours, full = benchmark["results"]["train_ours"], benchmark["results"]["train_full"]
     assert ours["steps"] == 2 and ours["trainable_parameters"] < full["trainable_parameters"]
     assert len(benchmark["ratios"]) == 7
@@ -103,3 +115,23 @@ def test_benchmark_command_runs_on_a_tiny_model(tmp_path: Path, data_dir: Path) 
     mixed = benchmark["results"]["generate_mixed"]
     assert mixed["inputs"] == 3 and len(mixed["prefix_lengths"]) == 4
     assert mixed["single"]["seconds"] > 0 and mixed["sequential"]["seconds"] > 0
+
+
+def test_model_flops_count_each_matrix_once(tmp_path: Path) -> None:
+    """A tied output layer is the embedding table (one matrix product); an untied one adds its own, and the input
+    table alone is a lookup."""
+    for name in ("tiny_gpt2", "tiny_llama"):
+        lm, _ = load_configured_backbone(compose_train(tmp_path, [f"model={name}"]))
+        total = sum(p.numel() for p in lm.parameters())
+        tied = lm.get_output_embeddings().weight is lm.get_input_embeddings().weight
+        expected = total if tied else total - lm.get_input_embeddings().weight.numel()
+        assert matmul_parameters(lm) == expected and (name == "tiny_gpt2") == tied
+    assert mfu(1000.0, 4e9, 989.4) == pytest.approx(1000 * 4e9 / 989.4e12)
+    assert mfu(1000.0, 4e9, None) is None
+
+
+def test_the_gpu_suite_runs_configs_and_phases_that_exist(tmp_path: Path) -> None:
+    for run in SUITES["gpu"].runs:
+        assert set(run.phases) <= PHASES.keys(), run.label
+        cfg = compose_train(tmp_path, list(run.overrides))
+        assert cfg.model.backbone.source == "random" and cfg.data.batch_size in (10, 32)

@@ -32,11 +32,19 @@ def test_every_group_has_its_options() -> None:
 
 @pytest.mark.parametrize("name", options("model"))
 def test_model_configs_match_the_loader(name: str, tmp_path: Path) -> None:
-    cfg = compose_train(tmp_path, [f"model={name}"])
+    overrides = [f"model={name}"]
+    random_config = compose_train(tmp_path, overrides).model.backbone.get("random_config")
+    if random_config is not None and OmegaConf.is_missing(random_config, "like"):  # model=random_like: a folder
+        tiny_llama = compose_train(tmp_path, ["model=tiny_llama"]).model.backbone
+        load_backbone(**OmegaConf.to_container(tiny_llama, resolve=True))[0].save_pretrained(tmp_path / "like")
+        overrides.append(f"model.backbone.random_config.like={tmp_path / 'like'}")
+    cfg = compose_train(tmp_path, overrides)
     backbone = OmegaConf.to_container(cfg.model.backbone, resolve=True)
     inspect.signature(load_backbone).bind(**backbone)
     assert isinstance(cfg.model.separator, str) and isinstance(cfg.model.target_end, str)
     if backbone["source"] == "random":
+        if backbone["random_config"].get("num_hidden_layers", 0) > 2:  # real shapes (GPU presets): one layer here
+            cfg = compose_train(tmp_path, [*overrides, "model.backbone.random_config.num_hidden_layers=1"])
         model, tokenizer = build_model(cfg)
         assert model.config.length == cfg.prefix.length
         assert generation_settings(cfg, tokenizer)["eos_token_id"] == tokenizer.convert_tokens_to_ids(

@@ -252,7 +252,8 @@ def test_malformed_dataset_files(tmp_path, name, content, read, message):
         ("d.jsonl", '{"source": "a", "target": "b"}\n{"source": "c", "target": \n', r"line 2: not valid JSON"),
         ("d.jsonl", '{"source": "a", "target": ["b"]}\n', r"line 1: 'target' must be text"),
         ("d.jsonl", '["a", "b"]\n', r"line 1: expected a JSON object"),
-        ("d.json", "[]", r"unsupported file type '.json'"),
+        ("d.json", '[{"source": "a", "target": "b"}, ["c", "d"]]', r"item 2: expected a JSON object"),
+        ("d.xlsx", "PK", r"unsupported file type '.xlsx'; use .jsonl, .json, .csv or .tsv \(save a spreadsheet as CSV"),
     ],
 )
 def test_malformed_custom_files(tmp_path, name, content, message):
@@ -263,10 +264,25 @@ def test_malformed_custom_files(tmp_path, name, content, message):
     assert str(path) in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("name", "payload"),
+    [
+        ("excel.csv", "\ufeffsource,target\r\na,b\r\nc,d\r\n".encode()),  # Excel's "CSV UTF-8": a BOM, CRLF
+        ("unicode.tsv", "source\ttarget\na\tb\nc\td\n".encode("utf-16")),  # Excel's "Unicode text"
+        ("records.json", b'[{"source": "a", "target": "b"},\n {"source": "c", "target": "d"}]'),  # pandas records
+        ("lines.json", b'{"source": "a", "target": "b"}\r\n{"source": "c", "target": "d"}\r\n'),  # datasets to_json
+    ],
+)
+def test_custom_files_as_common_tools_save_them(tmp_path, name, payload):
+    path = tmp_path / name
+    path.write_bytes(payload)
+    assert [(e.source, e.target) for e in read_table(path)] == [("a", "b"), ("c", "d")]
+
+
 def test_custom_group_must_share_its_source(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text("source,target,id\na,b,1\nc,d,2\ne,f,1\n")
-    with pytest.raises(ValueError, match=r"line 4: group '1' has a different source than on line 2"):
+    with pytest.raises(ValueError, match=r"line 4: group '1' has a different source than .*, line 2"):
         read_table(path, group_column="id")
 
 

@@ -204,7 +204,7 @@ def test_peft_prefix_generates_as_our_prefix_with_the_same_values() -> None:
     ours = PrefixModel(deeper_lm("llama"), PrefixConfig(length=3, reparam="none")).eval()
     theirs = PeftPrefixTuning(deeper_lm("llama"), PrefixConfig(length=3, reparam="none")).eval()
     with torch.no_grad():
-        set_peft_prefix(theirs.lm, torch.stack(ours.encoders["self"]()))
+        set_peft_prefix(theirs.lm, ours.prefix_key_values())
     batch = prompt_batch()
     settings = dict(max_new_tokens=5, do_sample=False, pad_token_id=PAD, eos_token_id=None)
     generated = theirs.generate(**batch, **settings)

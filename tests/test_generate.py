@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from prefix_lightning import PrefixModel
-from prefix_lightning.generate import main
+from prefix_lightning.generate import main, model_config_for
 from prefix_lightning.training.build import generation_settings, load_configured_backbone
 from tests.helpers.config import REPO, compose_train
 
@@ -27,6 +27,8 @@ SOURCES = [
 ]
 NAMES = ["e2e", "webnlg", None, "e2e", "webnlg"]
 DECODING = ["generation.max_new_tokens=6", "generation.num_beams=3"]
+# The prefixes record "random:llama", which several random model configs share: the command is told which.
+GENERATE = ["model=tiny_llama", *DECODING]
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +71,7 @@ def test_mixed_prefixes_decode_as_each_prefix_alone(prefixes: dict[str, Path], t
     rows = [{"id": i, "source": s, "prefix": n} for i, (s, n) in enumerate(zip(SOURCES, NAMES, strict=True))]
     inputs = write_jsonl(tmp_path / "inputs.jsonl", rows)
     output = tmp_path / "outputs.jsonl"
-    options = ["--input", str(inputs), "--output", str(output), "--batch-size", "4", *DECODING]
+    options = ["--input", str(inputs), "--output", str(output), "--batch-size", "4", *GENERATE]
     assert main([*prefix_options(prefixes), *options]) == 0
     written = [json.loads(line) for line in output.read_text().splitlines()]
     assert [(row["id"], row["source"], row["prefix"]) for row in written] == [
@@ -82,7 +84,7 @@ def test_plain_text_with_one_prefix(prefixes: dict[str, Path], tmp_path: Path) -
     inputs = tmp_path / "inputs.txt"
     inputs.write_text("\n".join(SOURCES[:2]) + "\n")
     output = tmp_path / "outputs.txt"
-    options = ["--prefix", str(prefixes["e2e"]), "--input", str(inputs), "--output", str(output), *DECODING]
+    options = ["--prefix", str(prefixes["e2e"]), "--input", str(inputs), "--output", str(output), *GENERATE]
     assert main(options) == 0
     assert len(output.read_text().splitlines()) == 2
 
@@ -129,9 +131,22 @@ def test_stdin_to_stdout(prefixes: dict[str, Path]) -> None:
     rows = "".join(json.dumps({"source": s, "prefix": n}) + "\n" for s, n in zip(SOURCES, NAMES, strict=True))
     command = [sys.executable, "-m", "prefix_lightning.generate", *prefix_options(prefixes), "--input", "-"]
     result = subprocess.run(
-        [*command, "--output", "-", *DECODING], input=rows, cwd=REPO, capture_output=True, text=True, env=os.environ
+        [*command, "--output", "-", *GENERATE], input=rows, cwd=REPO, capture_output=True, text=True, env=os.environ
     )
     assert result.returncode == 0, result.stderr[-2000:]
     written = [json.loads(line) for line in result.stdout.splitlines()]
     assert [row["prefix"] for row in written] == NAMES and all(isinstance(row["generation"], str) for row in written)
     assert "generate: 100%" in result.stderr  # the progress bar
+
+
+def test_the_model_config_is_found_from_what_the_prefixes_record(prefixes: dict[str, Path], tmp_path: Path) -> None:
+    """An export names its base model; the one model config with that backbone is chosen, an ambiguous one is asked
+    for."""
+    embedded = tmp_path / "embedded"
+    embedded.mkdir()
+    description = json.loads((prefixes["e2e"] / "prefix_config.json").read_text())
+    description["base_model"]["name_or_path"] = "embedded:smollm2-135m-instruct"
+    (embedded / "prefix_config.json").write_text(json.dumps(description))
+    assert model_config_for({"e2e": embedded}) == "smollm2_135m"
+    with pytest.raises(ValueError, match="trained on random:llama, and configs .*tiny_llama match it: give the model"):
+        model_config_for(prefixes)

@@ -30,19 +30,19 @@ def changed_frozen_weights(run_dir: Path, model: torch.nn.Module) -> list[str]:
     return report["changed"]
 
 
-# method -> (names of the parameters it trains, files its export holds)
+# method -> (names of the parameters it trains, files its export holds); every export has a README.md model card,
+# a prefix of a decoder-only LM also PEFT's adapter files
+PREFIX_FILES = {"prefix.safetensors", "prefix_config.json", "README.md"}
+PEFT_FILES = {"adapter_config.json", "adapter_model.safetensors", "README.md"}
 EXPECTED = {
-    "prefix": (lambda name: name.startswith("encoders.self."), {"prefix.safetensors", "prefix_config.json"}),
-    "embedding": (lambda name: name.startswith("encoders.input."), {"prefix.safetensors", "prefix_config.json"}),
-    "infix": (lambda name: name.startswith("encoders.self."), {"prefix.safetensors", "prefix_config.json"}),
-    "full": (lambda name: True, {"config.json", "generation_config.json", "model.safetensors"}),
+    "prefix": (lambda name: name.startswith("encoders.self."), PREFIX_FILES | PEFT_FILES),
+    "embedding": (lambda name: name.startswith("encoders.input."), PREFIX_FILES),
+    "infix": (lambda name: name.startswith("encoders.self."), PREFIX_FILES),
+    "full": (lambda name: True, {"config.json", "generation_config.json", "model.safetensors", "README.md"}),
     # tiny_llama has 2 layers: the top 2 are all of them, so the test trains the top 1 (method.model.layers=1)
-    "top2": (lambda name: ".layers.1." in name, {"top_layers.safetensors", "top_layers.json"}),
-    "lora": (lambda name: "lora_" in name, {"adapter_config.json", "adapter_model.safetensors", "README.md"}),
-    "peft_prefix": (
-        lambda name: "prompt_encoder" in name,
-        {"adapter_config.json", "adapter_model.safetensors", "README.md"},
-    ),
+    "top2": (lambda name: ".layers.1." in name, {"top_layers.safetensors", "top_layers.json", "README.md"}),
+    "lora": (lambda name: "lora_" in name, PEFT_FILES),
+    "peft_prefix": (lambda name: "prompt_encoder" in name, PEFT_FILES),
 }
 
 

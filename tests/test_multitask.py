@@ -94,6 +94,9 @@ def test_each_task_exports_an_ordinary_prefix(tmp_path: Path) -> None:
             single = PrefixModel.from_prefix(tiny_lm(model_type, **fields), tmp_path / "prefix" / task).eval()
             expected = single(input_ids=ROWS[i][None]).logits[0]
             torch.testing.assert_close(mixed[i][mask[i].bool()], expected, atol=1e-5, rtol=0)
+            # and PEFT's files, as every prefix export where PEFT can hold the prefix
+            peft = PrefixModel.from_peft(tiny_lm(model_type, **fields), tmp_path / "prefix" / task).eval()
+            torch.testing.assert_close(peft(input_ids=ROWS[i][None]).logits[0], expected, atol=1e-5, rtol=0)
         greedy = dict(max_new_tokens=4, pad_token_id=PAD, eos_token_id=None)
         assert model.generate(prefixes=TASKS, input_ids=ids, attention_mask=mask, **greedy).shape == (3, 9)
 
@@ -199,3 +202,8 @@ def test_a_multitask_run_exports_and_scores_every_task(tmp_path: Path, data_dir:
     assert [row["task"] for row in rows] == ["e2e_devsplit"] * 4 + ["webnlg"] * 4
     record = json.loads((tmp_path / "result.json").read_text())
     assert "test/webnlg/ter" in record["test"] and record["last_val"] is not None
+    for task in ("e2e_devsplit", "webnlg"):  # each task's folder: its own model card with its own scores
+        card = (tmp_path / "prefix" / task / "README.md").read_text()
+        assert f"for tiny_llama on {task}\n" in card and "also as PEFT's prefix-tuning adapter" in card
+        assert f"| test/bleu | {record['test'][f'test/{task}/bleu']:.4g} |" in card
+    assert not (tmp_path / "prefix" / "README.md").exists()

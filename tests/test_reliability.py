@@ -26,6 +26,9 @@ from tests.helpers.config import compose_train
         ("data.train_size=0", "data.train_size=0 is not valid: use a positive integer or null"),
         ("model.backbone.source=huggingface", "allowed: embedded, hub, random"),
         ("model.backbone.name=smollm3", "embedded models: smollm2-135m-instruct"),
+        ("export=final", "export='final' is not valid: use best or last"),
+        ("callbacks.early_stopping.patience=0", "callbacks.early_stopping.patience=0 is not valid: use validations"),
+        ("callbacks.last_checkpoint.every_minutes=-1", "every_minutes=-1 is not valid: use minutes >= 0, or null"),
     ],
 )
 def test_bad_values_are_rejected_naming_the_option(override: str, message: str, tmp_path: Path) -> None:
@@ -153,7 +156,8 @@ def test_ctrl_c_saves_a_checkpoint_to_resume_from(tmp_path: Path) -> None:
     result = run_failing(tmp_path, *KILL_OVERRIDES, "+callbacks.fault.step=3", "+callbacks.fault.name=SIGINT")
     assert result.returncode == 1
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
-    assert "interrupted at step 3" in result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    assert "stopped by SIGINT at step 3" in output and f"to go on, run: python run.py resume={tmp_path}" in output
 
 
 @pytest.mark.integration

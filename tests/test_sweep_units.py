@@ -9,6 +9,7 @@ import statistics
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -120,9 +121,14 @@ def test_finished_runs_are_skipped_and_unfinished_ones_resume(tmp_path: Path) ->
     assert finished_record(tmp_path) is None and resume_checkpoint(cfg) is None
     last = tmp_path / "checkpoints" / "last.ckpt"
     last.parent.mkdir()
-    last.write_bytes(b"")
+    torch.save({"state_dict": {}, "global_step": 3}, last)
     assert resume_checkpoint(cfg) == str(last)
-    assert resume_checkpoint(compose_train(tmp_path, ["ckpt_path=elsewhere.ckpt"])) == "elsewhere.ckpt"
+    elsewhere = tmp_path / "elsewhere.ckpt"
+    torch.save({"state_dict": {}, "global_step": 5}, elsewhere)
+    assert resume_checkpoint(compose_train(tmp_path, [f"ckpt_path={elsewhere}"])) == str(elsewhere)
+    last.write_bytes(b"")  # a killed copy
+    with pytest.raises(ValueError, match=f"checkpoint {last} cannot be used: it is truncated"):
+        resume_checkpoint(cfg)
     write_record(tmp_path, make_record({}, bleu=1.0))
     assert finished_record(tmp_path)["last_val"] == 1.5
 

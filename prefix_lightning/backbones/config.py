@@ -22,7 +22,9 @@ class BackboneConfig:
     name: the embedded model's name, the Hub id or folder; a label for "random".
     tokenizer: tokenizer folder or Hub id; required for "random", defaults to ``name`` for "hub", refused for
         "embedded" (its tokenizer comes with the weights).
-    random_config: ``model_type`` plus config fields, e.g. ``{"model_type": "gpt2", "n_layer": 2}``.
+    random_config: ``model_type`` plus config fields, e.g. ``{"model_type": "gpt2", "n_layer": 2}``; or ``like``
+        (a Hub id or a model folder) whose config is taken, weights not, e.g. ``{"like": "HuggingFaceTB/SmolLM2-1.7B"}``
+        (other keys override its fields).
     dtype: "float32", "bfloat16" or "float16".
     cache_dir: where embedded models are converted to (default ``PREFIX_LIGHTNING_CACHE`` or
         ``~/.cache/prefix_lightning``), or the Hugging Face cache for "hub".
@@ -48,8 +50,11 @@ class BackboneConfig:
         elif self.source == "random":
             if self.tokenizer is None or self.random_config is None:
                 raise ValueError("a random backbone needs both `tokenizer` (a folder) and `random_config`")
-            if "model_type" not in self.random_config:
-                raise ValueError(f"random_config needs a 'model_type' key, got keys {sorted(self.random_config)}")
+            if ("model_type" in self.random_config) == ("like" in self.random_config):
+                raise ValueError(
+                    "random_config needs either 'model_type' (a config described field by field) or 'like' (a Hub "
+                    f"id or model folder whose config to use), not both; got keys {sorted(self.random_config)}"
+                )
         elif (self.name.startswith((".", "/", "~")) or Path(self.name).suffix) and not Path(
             self.name
         ).expanduser().is_dir():

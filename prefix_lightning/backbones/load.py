@@ -18,6 +18,7 @@ from transformers import (
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
     GPT2Tokenizer,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -70,6 +71,26 @@ def _load_embedded(config: BackboneConfig) -> tuple[PreTrainedModel, PreTrainedT
     return model, tok
 
 
+def _hub_config(name: str, cache_dir: str | None) -> PretrainedConfig:
+    """A model's config alone (a few KB, no weights), with the same one-line failure as a whole model."""
+    try:
+        return AutoConfig.from_pretrained(name, cache_dir=cache_dir)
+    except OSError as err:
+        raise OSError(f"Could not load the config of {name!r}: {_why_not_loaded(name, err)}") from err
+
+
+def _why_not_loaded(name: str, err: OSError) -> str:
+    # transformers explains over several lines deep in a traceback; say first which model failed and why.
+    cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    where = (
+        "the local folder is incomplete"
+        if Path(name).is_dir()
+        else "it is not a local folder and could not be found or downloaded from the Hugging Face Hub "
+        "(no network, offline mode, or wrong id?)"
+    )
+    return f"{where}. Cause: {cause}"
+
+
 def _load_hub(config: BackboneConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     name, tokenizer = config.name, config.tokenizer or config.name
     try:
@@ -80,15 +101,9 @@ def _load_hub(config: BackboneConfig) -> tuple[PreTrainedModel, PreTrainedTokeni
         )
         tok = load_tokenizer(tokenizer, cache_dir=config.cache_dir)
     except OSError as err:
-        # transformers explains over several lines deep in a traceback; say first which model failed and why.
-        cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        where = (
-            "the local folder is incomplete"
-            if Path(name).is_dir()
-            else "it is not a local folder and could not be found or downloaded from the Hugging Face Hub "
-            "(no network, offline mode, or wrong id?)"
-        )
-        raise OSError(f"Could not load backbone {name!r} (tokenizer {tokenizer!r}): {where}. Cause: {cause}") from err
+        raise OSError(
+            f"Could not load backbone {name!r} (tokenizer {tokenizer!r}): {_why_not_loaded(name, err)}"
+        ) from err
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id
     return model, tok
@@ -96,18 +111,23 @@ def _load_hub(config: BackboneConfig) -> tuple[PreTrainedModel, PreTrainedTokeni
 
 def _build_random(config: BackboneConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     assert config.tokenizer is not None and config.random_config is not None  # BackboneConfig's rule
-    random_config = config.random_config
+    random_config = dict(config.random_config)
     tok = load_tokenizer(config.tokenizer, cache_dir=None)
     eos = tok.eos_token_id
-    model_config = AutoConfig.for_model(
-        **{
-            "vocab_size": len(tok),
-            "bos_token_id": tok.bos_token_id,
-            "eos_token_id": eos,
-            "pad_token_id": tok.pad_token_id,
-            **random_config,
-        }
-    )
+    fields = {
+        "vocab_size": len(tok),
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": eos,
+        "pad_token_id": tok.pad_token_id,
+    }
+    if "like" in random_config:
+        like = random_config.pop("like")
+        model_config = _hub_config(like, config.cache_dir)
+        # Named fields of the model's own tokenizer are replaced by this tokenizer's; other keys given win.
+        for key, value in {**fields, **random_config}.items():
+            setattr(model_config, key, value)
+    else:
+        model_config = AutoConfig.for_model(**{**fields, **random_config})
     # Encoder-decoder configs default to ids of their own vocabulary (BART: decoder start 2, forced EOS 2, which is
     # "#" in GPT-2's); map them to this tokenizer's EOS, as BART does with its own, unless the caller chose.
     if model_config.is_encoder_decoder and "decoder_start_token_id" not in random_config:

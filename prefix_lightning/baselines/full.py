@@ -20,3 +20,12 @@ class FullFineTuning(FineTunedLM):
         folder.mkdir(parents=True, exist_ok=True)
         self.lm.save_pretrained(folder)
         return folder
+
+    @classmethod
+    def from_export(cls, lm: PreTrainedModel, path: str | Path) -> FullFineTuning:
+        """The fine-tuned model saved by :meth:`save`, of ``lm``'s class and dtype (``lm`` itself is replaced)."""
+        try:
+            tuned = type(lm).from_pretrained(path, dtype=lm.dtype)
+        except OSError as error:
+            raise ValueError(f"no readable fine-tuned model in {path}: {' '.join(str(error).split())}") from error
+        return cls(tuned.eval())

@@ -10,6 +10,8 @@ from prefix_lightning.baselines.peft_adapter import PeftAdapter, require_peft
 class LoRA(PeftAdapter):
     """``target_modules`` None takes peft's default for the architecture."""
 
+    method = "lora"
+
     def __init__(
         self,
         lm: PreTrainedModel,
@@ -30,4 +32,4 @@ class LoRA(PeftAdapter):
             target_modules=list(target_modules) if target_modules is not None else None,
             task_type="SEQ_2_SEQ_LM" if lm.config.is_encoder_decoder else "CAUSAL_LM",
         )
-        super().__init__(lm, config, "lora")
+        super().__init__(lm, config)

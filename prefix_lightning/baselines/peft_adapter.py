@@ -20,16 +20,34 @@ class PeftAdapter(FineTunedLM):
     """``.lm`` is the ``PeftModel`` that wraps the LM with the adapter described by ``peft_config``."""
 
     lm: Any  # the PeftModel (peft is optional; it stands in for the protocol's PreTrainedModel)
+    method = "peft"  # the method's name in messages
 
-    def __init__(self, lm: PreTrainedModel, peft_config: Any, method: str) -> None:
-        self.method = method
+    def __init__(self, lm: PreTrainedModel, peft_config: Any) -> None:
+        self._wrap(lm, _peft_model(lm, peft_config, self.method))
+
+    def _wrap(self, lm: PreTrainedModel, peft_model: Any) -> None:
         training = lm.training
-        super().__init__(_peft_model(lm, peft_config, method))
+        FineTunedLM.__init__(self, peft_model)
         self.train(training)
         # PEFT's forward takes **kwargs and hands logits_to_keep on to the causal LM it wraps (LoRA: the LM with
         # its adapted layers; prefix tuning: with the prefix as its cache), but target_loss only computes
         # target-position logits for a forward that names the argument: the loss shows it one that does.
         self._slices_logits = slices_logits(lm)
+
+    @classmethod
+    def from_export(cls, lm: PreTrainedModel, path: str | Path) -> PeftAdapter:
+        """``lm`` with the adapter saved by :meth:`save`, as ``PeftModel.from_pretrained`` loads it (inference
+        mode: PEFT's prefix is then its saved table, the MLP's output)."""
+        require_peft(cls.method)
+        from peft import PeftModel
+
+        adapter = cls.__new__(cls)  # built from the folder, not from settings: __init__ would make a fresh adapter
+        try:
+            peft_model = PeftModel.from_pretrained(lm, str(path))
+        except (OSError, ValueError, KeyError, RuntimeError) as error:
+            raise ValueError(f"no readable {cls.method} adapter in {path}: {' '.join(str(error).split())}") from error
+        adapter._wrap(lm, peft_model)
+        return adapter
 
     def loss(self, labels: torch.Tensor, length_groups: int | None = None, **inputs: Any) -> torch.Tensor:
         lm = _LogitsToKeep(self.lm) if self._slices_logits else self.lm

@@ -13,6 +13,7 @@ peft is an optional dependency (extras ``dev``, ``bench``): it is imported only 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -21,6 +22,7 @@ from transformers import PreTrainedModel
 from prefix_lightning.baselines.peft_adapter import PeftAdapter, require_peft
 from prefix_lightning.decoding import rows_per_input
 from prefix_lightning.prefix import PrefixConfig
+from prefix_lightning.prefix.peft_format import peft_table
 
 if TYPE_CHECKING:
     from peft import PeftModel, PrefixTuningConfig
@@ -30,16 +32,24 @@ class PeftPrefixTuning(PeftAdapter):
     """PEFT's own prefix tuning, the peer to compare with, at our prefix's settings (``config``: the same
     length, reparametrization and MLP width). Causal LMs only."""
 
+    method = "peft_prefix"
+
     def __init__(self, lm: PreTrainedModel, config: PrefixConfig | Mapping[str, Any] | None = None) -> None:
-        if lm.config.is_encoder_decoder:
-            raise ValueError(
-                f"peft_prefix covers causal LMs only, not {type(lm).__name__}: PEFT's encoder-decoder prefix "
-                "generates without its prefix under transformers 5 and has no working decoding path here"
-            )
-        require_peft("peft_prefix")
+        _require_causal(lm)
+        require_peft(self.method)
         prefix = PrefixConfig.of(config)
-        self.virtual_positions = prefix.length  # PEFT always shifts the real tokens by L
-        super().__init__(lm, peft_prefix_config(prefix), "peft_prefix")
+        super().__init__(lm, peft_prefix_config(prefix))
+
+    @classmethod
+    def from_export(cls, lm: PreTrainedModel, path: str | Path) -> PeftPrefixTuning:
+        _require_causal(lm)
+        adapter = super().from_export(lm, path)
+        assert isinstance(adapter, PeftPrefixTuning)
+        return adapter
+
+    def _wrap(self, lm: PreTrainedModel, peft_model: Any) -> None:
+        super()._wrap(lm, peft_model)
+        self.virtual_positions = peft_model.active_peft_config.num_virtual_tokens  # PEFT always shifts by L
 
     @torch.no_grad()
     def generate(self, **kwargs: Any) -> Any:
@@ -53,7 +63,15 @@ class PeftPrefixTuning(PeftAdapter):
         )
 
 
-def peft_prefix_config(prefix: PrefixConfig, *, inference_mode: bool = False) -> PrefixTuningConfig:
+def _require_causal(lm: PreTrainedModel) -> None:
+    if lm.config.is_encoder_decoder:
+        raise ValueError(
+            f"peft_prefix covers causal LMs only, not {type(lm).__name__}: PEFT's encoder-decoder prefix "
+            "generates without its prefix under transformers 5 and has no working decoding path here"
+        )
+
+
+def peft_prefix_config(prefix: PrefixConfig) -> PrefixTuningConfig:
     """PEFT's prefix tuning with our prefix's length and reparametrization (prefix_projection, MLP width), so
     that the two methods are compared at equal settings. Settings PEFT cannot follow are refused rather than
     silently dropped."""
@@ -72,7 +90,6 @@ def peft_prefix_config(prefix: PrefixConfig, *, inference_mode: bool = False) ->
         num_virtual_tokens=prefix.length,
         prefix_projection=prefix.reparam == "mlp",
         encoder_hidden_size=prefix.hidden_dim,
-        inference_mode=inference_mode,
     )
 
 
@@ -99,12 +116,11 @@ def peft_generate(
     return output[:, length:]
 
 
-def set_peft_prefix(model: PeftModel, prefix: torch.Tensor) -> None:
+def set_peft_prefix(model: PeftModel, key_values: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Give a PEFT prefix without MLP (inference mode, PEFT's saved form, or ``prefix_projection=False``) the
-    values of one of our prefixes, its layers' blocks stacked: (layers, 2, kv_heads, L, head_dim); PEFT's table
-    (L, layers * 2 * kv_heads * head_dim)."""
+    values of one of our prefixes: ``PrefixModel.prefix_key_values()``, per attention module in layer order."""
     encoder = model.prompt_encoder[model.active_adapter]
     # PEFT's encoders are plain Modules.
     table: torch.Tensor = encoder.embedding.weight  # type: ignore[union-attr, assignment]
     with torch.no_grad():
-        table.copy_(prefix.permute(3, 0, 1, 2, 4).reshape(table.shape))
+        table.copy_(peft_table(list(key_values.values())).reshape(table.shape))

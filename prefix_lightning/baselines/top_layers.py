@@ -51,6 +51,13 @@ class TopLayers(FineTunedLM):
         atomic_write(folder / TOP_LAYERS_CONFIG, lambda tmp: tmp.write_text(json.dumps(description, indent=2)))
         return folder
 
+    @classmethod
+    def from_export(cls, lm: PreTrainedModel, path: str | Path) -> TopLayers:
+        """``lm`` with the top blocks saved by :meth:`save`."""
+        load_top_layers(lm, path)
+        description = json.loads((Path(path) / TOP_LAYERS_CONFIG).read_text())
+        return cls(lm, layers=description["layers"])
+
 
 def decoder_blocks(lm: PreTrainedModel) -> tuple[str, nn.ModuleList]:
     """The name and list of the transformer blocks that produce the LM's output (an encoder-decoder's decoder

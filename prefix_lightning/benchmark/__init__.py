@@ -126,13 +126,18 @@ def _headline(name: str, result: dict[str, Any]) -> str:
 
 def format_report(benchmark: dict[str, Any]) -> str:
     """The results table, the ratios against the targets, and the decoding checks, as plain text."""
-    lines = [f"{'phase':<15}{'tokens/s':>10}{'tokens/CPU-s':>14}{'peak MB':>10}{'seconds':>9}  what"]
+    lines = [f"{'phase':<15}{'tokens/s':>10}{'tokens/CPU-s':>14}{'peak MB':>10}{'seconds':>9}{'MFU':>7}  what"]
     for name, result in benchmark["results"].items():
         what = f"{result['steps']} steps" if "steps" in result else f"{result['inputs']} inputs"
+        utilization = f"{result['mfu']:.1%}" if result.get("mfu") is not None else "-"
         lines.append(
             f"{name:<15}{result['tokens_per_s']:>10.1f}{result['tokens_per_cpu_s']:>14.1f}"
-            f"{result['peak_memory_mb']:>10.0f}{result['seconds']:>9.1f}  {what}"
+            f"{result['peak_memory_mb']:>10.0f}{result['seconds']:>9.1f}{utilization:>7}  {what}"
         )
+        if "profile" in result:
+            profile = result["profile"]
+            syncs = f"; {profile['syncs']} host-device syncs" if "syncs" in profile else ""
+            lines.append(f"{'':<15}profile: {profile['table']}{syncs}")
     if benchmark["ratios"]:
         lines += ["", f"{'ours / baseline':<46}{'ratio':>7}{'by CPU time':>13}  target   met"]
         for ratio in benchmark["ratios"]:

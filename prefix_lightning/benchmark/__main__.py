@@ -10,6 +10,7 @@ import torch
 
 from prefix_lightning.benchmark import PHASES, format_report, run_benchmark, write_json
 from prefix_lightning.benchmark.phases import PRECISIONS, Setting
+from prefix_lightning.benchmark.suites import SUITES
 from prefix_lightning.cli import report_errors
 
 EPILOG = """
@@ -66,6 +67,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="generate_mixed: decode exactly N tokens per input, so that every timed batch does the same steps",
     )
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the device's peak TFLOP/s at this precision, for MFU (default: known for H100/H200/A100/L4 GPUs)",
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="folder for a torch.profiler trace and table of one more step (or decoding batch) of every phase; on "
+        "CUDA also the host-device synchronisations by source line",
+    )
+    parser.add_argument(
+        "--suite",
+        choices=sorted(SUITES),
+        default=None,
+        help="a named set of runs instead of one (gpu: the GPU issue's table at real shapes, bf16-mixed); "
+        "--phases and --precision are then the suite's, overrides are added to each run's",
+    )
     parser.add_argument("--output", type=Path, default=None, help="JSON file (default outputs/benchmark/<time>.json)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of the train config")
     args = parser.parse_args(argv)
@@ -79,23 +100,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    setting = Setting(
-        overrides=tuple(args.overrides),
+    output = args.output or Path("outputs") / "benchmark" / f"{time.strftime('%Y-%m-%d_%H-%M-%S')}.json"
+    if args.suite:
+        suite, runs = SUITES[args.suite], {}
+        for run in suite.runs:
+            print(f"\n== {run.label}")
+            setting = _setting(args, (*run.overrides, *args.overrides), suite.precision)
+            runs[run.label] = run_benchmark(setting, run.phases)
+        write_json(runs, output)
+        print("".join(f"\n== {label}\n{format_report(result)}\n" for label, result in runs.items()))
+        print(f"written to {output}")
+        return
+    benchmark = run_benchmark(_setting(args, tuple(args.overrides), args.precision), _phases(args.phases))
+    write_json(benchmark, output)
+    print("\n" + format_report(benchmark) + f"\n\nwritten to {output}")
+
+
+def _phases(names: str) -> tuple[str, ...]:
+    return tuple(name for name in names.split(",") if name)
+
+
+def _setting(args: argparse.Namespace, overrides: tuple[str, ...], precision: str) -> Setting:
+    return Setting(
+        overrides=overrides,
         steps=args.steps,
         warmup=args.warmup,
         inputs=args.inputs,
         check_inputs=args.check_inputs,
-        precision=args.precision,
+        precision=precision,
         device=args.device,
         threads=args.threads,
         prefix_dir=args.prefix,
         mixed_prefix_dirs=tuple(args.mixed_prefix),
         fixed_new_tokens=args.fixed_new_tokens,
+        peak_tflops=args.peak_tflops,
+        profile_dir=str(args.profile) if args.profile else None,
     )
-    output = args.output or Path("outputs") / "benchmark" / f"{time.strftime('%Y-%m-%d_%H-%M-%S')}.json"
-    benchmark = run_benchmark(setting, tuple(name for name in args.phases.split(",") if name))
-    write_json(benchmark, output)
-    print("\n" + format_report(benchmark) + f"\n\nwritten to {output}")
 
 
 if __name__ == "__main__":

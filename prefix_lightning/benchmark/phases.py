@@ -23,11 +23,13 @@ from omegaconf import DictConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
-from prefix_lightning.baselines.peft_prefix import peft_generate, peft_prefix_config, set_peft_prefix
+from prefix_lightning.baselines import PeftPrefixTuning
+from prefix_lightning.baselines.peft_prefix import peft_generate, peft_prefix_config
+from prefix_lightning.benchmark.hardware import matmul_parameters, mfu, peak_tflops
+from prefix_lightning.benchmark.profiling import profiled
 from prefix_lightning.data import TextToTextCollator, read_e2e, reference_groups
 from prefix_lightning.prefix import PrefixBank, PrefixConfig, PrefixModel
 from prefix_lightning.prefix.bank import StoredPrefix
-from prefix_lightning.prefix.export import read_prefix
 from prefix_lightning.training.build import build_model, generation_settings, load_configured_backbone
 from prefix_lightning.training.checks import check_config, options_at
 from prefix_lightning.training.compose import compose_config
@@ -55,6 +57,8 @@ class Setting:
     prefix_dir: str | None  # exported prefix that both decoders load (None: the one train_ours ends with)
     mixed_prefix_dirs: tuple[str, ...] = ()  # more prefixes for the mixed batches (filled up with random ones)
     fixed_new_tokens: int | None = None  # mixed batches: every input decodes exactly this many tokens
+    peak_tflops: float | None = None  # the device's peak for MFU (None: from hardware.PEAK_TFLOPS where known)
+    profile_dir: str | None = None  # where each phase writes the profile of one more step or batch (None: none)
 
 
 # -- setting up a phase ------------------------------------------------------------------------------------
@@ -180,9 +184,16 @@ def measured(device: str) -> Iterator[dict[str, float]]:
 
 # -- training ----------------------------------------------------------------------------------------------
 def _train(
-    setting: Setting, model: torch.nn.Module, loss_of: Callable[[Batch], torch.Tensor], batches: list[Batch], lr: float
+    phase: str,
+    setting: Setting,
+    model: torch.nn.Module,
+    loss_of: Callable[[Batch], torch.Tensor],
+    batches: list[Batch],
+    lr: float,
+    flops_per_token: float,
 ) -> dict[str, Any]:
-    """AdamW steps over the trainable parameters; the steps after ``warmup`` are measured."""
+    """AdamW steps over the trainable parameters; the steps after ``warmup`` are measured; with a profile folder,
+    one more step is profiled. ``flops_per_token``: the model FLOPs of a step per token (see hardware)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr)
     batches = [_to(batch, setting.device) for batch in batches]
@@ -202,17 +213,32 @@ def _train(
         for batch in batches[setting.warmup :]:
             step(batch)
     tokens = sum(int(batch["attention_mask"].sum()) for batch in batches[setting.warmup :])
+    peak = setting.peak_tflops or peak_tflops(setting.device, setting.precision)
+    profile = _profile(setting, phase, lambda: step(batches[-1]))
     return {
         **stats,
+        **profile,
         "steps": len(batches) - setting.warmup,
         "tokens": tokens,
         "tokens_per_s": tokens / stats["seconds"],
         "tokens_per_cpu_s": tokens / stats["cpu_seconds"],
+        "flops_per_token": flops_per_token,
+        "peak_tflops": peak,
+        "mfu": mfu(tokens / stats["seconds"], flops_per_token, peak),
         "trainable_parameters": sum(p.numel() for p in trainable),
         "first_loss": losses[0],
         "last_loss": losses[-1],
         "weights_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
     }
+
+
+def _profile(setting: Setting, phase: str, work: Callable[[], object]) -> dict[str, Any]:
+    """``work`` once more under the profiler, when the setting asks for it; what the profile found."""
+    if setting.profile_dir is None:
+        return {}
+    with profiled(setting.profile_dir, phase, setting.device) as found:
+        work()
+    return {"profile": found}
 
 
 def train_ours(setting: Setting) -> dict[str, Any]:
@@ -223,7 +249,8 @@ def train_ours(setting: Setting) -> dict[str, Any]:
     _causal(model.lm, setting.device)
     model.to(setting.device).train()
     batches = training_batches(cfg, tokenizer, setting.warmup + setting.steps)
-    result = _train(setting, model, lambda batch: model.loss(**batch), batches, cfg.method.lr)
+    flops = 4 * matmul_parameters(model.lm)  # frozen LM: no weight gradients
+    result = _train("train_ours", setting, model, lambda batch: model.loss(**batch), batches, cfg.method.lr, flops)
     model.save(_prefix_dir(setting))
     return result
 
@@ -234,9 +261,10 @@ def train_peft(setting: Setting) -> dict[str, Any]:
 
     cfg = _start(setting)
     lm, tokenizer = _backbone(cfg, setting.device)
+    flops = 4 * matmul_parameters(lm)  # frozen LM: no weight gradients
     model = get_peft_model(lm, peft_prefix_config(_prefix_config(cfg))).train()
     batches = training_batches(cfg, tokenizer, setting.warmup + setting.steps)
-    return _train(setting, model, lambda batch: model(**batch).loss, batches, cfg.method.lr)
+    return _train("train_peft", setting, model, lambda batch: model(**batch).loss, batches, cfg.method.lr, flops)
 
 
 def train_full(setting: Setting) -> dict[str, Any]:
@@ -245,7 +273,8 @@ def train_full(setting: Setting) -> dict[str, Any]:
     lm, tokenizer = _backbone(cfg, setting.device)
     lm.requires_grad_(True).train()
     batches = training_batches(cfg, tokenizer, setting.warmup + setting.steps)
-    return _train(setting, lm, lambda batch: lm(**batch).loss, batches, FULL_FINETUNING_LR)
+    flops = 6 * matmul_parameters(lm)
+    return _train("train_full", setting, lm, lambda batch: lm(**batch).loss, batches, FULL_FINETUNING_LR, flops)
 
 
 # -- decoding ----------------------------------------------------------------------------------------------
@@ -269,8 +298,11 @@ def _greedy(
     return _outputs(setting, generate, decoding_batches(cfg, tokenizer, setting.check_inputs), options)
 
 
-def _decode(setting: Setting, cfg: DictConfig, tokenizer: Any, generate: Callable[..., torch.Tensor]) -> dict[str, Any]:
-    """Greedy outputs of the check inputs (untimed), then the configured beam search over all inputs (timed)."""
+def _decode(
+    phase: str, setting: Setting, cfg: DictConfig, tokenizer: Any, generate: Callable[..., torch.Tensor]
+) -> dict[str, Any]:
+    """Greedy outputs of the check inputs (untimed), then the configured beam search over all inputs (timed); with
+    a profile folder, the first batch once more under the profiler."""
     greedy = _greedy(setting, cfg, tokenizer, generate)
     options = generation_settings(cfg, tokenizer)
     batches = decoding_batches(cfg, tokenizer, setting.inputs)
@@ -279,6 +311,7 @@ def _decode(setting: Setting, cfg: DictConfig, tokenizer: Any, generate: Callabl
     tokens = sum(len(output) for output in outputs)
     return {
         **stats,
+        **_profile(setting, phase, lambda: _outputs(setting, generate, batches[:1], options)),
         "inputs": len(outputs),
         "num_beams": options.get("num_beams", 1),
         "tokens": tokens,
@@ -295,23 +328,18 @@ def generate_ours(setting: Setting) -> dict[str, Any]:
     cfg = _start(setting, frozen_in_compute_dtype=True)
     lm, tokenizer = _backbone(cfg, setting.device)
     model = PrefixModel.from_prefix(lm, _prefix_dir(setting)).to(setting.device).eval()
-    return _decode(setting, cfg, tokenizer, model.generate)
+    return _decode("generate_ours", setting, cfg, tokenizer, model.generate)
 
 
 def generate_peft(setting: Setting) -> dict[str, Any]:
-    """The same prefix values in PEFT's inference layout (its MLP dropped, as PEFT saves it), decoded through
-    ``peft_generate``; the bare LM's greedy outputs come along to show that the prefix is used."""
-    from peft import get_peft_model
-
+    """The same prefix values as PEFT loads them from the export's PEFT files (inference layout: its MLP dropped, as
+    PEFT saves it), decoded through ``peft_generate``; the bare LM's greedy outputs come along to show that the
+    prefix is used."""
     cfg = _start(setting)
     lm, tokenizer = _backbone(cfg, setting.device)
-    model = get_peft_model(lm, peft_prefix_config(_prefix_config(cfg), inference_mode=True)).eval()
-    exported = read_prefix(_prefix_dir(setting))
-    sites = exported.tensors()
-    set_peft_prefix(model, torch.stack([sites[f"self.{i}"] for i in range(len(exported.sites))]).to(setting.device))
-    result = _decode(setting, cfg, tokenizer, partial(peft_generate, model))
-    # PEFT types base_model as a plain Module.
-    result["bare_greedy"] = _greedy(setting, cfg, tokenizer, model.base_model.generate)  # type: ignore[arg-type]
+    model = PeftPrefixTuning.from_export(lm, _prefix_dir(setting)).lm.to(setting.device).eval()  # PEFT files
+    result = _decode("generate_peft", setting, cfg, tokenizer, partial(peft_generate, model))
+    result["bare_greedy"] = _greedy(setting, cfg, tokenizer, model.base_model.generate)
     return result
 
 
@@ -345,7 +373,8 @@ def generate_mixed(setting: Setting) -> dict[str, Any]:
     """A batch whose rows read ``MIXED`` different prefixes (row i the (i mod 4)-th) against the same inputs in a
     batch of one prefix (each batch the next prefix in turn), and against the 4 batches of one prefix each that its
     rows make, run one after the other (each cut to its own width): ``PrefixBank.generate`` with the configured
-    beam search, the three timed batch by batch in turn, so that a busy machine slows them alike.
+    beam search, the three timed batch by batch in turn, so that a busy machine slows them alike; with a profile
+    folder, the first mixed batch once more under the profiler.
 
     With ``fixed_new_tokens`` every input decodes exactly that many tokens (the search never stops early), so
     that the three do the same steps whatever the prefixes make of the inputs.
@@ -384,8 +413,10 @@ def generate_mixed(setting: Setting) -> dict[str, Any]:
         _ratio("mixed batch vs a one-prefix batch (time)", totals, "single", "<= 1.15", 1.15),
         _ratio("mixed batch vs its 4 one-prefix batches (time)", totals, "sequential", "< 1", 1.0),
     ]
+    first_mixed = [names[row % MIXED] for row in range(batches[0]["input_ids"].shape[0])]
     return {
         **totals["mixed"],
+        **_profile(setting, "generate_mixed", partial(_decoded, bank, batches[0], first_mixed, options)),
         "inputs": len(outputs["mixed"]),
         "num_beams": options.get("num_beams", 1),
         "fixed_new_tokens": setting.fixed_new_tokens,

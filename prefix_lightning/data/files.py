@@ -3,6 +3,7 @@ that say where the reader looked and what to do about it."""
 
 from __future__ import annotations
 
+import codecs
 import urllib.request
 from collections.abc import Mapping
 from functools import partial
@@ -22,10 +23,12 @@ def require_file(path: Path, what: str, how_to_get: str) -> Path:
 
 
 def read_text(path: Path) -> str:
-    """The file as UTF-8 text; undecodable bytes raise a ValueError naming the file and line."""
+    """The file as text: UTF-8, with or without the byte-order mark that Excel and Notepad write, or UTF-16 with its
+    mark (Excel's "Unicode text"); undecodable bytes raise a ValueError naming the file and line."""
     payload = Path(path).read_bytes()
+    encoding = "utf-16" if payload.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) else "utf-8-sig"
     try:
-        return payload.decode("utf-8")
+        return payload.decode(encoding)
     except UnicodeDecodeError as err:
         line = payload.count(b"\n", 0, err.start) + 1
         raise ValueError(

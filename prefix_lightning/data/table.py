@@ -1,4 +1,5 @@
-"""Reader for your own data: JSON Lines or CSV/TSV files with one (source, target) pair per row.
+"""Reader for your own data: JSON Lines, JSON or CSV/TSV files with one (source, target) pair per row, as common
+tools write them (pandas, Hugging Face datasets, Excel: a byte-order mark, Windows line ends, JSON Lines named .json).
 
 Works for table-to-text (a linearized table in the source column) and summarization (a document) alike.
 """
@@ -25,7 +26,8 @@ def read_table(
     group_column: str | None = None,
     linearize: Callable[[str], str] | None = None,
 ) -> list[Example]:
-    """Read `.jsonl` (one JSON object per line) or `.csv` / `.tsv` (with a header row) into examples.
+    """Read `.jsonl` (one JSON object per line), `.json` (a list of objects, or JSON Lines) or `.csv` / `.tsv` (with
+    a header row) into examples.
 
     Rows with the same `group_column` value form one multi-reference group and must share their source;
     without a group column, rows with the same source do. `linearize` turns a raw source cell into the model's
@@ -40,9 +42,8 @@ def read_table(
     columns = [source_column, target_column] + ([group_column] if group_column else [])
     examples: list[Example] = []
     group_ids: dict[str, int] = {}
-    first_seen: dict[str, tuple[str, int]] = {}
-    for line, row in _rows(path, columns):
-        where = f"{path}, line {line}"
+    first_seen: dict[str, tuple[str, str]] = {}
+    for where, row in _rows(path, columns):
         source, target = (_cell(row, column, where) for column in (source_column, target_column))
         if linearize is not None:
             try:
@@ -50,20 +51,23 @@ def read_table(
             except ValueError as err:
                 raise ValueError(f"{where}: {err}") from None
         key = _cell(row, group_column, where) if group_column else source
-        if group_column and first_seen.setdefault(key, (source, line))[0] != source:
+        if group_column and first_seen.setdefault(key, (source, where))[0] != source:
             raise ValueError(
-                f"{where}: group {key!r} has a different {source_column} than on line {first_seen[key][1]}; "
+                f"{where}: group {key!r} has a different {source_column} than {first_seen[key][1]}; "
                 f"rows of one group ({group_column}) must share their source"
             )
         examples.append(Example(source, target, group_ids.setdefault(key, len(group_ids))))
     return examples
 
 
-def _rows(path: Path, columns: list[str]) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, row) pairs; a row may lack a column only in JSON Lines (checked per row there)."""
+def _rows(path: Path, columns: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, row) pairs, where = "<file>, line <n>" (or "item <n>" of a JSON list); a row may lack a column only
+    in JSON (checked per row there)."""
     text = read_text(path)
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
+    if suffix == ".json" and text.lstrip().startswith("["):
+        yield from _json_list(path, text, columns)
+    elif suffix in (".jsonl", ".json"):
         for number, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
@@ -73,16 +77,29 @@ def _rows(path: Path, columns: list[str]) -> Iterator[tuple[int, dict[str, Any]]
                 raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg}, column {err.colno})") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{path}, line {number}: expected a JSON object with fields {columns}")
-            yield number, row
+            yield f"{path}, line {number}", row
     elif suffix in _DELIMITERS:
         reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=_DELIMITERS[suffix])
         missing = [column for column in columns if column not in (reader.fieldnames or [])]
         if missing:
             raise ValueError(f"{path}, line 1: missing column(s) {missing} (the header has {reader.fieldnames})")
         for row in reader:
-            yield reader.line_num, row
+            yield f"{path}, line {reader.line_num}", row
     else:
-        raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl, .csv or .tsv")
+        hint = " (save a spreadsheet as CSV UTF-8)" if suffix in (".xlsx", ".xls", ".ods") else ""
+        raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl, .json, .csv or .tsv{hint}")
+
+
+def _json_list(path: Path, text: str, columns: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """A JSON list of objects (pandas ``to_json(orient="records")``); rows are numbered as list items."""
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}, line {err.lineno}: not valid JSON ({err.msg}, column {err.colno})") from None
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}, item {number}: expected a JSON object with fields {columns}")
+        yield f"{path}, item {number}", row
 
 
 def _cell(row: dict[str, Any], column: str, where: str) -> str:

@@ -48,6 +48,7 @@ class AttentionCall:
     key: torch.Tensor
     value: torch.Tensor
     position_bias: bool = False  # the model passed a position bias for the scores (T5)
+    sliding_window: int | None = None  # the window the layer attends through (Mistral, Gemma's local layers)
 
 
 class RowsPrefix(Protocol):
@@ -208,7 +209,8 @@ def prefix_attention(
     """SDPA attention with the module's prefix keys/values in front of its own."""
     if _recording is not None:
         biased = kwargs.get("position_bias") is not None
-        _recording.append(AttentionCall(module, query.shape[2], key, value, biased))
+        window = kwargs.get("sliding_window")
+        _recording.append(AttentionCall(module, query.shape[2], key, value, biased, window))
     queries = kwargs.pop(INFIX_QUERIES, None)
     binding = getattr(module, _BINDING, None)
     prefix = binding.injector.lookup(binding.group, binding.index) if binding is not None else None

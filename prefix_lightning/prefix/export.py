@@ -131,6 +131,8 @@ class ExportedPrefix:
     def tensors(self) -> dict[str, torch.Tensor]:
         """The saved tensors by name, ``<group>.<index>`` (a format-1 file's stacked groups split per site)."""
         path = self.folder / WEIGHTS_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"the exported prefix in {self.folder} has no {WEIGHTS_NAME}")
         try:
             tensors = load_file(path)
         except (SafetensorError, OSError) as error:
@@ -170,11 +172,25 @@ def read_prefix(folder: str | Path) -> ExportedPrefix:
         raise FileNotFoundError(f"no exported prefix at {folder}: {CONFIG_NAME} is missing")
     try:
         description = json.loads(config_file.read_text())
-    except json.JSONDecodeError as error:
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"{config_file} is not valid JSON ({error})") from error
     found = description.get("format") if isinstance(description, dict) else None
     if found not in (FORMAT, STACKED_FORMAT):
         raise ValueError(f"{config_file} is not a prefix-lightning export (format {found!r})")
-    config = PrefixConfig.of(description["prefix"], reparam="none").without_initialization()
-    sites = description["sites"] if found == FORMAT else _stacked_site_shapes(description["sites"])
+    sites_type = list if found == FORMAT else dict
+    expected = {"prefix": dict, "base_model": dict, "sites": sites_type}
+    missing = [key for key, kind in expected.items() if not isinstance(description.get(key), kind)]
+    if missing:
+        raise ValueError(f"{config_file} lacks {', '.join(missing)}: not a complete prefix-lightning export")
+    try:
+        config = PrefixConfig.of(description["prefix"], reparam="none").without_initialization()
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{config_file}: its prefix settings are not valid ({error})") from error
+    keys = ("group", "kv_heads", "head_dim")
+    try:
+        sites = description["sites"] if found == FORMAT else _stacked_site_shapes(description["sites"])
+        if not all(all(key in site for key in keys) for site in sites):
+            raise KeyError(keys)
+    except (KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"{config_file}: its sites should each give {', '.join(keys)} ({error!r})") from error
     return ExportedPrefix(folder, found, config, description["base_model"], sites)

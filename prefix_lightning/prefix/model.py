@@ -18,6 +18,7 @@ from prefix_lightning.prefix.attention import INFIX_QUERIES, PrefixInjector
 from prefix_lightning.prefix.config import PrefixConfig
 from prefix_lightning.prefix.encoder import INPUT, PrefixEncoder, prefix_encoders
 from prefix_lightning.prefix.export import read_prefix, save_prefix
+from prefix_lightning.prefix.peft_format import peft_incompatibility, read_peft_prefix, save_peft_prefix
 from prefix_lightning.prefix.positions import attach_position_shift
 from prefix_lightning.prefix.sites import AttentionSite, UnsupportedModelError, use_prefix_attention
 from prefix_lightning.prefix.wiring import bind_sites, cache_layers, checkpoint_layers, site_activations, site_keys
@@ -219,12 +220,34 @@ class PrefixModel(nn.Module):
         self.init_prefix_from_tokens(torch.randint(vocabulary, (self.config.length,), generator=generator))
 
     # -- export --------------------------------------------------------------------------------------------
-    def save(self, path: str | Path) -> Path:
-        """Write what trains, materialized (MLP dropped), and its description to the folder ``path``: the
-        prefix's (or infix's) keys/values, or embedding-only's input embeddings."""
+    def save(self, path: str | Path, format: str | None = None) -> Path:
+        """Write what trains, materialized (MLP dropped), to the folder ``path`` (see :func:`write_prefix`)."""
         with torch.no_grad():
             blocks = {group: encoder() for group, encoder in self.encoders.items()}
-        return save_prefix(Path(path), blocks, self.config, self.lm, self.sites)
+        return write_prefix(Path(path), blocks, self.config, self.lm, self.sites, format)
+
+    def peft_incompatibility(self) -> str | None:
+        """Why PEFT's prefix tuning cannot hold this prefix, or None."""
+        return peft_incompatibility(self.config, self.sites, bool(self.lm.config.is_encoder_decoder))
+
+    @torch.no_grad()
+    def set_prefix_key_values(self, key_values: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """The inverse of :meth:`prefix_key_values`: set a direct prefix (``reparam="none"``) to the given keys and
+        values, each (kv_heads, L, head_dim) of that site's shape, per attention module name."""
+        if self.config.kind == "embedding":
+            raise ValueError("an embedding-only prefix is input embeddings, not keys/values per attention module")
+        missing = [site.name for site in self.sites if site.name not in key_values]
+        if missing:
+            raise ValueError(f"no keys/values given for the attention modules {missing[:3]}")
+        groups: dict[str, list[torch.Tensor]] = {}
+        for site in self.sites:
+            groups.setdefault(site.group, []).append(torch.stack(key_values[site.name]))
+        for group, encoder in self.prefix_encoders.items():
+            shapes = encoder.block_shapes()
+            given = [tuple(block.shape) for block in groups[group]]
+            if given != shapes:
+                raise ValueError(f"the {group} prefix blocks should be {shapes}, got {given}")
+            encoder.assign([block.to(encoder.prefix.device, encoder.prefix.dtype) for block in groups[group]])
 
     @classmethod
     def from_prefix(cls, lm: PreTrainedModel, path: str | Path) -> PrefixModel:
@@ -237,3 +260,63 @@ class PrefixModel(nn.Module):
         for group, encoder in encoders.items():
             encoder.assign([block.to(encoder.prefix.device) for block in blocks[group]])
         return model
+
+    @classmethod
+    def from_peft(cls, lm: PreTrainedModel, path: str | Path) -> PrefixModel:
+        """Load a PEFT prefix-tuning adapter (saved with or without PEFT's ``prefix_projection``: PEFT saves the
+        projected values) onto the decoder-only ``lm``; refuses a base model of another shape."""
+        adapter = read_peft_prefix(path)
+        model = cls(lm, length=adapter.length, reparam="none", shift_positions=True)
+        reason = model.peft_incompatibility()
+        if reason is not None:
+            raise ValueError(f"cannot load the PEFT prefix in {path} onto {type(lm).__name__}: {reason}")
+        sites = {site.name: site for site in model.sites}
+        by_layer = [sites[name] for name in names_by_layer(lm, model.sites)]
+        layers = adapter.key_values(by_layer)
+        model.set_prefix_key_values({site.name: pair for site, pair in zip(by_layer, layers, strict=True)})
+        return model
+
+
+SAVE_FORMATS = (None, "prefix-lightning", "peft")
+
+
+def write_prefix(
+    folder: Path,
+    blocks: dict[str, list[torch.Tensor]],
+    config: PrefixConfig,
+    lm: PreTrainedModel,
+    sites: Sequence[AttentionSite],
+    format: str | None = None,
+) -> Path:
+    """Export one prefix: ``blocks`` as its encoders give them per group (MLP dropped), on ``lm``'s ``sites``.
+
+    ``format="prefix-lightning"``: this project's folder (the prefix's or infix's keys/values, or embedding-only's
+    input embeddings, and their description); ``"peft"``: PEFT's prefix-tuning adapter, which
+    ``peft.PeftModel.from_pretrained(lm, path)`` loads (see ``peft_format``); None: ours, plus PEFT's files where
+    PEFT can hold this prefix.
+    """
+    if format not in SAVE_FORMATS:
+        raise ValueError(f"format={format!r} is not one of {SAVE_FORMATS}")
+    if format != "peft":
+        save_prefix(folder, blocks, config, lm, sites)
+    reason = peft_incompatibility(config, sites, bool(lm.config.is_encoder_decoder))
+    if format == "peft" and reason is not None:
+        raise ValueError(f"PEFT cannot load this prefix: {reason}")
+    if format == "peft" or (format is None and reason is None):
+        # PEFT holds only prefixes of kind "prefix", whose blocks are each site's (keys, values).
+        by_name = {
+            site.name: blocks[group][index] for site, (group, index) in zip(sites, site_keys(sites), strict=True)
+        }
+        in_layers = {name: (by_name[name][0], by_name[name][1]) for name in names_by_layer(lm, sites)}
+        save_peft_prefix(folder, in_layers, config, lm.name_or_path)
+    return folder
+
+
+def names_by_layer(lm: PreTrainedModel, sites: Sequence[AttentionSite]) -> list[str]:
+    """The attention modules bottom to top, as a cache numbers them (``layer_idx``), else as found."""
+    named = dict(lm.named_modules())
+    layers = [getattr(named[site.name], "layer_idx", None) for site in sites]
+    names = [site.name for site in sites]
+    if all(isinstance(layer, int) for layer in layers):
+        return [name for _, name in sorted(zip(layers, names, strict=True))]
+    return names

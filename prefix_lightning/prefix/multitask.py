@@ -18,7 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from prefix_lightning.prefix.bank import PrefixBank
 from prefix_lightning.prefix.config import PrefixConfig
 from prefix_lightning.prefix.encoder import prefix_encoders
-from prefix_lightning.prefix.export import save_prefix
+from prefix_lightning.prefix.model import write_prefix
 from prefix_lightning.prefix.sites import AttentionSite
 from prefix_lightning.prefix.wiring import site_keys
 
@@ -108,11 +108,12 @@ class MultiTaskPrefix(nn.Module):
         self.bank.enable_gradient_checkpointing()
 
     def save(self, path: str | Path) -> Path:
-        """Each task's prefix, materialized (MLP dropped), into ``path/<task>/``."""
+        """Each task's prefix, materialized (MLP dropped), into ``path/<task>/``: an ordinary prefix export each (see
+        :func:`write_prefix`)."""
         path = Path(path)
         for task in self.tasks:
             entry = self.task_prefix(task)
             with torch.no_grad():
                 blocks = entry.groups()
-            save_prefix(path / task, blocks, self.config, self.lm, self.bank.sites)
+            write_prefix(path / task, blocks, self.config, self.lm, self.bank.sites)
         return path

@@ -36,6 +36,7 @@ class AttentionSite:
     kv_heads: int
     head_dim: int
     position_bias: bool = False  # the model adds a position bias to this layer's scores (T5)
+    sliding_window: int | None = None  # the layer's attention window, if it has one
 
 
 def _group(is_encoder_decoder: bool, query_length: int, key_length: int) -> str:
@@ -100,7 +101,9 @@ def discover_sites(lm: PreTrainedModel) -> list[tuple[torch.nn.Module, Attention
         if call.module not in sites:
             group = _group(is_encoder_decoder, call.query_length, call.key.shape[2])
             kv_heads, head_dim = call.key.shape[1], call.key.shape[3]
-            sites[call.module] = AttentionSite(names[call.module], group, kv_heads, head_dim, call.position_bias)
+            sites[call.module] = AttentionSite(
+                names[call.module], group, kv_heads, head_dim, call.position_bias, call.sliding_window
+            )
     if not sites:
         raise UnsupportedModelError(
             f"{type(lm).__name__} does not route attention through transformers' AttentionInterface, so no "

@@ -7,8 +7,6 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from itertools import islice
 from pathlib import Path
@@ -17,45 +15,76 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
+from prefix_lightning.files.checkpoints import check_checkpoint
 from prefix_lightning.methods import IGNORE_INDEX
+from prefix_lightning.methods.model_card import ModelCard, write_cards
 from prefix_lightning.training.dashboards import log_generation_samples, log_result
 from prefix_lightning.training.job import current_job
 from prefix_lightning.training.last_checkpoint import LastCheckpoint
 from prefix_lightning.training.module import MethodModule
 from prefix_lightning.training.record import write_record
+from prefix_lightning.training.sharded import trainable_whole_on_rank_zero
 
 log = logging.getLogger(__name__)
 
 
 class MethodExport(L.Callback):
     """Writes what the method trained with the model's ``save``: the run's deliverable (for prefix-tuning the
-    prefix with its MLP dropped, a few hundred KB; for full fine-tuning the whole model).
+    prefix with its MLP dropped, a few hundred KB; for full fine-tuning the whole model), with a README.md model
+    card (see ``ModelCard``; ``card`` holds the run's settings it states), rewritten with the test's scores.
 
     ``weights="best"`` first loads the best validation checkpoint (``trainer.checkpoint_callback``'s) into the model,
     which the test then runs on as well; without one (no validation ran) the last step's weights are exported, with
     a warning. ``source`` and ``step`` say what was exported.
     """
 
-    def __init__(self, dirpath: str, weights: str = "best") -> None:
+    def __init__(self, dirpath: str, weights: str = "best", card: dict[str, Any] | None = None) -> None:
         if weights not in EXPORTED_WEIGHTS:
             raise ValueError(f"export={weights!r} is not valid: use one of {', '.join(EXPORTED_WEIGHTS)}")
         self.dirpath = Path(dirpath)
         self.weights = weights
+        self.card = dict(card or {})
         self.source: str | None = None
         self.step: int | None = None
+        self._validation: dict[str, float] = {}
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         assert isinstance(pl_module, MethodModule)  # the callbacks of run.py's runs
         self.source, self.step = "last", trainer.global_step
         if self.weights == "best":
             self._load_best(trainer, pl_module)
-        with _whole_on_rank_zero(trainer, pl_module):
+        callback = best_checkpoint_callback(trainer)
+        if callback is not None and callback.monitor:
+            value = (
+                callback.best_model_score if self.source == "best" else trainer.callback_metrics.get(callback.monitor)
+            )
+            self._validation = {callback.monitor: float(value)} if value is not None else {}
+        with trainable_whole_on_rank_zero(trainer, pl_module):
             if trainer.is_global_zero:
                 pl_module.model.save(self.dirpath)
+                self._write_card(trainer, pl_module, {})
                 size = sum(f.stat().st_size for f in self.dirpath.rglob("*") if f.is_file()) / 1024
                 log.info("exported %s weights (step %d) to %s (%.1f KB)", self.source, self.step, self.dirpath, size)
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        assert isinstance(pl_module, MethodModule)  # the callbacks of run.py's runs
+        if trainer.is_global_zero and self.source is not None and self.dirpath.is_dir():
+            test = {name: float(value) for name, value in trainer.callback_metrics.items() if name.startswith("test/")}
+            self._write_card(trainer, pl_module, test)
+
+    def _write_card(self, trainer: L.Trainer, pl_module: MethodModule, test: dict[str, float]) -> None:
+        if not self.card:
+            return
+        card = ModelCard(
+            **self.card,
+            train_steps=trainer.global_step,
+            exported=self.source,
+            exported_step=self.step,
+            metrics={**self._validation, **test},
+            trainable_params=sum(p.numel() for p in pl_module.parameters() if p.requires_grad),
+        )
+        write_cards(card, self.dirpath, getattr(pl_module.model, "tasks", None))  # multi-task: a card per task
 
     def _load_best(self, trainer: L.Trainer, pl_module: MethodModule) -> None:
         """Every rank loads the best checkpoint, as Lightning restores one (the strategy reads it)."""
@@ -65,7 +94,7 @@ class MethodExport(L.Callback):
             monitor = callback.monitor if callback else None
             log.warning("export=best, but no validation checkpoint by %s was kept: exporting the last step's", monitor)
             return
-        checkpoint = trainer.strategy.load_checkpoint(best)
+        checkpoint = trainer.strategy.load_checkpoint(check_checkpoint(best))
         pl_module.on_load_checkpoint(checkpoint)  # non-strict loading below: the module checks the tensors first
         trainer.strategy.load_model_state_dict(checkpoint, strict=False)
         self.source, self.step = "best", int(checkpoint["global_step"])
@@ -87,29 +116,6 @@ def early_stopping(monitor: str, mode: str, patience: int | None, min_delta: flo
     if not isinstance(patience, int) or patience < 1:
         raise ValueError(f"callbacks.early_stopping.patience={patience!r} is not valid: use a positive integer or null")
     return EarlyStopping(monitor=monitor, mode=mode, patience=patience, min_delta=min_delta)
-
-
-@contextmanager
-def _whole_on_rank_zero(trainer: L.Trainer, pl_module: L.LightningModule) -> Iterator[None]:
-    """The trainable parameters whole on global rank 0 inside the block, where the strategy shards them outside
-    its steps: FSDP (gathered into rank 0's CPU memory, as its full checkpoints are) and DeepSpeed ZeRO-3. Every
-    rank must enter it (it gathers from all of them)."""
-    strategy = trainer.strategy
-    if isinstance(strategy, FSDPStrategy):
-        assert strategy.model is not None  # set up before training starts
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        with FullyShardedDataParallel.summon_full_params(
-            strategy.model, writeback=False, rank0_only=True, offload_to_cpu=True
-        ):
-            yield
-    elif isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters([p for p in pl_module.parameters() if p.requires_grad]):
-            yield
-    else:
-        yield
 
 
 class ResultRecord(L.Callback):

@@ -106,3 +106,12 @@ def check_config(cfg: DictConfig) -> None:
         _positive_or_null(cfg, option)
     steps = cfg.trainer.get("max_steps", -1)
     _require(steps == -1 or steps > 0, "trainer.max_steps", steps, "use a positive number of steps, or -1 for epochs")
+    _require(cfg.get("export", "best") in ("best", "last"), "export", cfg.get("export"), "use best or last")
+    patience = OmegaConf.select(cfg, "callbacks.early_stopping.patience")
+    positive = isinstance(patience, int) and not isinstance(patience, bool) and patience > 0
+    _require(
+        patience is None or positive, "callbacks.early_stopping.patience", patience, "use validations > 0, or null"
+    )
+    minutes = OmegaConf.select(cfg, "callbacks.last_checkpoint.every_minutes")
+    timed = isinstance(minutes, (int, float)) and not isinstance(minutes, bool) and minutes >= 0
+    _require(minutes is None or timed, "callbacks.last_checkpoint.every_minutes", minutes, "use minutes >= 0, or null")

@@ -1,15 +1,26 @@
-"""``checkpoints/last.ckpt``, the checkpoint a run resumes from, kept recent enough that a kill loses little."""
+"""``checkpoints/last.ckpt``, the checkpoint a run resumes from, kept recent enough that a kill loses little, and
+written when a scheduler stops the run (SIGTERM, SIGUSR1) or the user presses Ctrl-C.
+
+Lightning's own SIGTERM handling only stops the loops (raising ``SIGTERMException``, a ``SystemExit`` with status 0)
+and saves nothing; SIGUSR1 it handles only on SLURM with auto-requeue (it saves ``hpc_ckpt_<n>.ckpt`` and requeues
+the job), and elsewhere SIGUSR1 kills the process outright.
+"""
 
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger(__name__)
 
@@ -18,7 +29,14 @@ LAST = "last.ckpt"
 
 class LastCheckpoint(Checkpoint):
     """Writes ``<dirpath>/last.ckpt`` after every validation, after every ``every_minutes`` of training (None: only at
-    validations), and when Ctrl-C stops the run, so that even ``kill -9`` loses at most that interval.
+    validations), and when SIGTERM, SIGUSR1 or Ctrl-C stops the run, so that even ``kill -9`` loses at most that
+    interval. ``stopped_by`` then names the signal (see :class:`RunStopped`).
+
+    SIGTERM and SIGUSR1 stop the run as Lightning stops it on SIGTERM, handed to Lightning at a point from which it
+    resumes exactly: at the end of the current training step, after a validation in progress (stopped in its
+    middle, Lightning resumes without it), and after the first step of the next epoch when the current step ends
+    one (Lightning resumes a run stopped at an epoch's end with a shortened next epoch). The checkpoint is written
+    when Lightning stops. Where Lightning already handles SIGUSR1 (SLURM auto-requeue) it is left to Lightning.
 
     A Lightning ``Checkpoint``, so that it runs after the other callbacks of a validation (the best checkpoint, early
     stopping, the result record) and saves their updated state. The timed save happens as a training batch starts,
@@ -32,6 +50,8 @@ class LastCheckpoint(Checkpoint):
         self.interval_s = None if every_minutes is None else 60.0 * every_minutes
         self._saved_at = time.monotonic()
         self._saved_step = -1
+        self.stopped_by: str | None = None
+        self._pending: Callable[[], None] | None = None  # Lightning's stop, until a point to resume from
 
     def save(self, trainer: L.Trainer) -> None:
         """Every rank calls this (sharded strategies gather the state); checkpoints are written atomically."""
@@ -40,6 +60,42 @@ class LastCheckpoint(Checkpoint):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._saved_at, self._saved_step = time.monotonic(), trainer.global_step
+        self._listen(trainer)
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._listen(trainer)
+        self._hand_over()  # a signal that came after the last training step stops the test
+
+    def _listen(self, trainer: L.Trainer) -> None:
+        """Called right after Lightning installed its handlers (it restores the previous ones when the stage ends):
+        note which signal arrived and keep Lightning's SIGTERM handling for the next point to resume from (during
+        a test: at once); SIGUSR1 does the same where Lightning does not use it."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        lightning_sigterm = signal.getsignal(signal.SIGTERM)
+
+        def stop(signum: int, frame: Any) -> None:
+            self.stopped_by = self.stopped_by or signal.Signals(signum).name
+            if callable(lightning_sigterm):
+                self._pending = partial(lightning_sigterm, signal.SIGTERM, frame)
+            if trainer.state.fn != TrainerFn.FITTING:
+                self._hand_over()
+
+        signal.signal(signal.SIGTERM, stop)
+        if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None):
+            signal.signal(signal.SIGUSR1, stop)
+
+    def _hand_over(self) -> None:
+        """Let Lightning stop the run (it does at the end of the current step or validation)."""
+        if self._pending is not None:
+            stop, self._pending = self._pending, None
+            stop()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if batch_idx + 1 < trainer.num_training_batches:  # not an epoch's last step
+            self._hand_over()
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
@@ -58,10 +114,34 @@ class LastCheckpoint(Checkpoint):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
             self.save(trainer)
+        self._hand_over()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, KeyboardInterrupt) and trainer.state.fn == TrainerFn.FITTING:
-            self.save(trainer)
-            log.warning(
-                "interrupted at step %d: saved %s; resume with ckpt_path=%s", trainer.global_step, self.path, self.path
-            )
+        if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
+            return
+        self.stopped_by = self.stopped_by or ("SIGINT" if isinstance(exception, KeyboardInterrupt) else "SIGTERM")
+        if trainer.state.fn == TrainerFn.FITTING:
+            if self._saved_step != trainer.global_step:  # else the validation of this very step has just saved it
+                self.save(trainer)
+            log.warning("stopped by %s at step %d: saved %s", self.stopped_by, trainer.global_step, self.path)
+        if isinstance(exception, KeyboardInterrupt):  # Lightning exits with status 1 right after this hook
+            log.warning("%s", RunStopped.of(self, trainer.default_root_dir))
+
+
+class RunStopped(Exception):
+    """A run stopped by a signal, after saving what it had: one line with the command that goes on, and the exit
+    status of a process killed by that signal (128 + its number), so that schedulers and sweeps do not take it for
+    a success."""
+
+    def __init__(self, signal_name: str, checkpoint: Path | None, run_dir: str | Path, in_sweep: bool = False) -> None:
+        self.exit_code = 128 + signal.Signals[signal_name].value
+        saved = f"saved {checkpoint}" if checkpoint is not None and checkpoint.is_file() else "no checkpoint saved"
+        again = "run the same sweep command again, or " if in_sweep else ""
+        super().__init__(f"stopped by {signal_name} ({saved}); to go on, {again}run: python run.py resume={run_dir}")
+
+    @classmethod
+    def of(cls, checkpoint: LastCheckpoint | None, run_dir: str | Path, in_sweep: bool = False) -> RunStopped:
+        """What ``checkpoint`` (None: the run keeps no last checkpoint) saw: the signal and the file it wrote."""
+        if checkpoint is None:
+            return cls("SIGTERM", None, run_dir, in_sweep)
+        return cls(checkpoint.stopped_by or "SIGTERM", checkpoint.path, run_dir, in_sweep)

@@ -15,6 +15,7 @@ from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmu
 
 from prefix_lightning.evaluation import main_validation_metric, score, task_metrics, validation_suite
 from prefix_lightning.methods import TrainableLM
+from prefix_lightning.training.sharded import clip_sharded_grad_norm
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +160,17 @@ class MethodModule(L.LightningModule):
             optimizer, self.hparams.warmup_steps, max(1, self.trainer.estimated_stepping_batches)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        clip_by_norm = bool(gradient_clip_val) and gradient_clip_algorithm in (None, "norm")
+        if clip_by_norm and clip_sharded_grad_norm(self.trainer, float(gradient_clip_val or 0)):
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # -- checkpoints: trainable tensors only ---------------------------------------------------------------
     def _trainable(self) -> dict[str, torch.nn.Parameter]:

@@ -1,20 +1,125 @@
-"""Re-running a sweep: a run folder with a complete record is skipped, one with a last checkpoint resumes from it.
-
-Sweep job folders are named by their overrides, not by time, so the same command finds the same folders.
+"""Going on with a run: ``run.py resume=<run dir>`` (that run's own config, in its folder), the checkpoint a run
+resumes from, and re-running a sweep (a run folder with a complete record is skipped, one with a last checkpoint
+resumes from it; sweep job folders are named by their overrides, not by time, so the same command finds them).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from prefix_lightning.files.checkpoints import check_checkpoint
+from prefix_lightning.training.checks import ConfigError
 from prefix_lightning.training.last_checkpoint import LAST
 from prefix_lightning.training.record import RECORD_FILE, read_record
 
 log = logging.getLogger(__name__)
+
+RUN_CONFIG = Path(".hydra", "config.yaml")
+RUN_OVERRIDES = Path(".hydra", "overrides.yaml")
+# Where Hydra writes a resumed attempt's config, so that the run's own .hydra/config.yaml stays what it ran with.
+RESUMED_SUBDIR = ".hydra/resumed"
+# Settings that do not change what a run computes, so a resumed run may change them: where files are, how many
+# devices share the same global batches, logging and progress display, whether it tests at the end.
+NOT_COMPUTED = (
+    "resume",
+    "ckpt_path",
+    "test",
+    "paths",
+    "logger",
+    "trainer.accelerator",
+    "trainer.devices",
+    "trainer.num_nodes",
+    "trainer.strategy",
+    "trainer.enable_progress_bar",
+    "trainer.log_every_n_steps",
+    "data.num_workers",
+    "callbacks.last_checkpoint",
+    "callbacks.progress_bar",
+    "callbacks.lr_monitor",
+    "callbacks.generation_samples",
+)
+
+
+def run_overrides(run_dir: str | Path) -> list[str]:
+    """The command-line overrides that composed the run in ``run_dir`` (Hydra's ``.hydra/overrides.yaml``)."""
+    path = Path(run_dir) / RUN_OVERRIDES
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run folder: {RUN_OVERRIDES} is missing")
+    return [
+        str(override) for override in OmegaConf.load(path) if not str(override).startswith(("resume=", "ckpt_path="))
+    ]
+
+
+def resume_arguments(argv: Sequence[str]) -> list[str]:
+    """The command line of ``run.py resume=<run dir> [overrides]``: that run's own overrides, then the given ones, in
+    its folder. Hydra writes this attempt's config to ``.hydra/resumed/``; ``train`` compares it with the run's."""
+    given = [argument for argument in argv[1:] if argument.startswith("resume=")]
+    if not given:
+        return list(argv)
+    run_dir = Path(unquoted(given[-1].partition("=")[2]))
+    if not (run_dir / RUN_CONFIG).is_file():
+        raise FileNotFoundError(f"resume={run_dir}: not a run folder ({RUN_CONFIG} is missing)")
+    rest = [argument for argument in argv[1:] if not argument.startswith("resume=")]
+    placement = [
+        override("hydra.run.dir", run_dir),
+        f"hydra.output_subdir={RESUMED_SUBDIR}",
+        override("resume", run_dir),
+    ]
+    return [argv[0], *run_overrides(run_dir), *rest, *placement]
+
+
+def override(key: str, value: str | Path) -> str:
+    """``key=value`` for Hydra's command line, the value quoted: sweep job folders are named like
+    ``data.train_size=50,prefix.length=5``, whose ``=`` and ``,`` Hydra would otherwise parse."""
+    escaped = str(value).replace("\\", "\\\\").replace("'", "\\'")
+    return f"{key}='{escaped}'"
+
+
+def unquoted(value: str) -> str:
+    """A command-line value as the user meant it: without the quotes Hydra's grammar may have needed."""
+    return value[1:-1] if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"" else value
+
+
+def check_resumed_config(cfg: DictConfig) -> None:
+    """With ``resume=``, refuse settings that differ from the run's own config and change what it computes (a
+    resumed run must compute what the interrupted one would have), listing them."""
+    if not cfg.get("resume"):
+        return
+    saved = OmegaConf.load(Path(cfg.resume) / RUN_CONFIG)
+    before, now = _leaves(OmegaConf.to_container(saved)), _leaves(OmegaConf.to_container(cfg))
+    changed = sorted(
+        key
+        for key in before.keys() | now.keys()
+        if before.get(key, ABSENT) != now.get(key, ABSENT) and not _not_computed(key)
+    )
+    if changed:
+        listed = "; ".join(f"{key}: {before.get(key, ABSENT)!r} -> {now.get(key, ABSENT)!r}" for key in changed)
+        raise ConfigError(
+            f"resume={cfg.resume}: these settings differ from the run's own ({RUN_CONFIG}) and change what it "
+            f"computes: {listed}. Resume without them, or start a new run"
+        )
+
+
+ABSENT = "<absent>"
+
+
+def _not_computed(key: str) -> bool:
+    return any(key == name or key.startswith(name + ".") for name in NOT_COMPUTED)
+
+
+def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a.b": value}`` for every value of nested dicts (lists are values)."""
+    if not isinstance(tree, dict) or not tree:
+        return {prefix: tree}
+    leaves: dict[str, Any] = {}
+    for key, value in tree.items():
+        leaves |= _leaves(value, f"{prefix}{key}" if not prefix else f"{prefix}.{key}")
+    return leaves
 
 
 def finished_record(run_dir: str | Path) -> dict[str, Any] | None:
@@ -26,12 +131,19 @@ def finished_record(run_dir: str | Path) -> dict[str, Any] | None:
 
 
 def resume_checkpoint(cfg: DictConfig) -> str | None:
-    """``cfg.ckpt_path`` when given, else the run folder's own last checkpoint if an earlier attempt left one."""
+    """``cfg.ckpt_path`` when given, else the newest checkpoint an earlier attempt of this run left in its folder
+    (``checkpoints/last.ckpt``, or on SLURM Lightning's ``hpc_ckpt_<n>.ckpt`` from a requeue). A damaged or
+    missing file is refused, naming the newest intact checkpoint beside it."""
     if cfg.get("ckpt_path"):
-        return cfg.ckpt_path
+        return str(check_checkpoint(cfg.ckpt_path))
     dirpath = OmegaConf.select(cfg, "callbacks.last_checkpoint.dirpath")
-    last = Path(dirpath, LAST) if dirpath else None
-    if last is None or not last.is_file():
+    candidates = [Path(dirpath, LAST)] if dirpath else []
+    candidates += Path(cfg.paths.output_dir).glob("hpc_ckpt_*.ckpt")
+    found = [path for path in candidates if path.is_file()]
+    if not found:
+        if cfg.get("resume"):
+            log.warning("resume=%s: the run left no checkpoint yet, so it starts over in its folder", cfg.resume)
         return None
-    log.info("resuming from %s, left by an earlier attempt of this run", last)
-    return str(last)
+    newest = max(found, key=lambda path: path.stat().st_mtime)
+    log.info("resuming from %s, left by an earlier attempt of this run", newest)
+    return str(check_checkpoint(newest))

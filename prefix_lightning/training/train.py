@@ -10,12 +10,15 @@ from typing import Any
 import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from prefix_lightning.training.build import build_datamodule, build_model, build_module
 from prefix_lightning.training.callbacks import MethodExport, ResultRecord
+from prefix_lightning.training.job import current_job
+from prefix_lightning.training.last_checkpoint import LastCheckpoint, RunStopped
 from prefix_lightning.training.optimized import settle_optimized_metric
-from prefix_lightning.training.resume import finished_record, resume_checkpoint
+from prefix_lightning.training.resume import check_resumed_config, finished_record, resume_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +39,12 @@ def train(cfg: DictConfig) -> float | None:
 
     A run folder that already holds a complete result record is not run again; one with a last checkpoint resumes.
     """
+    check_resumed_config(cfg)
     finished = finished_record(cfg.paths.output_dir)
     if finished is not None:
         return exported_value(finished)
     settle_optimized_metric(cfg)
+    checkpoint = resume_checkpoint(cfg)  # a damaged one is refused before anything loads
     started = time.perf_counter()
     model, tokenizer = build_model(cfg)
     trainable = sum(p.numel() for p in model.trainable_parameters())
@@ -55,9 +60,14 @@ def train(cfg: DictConfig) -> float | None:
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg))
-    if cfg.get("test", True):
-        trainer.test(module, datamodule=datamodule)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint)
+        if cfg.get("test", True):
+            trainer.test(module, datamodule=datamodule)
+    except SIGTERMException as stop:  # SIGTERM or SIGUSR1: last.ckpt is saved; exit non-zero, saying how to go on
+        last = next((c for c in callbacks if isinstance(c, LastCheckpoint)), None)
+        job = current_job()
+        raise RunStopped.of(last, cfg.paths.output_dir, in_sweep=bool(job and job.sweep)) from stop
     log.info("run finished in %.0f s; outputs in %s", time.perf_counter() - started, cfg.paths.output_dir)
     record = next((c for c in callbacks if isinstance(c, ResultRecord)), None)
     export = next((c for c in callbacks if isinstance(c, MethodExport)), None)

@@ -3,9 +3,14 @@ random left-padded prompts."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
 import torch
 from transformers import PreTrainedModel
 
+import prefix_lightning.decoding.routes as routes
 from prefix_lightning import PrefixConfig, PrefixModel
 from tests.helpers.tiny import VOCAB, pad_batch, tiny_lm
 
@@ -39,3 +44,11 @@ def left_padded(lengths: tuple[int, ...] = LENGTHS, seed: int = 0) -> tuple[torc
     """Random prompts of ``lengths`` tokens (no special tokens), left-padded, and their attention mask."""
     generator = torch.Generator().manual_seed(seed)
     return pad_batch([torch.randint(3, VOCAB, (length,), generator=generator) for length in lengths], left=True)
+
+
+@contextmanager
+def transformers_search(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """PrefixModel.generate with transformers' beam search (what it does for options beam_search lacks)."""
+    with monkeypatch.context() as patch:
+        patch.setattr(routes, "beam_search_options", lambda lm, kwargs: None)
+        yield

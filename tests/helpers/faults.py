@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import lightning as L
 import torch
@@ -31,3 +32,27 @@ class DivergeAt(L.Callback):
             with torch.no_grad():
                 for parameter in pl_module.model.trainable_parameters():
                     parameter.fill_(float("inf"))
+
+
+class SlowSteps(L.Callback):
+    """Makes every training step last at least ``seconds`` (a sleep after it), so that time-based behaviour can be
+    measured in steps."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(self, *args: object) -> None:
+        time.sleep(self.seconds)
+
+
+class SignalInValidation(L.Callback):
+    """Sends the signal ``name`` to this process in the middle of the validation that follows step ``step`` (after
+    its first validation batch)."""
+
+    def __init__(self, step: int, name: str) -> None:
+        self.step, self.signal = step, getattr(signal, name)
+
+    def on_validation_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step == self.step and not trainer.sanity_checking:
+            os.kill(os.getpid(), self.signal)
+            self.step = -1  # once

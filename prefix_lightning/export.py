@@ -1,0 +1,84 @@
+"""Export what a run trained from any of its checkpoints, as the run exports it (with a model card):
+
+    python -m prefix_lightning.export outputs/train/<run>/checkpoints/step100.ckpt exported/
+
+Checkpoints hold only the trainable tensors; the rest comes from the run's own config, which Hydra keeps next to
+them: checkpoints live in ``<run>/checkpoints/``, the config in ``<run>/.hydra/config.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, cast
+
+from omegaconf import DictConfig, OmegaConf
+
+from prefix_lightning.cli import report_errors
+from prefix_lightning.files.checkpoints import load_checkpoint
+from prefix_lightning.methods.model_card import ModelCard, write_cards
+from prefix_lightning.training.build import build_model, build_module
+from prefix_lightning.training.record import read_record
+from prefix_lightning.training.resume import RUN_CONFIG
+
+log = logging.getLogger(__name__)
+
+
+def export_checkpoint(checkpoint: str | Path, folder: str | Path) -> Path:
+    """Rebuild the run's method from its config, load the checkpoint's trainable tensors into it (checked: every
+    one present, of its shape) and write the method's export and model card into ``folder``."""
+    checkpoint, folder = Path(checkpoint), Path(folder)
+    if checkpoint.is_dir():
+        raise ValueError(f"{checkpoint} is a folder (a DeepSpeed checkpoint?): export reads checkpoint files")
+    state = load_checkpoint(checkpoint)
+    run_dir = checkpoint.resolve().parent.parent
+    config_file = run_dir / RUN_CONFIG
+    if not config_file.is_file():
+        raise FileNotFoundError(
+            f"no run config for {checkpoint}: expected {config_file} (a run keeps its checkpoints in "
+            f"<run>/checkpoints/ and its config in <run>/{RUN_CONFIG})"
+        )
+    cfg = OmegaConf.load(config_file)
+    if not isinstance(cfg, DictConfig):
+        raise ValueError(f"{config_file} is not a run config (a YAML mapping)")
+    cfg.paths.output_dir = str(run_dir)  # the one setting that Hydra's runtime filled in
+    model, tokenizer = build_model(cfg)
+    module = build_module(cfg, model, tokenizer)
+    module.on_load_checkpoint(state)  # refuses a checkpoint of another method, prefix shape or base model
+    module.load_state_dict(state["state_dict"], strict=False)
+    model.save(folder)
+    step = int(state["global_step"])
+    record = read_record(run_dir) or {}
+    scores = {}
+    if record.get("exported_step") == step:  # the run exported and tested these very weights
+        scores = {**record["test"], record["optimized_metric"]: record[f"{record['export']}_val"]}
+    card = ModelCard(
+        method=cfg.method.name,
+        backbone=cast(dict[str, Any], OmegaConf.to_container(cfg.model.backbone, resolve=True)),
+        dataset=OmegaConf.select(cfg, "data.dataset", default="multi"),
+        train_size=cfg.data.train_size,
+        train_steps=record.get("train_steps"),
+        exported_step=step,
+        metrics={name: value for name, value in scores.items() if value is not None},
+        trainable_params=sum(p.numel() for p in model.trainable_parameters()),
+    )
+    write_cards(card, folder, getattr(model, "tasks", None))  # multi-task: a card per task
+    return folder
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(prog="python -m prefix_lightning.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", type=Path, help="a checkpoint file of a run: <run>/checkpoints/<name>.ckpt")
+    parser.add_argument("folder", type=Path, help="where to write the export (created if missing)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    folder = report_errors(lambda: export_checkpoint(args.checkpoint, args.folder))
+    print(f"exported {args.checkpoint} to {folder}")
+    return folder
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

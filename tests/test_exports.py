@@ -1,0 +1,98 @@
+"""Every method's export: `evaluate` loads it (the folder says which method wrote it) and reproduces the run's
+recorded test scores and generations; `python -m prefix_lightning.export` writes the export of any checkpoint; each
+export folder carries a model card stating the run's facts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from prefix_lightning.methods.exports import export_loader
+from tests.helpers.cli import run_cli
+from tests.helpers.config import REPO
+
+# Every method class once (prefix_direct is PrefixModel like prefix).
+METHODS = ("prefix", "embedding", "infix", "full", "top2", "lora", "peft_prefix")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One tiny run per method (one multirun, so one process), each exporting its best validation checkpoint."""
+    sweep = tmp_path_factory.mktemp("methods")
+    command = [sys.executable, "run.py", "-m", f"hydra.sweep.dir={sweep}", "model=tiny_llama", "debug=fast"]
+    command.append(f"method={','.join(METHODS)}")
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = {path.parent: json.loads(path.read_text()) for path in sweep.glob("*/result.json")}
+    return {record["overrides"]["method"]: run for run, record in records.items()}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("method", METHODS)
+def test_evaluate_reproduces_each_methods_recorded_test_scores(method: str, runs: dict[str, Path], tmp_path) -> None:
+    run = runs[method]
+    record = json.loads((run / "result.json").read_text())
+    assert record["export"] == "best" and record["test"]
+    export = run / record["prefix"]
+    result = run_cli(tmp_path, f"export_path={export}", entry=("-m", "prefix_lightning.evaluate"))
+    assert f"evaluating with the settings of the run in {run}" in result.stderr
+    evaluated = json.loads((tmp_path / "test_metrics.json").read_text())
+    assert evaluated == json.loads((run / "test_metrics.json").read_text())
+    assert {f"test/{name.lower()}": value for name, value in evaluated.items()} == pytest.approx(record["test"])
+    assert (tmp_path / "test_generations.txt").read_text() == (run / "test_generations.txt").read_text()
+
+
+@pytest.mark.integration
+def test_every_export_folder_has_a_model_card_of_the_runs_facts(runs: dict[str, Path]) -> None:
+    for method, run in runs.items():
+        record = json.loads((run / "result.json").read_text())
+        card = (run / record["prefix"] / "README.md").read_text()
+        assert card.startswith("---\n") and f"# {method if method != 'top2' else 'top_layers'} for tiny_llama" in card
+        assert " on e2e\n" in card and "| data | 16 training pairs |" in card
+        assert f"exported: the best validation checkpoint, step {record['exported_step']}" in card
+        for name, value in record["test"].items():
+            assert f"| {name} | {value:.4g} |" in card
+        assert "load_export(lm, " in card
+        assert ("PeftModel.from_pretrained" in card) == (method in ("prefix", "lora", "peft_prefix"))
+
+
+@pytest.mark.integration
+def test_the_export_command_writes_any_checkpoints_export(runs: dict[str, Path], tmp_path: Path) -> None:
+    run = runs["prefix"]
+    record = json.loads((run / "result.json").read_text())
+    best = run / record["best_checkpoint"]
+    command = [sys.executable, "-m", "prefix_lightning.export"]
+    done = subprocess.run([*command, str(best), str(tmp_path / "best")], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    exported, original = (load_file(folder / "prefix.safetensors") for folder in (tmp_path / "best", run / "prefix"))
+    assert all((exported[key] == original[key]).all() for key in original)
+    assert "| test/bleu |" in (tmp_path / "best" / "README.md").read_text()  # the weights the run tested
+
+    last = run / "checkpoints" / "last.ckpt"
+    subprocess.run([*command, str(last), str(tmp_path / "last")], cwd=REPO, check=True, capture_output=True)
+    last_prefix = load_file(tmp_path / "last" / "prefix.safetensors")
+    assert any(not (last_prefix[key] == original[key]).all() for key in original)
+    assert "## Scores" not in (tmp_path / "last" / "README.md").read_text()  # not the tested weights
+
+    truncated = tmp_path / "checkpoints" / "cut.ckpt"
+    truncated.parent.mkdir()
+    truncated.write_bytes(best.read_bytes()[:1000])
+    refused = subprocess.run([*command, str(truncated), str(tmp_path / "x")], cwd=REPO, capture_output=True, text=True)
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines() == [
+        f"error: checkpoint {truncated} cannot be used: it is truncated or not a checkpoint (1,000 bytes, no complete "
+        f"torch archive); no intact checkpoint in {truncated.parent} (set HYDRA_FULL_ERROR=1 for the traceback)"
+    ]
+
+
+def test_a_folder_without_an_export_is_refused_naming_what_was_looked_for(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"holds no export of this project's methods: expected prefix_config"):
+        export_loader(tmp_path)
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "IA3"}')
+    with pytest.raises(ValueError, match=r"describes a 'IA3' adapter; this project trains LORA, PREFIX_TUNING"):
+        export_loader(tmp_path)

@@ -1,0 +1,61 @@
+"""What only a GPU can check: bf16 training, FSDP and our beam search on CUDA. A GPU machine runs them with
+``pytest -m gpu``; where CUDA is absent they are skipped (CI has none)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.helpers.cli import FAST, run_cli
+from tests.helpers.decoding import END, left_padded, prefixed, transformers_search
+from tests.helpers.tiny import PAD
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def _trained(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "prefix" / "prefix.safetensors")
+
+
+def _test_bleu(run: Path) -> float:
+    return json.loads((run / "result.json").read_text())["test"]["test/bleu"]
+
+
+@pytest.mark.integration
+def test_bf16_run_trains_validates_decodes_and_exports_a_float32_prefix(tmp_path: Path, data_dir: Path) -> None:
+    run_cli(tmp_path, *FAST, "trainer=gpu", "trainer.devices=1", "trainer.precision=bf16-mixed")
+    exported = _trained(tmp_path)
+    assert exported and all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in exported.values())
+    assert (tmp_path / "test_generations.txt").read_text().strip()
+    assert _test_bleu(tmp_path) >= 0
+
+
+@pytest.mark.integration
+def test_fsdp_run_clips_trains_and_keeps_prefix_only_checkpoints(tmp_path: Path, data_dir: Path) -> None:
+    """One GPU under FSDP (gradient clipping by norm on, as by default) trains as the plain GPU run does."""
+    fsdp, plain = tmp_path / "fsdp", tmp_path / "plain"
+    run_cli(fsdp, *FAST, "trainer=fsdp", "trainer.devices=1")
+    run_cli(plain, *FAST, "trainer=gpu", "trainer.devices=1")
+    checkpoint = torch.load(fsdp / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["state_dict"] and all(key.startswith("model.encoders.") for key in checkpoint["state_dict"])
+    ours, reference = _trained(fsdp), _trained(plain)
+    assert ours.keys() == reference.keys()
+    for name in ours:
+        torch.testing.assert_close(ours[name], reference[name], atol=1e-4, rtol=1e-4)
+    assert _test_bleu(fsdp) == pytest.approx(_test_bleu(plain), abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("beams", [1, 5])
+def test_decoding_on_cuda_equals_transformers(kind: str, beams: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = prefixed(kind).cuda()
+    ids, mask = (tensor.cuda() for tensor in left_padded())
+    options = dict(num_beams=beams, max_new_tokens=15, eos_token_id=END, pad_token_id=PAD)
+    ours = model.generate(input_ids=ids, attention_mask=mask, **options)
+    with transformers_search(monkeypatch):
+        theirs = model.generate(input_ids=ids, attention_mask=mask, **options)
+    assert torch.equal(ours, theirs)

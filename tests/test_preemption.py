@@ -1,0 +1,186 @@
+"""A run's life across interruptions, with real processes: SIGTERM / SIGUSR1 save and exit non-zero, `resume=<run
+dir>` goes on to the uninterrupted run's prefix, the timed last checkpoint bounds what kill -9 loses, SLURM's
+requeue stays Lightning's, and a damaged checkpoint is named with the intact one beside it."""
+
+from __future__ import annotations
+
+import math
+import re
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from prefix_lightning.training.checks import ConfigError
+from prefix_lightning.training.resume import check_resumed_config, resume_arguments
+from tests.helpers.cli import run_cli, run_failing
+from tests.helpers.config import compose_train
+
+# Two epochs of 4 batches, validating every 2 steps; the last step's prefix is exported (it changes every step).
+RUN = ["model=tiny_llama", "debug=fast", "export=last", "trainer.max_steps=8", "trainer.val_check_interval=2"]
+
+
+def fault(callback: str, **options: object) -> list[str]:
+    return [f"+callbacks.{callback}._target_=tests.helpers.faults.{callback}"] + [
+        f"+callbacks.{callback}.{key}={value}" for key, value in options.items()
+    ]
+
+
+def assert_same_prefix(run: Path, reference: Path) -> None:
+    got, expected = (
+        load_file(run / "prefix" / "prefix.safetensors"),
+        load_file(reference / "prefix" / "prefix.safetensors"),
+    )
+    assert got.keys() == expected.keys()
+    for group in expected:
+        torch.testing.assert_close(got[group], expected[group], atol=1e-6, rtol=0)
+
+
+def global_step(checkpoint: Path) -> int:
+    return torch.load(checkpoint, weights_only=True)["global_step"]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted run."""
+    run_dir = tmp_path_factory.mktemp("straight")
+    run_cli(run_dir, *RUN)
+    return run_dir
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("name", "step", "validation", "saved"),
+    [
+        ("SIGTERM", 3, 2, 3),  # mid-epoch, between validations: stops after that step
+        ("SIGUSR1", 3, 2, 3),
+        ("SIGTERM", 4, 3, 5),  # an epoch's last step, not validated: stops after the next epoch's first step
+        # (an epoch's last step that is validated stops after the validation: see the test below)
+    ],
+)
+def test_a_stop_signal_saves_exits_non_zero_and_resume_ends_with_the_uninterrupted_prefix(
+    name: str, step: int, validation: int, saved: int, straight: Path, tmp_path: Path
+) -> None:
+    """Stopped (4 steps an epoch), then `run.py resume=<run dir>` and nothing else. Validation does not change the
+    training, so the uninterrupted run validating every 2 steps ends with the same prefix."""
+    run = [*RUN, f"trainer.val_check_interval={validation}"]
+    result = run_failing(tmp_path, *run, *fault("SignalAt", step=step, name=name))
+    assert result.returncode == 128 + getattr(signal, name).value
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert global_step(last) == saved
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1] == f"stopped by {name} (saved {last}); to go on, run: python run.py resume={tmp_path}"
+    assert not (tmp_path / "prefix").exists() and not (tmp_path / "result.json").exists()
+
+    computes_nothing = "callbacks.progress_bar.refresh_rate=5"
+    log = run_cli(tmp_path, f"resume={tmp_path}", computes_nothing)
+    assert f"Restored all states from the checkpoint at {last}" in log.stdout + log.stderr
+    assert_same_prefix(tmp_path, straight)
+    assert (tmp_path / ".hydra" / "resumed" / "config.yaml").is_file()  # the run's own .hydra/config.yaml is kept
+    assert "SignalAt" in (tmp_path / ".hydra" / "config.yaml").read_text()
+
+
+@pytest.mark.integration
+def test_sigterm_during_a_validation_lets_it_finish_then_stops(straight: Path, tmp_path: Path) -> None:
+    """SIGTERM inside the validation after step 4 (an epoch's end): that validation finishes (stopped in its middle,
+    Lightning would resume without it), then the run stops; resumed, it has the uninterrupted run's validation
+    scores and generations, test outputs and prefix."""
+    result = run_failing(tmp_path, *RUN, *fault("SignalInValidation", step=4, name="SIGTERM"))
+    assert result.returncode == 143
+    assert global_step(tmp_path / "checkpoints" / "last.ckpt") == 4
+    assert (tmp_path / "val_step4_metrics.json").is_file()
+    run_cli(tmp_path, f"resume={tmp_path}")
+    for name in ("val_step4_metrics.json", "val_step4_generations.txt", "test_generations.txt"):
+        assert (tmp_path / name).read_text() == (straight / name).read_text()
+    assert_same_prefix(tmp_path, straight)
+
+
+@pytest.mark.integration
+def test_kill_9_after_the_timed_checkpoint_loses_no_more_than_the_interval(straight: Path, tmp_path: Path) -> None:
+    """Steps of at least 0.25 s, a timed last.ckpt every 0.6 s and no validation before step 8: kill -9 after step 7
+    finds a checkpoint at most 0.6 s (3 steps) plus the step it waited for old, and resuming from it still ends with
+    the uninterrupted run's prefix."""
+    timed = [*RUN[:-1], "trainer.val_check_interval=8", "callbacks.last_checkpoint.every_minutes=0.01"]
+    result = run_failing(
+        tmp_path, *timed, *fault("SlowSteps", seconds=0.25), *fault("SignalAt", step=7, name="SIGKILL")
+    )
+    assert result.returncode == -9
+    saved = global_step(tmp_path / "checkpoints" / "last.ckpt")
+    assert 7 - saved <= math.ceil(0.6 / 0.25) + 1 and saved >= 1
+    assert re.search(r"saved \S+last\.ckpt at step \d+ \(every 0\.01 minutes\)", result.stdout + result.stderr)
+    run_cli(tmp_path, *timed, f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}")
+    assert_same_prefix(tmp_path, straight)
+
+
+@pytest.mark.integration
+def test_slurm_keeps_lightnings_own_requeue_on_sigusr1(tmp_path: Path) -> None:
+    """Under SLURM (auto-requeue), SIGUSR1 is Lightning's: it writes hpc_ckpt_1.ckpt and asks scontrol to requeue
+    (absent here: it only warns), and the run goes on to its end, as SLURM then stops and restarts the job."""
+    slurm = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "prefix", "SLURM_JOB_ID": "4242", "SLURM_PROCID": "0"}
+    slurm |= {"SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}
+    run_cli(tmp_path, *RUN, *fault("SignalAt", step=3, name="SIGUSR1"), env=slurm)
+    assert global_step(tmp_path / "hpc_ckpt_1.ckpt") == 3
+    assert (tmp_path / "result.json").is_file()
+
+
+@pytest.mark.integration
+def test_a_truncated_checkpoint_is_named_with_the_newest_intact_one(tmp_path: Path) -> None:
+    run_cli(tmp_path, *RUN, "callbacks.model_checkpoint.save_top_k=-1")
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 3])  # a full disk or a killed copy
+    for given in (f"ckpt_path={last}", f"resume={tmp_path}"):
+        (tmp_path / "result.json").unlink(missing_ok=True)
+        result = (
+            run_failing(tmp_path / "again", *RUN, given) if given.startswith("ckpt") else run_failing(tmp_path, given)
+        )
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert lines[-1].startswith(f"error: checkpoint {last} cannot be used: it is truncated or not a checkpoint")
+        assert f"the newest intact checkpoint there is {tmp_path / 'checkpoints' / 'step8.ckpt'}" in lines[-1]
+        assert "Errno 22" not in result.stderr
+
+
+def test_resume_takes_the_runs_own_overrides_and_folder(tmp_path: Path) -> None:
+    """Sweep job folders are named by their overrides: the path reaches Hydra quoted."""
+    run = tmp_path / "data.train_size=50,prefix.length=5"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("seed: 1\n")
+    (run / ".hydra" / "overrides.yaml").write_text("- model=tiny_llama\n- prefix.length=5\n")
+    argv = resume_arguments(["run.py", f"resume={run}", "trainer.devices=2"])
+    assert argv == [
+        "run.py",
+        "model=tiny_llama",
+        "prefix.length=5",
+        "trainer.devices=2",
+        f"hydra.run.dir='{run}'",
+        "hydra.output_subdir=.hydra/resumed",
+        f"resume='{run}'",
+    ]
+    assert resume_arguments(["run.py", f"resume='{run}'"])[-1] == f"resume='{run}'"
+    with pytest.raises(
+        FileNotFoundError, match=r"resume=.*nowhere: not a run folder \(\.hydra/config\.yaml is missing"
+    ):
+        resume_arguments(["run.py", f"resume={tmp_path / 'nowhere'}"])
+
+
+def test_resume_refuses_settings_that_change_the_computation_and_lists_them(tmp_path: Path) -> None:
+    run = ["model=tiny_llama", "prefix.length=5"]
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(compose_train(tmp_path, run), tmp_path / ".hydra" / "config.yaml")
+    allowed = [
+        "trainer.devices=2",
+        "logger=tensorboard",
+        "paths.data_dir=/elsewhere",
+        "data.num_workers=2",
+        "test=false",
+    ]
+    check_resumed_config(compose_train(tmp_path, [*run, *allowed, f"resume={tmp_path}"]))
+    changed = compose_train(tmp_path, [*run, "prefix.length=3", "method.lr=0.1", "seed=2", f"resume={tmp_path}"])
+    with pytest.raises(ConfigError) as refused:
+        check_resumed_config(changed)
+    assert str(refused.value).startswith(
+        f"resume={tmp_path}: these settings differ from the run's own (.hydra/config.yaml) and change what it "
+        "computes: method.lr: 0.0005 -> 0.1; prefix.length: 5 -> 3; seed: 1 -> 2."
+    )
