@@ -40,10 +40,14 @@ def run_python(
 
 
 def run_cli(
-    run_dir: Path, *overrides: str, entry: tuple[str, ...] = ("run.py",), env: Mapping[str, str] | None = None
+    run_dir: Path,
+    *overrides: str,
+    entry: tuple[str, ...] = ("run.py",),
+    env: Mapping[str, str] | None = None,
+    timeout: float = COMMAND_TIMEOUT_S,
 ) -> subprocess.CompletedProcess:
     """``python run.py <overrides>`` (or another entry point) writing into ``run_dir``; it must succeed."""
-    result = run_python(*entry, f"hydra.run.dir={run_dir}", *overrides, env=env)
+    result = run_python(*entry, f"hydra.run.dir={run_dir}", *overrides, env=env, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
