@@ -6,6 +6,6 @@ The library (this package's subpackages but ``training`` and ``sweeps``) knows n
 """
 
 from prefix_lightning.backbones import load_backbone
-from prefix_lightning.prefix import PrefixConfig, PrefixModel, UnsupportedModelError
+from prefix_lightning.prefix import PrefixBank, PrefixConfig, PrefixModel, UnsupportedModelError
 
-__all__ = ["PrefixConfig", "PrefixModel", "UnsupportedModelError", "load_backbone"]
+__all__ = ["PrefixBank", "PrefixConfig", "PrefixModel", "UnsupportedModelError", "load_backbone"]

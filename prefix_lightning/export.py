@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from prefix_lightning.cli import report_errors
 from prefix_lightning.files.checkpoints import load_checkpoint
-from prefix_lightning.methods.model_card import ModelCard
+from prefix_lightning.methods.model_card import ModelCard, write_cards
 from prefix_lightning.training.build import build_model, build_module
 from prefix_lightning.training.record import read_record
 from prefix_lightning.training.resume import RUN_CONFIG
@@ -55,16 +55,17 @@ def export_checkpoint(checkpoint: str | Path, folder: str | Path) -> Path:
     scores = {}
     if record.get("exported_step") == step:  # the run exported and tested these very weights
         scores = {**record["test"], record["optimized_metric"]: record[f"{record['export']}_val"]}
-    ModelCard(
+    card = ModelCard(
         method=cfg.method.name,
         backbone=cast(dict[str, Any], OmegaConf.to_container(cfg.model.backbone, resolve=True)),
-        dataset=cfg.data.dataset,
+        dataset=OmegaConf.select(cfg, "data.dataset", default="multi"),
         train_size=cfg.data.train_size,
         train_steps=record.get("train_steps"),
         exported_step=step,
         metrics={name: value for name, value in scores.items() if value is not None},
         trainable_params=sum(p.numel() for p in model.trainable_parameters()),
-    ).write(folder)
+    )
+    write_cards(card, folder, getattr(model, "tasks", None))  # multi-task: a card per task
     return folder
 
 

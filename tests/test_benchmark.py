@@ -96,7 +96,8 @@ def test_benchmark_command_runs_on_a_tiny_model(tmp_path: Path, data_dir: Path) 
     assert result.returncode == 0, result.stderr[-3000:]
     assert "beam-search tokens/s vs PEFT" in result.stdout
     benchmark = json.loads(output.read_text())
-    assert set(benchmark["results"]) == {"train_ours", "train_peft", "train_full", "generate_ours", "generate_peft"}
+    phases = {"train_ours", "train_peft", "train_full", "generate_ours", "generate_peft", "generate_mixed"}
+    assert set(benchmark["results"]) == phases
     for name, phase in benchmark["results"].items():
         assert phase["tokens_per_s"] > 0 and phase["peak_memory_mb"] > 0
         table = Path(phase["profile"]["table"]).read_text()
@@ -109,8 +110,11 @@ def test_benchmark_command_runs_on_a_tiny_model(tmp_path: Path, data_dir: Path) 
     assert training["train_full"]["flops_per_token"] == 1.5 * training["train_ours"]["flops_per_token"]
     ours, full = benchmark["results"]["train_ours"], benchmark["results"]["train_full"]
     assert ours["steps"] == 2 and ours["trainable_parameters"] < full["trainable_parameters"]
-    assert len(benchmark["ratios"]) == 5
+    assert len(benchmark["ratios"]) == 7
     assert all(benchmark["checks"].values()), benchmark["checks"]
+    mixed = benchmark["results"]["generate_mixed"]
+    assert mixed["inputs"] == 3 and len(mixed["prefix_lengths"]) == 4
+    assert mixed["single"]["seconds"] > 0 and mixed["sequential"]["seconds"] > 0
 
 
 def test_model_flops_count_each_matrix_once(tmp_path: Path) -> None:

@@ -12,11 +12,14 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from prefix_lightning.backbones import load_backbone
+from prefix_lightning.data.datamodule import TextToTextDataModule
+from prefix_lightning.data.multitask import MultiTaskDataModule
 from prefix_lightning.methods import IGNORE_INDEX, TrainableLM
 from prefix_lightning.prefix import PrefixConfig
 from prefix_lightning.training.build import build_model, generation_settings
 from prefix_lightning.training.checkpoint_io import AtomicCheckpointIO
 from prefix_lightning.training.optimized import settle_optimized_metric
+from prefix_lightning.training.tasks import task_data_configs
 from prefix_lightning.training.train import instantiate_all
 from tests.helpers.config import CONF, compose_train, options
 
@@ -61,13 +64,18 @@ def test_prefix_configs_build_their_prefix(name: str, tmp_path: Path) -> None:
 def test_method_configs_build_their_model(name: str, tmp_path: Path) -> None:
     """Each method file's options are the keywords of the code that builds it (tests/test_methods.py trains them)."""
     cfg = compose_train(tmp_path, [f"method={name}", "model=tiny_llama"])
+    rows: dict[str, list[str]] = {}
+    if "tasks" in cfg.method.model:  # one prefix per task: trained on a mixture of tasks, each row names its task
+        cfg = compose_train(tmp_path, ["data=multi", f"method={name}", "model=tiny_llama"])
+        rows = {"prefixes": list(cfg.data.tasks)}
+        assert len(rows["prefixes"]) == 2
     model, _ = build_model(cfg)
     assert isinstance(model, TrainableLM), "the class lacks part of the method interface"
     trainable = model.trainable_parameters()
     assert trainable and all(p.requires_grad for p in trainable)
     ids = torch.arange(3, 11).repeat(2, 1)
     labels = ids.masked_fill(torch.arange(8) < 3, IGNORE_INDEX)  # the first 3 tokens are the source
-    model.loss(labels=labels, input_ids=ids, attention_mask=torch.ones_like(ids)).backward()
+    model.loss(labels=labels, input_ids=ids, attention_mask=torch.ones_like(ids), **rows).backward()
     assert all(p.grad is not None for p in trainable), "the loss must reach everything the method trains"
     assert cfg.callbacks.export.dirpath == f"{tmp_path}/{cfg.method.export_dir}"
     written = model.save(cfg.callbacks.export.dirpath)
@@ -77,10 +85,16 @@ def test_method_configs_build_their_model(name: str, tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", options("data"))
 def test_data_configs_instantiate(name: str, tmp_path: Path, gpt2_tokenizer) -> None:
     cfg = compose_train(tmp_path, [f"data={name}", "model=tiny_gpt2"])
-    datamodule = instantiate(cfg.data, tokenizer=gpt2_tokenizer, separator=" =", target_end="<|endoftext|>")
-    options = OmegaConf.to_container(cfg.data, resolve=True)
-    del options["_target_"]
-    given = {key: value for key, value in options.items() if value is not None}  # None: the dataset's own
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    if "tasks" in data:  # a mixture: each task's own data config
+        data["tasks"] = task_data_configs(cfg)
+    datamodule = instantiate(data, tokenizer=gpt2_tokenizer, separator=" =", target_end="<|endoftext|>")
+    if isinstance(datamodule, MultiTaskDataModule):
+        assert list(datamodule.tasks) == list(cfg.data.tasks)
+        assert all(isinstance(part, TextToTextDataModule) for part in datamodule.tasks.values())
+        return
+    del data["_target_"]
+    given = {key: value for key, value in data.items() if value is not None}  # None: the dataset's own
     assert {key: datamodule.hparams[key] for key in given} == given
 
 

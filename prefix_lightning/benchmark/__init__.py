@@ -1,6 +1,7 @@
 """Side by side on one model, one data set and the same batches: our prefix training against PEFT's prefix tuning
-and full fine-tuning, and our beam-search decoding against PEFT's; tokens/s, peak memory, and the ratios that
-the project aims for. Run it with ``python -m prefix_lightning.benchmark`` (``--help`` for the options).
+and full fine-tuning, our beam-search decoding against PEFT's, and a batch mixing 4 prefixes against one-prefix
+batches; tokens/s, peak memory, and the ratios that the project aims for. Run it with
+``python -m prefix_lightning.benchmark`` (``--help`` for the options).
 
 Each phase runs in a fresh process (spawned), one after the other, so that peak memories do not mix and a phase
 does not run on memory another one left fragmented.
@@ -26,6 +27,7 @@ PHASES: dict[str, Callable[[Setting], dict[str, Any]]] = {
     "train_full": phases.train_full,
     "generate_ours": phases.generate_ours,
     "generate_peft": phases.generate_peft,
+    "generate_mixed": phases.generate_mixed,
 }
 
 
@@ -72,19 +74,24 @@ def _ratios(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             if target.metric == "tokens_per_s":
                 entry["by_cpu_time"] = ours["tokens_per_cpu_s"] / baseline["tokens_per_cpu_s"]
             ratios.append(entry)
-    return ratios
+    return ratios + results.get("generate_mixed", {}).get("ratios", [])
 
 
 def _checks(results: dict[str, dict[str, Any]]) -> dict[str, bool]:
-    """Both decoders hold the same prefix values, so they must decode alike; PEFT's prefix must matter."""
-    if not {"generate_ours", "generate_peft"} <= results.keys():
-        return {}
-    ours, peft = results["generate_ours"], results["generate_peft"]
-    return {
-        "greedy outputs identical (ours, PEFT)": ours["greedy"] == peft["greedy"],
-        "PEFT's greedy outputs differ from the bare LM's": peft["greedy"] != peft["bare_greedy"],
-        "beam-search outputs identical (ours, PEFT)": ours["outputs"] == peft["outputs"],
-    }
+    """Both decoders hold the same prefix values, so they must decode alike; PEFT's prefix must matter; mixed
+    batches decode every row as its prefix alone does."""
+    checks: dict[str, bool] = {}
+    if {"generate_ours", "generate_peft"} <= results.keys():
+        ours, peft = results["generate_ours"], results["generate_peft"]
+        checks |= {
+            "greedy outputs identical (ours, PEFT)": ours["greedy"] == peft["greedy"],
+            "PEFT's greedy outputs differ from the bare LM's": peft["greedy"] != peft["bare_greedy"],
+            "beam-search outputs identical (ours, PEFT)": ours["outputs"] == peft["outputs"],
+        }
+    if "generate_mixed" in results:
+        same = results["generate_mixed"]["outputs_identical_to_one_prefix_batches"]
+        checks["mixed-prefix batches decode as one-prefix batches"] = same
+    return checks
 
 
 def run_benchmark(
@@ -97,7 +104,7 @@ def run_benchmark(
     unknown = set(names) - PHASES.keys()
     if unknown:
         raise ValueError(f"unknown phases {sorted(unknown)}; choose from {list(PHASES)}")
-    decodes = {"generate_ours", "generate_peft"} & set(names)
+    decodes = {"generate_ours", "generate_peft", "generate_mixed"} & set(names)
     if decodes and not setting.prefix_dir and "train_ours" not in names:
         raise ValueError("decoding needs a prefix: give one (--prefix) or run train_ours before it")
     results: dict[str, dict[str, Any]] = {}

@@ -17,8 +17,10 @@ EPILOG = """
 Hydra overrides choose the model, prefix, batch sizes and decoding as for run.py, e.g. model=tiny_llama
 prefix.length=5 data.batch_size=10 generation.num_beams=5 paths.data_dir=../shared/data. Training batches come
 from <data_dir>/e2e/devset.csv (drawn with data.subset_seed), decoding inputs are the first --inputs meaning
-representations of <data_dir>/e2e/testset_w_refs.csv. The JSON holds every number printed, the outputs of both
-decoders, and the setting.
+representations of <data_dir>/e2e/testset_w_refs.csv. generate_mixed decodes them in batches whose rows read 4
+prefixes in turn (--prefix, --mixed-prefix, random ones up to 4), timed against the same batches with one prefix
+and against their 4 one-prefix batches in a row. The JSON holds every number printed, the outputs of the decoders,
+and the setting.
 """
 
 
@@ -51,6 +53,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch threads per phase (default: torch's)")
     parser.add_argument(
         "--prefix", default=None, help="exported prefix folder to decode with (default: the one train_ours ends with)"
+    )
+    parser.add_argument(
+        "--mixed-prefix",
+        action="append",
+        default=[],
+        metavar="FOLDER",
+        help="generate_mixed: another prefix to mix with --prefix (repeat; filled up to 4 with random ones)",
+    )
+    parser.add_argument(
+        "--fixed-new-tokens",
+        type=int,
+        default=None,
+        help="generate_mixed: decode exactly N tokens per input, so that every timed batch does the same steps",
     )
     parser.add_argument(
         "--peak-tflops",
@@ -116,6 +131,8 @@ def _setting(args: argparse.Namespace, overrides: tuple[str, ...], precision: st
         device=args.device,
         threads=args.threads,
         prefix_dir=args.prefix,
+        mixed_prefix_dirs=tuple(args.mixed_prefix),
+        fixed_new_tokens=args.fixed_new_tokens,
         peak_tflops=args.peak_tflops,
         profile_dir=str(args.profile) if args.profile else None,
     )

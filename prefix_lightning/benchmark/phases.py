@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
@@ -29,11 +28,12 @@ from prefix_lightning.baselines.peft_prefix import peft_generate, peft_prefix_co
 from prefix_lightning.benchmark.hardware import matmul_parameters, mfu, peak_tflops
 from prefix_lightning.benchmark.profiling import profiled
 from prefix_lightning.data import TextToTextCollator, read_e2e, reference_groups
-from prefix_lightning.prefix import PrefixConfig, PrefixModel
+from prefix_lightning.prefix import PrefixBank, PrefixConfig, PrefixModel
+from prefix_lightning.prefix.bank import StoredPrefix
 from prefix_lightning.training.build import build_model, generation_settings, load_configured_backbone
 from prefix_lightning.training.checks import check_config, options_at
+from prefix_lightning.training.compose import compose_config
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 TRAIN_FILE = Path("e2e") / "devset.csv"
 TEST_FILE = Path("e2e") / "testset_w_refs.csv"
 FULL_FINETUNING_LR = 5e-5  # a usual rate for full fine-tuning; the speed does not depend on it
@@ -55,16 +55,13 @@ class Setting:
     device: str
     threads: int | None  # torch threads per phase (None: torch's default)
     prefix_dir: str | None  # exported prefix that both decoders load (None: the one train_ours ends with)
+    mixed_prefix_dirs: tuple[str, ...] = ()  # more prefixes for the mixed batches (filled up with random ones)
+    fixed_new_tokens: int | None = None  # mixed batches: every input decodes exactly this many tokens
     peak_tflops: float | None = None  # the device's peak for MFU (None: from hardware.PEAK_TFLOPS where known)
     profile_dir: str | None = None  # where each phase writes the profile of one more step or batch (None: none)
 
 
 # -- setting up a phase ------------------------------------------------------------------------------------
-def compose_config(overrides: tuple[str, ...]) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
-
-
 def _start(setting: Setting, frozen_in_compute_dtype: bool = False) -> DictConfig:
     """The phase's config; under bf16-mixed a model that stays frozen is stored in bf16 (half the memory)."""
     if setting.threads:
@@ -74,7 +71,7 @@ def _start(setting: Setting, frozen_in_compute_dtype: bool = False) -> DictConfi
     overrides = setting.overrides
     if frozen_in_compute_dtype and setting.precision == "bf16-mixed":
         overrides = (*overrides, "model.backbone.dtype=bfloat16")
-    cfg = compose_config(overrides)
+    cfg = compose_config("train", overrides)
     check_config(cfg)
     torch.manual_seed(cfg.seed)
     return cfg
@@ -344,3 +341,111 @@ def generate_peft(setting: Setting) -> dict[str, Any]:
     result = _decode("generate_peft", setting, cfg, tokenizer, partial(peft_generate, model))
     result["bare_greedy"] = _greedy(setting, cfg, tokenizer, model.base_model.generate)
     return result
+
+
+# -- mixed prefixes ----------------------------------------------------------------------------------------
+MIXED = 4  # prefixes in a mixed batch
+
+
+def _mixed_prefixes(bank: PrefixBank, setting: Setting) -> list[str]:
+    """The prefix and the mixed ones given, then random prefixes of the first one's length and scale up to
+    ``MIXED`` (decoding time does not depend on the values, and fixed-length decoding not on the outputs)."""
+    folders = [_prefix_dir(setting), *setting.mixed_prefix_dirs][:MIXED]
+    names = [f"prefix{index}" for index in range(len(folders))]
+    for name, folder in zip(names, folders, strict=True):
+        bank.add(name, folder)
+    first = bank.held(names[0])
+    generator = torch.Generator().manual_seed(0)
+    while len(names) < MIXED:
+        blocks = [torch.randn(block.shape, generator=generator) * block.std() for block in first.site_blocks()]
+        names.append(f"random{len(names)}")
+        bank.hold(names[-1], StoredPrefix(first.config, [block.to(setting.device) for block in blocks]))
+    return names
+
+
+def _decoded(bank: PrefixBank, batch: Batch, names: list[str], options: dict[str, Any]) -> list[list[int]]:
+    """Each row's new tokens (padding dropped), the row reading the prefix named at its index."""
+    output = bank.generate(**batch, prefixes=names, **options)[:, batch["input_ids"].shape[1] :]
+    return [[token for token in row.tolist() if token != options["pad_token_id"]] for row in output]
+
+
+def generate_mixed(setting: Setting) -> dict[str, Any]:
+    """A batch whose rows read ``MIXED`` different prefixes (row i the (i mod 4)-th) against the same inputs in a
+    batch of one prefix (each batch the next prefix in turn), and against the 4 batches of one prefix each that its
+    rows make, run one after the other (each cut to its own width): ``PrefixBank.generate`` with the configured
+    beam search, the three timed batch by batch in turn, so that a busy machine slows them alike; with a profile
+    folder, the first mixed batch once more under the profiler.
+
+    With ``fixed_new_tokens`` every input decodes exactly that many tokens (the search never stops early), so
+    that the three do the same steps whatever the prefixes make of the inputs.
+    """
+    cfg = _start(setting, frozen_in_compute_dtype=True)
+    lm, tokenizer = _backbone(cfg, setting.device)
+    bank = PrefixBank(lm).eval()
+    names = _mixed_prefixes(bank, setting)
+    options = generation_settings(cfg, tokenizer)
+    if setting.fixed_new_tokens:
+        options |= {"min_new_tokens": setting.fixed_new_tokens, "max_new_tokens": setting.fixed_new_tokens}
+    batches = [_to(batch, setting.device) for batch in decoding_batches(cfg, tokenizer, setting.inputs)]
+    warmup = {key: value[:1] for key, value in batches[0].items()}  # packs the frozen weights once, untimed
+    bank.generate(**warmup, prefixes=names[:1], **{**options, "min_new_tokens": 0, "max_new_tokens": 2})
+    kinds = ("mixed", "single", "sequential")
+    totals = {kind: {"seconds": 0.0, "cpu_seconds": 0.0, "peak_memory_mb": 0.0} for kind in kinds}
+    outputs: dict[str, list[list[int]]] = {kind: [] for kind in kinds}
+
+    def timed(kind: str, run: Callable[[], list[list[int]]]) -> None:
+        with measured(setting.device) as stats:
+            new = run()
+        outputs[kind] += new
+        for key in ("seconds", "cpu_seconds"):
+            totals[kind][key] += stats[key]
+        totals[kind]["peak_memory_mb"] = max(totals[kind]["peak_memory_mb"], stats["peak_memory_mb"])
+
+    for index, batch in enumerate(batches):
+        rows = batch["input_ids"].shape[0]
+        mixed = [names[row % MIXED] for row in range(rows)]
+        timed("mixed", partial(_decoded, bank, batch, mixed, options))
+        timed("single", partial(_decoded, bank, batch, [names[index % MIXED]] * rows, options))
+        timed("sequential", partial(_one_prefix_batches, bank, batch, mixed, options))
+    tokens = {kind: sum(len(output) for output in outputs[kind]) for kind in kinds}
+    mixed_time, cpu = totals["mixed"]["seconds"], totals["mixed"]["cpu_seconds"]
+    ratios = [
+        _ratio("mixed batch vs a one-prefix batch (time)", totals, "single", "<= 1.15", 1.15),
+        _ratio("mixed batch vs its 4 one-prefix batches (time)", totals, "sequential", "< 1", 1.0),
+    ]
+    first_mixed = [names[row % MIXED] for row in range(batches[0]["input_ids"].shape[0])]
+    return {
+        **totals["mixed"],
+        **_profile(setting, "generate_mixed", partial(_decoded, bank, batches[0], first_mixed, options)),
+        "inputs": len(outputs["mixed"]),
+        "num_beams": options.get("num_beams", 1),
+        "fixed_new_tokens": setting.fixed_new_tokens,
+        "prefix_lengths": {name: bank.held(name).config.length for name in names},
+        "tokens": tokens["mixed"],
+        "tokens_per_s": tokens["mixed"] / mixed_time,
+        "tokens_per_cpu_s": tokens["mixed"] / cpu,
+        "single": {**totals["single"], "tokens": tokens["single"]},
+        "sequential": {**totals["sequential"], "tokens": tokens["sequential"]},
+        "ratios": ratios,
+        "outputs_identical_to_one_prefix_batches": outputs["mixed"] == outputs["sequential"],
+        "texts": tokenizer.batch_decode(outputs["mixed"], skip_special_tokens=True),
+    }
+
+
+def _one_prefix_batches(bank: PrefixBank, batch: Batch, names: list[str], options: dict[str, Any]) -> list[list[int]]:
+    """The rows of ``batch`` as one batch per prefix (each cut to its own widest row), in row order again."""
+    new: dict[int, list[int]] = {}
+    for name in dict.fromkeys(names):
+        rows = torch.tensor([row for row, own in enumerate(names) if own == name], device=batch["input_ids"].device)
+        mask = batch["attention_mask"][rows]
+        start = int(mask.any(0).long().argmax())  # left padding that every row of this batch has
+        part = {"input_ids": batch["input_ids"][rows, start:], "attention_mask": mask[:, start:]}
+        new |= dict(zip(rows.tolist(), _decoded(bank, part, [name] * len(rows), options), strict=True))
+    return [new[row] for row in range(len(names))]
+
+
+def _ratio(name: str, totals: dict[str, dict[str, float]], baseline: str, target: str, bound: float) -> dict:
+    value = totals["mixed"]["seconds"] / totals[baseline]["seconds"]
+    met = value <= bound if target.startswith("<=") else value < bound
+    by_cpu = totals["mixed"]["cpu_seconds"] / totals[baseline]["cpu_seconds"]
+    return {"name": name, "value": value, "target": target, "met": met, "by_cpu_time": by_cpu}

@@ -105,15 +105,23 @@ class CachedPrefix:
     the cache, it is copied only with the cache itself. ``decoding`` is entered for the steps after the prompt
     and must turn off the other route of the same keys/values into attention; ``shift`` is added to the new
     tokens' positions (where that route would have moved them).
+
+    A batch that mixes prefixes gives each input its own: ``layers`` with a leading row dimension, ``columns``
+    saying which of the (padded) prefix columns each input sees, ``shift`` per input; and, for a cache that
+    cannot take the prefix (which then stays with attention), ``follow_rows`` to tell that route each reordering
+    of the rows.
     """
 
-    layers: Mapping[int, tuple[torch.Tensor, torch.Tensor]]  # cache layer -> keys, values: (kv_heads, L, head_dim)
-    shift: int
+    # cache layer -> keys and values stacked: (2, kv_heads, L, head_dim), or (inputs, 2, kv_heads, L, head_dim)
+    layers: Mapping[int, torch.Tensor]
+    shift: int | torch.Tensor  # or (inputs,)
     decoding: Callable[[], AbstractContextManager[Any]]
+    columns: torch.Tensor | None = None  # (inputs, L) bool
+    follow_rows: Callable[[torch.Tensor], None] | None = None
 
     @property
     def length(self) -> int:
-        return next(iter(self.layers.values()))[0].shape[-2]
+        return next(iter(self.layers.values())).shape[-2]
 
 
 def beam_search_options(lm: PreTrainedModel, kwargs: dict[str, Any]) -> dict[str, Any] | None:
@@ -208,12 +216,12 @@ def beam_search(
     if on_step is not None:
         on_step(0, batch)
     with ExitStack() as stack:
-        shift = 0
+        shift: int | torch.Tensor = 0
+        follow_rows = cached_prefix.follow_rows if cached_prefix is not None else None
         if cached_prefix is not None and _put_in_front(cache, cached_prefix.layers):
             stack.enter_context(cached_prefix.decoding())
-            shift = cached_prefix.shift
-            if model_mask is not None:  # the prefix's columns are seen by every token
-                model_mask = torch.cat([model_mask.new_ones(batch, cached_prefix.length), model_mask], dim=1)
+            shift, follow_rows = cached_prefix.shift, None
+            model_mask = _with_prefix_columns(model_mask, attention_mask, cached_prefix)
         for step in range(max_new_tokens):
             rows = search.active.numel()
             if step == 0:  # one row per input: its beams would all compute the same log-probabilities
@@ -224,7 +232,8 @@ def beam_search(
                 if model_mask is not None:
                     mask = model_mask[search.active].repeat_interleave(num_beams, dim=0)
                     mask = torch.cat([mask, mask.new_ones(rows * num_beams, step)], dim=1)
-                token_positions = (positions[search.active, -1:] + step + shift).repeat_interleave(num_beams, dim=0)
+                moved = shift[search.active, None] if isinstance(shift, torch.Tensor) else shift
+                token_positions = (positions[search.active, -1:] + step + moved).repeat_interleave(num_beams, dim=0)
                 logits, cache = forward(tokens, mask, token_positions, cache)
                 if on_step is not None:
                     on_step(step, rows * num_beams)
@@ -244,12 +253,11 @@ def beam_search(
                 kept = torch.arange(rows, device=device)
             # The next step's cache rows: the beam each going beam extends, for the inputs still searched. Before
             # the first token the cache has one row per input.
-            if step == 0:
-                # transformers annotates LongTensor, which no tensor operation returns statically.
-                cache.reorder_cache(kept.repeat_interleave(num_beams))  # type: ignore[arg-type]
-            else:
-                # transformers annotates LongTensor, which no tensor operation returns statically.
-                cache.reorder_cache((kept[:, None] * num_beams + sources).flatten())  # type: ignore[arg-type]
+            going = kept.repeat_interleave(num_beams) if step == 0 else (kept[:, None] * num_beams + sources).flatten()
+            # transformers annotates LongTensor, which no tensor operation returns statically.
+            cache.reorder_cache(going)  # type: ignore[arg-type]
+            if follow_rows is not None:
+                follow_rows(going)
     return outputs[:, : width + int(output_lengths.max())]
 
 
@@ -372,20 +380,34 @@ class _Rules:
         return state, sources.gather(1, going), done
 
 
-def _put_in_front(cache: Cache, layers: Mapping[int, tuple[torch.Tensor, torch.Tensor]]) -> bool:
-    """Put each layer's keys/values in front of every row of its cache; False (cache untouched) unless every
-    layer is a plain growing one (a sliding window would count them against its window) with a prefix."""
+def _put_in_front(cache: Cache, layers: Mapping[int, torch.Tensor]) -> bool:
+    """Put each layer's keys/values in front of every row of its cache (each row its own where they have a row
+    dimension); False (cache untouched) unless every layer is a plain growing one (a sliding window would count
+    them against its window) with a prefix."""
     cached = getattr(cache, "layers", None)
     if not cached or set(layers) != set(range(len(cached))):
         return False
     if not all(type(layer) is DynamicLayer and layer.get_seq_length() > 0 for layer in cached):
         return False
     for index, layer in enumerate(cached):
-        rows = layer.keys.shape[0]
-        keys, values = (block.to(layer.keys.dtype)[None].expand(rows, -1, -1, -1) for block in layers[index])
-        layer.keys = torch.cat([keys, layer.keys], dim=-2)
-        layer.values = torch.cat([values, layer.values], dim=-2)
+        block = layers[index].to(layer.keys.dtype)
+        if block.dim() == 4:  # one prefix for every row
+            block = block[None].expand(layer.keys.shape[0], -1, -1, -1, -1)
+        layer.keys = torch.cat([block[:, 0], layer.keys], dim=-2)
+        layer.values = torch.cat([block[:, 1], layer.values], dim=-2)
     return True
+
+
+def _with_prefix_columns(
+    model_mask: torch.Tensor | None, attention_mask: torch.Tensor, prefix: CachedPrefix
+) -> torch.Tensor | None:
+    """The 2-D mask once the prefix is in the cache: its columns seen by every token (or by the inputs that
+    ``prefix.columns`` says), in front of the prompt's mask."""
+    if prefix.columns is not None:
+        return torch.cat([prefix.columns.to(attention_mask.dtype), attention_mask], dim=1)
+    if model_mask is None:
+        return None
+    return torch.cat([model_mask.new_ones(model_mask.shape[0], prefix.length), model_mask], dim=1)
 
 
 def _processors(

@@ -9,6 +9,7 @@ from prefix_lightning.evaluation.suites import (
     validation_metrics,
     validation_suite,
 )
+from prefix_lightning.evaluation.tasks import task_metrics, task_validation_metrics
 
 __all__ = [
     "SUITES",
@@ -16,6 +17,8 @@ __all__ = [
     "corpus_bleu",
     "main_validation_metric",
     "score",
+    "task_metrics",
+    "task_validation_metrics",
     "validation_metrics",
     "validation_suite",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -17,7 +18,13 @@ def slices_logits(lm: PreTrainedModel) -> bool:
     return not lm.config.is_encoder_decoder and "logits_to_keep" in inspect.signature(lm.forward).parameters
 
 
-def target_loss(lm: Any, labels: torch.Tensor, length_groups: int | None = None, **inputs: Any) -> torch.Tensor:
+def target_loss(
+    lm: Any,
+    labels: torch.Tensor,
+    length_groups: int | None = None,
+    on_group: Callable[[torch.Tensor], None] | None = None,
+    **inputs: Any,
+) -> torch.Tensor:
     """Cross-entropy over ``labels != IGNORE_INDEX``, equal to the LM's own ``loss``, computed with less work.
 
     Two savings for causal LMs, neither of which changes the loss. The LM head runs only at positions that
@@ -26,7 +33,8 @@ def target_loss(lm: Any, labels: torch.Tensor, length_groups: int | None = None,
     ``length_groups`` groups, each cut to its own longest row, so that less padding is computed. Grouping pays
     where compute grows with padded tokens and smaller batches stay efficient: ``None`` takes 2 groups on CPU
     and 1 on accelerators, where a small batch is bound by latency rather than by arithmetic (docs/performance.md).
-    Encoder-decoder targets fill the decoder: they take the LM's own path.
+    Encoder-decoder targets fill the decoder: they take the LM's own path. ``on_group`` is told each group's rows
+    (indices into the batch) before its forward, for state that follows the rows (a bank's per-row prefixes).
     """
     if not slices_logits(lm):
         return lm(**inputs, labels=labels, use_cache=False).loss
@@ -42,6 +50,8 @@ def target_loss(lm: Any, labels: torch.Tensor, length_groups: int | None = None,
         group = {k: v[rows, :cut] if _is_per_token(v, labels) else v for k, v in inputs.items()}
         targets = labels[rows, 1:cut]
         predicts = nn.functional.pad(targets != IGNORE_INDEX, (0, 1))  # position t predicts token t + 1
+        if on_group is not None:
+            on_group(rows)
         logits = lm(**group, use_cache=False, logits_to_keep=predicts).logits
         total = total + nn.functional.cross_entropy(logits.float(), targets[predicts[:, :-1]], reduction="sum")
     return total / (labels[:, 1:] != IGNORE_INDEX).sum()

@@ -5,7 +5,8 @@ load it (with this project; with PEFT or transformers where their files are in t
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -163,3 +164,22 @@ class ModelCard:
                 'prefix-lightning as above, or `PrefixModel.from_peft(lm, "<this folder>")`.',
             ]
         return lines
+
+
+def write_cards(card: ModelCard, folder: str | Path, tasks: Sequence[str] | None = None) -> list[Path]:
+    """The card of an export folder; for a multi-task export (``tasks``: one prefix folder per task, see
+    ``MultiTaskPrefix``) a card in each task's folder, naming its task and stating its own scores
+    (``<split>/<task>/<metric>``) and its share of the trainable parameters."""
+    folder = Path(folder)
+    if not tasks:
+        return [card.write(folder)]
+    written = []
+    for task in tasks:
+        scores = {}
+        for name, value in card.metrics.items():
+            split, _, rest = name.partition("/")
+            if rest.startswith(f"{task}/"):
+                scores[f"{split}/{rest.removeprefix(f'{task}/')}"] = value
+        share = card.trainable_params // len(tasks) if card.trainable_params is not None else None
+        written.append(replace(card, dataset=task, metrics=scores, trainable_params=share).write(folder / task))
+    return written

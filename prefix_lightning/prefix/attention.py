@@ -16,6 +16,11 @@ only while x fits in the window; beyond it, the prefix is what the query still s
 
 Models with a relative position bias passed to attention (T5) get the bias of the prefix columns from the site's
 ``PrefixBias`` hook (see :mod:`prefix_lightning.prefix.relative_bias`).
+
+A site's prefix is one block shared by every row of the batch (``PrefixModel``), or, for a batch that mixes
+prefixes (``PrefixBank``), an object whose ``rows(batch)`` gives each row's keys/values and the prefix columns that
+row sees (prefixes of different lengths are padded to the longest, rows without a prefix see none) and whose
+``bias(hook, bias, batch)`` gives each row's prefix-column position bias.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -46,6 +51,18 @@ class AttentionCall:
     sliding_window: int | None = None  # the window the layer attends through (Mistral, Gemma's local layers)
 
 
+class RowsPrefix(Protocol):
+    """A site's prefix where the rows of a batch read different ones (``PrefixBank``; see ``prefix.rows.SiteRows``)."""
+
+    def rows(self, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each row's keys and values (batch, kv_heads, L_max, head_dim) and the columns it sees (batch, L_max)."""
+        ...
+
+    def bias(self, hook: PrefixBias, bias: torch.Tensor, batch: int) -> torch.Tensor:
+        """Each row's position bias of the prefix columns (batch, heads, queries, L_max), from the site's hook."""
+        ...
+
+
 class PrefixInjector:
     """The per-model switchboard that the attention function reads.
 
@@ -54,9 +71,10 @@ class PrefixInjector:
     checkpointing recomputes layers with the very same prefix tensors.
     """
 
-    def __init__(self, infix: bool = False) -> None:
+    def __init__(self, infix: bool = False, shift: int = 0) -> None:
         self.enabled = True
         self.infix = infix
+        self.shift = shift  # added to real tokens' positions (see prefix.positions)
         self.prompt_width: int | None = None  # set by generate for an infix
         self.prefixes: dict[str, list[torch.Tensor]] | None = None
 
@@ -64,10 +82,15 @@ class PrefixInjector:
         """Copies (pickling for spawned processes) start without the materialized prefix of the last forward."""
         return {**self.__dict__, "prefixes": None}
 
-    def lookup(self, group: str, index: int) -> torch.Tensor | None:
+    def lookup(self, group: str, index: int) -> torch.Tensor | RowsPrefix | None:
+        """The prefix that the site (group, index) reads now: one block for every row, or each row its own."""
         if not self.enabled or self.prefixes is None:
             return None
         return self.prefixes[group][index]
+
+    def position_shift(self, rows: int) -> int | torch.Tensor:
+        """What real tokens' positions move by in a call with ``rows`` rows: one number for all rows here."""
+        return self.shift
 
     @contextmanager
     def disabled(self) -> Iterator[None]:
@@ -144,16 +167,17 @@ def _widen_mask(
     query: torch.Tensor,
     key_length: int,
     prefix_length: int,
-    rows: torch.Tensor | None = None,
+    seen: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """Prepend ``prefix_length`` key columns to the attention mask: visible to every query, or to ``rows`` only.
+    """Prepend ``prefix_length`` key columns to the attention mask: visible to every query, or where ``seen``
+    (bool, broadcastable to (batch, 1, queries, prefix_length)) says so.
 
     With no mask the model relied on SDPA's ``is_causal``, which aligns top-left and would be wrong once keys
     outnumber queries: the causal pattern is built explicitly (bottom-right aligned) before widening.
     """
     query_length = query.shape[2]
     if mask is None:
-        if (not causal or query_length == 1) and (rows is None or bool(rows.all())):
+        if (not causal or query_length == 1) and (seen is None or bool(seen.all())):
             return None
         mask = torch.ones(query_length, key_length, dtype=torch.bool, device=query.device)
         if causal:
@@ -161,11 +185,11 @@ def _widen_mask(
         mask = mask[None, None]
     if mask.shape[-1] != key_length:
         raise RuntimeError(f"attention mask covers {mask.shape[-1]} keys but the layer has {key_length}")
-    if rows is None:
+    if seen is None:
         visible = torch.ones if mask.dtype == torch.bool else torch.zeros
         columns = visible(*mask.shape[:-1], prefix_length, dtype=mask.dtype, device=mask.device)
     else:
-        seen = rows[:, None, :, None].expand(-1, mask.shape[1], -1, prefix_length)
+        seen = seen.expand(-1, mask.shape[1], query_length, prefix_length)
         if mask.dtype != torch.bool:
             hidden = torch.tensor(torch.finfo(mask.dtype).min, dtype=mask.dtype, device=mask.device)
             seen = torch.where(seen, torch.zeros_like(hidden), hidden)
@@ -194,20 +218,30 @@ def prefix_attention(
         causal = kwargs.get("is_causal")
         if causal is None:
             causal = getattr(module, "is_causal", True)
-        batch, length = key.shape[0], prefix.shape[2]
-        prefix = prefix.to(dtype=key.dtype)
-        rows = None
+        batch = key.shape[0]
+        seen = None
+        if isinstance(prefix, torch.Tensor):  # one block for every row
+            keys, values = (block.expand(batch, -1, -1, -1) for block in prefix.to(dtype=key.dtype))
+        else:  # each row its own (a batch that mixes prefixes)
+            keys, values, columns = prefix.rows(batch)
+            keys, values, seen = keys.to(key.dtype), values.to(key.dtype), columns[:, None, None, :]
         if binding.injector.infix:
             start = key.shape[2] - query.shape[2]  # the cached tokens before this call's
             rows, _ = infix_rows(binding.injector, queries, start, query.shape[2], query.device)
-        attention_mask = _widen_mask(attention_mask, causal, query, key.shape[2], length, rows)
+            seen = rows[:, None, :, None]
+        attention_mask = _widen_mask(attention_mask, causal, query, key.shape[2], keys.shape[2], seen)
         bias = kwargs.get("position_bias")
         if bias is not None:
             if binding.bias is None:
                 raise RuntimeError(f"{type(module).__name__} passes a position bias that no prefix hook extends")
-            kwargs["position_bias"] = torch.cat([binding.bias(bias, length).to(bias.dtype), bias], dim=-1)
-        key = torch.cat([prefix[0].expand(batch, -1, -1, -1), key], dim=2)
-        value = torch.cat([prefix[1].expand(batch, -1, -1, -1), value], dim=2)
+            if isinstance(prefix, torch.Tensor):
+                columns = binding.bias(bias, keys.shape[2]).to(bias.dtype)
+            else:
+                columns = prefix.bias(binding.bias, bias, batch)
+                bias = bias.expand(batch, -1, -1, -1)
+            kwargs["position_bias"] = torch.cat([columns, bias], dim=-1)
+        key = torch.cat([keys, key], dim=2)
+        value = torch.cat([values, value], dim=2)
         kwargs["is_causal"] = False
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 

@@ -9,6 +9,28 @@ import torch
 from torch import nn
 
 from prefix_lightning.prefix.config import PrefixConfig
+from prefix_lightning.prefix.sites import AttentionSite
+
+INPUT = "input"  # the encoder of embedding-only: input embeddings, not a site group
+
+
+def prefix_encoders(config: PrefixConfig, sites: Sequence[AttentionSite], embed_dim: int) -> nn.ModuleDict:
+    """What trains for one prefix on these attention sites: an encoder per site group, each site with its own
+    shape (2, kv_heads, head_dim) per virtual token; for embedding-only one encoder of input embeddings."""
+    if config.kind == "embedding":
+        return nn.ModuleDict({INPUT: PrefixEncoder(config, [(embed_dim,)], embed_dim)})
+    shapes = site_token_shapes(sites)
+    return nn.ModuleDict({group: PrefixEncoder(config, shape, embed_dim) for group, shape in shapes.items()})
+
+
+def site_token_shapes(sites: Sequence[AttentionSite], length: int | None = None) -> dict[str, list[tuple[int, ...]]]:
+    """Per site group, each site's prefix shape: (2, kv_heads, head_dim) per virtual token, or with ``length`` the
+    whole block, (2, kv_heads, length, head_dim)."""
+    tokens = () if length is None else (length,)
+    shapes: dict[str, list[tuple[int, ...]]] = {}
+    for site in sites:
+        shapes.setdefault(site.group, []).append((2, site.kv_heads, *tokens, site.head_dim))
+    return shapes
 
 
 class PrefixEncoder(nn.Module):

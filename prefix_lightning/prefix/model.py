@@ -5,35 +5,25 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
-from transformers.modeling_layers import GradientCheckpointingLayer
 
 from prefix_lightning.decoding import CachedPrefix, PackedWeights, generate
 from prefix_lightning.methods import IGNORE_INDEX, target_loss
-from prefix_lightning.prefix.attention import (
-    INFIX_QUERIES,
-    PrefixInjector,
-    bind,
-    record_attention_calls,
-)
+from prefix_lightning.prefix.attention import INFIX_QUERIES, PrefixInjector
 from prefix_lightning.prefix.config import PrefixConfig
-from prefix_lightning.prefix.encoder import PrefixEncoder
+from prefix_lightning.prefix.encoder import INPUT, PrefixEncoder, prefix_encoders
 from prefix_lightning.prefix.export import read_prefix, save_prefix
 from prefix_lightning.prefix.peft_format import peft_incompatibility, read_peft_prefix, save_peft_prefix
 from prefix_lightning.prefix.positions import attach_position_shift
-from prefix_lightning.prefix.relative_bias import prefix_bias_hooks
-from prefix_lightning.prefix.sites import AttentionSite, UnsupportedModelError, discover_sites, use_prefix_attention
+from prefix_lightning.prefix.sites import AttentionSite, UnsupportedModelError, use_prefix_attention
+from prefix_lightning.prefix.wiring import bind_sites, cache_layers, checkpoint_layers, site_activations, site_keys
 
 log = logging.getLogger(__name__)
-
-INPUT = "input"  # the encoder of embedding-only: input embeddings, not a site group
 
 
 class PrefixModel(nn.Module):
@@ -61,28 +51,15 @@ class PrefixModel(nn.Module):
         kind = self.config.kind
         if kind != "prefix" and lm.config.is_encoder_decoder:
             raise UnsupportedModelError(f"prefix kind {kind!r} is for decoder-only LMs; {type(lm).__name__} is not one")
-        self.injector = PrefixInjector(infix=kind == "infix")
-        bound = discover_sites(lm)
-        self.sites: list[AttentionSite] = [site for _, site in bound]
-        bias_hooks = prefix_bias_hooks(bound, self.config.shift_positions)
-        groups: dict[str, list[AttentionSite]] = {}
-        for module, site in bound:
-            index = len(groups.setdefault(site.group, []))
-            bind(module, self.injector, site.group, index, bias_hooks.get(module))
-            groups[site.group].append(site)
+        shift = self.config.length if self.config.shift_positions else 0
+        self.injector = PrefixInjector(infix=kind == "infix", shift=shift)
+        self.sites: list[AttentionSite] = bind_sites(lm, self.injector, self.config.shift_positions)
         # transformers types the embeddings as a plain Module.
         embed_dim: int = lm.get_input_embeddings().embedding_dim  # type: ignore[assignment]
-        shapes: dict[str, list[tuple[int, ...]]]
-        if kind == "embedding":
-            shapes = {INPUT: [(embed_dim,)]}
-        else:  # every site keeps its own shape
-            shapes = {group: [(2, site.kv_heads, site.head_dim) for site in sites] for group, sites in groups.items()}
-        self.encoders = nn.ModuleDict(
-            {group: PrefixEncoder(self.config, shape, embed_dim) for group, shape in shapes.items()}
-        )
+        self.encoders = prefix_encoders(self.config, self.sites, embed_dim)
         # A relative position bias (T5) places the prefix by itself (prefix.relative_bias); absolute positions move.
-        if self.config.shift_positions and not bias_hooks:
-            attach_position_shift(lm, self.config.length, self.injector)
+        if self.config.shift_positions and not any(site.position_bias for site in self.sites):
+            attach_position_shift(lm, self.injector)
         self.packed_weights = PackedWeights()  # the frozen LM's weights packed for decoding on CPU
         self._initialize(tokenizer)
 
@@ -114,14 +91,9 @@ class PrefixModel(nn.Module):
 
     def _activations(self, **inputs: torch.Tensor) -> dict[str, list[torch.Tensor]]:
         """The plain LM's keys/values of one sequence in every attention site, grouped like the prefix."""
-        with self.prefix_disabled(), record_attention_calls() as calls:
-            self.lm(**inputs, use_cache=False)
-        by_module = {id(call.module): call for call in calls}
-        named = dict(self.lm.named_modules())
         groups: dict[str, list[torch.Tensor]] = {}
-        for site in self.sites:
-            call = by_module[id(named[site.name])]
-            groups.setdefault(site.group, []).append(torch.stack([call.key[0], call.value[0]]))
+        for site, block in zip(self.sites, site_activations(self.lm, self.injector, self.sites, **inputs), strict=True):
+            groups.setdefault(site.group, []).append(block)
         return groups
 
     def _with_infix_queries(self, inputs: dict[str, Any], labels: torch.Tensor) -> dict[str, Any]:
@@ -160,20 +132,13 @@ class PrefixModel(nn.Module):
     def _cached_prefix(self) -> CachedPrefix | None:
         """The prefix as cache entries for the steps after the prompt (a decoder-only LM whose attention modules
         name their cache layer), with attention's own route turned off meanwhile."""
-        if not self.injector.enabled or self.injector.prefixes is None or self.lm.config.is_encoder_decoder:
+        layers = cache_layers(self.lm, self.sites)
+        if not self.injector.enabled or self.injector.prefixes is None or layers is None:
             return None
-        named = dict(self.lm.named_modules())
-        counters: dict[str, int] = {}
-        layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for site in self.sites:
-            index = counters.get(site.group, 0)
-            counters[site.group] = index + 1
-            layer = getattr(named[site.name], "layer_idx", None)
-            if not isinstance(layer, int) or layer in layers:
-                return None
-            block = self.injector.prefixes[site.group][index]
-            layers[layer] = (block[0], block[1])
-        return CachedPrefix(layers, self.virtual_positions, self.prefix_disabled) if layers else None
+        prefixes = self.injector.prefixes
+        keys = site_keys(self.sites)
+        blocks = {layer: prefixes[group][index] for layer, (group, index) in zip(layers, keys, strict=True)}
+        return CachedPrefix(blocks, self.virtual_positions, self.prefix_disabled)
 
     @contextmanager
     def prefix_disabled(self) -> Iterator[None]:
@@ -182,28 +147,18 @@ class PrefixModel(nn.Module):
             yield
 
     def enable_gradient_checkpointing(self) -> None:
-        """Recompute the frozen LM's layers in backward instead of storing their activations.
-
-        transformers only checkpoints layers in training mode, and the LM stays in eval mode here (no dropout),
-        so the layers are wrapped directly with non-reentrant checkpointing, which lets gradients reach the
-        prefix that the layers read from outside their inputs.
-        """
-        for module in self.lm.modules():
-            if isinstance(module, GradientCheckpointingLayer) and "forward" not in vars(module):
-                module.forward = partial(_checkpointed, module)
+        """Recompute the frozen LM's layers in backward instead of storing their activations (see
+        :func:`checkpoint_layers`)."""
+        checkpoint_layers(self.lm)
 
     # -- inspection ----------------------------------------------------------------------------------------
     def prefix_key_values(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """The materialized prefix per attention module name: (keys, values), each (kv_heads, L, head_dim)."""
         prefixes = self.materialized()
-        counters: dict[str, int] = {}
-        result = {}
-        for site in self.sites:
-            index = counters.get(site.group, 0)
-            counters[site.group] = index + 1
-            block = prefixes[site.group][index]
-            result[site.name] = (block[0], block[1])
-        return result
+        return {
+            site.name: (prefixes[group][index][0], prefixes[group][index][1])
+            for site, (group, index) in zip(self.sites, site_keys(self.sites), strict=True)
+        }
 
     @property
     def prefix_encoders(self) -> dict[str, PrefixEncoder]:
@@ -266,42 +221,14 @@ class PrefixModel(nn.Module):
 
     # -- export --------------------------------------------------------------------------------------------
     def save(self, path: str | Path, format: str | None = None) -> Path:
-        """Write what trains, materialized (MLP dropped), to the folder ``path``.
-
-        ``format="prefix-lightning"``: this project's folder (the prefix's or infix's keys/values, or embedding-only's
-        input embeddings, and their description); ``"peft"``: PEFT's prefix-tuning adapter, which
-        ``peft.PeftModel.from_pretrained(lm, path)`` loads (see ``peft_format``); None: ours, plus PEFT's files where
-        PEFT can hold this prefix.
-        """
-        if format not in SAVE_FORMATS:
-            raise ValueError(f"format={format!r} is not one of {SAVE_FORMATS}")
-        folder = Path(path)
-        if format != "peft":
-            with torch.no_grad():
-                blocks = {group: encoder() for group, encoder in self.encoders.items()}
-            save_prefix(folder, blocks, self.config, self.lm, self.sites)
-        reason = self.peft_incompatibility()
-        if format == "peft" and reason is not None:
-            raise ValueError(f"PEFT cannot load this prefix: {reason}")
-        if format == "peft" or (format is None and reason is None):
-            with torch.no_grad():
-                key_values = self.prefix_key_values()
-            in_layers = {name: key_values[name] for name in self._names_by_layer()}
-            save_peft_prefix(folder, in_layers, self.config, self.lm.name_or_path)
-        return folder
+        """Write what trains, materialized (MLP dropped), to the folder ``path`` (see :func:`write_prefix`)."""
+        with torch.no_grad():
+            blocks = {group: encoder() for group, encoder in self.encoders.items()}
+        return write_prefix(Path(path), blocks, self.config, self.lm, self.sites, format)
 
     def peft_incompatibility(self) -> str | None:
         """Why PEFT's prefix tuning cannot hold this prefix, or None."""
         return peft_incompatibility(self.config, self.sites, bool(self.lm.config.is_encoder_decoder))
-
-    def _names_by_layer(self) -> list[str]:
-        """The attention modules bottom to top, as a cache numbers them (``layer_idx``), else as found."""
-        named = dict(self.lm.named_modules())
-        layers = [getattr(named[site.name], "layer_idx", None) for site in self.sites]
-        names = [site.name for site in self.sites]
-        if all(isinstance(layer, int) for layer in layers):
-            return [name for _, name in sorted(zip(layers, names, strict=True))]
-        return names
 
     @torch.no_grad()
     def set_prefix_key_values(self, key_values: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -344,7 +271,7 @@ class PrefixModel(nn.Module):
         if reason is not None:
             raise ValueError(f"cannot load the PEFT prefix in {path} onto {type(lm).__name__}: {reason}")
         sites = {site.name: site for site in model.sites}
-        by_layer = [sites[name] for name in model._names_by_layer()]
+        by_layer = [sites[name] for name in names_by_layer(lm, model.sites)]
         layers = adapter.key_values(by_layer)
         model.set_prefix_key_values({site.name: pair for site, pair in zip(by_layer, layers, strict=True)})
         return model
@@ -353,9 +280,43 @@ class PrefixModel(nn.Module):
 SAVE_FORMATS = (None, "prefix-lightning", "peft")
 
 
-def _checkpointed(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    """The layer's own forward, recomputed in backward (a partial of this function pickles with the model)."""
-    forward = partial(type(module).forward, module)
-    if not torch.is_grad_enabled():
-        return forward(*args, **kwargs)
-    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+def write_prefix(
+    folder: Path,
+    blocks: dict[str, list[torch.Tensor]],
+    config: PrefixConfig,
+    lm: PreTrainedModel,
+    sites: Sequence[AttentionSite],
+    format: str | None = None,
+) -> Path:
+    """Export one prefix: ``blocks`` as its encoders give them per group (MLP dropped), on ``lm``'s ``sites``.
+
+    ``format="prefix-lightning"``: this project's folder (the prefix's or infix's keys/values, or embedding-only's
+    input embeddings, and their description); ``"peft"``: PEFT's prefix-tuning adapter, which
+    ``peft.PeftModel.from_pretrained(lm, path)`` loads (see ``peft_format``); None: ours, plus PEFT's files where
+    PEFT can hold this prefix.
+    """
+    if format not in SAVE_FORMATS:
+        raise ValueError(f"format={format!r} is not one of {SAVE_FORMATS}")
+    if format != "peft":
+        save_prefix(folder, blocks, config, lm, sites)
+    reason = peft_incompatibility(config, sites, bool(lm.config.is_encoder_decoder))
+    if format == "peft" and reason is not None:
+        raise ValueError(f"PEFT cannot load this prefix: {reason}")
+    if format == "peft" or (format is None and reason is None):
+        # PEFT holds only prefixes of kind "prefix", whose blocks are each site's (keys, values).
+        by_name = {
+            site.name: blocks[group][index] for site, (group, index) in zip(sites, site_keys(sites), strict=True)
+        }
+        in_layers = {name: (by_name[name][0], by_name[name][1]) for name in names_by_layer(lm, sites)}
+        save_peft_prefix(folder, in_layers, config, lm.name_or_path)
+    return folder
+
+
+def names_by_layer(lm: PreTrainedModel, sites: Sequence[AttentionSite]) -> list[str]:
+    """The attention modules bottom to top, as a cache numbers them (``layer_idx``), else as found."""
+    named = dict(lm.named_modules())
+    layers = [getattr(named[site.name], "layer_idx", None) for site in sites]
+    names = [site.name for site in sites]
+    if all(isinstance(layer, int) for layer in layers):
+        return [name for _, name in sorted(zip(layers, names, strict=True))]
+    return names

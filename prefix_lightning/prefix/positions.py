@@ -5,8 +5,10 @@ them), so real tokens start at position L, as in the paper's code and in PEFT. T
 supported families:
 - models whose forward takes ``position_ids`` (GPT-2, Llama, ...): a pre-hook on the model shifts the given
   ids, or computes them from the 2-D attention mask (left padding) when the caller passed none;
-- BART-style learned position embeddings, which take no ids from outside: a pre-hook on each
-  ``embed_positions`` module moves its starting offset.
+- BART-style learned position embeddings, which take no ids from outside: a hook on each ``embed_positions``
+  module gives the embeddings of the moved positions.
+The shift is the injector's (``position_shift``): one number for the whole batch, or one per row where a batch
+mixes prefixes of different lengths (rows without a prefix keep their usual positions).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def _cached_length(tokens: torch.Tensor, kwargs: dict[str, Any]) -> int:
 
 
 def _shift_position_ids(
-    length: int, injector: PrefixInjector, module: nn.Module, args: tuple, kwargs: dict[str, Any]
+    injector: PrefixInjector, module: nn.Module, args: tuple, kwargs: dict[str, Any]
 ) -> tuple[tuple, dict]:
     if injector.enabled:
         tokens = args[0] if args else kwargs.get("input_ids")
@@ -53,29 +55,41 @@ def _shift_position_ids(
         positions = kwargs.get("position_ids")
         if positions is None:
             positions = _positions_from_inputs(tokens, kwargs)
+        shift = injector.position_shift(tokens.shape[0])
         if injector.infix:  # only the tokens after the infix move
             start, count = _cached_length(tokens, kwargs), tokens.shape[1]
             _, after = infix_rows(injector, kwargs.get(INFIX_QUERIES), start, count, tokens.device)
-            kwargs["position_ids"] = positions + length * after
+            kwargs["position_ids"] = positions + shift * after
         else:
-            kwargs["position_ids"] = positions + length
+            kwargs["position_ids"] = positions + shift
     return args, kwargs
 
 
 def _shift_learned_embedding(
-    length: int, injector: PrefixInjector, module: nn.Module, args: tuple, kwargs: dict[str, Any]
-) -> tuple[tuple, dict]:
-    if injector.enabled:
+    injector: PrefixInjector, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: torch.Tensor
+) -> torch.Tensor:
+    """The embeddings of the positions moved by the shift: the module's own forward from a later start (or at
+    later ids), once per distinct shift, each row taking its own."""
+    if not injector.enabled:
+        return output
+    tokens = args[0] if args else kwargs["input_ids"]
+    shift = injector.position_shift(tokens.shape[0])
+    per_row = torch.as_tensor(shift, device=output.device).reshape(-1, 1, 1)
+    result = output
+    for value in per_row.unique().tolist():
+        if value == 0:
+            continue
         if kwargs.get("position_ids") is not None:
-            kwargs["position_ids"] = kwargs["position_ids"] + length
+            moved = type(module).forward(module, tokens, position_ids=kwargs["position_ids"] + value)
         else:
             start = args[1] if len(args) > 1 else kwargs.get("cache_length", 0)
-            args, kwargs["cache_length"] = args[:1], start + length
-    return args, kwargs
+            moved = type(module).forward(module, tokens, start + value)
+        result = torch.where(per_row == value, moved, result)
+    return result
 
 
-def attach_position_shift(lm: PreTrainedModel, length: int, injector: PrefixInjector) -> list[RemovableHandle]:
-    """Install the hooks that offset positions by ``length`` while ``injector`` is enabled.
+def attach_position_shift(lm: PreTrainedModel, injector: PrefixInjector) -> list[RemovableHandle]:
+    """Install the hooks that offset positions by the injector's shift while it is enabled.
 
     The hooks are partials of module-level functions, not closures, so that the model can be pickled.
     """
@@ -85,10 +99,10 @@ def attach_position_shift(lm: PreTrainedModel, length: int, injector: PrefixInje
         if name.endswith("embed_positions") and "cache_length" in inspect.signature(module.forward).parameters
     ]
     if embedding_modules:
-        hook = partial(_shift_learned_embedding, length, injector)
-        return [m.register_forward_pre_hook(hook, with_kwargs=True) for m in embedding_modules]
+        hook = partial(_shift_learned_embedding, injector)
+        return [m.register_forward_hook(hook, with_kwargs=True) for m in embedding_modules]
     if not lm.config.is_encoder_decoder and "position_ids" in inspect.signature(lm.forward).parameters:
-        return [lm.register_forward_pre_hook(partial(_shift_position_ids, length, injector), with_kwargs=True)]
+        return [lm.register_forward_pre_hook(partial(_shift_position_ids, injector), with_kwargs=True)]
     raise UnsupportedModelError(
         f"don't know how to shift the positions of {type(lm).__name__}; set prefix.shift_positions=false "
         "to keep real tokens at their usual positions"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from typing import Any
+from typing import Any, Protocol
 
 import lightning as L
 from hydra.utils import instantiate
@@ -15,6 +15,7 @@ from prefix_lightning.backbones import load_backbone
 from prefix_lightning.methods import TrainableLM
 from prefix_lightning.training.checks import ConfigError, check_config, method_class, options_at
 from prefix_lightning.training.module import MethodModule
+from prefix_lightning.training.tasks import task_data_configs
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,18 @@ def newline_tokens(tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
     return [[i] for i in vocabulary if "\n" in tokenizer.decode([i], clean_up_tokenization_spaces=False)]
 
 
-def source_budget(cfg: DictConfig, model: TrainableLM) -> int:
+class _Positioned(Protocol):
+    """What the source budget reads of a model: its LM and the positions its virtual tokens take (a method, or a
+    bank of prefixes)."""
+
+    @property
+    def lm(self) -> PreTrainedModel: ...
+
+    @property
+    def virtual_positions(self) -> int: ...
+
+
+def source_budget(cfg: DictConfig, model: _Positioned) -> int:
     """``data.max_source_tokens``, cut down where source, target and virtual tokens would not fit the model's
     positions."""
     wanted, target = cfg.data.max_source_tokens, cfg.data.max_target_tokens
@@ -97,8 +109,12 @@ def source_budget(cfg: DictConfig, model: TrainableLM) -> int:
 
 
 def build_datamodule(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, model: TrainableLM) -> L.LightningDataModule:
+    """The configured data module; a mixture of tasks (``data.tasks``) gets each task's composed data config."""
+    data: dict[str, Any] = options_at(cfg, "data")
+    if "tasks" in data:
+        data["tasks"] = task_data_configs(cfg)
     return instantiate(
-        cfg.data,
+        data,
         tokenizer=tokenizer,
         separator=cfg.model.separator,
         target_end=cfg.model.target_end,

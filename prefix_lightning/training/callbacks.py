@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
 from prefix_lightning.files.checkpoints import check_checkpoint
 from prefix_lightning.methods import IGNORE_INDEX
-from prefix_lightning.methods.model_card import ModelCard
+from prefix_lightning.methods.model_card import ModelCard, write_cards
 from prefix_lightning.training.dashboards import log_generation_samples, log_result
 from prefix_lightning.training.job import current_job
 from prefix_lightning.training.last_checkpoint import LastCheckpoint
@@ -76,14 +76,15 @@ class MethodExport(L.Callback):
     def _write_card(self, trainer: L.Trainer, pl_module: MethodModule, test: dict[str, float]) -> None:
         if not self.card:
             return
-        ModelCard(
+        card = ModelCard(
             **self.card,
             train_steps=trainer.global_step,
             exported=self.source,
             exported_step=self.step,
             metrics={**self._validation, **test},
             trainable_params=sum(p.numel() for p in pl_module.parameters() if p.requires_grad),
-        ).write(self.dirpath)
+        )
+        write_cards(card, self.dirpath, getattr(pl_module.model, "tasks", None))  # multi-task: a card per task
 
     def _load_best(self, trainer: L.Trainer, pl_module: MethodModule) -> None:
         """Every rank loads the best checkpoint, as Lightning restores one (the strategy reads it)."""

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from prefix_lightning.backbones import BackboneConfig
 from prefix_lightning.prefix import PrefixConfig
+from prefix_lightning.training.tasks import TaskConfigError, check_tasks
 
 
 class ConfigError(ValueError):
@@ -64,11 +65,31 @@ def method_class(cfg: DictConfig) -> type:
     return cls
 
 
+def _check_tasks(cfg: DictConfig) -> None:
+    """A mixture of tasks (data=multi) and a method that trains one prefix per task go together."""
+    tasks = OmegaConf.select(cfg, "data.tasks")
+    takes_tasks = "tasks" in inspect.signature(method_class(cfg)).parameters
+    if tasks is None and takes_tasks:
+        raise ConfigError(
+            f"method={cfg.method.name} trains one prefix per task: use it with data=multi data.tasks=[...]"
+        )
+    if tasks is not None and not takes_tasks:
+        raise ConfigError(
+            f"data=multi tags every row with its task; method={cfg.method.name} trains one model for all rows: use "
+            "method=multitask_prefix (one prefix per task), or a single data config"
+        )
+    if tasks is not None:
+        try:
+            check_tasks(tasks)
+        except TaskConfigError as error:
+            raise ConfigError(str(error)) from error
+
+
 def check_config(cfg: DictConfig) -> None:
     """Validate the options a run depends on, naming the option and what it accepts."""
     _built("model.backbone", BackboneConfig, options_at(cfg, "model.backbone"))
     prefix = _built(None, PrefixConfig.of, {"config": options_at(cfg, "prefix")})
-    method_class(cfg)
+    _check_tasks(cfg)
     if (prefix.init_text is not None or prefix.init_vocab) and "config" not in cfg.method.model:
         raise ConfigError(
             f"prefix.init_text / init_vocab start a prefix, infix or embedding; method {cfg.method.name} has none"

@@ -13,7 +13,7 @@ from lightning.fabric.utilities.data import AttributeDict
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
-from prefix_lightning.evaluation import main_validation_metric, score, validation_suite
+from prefix_lightning.evaluation import main_validation_metric, score, task_metrics, validation_suite
 from prefix_lightning.methods import TrainableLM
 from prefix_lightning.training.sharded import clip_sharded_grad_norm
 
@@ -73,35 +73,38 @@ class MethodModule(L.LightningModule):
     # -- decoding ------------------------------------------------------------------------------------------
     def _generate(self, batch: dict[str, Any]) -> None:
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if "prefixes" in batch:  # a mixture of tasks: each row with its task's prefix
+            inputs["prefixes"] = batch["prefixes"]
         output = self.model.generate(**inputs, **self.generation)
         if not self.model.lm.config.is_encoder_decoder:
             output = output[:, inputs["input_ids"].shape[1] :]
         texts = self.tokenizer.batch_decode(output, skip_special_tokens=True)
         keys = ("group_id", "category", "source", "references")
         columns = (batch["group_ids"], batch["categories"], batch["sources"], batch["references"])
-        for *values, text in zip(*columns, texts, strict=True):
-            self._outputs.append({**dict(zip(keys, values, strict=True)), "generation": text.strip()})
+        tasks = batch.get("prefixes", [None] * len(texts))
+        for *values, task, text in zip(*columns, tasks, texts, strict=True):
+            row = {**dict(zip(keys, values, strict=True)), "generation": text.strip()}
+            self._outputs.append(row if task is None else {"task": task, **row})
 
     def _score(self, split: str) -> None:
         outputs = self._gather(self._outputs)
         self._outputs = []
         if not outputs:
             return
-        # Validation scores what picks the best checkpoint (see validation_suite: BLEU, XSum's ROUGE); the test runs
-        # the dataset's full suite, and for WebNLG also on the test inputs of categories seen / unseen in training.
         # Lightning sets this attribute without declaring it.
         datamodule = self.trainer.datamodule  # type: ignore[attr-defined]
-        suite = getattr(datamodule, "metric_suite", "bleu")
-        suite = suite if split == "test" else validation_suite(suite)
-        main = main_validation_metric(suite).removeprefix("val/")
-        metrics = _score_outputs(suite, outputs)
-        seen: frozenset[str] = getattr(datamodule, "seen_categories", frozenset()) if split == "test" else frozenset()
-        for subset, is_seen in (("seen", True), ("unseen", False)) if seen else ():
-            part = [o for o in outputs if (o["category"] in seen) == is_seen]
-            if part:
-                metrics |= {f"{subset}/{key}": value for key, value in _score_outputs(suite, part).items()}
+        tasks: dict[str, Any] | None = getattr(datamodule, "tasks", None)
+        if tasks is None:
+            metrics = _split_metrics(split, datamodule, outputs)
+        else:  # data=multi: each task with its own metrics
+            by_task = {task: [o for o in outputs if o["task"] == task] for task in tasks}
+            metrics = task_metrics(
+                {task: _split_metrics(split, tasks[task], part) for task, part in by_task.items() if part}
+            )
+        suites = [getattr(data, "metric_suite", "bleu") for data in (tasks or {"": datamodule}).values()]
+        main = {main_validation_metric(suite).removeprefix("val/") for suite in suites}
         for key, value in metrics.items():
-            self.log(f"{split}/{key.lower()}", value, prog_bar=key.lower() == main, rank_zero_only=True)
+            self.log(f"{split}/{key.lower()}", value, prog_bar=key.lower() in main, rank_zero_only=True)
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
             self._write(split, outputs, metrics)
 
@@ -194,6 +197,19 @@ class MethodModule(L.LightningModule):
                 + "; ".join(f"{k}: checkpoint {found.get(k)}, run {expected.get(k)}" for k in differing[:3])
                 + ". Was it written by a run with another prefix length, reparametrization or base model?"
             )
+
+
+def _split_metrics(split: str, datamodule: Any, outputs: list[dict[str, Any]]) -> dict[str, float]:
+    """Validation scores what picks the best checkpoint (see validation_suite: BLEU, XSum's ROUGE); the test runs
+    the dataset's full suite, and for WebNLG also on the test inputs of categories seen / unseen in training."""
+    suite = getattr(datamodule, "metric_suite", "bleu")
+    metrics = _score_outputs(suite if split == "test" else validation_suite(suite), outputs)
+    seen: frozenset[str] = getattr(datamodule, "seen_categories", frozenset()) if split == "test" else frozenset()
+    for subset, is_seen in (("seen", True), ("unseen", False)) if seen else ():
+        part = [o for o in outputs if (o["category"] in seen) == is_seen]
+        if part:
+            metrics |= {f"{subset}/{key}": value for key, value in _score_outputs(suite, part).items()}
+    return metrics
 
 
 def _score_outputs(suite: str, outputs: list[dict[str, Any]]) -> dict[str, float]:

@@ -1,0 +1,253 @@
+"""Decode new inputs with one or several exported prefixes on their frozen LM, no references needed.
+
+    python -m prefix_lightning.generate --prefix e2e=runs/a/prefix --prefix webnlg=runs/b/prefix \\
+        --input inputs.jsonl --output outputs.jsonl [generation.num_beams=3 model=smollm2_135m ...]
+
+Input: JSONL, one object per line with ``source`` and optionally ``prefix`` (a name given with --prefix; null for
+the plain LM; may be left out when one prefix is loaded); or plain text, one source per line, with one prefix.
+``-`` reads stdin / writes stdout. Output: JSONL, each input's fields plus ``prefix`` and ``generation``, in input
+order (plain text, one generation per line, for an output file ending in ``.txt``). Inputs are checked before
+anything loads (a bad line is named by its number); outputs are written and flushed batch by batch, so a stopped
+run keeps every finished batch. Rows of a batch may read different prefixes (``PrefixBank``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from prefix_lightning.cli import report_errors
+from prefix_lightning.data import Group, TextToTextCollator
+from prefix_lightning.prefix import PrefixBank, read_prefix
+from prefix_lightning.training.build import generation_settings, load_configured_backbone, source_budget
+from prefix_lightning.training.compose import CONF_DIR, compose_config
+
+FORMATS = ("auto", "jsonl", "text")
+
+
+@dataclass(frozen=True)
+class Request:
+    """One input line: its number (for messages), its source, the prefix it reads, and its other fields."""
+
+    line: int
+    source: str
+    prefix: str | None
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_prefixes(specs: Sequence[str]) -> dict[str, Path]:
+    """``NAME=FOLDER`` (or ``FOLDER``, named by its last component) -> {name: folder}; each folder is read now."""
+    prefixes: dict[str, Path] = {}
+    for spec in specs:
+        name, _, folder = spec.rpartition("=")
+        name = name or Path(folder).name
+        if name in prefixes:
+            raise ValueError(f"--prefix {spec}: the name {name!r} is given twice")
+        read_prefix(folder)  # a missing or foreign folder is named before anything else runs
+        prefixes[name] = Path(folder)
+    return prefixes
+
+
+def read_requests(stream: TextIO, form: str, prefixes: Sequence[str], where: str) -> list[Request]:
+    """Every input line, checked: JSON, a non-empty ``source`` string, a known ``prefix``."""
+    if form not in FORMATS:
+        raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {form!r}")
+    lines = stream.read().splitlines()
+    if form == "auto":
+        first = next((line for line in lines if line.strip()), "")
+        form = "jsonl" if first.lstrip().startswith("{") else "text"
+    if form == "text" and len(prefixes) > 1:
+        raise ValueError(
+            f"{where} is plain text, one source per line: it reads one prefix, but {len(prefixes)} are given "
+            f'({", ".join(prefixes)}); use JSONL with a "prefix" per line'
+        )
+    default = prefixes[0] if len(prefixes) == 1 else None
+    requests = []
+    for number, line in enumerate(lines, start=1):
+        if form == "text":
+            if not line.strip():
+                raise ValueError(f"{where}, line {number}: empty source (plain text holds one source per line)")
+            requests.append(Request(number, line.strip(), default))
+        elif line.strip():
+            requests.append(_json_request(line, number, prefixes, where))
+    if not requests:
+        raise ValueError(f"{where} holds no input")
+    return requests
+
+
+def _json_request(line: str, number: int, prefixes: Sequence[str], where: str) -> Request:
+    try:
+        fields = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where}, line {number}: not JSON ({error.msg})") from error
+    if not isinstance(fields, dict):
+        raise ValueError(f'{where}, line {number}: expected a JSON object with a "source"')
+    source = fields.get("source")
+    if not isinstance(source, str) or not source.strip():
+        raise ValueError(f'{where}, line {number}: "source" must be a non-empty string')
+    if "prefix" in fields:
+        prefix = fields["prefix"]
+        if prefix is not None and prefix not in prefixes:
+            known = ", ".join(prefixes) or "none"
+            raise ValueError(f"{where}, line {number}: unknown prefix {prefix!r} (given with --prefix: {known})")
+    elif len(prefixes) == 1:
+        prefix = prefixes[0]
+    else:
+        raise ValueError(
+            f'{where}, line {number}: no "prefix", and {len(prefixes)} prefixes are given '
+            f"({', '.join(prefixes) or 'none'}): say which (null for the plain LM)"
+        )
+    return Request(number, source.strip(), prefix, fields)
+
+
+def model_config_for(prefixes: dict[str, Path]) -> str:
+    """The model config (``conf/model/<name>.yaml``) whose backbone the prefixes were trained on."""
+    recorded = {read_prefix(folder).base_model.get("name_or_path") for folder in prefixes.values()}
+    if len(recorded) != 1 or None in recorded or "" in recorded:
+        raise ValueError(
+            f"the prefixes record different or unknown base models ({sorted(map(str, recorded))}): give model=<name>"
+        )
+    (identity,) = recorded
+    names = sorted(path.stem for path in (CONF_DIR / "model").glob("*.yaml"))
+    matches = [name for name in names if _backbone_of(name) == identity]
+    if len(matches) != 1:
+        found = f"configs {', '.join(matches)} match it" if matches else "no config under conf/model/ matches it"
+        raise ValueError(
+            f"the prefixes were trained on {identity}, and {found}: give the model config, model=<name> "
+            "(with model.backbone.name=... for another Hub model)"
+        )
+    return matches[0]
+
+
+def _backbone_of(name: str) -> str | None:
+    """The identity the backbone of model config ``name`` records (``backbone_identity``): embedded:<name>,
+    random:<model_type>, or the Hub id / folder; None for a random model shaped like another one (``like``), whose
+    type only its config on the Hub says."""
+    backbone = compose_config("generate", [f"model={name}"]).model.backbone
+    if backbone.source == "embedded":
+        return f"embedded:{backbone.name}"
+    if backbone.source == "random":
+        model_type = OmegaConf.select(backbone, "random_config.model_type")
+        return f"random:{model_type}" if model_type is not None else None
+    return str(backbone.name)
+
+
+def compose(prefixes: dict[str, Path], overrides: Sequence[str]) -> DictConfig:
+    given_model = any(override.split("=", 1)[0].lstrip("+") == "model" for override in overrides)
+    chosen = [] if given_model else [f"model={model_config_for(prefixes)}"]
+    return compose_config("generate", [*chosen, *overrides])
+
+
+def batches(requests: list[Request], size: int) -> Iterator[list[Request]]:
+    for start in range(0, len(requests), size):
+        yield requests[start : start + size]
+
+
+def decode(
+    bank: PrefixBank,
+    tokenizer: PreTrainedTokenizerBase,
+    collator: TextToTextCollator,
+    requests: list[Request],
+    settings: dict[str, Any],
+) -> list[str]:
+    """The generations of one batch (rows may read different prefixes)."""
+    prompts = collator.encode_prompts([Group(r.line, r.source, [], "") for r in requests], "inputs")
+    batch = collator.generation_batch(prompts)
+    device = next(bank.lm.parameters()).device
+    inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+    output = bank.generate(**inputs, prefixes=[request.prefix for request in requests], **settings)
+    if not bank.lm.config.is_encoder_decoder:
+        output = output[:, inputs["input_ids"].shape[1] :]
+    return [text.strip() for text in tokenizer.batch_decode(output, skip_special_tokens=True)]
+
+
+@contextmanager
+def opened(path: str, mode: str) -> Iterator[TextIO]:
+    if path == "-":
+        yield sys.stdin if mode == "r" else sys.stdout
+        return
+    with open(path, mode, encoding="utf-8") as file:
+        yield file  # type: ignore[misc]  # open() in text mode returns a TextIOWrapper, typed as IO[Any] here
+
+
+def run(args: argparse.Namespace) -> int:
+    prefixes = parse_prefixes(args.prefix)
+    where = "stdin" if args.input == "-" else args.input
+    with opened(args.input, "r") as stream:
+        requests = read_requests(stream, args.format, list(prefixes), where)
+    cfg = compose(prefixes, args.overrides)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lm, tokenizer = load_configured_backbone(cfg)
+    bank = PrefixBank(lm.to(args.device)).eval()
+    for name, folder in prefixes.items():
+        bank.add(name, folder)
+    settings = generation_settings(cfg, tokenizer)
+    collator = TextToTextCollator(
+        tokenizer,
+        cfg.model.separator,
+        cfg.model.target_end,
+        bool(lm.config.is_encoder_decoder),
+        max_source_tokens=source_budget(cfg, bank),
+        max_target_tokens=max(cfg.data.max_target_tokens, 2),
+    )
+    text_output = args.output.endswith(".txt")
+    with opened(args.output, "w") as out:
+        for chunk in tqdm(list(batches(requests, args.batch_size)), desc="generate", unit="batch", file=sys.stderr):
+            for request, text in zip(chunk, decode(bank, tokenizer, collator, chunk, settings), strict=True):
+                if text_output:
+                    out.write(" ".join(text.splitlines()) + "\n")
+                else:
+                    record = {**request.fields, "source": request.source, "prefix": request.prefix, "generation": text}
+                    out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            out.flush()
+    return 0
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m prefix_lightning.generate",
+        description="Decode new inputs with exported prefixes (several may share one batch); no references needed.",
+        epilog="Overrides choose the decoding (generation=summarization, generation.num_beams=3, ...) and the model "
+        "config (model=<name>; by default the one whose backbone the prefixes record), as for run.py.",
+    )
+    parser.add_argument(
+        "--prefix",
+        action="append",
+        default=[],
+        metavar="NAME=FOLDER",
+        help="an exported prefix folder and the name input lines use for it (repeat for several; FOLDER alone is "
+        "named by its last component)",
+    )
+    parser.add_argument("--input", required=True, help="JSONL (source, prefix) or text (a source per line); -: stdin")
+    parser.add_argument("--output", required=True, help="JSONL (or .txt: one generation per line); -: stdout")
+    parser.add_argument("--format", choices=FORMATS, default="auto", help="auto: JSONL if it opens with {")
+    parser.add_argument("--batch-size", type=int, default=10, help="inputs decoded together (default 10)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides: generation.*, model=..., paths.*")
+    args = parser.parse_args(argv)
+    if not args.prefix:
+        parser.error("give at least one --prefix NAME=FOLDER")
+    if args.batch_size < 1:
+        parser.error("--batch-size must be at least 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return report_errors(lambda: run(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

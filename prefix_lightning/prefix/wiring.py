@@ -1,0 +1,87 @@
+"""Wiring a frozen LM to a prefix injector, shared by the one-prefix ``PrefixModel`` and the many-prefix
+``PrefixBank``: bind every attention site, read the plain LM's own keys/values per site, name each site's cache
+layer, recompute the layers in backward."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from prefix_lightning.prefix.attention import PrefixInjector, bind, record_attention_calls
+from prefix_lightning.prefix.relative_bias import prefix_bias_hooks
+from prefix_lightning.prefix.sites import AttentionSite, discover_sites
+
+SiteKey = tuple[str, int]  # (group, index of the site within its group, in call order)
+
+
+def site_keys(sites: Sequence[AttentionSite]) -> list[SiteKey]:
+    """Each site's (group, index): where its block sits in a group's list of blocks."""
+    counters: dict[str, int] = {}
+    keys = []
+    for site in sites:
+        keys.append((site.group, counters.get(site.group, 0)))
+        counters[site.group] = keys[-1][1] + 1
+    return keys
+
+
+def bind_sites(lm: PreTrainedModel, injector: PrefixInjector, shift_positions: bool) -> list[AttentionSite]:
+    """Route every attention site of ``lm`` (already set to the prefix attention) through ``injector``; sites
+    with a relative position bias (T5) get the hook that extends it to the prefix columns."""
+    bound = discover_sites(lm)
+    bias_hooks = prefix_bias_hooks(bound, shift_positions)
+    sites = [site for _, site in bound]
+    for (module, _), (group, index) in zip(bound, site_keys(sites), strict=True):
+        bind(module, injector, group, index, bias_hooks.get(module))
+    return sites
+
+
+def site_activations(
+    lm: PreTrainedModel, injector: PrefixInjector, sites: Sequence[AttentionSite], **inputs: Any
+) -> list[torch.Tensor]:
+    """The plain LM's keys/values of one sequence at every site, (2, kv_heads, tokens, head_dim), with the prefix
+    switched off (positions 0, 1, ...): what a prefix of those tokens holds."""
+    with injector.disabled(), record_attention_calls() as calls:
+        lm(**inputs, use_cache=False)
+    by_module = {id(call.module): call for call in calls}
+    named = dict(lm.named_modules())
+    return [torch.stack([call.key[0], call.value[0]]) for call in (by_module[id(named[s.name])] for s in sites)]
+
+
+def cache_layers(lm: PreTrainedModel, sites: Sequence[AttentionSite]) -> list[int] | None:
+    """The cache layer of each site, for a decoder-only LM whose attention modules name theirs (one site each);
+    None where a prefix cannot be put in the cache."""
+    if lm.config.is_encoder_decoder:
+        return None
+    named: dict[str, nn.Module] = dict(lm.named_modules())
+    layers = [getattr(named[site.name], "layer_idx", None) for site in sites]
+    numbered = [layer for layer in layers if isinstance(layer, int)]
+    if not numbered or len(numbered) != len(layers) or len(set(numbered)) != len(numbered):
+        return None
+    return numbered
+
+
+def checkpoint_layers(lm: PreTrainedModel) -> None:
+    """Recompute ``lm``'s layers in backward instead of storing their activations.
+
+    transformers only checkpoints layers in training mode, and the LM stays in eval mode here (no dropout),
+    so the layers are wrapped directly with non-reentrant checkpointing, which lets gradients reach the
+    prefix that the layers read from outside their inputs.
+    """
+    for module in lm.modules():
+        if isinstance(module, GradientCheckpointingLayer) and "forward" not in vars(module):
+            module.forward = partial(_checkpointed, module)
+
+
+def _checkpointed(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The layer's own forward, recomputed in backward (a partial of this function pickles with the model)."""
+    forward = partial(type(module).forward, module)
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)

@@ -1,0 +1,152 @@
+"""`python -m prefix_lightning.generate`: new inputs decoded with several prefixes mixed in batches, no references;
+bad inputs named by line before anything loads."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import pytest
+import torch
+
+from prefix_lightning import PrefixModel
+from prefix_lightning.generate import main, model_config_for
+from prefix_lightning.training.build import generation_settings, load_configured_backbone
+from tests.helpers.config import REPO, compose_train
+
+SOURCES = [
+    "name : The Eagle | eatType : coffee shop | area : riverside",
+    "Aarhus_Airport : cityServed : Aarhus, Denmark",
+    "name : Alimentum | area : city centre | familyFriendly : no",
+    "Mars Hill College : joined : 1973",
+    "name : Zizzi | food : Italian",
+]
+NAMES = ["e2e", "webnlg", None, "e2e", "webnlg"]
+DECODING = ["generation.max_new_tokens=6", "generation.num_beams=3"]
+# The prefixes record "random:llama", which several random model configs share: the command is told which.
+GENERATE = ["model=tiny_llama", *DECODING]
+
+
+@pytest.fixture(scope="module")
+def prefixes(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> dict[str, Path]:
+    """Two random prefixes of different lengths exported from the tiny Llama config's backbone."""
+    folder = tmp_path_factory.mktemp("prefixes")
+    cfg = compose_train(folder, ["model=tiny_llama"])
+    exported = {}
+    for seed, (name, length) in enumerate([("e2e", 3), ("webnlg", 6)]):
+        torch.manual_seed(seed)
+        lm, _ = load_configured_backbone(cfg)
+        exported[name] = PrefixModel(lm, length=length, hidden_dim=16).save(folder / name)
+    return exported
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def expected_generations(prefixes: dict[str, Path], tmp_path: Path) -> list[str]:
+    """Each input decoded alone by a PrefixModel with its prefix (the plain LM for None)."""
+    cfg = compose_train(tmp_path, ["model=tiny_llama", *DECODING])
+    texts = []
+    for source, name in zip(SOURCES, NAMES, strict=True):
+        lm, tokenizer = load_configured_backbone(cfg)
+        model = PrefixModel.from_prefix(lm, prefixes[name]) if name else PrefixModel(lm, length=1)
+        ids = tokenizer(source + cfg.model.separator, add_special_tokens=False, return_tensors="pt").input_ids
+        with model.prefix_disabled() if name is None else nullcontext():
+            output = model.generate(input_ids=ids, **generation_settings(cfg, tokenizer))
+        texts.append(tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True).strip())
+    return texts
+
+
+def prefix_options(prefixes: dict[str, Path]) -> list[str]:
+    return [option for name, folder in prefixes.items() for option in ("--prefix", f"{name}={folder}")]
+
+
+def test_mixed_prefixes_decode_as_each_prefix_alone(prefixes: dict[str, Path], tmp_path: Path) -> None:
+    rows = [{"id": i, "source": s, "prefix": n} for i, (s, n) in enumerate(zip(SOURCES, NAMES, strict=True))]
+    inputs = write_jsonl(tmp_path / "inputs.jsonl", rows)
+    output = tmp_path / "outputs.jsonl"
+    options = ["--input", str(inputs), "--output", str(output), "--batch-size", "4", *GENERATE]
+    assert main([*prefix_options(prefixes), *options]) == 0
+    written = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [(row["id"], row["source"], row["prefix"]) for row in written] == [
+        (row["id"], row["source"], row["prefix"]) for row in rows
+    ]
+    assert [row["generation"] for row in written] == expected_generations(prefixes, tmp_path)
+
+
+def test_plain_text_with_one_prefix(prefixes: dict[str, Path], tmp_path: Path) -> None:
+    inputs = tmp_path / "inputs.txt"
+    inputs.write_text("\n".join(SOURCES[:2]) + "\n")
+    output = tmp_path / "outputs.txt"
+    options = ["--prefix", str(prefixes["e2e"]), "--input", str(inputs), "--output", str(output), *GENERATE]
+    assert main(options) == 0
+    assert len(output.read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        (['{"source": "a", "prefix": "e2e"}', "not json"], "line 2: not JSON"),
+        (
+            ['{"source": "a", "prefix": "e2e"}', "", '{"source": "b", "prefix": "dart"}'],
+            "line 3: unknown prefix 'dart'",
+        ),
+        (['{"prefix": "e2e"}'], 'line 1: "source" must be a non-empty string'),
+        (['{"source": "a"}'], 'line 1: no "prefix", and 2 prefixes are given'),
+        (["a source", "another"], "plain text, one source per line: it reads one prefix, but 2 are given"),
+    ],
+)
+def test_a_bad_line_is_named_before_anything_runs(
+    prefixes: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture, lines: list[str], message: str
+) -> None:
+    inputs = tmp_path / "inputs.jsonl"
+    inputs.write_text("\n".join(lines) + "\n")
+    output = tmp_path / "outputs.jsonl"
+    with pytest.raises(SystemExit) as stopped:
+        main([*prefix_options(prefixes), "--input", str(inputs), "--output", str(output)])
+    assert stopped.value.code == 1
+    assert message in capsys.readouterr().err
+    assert not output.exists(), "nothing is written for a bad input"
+
+
+def test_prefixes_of_different_base_models_need_a_model(prefixes: dict[str, Path], tmp_path: Path, capsys) -> None:
+    cfg = compose_train(tmp_path, ["model=tiny_gpt2"])
+    other = PrefixModel(load_configured_backbone(cfg)[0], length=2, hidden_dim=8).save(tmp_path / "gpt2")
+    inputs = write_jsonl(tmp_path / "inputs.jsonl", [{"source": "x", "prefix": "gpt2"}])
+    with pytest.raises(SystemExit):
+        main(
+            ["--prefix", f"e2e={prefixes['e2e']}", "--prefix", f"gpt2={other}", "--input", str(inputs), "--output", "-"]
+        )
+    assert "record different or unknown base models" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_stdin_to_stdout(prefixes: dict[str, Path]) -> None:
+    rows = "".join(json.dumps({"source": s, "prefix": n}) + "\n" for s, n in zip(SOURCES, NAMES, strict=True))
+    command = [sys.executable, "-m", "prefix_lightning.generate", *prefix_options(prefixes), "--input", "-"]
+    result = subprocess.run(
+        [*command, "--output", "-", *GENERATE], input=rows, cwd=REPO, capture_output=True, text=True, env=os.environ
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    written = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [row["prefix"] for row in written] == NAMES and all(isinstance(row["generation"], str) for row in written)
+    assert "generate: 100%" in result.stderr  # the progress bar
+
+
+def test_the_model_config_is_found_from_what_the_prefixes_record(prefixes: dict[str, Path], tmp_path: Path) -> None:
+    """An export names its base model; the one model config with that backbone is chosen, an ambiguous one is asked
+    for."""
+    embedded = tmp_path / "embedded"
+    embedded.mkdir()
+    description = json.loads((prefixes["e2e"] / "prefix_config.json").read_text())
+    description["base_model"]["name_or_path"] = "embedded:smollm2-135m-instruct"
+    (embedded / "prefix_config.json").write_text(json.dumps(description))
+    assert model_config_for({"e2e": embedded}) == "smollm2_135m"
+    with pytest.raises(ValueError, match="trained on random:llama, and configs .*tiny_llama match it: give the model"):
+        model_config_for(prefixes)

@@ -1,0 +1,209 @@
+"""Multi-task training: one prefix per task on one frozen LM, batches mixing tasks, each row's gradient reaching
+only its task's prefix; the data mixture (data=multi), per-task export and per-task scoring."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from prefix_lightning import PrefixConfig, PrefixModel
+from prefix_lightning.evaluation import task_metrics
+from prefix_lightning.prefix.multitask import MultiTaskPrefix
+from prefix_lightning.training.build import build_datamodule, build_model
+from prefix_lightning.training.checks import ConfigError, check_config
+from prefix_lightning.training.optimized import settle_optimized_metric
+from tests.helpers.cli import run_cli
+from tests.helpers.config import compose_train
+from tests.helpers.families import DECODERS
+from tests.helpers.tiny import PAD, pad_batch, tiny_lm
+
+TASKS = ["e2e", "webnlg", "dart"]
+ROWS = [torch.tensor([10, 11, 12, 13, 14]), torch.tensor([20, 21, 22]), torch.tensor([30, 31, 32, 33])]
+
+
+def multitask(family: str = "llama_gqa") -> MultiTaskPrefix:
+    model_type, fields = DECODERS[family]
+    torch.manual_seed(0)
+    return MultiTaskPrefix(tiny_lm(model_type, **fields), TASKS, PrefixConfig(length=3, hidden_dim=16))
+
+
+def batch(rows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    ids, mask = pad_batch(rows, left=False)
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :2] = -100  # the first tokens stand for the source
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama_gqa"])
+def test_a_step_changes_only_the_prefixes_of_the_tasks_in_the_batch(family: str) -> None:
+    model = multitask(family).train()
+    before = {task: {k: v.clone() for k, v in model.task_parameters(task).items()} for task in TASKS}
+    lm_before = copy.deepcopy(model.lm.state_dict())
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+    loss = model.loss(prefixes=["e2e", "dart", "e2e"], **batch(ROWS))
+    loss.backward()
+    assert all(parameter.grad is None for parameter in model.lm.parameters())
+    optimizer.step()
+    for task in ("e2e", "dart"):
+        for name, tensor in model.task_parameters(task).items():
+            assert not torch.equal(tensor, before[task][name]), f"{task}: {name} did not move"
+    for name, tensor in model.task_parameters("webnlg").items():
+        assert torch.equal(tensor, before["webnlg"][name]), f"webnlg (not in the batch): {name} moved"
+    assert all(torch.equal(lm_before[key], value) for key, value in model.lm.state_dict().items())
+
+
+def test_each_rows_gradient_reaches_only_its_tasks_prefix() -> None:
+    model = multitask().train()
+    inputs = batch(ROWS)
+    logits = model(prefixes=["e2e", "webnlg", "dart"], input_ids=inputs["input_ids"]).logits
+    parameters = model.trainable_parameters()
+    for row, task in enumerate(["e2e", "webnlg", "dart"]):
+        grads = torch.autograd.grad(logits[row].sum(), parameters, retain_graph=True, allow_unused=True)
+        reached = {id(p) for p, g in zip(parameters, grads, strict=True) if g is not None and g.any()}
+        for other in TASKS:
+            own = {id(p) for p in model.task_parameters(other).values()}
+            assert (own <= reached) if other == task else not (own & reached), (row, other)
+
+
+def test_gradient_checkpointing_recomputes_each_row_with_its_own_prefix() -> None:
+    """Recomputed layers read the prefixes of the whole batch (length groups would leave the last group's)."""
+    model = multitask().train()
+    parameters, inputs = model.trainable_parameters(), batch(ROWS)
+    prefixes = ["e2e", "dart", "webnlg"]
+    expected = torch.autograd.grad(model.loss(prefixes=prefixes, length_groups=2, **inputs), parameters)
+    model.enable_gradient_checkpointing()
+    got = torch.autograd.grad(model.loss(prefixes=prefixes, length_groups=2, **inputs), parameters)
+    for want, have in zip(expected, got, strict=True):
+        torch.testing.assert_close(have, want, atol=1e-6, rtol=1e-4)
+
+
+def test_each_task_exports_an_ordinary_prefix(tmp_path: Path) -> None:
+    """prefix/<task>/ loads as a PrefixModel and gives the row's logits of the multi-task model."""
+    model = multitask().eval()
+    model.save(tmp_path / "prefix")
+    assert sorted(path.name for path in (tmp_path / "prefix").iterdir()) == sorted(TASKS)
+    ids, mask = pad_batch(ROWS, left=True)
+    with torch.no_grad():
+        mixed = model(prefixes=TASKS, input_ids=ids, attention_mask=mask).logits
+        for i, task in enumerate(TASKS):
+            model_type, fields = DECODERS["llama_gqa"]
+            single = PrefixModel.from_prefix(tiny_lm(model_type, **fields), tmp_path / "prefix" / task).eval()
+            expected = single(input_ids=ROWS[i][None]).logits[0]
+            torch.testing.assert_close(mixed[i][mask[i].bool()], expected, atol=1e-5, rtol=0)
+            # and PEFT's files, as every prefix export where PEFT can hold the prefix
+            peft = PrefixModel.from_peft(tiny_lm(model_type, **fields), tmp_path / "prefix" / task).eval()
+            torch.testing.assert_close(peft(input_ids=ROWS[i][None]).logits[0], expected, atol=1e-5, rtol=0)
+        greedy = dict(max_new_tokens=4, pad_token_id=PAD, eos_token_id=None)
+        assert model.generate(prefixes=TASKS, input_ids=ids, attention_mask=mask, **greedy).shape == (3, 9)
+
+
+def test_the_mixture_tags_every_row_with_its_task(tmp_path: Path, data_dir: Path) -> None:
+    cfg = compose_train(
+        tmp_path, ["model=tiny_llama", "debug=fast", "data=multi", "data.tasks=[e2e_devsplit,webnlg,dart_devsplit]"]
+    )
+    assert cfg.method.name == "multitask_prefix"  # data=multi picks the multi-task method
+    model, tokenizer = build_model(cfg)
+    assert model.tasks == ["e2e_devsplit", "webnlg", "dart_devsplit"]
+    datamodule = build_datamodule(cfg, tokenizer, model)
+    datamodule.setup("fit")
+    datamodule.setup("test")
+    assert {task: data.metric_suite for task, data in datamodule.tasks.items()} == dict.fromkeys(model.tasks, "bleu")
+    batches = list(datamodule.train_dataloader())
+    assert sum(len(b["prefixes"]) for b in batches) == 3 * 16
+    assert any(len(set(b["prefixes"])) > 1 for b in batches), "training batches mix tasks"
+    for b in batches:  # E2E sources are "attribute : value | ...", WebNLG's and DART's "subject : relation : object"
+        texts = tokenizer.batch_decode(b["input_ids"], skip_special_tokens=True)
+        for task, text in zip(b["prefixes"], texts, strict=True):
+            assert (text.split(" | ")[0].count(" : ") == 1) == (task == "e2e_devsplit"), (task, text)
+    prompts = [p for b in datamodule.test_dataloader() for p in zip(b["prefixes"], b["group_ids"], strict=True)]
+    assert [task for task, _ in prompts] == [task for task in model.tasks for _ in range(4)]
+    assert [group for _, group in prompts] == list(range(12))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data=multi", "method=full"], "use method=multitask_prefix"),
+        (["method=multitask_prefix"], "use it with data=multi"),
+        (["data=multi", "data.tasks=[e2e_devsplit,e2e]"], None),
+        (["data=multi", "data.tasks=[e2e_devsplit,gpt3]"], "unknown gpt3.*from custom, dart"),
+        (["data=multi", "data.tasks=[webnlg,webnlg]"], "repeated"),
+        (["data=multi", "data.tasks=webnlg"], "give a list"),
+    ],
+)
+def test_mixture_configs_are_checked(overrides: list[str], message: str | None, tmp_path: Path) -> None:
+    cfg = compose_train(tmp_path, ["model=tiny_llama", *overrides])
+    if message is None:
+        check_config(cfg)
+        return
+    with pytest.raises(ConfigError, match=message):
+        check_config(cfg)
+
+
+def test_each_task_is_scored_alone_and_the_shared_metrics_averaged() -> None:
+    by_task = {
+        "e2e": {"BLEU": 60.0, "NIST": 6.0},
+        "webnlg": {"BLEU": 40.0, "TER": 0.5, "seen/BLEU": 45.0},
+    }
+    assert task_metrics(by_task) == {
+        "e2e/BLEU": 60.0,
+        "e2e/NIST": 6.0,
+        "webnlg/BLEU": 40.0,
+        "webnlg/TER": 0.5,
+        "webnlg/seen/BLEU": 45.0,
+        "BLEU": 50.0,
+    }
+
+
+@pytest.mark.parametrize(
+    ("tasks", "metric", "settled"),
+    [
+        ("[e2e_devsplit,webnlg]", "null", ("val/bleu", "max")),  # the tasks' common metric, averaged
+        ("[e2e_devsplit,webnlg]", "val/webnlg/bleu", ("val/webnlg/bleu", "max")),
+        ("[e2e_devsplit,xsum_sample]", "val/xsum_sample/rougel", ("val/xsum_sample/rougel", "max")),
+        ("[e2e_devsplit,xsum_sample]", "null", "validated by different metrics; name one of val/loss, "),
+        ("[e2e_devsplit,webnlg]", "val/rougel", "validation on e2e_devsplit, webnlg logs val/loss, "),
+    ],
+)
+def test_the_optimized_metric_of_a_mixture(tasks: str, metric: str, settled, tmp_path: Path) -> None:
+    cfg = compose_train(
+        tmp_path, ["model=tiny_llama", "data=multi", f"data.tasks={tasks}", f"optimized_metric={metric}"]
+    )
+    if isinstance(settled, str):
+        with pytest.raises(ConfigError, match=settled):
+            settle_optimized_metric(cfg)
+        return
+    settle_optimized_metric(cfg)
+    assert (cfg.optimized_metric, cfg.optimized_mode) == settled
+
+
+@pytest.mark.integration
+def test_a_multitask_run_exports_and_scores_every_task(tmp_path: Path, data_dir: Path) -> None:
+    """run.py data=multi: one prefix per task in prefix/<task>/, each task tested with its own metric suite."""
+    run_cli(
+        tmp_path,
+        "model=tiny_llama",
+        "debug=fast",
+        "data=multi",
+        "data.tasks=[e2e_devsplit,webnlg]",
+        "data.metric_suite=null",
+        "generation.max_new_tokens=4",
+    )
+    assert sorted(path.name for path in (tmp_path / "prefix").iterdir()) == ["e2e_devsplit", "webnlg"]
+    metrics = json.loads((tmp_path / "test_metrics.json").read_text())
+    assert {"e2e_devsplit/BLEU", "e2e_devsplit/NIST", "e2e_devsplit/CIDEr", "BLEU"} <= metrics.keys()
+    assert {"webnlg/BLEU", "webnlg/TER", "webnlg/seen/BLEU"} <= metrics.keys()
+    assert "webnlg/NIST" not in metrics and "e2e_devsplit/TER" not in metrics
+    rows = [json.loads(line) for line in (tmp_path / "test_generations.jsonl").read_text().splitlines()]
+    assert [row["task"] for row in rows] == ["e2e_devsplit"] * 4 + ["webnlg"] * 4
+    record = json.loads((tmp_path / "result.json").read_text())
+    assert "test/webnlg/ter" in record["test"] and record["last_val"] is not None
+    for task in ("e2e_devsplit", "webnlg"):  # each task's folder: its own model card with its own scores
+        card = (tmp_path / "prefix" / task / "README.md").read_text()
+        assert f"for tiny_llama on {task}\n" in card and "also as PEFT's prefix-tuning adapter" in card
+        assert f"| test/bleu | {record['test'][f'test/{task}/bleu']:.4g} |" in card
+    assert not (tmp_path / "prefix" / "README.md").exists()
