@@ -13,6 +13,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from prefix_lightning.backbones import BackboneConfig
+from prefix_lightning.backbones.quantization import quantized_training_error
 from prefix_lightning.prefix import PrefixConfig
 
 
@@ -34,7 +35,7 @@ def _built(option: str | None, build: Any, settings: dict[str, Any]) -> Any:
     """``build(**settings)``, its refusal as a ConfigError (under ``option`` unless the message names it)."""
     try:
         return build(**settings)
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, ImportError) as error:  # ImportError: an optional library the value needs
         raise ConfigError(f"{option}: {error}" if option else str(error)) from error
 
 
@@ -57,9 +58,11 @@ def method_class(cfg: DictConfig) -> type:
 
 def check_config(cfg: DictConfig) -> None:
     """Validate the options a run depends on, naming the option and what it accepts."""
-    _built("model.backbone", BackboneConfig, OmegaConf.to_container(cfg.model.backbone, resolve=True))
+    backbone = _built("model.backbone", BackboneConfig, OmegaConf.to_container(cfg.model.backbone, resolve=True))
     prefix = _built(None, PrefixConfig.of, {"config": OmegaConf.to_container(cfg.prefix, resolve=True)})
-    method_class(cfg)
+    if backbone.quantization is not None and getattr(method_class(cfg), "trains_lm_weights", False):
+        what = f"model.backbone.quantization={backbone.quantization}"
+        raise ConfigError(quantized_training_error(f"method {cfg.method.name}", what))
     if (prefix.init_text is not None or prefix.init_vocab) and "config" not in cfg.method.model:
         raise ConfigError(
             f"prefix.init_text / init_vocab start a prefix, infix or embedding; method {cfg.method.name} has none"
