@@ -13,6 +13,7 @@ from peft import PrefixTuningConfig, get_peft_model
 
 from prefix_lightning import PrefixConfig, PrefixModel
 from prefix_lightning.baselines.peft_prefix import peft_generate, set_peft_prefix
+from prefix_lightning.benchmark import Setting, run_benchmark
 from prefix_lightning.benchmark.phases import decoding_batches, training_batches
 from prefix_lightning.training.build import load_configured_backbone
 from tests.helpers import REPO, compose_train
@@ -99,3 +100,24 @@ def test_benchmark_command_runs_on_a_tiny_model(tmp_path: Path, data_dir: Path) 
     assert ours["steps"] == 2 and ours["trainable_parameters"] < full["trainable_parameters"]
     assert len(benchmark["ratios"]) == 5
     assert all(benchmark["checks"].values()), benchmark["checks"]
+
+
+def test_benchmark_compares_a_quantized_frozen_lm(tmp_path: Path, data_dir: Path) -> None:
+    """The same command and table with model.backbone.quantization=int8: our training and decoding phases."""
+    output = tmp_path / "benchmark.json"
+    command = [sys.executable, "-m", "prefix_lightning.benchmark", "--steps", "2", "--warmup", "1", "--inputs", "3"]
+    command += ["--check-inputs", "3", "--threads", "1", "--output", str(output)]
+    command += ["--phases", "train_ours,generate_ours", "model=tiny_llama", "model.backbone.quantization=int8"]
+    command += ["generation.max_new_tokens=6"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split() for line in result.stdout.splitlines() if line.startswith(("train_ours ", "generate_ours "))]
+    assert [row[:2] for row in rows] == [["train_ours", "int8"], ["generate_ours", "int8"]]
+    benchmark = json.loads(output.read_text())
+    assert {phase["frozen_lm"] for phase in benchmark["results"].values()} == {"int8"}
+
+
+def test_benchmark_refuses_full_finetuning_of_a_quantized_lm_before_running() -> None:
+    setting = Setting(("model=tiny_llama", "model.backbone.quantization=int8"), 1, 0, 1, 1, "32", "cpu", 1, None)
+    with pytest.raises(ValueError, match="phase train_full trains the LM's own weights"):
+        run_benchmark(setting, ("train_ours", "train_full"), report=pytest.fail)

@@ -1,6 +1,6 @@
-"""A quantized frozen LM (``model.backbone.quantization``): the blocks' linear layers stored in 8 bits (torchao) or
-4 bits (bitsandbytes), a float32 prefix trained through them, decoding that leaves them to their own kernels, and
-clear refusals of what cannot work. Tiny random models on CPU; the real SmolLM2 in int8 is in test_smollm2_e2e."""
+"""A quantized frozen LM (``model.backbone.quantization``): the blocks' linear layers stored in 8 or 4 bits
+(bitsandbytes), a float32 prefix trained through them, decoding that leaves them to their own kernels, and clear
+refusals of what cannot work. Tiny random models on CPU; the real SmolLM2 in int8 is in test_smollm2_e2e."""
 
 from __future__ import annotations
 
@@ -38,24 +38,15 @@ def float_linears(model: nn.Module) -> list[str]:
     ]
 
 
-def stored(model: nn.Module) -> dict[str, list[torch.Tensor]]:
-    """Copies of the tensors each quantized weight is stored as (torchao: its inner tensors; bitsandbytes: the
-    packed bytes), to show that training leaves them as they were."""
-    copies = {}
-    for name in quantized_layers(model):
-        weight = model.get_submodule(name).weight
-        if hasattr(weight, "__tensor_flatten__"):
-            inner, _ = weight.__tensor_flatten__()
-            copies[name] = [getattr(weight, attribute).clone() for attribute in inner]
-        else:
-            copies[name] = [weight.as_subclass(torch.Tensor).clone()]
-    return copies
+def stored(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the bytes each quantized weight is stored as, to show that training leaves them as they were."""
+    return {
+        name: model.get_submodule(name).weight.as_subclass(torch.Tensor).clone() for name in quantized_layers(model)
+    }
 
 
-def unchanged(before: dict[str, list[torch.Tensor]], after: dict[str, list[torch.Tensor]]) -> bool:
-    return before.keys() == after.keys() and all(
-        torch.equal(a.cpu(), b.cpu()) for name in before for a, b in zip(before[name], after[name], strict=True)
-    )
+def unchanged(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> bool:
+    return before.keys() == after.keys() and all(torch.equal(before[n].cpu(), after[n].cpu()) for n in before)
 
 
 def quantized_tiny_lm(kind: str, quantization: str) -> nn.Module:
@@ -77,9 +68,9 @@ def test_block_linears_are_quantized_and_the_rest_stays_float(kind: str, quantiz
     assert (output.weight is lm.get_input_embeddings().weight) == tied
     assert not any(p.requires_grad for name in quantized_layers(lm) for p in lm.get_submodule(name).parameters())
     bits = {"int8": 8, "int4": 4}[quantization]
-    for name, tensors in stored(lm).items():  # the values in `bits` bits, and (torchao) a scale per output channel
+    for name, data in stored(lm).items():
         float_bytes = reference.get_submodule(name).weight.numel() * 4
-        assert max(t.numel() * t.element_size() for t in tensors) == float_bytes * bits // 32
+        assert data.numel() * data.element_size() == float_bytes * bits // 32
     ids, mask = pad_batch(ROWS, left=kind != "bart")
     extra = {"decoder_input_ids": ids} if kind == "bart" else {}
     with torch.no_grad():
@@ -154,7 +145,7 @@ def test_prefix_exported_from_a_quantized_lm_reloads(quantization: str, tmp_path
 
 @pytest.mark.parametrize("quantization", QUANTIZATIONS)
 def test_lora_trains_on_a_quantized_lm(quantization: str) -> None:
-    """QLoRA's setting: peft puts its adapters around torchao's and bitsandbytes' layers."""
+    """QLoRA's setting: peft puts its adapters around bitsandbytes' layers."""
     method = LoRA(quantized_tiny_lm("llama", quantization), rank=4, alpha=8)
     weights_before = stored(method.lm)
     trainable = method.trainable_parameters()
@@ -200,10 +191,11 @@ def test_bad_combinations_are_refused_before_loading(overrides: list[str], messa
         check_config(compose_train(tmp_path, ["model=tiny_llama", *overrides]))
 
 
-@pytest.mark.parametrize(("quantization", "library"), [("int8", "torchao"), ("int4", "bitsandbytes")])
+@pytest.mark.parametrize("quantization", QUANTIZATIONS)
 def test_a_missing_library_is_named_with_its_install_command(
-    quantization: str, library: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    quantization: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    library = "bitsandbytes"
     monkeypatch.setitem(sys.modules, library, None)  # what Python sees where the package is not installed
     with pytest.raises(ModuleNotFoundError, match=f"quantization={quantization} needs {library}.*pip install"):
         BackboneConfig(
@@ -230,7 +222,7 @@ def test_prefix_trains_through_a_quantized_lm_on_cuda(quantization: str) -> None
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.1, losses
     after = stored(model.lm)
-    assert all(t.is_cuda for tensors in after.values() for t in tensors)
+    assert all(data.is_cuda for data in after.values())
     assert unchanged(weights_before, after)
     ids, mask = pad_batch(ROWS, left=True)
     with torch.no_grad():

@@ -13,9 +13,13 @@ from tests.test_train import run_cli
 pytestmark = pytest.mark.slow
 
 
-def test_prefix_on_smollm2_lowers_validation_loss_and_scores_bleu(tmp_path: Path, data_dir: Path) -> None:
+@pytest.mark.parametrize("quantization", ["null", "int8"])  # the LM in float32, or int8 (torchao)
+def test_prefix_on_smollm2_lowers_validation_loss_and_scores_bleu(
+    quantization: str, tmp_path: Path, data_dir: Path
+) -> None:
     run_cli(
         tmp_path,
+        f"model.backbone.quantization={quantization}",
         "trainer.max_steps=30",
         "trainer.val_check_interval=10",
         "data.train_size=300",

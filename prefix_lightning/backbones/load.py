@@ -54,7 +54,7 @@ def load_backbone(
         model, tok = _build_random(config)
     if config.quantization is not None:
         model = quantize(model, config.quantization)
-        logger.info("Quantized %s's linear layers: %s", model.name_or_path, QUANTIZATIONS[config.quantization].layer)
+        logger.info("Quantized %s's linear layers: %s", model.name_or_path, QUANTIZATIONS[config.quantization])
     return model.eval(), tok
 
 

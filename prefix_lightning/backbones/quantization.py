@@ -1,61 +1,58 @@
-"""A quantized frozen LM: its linear layers stored in 8 or 4 bits (weight-only), so that a larger LM fits in memory
-while the prefix trains in float32. The prefix's gradient reaches it through the quantized layers, which therefore
-must compute a gradient for their input: both schemes here do, on CPU and on CUDA.
+"""A quantized frozen LM: its linear layers stored in 8 or 4 bits, so that a larger LM fits in memory while the
+prefix trains in float32. The prefix's gradient reaches it through the quantized layers, which must therefore
+compute a gradient for their input without keeping a float copy of their weight: bitsandbytes' layers
+dequantize in the backward pass (CPU and CUDA), the way QLoRA trains adapters on a 4-bit LM.
 
-- ``int8``: torchao's ``Int8WeightOnlyConfig``, one scale per output channel.
-- ``int4``: bitsandbytes' ``Linear4bit`` in NormalFloat-4 (QLoRA's format), blocks of 64 with quantized scales.
-  torchao's 4-bit layouts compute through kernels without a backward (``_weight_int4pack_mm*``): a prefix
-  cannot train through them, so 4 bits come from bitsandbytes.
+- ``int8``: LLM.int8() (``bitsandbytes.nn.Linear8bitLt``): int8 weights with one scale per output channel;
+  activation columns with outliers beyond 6 (transformers' default threshold) are computed in 16 bits.
+- ``int4``: NF4 (``bitsandbytes.nn.Linear4bit``, QLoRA's format): 4-bit NormalFloat weights in blocks of 64, the
+  blocks' scales quantized too; computed in the LM's dtype.
+
+torchao (0.18 with torch 2.13) was measured and not taken: its int8 weight-only layer saves the dequantized
+float weight for the backward pass (a training step then holds float32 and int8 weights at once), and its
+4-bit layouts compute through kernels without a backward (``_weight_int4pack_mm*``).
 
 Only the transformer blocks are quantized: the embeddings and the output layer (often tied to the embeddings;
 quantizing it would untie and duplicate them) stay in the LM's dtype. GPT-2's ``Conv1D`` layers become
-``nn.Linear`` first (the same product, transposed weight), since both libraries quantize ``nn.Linear``.
-
-The libraries are optional (extra ``quant``) and imported only when a model is quantized.
+``nn.Linear`` first (the same product, weight transposed). bitsandbytes is optional (extra ``quant``) and
+imported only when a model is quantized.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
 
+import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-
-@dataclass(frozen=True)
-class Scheme:
-    library: str  # import name
-    requirement: str  # what pip installs
-    layer: str  # what a quantized layer is
-
-
 QUANTIZATIONS = {
-    "int8": Scheme("torchao", "torchao>=0.18", "int8 weights, one scale per output channel (torchao)"),
-    "int4": Scheme("bitsandbytes", "bitsandbytes>=0.46", "NF4 weights in blocks of 64 (bitsandbytes)"),
+    "int8": "LLM.int8() weights, one scale per output channel (bitsandbytes Linear8bitLt)",
+    "int4": "NF4 weights in blocks of 64 (bitsandbytes Linear4bit)",
 }
-QUANTIZED_TENSOR_LIBRARIES = ("torchao", "bitsandbytes")
+LIBRARY = "bitsandbytes"
+REQUIREMENT = "bitsandbytes>=0.46"  # the first release whose layers run on CPU
+OUTLIER_THRESHOLD = 6.0  # LLM.int8(): activation columns beyond it are computed in 16 bits
 
 
 def check_quantization(quantization: str | None) -> None:
-    """A known scheme whose library is installed (or None: the LM's own dtype)."""
+    """A known scheme whose library is installed (or None: the LM in its own dtype)."""
     if quantization is None:
         return
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {quantization!r}; allowed: {', '.join(QUANTIZATIONS)} or null (none)")
-    scheme = QUANTIZATIONS[quantization]
-    if importlib.util.find_spec(scheme.library) is None:
+    if importlib.util.find_spec(LIBRARY) is None:
         raise ModuleNotFoundError(
-            f"quantization={quantization} needs {scheme.library}, which is not installed: "
-            f"pip install '{scheme.requirement}' (or the extra: pip install 'prefix-lightning[quant]')"
+            f"quantization={quantization} needs {LIBRARY}, which is not installed: pip install '{REQUIREMENT}' "
+            "(or the extra: pip install 'prefix-lightning[quant]')"
         )
 
 
 def quantize(model: PreTrainedModel, quantization: str) -> PreTrainedModel:
-    """Quantize ``model``'s transformer-block linear layers in place (weights frozen) and return it."""
+    """Replace ``model``'s transformer-block linear layers by frozen quantized ones, in place; returns ``model``."""
     check_quantization(quantization)
-    replace = _int8_torchao if quantization == "int8" else _nf4_bitsandbytes
+    replace = _int8 if quantization == "int8" else _nf4
     output_layer = model.get_output_embeddings()
     count = 0
     for parent in list(model.modules()):
@@ -63,28 +60,24 @@ def quantize(model: PreTrainedModel, quantization: str) -> PreTrainedModel:
             if child is output_layer or type(child) not in (nn.Linear, Conv1D):
                 continue
             linear = _conv1d_as_linear(child) if isinstance(child, Conv1D) else child
-            linear.requires_grad_(False)
-            setattr(parent, name, replace(linear))
+            setattr(parent, name, replace(linear).requires_grad_(False))
             count += 1
     if count == 0:
         raise ValueError(
             f"quantization={quantization}: {type(model).__name__} has no nn.Linear or Conv1D layer besides its "
             "output layer to quantize"
         )
+    _own_memory(model)
     return model
 
 
 def quantized_layers(model: nn.Module) -> list[str]:
-    """Names of the modules whose weight is a quantized tensor of torchao or bitsandbytes."""
-    return [
-        name
-        for name, module in model.named_modules()
-        if type(getattr(module, "weight", None)).__module__.split(".")[0] in QUANTIZED_TENSOR_LIBRARIES
-    ]
+    """Names of the modules that hold a quantized weight."""
+    return [name for name, module in model.named_modules() if type(module).__module__.startswith(f"{LIBRARY}.")]
 
 
 def refuse_quantized(model: nn.Module, method: str) -> None:
-    """Methods that train the LM's own weights cannot train integer weights."""
+    """Methods that train the LM's own weights cannot train quantized ones."""
     layers = quantized_layers(model)
     if layers:
         raise ValueError(quantized_training_error(method, f"{len(layers)} quantized layers, e.g. {layers[0]}"))
@@ -97,24 +90,43 @@ def quantized_training_error(method: str, what: str) -> str:
     )
 
 
+def _own_memory(model: nn.Module) -> None:
+    """Copy the tensors that stay in float out of the checkpoint file: transformers maps the file into memory and
+    the tensors are views of it, so one of them alone keeps the whole file mapped, and quantizing read all of it
+    (on SmolLM2: 530 MB of the file resident besides the quantized weights, which take 101 MB)."""
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if type(tensor) in (torch.Tensor, nn.Parameter):
+                tensor.data = tensor.data.clone()
+
+
 def _conv1d_as_linear(conv: Conv1D) -> nn.Linear:
     """GPT-2's Conv1D computes x @ W + b with W of shape (in, out); nn.Linear holds W transposed."""
     inputs, outputs = conv.weight.shape
     linear = nn.Linear(inputs, outputs, device="meta")
-    linear.weight = nn.Parameter(conv.weight.detach().t().contiguous(), requires_grad=False)
-    linear.bias = nn.Parameter(conv.bias.detach(), requires_grad=False)
+    linear.weight = nn.Parameter(conv.weight.detach().t().contiguous())
+    linear.bias = conv.bias
     return linear
 
 
-def _int8_torchao(linear: nn.Linear) -> nn.Linear:
-    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+# bitsandbytes quantizes a weight when it is moved to a device: here, to the one it is already on.
+def _int8(linear: nn.Linear) -> nn.Module:
+    import bitsandbytes as bnb
 
-    # set_inductor_config=False: leave torch.compile's global settings alone (nothing here compiles).
-    quantize_(linear, Int8WeightOnlyConfig(set_inductor_config=False))
-    return linear
+    layer = bnb.nn.Linear8bitLt(
+        linear.in_features,
+        linear.out_features,
+        bias=linear.bias is not None,
+        has_fp16_weights=False,
+        threshold=OUTLIER_THRESHOLD,
+        device="meta",
+    )
+    layer.weight = bnb.nn.Int8Params(linear.weight.detach(), requires_grad=False, has_fp16_weights=False)
+    layer.bias = linear.bias
+    return layer.to(linear.weight.device)
 
 
-def _nf4_bitsandbytes(linear: nn.Linear) -> nn.Module:
+def _nf4(linear: nn.Linear) -> nn.Module:
     import bitsandbytes as bnb
 
     weight = linear.weight
@@ -128,5 +140,4 @@ def _nf4_bitsandbytes(linear: nn.Linear) -> nn.Module:
     )
     layer.weight = bnb.nn.Params4bit(weight.detach(), requires_grad=False, quant_type="nf4", module=layer)
     layer.bias = linear.bias
-    # Params4bit quantizes when it is moved to a device (here: to where it already is).
-    return layer.to(weight.device).requires_grad_(False)
+    return layer.to(weight.device)

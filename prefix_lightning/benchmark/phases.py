@@ -77,6 +77,11 @@ def _start(setting: Setting, frozen_in_compute_dtype: bool = False) -> DictConfi
     return cfg
 
 
+def frozen_lm(cfg: DictConfig) -> str:
+    """How the phase's LM is stored: its quantization, else its dtype."""
+    return cfg.model.backbone.get("quantization") or cfg.model.backbone.dtype
+
+
 def _prefix_config(cfg: DictConfig) -> PrefixConfig:
     return PrefixConfig.of(OmegaConf.to_container(cfg.prefix, resolve=True))
 
@@ -177,7 +182,12 @@ def measured(device: str) -> Iterator[dict[str, float]]:
 
 # -- training ----------------------------------------------------------------------------------------------
 def _train(
-    setting: Setting, model: torch.nn.Module, loss_of: Callable[[Batch], torch.Tensor], batches: list[Batch], lr: float
+    setting: Setting,
+    cfg: DictConfig,
+    model: torch.nn.Module,
+    loss_of: Callable[[Batch], torch.Tensor],
+    batches: list[Batch],
+    lr: float,
 ) -> dict[str, Any]:
     """AdamW steps over the trainable parameters; the steps after ``warmup`` are measured."""
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -208,7 +218,7 @@ def _train(
         "trainable_parameters": sum(p.numel() for p in trainable),
         "first_loss": losses[0],
         "last_loss": losses[-1],
-        "weights_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "frozen_lm": frozen_lm(cfg),
     }
 
 
@@ -219,7 +229,7 @@ def train_ours(setting: Setting) -> dict[str, Any]:
     _causal(model.lm, setting.device)
     model.to(setting.device).train()
     batches = training_batches(cfg, tokenizer, setting.warmup + setting.steps)
-    result = _train(setting, model, lambda batch: model.loss(**batch), batches, cfg.method.lr)
+    result = _train(setting, cfg, model, lambda batch: model.loss(**batch), batches, cfg.method.lr)
     model.save(setting.prefix_dir)
     return result
 
@@ -232,7 +242,7 @@ def train_peft(setting: Setting) -> dict[str, Any]:
     lm, tokenizer = _backbone(cfg, setting.device)
     model = get_peft_model(lm, peft_prefix_config(_prefix_config(cfg))).train()
     batches = training_batches(cfg, tokenizer, setting.warmup + setting.steps)
-    return _train(setting, model, lambda batch: model(**batch).loss, batches, cfg.method.lr)
+    return _train(setting, cfg, model, lambda batch: model(**batch).loss, batches, cfg.method.lr)
 
 
 def train_full(setting: Setting) -> dict[str, Any]:
@@ -241,7 +251,7 @@ def train_full(setting: Setting) -> dict[str, Any]:
     lm, tokenizer = _backbone(cfg, setting.device)
     lm.requires_grad_(True).train()
     batches = training_batches(cfg, tokenizer, setting.warmup + setting.steps)
-    return _train(setting, lm, lambda batch: lm(**batch).loss, batches, FULL_FINETUNING_LR)
+    return _train(setting, cfg, lm, lambda batch: lm(**batch).loss, batches, FULL_FINETUNING_LR)
 
 
 # -- decoding ----------------------------------------------------------------------------------------------
@@ -275,6 +285,7 @@ def _decode(setting: Setting, cfg: DictConfig, tokenizer: Any, generate: Callabl
     tokens = sum(len(output) for output in outputs)
     return {
         **stats,
+        "frozen_lm": frozen_lm(cfg),
         "inputs": len(outputs),
         "num_beams": options.get("num_beams", 1),
         "tokens": tokens,

@@ -41,13 +41,11 @@ def can_pack() -> bool:
 
 
 def _packable(module: nn.Module) -> bool:
-    """A frozen float32 CPU ``nn.Linear`` or GPT-2 ``Conv1D`` (subclasses may compute something else) holding a
-    plain weight tensor: a quantized LM's weights are tensor subclasses (torchao's report float32 as their dtype)
-    that compute through their own kernels."""
+    """A frozen float32 CPU ``nn.Linear`` or GPT-2 ``Conv1D`` (subclasses may compute something else)."""
     weight = getattr(module, "weight", None)
     return (
         type(module) in (nn.Linear, Conv1D)
-        and type(weight) in (torch.Tensor, nn.Parameter)
+        and isinstance(weight, torch.Tensor)
         and weight.device.type == "cpu"
         and weight.dtype == torch.float32
         and not weight.requires_grad
