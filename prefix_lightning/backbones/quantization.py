@@ -21,6 +21,7 @@ imported only when a model is quantized.
 from __future__ import annotations
 
 import importlib.util
+import logging
 
 import torch
 from torch import nn
@@ -34,6 +35,8 @@ QUANTIZATIONS = {
 LIBRARY = "bitsandbytes"
 REQUIREMENT = "bitsandbytes>=0.46"  # the first release whose layers run on CPU
 OUTLIER_THRESHOLD = 6.0  # LLM.int8(): activation columns beyond it are computed in 16 bits
+
+logger = logging.getLogger(__name__)
 
 
 def check_quantization(quantization: str | None) -> None:
@@ -68,6 +71,8 @@ def quantize(model: PreTrainedModel, quantization: str) -> PreTrainedModel:
             "output layer to quantize"
         )
     _own_memory(model)
+    if quantization == "int8" and model.dtype != torch.float16:
+        logger.info("int8: bitsandbytes casts the inputs of each quantized layer to float16 to quantize them")
     return model
 
 
@@ -109,9 +114,22 @@ def _conv1d_as_linear(conv: Conv1D) -> nn.Linear:
     return linear
 
 
+class _SaidOnce(logging.Filter):
+    """bitsandbytes (0.50) logs at every int8 product that its float32 or bfloat16 inputs are cast to float16 to be
+    quantized: thousands of identical lines a step. ``quantize`` says it once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
+
+
+_SAID_ONCE = _SaidOnce()
+
+
 # bitsandbytes quantizes a weight when it is moved to a device: here, to the one it is already on.
 def _int8(linear: nn.Linear) -> nn.Module:
     import bitsandbytes as bnb
+
+    logging.getLogger("bitsandbytes.autograd._functions").addFilter(_SAID_ONCE)  # added once however often called
 
     layer = bnb.nn.Linear8bitLt(
         linear.in_features,
