@@ -1,6 +1,7 @@
 # Two commands do everything (see README.md):
 #   make run  DATA_DIR=<folder with e2e/>                       set up, then train + test a prefix on SmolLM2
-#   make test DATA_DIR=<data folder> TOKENIZER_DIR=<gpt2 tok>   set up, then run every test (fast, then slow)
+#   make test DATA_DIR=<data folder> TOKENIZER_DIR=<gpt2 tok>   set up, then lint and run every test (unit,
+#                                                               integration, slow); one kind: make test-unit, ...
 # Extra Hydra overrides for `make run`: ARGS="prefix.length=5 trainer.max_steps=100"
 
 PYTHON ?= python3
@@ -15,7 +16,7 @@ BIN := $(VENV)/bin
 export PREFIX_LIGHTNING_DATA := $(DATA_DIR)
 export PREFIX_LIGHTNING_TOKENIZER := $(TOKENIZER_DIR)
 
-.PHONY: setup run test test-fast test-slow lint
+.PHONY: setup run test test-fast test-unit test-integration test-slow lint
 
 setup: $(VENV)/.installed
 
@@ -32,11 +33,20 @@ run: setup
 
 test: test-fast test-slow
 
-test-fast: setup lint
-	$(BIN)/python -m pytest -m "not slow"
+# Lint, then the unit tests (tiny models, seconds each), then the real runs of tiny models.
+test-fast: lint test-unit test-integration
 
+test-unit: setup
+	$(BIN)/python -m pytest -m "not slow and not integration"
+
+test-integration: setup
+	$(BIN)/python -m pytest -m "integration and not slow"
+
+# The real SmolLM2 and whole datasets (minutes).
 test-slow: setup
 	$(BIN)/python -m pytest -m slow
 
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy

@@ -32,7 +32,7 @@ def report_errors(entry: Callable[[], T]) -> T:
 
 def _log_to_files(message: str) -> None:
     """Record the error in the run's log file without printing it twice on the console."""
-    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, (), None)
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
             handler.handle(record)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import re
 import shutil
 import time
@@ -17,7 +16,6 @@ import torch
 from prefix_lightning.backbones import backbone_identity, embedded, load_backbone
 from prefix_lightning.files import atomic_folder
 
-REPO = Path(__file__).resolve().parents[1]
 GPT2_EOS = 50256
 RANDOM_CONFIGS = {
     "gpt2": {"model_type": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 4},
@@ -42,15 +40,6 @@ RANDOM_CONFIGS = {
 }
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir() -> str:
-    """The real GPT-2 tokenizer files: `PREFIX_LIGHTNING_TOKENIZER`, else `<repo>/../shared/tokenizers/gpt2`."""
-    folder = Path(os.environ.get("PREFIX_LIGHTNING_TOKENIZER", REPO.parent / "shared" / "tokenizers" / "gpt2"))
-    if not (folder / "vocab.json").is_file():
-        pytest.fail(f"GPT-2 tokenizer not found in {folder}: set PREFIX_LIGHTNING_TOKENIZER")
-    return str(folder)
-
-
 def forward_logits(model: torch.nn.Module, tok, texts: list[str]) -> torch.Tensor:
     batch = tok(texts, return_tensors="pt", padding=True)
     with torch.no_grad():
@@ -60,7 +49,7 @@ def forward_logits(model: torch.nn.Module, tok, texts: list[str]) -> torch.Tenso
 
 
 @pytest.mark.parametrize("kind", sorted(RANDOM_CONFIGS))
-def test_random_backbone_builds_and_runs(kind: str, tokenizer_dir: str) -> None:
+def test_random_backbone_builds_and_runs(kind: str, tokenizer_dir: Path) -> None:
     model, tok = load_backbone("random", kind, tokenizer=tokenizer_dir, random_config=RANDOM_CONFIGS[kind])
     assert not model.training
     assert tok("Hello world")["input_ids"] == [15496, 995]
@@ -77,14 +66,14 @@ def test_random_backbone_builds_and_runs(kind: str, tokenizer_dir: str) -> None:
     assert torch.isfinite(logits).all()
 
 
-def test_random_llama_uses_grouped_query_attention(tokenizer_dir: str) -> None:
+def test_random_llama_uses_grouped_query_attention(tokenizer_dir: Path) -> None:
     model, _ = load_backbone("random", "llama", tokenizer=tokenizer_dir, random_config=RANDOM_CONFIGS["llama"])
     attention = model.model.layers[0].self_attn
     assert attention.k_proj.out_features == attention.v_proj.out_features == 2 * 8
     assert attention.q_proj.out_features == 4 * 8
 
 
-def test_random_bart_special_ids_follow_the_tokenizer(tokenizer_dir: str) -> None:
+def test_random_bart_special_ids_follow_the_tokenizer(tokenizer_dir: Path) -> None:
     """BART's defaults (decoder start and forced EOS = 2) would be "#" in GPT-2's vocabulary."""
     model, _ = load_backbone("random", "bart", tokenizer=tokenizer_dir, random_config=RANDOM_CONFIGS["bart"])
     assert model.config.decoder_start_token_id == model.config.forced_eos_token_id == GPT2_EOS
@@ -94,7 +83,7 @@ def test_random_bart_special_ids_follow_the_tokenizer(tokenizer_dir: str) -> Non
     assert model.config.forced_eos_token_id is None
 
 
-def test_random_backbone_is_reproducible_and_keeps_the_callers_rng(tokenizer_dir: str) -> None:
+def test_random_backbone_is_reproducible_and_keeps_the_callers_rng(tokenizer_dir: Path) -> None:
     torch.manual_seed(123)
     expected_draw = torch.rand(3)
     torch.manual_seed(123)
@@ -105,7 +94,7 @@ def test_random_backbone_is_reproducible_and_keeps_the_callers_rng(tokenizer_dir
         assert torch.equal(a, b), name
 
 
-def test_dtype(tokenizer_dir: str) -> None:
+def test_dtype(tokenizer_dir: Path) -> None:
     model, _ = load_backbone(
         "random", "llama", tokenizer=tokenizer_dir, random_config=RANDOM_CONFIGS["llama"], dtype="bfloat16"
     )
@@ -115,7 +104,7 @@ def test_dtype(tokenizer_dir: str) -> None:
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "bart"])
-def test_hub_source_loads_a_local_folder(kind: str, tokenizer_dir: str, tmp_path: Path) -> None:
+def test_hub_source_loads_a_local_folder(kind: str, tokenizer_dir: Path, tmp_path: Path) -> None:
     """The Hub path picks the causal or seq2seq class from the config; a saved tokenizer loads via AutoTokenizer."""
     model, tok = load_backbone("random", kind, tokenizer=tokenizer_dir, random_config=RANDOM_CONFIGS[kind])
     model.save_pretrained(tmp_path)

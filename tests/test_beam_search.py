@@ -13,24 +13,14 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, LogitsProcessorList
+from transformers import GenerationConfig, LogitsProcessorList
 
 import prefix_lightning.decoding.routes as routes
-from prefix_lightning import PrefixConfig, PrefixModel
+from prefix_lightning import PrefixModel
 from prefix_lightning.decoding import beam_search, beam_search_options, generation_mask
+from tests.helpers.decoding import END, LENGTHS, ending_lm, left_padded, prefixed
+from tests.helpers.tiny import PAD, VOCAB, tiny_lm
 
-VOCAB, PAD = 100, 1
-TINY = {
-    "gpt2": dict(n_layer=2, n_embd=32, n_head=4, n_positions=128),
-    "llama": dict(
-        num_hidden_layers=3, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64
-    ),
-}
-# Peaked next-token distributions (the usual 0.02 makes them nearly uniform), and an end token made likelier
-# (its output embedding scaled) so that the inputs end after different numbers of tokens.
-INIT, END = 0.5, 2
-BOOST = {"gpt2": 1.8, "llama": 3.5}
-LENGTHS = (5, 2, 7, 3, 4, 6)
 NEW = 15
 
 
@@ -41,42 +31,6 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def tiny_lm(kind: str, seed: int = 0):
-    config = AutoConfig.for_model(
-        kind, vocab_size=VOCAB, pad_token_id=PAD, bos_token_id=0, eos_token_id=2, initializer_range=INIT, **TINY[kind]
-    )
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config).eval()
-
-
-def ending_lm(kind: str):
-    lm = tiny_lm(kind)
-    with torch.no_grad():
-        lm.get_output_embeddings().weight[END] *= BOOST[kind]
-    return lm
-
-
-def prefixed(kind: str, prefix_kind: str = "prefix") -> PrefixModel:
-    """A tiny LM with a random prefix (large enough to change its outputs)."""
-    model = PrefixModel(ending_lm(kind), PrefixConfig(length=3, reparam="none", kind=prefix_kind))
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for parameter in model.encoders.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator))
-    return model.eval()
-
-
-def left_padded(lengths: tuple[int, ...] = LENGTHS, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.full((len(lengths), width), PAD)
-    mask = torch.zeros(len(lengths), width, dtype=torch.long)
-    for i, length in enumerate(lengths):
-        ids[i, width - length :] = torch.randint(3, VOCAB, (length,), generator=generator)
-        mask[i, width - length :] = 1
-    return ids, mask
 
 
 @contextmanager

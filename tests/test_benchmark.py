@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,8 @@ from prefix_lightning.baselines.peft_prefix import peft_generate, set_peft_prefi
 from prefix_lightning.benchmark import Setting, run_benchmark
 from prefix_lightning.benchmark.phases import decoding_batches, training_batches
 from prefix_lightning.training.build import load_configured_backbone
-from tests.helpers import REPO, compose_train
+from tests.helpers.cli import run_python
+from tests.helpers.config import compose_train
 
 
 def _setup(tmp_path: Path, name: str, reparam: str = "mlp") -> tuple[PrefixModel, object, object]:
@@ -75,7 +74,7 @@ def test_peft_decoding_uses_its_prefix_and_matches_ours(tmp_path: Path, data_dir
     config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, inference_mode=True)
     peft = get_peft_model(lm, config).eval()
     with torch.no_grad():
-        set_peft_prefix(peft, ours.encoders["self"]())
+        set_peft_prefix(peft, torch.stack(ours.encoders["self"]()))
     (batch,) = decoding_batches(cfg, tokenizer, 4)
     for beams in (1, 3):
         settings = {"max_new_tokens": 6, "num_beams": beams, "pad_token_id": tokenizer.pad_token_id}
@@ -84,12 +83,13 @@ def test_peft_decoding_uses_its_prefix_and_matches_ours(tmp_path: Path, data_dir
         assert not torch.equal(theirs, peft.base_model.generate(**batch, **settings))
 
 
+@pytest.mark.integration
 def test_benchmark_command_runs_on_a_tiny_model(tmp_path: Path, data_dir: Path) -> None:
     output = tmp_path / "benchmark.json"
-    command = [sys.executable, "-m", "prefix_lightning.benchmark", "--steps", "2", "--warmup", "1", "--inputs", "3"]
-    command += ["--check-inputs", "3", "--threads", "1", "--output", str(output)]
-    command += ["model=tiny_llama", "generation.max_new_tokens=6", "generation.num_beams=2"]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    arguments = ["-m", "prefix_lightning.benchmark", "--steps", "2", "--warmup", "1", "--inputs", "3"]
+    arguments += ["--check-inputs", "3", "--threads", "1", "--output", str(output)]
+    arguments += ["model=tiny_llama", "generation.max_new_tokens=6", "generation.num_beams=2"]
+    result = run_python(*arguments)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "beam-search tokens/s vs PEFT" in result.stdout
     benchmark = json.loads(output.read_text())
@@ -102,14 +102,15 @@ def test_benchmark_command_runs_on_a_tiny_model(tmp_path: Path, data_dir: Path) 
     assert all(benchmark["checks"].values()), benchmark["checks"]
 
 
+@pytest.mark.integration
 def test_benchmark_compares_a_quantized_frozen_lm(tmp_path: Path, data_dir: Path) -> None:
     """The same command and table with model.backbone.quantization=int8: our training and decoding phases."""
     output = tmp_path / "benchmark.json"
-    command = [sys.executable, "-m", "prefix_lightning.benchmark", "--steps", "2", "--warmup", "1", "--inputs", "3"]
-    command += ["--check-inputs", "3", "--threads", "1", "--output", str(output)]
-    command += ["--phases", "train_ours,generate_ours", "model=tiny_llama", "model.backbone.quantization=int8"]
-    command += ["generation.max_new_tokens=6"]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    arguments = ["-m", "prefix_lightning.benchmark", "--steps", "2", "--warmup", "1", "--inputs", "3"]
+    arguments += ["--check-inputs", "3", "--threads", "1", "--output", str(output)]
+    arguments += ["--phases", "train_ours,generate_ours", "model=tiny_llama", "model.backbone.quantization=int8"]
+    arguments += ["generation.max_new_tokens=6"]
+    result = run_python(*arguments)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line.split() for line in result.stdout.splitlines() if line.startswith(("train_ours ", "generate_ours "))]
     assert [row[:2] for row in rows] == [["train_ours", "int8"], ["generate_ours", "int8"]]

@@ -5,24 +5,20 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
-import lightning as L
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from prefix_lightning.backbones import load_backbone
-from prefix_lightning.data.datamodule import TextToTextDataModule
-from prefix_lightning.methods import TrainableLM
+from prefix_lightning.methods import IGNORE_INDEX, TrainableLM
 from prefix_lightning.prefix import PrefixConfig
 from prefix_lightning.training.build import build_model, generation_settings
+from prefix_lightning.training.checkpoint_io import AtomicCheckpointIO
+from prefix_lightning.training.optimized import settle_optimized_metric
 from prefix_lightning.training.train import instantiate_all
-from tests.helpers import CONF, compose_train
-
-
-def options(group: str) -> list[str]:
-    """The choices of a config group; data/default.yaml is only the base of the others (it names no dataset)."""
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml") if (group, p.stem) != ("data", "default"))
+from tests.helpers.config import CONF, compose_train, options
 
 
 def test_every_group_has_its_options() -> None:
@@ -58,8 +54,13 @@ def test_method_configs_build_their_model(name: str, tmp_path: Path) -> None:
     """Each method file's options are the keywords of the code that builds it (tests/test_methods.py trains them)."""
     cfg = compose_train(tmp_path, [f"method={name}", "model=tiny_llama"])
     model, _ = build_model(cfg)
-    assert type(model) is get_class(cfg.method.model._target_) and isinstance(model, TrainableLM)
-    assert model.trainable_parameters()
+    assert isinstance(model, TrainableLM), "the class lacks part of the method interface"
+    trainable = model.trainable_parameters()
+    assert trainable and all(p.requires_grad for p in trainable)
+    ids = torch.arange(3, 11).repeat(2, 1)
+    labels = ids.masked_fill(torch.arange(8) < 3, IGNORE_INDEX)  # the first 3 tokens are the source
+    model.loss(labels=labels, input_ids=ids, attention_mask=torch.ones_like(ids)).backward()
+    assert all(p.grad is not None for p in trainable), "the loss must reach everything the method trains"
     assert cfg.callbacks.export.dirpath == f"{tmp_path}/{cfg.method.export_dir}"
     written = model.save(cfg.callbacks.export.dirpath)
     assert any(path.stat().st_size > 0 for path in written.iterdir())
@@ -69,7 +70,10 @@ def test_method_configs_build_their_model(name: str, tmp_path: Path) -> None:
 def test_data_configs_instantiate(name: str, tmp_path: Path, gpt2_tokenizer) -> None:
     cfg = compose_train(tmp_path, [f"data={name}", "model=tiny_gpt2"])
     datamodule = instantiate(cfg.data, tokenizer=gpt2_tokenizer, separator=" =", target_end="<|endoftext|>")
-    assert isinstance(datamodule, TextToTextDataModule)
+    options = OmegaConf.to_container(cfg.data, resolve=True)
+    del options["_target_"]
+    given = {key: value for key, value in options.items() if value is not None}  # None: the dataset's own
+    assert {key: datamodule.hparams[key] for key in given} == given
 
 
 # FSDP and DeepSpeed trainers refuse a CPU: tests/test_distributed.py instantiates and checks their strategies.
@@ -80,16 +84,30 @@ SHARDED = ("fsdp", "deepspeed")
 def test_trainer_configs_instantiate(name: str, tmp_path: Path) -> None:
     # GPU configs are checked on the CPU here: same keys, same strategy, only the accelerator differs.
     overrides = [f"trainer={name}"] + (["trainer.accelerator=cpu"] if name in ("gpu", "ddp", "slurm") else [])
-    trainer = instantiate(compose_train(tmp_path, overrides).trainer)
-    assert isinstance(trainer, L.Trainer)
+    settings = compose_train(tmp_path, overrides).trainer
+    trainer = instantiate(settings)
+    assert (trainer.max_steps, trainer.precision, trainer.accumulate_grad_batches, trainer.gradient_clip_val) == (
+        settings.max_steps,
+        settings.precision,
+        settings.accumulate_grad_batches,
+        settings.gradient_clip_val,
+    )
+    assert trainer.num_devices == (1 if settings.devices == "auto" else settings.devices)  # "auto": 1 CPU
+    assert trainer.num_nodes == settings.get("num_nodes", 1)
+    assert type(trainer.strategy.checkpoint_io) is AtomicCheckpointIO  # checkpoints are written atomically
 
 
 @pytest.mark.parametrize("group", ["callbacks", "logger"])
 def test_callback_and_logger_configs_instantiate(group: str, tmp_path: Path) -> None:
     for name in options(group):
         cfg = compose_train(tmp_path, [f"{group}={name}"])
+        settle_optimized_metric(cfg)  # as train() does: the checkpoint and early stopping callbacks monitor it
         entries = instantiate_all(cfg.get(group))
-        assert len(entries) == len(cfg.get(group) or {})
+        switched_off = int(group == "callbacks" and cfg.callbacks.early_stopping.patience is None)
+        assert len(entries) == len(cfg.get(group) or {}) - switched_off
+        written = [getattr(entry, "dirpath", None) or getattr(entry, "save_dir", None) for entry in entries]
+        folders = [Path(folder) for folder in written if folder is not None]
+        assert all(folder.is_relative_to(tmp_path) for folder in folders), f"{name} writes outside the run: {folders}"
 
 
 @pytest.mark.parametrize("name", options("debug"))

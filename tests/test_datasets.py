@@ -27,7 +27,7 @@ from prefix_lightning.data import (
 )
 from prefix_lightning.data.datamodule import TextToTextDataModule
 from prefix_lightning.data.triples import read_triples_xml
-from tests.helpers import CONF, compose_train
+from tests.helpers.config import CONF, compose_train
 
 UNSEEN_2017 = {"Artist", "Athlete", "CelestialBody", "MeanOfTransportation", "Politician"}
 XSUM_SAMPLE = "xsum_sample/xsum-human-evaluation-data.txt"
@@ -153,11 +153,11 @@ def test_xsum_hub_without_datasets_says_what_to_install(monkeypatch):
         read_xsum_hub("test")
 
 
-def test_xsum_source_budget_in_both_layouts(data_dir, gpt2_tokenizer, caplog):
+def test_xsum_source_budget_in_both_layouts(data_dir, tokenizer_dir, gpt2_tokenizer, caplog):
     from transformers import BartTokenizer
 
     examples = read_xsum_sample(data_dir / XSUM_SAMPLE)
-    bart = BartTokenizer.from_pretrained(data_dir.parent / "tokenizers" / "gpt2")
+    bart = BartTokenizer.from_pretrained(tokenizer_dir)
     for tokenizer, layout in ((gpt2_tokenizer, {"separator": " TL;DR:"}), (bart, {"is_encoder_decoder": True})):
         collator = TextToTextCollator(tokenizer, max_source_tokens=512, **layout)
         caplog.clear()

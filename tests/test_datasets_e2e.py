@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_train import run_cli
+from tests.helpers.cli import run_cli
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 TINY = ["debug=fast", "data.val_size=4"]
 

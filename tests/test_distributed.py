@@ -8,9 +8,7 @@ import importlib.util
 import json
 import pickle
 from pathlib import Path
-from typing import Any
 
-import lightning as L
 import pytest
 import torch
 from hydra.errors import InstantiationException
@@ -22,25 +20,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from prefix_lightning.data.sampler import EpochShuffleSampler
 from prefix_lightning.training.build import build_model
-from tests.helpers import compose_train
-from tests.test_train import run_cli
-
-
-class BatchRecorder(L.Callback):
-    """Writes the training examples each rank saw, batch by batch, to ``<folder>/rank<N>.json``."""
-
-    def __init__(self, folder: str) -> None:
-        self.folder = Path(folder)
-        self.batches: list[list[list[int]]] = []
-
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: dict, batch_idx: int) -> None:
-        rows = zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist(), strict=True)
-        self.batches.append([[t for t, keep in zip(ids, mask, strict=True) if keep] for ids, mask in rows])
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.batches))
-
+from tests.helpers.cli import run_cli
+from tests.helpers.config import compose_train
 
 # Two optimizer steps per epoch of the 16-pair subset (global batch 8).
 RUN = [
@@ -50,7 +31,7 @@ RUN = [
     "trainer.max_steps=3",
     "trainer.val_check_interval=3",
     "test=false",
-    "+callbacks.batch_recorder._target_=tests.test_distributed.BatchRecorder",
+    "+callbacks.batch_recorder._target_=tests.helpers.recorders.BatchRecorder",
 ]
 
 
@@ -69,6 +50,7 @@ def _last_val_loss(run_dir: Path) -> float:
         return [float(row["val/loss"]) for row in csv.DictReader(file) if row.get("val/loss")][-1]
 
 
+@pytest.mark.integration
 def test_two_process_ddp_splits_the_subset_and_matches_one_process(tmp_path: Path, data_dir: Path) -> None:
     """2 spawned gloo processes x batch 4 train like 1 process x batch 8: step by step, the ranks' batches are
     disjoint halves of the single process's batch; a prefix-only checkpoint, nearly the same prefix and the same
@@ -92,10 +74,14 @@ def test_two_process_ddp_splits_the_subset_and_matches_one_process(tmp_path: Pat
     # nearly sign(gradient): the two runs move the prefix the same way, not by bit-identical amounts.
     model, _ = build_model(compose_train(tmp_path, RUN))
     with torch.no_grad():
-        start = {group: encoder() for group, encoder in model.encoders.items()}
+        start = {f"{g}.{i}": block for g, encoder in model.encoders.items() for i, block in enumerate(encoder())}
     ddp_prefix, single_prefix = (load_file(run / "prefix" / "prefix.safetensors") for run in (ddp, single))
-    for group, initial in start.items():
-        ddp_move, single_move = (ddp_prefix[group] - initial).flatten(), (single_prefix[group] - initial).flatten()
+    for group in model.encoders:
+        names = [name for name in start if name.startswith(f"{group}.")]
+        ddp_move, single_move = (
+            torch.cat([(prefix[name] - start[name]).flatten() for name in names])
+            for prefix in (ddp_prefix, single_prefix)
+        )
         assert torch.cosine_similarity(ddp_move, single_move, dim=0) > 0.95
         assert (ddp_move - single_move).norm() < 0.3 * single_move.norm()
     assert _last_val_loss(ddp) == pytest.approx(_last_val_loss(single), rel=1e-3)  # synced across the ranks
@@ -132,6 +118,7 @@ def test_a_pickled_model_keeps_its_prefix(name: str, tmp_path: Path) -> None:
         assert copy(**inputs).loss != model(**inputs).loss
 
 
+@pytest.mark.integration
 def test_relaunching_ddp_runs_from_the_command_line(tmp_path: Path, data_dir: Path) -> None:
     """Plain ``strategy=ddp`` starts the command line again for rank 1; both ranks must train and finish."""
     run = _train(tmp_path, "trainer=ddp_cpu", "trainer.strategy=ddp", "data.batch_size=4")
@@ -147,10 +134,15 @@ def test_fsdp_config_shards_every_decoder_layer_of_any_model(tmp_path: Path) -> 
     assert isinstance(strategy, FSDPStrategy)
     assert strategy.kwargs["use_orig_params"] and strategy._state_dict_type == "full"
     policy = strategy.kwargs["auto_wrap_policy"]
+    assert set(policy._module_classes) == {GradientCheckpointingLayer}  # transformers' base of every decoder layer
     for name in ("tiny_llama", "tiny_gpt2", "tiny_bart"):
         model, _ = build_model(compose_train(tmp_path, [f"model={name}"]))
         wrapped = [m for m in model.lm.modules() if isinstance(m, tuple(policy._module_classes))]
-        assert wrapped and all(isinstance(m, GradientCheckpointingLayer) for m in wrapped)
+        config = model.lm.config
+        layers = (
+            config.encoder_layers + config.decoder_layers if config.is_encoder_decoder else config.num_hidden_layers
+        )
+        assert len(wrapped) == layers
         assert not any(isinstance(m, tuple(policy._module_classes)) for m in model.encoders.modules())
 
 

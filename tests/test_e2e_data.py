@@ -1,3 +1,5 @@
+"""E2E on the real files: reading the official CSVs, collating batches, the data module's splits and loaders."""
+
 import io
 import logging
 
@@ -15,27 +17,12 @@ from prefix_lightning.data import (
     read_e2e,
     reference_groups,
 )
-from prefix_lightning.data.datamodule import TextToTextDataModule
-
-GPT2_LAYOUT = {"separator": " <|endoftext|>", "target_end": "<|endoftext|>"}
+from tests.helpers.data import GPT2_LAYOUT, offline_datamodule
 
 
 @pytest.fixture(scope="module")
 def devset(data_dir):
     return read_e2e(data_dir / "e2e" / "devset.csv")
-
-
-def offline_datamodule(tokenizer, data_dir, **overrides):
-    settings = {
-        "train_file": "devset.csv",
-        "val_file": "devset.csv",
-        "val_size": 50,
-        "test_size": 30,
-        "train_size": 200,
-        "download": False,
-        **GPT2_LAYOUT,
-    }
-    return TextToTextDataModule(tokenizer, data_dir, "e2e", **{**settings, **overrides})
 
 
 # --- reading -------------------------------------------------------------------------------------------
@@ -163,11 +150,11 @@ def test_no_truncation_no_warning(gpt2_tokenizer, devset, caplog):
     assert not caplog.records
 
 
-def test_seq2seq_batches(data_dir, devset):
+def test_seq2seq_batches(tokenizer_dir, devset):
     from transformers import BartTokenizer
 
     # BART's byte-level BPE on the GPT-2 files: <s>, </s> and <pad> become added tokens, enough for the layout.
-    tokenizer = BartTokenizer.from_pretrained(data_dir.parent / "tokenizers" / "gpt2")
+    tokenizer = BartTokenizer.from_pretrained(tokenizer_dir)
     collator = TextToTextCollator(tokenizer, is_encoder_decoder=True)
     examples = [devset[0], devset[300]]
     batch = collator.train_batch(collator.encode_pairs(examples, "test"))

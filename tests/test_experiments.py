@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import inspect
 import itertools
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -19,13 +16,13 @@ from omegaconf import OmegaConf
 from omegaconf.errors import InterpolationKeyError
 
 from prefix_lightning.backbones import load_backbone
-from prefix_lightning.data.datamodule import TextToTextDataModule
 from prefix_lightning.training.build import build_datamodule, build_model, build_module
 from prefix_lightning.training.checks import check_config
+from prefix_lightning.training.optimized import settle_optimized_metric
 from prefix_lightning.training.train import instantiate_all
-from tests.helpers import CONF, REPO, compose_train
-from tests.test_configs import options
-from tests.test_e2e_data import offline_datamodule
+from tests.helpers.cli import run_python
+from tests.helpers.config import CONF, compose_train, options
+from tests.helpers.data import offline_datamodule
 
 EXPERIMENTS = options("experiment")
 
@@ -126,10 +123,10 @@ def test_experiment_composes_and_instantiates(name: str, tmp_path: Path, gpt2_to
     datamodule = instantiate(
         cfg.data, tokenizer=gpt2_tokenizer, separator=cfg.model.separator, target_end=cfg.model.target_end
     )
-    assert isinstance(datamodule, TextToTextDataModule)
+    assert (datamodule.hparams.dataset, datamodule.hparams.batch_size) == (cfg.data.dataset, cfg.data.batch_size)
+    settle_optimized_metric(cfg)  # as train() does: the checkpoint callback monitors it
     callbacks, loggers = instantiate_all(cfg.callbacks), instantiate_all(cfg.logger)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    assert isinstance(trainer, L.Trainer)
     assert (trainer.max_epochs, trainer.max_steps) == (cfg.trainer.max_epochs, cfg.trainer.max_steps)
 
 
@@ -207,15 +204,10 @@ def test_sweeps_are_the_papers_grids(name: str, tmp_path: Path) -> None:
         check_config(job_cfg)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_command_line_prints_the_experiment(name: str) -> None:
-    printed = subprocess.run(
-        [sys.executable, "run.py", f"experiment={name}", "--cfg", "job", "--resolve"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    printed = run_python("run.py", f"experiment={name}", "--cfg", "job", "--resolve", timeout=120)
     assert printed.returncode == 0, printed.stderr
     job = OmegaConf.create(printed.stdout)
     for key, value in expected_settings(name).items():
@@ -258,3 +250,64 @@ def test_val_fraction_needs_a_positive_fraction_and_a_training_size(
 ) -> None:
     with pytest.raises(ValueError, match="val_fraction"):
         offline_datamodule(gpt2_tokenizer, data_dir, **settings)
+
+
+# --- the offline low-data sweep (conf/sweep/smollm2_lowdata.yaml): paper_lowdata's rules on SmolLM2 -------------
+
+
+@pytest.mark.parametrize(
+    ("method", "size", "steps"),
+    [(method, size, steps) for method, budget in LOWDATA_STEPS.items() for size, steps in budget.items()],
+)
+def test_offline_lowdata_sweep_keeps_the_papers_rules(method: str, size: int, steps: int, tmp_path: Path) -> None:
+    cfg = compose_train(tmp_path, ["+sweep=smollm2_lowdata", f"method={method}", f"data.train_size={size}"])
+    check_config(cfg)
+    assert instantiate(cfg.trainer).max_steps == steps
+    assert (cfg.model.backbone.source, cfg.model.backbone.name) == ("embedded", "smollm2-135m-instruct")
+    assert (cfg.method.lr, cfg.data.batch_size, cfg.generation.num_beams) == (5e-5, 10, 5)
+    assert cfg.prefix.init_text == ("table-to-text:" if method == "prefix" else None)
+    assert (cfg.data.train_file, cfg.data.val_file, cfg.data.val_size, cfg.data.val_fraction) == (
+        "devset.csv",
+        "devset.csv",
+        None,
+        0.3,
+    )
+    assert cfg.data.test_size == 200
+
+
+def test_offline_lowdata_sweep_grid() -> None:
+    cfg = compose_with_hydra(["+sweep=smollm2_lowdata"])
+    assert cfg.hydra.sweep.dir == "multirun/smollm2_lowdata"
+    assert {key: str(value) for key, value in cfg.hydra.sweeper.params.items()} == {
+        "method": "prefix,full",
+        "data.train_size": "50,100,200",
+        "data.subset_seed": "1,2,3",
+        "seed": "1",
+    }
+
+
+@pytest.mark.parametrize(("size", "held_out"), [(50, 15), (200, 60), (500, 150)])
+def test_offline_lowdata_sweep_validates_on_held_out_devset_mrs(
+    size: int, held_out: int, tmp_path: Path, gpt2_tokenizer
+) -> None:
+    """The data config as the sweep composes it: 30% of the size held out from devset.csv, 200 test MRs."""
+    cfg = compose_train(tmp_path, ["+sweep=smollm2_lowdata", f"data.train_size={size}", "data.subset_seed=2"])
+    datamodule = instantiate(
+        cfg.data, tokenizer=gpt2_tokenizer, separator=cfg.model.separator, target_end=cfg.model.target_end
+    )
+    datamodule.setup()
+    assert (len(datamodule.train_examples), len(datamodule.val_groups), len(datamodule.test_groups)) == (
+        size,
+        held_out,
+        200,
+    )
+    assert not {group.source for group in datamodule.val_groups} & {ex.source for ex in datamodule.train_examples}
+    assert datamodule.metric_suite == "e2e"
+
+
+@pytest.mark.slow
+def test_offline_lowdata_prefix_length_is_the_init_words_in_smollm2_tokens(tmp_path: Path) -> None:
+    """A.2's rule (length = the tokens of "table-to-text:") holds for SmolLM2's tokenizer too: 6 tokens."""
+    cfg = compose_train(tmp_path, ["+sweep=smollm2_lowdata"])
+    _, tokenizer = load_backbone(**OmegaConf.to_container(cfg.model.backbone, resolve=True))
+    assert len(tokenizer(cfg.prefix.init_text, add_special_tokens=False).input_ids) == cfg.prefix.length == 6

@@ -22,9 +22,7 @@ from prefix_lightning.baselines import (
     load_top_layers,
 )
 from prefix_lightning.baselines.peft_prefix import set_peft_prefix
-from prefix_lightning.methods.loss import IGNORE_INDEX
-from tests.test_prefix_model import PAD, VOCAB
-from tests.test_prefix_model import tiny_lm as tiny_prefix_model_lm
+from tests.helpers.tiny import PAD, VOCAB, padded, tiny_lm, training_batch
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # PEFT calls transformers' deprecated names
 
@@ -32,45 +30,24 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # PEFT calls t
 DEEPER = {"llama": {}, "gpt2": dict(n_layer=3), "bart": dict(decoder_layers=3)}
 METHODS = {"full": FullFineTuning, "top_layers": TopLayers, "lora": LoRA, "peft_prefix": PeftPrefixTuning}
 OPTIONS = {"lora": dict(rank=4, alpha=8), "peft_prefix": dict(config=PrefixConfig(length=3, hidden_dim=16))}
-# (source, target) token pairs of different lengths.
-PAIRS = [([10, 11, 12], [30, 31, 32, 33]), ([20, 21], [40, 41]), ([50, 51, 52, 53], [60, 61, 62])]
 PROMPTS = [[10, 11, 12, 13, 14], [20, 21, 22]]
 CASES = [("llama", method) for method in METHODS] + [("gpt2", "full"), ("bart", "top_layers")]
 
 
-def tiny_lm(kind: str):
-    return tiny_prefix_model_lm(kind, **DEEPER[kind])
-
-
-def _padded(rows: list[list[int]], fill: int, left: bool = False) -> torch.Tensor:
-    width = max(map(len, rows))
-    return torch.tensor([[fill] * (width - len(r)) * left + r + [fill] * (width - len(r)) * (not left) for r in rows])
-
-
-def training_batch(encoder_decoder: bool) -> dict[str, torch.Tensor]:
-    """Right-padded; causal rows are source + target with the source and padding labelled IGNORE_INDEX."""
-    if encoder_decoder:
-        ids = _padded([s for s, _ in PAIRS], PAD)
-        return {
-            "input_ids": ids,
-            "attention_mask": (ids != PAD).long(),
-            "labels": _padded([t for _, t in PAIRS], IGNORE_INDEX),
-        }
-    ids = _padded([s + t for s, t in PAIRS], PAD)
-    labels = _padded([[IGNORE_INDEX] * len(s) + t for s, t in PAIRS], IGNORE_INDEX)
-    mask = _padded([[1] * len(s + t) for s, t in PAIRS], 0)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+def deeper_lm(kind: str):
+    """The tiny model of ``kind`` with three decoder blocks."""
+    return tiny_lm(kind, **DEEPER[kind])
 
 
 def prompt_batch() -> dict[str, torch.Tensor]:
     return {
-        "input_ids": _padded(PROMPTS, PAD, left=True),
-        "attention_mask": _padded([[1] * len(p) for p in PROMPTS], 0, left=True),
+        "input_ids": padded(PROMPTS, PAD, left=True),
+        "attention_mask": padded([[1] * len(p) for p in PROMPTS], 0, left=True),
     }
 
 
 def build(kind: str, method: str) -> FineTunedLM:
-    return METHODS[method](tiny_lm(kind), **OPTIONS.get(method, {}))
+    return METHODS[method](deeper_lm(kind), **OPTIONS.get(method, {}))
 
 
 def train_steps(model: FineTunedLM, steps: int = 3) -> None:
@@ -115,7 +92,7 @@ def test_training_changes_exactly_the_intended_parameters(kind: str, method: str
     ("kind", "name"), [("llama", "model.layers"), ("gpt2", "transformer.h"), ("bart", "model.decoder.layers")]
 )
 def test_top_layers_are_the_blocks_that_produce_the_output(kind: str, name: str) -> None:
-    assert decoder_blocks(tiny_lm(kind))[0] == name
+    assert decoder_blocks(deeper_lm(kind))[0] == name
 
 
 def test_methods_train_with_the_lms_own_dropout() -> None:
@@ -170,21 +147,21 @@ def test_save_writes_only_the_trained_tensors_and_reloads(kind: str, method: str
         description = json.loads((folder / "top_layers.json").read_text())
         assert description["method"] == "top_layers" and description["layers"] == 2
         assert description["base_model"]["model_type"] == kind
-        reloaded = load_top_layers(tiny_lm(kind), folder)
+        reloaded = load_top_layers(deeper_lm(kind), folder)
     else:
         saved = load_file(folder / "adapter_model.safetensors")
         if method == "lora":  # peft drops the adapter's name from the keys
             assert len(saved) == len(trainable) and all(".lora_A." in n or ".lora_B." in n for n in saved)
         else:  # the prefix as PEFT exports it: materialized, MLP dropped
             assert set(saved) == {"prompt_embeddings"} and saved["prompt_embeddings"].shape[0] == 3
-        reloaded = PeftModel.from_pretrained(tiny_lm(kind), folder).eval()
+        reloaded = PeftModel.from_pretrained(deeper_lm(kind), folder).eval()
     torch.testing.assert_close(_logits(reloaded, batch), trained, atol=1e-5, rtol=1e-5)
 
 
 def test_top_layers_refuse_another_base_model(tmp_path) -> None:
     build("llama", "top_layers").save(tmp_path)
     with pytest.raises(ValueError, match="trained for .*llama.* this base model \\(gpt2\\)"):
-        load_top_layers(tiny_lm("gpt2"), tmp_path)
+        load_top_layers(deeper_lm("gpt2"), tmp_path)
 
 
 @pytest.mark.parametrize("method", ["full", "top_layers", "lora"])
@@ -201,10 +178,10 @@ def test_generate_left_padded_batch(method: str) -> None:
 
 def test_peft_prefix_generates_as_our_prefix_with_the_same_values() -> None:
     """PEFT's own generate would decode as the bare LM; ours and PEFT's prefix with equal values must agree."""
-    ours = PrefixModel(tiny_lm("llama"), PrefixConfig(length=3, reparam="none")).eval()
-    theirs = PeftPrefixTuning(tiny_lm("llama"), PrefixConfig(length=3, reparam="none")).eval()
+    ours = PrefixModel(deeper_lm("llama"), PrefixConfig(length=3, reparam="none")).eval()
+    theirs = PeftPrefixTuning(deeper_lm("llama"), PrefixConfig(length=3, reparam="none")).eval()
     with torch.no_grad():
-        set_peft_prefix(theirs.lm, ours.encoders["self"]())
+        set_peft_prefix(theirs.lm, torch.stack(ours.encoders["self"]()))
     batch = prompt_batch()
     settings = dict(max_new_tokens=5, do_sample=False, pad_token_id=PAD, eos_token_id=None)
     generated = theirs.generate(**batch, **settings)
@@ -238,17 +215,17 @@ def test_gradient_checkpointing_recomputes_with_the_same_gradients(method: str) 
 def test_clear_errors() -> None:
     for layers in (0, 4):
         with pytest.raises(ValueError, match="layers must be between 1 and 3 \\(model.layers\\)"):
-            TopLayers(tiny_lm("llama"), layers=layers)
+            TopLayers(deeper_lm("llama"), layers=layers)
     with pytest.raises(ValueError, match="peft_prefix covers causal LMs only"):
-        PeftPrefixTuning(tiny_lm("bart"))
+        PeftPrefixTuning(deeper_lm("bart"))
     with pytest.raises(ValueError, match="LoRA rank must be a positive integer, got 0"):
-        LoRA(tiny_lm("llama"), rank=0)
+        LoRA(deeper_lm("llama"), rank=0)
     with pytest.raises(ValueError, match="starts from random values"):
-        PeftPrefixTuning(tiny_lm("llama"), PrefixConfig(init_text="table-to-text:"))
+        PeftPrefixTuning(deeper_lm("llama"), PrefixConfig(init_text="table-to-text:"))
     with pytest.raises(ValueError, match="no prefix dropout"):
-        PeftPrefixTuning(tiny_lm("llama"), PrefixConfig(dropout=0.1))
+        PeftPrefixTuning(deeper_lm("llama"), PrefixConfig(dropout=0.1))
     with pytest.raises(ValueError, match="not 'infix'"):
-        PeftPrefixTuning(tiny_lm("llama"), PrefixConfig(kind="infix"))
+        PeftPrefixTuning(deeper_lm("llama"), PrefixConfig(kind="infix"))
     mamba = AutoConfig.for_model("mamba", vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, state_size=4)
     for method in ("lora", "peft_prefix"):
         with pytest.raises(ValueError, match=f"peft cannot apply {method} to MambaForCausalLM \\(mamba\\)"):

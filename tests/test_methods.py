@@ -13,9 +13,22 @@ from safetensors.torch import load_file
 from prefix_lightning.training.build import build_model
 from prefix_lightning.training.checks import ConfigError, check_config
 from prefix_lightning.training.train import train
-from tests.helpers import compose_train
+from tests.helpers.config import compose_train
 
 QUICK = ["model=tiny_llama", "debug=fast", "logger=none", "trainer.max_steps=2", "trainer.val_check_interval=2"]
+
+
+def recording_frozen_weights(run_dir: Path) -> list[str]:
+    """Overrides that add tests.helpers.recorders.FrozenWeights to the run (it writes frozen_changed.json)."""
+    return ["+callbacks.frozen._target_=tests.helpers.recorders.FrozenWeights", f"+callbacks.frozen.folder={run_dir}"]
+
+
+def changed_frozen_weights(run_dir: Path, model: torch.nn.Module) -> list[str]:
+    """What FrozenWeights saw change among the weights ``model`` (the method as built) does not train."""
+    report = json.loads((run_dir / "frozen_changed.json").read_text())
+    assert report["frozen"] == sum(not p.requires_grad for p in model.parameters()), "it saw another model"
+    return report["changed"]
+
 
 # method -> (names of the parameters it trains, files its export holds)
 EXPECTED = {
@@ -37,28 +50,28 @@ EXPECTED = {
 CASES = [(method, []) for method in sorted(EXPECTED)] + [("prefix", ["prefix=direct"])]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(("method", "overrides"), CASES)
 def test_each_method_trains_and_saves_only_its_own_parameters(method: str, overrides: list[str], tmp_path) -> None:
     layers = ["method.model.layers=1"] if method == "top2" else []
-    cfg = compose_train(tmp_path, [*QUICK, f"method={method}", *layers, *overrides])
+    cfg = compose_train(
+        tmp_path, [*QUICK, f"method={method}", *layers, *overrides, *recording_frozen_weights(tmp_path)]
+    )
     model, _ = build_model(cfg)
     intended, export_files = EXPECTED[method]
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     if overrides == ["prefix=direct"]:
         assert trainable == {"encoders.self.prefix"}
     assert trainable and all(intended(name) for name in trainable), sorted(trainable)[:5]
-    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
 
     train(cfg)  # builds its own model with the same seed: compare the artifacts with this untouched copy
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     saved = {name.removeprefix("model.") for name in checkpoint["state_dict"]}
     assert saved == trainable
-    changed = {
-        name
-        for name, tensor in checkpoint["state_dict"].items()
-        if not torch.equal(tensor, dict(model.named_parameters())[name.removeprefix("model.")])
-    }
-    assert changed, "training changed nothing"
+    initial = dict(model.named_parameters())
+    changed = {name for name in saved if not torch.equal(checkpoint["state_dict"][f"model.{name}"], initial[name])}
+    assert changed == trainable, f"unchanged by training: {sorted(trainable - changed)[:5]}"
+    assert changed_frozen_weights(tmp_path, model) == []
     export = tmp_path / cfg.method.export_dir
     assert {path.name for path in export.iterdir()} == export_files
     if method in ("full", "top2"):
@@ -66,16 +79,16 @@ def test_each_method_trains_and_saves_only_its_own_parameters(method: str, overr
         for file in export.glob("*.safetensors"):
             tensors |= load_file(file)
         assert len(tensors) == len(trainable) if method == "top2" else len(tensors) >= len(trainable) - 1
-    assert frozen_before.keys().isdisjoint(trainable)
     record = json.loads((tmp_path / "result.json").read_text())
     assert record["trainable_params"] == sum(p.numel() for n, p in model.named_parameters() if n in trainable)
 
 
+@pytest.mark.integration
 def test_embedding_only_export_is_the_input_embeddings(tmp_path: Path) -> None:
     cfg = compose_train(tmp_path, [*QUICK, "method=embedding", "prefix.length=3"])
     train(cfg)
     tensors = load_file(tmp_path / "prefix" / "prefix.safetensors")
-    assert set(tensors) == {"input"} and tensors["input"].shape == (3, 32)
+    assert set(tensors) == {"input.0"} and tensors["input.0"].shape == (3, 32)
 
 
 @pytest.mark.parametrize(
@@ -111,6 +124,41 @@ def test_initialization_options_set_the_prefix(method: str, init: str, tmp_path:
     random, _ = build_model(compose_train(tmp_path, [*QUICK, f"method={method}"]))
     initialized, _ = build_model(compose_train(tmp_path, [*QUICK, f"method={method}", init]))
     with torch.no_grad():
-        before = {k: v for k, v in random.materialized().items()}
-        after = initialized.materialized()
-    assert all(not torch.allclose(before[k], after[k]) for k in after)
+        before, after = random.materialized(), initialized.materialized()
+    assert all(not torch.allclose(a, b) for k in after for a, b in zip(before[k], after[k], strict=True))
+
+
+# The README's example of a new method: tests/helpers/toy_method.py holds the class.
+NORMS_METHOD = """\
+# The LM's normalization weights train; the rest stays frozen.
+name: norms
+model:
+  _target_: tests.helpers.toy_method.NormTuning
+lr: 1.0e-2
+export_dir: norms
+"""
+
+
+@pytest.mark.integration
+def test_a_new_method_is_one_class_and_one_yaml_file(tmp_path: Path) -> None:
+    """method/norms.yaml in a config folder of one's own, on Hydra's search path: it trains through train(cfg)
+    like the shipped methods, only its parameters change, and its export is written."""
+    conf, run = tmp_path / "conf", tmp_path / "run"
+    (conf / "method").mkdir(parents=True)
+    (conf / "method" / "norms.yaml").write_text(NORMS_METHOD)
+    overrides = [f"hydra.searchpath=[file://{conf}]", *QUICK, "method=norms", *recording_frozen_weights(run)]
+    cfg = compose_train(run, overrides)
+    model, _ = build_model(cfg)  # what train(cfg) builds: same config, same seed
+    norms = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert norms == {name for name, _ in model.named_parameters() if name.endswith("norm.weight")}
+    initial = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    train(cfg)
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    trained = {name.removeprefix("model."): tensor for name, tensor in checkpoint["state_dict"].items()}
+    assert trained.keys() == norms
+    assert all(not torch.equal(trained[name], initial[name]) for name in norms)
+    assert changed_frozen_weights(run, model) == []
+    exported = load_file(run / "norms" / "norms.safetensors")
+    assert {f"lm.{name}" for name in exported} == norms
+    assert all(torch.equal(tensor, trained[f"lm.{name}"]) for name, tensor in exported.items())

@@ -12,8 +12,8 @@ from transformers.pytorch_utils import Conv1D
 
 import prefix_lightning.decoding.packed_linear as packed_linear
 from prefix_lightning.decoding.packed_linear import can_pack, packed_linears
-from tests.test_beam_search import left_padded, prefixed
-from tests.test_prefix_model import tiny_lm
+from tests.helpers.decoding import left_padded, prefixed
+from tests.helpers.tiny import tiny_lm
 
 IDS = torch.randint(3, 100, (3, 7), generator=torch.Generator().manual_seed(0))
 

@@ -6,15 +6,14 @@ import csv
 import math
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from hydra.utils import instantiate
 from safetensors.torch import load_file
 
 from prefix_lightning.training.build import build_model
-from tests.helpers import compose_train
-from tests.test_train import run_cli
+from tests.helpers.cli import run_cli
+from tests.helpers.config import compose_train
 
 SHORT = ["model=tiny_llama", "debug=fast", "trainer.max_steps=2", "trainer.val_check_interval=2"]
 
@@ -27,6 +26,7 @@ def _trained(run_dir: Path) -> tuple[dict, list[float]]:
     return checkpoint, losses
 
 
+@pytest.mark.integration
 def test_bf16_mixed_with_gradient_checkpointing_and_accumulation(tmp_path: Path, data_dir: Path) -> None:
     """bf16 autocast on CPU, the LM's layers recomputed in backward, 2 batches per step: a float32 prefix trains."""
     overrides = [*SHORT, "trainer.precision=bf16-mixed", "model.gradient_checkpointing=true"]
@@ -42,6 +42,7 @@ def test_bf16_mixed_with_gradient_checkpointing_and_accumulation(tmp_path: Path,
     assert (tmp_path / "test_metrics.json").is_file()  # decoding ran under autocast too
 
 
+@pytest.mark.integration
 def test_frozen_lm_in_bf16_trains_a_float32_prefix(tmp_path: Path, data_dir: Path) -> None:
     """model.backbone.dtype=bfloat16: the frozen LM computes in bf16, the prefix and AdamW stay float32."""
     overrides = [*SHORT, "model.backbone.dtype=bfloat16"]
@@ -49,13 +50,13 @@ def test_frozen_lm_in_bf16_trains_a_float32_prefix(tmp_path: Path, data_dir: Pat
     assert next(model.lm.parameters()).dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in model.trainable_parameters())
     with torch.no_grad():
-        start = {group: encoder() for group, encoder in model.encoders.items()}
+        start = {f"{g}.{i}": block for g, encoder in model.encoders.items() for i, block in enumerate(encoder())}
     run_cli(tmp_path, *overrides)
     checkpoint, losses = _trained(tmp_path)
     assert checkpoint["global_step"] == 2 and losses and all(math.isfinite(loss) for loss in losses)
     exported = load_file(tmp_path / "prefix" / "prefix.safetensors")
-    assert all(exported[group].dtype == torch.float32 for group in start)
-    assert all(not torch.equal(exported[group], start[group]) for group in start), "the prefix must train"
+    assert exported.keys() == start.keys() and all(exported[name].dtype == torch.float32 for name in start)
+    assert all(not torch.equal(exported[name], start[name]) for name in start), "the prefix must train"
 
 
 @pytest.mark.filterwarnings("ignore:.*AMP with fp16 is not supported on CPU")
@@ -64,4 +65,5 @@ def test_frozen_lm_in_bf16_trains_a_float32_prefix(tmp_path: Path, data_dir: Pat
 def test_precision_choices_instantiate(trainer: str, precision: str, tmp_path: Path) -> None:
     # GPU configs on the CPU: only the accelerator differs (Lightning falls back from 16-mixed to bf16 on CPU).
     overrides = [f"trainer={trainer}", f"trainer.precision={precision}", "trainer.accelerator=cpu"]
-    assert isinstance(instantiate(compose_train(tmp_path, overrides).trainer), L.Trainer)
+    built = instantiate(compose_train(tmp_path, overrides).trainer)
+    assert built.precision == ("bf16-mixed" if precision == "16-mixed" else precision)

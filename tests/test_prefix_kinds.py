@@ -7,7 +7,7 @@ import torch
 
 from prefix_lightning import PrefixConfig, PrefixModel, UnsupportedModelError
 from prefix_lightning.methods.loss import IGNORE_INDEX
-from tests.test_prefix_model import PAD, ROWS, WORDS, pad_batch, tiny_lm
+from tests.helpers.tiny import PAD, ROWS, WORDS, pad_batch, tiny_lm
 
 TARGETS = [torch.tensor([40, 41, 42]), torch.tensor([50, 51]), torch.tensor([60, 61, 62, 63])]
 
@@ -36,7 +36,7 @@ def test_embedding_only_equals_prepending_the_embeddings(kind: str, left: bool) 
     reference = tiny_lm(kind)
     model = PrefixModel(tiny_lm(kind), PrefixConfig(length=3, kind="embedding", reparam="none"))
     _randomize(model)
-    embeddings = model.encoders["input"]().detach()
+    (embeddings,) = [block.detach() for block in model.encoders["input"]()]
     ids, mask = pad_batch(ROWS, left)
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask).logits
@@ -51,15 +51,15 @@ def test_embedding_only_trains_nothing_but_the_input_embeddings() -> None:
     lm_before = {k: v.clone() for k, v in model.lm.state_dict().items()}
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"encoders.input.prefix"}
-    assert model.encoders["input"]().shape == (3, model.lm.get_input_embeddings().embedding_dim)
-    before = model.encoders["input"]().detach().clone()
+    (before,) = [block.detach().clone() for block in model.encoders["input"]()]
+    assert before.shape == (3, model.lm.get_input_embeddings().embedding_dim)
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
     model.train()
     for _ in range(2):
         optimizer.zero_grad()
         model.loss(**_pairs()).backward()
         optimizer.step()
-    assert not torch.equal(before, model.encoders["input"]())
+    assert not torch.equal(before, model.encoders["input"]()[0])
     assert all(torch.equal(lm_before[k], v) for k, v in model.lm.state_dict().items())
 
 

@@ -1,4 +1,5 @@
-"""The method's invariants (DESIGN.md 1-5) on tiny random GPT-2, Llama with grouped-query attention, and BART."""
+"""The method's invariants 1-5 (docs/design.md) on tiny random GPT-2, Llama with grouped-query attention, BART and T5
+(every family's real-word equivalence: test_model_families.py)."""
 
 from __future__ import annotations
 
@@ -7,60 +8,12 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from prefix_lightning import PrefixConfig, PrefixModel, UnsupportedModelError
 from prefix_lightning.prefix.attention import record_attention_calls
-
-VOCAB, PAD = 100, 1
-TINY = {
-    "gpt2": dict(n_layer=2, n_embd=32, n_head=4, n_positions=64),
-    "llama": dict(
-        num_hidden_layers=3, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64
-    ),
-    "bart": dict(
-        encoder_layers=2,
-        decoder_layers=2,
-        d_model=32,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        max_position_embeddings=64,
-        forced_eos_token_id=None,
-    ),
-}
-WORDS = torch.tensor([5, 6, 7, 8])
-
-
-def tiny_lm(kind: str, seed: int = 0, **overrides):
-    """A tiny random model of the family ``kind``; ``overrides`` change its config (e.g. more layers)."""
-    config = AutoConfig.for_model(
-        kind,
-        vocab_size=VOCAB,
-        pad_token_id=PAD,
-        bos_token_id=0,
-        eos_token_id=2,
-        decoder_start_token_id=2,
-        **{**TINY[kind], **overrides},
-    )
-    torch.manual_seed(seed)
-    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    return auto.from_config(config).eval()
-
-
-def pad_batch(rows: list[torch.Tensor], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), PAD)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, row in enumerate(rows):
-        span = slice(width - len(row), width) if left else slice(0, len(row))
-        ids[i, span], mask[i, span] = row, 1
-    return ids, mask
-
-
-ROWS = [torch.tensor([10, 11, 12, 13, 14]), torch.tensor([20, 21]), torch.tensor([30, 31, 32])]
+from tests.helpers.tiny import PAD, ROWS, VOCAB, WORDS, pad_batch, tiny_lm
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
@@ -115,7 +68,7 @@ def test_prefix_changes_the_output_and_disabling_restores_the_plain_lm() -> None
             torch.testing.assert_close(model.lm(input_ids=ids).logits, plain)
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama", "bart"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "bart", "t5"])
 def test_training_step_moves_only_the_prefix(kind: str) -> None:
     """Invariant 2: no gradient reaches the LM, its weights stay bit-identical, the prefix's change."""
     model = PrefixModel(tiny_lm(kind), PrefixConfig(length=3, hidden_dim=16, dropout=0.1))
@@ -126,7 +79,7 @@ def test_training_step_moves_only_the_prefix(kind: str) -> None:
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
     ids, mask = pad_batch(ROWS, left=False)
     for _ in range(2):
-        extra = {"decoder_input_ids": ids} if kind == "bart" else {}
+        extra = {"decoder_input_ids": ids} if model.lm.config.is_encoder_decoder else {}
         loss = model(input_ids=ids, attention_mask=mask, labels=ids, **extra).loss
         loss.backward()
         assert all(p.grad is None for p in model.lm.parameters())
@@ -166,16 +119,23 @@ def test_generate_matches_stepwise_argmax_and_batching(kind: str) -> None:
     assert not torch.allclose(plain, prefixed, atol=1e-3), "generation must use the prefix"
 
 
-def test_bart_generation_parity_and_beams() -> None:
-    model = PrefixModel(tiny_lm("bart"), PrefixConfig(length=3)).eval()
+@pytest.mark.parametrize("kind", ["bart", "t5"])
+def test_encoder_decoder_generation_batched_equals_one_by_one(kind: str) -> None:
+    """Greedy and beam search over a right-padded batch give each input's own result."""
+    model = PrefixModel(tiny_lm(kind), PrefixConfig(length=3)).eval()
     settings = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, eos_token_id=None)
+    beams = dict(settings, num_beams=3, num_return_sequences=3)
     ids, mask = pad_batch(ROWS, left=False)
     with torch.no_grad():
         batched = model.generate(input_ids=ids, attention_mask=mask, **settings)
+        batched_beams = model.generate(input_ids=ids, attention_mask=mask, **beams)
         for i, row in enumerate(ROWS):
             assert torch.equal(batched[i], model.generate(input_ids=row[None], **settings)[0])
-        beams = model.generate(input_ids=ids, attention_mask=mask, num_beams=3, num_return_sequences=3, **settings)
-    assert beams.shape == (9, 6)
+            assert torch.equal(batched_beams[3 * i : 3 * i + 3], model.generate(input_ids=row[None], **beams))
+        with model.prefix_disabled():
+            plain = model.lm.generate(input_ids=ids, attention_mask=mask, **beams)
+    assert batched_beams.shape == (9, 6)
+    assert not torch.equal(plain, batched_beams), "generation must use the prefix"
 
 
 def test_beam_search_shares_the_prefix_across_beams() -> None:
@@ -190,7 +150,7 @@ def test_beam_search_shares_the_prefix_across_beams() -> None:
     assert [call.key.shape[0] for call in calls] == [3] * prompt_calls + [12] * (len(calls) - prompt_calls)
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama", "bart"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "bart", "t5"])
 def test_gradient_checkpointing_recomputes_with_the_prefix(kind: str) -> None:
     """Invariant 5: same gradients, and the layers really run twice."""
     model = PrefixModel(tiny_lm(kind), PrefixConfig(length=3, hidden_dim=16)).train()
@@ -210,14 +170,16 @@ def test_gradient_checkpointing_recomputes_with_the_prefix(kind: str) -> None:
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama", "bart"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "bart", "t5"])
 def test_export_then_load_gives_the_same_logits(kind: str, tmp_path) -> None:
     """Invariant 4: only the materialized prefix is saved; loading reproduces the trained model."""
     model = PrefixModel(tiny_lm(kind), PrefixConfig(length=3, hidden_dim=16)).eval()
     model.save(tmp_path)
     tensors = load_file(tmp_path / "prefix.safetensors")
-    materialized = {g: e() for g, e in model.encoders.items()}
+    materialized = {f"{g}.{i}": block for g, e in model.encoders.items() for i, block in enumerate(e())}
     assert tensors.keys() == materialized.keys()
+    for name, block in materialized.items():
+        torch.testing.assert_close(tensors[name], block.detach())
     site = model.sites[0]
     expected_bytes = 3 * len(model.sites) * 2 * site.kv_heads * site.head_dim * 4
     assert sum(t.numel() * t.element_size() for t in tensors.values()) == expected_bytes
@@ -226,12 +188,35 @@ def test_export_then_load_gives_the_same_logits(kind: str, tmp_path) -> None:
 
     loaded = PrefixModel.from_prefix(tiny_lm(kind), tmp_path).eval()
     assert loaded.config.reparam == "none"
-    ids, mask = pad_batch(ROWS, left=kind != "bart")
-    extra = {"decoder_input_ids": ids} if kind == "bart" else {}
+    encoder_decoder = model.lm.config.is_encoder_decoder
+    ids, mask = pad_batch(ROWS, left=not encoder_decoder)
+    extra = {"decoder_input_ids": ids} if encoder_decoder else {}
     with torch.no_grad():
         torch.testing.assert_close(
             loaded(input_ids=ids, attention_mask=mask, **extra).logits,
             model(input_ids=ids, attention_mask=mask, **extra).logits,
+        )
+
+
+def test_older_stacked_export_still_loads(tmp_path) -> None:
+    """Format prefix-lightning/1 (one stacked tensor per group, shapes per group) loads to the same logits."""
+    model = PrefixModel(tiny_lm("bart"), PrefixConfig(length=3, hidden_dim=16)).eval()
+    model.save(tmp_path)
+    description = json.loads((tmp_path / "prefix_config.json").read_text())
+    with torch.no_grad():
+        stacked = {group: torch.stack(encoder()).contiguous() for group, encoder in model.encoders.items()}
+    save_file(stacked, tmp_path / "prefix.safetensors")
+    site = model.sites[0]
+    groups = {g: {"layers": len(b), "kv_heads": site.kv_heads, "head_dim": site.head_dim} for g, b in stacked.items()}
+    description.update({"format": "prefix-lightning/1", "sites": groups})
+    (tmp_path / "prefix_config.json").write_text(json.dumps(description))
+
+    loaded = PrefixModel.from_prefix(tiny_lm("bart"), tmp_path).eval()
+    ids, mask = pad_batch(ROWS, left=False)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(input_ids=ids, attention_mask=mask, decoder_input_ids=ids).logits,
+            model(input_ids=ids, attention_mask=mask, decoder_input_ids=ids).logits,
         )
 
 

@@ -21,13 +21,13 @@ from prefix_lightning.decoding.packed_linear import can_pack, packed_linears
 from prefix_lightning.prefix.attention import record_attention_calls
 from prefix_lightning.training.checks import ConfigError, check_config
 from prefix_lightning.training.train import train
-from tests.helpers import compose_train
-from tests.test_finetuning import training_batch
-from tests.test_methods import QUICK
-from tests.test_prefix_model import PAD, ROWS, pad_batch, tiny_lm
+from tests.helpers.cli import FAST
+from tests.helpers.config import compose_train
+from tests.helpers.tiny import PAD, ROWS, pad_batch, tiny_lm, training_batch
 
 QUANTIZATIONS = ["int8", "int4"]
-KINDS = ["gpt2", "llama", "bart"]
+KINDS = ["gpt2", "llama", "bart", "t5"]
+ENCODER_DECODERS = ("bart", "t5")
 
 
 def float_linears(model: nn.Module) -> list[str]:
@@ -62,8 +62,10 @@ def test_block_linears_are_quantized_and_the_rest_stays_float(kind: str, quantiz
     output = lm.get_output_embeddings()
     reference_output = reference.get_output_embeddings()
     before = [name for name in float_linears(reference) if reference.get_submodule(name) is not reference_output]
-    assert quantized_layers(lm) == before  # every block linear (GPT-2's Conv1D too), in place
-    assert [lm.get_submodule(name) for name in float_linears(lm)] == [output]  # the output layer stays float
+    kept = [name for name in before if name.endswith(".wo")]  # T5's _keep_in_fp32_modules
+    assert quantized_layers(lm) == [name for name in before if name not in kept]  # in place (GPT-2's Conv1D too)
+    assert [lm.get_submodule(name) for name in float_linears(lm)] == [lm.get_submodule(n) for n in kept] + [output]
+    assert bool(kept) == (kind == "t5")
     assert output.weight.dtype == torch.float32
     tied = reference_output.weight is reference.get_input_embeddings().weight
     assert (output.weight is lm.get_input_embeddings().weight) == tied
@@ -72,8 +74,8 @@ def test_block_linears_are_quantized_and_the_rest_stays_float(kind: str, quantiz
     for name, data in stored(lm).items():
         float_bytes = reference.get_submodule(name).weight.numel() * 4
         assert data.numel() * data.element_size() == float_bytes * bits // 32
-    ids, mask = pad_batch(ROWS, left=kind != "bart")
-    extra = {"decoder_input_ids": ids} if kind == "bart" else {}
+    ids, mask = pad_batch(ROWS, left=kind not in ENCODER_DECODERS)
+    extra = {"decoder_input_ids": ids} if kind in ENCODER_DECODERS else {}
     with torch.no_grad():
         exact = reference(input_ids=ids, attention_mask=mask, **extra).logits
         approximate = lm(input_ids=ids, attention_mask=mask, **extra).logits
@@ -89,7 +91,7 @@ def test_prefix_trains_through_the_quantized_lm(kind: str, quantization: str) ->
     weights_before = stored(model.lm)
     assert all(p.dtype == torch.float32 for p in model.trainable_parameters())
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
-    batch = training_batch(kind == "bart")
+    batch = training_batch(kind in ENCODER_DECODERS)
     losses = []
     for _ in range(10):
         loss = model.loss(**batch)
@@ -256,7 +258,7 @@ def test_prefix_trains_through_a_quantized_lm_on_cuda(quantization: str) -> None
 def test_a_run_trains_and_exports_a_prefix_on_a_quantized_lm(quantization: str, tmp_path: Path) -> None:
     """train(cfg) as run.py calls it: the checkpoint holds only the prefix (never the quantized LM), the export
     is the float32 prefix, the test split is decoded."""
-    cfg = compose_train(tmp_path, [*QUICK, f"model.backbone.quantization={quantization}"])
+    cfg = compose_train(tmp_path, [*FAST, f"model.backbone.quantization={quantization}"])
     train(cfg)
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["state_dict"] and all(key.startswith("model.encoders.") for key in checkpoint["state_dict"])

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,17 +10,8 @@ from safetensors.torch import load_file
 
 from prefix_lightning.files.atomic import atomic_write
 from prefix_lightning.training.checks import ConfigError, check_config
-from tests.helpers import REPO, compose_train
-from tests.test_train import FAST, run_cli
-
-
-def run_failing(run_dir: Path, *overrides: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    command = [sys.executable, "run.py", f"hydra.run.dir={run_dir}", *overrides]
-    result = subprocess.run(
-        command, cwd=REPO, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600
-    )
-    assert result.returncode != 0
-    return result
+from tests.helpers.cli import FAST, run_cli, run_failing
+from tests.helpers.config import compose_train
 
 
 @pytest.mark.parametrize(
@@ -52,6 +40,7 @@ def test_missing_local_model_folder_is_named(tmp_path: Path) -> None:
         check_config(cfg)
 
 
+@pytest.mark.integration
 def test_cli_error_is_one_line_before_any_model_loads(tmp_path: Path) -> None:
     result = run_failing(tmp_path, "prefix.length=0")
     assert result.returncode == 1
@@ -64,11 +53,13 @@ def test_cli_error_is_one_line_before_any_model_loads(tmp_path: Path) -> None:
     assert "ConfigError: prefix.length must be a positive integer" in (tmp_path / "run.log").read_text()
 
 
+@pytest.mark.integration
 def test_cli_shows_the_traceback_with_the_debug_switch(tmp_path: Path) -> None:
     result = run_failing(tmp_path, "prefix.length=0", env={"HYDRA_FULL_ERROR": "1"})
     assert "Traceback" in result.stderr and "ConfigError" in result.stderr
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -82,12 +73,14 @@ def test_unknown_config_choices_list_the_options(overrides: list[str], message: 
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.integration
 def test_train_size_larger_than_the_data_says_how_many_there_are(tmp_path: Path) -> None:
     result = run_failing(tmp_path, *FAST, "data.train_size=100000")
     assert "train_size=100000, but devset.csv has" in result.stderr
     assert "training pairs available" in result.stderr
 
 
+@pytest.mark.integration
 def test_missing_data_says_where_it_looked(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -95,13 +88,16 @@ def test_missing_data_says_where_it_looked(tmp_path: Path) -> None:
     assert str(empty / "e2e") in result.stderr and "error:" in result.stderr
 
 
+@pytest.mark.integration
 def test_unsupported_architecture_names_the_supported_ones(tmp_path: Path) -> None:
     mamba = {"model_type": "mamba", "hidden_size": 16, "num_hidden_layers": 1, "state_size": 4}
     overrides = [f"++model.backbone.random_config.{key}={value}" for key, value in mamba.items()]
     result = run_failing(tmp_path, *FAST, *overrides)
-    assert "MambaForCausalLM has no attention layers that a prefix can reach. Supported:" in result.stderr
+    assert "MambaForCausalLM has no attention layers that a prefix can reach" in result.stderr
+    assert "Supported: decoder-only LMs (GPT-2, the Llama family" in result.stderr
 
 
+@pytest.mark.integration
 def test_checkpoint_of_another_prefix_is_refused_and_nothing_is_overwritten(tmp_path: Path) -> None:
     first = tmp_path / "first"
     run_cli(first, *FAST)
@@ -131,10 +127,11 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> N
 KILL_OVERRIDES = [
     *FAST[:-2],
     "trainer.val_check_interval=2",
-    "+callbacks.fault._target_=tests.faults.SignalAt",
+    "+callbacks.fault._target_=tests.helpers.faults.SignalAt",
 ]
 
 
+@pytest.mark.integration
 def test_sigkill_mid_epoch_then_resume_ends_with_the_uninterrupted_prefix(tmp_path: Path) -> None:
     """Killed at step 7 (checkpoint at step 6, mid-epoch), resumed with one command, bit-identical at the end."""
     straight, killed = tmp_path / "straight", tmp_path / "killed"
@@ -151,6 +148,7 @@ def test_sigkill_mid_epoch_then_resume_ends_with_the_uninterrupted_prefix(tmp_pa
         torch.testing.assert_close(resumed[group], expected[group], atol=1e-6, rtol=0)
 
 
+@pytest.mark.integration
 def test_ctrl_c_saves_a_checkpoint_to_resume_from(tmp_path: Path) -> None:
     result = run_failing(tmp_path, *KILL_OVERRIDES, "+callbacks.fault.step=3", "+callbacks.fault.name=SIGINT")
     assert result.returncode == 1
@@ -158,9 +156,13 @@ def test_ctrl_c_saves_a_checkpoint_to_resume_from(tmp_path: Path) -> None:
     assert "interrupted at step 3" in result.stdout + result.stderr
 
 
+@pytest.mark.integration
 def test_infinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
     result = run_failing(
-        tmp_path, *KILL_OVERRIDES[:-1], "+callbacks.fault._target_=tests.faults.DivergeAt", "+callbacks.fault.step=5"
+        tmp_path,
+        *KILL_OVERRIDES[:-1],
+        "+callbacks.fault._target_=tests.helpers.faults.DivergeAt",
+        "+callbacks.fault.step=5",
     )
     assert (
         "the training loss is nan at step 5" in result.stderr or "the training loss is inf at step 5" in result.stderr

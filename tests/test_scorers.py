@@ -21,6 +21,8 @@ from prefix_lightning.evaluation.java import JavaUnavailable
 from prefix_lightning.evaluation.mteval import NIST_BETA, mteval_bleu_nist, tokenize
 from prefix_lightning.evaluation.table_to_text import dart_text, webnlg_output, webnlg_reference
 
+# The Java scorers (METEOR 1.5, the PTB tokenizer of ROUGE_L and CIDEr) run in a JVM, a subprocess: their tests are
+# marked integration.
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="needs a Java runtime")
 
 # Documented: the first 100 test MRs with two or more references; output = the last reference, scored
@@ -86,6 +88,7 @@ def test_e2e_bleu_equals_sacrebleu_lowercased_on_a_realistic_system(e2e_groups):
 
 
 # -- E2E: the five metrics ----------------------------------------------------------------------------------
+@pytest.mark.integration
 @needs_java
 def test_e2e_references_against_themselves_reach_the_maxima(e2e_groups, monkeypatch):
     # Each output is one of its group's references: every n-gram matches and the closest reference has the
@@ -100,6 +103,7 @@ def test_e2e_references_against_themselves_reach_the_maxima(e2e_groups, monkeypa
     assert scores["NIST"] > HUMAN_SYSTEM_100["NIST"] and scores["CIDEr"] > HUMAN_SYSTEM_100["CIDEr"]
 
 
+@pytest.mark.integration
 @needs_java
 def test_e2e_human_system_gives_the_documented_values(human_system):
     # The one test that runs METEOR 1.5 (a JVM loading its paraphrase table: several seconds).
@@ -161,6 +165,7 @@ def test_dart_bleu_uses_three_references_meteor_and_ter_only_the_first(no_meteor
     assert score("dart", ["the cat sat on the mat ."], references)["TER"] == 0.0
 
 
+@pytest.mark.integration
 @needs_java
 def test_a_failing_meteor_jar_is_skipped_with_one_warning(monkeypatch, tmp_path):
     monkeypatch.setattr("prefix_lightning.evaluation.java.METEOR_JAR", tmp_path / "missing-meteor.jar")

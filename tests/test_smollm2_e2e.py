@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_train import run_cli
+from tests.helpers.cli import run_cli
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 
-@pytest.mark.parametrize("quantization", ["null", "int8"])  # the LM in float32, or int8 (torchao)
+@pytest.mark.parametrize("quantization", ["null", "int8"])  # the LM in float32, or int8 (bitsandbytes)
 def test_prefix_on_smollm2_lowers_validation_loss_and_scores_bleu(
     quantization: str, tmp_path: Path, data_dir: Path
 ) -> None:

@@ -7,7 +7,6 @@ import csv
 import json
 import statistics
 from pathlib import Path
-from typing import Any
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -18,34 +17,8 @@ from prefix_lightning.sweeps.aggregate import aggregate, main
 from prefix_lightning.training import dashboards
 from prefix_lightning.training.record import FIELDS, RECORD_FILE, read_record, write_record
 from prefix_lightning.training.resume import finished_record, resume_checkpoint
-from tests.helpers import CONF, compose_train
-
-
-def make_record(overrides: dict[str, Any], bleu: float, seed: int = 1) -> dict[str, Any]:
-    record = dict.fromkeys(FIELDS)
-    record.update(
-        run=",".join(f"{key}={value}" for key, value in sorted(overrides.items())),
-        overrides=overrides,
-        choices={"model": "tiny_llama"},
-        seed=seed,
-        subset_seed=overrides.get("data.subset_seed", 0),
-        optimized_metric="val/bleu",
-        best_val=bleu + 1.0,
-        last_val=bleu + 0.5,
-        test={"test/bleu": bleu},
-        trainable_params=1000,
-        train_steps=4,
-        tokens_per_s=500.0,
-        wall_time_s=10.0,
-        finished="2026-01-01T00:00:00+00:00",
-    )
-    return record
-
-
-def write_sweep(sweep: Path, records: list[dict[str, Any]]) -> None:
-    for record in records:
-        write_record(sweep / record["run"], record)
-
+from tests.helpers.config import CONF, compose_train
+from tests.helpers.sweeps import make_record, write_sweep
 
 # Prefix length x data size, two training subsets and two seeds each: 4 repeats per setting.
 GRID = [
@@ -186,7 +159,14 @@ def test_plain_multirun_folder_is_named_after_the_task() -> None:
 def test_launcher_configs_instantiate(launcher: str, target: str) -> None:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
-    assert type(instantiate(cfg.hydra.launcher)).__name__ == target
+    built = instantiate(cfg.hydra.launcher)
+    assert type(built).__name__ == target
+    # Our file's settings reach the launcher (submitit_local is the plugin's own config; the folder is interpolated).
+    ours = CONF / "hydra" / "launcher" / f"{launcher}.yaml"
+    written = OmegaConf.to_container(OmegaConf.load(ours)) if ours.is_file() else {}
+    settings = {key: value for key, value in written.items() if key not in ("defaults", "submitit_folder")}
+    received = built.joblib if launcher == "parallel" else built.params
+    assert {key: received[key] for key in settings} == settings
 
 
 def test_wandb_goes_online_only_with_an_api_key(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -18,7 +18,10 @@ from typing import Any
 import pytest
 
 from prefix_lightning.training.record import RECORD_FILE, read_record
-from tests.helpers import REPO
+from tests.helpers.cli import run_python
+from tests.helpers.config import REPO
+
+pytestmark = pytest.mark.integration
 
 TINY = ["model=tiny_llama", "debug=fast"]
 GRID = [*TINY, "trainer.max_steps=2", "prefix.length=1,2", "data.train_size=8,16", "logger=[tensorboard,wandb]"]
@@ -30,28 +33,25 @@ GRID_JOBS = {
 
 
 @pytest.fixture(scope="module")
-def env(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def env(data_dir: Path, tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """The data, W&B offline and kept inside the test's folders."""
     wandb_home = tmp_path_factory.mktemp("wandb_home")
-    tokenizer = os.environ.get("PREFIX_LIGHTNING_TOKENIZER", str(data_dir.parent / "tokenizers" / "gpt2"))
     return {
         **os.environ,
         "PREFIX_LIGHTNING_DATA": str(data_dir),
-        "PREFIX_LIGHTNING_TOKENIZER": tokenizer,
+        "PREFIX_LIGHTNING_TOKENIZER": str(tokenizer_dir),
         "WANDB_MODE": "offline",
         **{f"WANDB_{name}_DIR": str(wandb_home / name.lower()) for name in ("CACHE", "CONFIG", "DATA", "ARTIFACT")},
     }
 
 
-def sweep_command(sweep_dir: Path, overrides: list[str]) -> list[str]:
-    return [sys.executable, "run.py", "-m", f"hydra.sweep.dir={sweep_dir}", *overrides]
+def sweep_arguments(sweep_dir: Path, overrides: list[str]) -> list[str]:
+    return ["run.py", "-m", f"hydra.sweep.dir={sweep_dir}", *overrides]
 
 
 def run_sweep(sweep_dir: Path, overrides: list[str], env: dict[str, str]) -> str:
     """`python run.py -m ...` as a user types it; returns its log."""
-    result = subprocess.run(
-        sweep_command(sweep_dir, overrides), cwd=REPO, capture_output=True, text=True, env=env, timeout=600
-    )
+    result = run_python(*sweep_arguments(sweep_dir, overrides), env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout + result.stderr
 
@@ -209,7 +209,7 @@ def test_rerunning_a_killed_sweep_skips_finished_jobs_and_resumes_the_rest(tmp_p
     sweep_dir, overrides = tmp_path / "sweep", [*TINY, "prefix.length=1,2"]
     first, second = (sweep_dir / f"debug=fast,model=tiny_llama,prefix.length={length}" for length in (1, 2))
     process = subprocess.Popen(
-        sweep_command(sweep_dir, overrides),
+        [sys.executable, *sweep_arguments(sweep_dir, overrides)],
         cwd=REPO,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -245,3 +245,25 @@ def test_submitit_local_launcher_runs_each_job_in_its_own_process(tmp_path: Path
     assert record is not None and record["prefix_length"] == 3
     assert list((sweep_dir / ".submitit").glob("*/*_result.pkl"))  # the job ran in a submitit process
     assert (sweep_dir / "summary" / "report.html").is_file()  # aggregated by the launching process
+
+
+@pytest.mark.integration
+def test_lowdata_sweep_ends_with_its_paired_comparison(tmp_path: Path, env: dict[str, str]) -> None:
+    """The shipped +sweep=smollm2_lowdata, narrowed to a tiny model: prefix and full on two subsets; the multirun's
+    own aggregation writes the paired table. (The sweep's own test size and metrics come after debug=fast.)"""
+    sweep_dir = tmp_path / "lowdata"
+    small = ["data.train_size=16", "data.test_size=4", "data.metric_suite=bleu"]
+    overrides = ["+sweep=smollm2_lowdata", *TINY, *small, "data.subset_seed=1,2"]
+    log = run_sweep(sweep_dir, overrides, env)
+    jobs = {path.parent.name for path in sweep_dir.glob(f"*/{RECORD_FILE}")}
+    assert jobs == {
+        f"data.metric_suite=bleu,data.subset_seed={subset},data.test_size=4,data.train_size=16,debug=fast,"
+        f"method={method},model=tiny_llama,seed=1"
+        for subset in (1, 2)
+        for method in ("prefix", "full")
+    }
+    assert "paired comparison" in log
+    with open(sweep_dir / "summary" / "paired.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert [(row["metric"], row["pairs"]) for row in rows] == [("test/bleu", "2")]
+    assert "Paired comparison: prefix − full" in (sweep_dir / "summary" / "report.html").read_text()

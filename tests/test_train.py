@@ -3,34 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import REPO, compose_train
+from tests.helpers.cli import FAST, run_cli
+from tests.helpers.config import compose_train
 
-# Two epochs of 4 batches, validating (and checkpointing) after each.
-FAST = [
-    "model=tiny_llama",
-    "debug=fast",
-    "trainer.max_steps=8",
-    "trainer.val_check_interval=4",
-    "callbacks.model_checkpoint.save_top_k=-1",
-]
-
-
-def run_cli(run_dir: Path, *overrides: str, entry: tuple[str, ...] = ("run.py",)) -> subprocess.CompletedProcess:
-    """`python run.py ...` (or another entry point) as a user types it."""
-    command = [sys.executable, *entry, f"hydra.run.dir={run_dir}", *overrides]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=os.environ, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
+pytestmark = pytest.mark.integration
 
 FULL_SCORING = [*FAST, "data.metric_suite=e2e"]
 
@@ -75,7 +57,7 @@ def test_run_writes_generations_and_scores(trained_run: Path) -> None:
 
 def test_resuming_continues_the_same_run(trained_run: Path, tmp_path: Path) -> None:
     """Resuming the 8-step run from its step-4 checkpoint ends with the uninterrupted run's very prefix."""
-    (halfway,) = (trained_run / "checkpoints").glob("step4-*.ckpt")
+    (halfway,) = (trained_run / "checkpoints").glob("step4.ckpt")
     at_step_4 = torch.load(halfway, weights_only=True)
     at_step_8 = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True)
     assert at_step_4["global_step"] == 4

@@ -66,7 +66,8 @@ def _dequantize(name: str, embedded: EmbeddedModel, folder: Path) -> None:
     tok = AutoTokenizer.from_pretrained(package_dir, gguf_file=embedded.gguf_file)
     model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=embedded.gguf_file, dtype=torch.float32)
     # The weights are now plain tensors; without this, save_pretrained would label them as GGUF-quantized.
-    model.hf_quantizer = None
+    # transformers sets this attribute without declaring it.
+    model.hf_quantizer = None  # type: ignore[assignment]
     del model.config.quantization_config
     # The GGUF tokenizer carries no length limit; give it the model's context so that truncation works.
     tok.model_max_length = model.config.max_position_embeddings

@@ -17,7 +17,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
-    GPT2TokenizerFast,
+    GPT2Tokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -144,7 +144,7 @@ def load_tokenizer(path_or_id: str, cache_dir: str | None) -> PreTrainedTokenize
         and not (folder / "tokenizer_config.json").is_file()
         and not (folder / "tokenizer.json").is_file()
     )
-    tok_class = GPT2TokenizerFast if bare_bpe else AutoTokenizer
+    tok_class = GPT2Tokenizer if bare_bpe else AutoTokenizer
     tok = tok_class.from_pretrained(path_or_id, cache_dir=cache_dir)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

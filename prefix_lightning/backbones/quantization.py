@@ -13,7 +13,8 @@ float weight for the backward pass (a training step then holds float32 and int8 
 4-bit layouts compute through kernels without a backward (``_weight_int4pack_mm*``).
 
 Only the transformer blocks are quantized: the embeddings and the output layer (often tied to the embeddings;
-quantizing it would untie and duplicate them) stay in the LM's dtype. GPT-2's ``Conv1D`` layers become
+quantizing it would untie and duplicate them) stay in the LM's dtype, and so do the layers the model itself keeps
+in float32 (``_keep_in_fp32_modules``: T5's feed-forward output ``wo``). GPT-2's ``Conv1D`` layers become
 ``nn.Linear`` first (the same product, weight transposed). bitsandbytes is optional (extra ``quant``) and
 imported only when a model is quantized.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from typing import cast
 
 import torch
 from torch import nn
@@ -57,12 +59,15 @@ def quantize(model: PreTrainedModel, quantization: str) -> PreTrainedModel:
     check_quantization(quantization)
     replace = _int8 if quantization == "int8" else _nf4
     output_layer = model.get_output_embeddings()
+    kept_float = getattr(model, "_keep_in_fp32_modules", None) or []
     count = 0
-    for parent in list(model.modules()):
+    for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             if child is output_layer or type(child) not in (nn.Linear, Conv1D):
                 continue
-            linear = _conv1d_as_linear(child) if isinstance(child, Conv1D) else child
+            if _kept_float(f"{parent_name}.{name}".lstrip("."), kept_float):
+                continue
+            linear = _conv1d_as_linear(child) if isinstance(child, Conv1D) else cast(nn.Linear, child)
             setattr(parent, name, replace(linear).requires_grad_(False))
             count += 1
     if count == 0:
@@ -74,6 +79,13 @@ def quantize(model: PreTrainedModel, quantization: str) -> PreTrainedModel:
     if quantization == "int8" and model.dtype != torch.float16:
         logger.info("int8: bitsandbytes casts the inputs of each quantized layer to float16 to quantize them")
     return model
+
+
+def _kept_float(name: str, kept: list[str]) -> bool:
+    """The model's own list of modules that must stay in float (``_keep_in_fp32_modules``, e.g. T5's ``wo``, whose
+    input T5 casts to the weight's dtype: a 4-bit weight's is uint8). transformers' bitsandbytes loading leaves
+    them unquantized too; a name matches as a whole name or a dotted suffix."""
+    return any(name == module or name.endswith(f".{module}") for module in kept)
 
 
 def quantized_layers(model: nn.Module) -> list[str]:

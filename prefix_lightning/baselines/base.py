@@ -39,7 +39,8 @@ class FineTunedLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, **kwargs: Any) -> Any:
-        return self.lm.generate(**kwargs)
+        # `generate` is GenerationMixin's, which PreTrainedModel does not declare.
+        return self.lm.generate(**kwargs)  # type: ignore[operator]
 
     def enable_gradient_checkpointing(self) -> None:
         """transformers' own checkpointing of the LM's layers (non-reentrant, so that no input needs a gradient);

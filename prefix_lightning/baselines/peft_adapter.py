@@ -19,6 +19,8 @@ from prefix_lightning.methods import slices_logits, target_loss
 class PeftAdapter(FineTunedLM):
     """``.lm`` is the ``PeftModel`` that wraps the LM with the adapter described by ``peft_config``."""
 
+    lm: Any  # the PeftModel (peft is optional; it stands in for the protocol's PreTrainedModel)
+
     def __init__(self, lm: PreTrainedModel, peft_config: Any, method: str) -> None:
         self.method = method
         training = lm.training

@@ -85,9 +85,12 @@ def peft_generate(
     batch = input_ids.shape[0]
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    cache = model.get_prompt(batch * rows_per_input(model.base_model.generation_config, generation))
+    # PEFT types base_model as a plain Module.
+    copies = rows_per_input(model.base_model.generation_config, generation)  # type: ignore[arg-type]
+    cache = model.get_prompt(batch * copies)
     placeholders = input_ids.new_full((batch, length), generation.get("pad_token_id") or 0)
-    output = model.base_model.generate(
+    # PEFT types base_model as a plain Module.
+    output = model.base_model.generate(  # type: ignore[operator]
         input_ids=torch.cat([placeholders, input_ids], dim=1),
         attention_mask=torch.cat([attention_mask.new_ones(batch, length), attention_mask], dim=1),
         cache=cache,
@@ -98,8 +101,10 @@ def peft_generate(
 
 def set_peft_prefix(model: PeftModel, prefix: torch.Tensor) -> None:
     """Give a PEFT prefix without MLP (inference mode, PEFT's saved form, or ``prefix_projection=False``) the
-    values of one of our exported prefixes: ours is (layers, 2, kv_heads, L, head_dim), PEFT's table
+    values of one of our prefixes, its layers' blocks stacked: (layers, 2, kv_heads, L, head_dim); PEFT's table
     (L, layers * 2 * kv_heads * head_dim)."""
-    table = model.prompt_encoder[model.active_adapter].embedding.weight
+    encoder = model.prompt_encoder[model.active_adapter]
+    # PEFT's encoders are plain Modules.
+    table: torch.Tensor = encoder.embedding.weight  # type: ignore[union-attr, assignment]
     with torch.no_grad():
         table.copy_(prefix.permute(3, 0, 1, 2, 4).reshape(table.shape))

@@ -20,17 +20,16 @@ from typing import Any
 
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file
+from omegaconf import DictConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
 from prefix_lightning.baselines.peft_prefix import peft_generate, peft_prefix_config, set_peft_prefix
 from prefix_lightning.data import TextToTextCollator, read_e2e, reference_groups
 from prefix_lightning.prefix import PrefixConfig, PrefixModel
-from prefix_lightning.prefix.export import WEIGHTS_NAME
+from prefix_lightning.prefix.export import read_prefix
 from prefix_lightning.training.build import build_model, generation_settings, load_configured_backbone
-from prefix_lightning.training.checks import check_config
+from prefix_lightning.training.checks import check_config, options_at
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 TRAIN_FILE = Path("e2e") / "devset.csv"
@@ -82,14 +81,21 @@ def frozen_lm(cfg: DictConfig) -> str:
     return cfg.model.backbone.get("quantization") or cfg.model.backbone.dtype
 
 
+def _prefix_dir(setting: Setting) -> str:
+    if setting.prefix_dir is None:
+        raise ValueError("this phase needs the prefix folder: setting.prefix_dir (run_benchmark fills it)")
+    return setting.prefix_dir
+
+
 def _prefix_config(cfg: DictConfig) -> PrefixConfig:
-    return PrefixConfig.of(OmegaConf.to_container(cfg.prefix, resolve=True))
+    return PrefixConfig.of(options_at(cfg, "prefix"))
 
 
 def _causal(lm: PreTrainedModel, device: str) -> PreTrainedModel:
     if lm.config.is_encoder_decoder:
         raise ValueError("the benchmark compares causal LMs (PEFT's prefix tuning and ours on the same decoder)")
-    return lm.to(device)
+    # transformers wraps `to` with functools.wraps, whose type needs self.
+    return lm.to(device)  # type: ignore[arg-type]
 
 
 def _backbone(cfg: DictConfig, device: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -226,11 +232,12 @@ def train_ours(setting: Setting) -> dict[str, Any]:
     """The model run.py trains, with the LightningModule's loss (target-token logits); exports its last prefix."""
     cfg = _start(setting, frozen_in_compute_dtype=True)
     model, tokenizer = build_model(cfg)
+    assert isinstance(model, torch.nn.Module)  # every method is a module (see TrainableLM)
     _causal(model.lm, setting.device)
     model.to(setting.device).train()
     batches = training_batches(cfg, tokenizer, setting.warmup + setting.steps)
     result = _train(setting, cfg, model, lambda batch: model.loss(**batch), batches, cfg.method.lr)
-    model.save(setting.prefix_dir)
+    model.save(_prefix_dir(setting))
     return result
 
 
@@ -301,7 +308,7 @@ def generate_ours(setting: Setting) -> dict[str, Any]:
     """Our exported prefix on the frozen LM: ``PrefixModel.generate``."""
     cfg = _start(setting, frozen_in_compute_dtype=True)
     lm, tokenizer = _backbone(cfg, setting.device)
-    model = PrefixModel.from_prefix(lm, setting.prefix_dir).to(setting.device).eval()
+    model = PrefixModel.from_prefix(lm, _prefix_dir(setting)).to(setting.device).eval()
     return _decode(setting, cfg, tokenizer, model.generate)
 
 
@@ -313,7 +320,10 @@ def generate_peft(setting: Setting) -> dict[str, Any]:
     cfg = _start(setting)
     lm, tokenizer = _backbone(cfg, setting.device)
     model = get_peft_model(lm, peft_prefix_config(_prefix_config(cfg), inference_mode=True)).eval()
-    set_peft_prefix(model, load_file(Path(setting.prefix_dir) / WEIGHTS_NAME)["self"].to(setting.device))
+    exported = read_prefix(_prefix_dir(setting))
+    sites = exported.tensors()
+    set_peft_prefix(model, torch.stack([sites[f"self.{i}"] for i in range(len(exported.sites))]).to(setting.device))
     result = _decode(setting, cfg, tokenizer, partial(peft_generate, model))
-    result["bare_greedy"] = _greedy(setting, cfg, tokenizer, model.base_model.generate)
+    # PEFT types base_model as a plain Module.
+    result["bare_greedy"] = _greedy(setting, cfg, tokenizer, model.base_model.generate)  # type: ignore[arg-type]
     return result

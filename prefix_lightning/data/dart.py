@@ -11,7 +11,7 @@ from prefix_lightning.data.files import DATA_DIR_HINT, fetch, read_text, require
 from prefix_lightning.data.triples import Triple, TripleEntry, read_triples_xml, triple_examples
 
 DART_URL = "https://raw.githubusercontent.com/Yale-LILY/dart/master/data/v1.1.1/"
-DART_FILES = tuple(f"dart-v1.1.1-full-{split}.json" for split in ("train", "dev", "test"))
+DART_FILES = ("dart-v1.1.1-full-train.json", "dart-v1.1.1-full-dev.json", "dart-v1.1.1-full-test.json")
 
 
 def _how_to_get_data(folder: Path) -> str:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.data import AttributeDict
 from torch.utils.data import DataLoader
 
 from prefix_lightning.data.collate import EncodedPair, EncodedPrompt, TextToTextCollator
@@ -107,6 +108,12 @@ class TextToTextDataModule(L.LightningDataModule):
         self._val_generation: list[EncodedPrompt] = []
         self._test_generation: list[EncodedPrompt] = []
 
+    @property
+    def hparams(self) -> AttributeDict:
+        """The saved arguments. Lightning's type also admits a plain mapping, which has no attribute access;
+        ``save_hyperparameters`` always stores an ``AttributeDict``."""
+        return cast(AttributeDict, super().hparams)
+
     def _location(self, name: str) -> Path | str:
         if self.spec.folder is None:
             return name
@@ -192,7 +199,8 @@ class TextToTextDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
         return DataLoader(
-            self._train,
+            # A list is a map-style dataset; torch annotates Dataset.
+            self._train,  # type: ignore[arg-type]
             batch_size=hp.batch_size,
             sampler=training_sampler(len(self._train), hp.shuffle_seed, hp.batch_size, self.trainer),
             collate_fn=self.collator.train_batch,
@@ -200,8 +208,9 @@ class TextToTextDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> list[DataLoader]:
-        loss_loader = DataLoader(
-            self._val_loss,
+        loss_loader: DataLoader = DataLoader(
+            # A list is a map-style dataset; torch annotates Dataset.
+            self._val_loss,  # type: ignore[arg-type]
             batch_size=self.hparams.eval_batch_size,
             collate_fn=self.collator.train_batch,
             num_workers=self.hparams.num_workers,
@@ -213,7 +222,8 @@ class TextToTextDataModule(L.LightningDataModule):
 
     def _generation_loader(self, prompts: list[EncodedPrompt]) -> DataLoader:
         return DataLoader(
-            prompts,
+            # A list is a map-style dataset; torch annotates Dataset.
+            prompts,  # type: ignore[arg-type]
             batch_size=self.hparams.eval_batch_size,
             collate_fn=self.collator.generation_batch,
             num_workers=self.hparams.num_workers,

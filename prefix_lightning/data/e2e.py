@@ -6,6 +6,7 @@ import io
 import re
 import urllib.request
 import zipfile
+from functools import partial
 from pathlib import Path
 
 from prefix_lightning.data.examples import Example
@@ -70,4 +71,4 @@ def download_e2e(data_dir: Path, url: str = E2E_URL) -> None:
         raise FileNotFoundError(f"{url} does not contain {absent}. {_how_to_get_data(folder)}")
     for name in E2E_FILES:
         payload = archive.read(members[name])
-        atomic_write(folder / name, lambda temporary, data=payload: temporary.write_bytes(data))
+        atomic_write(folder / name, partial(Path.write_bytes, data=payload))

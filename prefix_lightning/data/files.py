@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import urllib.request
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 
 from prefix_lightning.files.atomic import atomic_write
@@ -47,4 +48,4 @@ def fetch(urls: Mapping[str, str], folder: Path, how_to_get: str) -> None:
             raise FileNotFoundError(
                 f"{name} missing: looked in {folder}, and downloading {url} failed ({err}). {how_to_get}"
             ) from err
-        atomic_write(Path(folder) / name, lambda temporary, data=payload: temporary.write_bytes(data))
+        atomic_write(Path(folder) / name, partial(Path.write_bytes, data=payload))

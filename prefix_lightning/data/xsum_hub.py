@@ -35,7 +35,8 @@ def read_xsum_hub(split: str, name: str = XSUM_HUB_NAME) -> list[Example]:
             f"could not load split {split!r} of {name} from the Hugging Face Hub: {err}. Check the network and the "
             f"split name (train, validation, test); HF_DATASETS_OFFLINE=1 reads the local cache. {OFFLINE_HINT}"
         ) from err
-    examples, skipped = [], 0
+    examples: list[Example] = []
+    skipped = 0
     for row in rows:
         document, summary = (row["document"] or "").strip(), (row["summary"] or "").strip()
         if document and summary:

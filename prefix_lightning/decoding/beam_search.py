@@ -136,7 +136,7 @@ def beam_search_options(lm: PreTrainedModel, kwargs: dict[str, Any]) -> dict[str
             continue
         if key not in _NEUTRAL or value not in _NEUTRAL[key]:
             return None
-    options = {key: settings.get(key) for key in _SUPPORTED}
+    options: dict[str, Any] = {key: settings.get(key) for key in _SUPPORTED}
     options.update({key: default for key, default in _SUPPORTED.items() if options[key] is None})
     if (
         options["num_beams"] <= 1
@@ -245,9 +245,11 @@ def beam_search(
             # The next step's cache rows: the beam each going beam extends, for the inputs still searched. Before
             # the first token the cache has one row per input.
             if step == 0:
-                cache.reorder_cache(kept.repeat_interleave(num_beams))
+                # transformers annotates LongTensor, which no tensor operation returns statically.
+                cache.reorder_cache(kept.repeat_interleave(num_beams))  # type: ignore[arg-type]
             else:
-                cache.reorder_cache((kept[:, None] * num_beams + sources).flatten())
+                # transformers annotates LongTensor, which no tensor operation returns statically.
+                cache.reorder_cache((kept[:, None] * num_beams + sources).flatten())  # type: ignore[arg-type]
     return outputs[:, : width + int(output_lengths.max())]
 
 
@@ -299,7 +301,8 @@ class _Rules:
     processors: LogitsProcessorList
 
     def log_probs(self, sequences: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        return self.processors(sequences, nn.functional.log_softmax(logits.float(), dim=-1))
+        # transformers annotates LongTensor, which no tensor operation returns statically.
+        return self.processors(sequences, nn.functional.log_softmax(logits.float(), dim=-1))  # type: ignore[arg-type]
 
     def advance(
         self, search: _Search, log_probs: torch.Tensor, step: int
@@ -399,7 +402,7 @@ def _processors(
     if bad_words_ids is not None:
         processors.append(NoBadWordsLogitsProcessor(bad_words_ids, eos))
     if min_new_tokens and min_new_tokens > 0:
-        processors.append(MinNewTokensLengthLogitsProcessor(width, min_new_tokens, eos, device=eos.device))
+        processors.append(MinNewTokensLengthLogitsProcessor(width, min_new_tokens, eos, device=str(eos.device)))
     return processors
 
 

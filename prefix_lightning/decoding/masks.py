@@ -4,6 +4,7 @@ prefix's position shift, so that all of them count positions alike."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import overload
 
 import torch
 
@@ -14,6 +15,12 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
+@overload
+def token_ids(ids: int | Sequence[int] | torch.Tensor, device: torch.device) -> torch.Tensor: ...
+@overload
+def token_ids(ids: None, device: torch.device) -> None: ...
+@overload
+def token_ids(ids: int | Sequence[int] | torch.Tensor | None, device: torch.device) -> torch.Tensor | None: ...
 def token_ids(ids: int | Sequence[int] | torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
     """One or several token ids as a flat tensor, None kept."""
     if ids is None:

@@ -45,11 +45,19 @@ def _route(lm: PreTrainedModel, kwargs: dict[str, Any], cached_prefix: CachedPre
     searched = beam_search_options(lm, kwargs) if copies > 1 and slices_logits(lm) else None
     if searched is not None:
         if mask is None:
-            searched["attention_mask"] = generation_mask(input_ids, searched["pad_token_id"], searched["eos_token_id"])
+            searched["attention_mask"] = generation_mask(
+                searched["input_ids"], searched["pad_token_id"], searched["eos_token_id"]
+            )
         return beam_search(lm, **searched, cached_prefix=cached_prefix)
-    # Without a mask, only a single row is sure to hold no padding that generate would infer a mask for.
-    known_mask = input_ids is not None and (mask is not None or input_ids.shape[0] == 1)
-    if copies > 1 and not own_cache and known_mask and input_ids.shape[1] > 1 and slices_logits(lm):
+    if (
+        copies > 1
+        and not own_cache
+        and input_ids is not None
+        # Without a mask, only a single row is sure to hold no padding that generate would infer a mask for.
+        and (mask is not None or input_ids.shape[0] == 1)
+        and input_ids.shape[1] > 1
+        and slices_logits(lm)
+    ):
         prompt = {"input_ids": input_ids[:, :-1]}
         if mask is not None:  # positions as generate counts them: from each row's first real token
             prompt["attention_mask"] = mask[:, :-1]
@@ -58,4 +66,5 @@ def _route(lm: PreTrainedModel, kwargs: dict[str, Any], cached_prefix: CachedPre
         cache = lm(**prompt, use_cache=True, logits_to_keep=1).cache
         cache.batch_repeat_interleave(copies)
         kwargs = {**kwargs, "cache": cache}  # generate sees the prompt's last token as the only one left to run
-    return lm.generate(**kwargs)
+    # `generate` is GenerationMixin's, which PreTrainedModel does not declare.
+    return lm.generate(**kwargs)  # type: ignore[operator]

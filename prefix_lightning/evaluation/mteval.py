@@ -50,7 +50,7 @@ def mteval_bleu_nist(hypotheses: list[str], references: list[list[str]]) -> tupl
         refs = [tokenize(reference) for reference in group]
         for n in range(1, NIST_ORDER + 1):
             ref_ngrams = [_ngrams(ref, n) for ref in refs]
-            max_ref = Counter()
+            max_ref: Counter[tuple[str, ...]] = Counter()
             for counts in ref_ngrams:
                 max_ref |= counts
                 reference_counts.update(counts)

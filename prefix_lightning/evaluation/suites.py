@@ -24,6 +24,30 @@ SUITES: dict[str, Callable[[list[str], list[list[str]]], dict[str, float]]] = {
 }
 
 
+# What validation scores, per test suite: the test's own metrics where they are cheap (XSum's ROUGE), else corpus BLEU
+# (the full table-to-text suites start a JVM); and the metric that picks the best validation checkpoint.
+VALIDATION_SUITES = {"xsum": "xsum"}
+MAIN_METRICS = {"xsum": "rougel", "bleu": "bleu"}
+
+
+def validation_suite(metric_suite: str) -> str:
+    """The scorers a validation of a dataset with this test ``metric_suite`` runs."""
+    return VALIDATION_SUITES.get(metric_suite, "bleu")
+
+
+def validation_metrics(metric_suite: str) -> dict[str, str]:
+    """The names validation logs for this test ``metric_suite`` (as ``val/<key>``), each with its direction: every
+    score is higher-better, the loss lower-better."""
+    keys = {"xsum": ("rouge1", "rouge2", "rougeL"), "bleu": ("BLEU",)}[validation_suite(metric_suite)]
+    return {"val/loss": "min", **{f"val/{key.lower()}": "max" for key in keys}}
+
+
+def main_validation_metric(metric_suite: str) -> str:
+    """The validation metric that picks the best checkpoint unless the config names another: BLEU for
+    table-to-text, ROUGE-L for XSum."""
+    return f"val/{MAIN_METRICS[validation_suite(metric_suite)]}"
+
+
 def score(metric_suite: str, hypotheses: list[str], references: list[list[str]]) -> dict[str, float]:
     """The official metrics of one dataset, keyed as its official script prints them.
 

@@ -88,10 +88,12 @@ def _score(
     lowercase: bool,
 ) -> dict[str, float]:
     bleu = BLEU(tokenize="none", lowercase=lowercase, smooth_method="none", force=True)
-    scores = {"BLEU": bleu.corpus_score(outputs, reference_streams(bleu_refs)).score}
+    # sacrebleu takes None for a missing reference (as documented) but annotates str.
+    scores = {"BLEU": bleu.corpus_score(outputs, reference_streams(bleu_refs)).score}  # type: ignore[arg-type]
     try:
         scores["METEOR"] = meteor(outputs, meteor_refs)
     except JavaUnavailable as err:
         warn_skipped(["METEOR"], err)
-    scores["TER"] = TER().corpus_score(outputs, reference_streams(ter_refs)).score / 100.0
+    # sacrebleu takes None for a missing reference (as documented) but annotates str.
+    scores["TER"] = TER().corpus_score(outputs, reference_streams(ter_refs)).score / 100.0  # type: ignore[arg-type]
     return scores

@@ -9,7 +9,7 @@ from pathlib import Path
 from uuid import uuid4
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Let ``write`` fill a temporary sibling of ``path``, flush it to disk, then rename it over ``path``.
 
     The sibling lives in the same folder, so the final rename never crosses filesystems.
@@ -26,7 +26,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         temporary.unlink(missing_ok=True)
 
 
-def atomic_folder(target: Path, write: Callable[[Path], None]) -> None:
+def atomic_folder(target: Path, write: Callable[[Path], object]) -> None:
     """Run ``write`` into a temporary sibling folder, then rename it to ``target``; if another process finished
     the same target first, its copy is kept."""
     target.parent.mkdir(parents=True, exist_ok=True)

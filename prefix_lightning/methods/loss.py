@@ -17,7 +17,7 @@ def slices_logits(lm: PreTrainedModel) -> bool:
     return not lm.config.is_encoder_decoder and "logits_to_keep" in inspect.signature(lm.forward).parameters
 
 
-def target_loss(lm: nn.Module, labels: torch.Tensor, length_groups: int | None = None, **inputs: Any) -> torch.Tensor:
+def target_loss(lm: Any, labels: torch.Tensor, length_groups: int | None = None, **inputs: Any) -> torch.Tensor:
     """Cross-entropy over ``labels != IGNORE_INDEX``, equal to the LM's own ``loss``, computed with less work.
 
     Two savings for causal LMs, neither of which changes the loss. The LM head runs only at positions that

@@ -7,13 +7,23 @@ infix, only the queries of the target: see :func:`infix_rows`).
 The LM's cache is never touched: it holds real tokens only, and the prefix is prepended on every call, which is
 what makes encoder self-attention, cross-attention, grouped-query attention, beam search and gradient
 checkpointing work through one path.
+
+Sliding-window attention (Mistral with ``sliding_window``, Gemma's local layers): the window applies to real
+tokens only. The prefix columns are prepended to whatever mask the layer built, so they stay visible to every
+query however far it stands from the start, an always-visible "attention sink" in front of the window (the
+model's own window still limits which real tokens a query reads). A prefix from words w therefore equals [w; x]
+only while x fits in the window; beyond it, the prefix is what the query still sees of w.
+
+Models with a relative position bias passed to attention (T5) get the bias of the prefix columns from the site's
+``PrefixBias`` hook (see :mod:`prefix_lightning.prefix.relative_bias`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,12 +42,13 @@ class AttentionCall:
     query_length: int
     key: torch.Tensor
     value: torch.Tensor
+    position_bias: bool = False  # the model passed a position bias for the scores (T5)
 
 
 class PrefixInjector:
     """The per-model switchboard that the attention function reads.
 
-    ``prefixes`` maps a site group to its materialized prefix of shape (n_sites, 2, kv_heads, L, head_dim).
+    ``prefixes`` maps a site group to its materialized prefix: one (2, kv_heads, L, head_dim) block per site.
     It is set once per forward/generate by the owner and kept until the next one, so that gradient
     checkpointing recomputes layers with the very same prefix tensors.
     """
@@ -46,7 +57,7 @@ class PrefixInjector:
         self.enabled = True
         self.infix = infix
         self.prompt_width: int | None = None  # set by generate for an infix
-        self.prefixes: dict[str, torch.Tensor] | None = None
+        self.prefixes: dict[str, list[torch.Tensor]] | None = None
 
     def __getstate__(self) -> dict:
         """Copies (pickling for spawned processes) start without the materialized prefix of the last forward."""
@@ -66,11 +77,17 @@ class PrefixInjector:
             self.enabled = previous
 
 
+# The position bias of a site's prefix columns: (position bias of the real keys (..., queries, keys), prefix length
+# L) -> the bias of the L prefix columns (..., queries, L).
+PrefixBias = Callable[[torch.Tensor, int], torch.Tensor]
+
+
 @dataclass(frozen=True)
 class _Binding:
     injector: PrefixInjector
     group: str
     index: int
+    bias: PrefixBias | None = None
 
 
 # The binding is an attribute of the attention module, so that it travels with the model when the model is
@@ -79,11 +96,12 @@ _BINDING = "_prefix_binding"
 _recording: list[AttentionCall] | None = None
 
 
-def bind(module: nn.Module, injector: PrefixInjector, group: str, index: int) -> None:
-    """Route ``module``'s attention through ``injector``'s prefix at (group, index)."""
+def bind(module: nn.Module, injector: PrefixInjector, group: str, index: int, bias: PrefixBias | None = None) -> None:
+    """Route ``module``'s attention through ``injector``'s prefix at (group, index); ``bias`` gives the prefix
+    columns' position bias where the model passes one."""
     if hasattr(module, _BINDING):
         raise ValueError("this attention module already carries a prefix: wrap each base model only once")
-    setattr(module, _BINDING, _Binding(injector, group, index))
+    setattr(module, _BINDING, _Binding(injector, group, index, bias))
 
 
 @contextmanager
@@ -161,15 +179,16 @@ def prefix_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
-    **kwargs,
+    **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """SDPA attention with the module's prefix keys/values in front of its own."""
     if _recording is not None:
-        _recording.append(AttentionCall(module, query.shape[2], key, value))
+        biased = kwargs.get("position_bias") is not None
+        _recording.append(AttentionCall(module, query.shape[2], key, value, biased))
     queries = kwargs.pop(INFIX_QUERIES, None)
     binding = getattr(module, _BINDING, None)
     prefix = binding.injector.lookup(binding.group, binding.index) if binding is not None else None
-    if prefix is not None:
+    if binding is not None and prefix is not None:
         causal = kwargs.get("is_causal")
         if causal is None:
             causal = getattr(module, "is_causal", True)
@@ -180,6 +199,11 @@ def prefix_attention(
             start = key.shape[2] - query.shape[2]  # the cached tokens before this call's
             rows, _ = infix_rows(binding.injector, queries, start, query.shape[2], query.device)
         attention_mask = _widen_mask(attention_mask, causal, query, key.shape[2], length, rows)
+        bias = kwargs.get("position_bias")
+        if bias is not None:
+            if binding.bias is None:
+                raise RuntimeError(f"{type(module).__name__} passes a position bias that no prefix hook extends")
+            kwargs["position_bias"] = torch.cat([binding.bias(bias, length).to(bias.dtype), bias], dim=-1)
         key = torch.cat([prefix[0].expand(batch, -1, -1, -1), key], dim=2)
         value = torch.cat([prefix[1].expand(batch, -1, -1, -1), value], dim=2)
         kwargs["is_causal"] = False

@@ -23,7 +23,9 @@ class PrefixConfig:
     reparam: "mlp" trains P = MLP(P') (the paper's default, dropped at export); "none" trains P directly.
     hidden_dim: width k of the reparametrization MLP (512 for table-to-text, 800 for summarization).
     dropout: dropout on the materialized prefix during training.
-    shift_positions: real tokens take positions L, L+1, ... as if the prefix were real tokens before them.
+    shift_positions: real tokens take positions L, L+1, ... as if the prefix were real tokens before them. With a
+        relative position bias (T5) the real tokens keep their distances and the prefix columns get the bias of
+        the L positions before the input; false gives the prefix columns no bias.
     init_text: start from the LM's own activations of these words (e.g. "table-to-text:"); needs the tokenizer.
     init_vocab: start from the activations of L tokens drawn from the vocabulary.
     """

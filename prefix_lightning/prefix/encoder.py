@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -11,18 +12,21 @@ from prefix_lightning.prefix.config import PrefixConfig
 
 
 class PrefixEncoder(nn.Module):
-    """Produces one trainable block with the virtual-token axis L second to last: a group of attention sites'
-    keys/values, ``token_shape`` (n_sites, 2, kv_heads, head_dim) -> (n_sites, 2, kv_heads, L, head_dim), or
-    input embeddings, (d_model,) -> (L, d_model).
+    """Produces one trainable block per slot of a group, with the virtual-token axis L second to last: each
+    attention site's keys/values, token shape (2, kv_heads, head_dim) -> (2, kv_heads, L, head_dim), or input
+    embeddings, (d_model,) -> (L, d_model).
 
-    The flat layout (L, prod(token_shape)) is the paper's: one row per virtual token, so the MLP maps each row of
-    P' (L x d) to everything that token holds (all layers' keys and values).
+    Each slot keeps its own shape (models whose layers differ in key/value heads or head size). The flat layout
+    (L, width) is the paper's: one row per virtual token holding every slot's values one after the other, so the
+    MLP maps each row of P' (L x d) to everything that token holds (all layers' keys and values), split per slot.
     """
 
-    def __init__(self, config: PrefixConfig, token_shape: tuple[int, ...], embed_dim: int) -> None:
+    def __init__(self, config: PrefixConfig, token_shapes: Sequence[tuple[int, ...]], embed_dim: int) -> None:
         super().__init__()
-        self.shape = (config.length, *token_shape)
-        width = math.prod(token_shape)
+        self.length = config.length
+        self.token_shapes = [tuple(shape) for shape in token_shapes]
+        self.widths = [math.prod(shape) for shape in self.token_shapes]
+        width = sum(self.widths)
         self.mlp: nn.Sequential | None = None
         if config.reparam == "mlp":
             # P' starts like an embedding table and the MLP like any Linear stack, as in the paper's code.
@@ -36,29 +40,41 @@ class PrefixEncoder(nn.Module):
     def flat(self) -> torch.Tensor:
         return self.mlp(self.embedding) if self.mlp is not None else self.prefix
 
-    def forward(self) -> torch.Tensor:
-        return self.flat().view(self.shape).movedim(0, -2)
+    def forward(self, dropout: float = 0.0) -> list[torch.Tensor]:
+        """Every slot's block; ``dropout`` applies to the whole prefix (training)."""
+        flat = nn.functional.dropout(self.flat(), dropout) if dropout else self.flat()
+        chunks = flat.split(self.widths, dim=1)
+        return [
+            chunk.view(self.length, *shape).movedim(0, -2)
+            for chunk, shape in zip(chunks, self.token_shapes, strict=True)
+        ]
 
-    def to_flat(self, prefix: torch.Tensor) -> torch.Tensor:
-        """Inverse of the layout in :meth:`forward`: (..., L, last) -> (L, width)."""
-        return prefix.movedim(-2, 0).reshape(self.shape[0], -1)
+    def block_shapes(self) -> list[tuple[int, ...]]:
+        """The shape of each block that :meth:`forward` returns."""
+        return [(*shape[:-1], self.length, shape[-1]) for shape in self.token_shapes]
+
+    def to_flat(self, blocks: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Inverse of the layout in :meth:`forward`: the slots' (..., L, last) blocks -> (L, width)."""
+        return torch.cat([block.movedim(-2, 0).reshape(self.length, -1) for block in blocks], dim=1)
 
     @torch.no_grad()
-    def assign(self, prefix: torch.Tensor) -> None:
+    def assign(self, blocks: Sequence[torch.Tensor]) -> None:
         """Set a direct prefix to given values (export loading, real-word init)."""
         if self.mlp is not None:
             raise TypeError("assign() sets a direct prefix; fit() sets the MLP reparametrization")
-        self.prefix.copy_(self.to_flat(prefix))
+        self.prefix.copy_(self.to_flat(blocks))
 
     @torch.enable_grad()
-    def fit(self, prefix: torch.Tensor, start: torch.Tensor, steps: int = 2000, tolerance: float = 1e-3) -> float:
-        """Train P' (from ``start``) and the MLP so that MLP(P') reproduces ``prefix``; return the relative error.
+    def fit(
+        self, blocks: Sequence[torch.Tensor], start: torch.Tensor, steps: int = 2000, tolerance: float = 1e-3
+    ) -> float:
+        """Train P' (from ``start``) and the MLP so that MLP(P') reproduces ``blocks``; return the relative error.
 
         This is how the paper's code initializes a reparametrized prefix from real words: the MLP cannot be
         set in closed form, so it is regressed onto the target activations.
         """
         assert self.mlp is not None
-        target = self.to_flat(prefix).detach()
+        target = self.to_flat(blocks).detach()
         with torch.no_grad():
             self.embedding.copy_(start)
         optimizer = torch.optim.Adam(self.parameters(), lr=1e-3)

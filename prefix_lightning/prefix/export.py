@@ -1,16 +1,19 @@
 """The exported prefix: materialized per-layer keys/values (MLP dropped) plus a JSON description.
 
-Folder layout:
-- ``prefix.safetensors``: one float32 tensor per site group ("self", or "encoder"/"decoder"/"cross"; "input" for
-  embedding-only), shaped (layers, 2 [key, value], kv_heads, L, head_dim), the layout of transformers' caches
-  without batch.
-- ``prefix_config.json``: the prefix config, the base model's identity and the expected shapes.
+Folder layout (format ``prefix-lightning/2``):
+- ``prefix.safetensors``: one float32 tensor per attention site, named ``<group>.<index>`` (group "self", or
+  "encoder"/"decoder"/"cross"; index in call order), shaped (2 [key, value], kv_heads, L, head_dim), the layout of
+  transformers' cache layers without batch; each site has its own shape. Embedding-only holds ``input.0``, the
+  (L, d_model) input embeddings.
+- ``prefix_config.json``: the prefix config, the base model's identity and every site's name and shape.
+
+Format ``prefix-lightning/1`` (one tensor per group, stacked (layers, 2, kv_heads, L, head_dim), every site of a
+group of one shape) is still read.
 """
 
 from __future__ import annotations
 
 import json
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,29 +31,40 @@ from prefix_lightning.prefix.sites import AttentionSite
 
 WEIGHTS_NAME = "prefix.safetensors"
 CONFIG_NAME = "prefix_config.json"
-FORMAT = "prefix-lightning/1"
+FORMAT = "prefix-lightning/2"
+STACKED_FORMAT = "prefix-lightning/1"  # older exports: one stacked tensor per group
 
 
-def site_shapes(sites: Sequence[AttentionSite]) -> dict[str, dict[str, int]]:
-    """Per site group: how many layers, and their key/value heads and head size."""
-    counts = Counter(site.group for site in sites)
-    shapes: dict[str, dict[str, int]] = {}
-    for site in sites:
-        shape = {"layers": counts[site.group], "kv_heads": site.kv_heads, "head_dim": site.head_dim}
-        shapes.setdefault(site.group, shape)
-    return shapes
+def site_shapes(sites: Sequence[AttentionSite]) -> list[dict[str, Any]]:
+    """Every attention site in call order: its module's name, group, key/value heads and head size."""
+    return [
+        {"name": site.name, "group": site.group, "kv_heads": site.kv_heads, "head_dim": site.head_dim} for site in sites
+    ]
+
+
+def _stacked_site_shapes(groups: dict[str, dict[str, int]]) -> list[dict[str, Any]]:
+    """The per-site description of a format-1 export (per group: layers, kv_heads, head_dim; no names)."""
+    return [
+        {"name": None, "group": group, "kv_heads": shape["kv_heads"], "head_dim": shape["head_dim"]}
+        for group, shape in groups.items()
+        for _ in range(shape["layers"])
+    ]
 
 
 def save_prefix(
     folder: Path,
-    blocks: dict[str, torch.Tensor],
+    blocks: dict[str, list[torch.Tensor]],
     config: PrefixConfig,
     lm: PreTrainedModel,
     sites: Sequence[AttentionSite],
 ) -> Path:
-    """Write the materialized ``blocks`` and their description atomically into ``folder``."""
+    """Write the materialized ``blocks`` (per group, one per site) and their description atomically."""
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {group: block.detach().float().contiguous().cpu() for group, block in blocks.items()}
+    tensors = {
+        f"{group}.{index}": block.detach().float().contiguous().cpu()
+        for group, group_blocks in blocks.items()
+        for index, block in enumerate(group_blocks)
+    }
     description = {
         "format": FORMAT,
         "prefix": config.without_initialization().to_dict(),
@@ -62,36 +76,90 @@ def save_prefix(
     return folder
 
 
+def _by_group(sites: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Each group's sites in call order (format 1 knows the order within a group only)."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for site in sites:
+        groups.setdefault(site["group"], []).append(site)
+    return groups
+
+
+def _shapes(groups: dict[str, list[dict[str, Any]]]) -> dict[str, list[tuple[int, int]]]:
+    return {group: [(site["kv_heads"], site["head_dim"]) for site in sites] for group, sites in groups.items()}
+
+
+def _counts(groups: dict[str, list[dict[str, Any]]]) -> str:
+    return ", ".join(f"{len(sites)} {group}" for group, sites in groups.items())
+
+
 @dataclass(frozen=True)
 class ExportedPrefix:
-    """A prefix folder as written by :func:`save_prefix`, read and checked."""
+    """A prefix folder as written by :func:`save_prefix` (or by format 1), read and checked."""
 
     folder: Path
+    format: str
     config: PrefixConfig
     base_model: dict[str, Any]
-    sites: dict[str, dict[str, int]]
+    sites: list[dict[str, Any]]
 
     def check_fits(self, lm: PreTrainedModel, sites: Sequence[AttentionSite]) -> None:
-        """Refuse a base model whose attention sites differ from those the prefix was trained for."""
-        found = site_shapes(sites)
-        if self.sites != found:
-            raise ValueError(
-                f"the prefix in {self.folder} was trained for {self.base_model['name_or_path'] or 'a model'} "
-                f"({self.base_model['model_type']}) with attention sites {self.sites}, but this base model "
-                f"({backbone_identity(lm)['model_type']}) has {found}; load it onto the base model it was trained for"
+        """Refuse a base model whose attention sites differ, site by site, from those the prefix was trained for."""
+        trained, found = _by_group(self.sites), _by_group(site_shapes(sites))
+        expected, given = _shapes(trained), _shapes(found)
+        if expected == given:
+            return
+        if {group: len(shapes) for group, shapes in expected.items()} != {g: len(s) for g, s in given.items()}:
+            difference = f"attention sites {_counts(trained)}, where this base model has {_counts(found)}"
+        else:
+            group, index = next(
+                (group, i)
+                for group, shapes in expected.items()
+                for i, shape in enumerate(shapes)
+                if shape != given[group][i]
             )
+            site, here = trained[group][index], found[group][index]
+            difference = (
+                f"its {group} site {index} ({here['name']}) with {site['kv_heads']} key/value heads of size "
+                f"{site['head_dim']}, where this base model has {here['kv_heads']} of size {here['head_dim']}"
+            )
+        raise ValueError(
+            f"the prefix in {self.folder} was trained for {self.base_model['name_or_path'] or 'a model'} "
+            f"({self.base_model['model_type']}) with {difference}; this base model "
+            f"({backbone_identity(lm)['model_type']}) does not fit it: load it onto the base model it was trained for"
+        )
 
-    def tensors(self, shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
-        """The saved blocks, each checked against the ``shapes`` the loading model expects."""
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The saved tensors by name, ``<group>.<index>`` (a format-1 file's stacked groups split per site)."""
         path = self.folder / WEIGHTS_NAME
         try:
             tensors = load_file(path)
         except (SafetensorError, OSError) as error:
             raise ValueError(f"cannot read {path}: {error} (truncated or corrupted file?)") from error
-        for group, shape in shapes.items():
-            if group not in tensors or tensors[group].shape != shape:
-                raise ValueError(f"{path} has no {group} prefix of the expected shape")
-        return tensors
+        if self.format == FORMAT:
+            return tensors
+        stacked = {site["group"] for site in self.sites}  # the site groups stack their sites; "input" is one block
+        return {
+            f"{group}.{index}": block
+            for group, tensor in tensors.items()
+            for index, block in enumerate(tensor.unbind(0) if group in stacked else [tensor])
+        }
+
+    def blocks(self, shapes: dict[str, list[tuple[int, ...]]]) -> dict[str, list[torch.Tensor]]:
+        """The saved blocks per group, one per site, each checked against the ``shapes`` the loading model
+        expects."""
+        tensors = self.tensors()
+        blocks: dict[str, list[torch.Tensor]] = {}
+        for group, group_shapes in shapes.items():
+            for index, shape in enumerate(group_shapes):
+                block = tensors.get(f"{group}.{index}")
+                if block is None or tuple(block.shape) != tuple(shape):
+                    found = "none" if block is None else tuple(block.shape)
+                    raise ValueError(
+                        f"{self.folder / WEIGHTS_NAME}: the {group} prefix of site {index} should be "
+                        f"{tuple(shape)}, got {found}"
+                    )
+                blocks.setdefault(group, []).append(block)
+        return blocks
 
 
 def read_prefix(folder: str | Path) -> ExportedPrefix:
@@ -104,8 +172,9 @@ def read_prefix(folder: str | Path) -> ExportedPrefix:
         description = json.loads(config_file.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{config_file} is not valid JSON ({error})") from error
-    if not isinstance(description, dict) or description.get("format") != FORMAT:
-        found = description.get("format") if isinstance(description, dict) else None
+    found = description.get("format") if isinstance(description, dict) else None
+    if found not in (FORMAT, STACKED_FORMAT):
         raise ValueError(f"{config_file} is not a prefix-lightning export (format {found!r})")
     config = PrefixConfig.of(description["prefix"], reparam="none").without_initialization()
-    return ExportedPrefix(folder, config, description["base_model"], description["sites"])
+    sites = description["sites"] if found == FORMAT else _stacked_site_shapes(description["sites"])
+    return ExportedPrefix(folder, found, config, description["base_model"], sites)

@@ -7,7 +7,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -18,7 +18,6 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from prefix_lightning.decoding import CachedPrefix, PackedWeights, generate
 from prefix_lightning.methods import IGNORE_INDEX, target_loss
 from prefix_lightning.prefix.attention import (
-    ATTN_IMPLEMENTATION,
     INFIX_QUERIES,
     PrefixInjector,
     bind,
@@ -28,7 +27,8 @@ from prefix_lightning.prefix.config import PrefixConfig
 from prefix_lightning.prefix.encoder import PrefixEncoder
 from prefix_lightning.prefix.export import read_prefix, save_prefix
 from prefix_lightning.prefix.positions import attach_position_shift
-from prefix_lightning.prefix.sites import SUPPORTED, AttentionSite, UnsupportedModelError, discover_sites
+from prefix_lightning.prefix.relative_bias import prefix_bias_hooks
+from prefix_lightning.prefix.sites import AttentionSite, UnsupportedModelError, discover_sites, use_prefix_attention
 
 log = logging.getLogger(__name__)
 
@@ -56,31 +56,31 @@ class PrefixModel(nn.Module):
         self.lm = lm
         lm.requires_grad_(False)
         lm.eval()
-        try:
-            lm.set_attn_implementation(ATTN_IMPLEMENTATION)
-        except (ValueError, TypeError) as error:
-            raise UnsupportedModelError(
-                f"{type(lm).__name__} has no attention layers that a prefix can reach. Supported: {SUPPORTED}."
-            ) from error
+        use_prefix_attention(lm)
         kind = self.config.kind
         if kind != "prefix" and lm.config.is_encoder_decoder:
             raise UnsupportedModelError(f"prefix kind {kind!r} is for decoder-only LMs; {type(lm).__name__} is not one")
         self.injector = PrefixInjector(infix=kind == "infix")
         bound = discover_sites(lm)
         self.sites: list[AttentionSite] = [site for _, site in bound]
+        bias_hooks = prefix_bias_hooks(bound, self.config.shift_positions)
         groups: dict[str, list[AttentionSite]] = {}
         for module, site in bound:
-            bind(module, self.injector, site.group, len(groups.setdefault(site.group, [])))
+            index = len(groups.setdefault(site.group, []))
+            bind(module, self.injector, site.group, index, bias_hooks.get(module))
             groups[site.group].append(site)
-        embed_dim = lm.get_input_embeddings().embedding_dim
+        # transformers types the embeddings as a plain Module.
+        embed_dim: int = lm.get_input_embeddings().embedding_dim  # type: ignore[assignment]
+        shapes: dict[str, list[tuple[int, ...]]]
         if kind == "embedding":
-            shapes = {INPUT: (embed_dim,)}
-        else:
-            shapes = {group: (len(sites), 2, sites[0].kv_heads, sites[0].head_dim) for group, sites in groups.items()}
+            shapes = {INPUT: [(embed_dim,)]}
+        else:  # every site keeps its own shape
+            shapes = {group: [(2, site.kv_heads, site.head_dim) for site in sites] for group, sites in groups.items()}
         self.encoders = nn.ModuleDict(
             {group: PrefixEncoder(self.config, shape, embed_dim) for group, shape in shapes.items()}
         )
-        if self.config.shift_positions:
+        # A relative position bias (T5) places the prefix by itself (prefix.relative_bias); absolute positions move.
+        if self.config.shift_positions and not bias_hooks:
             attach_position_shift(lm, self.config.length, self.injector)
         self.packed_weights = PackedWeights()  # the frozen LM's weights packed for decoding on CPU
         self._initialize(tokenizer)
@@ -97,21 +97,21 @@ class PrefixModel(nn.Module):
             self.packed_weights.clear()
         return self
 
-    def materialized(self, dropout: float = 0.0) -> dict[str, torch.Tensor]:
-        """Each site group's prefix keys/values, (n_sites, 2, kv_heads, L, head_dim), in the graph.
+    def materialized(self, dropout: float = 0.0) -> dict[str, list[torch.Tensor]]:
+        """Each site group's prefix keys/values, one (2, kv_heads, L, head_dim) block per site, in the graph.
 
         Embedding-only computes them as the frozen LM's own activations of the trainable input embeddings, at
         positions 0..L-1: exactly what the LM would hold for those embeddings in front of the input.
         """
-        blocks = {group: nn.functional.dropout(encoder(), dropout) for group, encoder in self.encoders.items()}
+        blocks = {group: encoder(dropout) for group, encoder in self.encoders.items()}
         if self.config.kind == "embedding":
-            return self._activations(inputs_embeds=blocks[INPUT][None])
+            return self._activations(inputs_embeds=blocks[INPUT][0][None])
         return blocks
 
     def _materialize(self) -> None:
         self.injector.prefixes = self.materialized(self.config.dropout if self.training else 0.0)
 
-    def _activations(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _activations(self, **inputs: torch.Tensor) -> dict[str, list[torch.Tensor]]:
         """The plain LM's keys/values of one sequence in every attention site, grouped like the prefix."""
         with self.prefix_disabled(), record_attention_calls() as calls:
             self.lm(**inputs, use_cache=False)
@@ -121,7 +121,7 @@ class PrefixModel(nn.Module):
         for site in self.sites:
             call = by_module[id(named[site.name])]
             groups.setdefault(site.group, []).append(torch.stack([call.key[0], call.value[0]]))
-        return {group: torch.stack(blocks) for group, blocks in groups.items()}
+        return groups
 
     def _with_infix_queries(self, inputs: dict[str, Any], labels: torch.Tensor) -> dict[str, Any]:
         """An infix is read from the token that predicts the target's first token on (see ``infix_rows``)."""
@@ -200,8 +200,14 @@ class PrefixModel(nn.Module):
         for site in self.sites:
             index = counters.get(site.group, 0)
             counters[site.group] = index + 1
-            result[site.name] = (prefixes[site.group][index, 0], prefixes[site.group][index, 1])
+            block = prefixes[site.group][index]
+            result[site.name] = (block[0], block[1])
         return result
+
+    @property
+    def prefix_encoders(self) -> dict[str, PrefixEncoder]:
+        """The trainable part by group (``self.encoders``, whose nn.ModuleDict types its values as plain Modules)."""
+        return {group: cast(PrefixEncoder, encoder) for group, encoder in self.encoders.items()}
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -236,13 +242,14 @@ class PrefixModel(nn.Module):
         ids = ids.to(self.lm.device)[None]
         start = self.lm.get_input_embeddings()(ids)[0].float()
         if self.config.kind == "embedding":
-            targets = {INPUT: start}
+            targets = {INPUT: [start]}
         else:
             inputs = {"input_ids": ids}
             if self.lm.config.is_encoder_decoder:
                 inputs["decoder_input_ids"] = ids
-            targets = {group: block.float() for group, block in self._activations(**inputs).items()}
-        for group, encoder in self.encoders.items():
+            activations = self._activations(**inputs)
+            targets = {group: [block.float() for block in blocks] for group, blocks in activations.items()}
+        for group, encoder in self.prefix_encoders.items():
             if encoder.mlp is None:
                 encoder.assign(targets[group])
             else:
@@ -252,7 +259,8 @@ class PrefixModel(nn.Module):
     def init_prefix_from_vocabulary(self, generator: torch.Generator | None = None) -> None:
         """Initialize from L tokens drawn uniformly from the vocabulary (the LM's activations of real tokens,
         without choosing words)."""
-        vocabulary = self.lm.get_input_embeddings().num_embeddings
+        # transformers types the embeddings as a plain Module.
+        vocabulary: int = self.lm.get_input_embeddings().num_embeddings  # type: ignore[assignment]
         self.init_prefix_from_tokens(torch.randint(vocabulary, (self.config.length,), generator=generator))
 
     # -- export --------------------------------------------------------------------------------------------
@@ -269,11 +277,10 @@ class PrefixModel(nn.Module):
         exported = read_prefix(path)
         model = cls(lm, exported.config)
         exported.check_fits(lm, model.sites)
-        with torch.no_grad():
-            blocks = {group: encoder() for group, encoder in model.encoders.items()}
-        tensors = exported.tensors({group: block.shape for group, block in blocks.items()})
-        for group, encoder in model.encoders.items():
-            encoder.assign(tensors[group].to(encoder.prefix.device))
+        encoders = model.prefix_encoders
+        blocks = exported.blocks({group: encoder.block_shapes() for group, encoder in encoders.items()})
+        for group, encoder in encoders.items():
+            encoder.assign([block.to(encoder.prefix.device) for block in blocks[group]])
         return model
 
 

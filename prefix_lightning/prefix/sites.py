@@ -14,7 +14,10 @@ from transformers import PreTrainedModel
 
 from prefix_lightning.prefix.attention import ATTN_IMPLEMENTATION, record_attention_calls
 
-SUPPORTED = "decoder-only LMs such as GPT-2 and the Llama family (SmolLM2), and encoder-decoders such as BART"
+SUPPORTED = (
+    "decoder-only LMs (GPT-2, the Llama family such as SmolLM2, Qwen2, Qwen3, Mistral, Phi-3, Gemma, Gemma-3, "
+    "Gemma-4, GPT-NeoX, OPT) and encoder-decoders (BART, T5, Flan-T5)"
+)
 
 # Distinct probe lengths tell the three kinds of attention of an encoder-decoder apart.
 _ENCODER_PROBE, _DECODER_PROBE = 3, 2
@@ -32,6 +35,7 @@ class AttentionSite:
     group: str  # "self" (decoder-only), or "encoder", "decoder", "cross" (encoder-decoder)
     kv_heads: int
     head_dim: int
+    position_bias: bool = False  # the model adds a position bias to this layer's scores (T5)
 
 
 def _group(is_encoder_decoder: bool, query_length: int, key_length: int) -> str:
@@ -40,6 +44,43 @@ def _group(is_encoder_decoder: bool, query_length: int, key_length: int) -> str:
     if query_length == _ENCODER_PROBE:
         return "encoder"
     return "decoder" if key_length == _DECODER_PROBE else "cross"
+
+
+def use_prefix_attention(lm: PreTrainedModel) -> None:
+    """Route ``lm``'s attention through the prefix's attention function, or say why its family cannot carry a
+    prefix and what would work."""
+    name = type(lm).__name__
+    try:
+        lm.set_attn_implementation(ATTN_IMPLEMENTATION)
+    except (ValueError, TypeError) as error:
+        raise UnsupportedModelError(_without_sdpa(lm)) from error
+    if lm.config._attn_implementation != ATTN_IMPLEMENTATION:  # transformers only warns
+        raise UnsupportedModelError(
+            f"{name} computes attention inside its own modules, not through transformers' AttentionInterface, so "
+            f"no prefix can reach it. Supported: {SUPPORTED}."
+        )
+
+
+def _without_sdpa(lm: PreTrainedModel) -> str:
+    """Why a model that refuses SDPA-style attention cannot carry a prefix, naming what it does support."""
+    name = type(lm).__name__
+    if not any("attention" in type(module).__name__.lower() for module in lm.modules()):
+        return (
+            f"{name} has no attention layers that a prefix can reach (a state-space or recurrent model has no keys "
+            f"and values to prepend to); methods that change weights (method=full, method=lora) still apply. "
+            f"Supported: {SUPPORTED}."
+        )
+    implementations = ["eager"]
+    if getattr(lm, "_supports_flex_attn", False):
+        implementations.append("flex_attention")
+    if getattr(lm, "_supports_flash_attn", False):
+        implementations.append("flash_attention_2")
+    softcap = getattr(lm.config, "attn_logit_softcapping", None)
+    why = f" (it soft-caps its attention scores, attn_logit_softcapping={softcap})" if softcap else ""
+    return (
+        f"{name} computes attention only with attn_implementation {', '.join(implementations)}{why}; a prefix "
+        f"needs SDPA-style attention, which it does not support. Supported: {SUPPORTED}."
+    )
 
 
 def discover_sites(lm: PreTrainedModel) -> list[tuple[torch.nn.Module, AttentionSite]]:
@@ -58,7 +99,8 @@ def discover_sites(lm: PreTrainedModel) -> list[tuple[torch.nn.Module, Attention
     for call in calls:
         if call.module not in sites:
             group = _group(is_encoder_decoder, call.query_length, call.key.shape[2])
-            sites[call.module] = AttentionSite(names[call.module], group, call.key.shape[1], call.key.shape[3])
+            kv_heads, head_dim = call.key.shape[1], call.key.shape[3]
+            sites[call.module] = AttentionSite(names[call.module], group, kv_heads, head_dim, call.position_bias)
     if not sites:
         raise UnsupportedModelError(
             f"{type(lm).__name__} does not route attention through transformers' AttentionInterface, so no "

@@ -5,7 +5,8 @@
 Also runs at the end of every multirun (a Hydra callback). Reads the result records at any depth below the folder;
 job folders without a complete record are reported as unfinished. Plots: the metric against prefix length (a line
 per data size and other swept values) and against training-data size (a line per method or other swept values),
-each drawn when that value was swept.
+each drawn when that value was swept. A sweep of two methods over data subsets or seeds also gets their paired
+comparison (``paired.py``): paired.md, paired.csv and, over training sizes, paired_<metric>_vs_training_examples.png.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from prefix_lightning.sweeps import paired
+from prefix_lightning.sweeps.paired_plot import plot_paired
 from prefix_lightning.sweeps.plots import plot_metric
 from prefix_lightning.sweeps.report import write_report
 from prefix_lightning.sweeps.table import Table, summarize, write_csv, write_markdown
@@ -25,6 +28,7 @@ from prefix_lightning.training.record import RECORD_FILE, read_record
 log = logging.getLogger(__name__)
 
 SUMMARY_DIR = "summary"
+PAIRED_MARKDOWN = "paired.md"
 # (swept key, axis label, logarithmic axis): the paper's two sweep figures.
 PLOTS = (("prefix.length", "prefix length", False), ("data.train_size", "training examples", True))
 
@@ -67,7 +71,7 @@ def aggregate(sweep_dir: str | Path, metric: str | None = None) -> Path | None:
 
     out = sweep_dir / SUMMARY_DIR
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob("*.png"):
+    for stale in [*out.glob("*.png"), *out.glob("paired.*")]:
         stale.unlink()
     write_csv(table, out / "results.csv")
     write_markdown(table, out / "results.md")
@@ -76,14 +80,25 @@ def aggregate(sweep_dir: str | Path, metric: str | None = None) -> Path | None:
         path = out / f"{_slug(metric)}_vs_{_slug(label)}.png"
         if plot_metric(table, key, metric, path, label, log_x):
             plots.append(path)
-    write_report(table, sweep_dir.resolve().name, plots, out / "report.html", len(records), unfinished)
+    comparisons = paired.compare_methods(records, table, metric)
+    paired_plots = []
+    if comparisons:
+        paired.write_markdown(comparisons, out / PAIRED_MARKDOWN)
+        paired.write_csv(comparisons, out / "paired.csv")
+        path = out / f"paired_{_slug(metric)}_vs_training_examples.png"
+        if plot_paired(comparisons[0], path):
+            paired_plots.append(path)
+    write_report(
+        table, sweep_dir.resolve().name, plots, out / "report.html", len(records), unfinished, comparisons, paired_plots
+    )
     log.info(
-        "sweep %s: %d finished runs in %d settings%s; table, %d plots and report.html in %s",
+        "sweep %s: %d finished runs in %d settings%s; table,%s %d plots and report.html in %s",
         sweep_dir,
         len(records),
         len(table.rows),
         f", {len(unfinished)} unfinished" if unfinished else "",
-        len(plots),
+        " paired comparison," if comparisons else "",
+        len(plots) + len(paired_plots),
         out,
     )
     return out
@@ -101,6 +116,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if out is None:
         raise SystemExit(1)
     print((out / "results.md").read_text(), end="")
+    if (out / PAIRED_MARKDOWN).is_file():
+        print("\n" + (out / PAIRED_MARKDOWN).read_text(), end="")
     print(f"report: {out / 'report.html'}")
 
 

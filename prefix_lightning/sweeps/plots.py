@@ -8,18 +8,14 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
-from prefix_lightning.sweeps.table import Row, Table, show
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+from prefix_lightning.sweeps.table import Row, Table, is_number, show
 
 
 def plot_metric(table: Table, x_key: str, metric: str, path: Path, x_label: str, log_x: bool = False) -> bool:
     """Write the PNG; False (and no file) unless ``x_key`` was swept over at least two numbers."""
     if x_key not in table.keys:
         return False
-    points = [row for row in table.rows if _is_number(row.setting[x_key]) and metric in row.stats]
+    points = [row for row in table.rows if is_number(row.setting[x_key]) and metric in row.stats]
     xs = sorted({row.setting[x_key] for row in points})
     if len(xs) < 2:
         return False

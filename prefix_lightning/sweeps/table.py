@@ -22,6 +22,10 @@ class Stat:
     mean: float
     std: float | None  # sample standard deviation; None for a single run
 
+    @classmethod
+    def of(cls, numbers: Sequence[float]) -> Stat:
+        return cls(statistics.fmean(numbers), statistics.stdev(numbers) if len(numbers) > 1 else None)
+
 
 @dataclass(frozen=True)
 class Row:
@@ -50,11 +54,15 @@ def record_metrics(record: dict[str, Any]) -> dict[str, float]:
     return {name: float(value) for name, value in values.items() if value is not None}
 
 
-def _sort_key(value: Any) -> tuple[int, Any]:
+def is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def sort_key(value: Any) -> tuple[int, Any]:
     """Numbers in numeric order, after a missing value and before text."""
     if value is None:
         return (0, 0)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if is_number(value):
         return (1, value)
     return (2, json.dumps(value))
 
@@ -93,15 +101,19 @@ def summarize(records: Sequence[dict[str, Any]]) -> Table:
         for name in metrics:
             numbers = [value[name] for value in values if name in value]
             if numbers:
-                std = statistics.stdev(numbers) if len(numbers) > 1 else None
-                stats[name] = Stat(statistics.fmean(numbers), std)
+                stats[name] = Stat.of(numbers)
         rows.append(Row({key: members[0]["overrides"].get(key) for key in keys}, len(members), stats))
-    rows.sort(key=lambda row: [_sort_key(row.setting[key]) for key in keys])
+    rows.sort(key=lambda row: [sort_key(row.setting[key]) for key in keys])
     return Table(keys, shared, metrics, rows)
 
 
-def _number(value: float) -> str:
+def format_number(value: float) -> str:
     return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.2f}"
+
+
+def format_stat(mean: float, std: float | None) -> str:
+    """The text "mean ± std", or the mean alone for a single run."""
+    return format_number(mean) + ("" if std is None else f" ± {format_number(std)}")
 
 
 def cells(table: Table) -> tuple[list[str], list[list[str]]]:
@@ -110,10 +122,7 @@ def cells(table: Table) -> tuple[list[str], list[list[str]]]:
     rows = []
     for row in table.rows:
         stats = [row.stats.get(name) for name in table.metrics]
-        numbers = [
-            "" if stat is None else _number(stat.mean) + ("" if stat.std is None else f" ± {_number(stat.std)}")
-            for stat in stats
-        ]
+        numbers = ["" if stat is None else format_stat(stat.mean, stat.std) for stat in stats]
         rows.append([*(show(row.setting[key]) for key in table.keys), str(row.runs), *numbers])
     return header, rows
 
@@ -125,20 +134,23 @@ def write_csv(table: Table, path: Path) -> None:
             [*table.keys, "runs", *(f"{name}_{part}" for name in table.metrics for part in ("mean", "std"))]
         )
         for row in table.rows:
-            numbers = []
+            numbers: list[str | float] = []
             for name in table.metrics:
                 stat = row.stats.get(name)
                 numbers += ["", ""] if stat is None else [stat.mean, "" if stat.std is None else stat.std]
             writer.writerow([*(show(row.setting[key]) for key in table.keys), row.runs, *numbers])
 
 
-def write_markdown(table: Table, path: Path) -> None:
-    header, rows = cells(table)
-    lines = [
+def markdown_lines(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    return [
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" for _ in header) + "|",
         *("| " + " | ".join(row) + " |" for row in rows),
     ]
+
+
+def write_markdown(table: Table, path: Path) -> None:
+    lines = markdown_lines(*cells(table))
     if table.shared:
         lines += [
             "",

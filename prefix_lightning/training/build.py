@@ -8,19 +8,19 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from prefix_lightning.backbones import load_backbone
 from prefix_lightning.methods import TrainableLM
-from prefix_lightning.training.checks import ConfigError, check_config, method_class
+from prefix_lightning.training.checks import ConfigError, check_config, method_class, options_at
 from prefix_lightning.training.module import MethodModule
 
 log = logging.getLogger(__name__)
 
 
 def load_configured_backbone(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    return load_backbone(**OmegaConf.to_container(cfg.model.backbone, resolve=True))
+    return load_backbone(**options_at(cfg, "model.backbone"))
 
 
 def build_model(cfg: DictConfig) -> tuple[TrainableLM, PreTrainedTokenizerBase]:
@@ -38,7 +38,7 @@ def build_method(cfg: DictConfig, lm: PreTrainedModel, tokenizer: PreTrainedToke
     """The class ``method.model._target_`` called with the LM, its other keys, and the tokenizer where the class
     takes one (called directly, not through Hydra, so that its refusals reach the user as they are)."""
     cls = method_class(cfg)
-    options = OmegaConf.to_container(cfg.method.model, resolve=True)
+    options = options_at(cfg, "method.model")
     del options["_target_"]
     if "tokenizer" in inspect.signature(cls).parameters:
         options["tokenizer"] = tokenizer
@@ -47,7 +47,7 @@ def build_method(cfg: DictConfig, lm: PreTrainedModel, tokenizer: PreTrainedToke
 
 def generation_settings(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
     """Decoding options for ``generate``, with the end-of-target token of this model's data format."""
-    settings = {k: v for k, v in OmegaConf.to_container(cfg.generation, resolve=True).items() if v is not None}
+    settings = {k: v for k, v in options_at(cfg, "generation").items() if v is not None}
     if settings.pop("ban_newline", False):
         settings["bad_words_ids"] = newline_tokens(tokenizer)
     end_ids = tokenizer(cfg.model.target_end, add_special_tokens=False).input_ids
@@ -114,5 +114,5 @@ def build_module(cfg: DictConfig, model: TrainableLM, tokenizer: PreTrainedToken
         output_dir=cfg.paths.output_dir,
         generation=generation_settings(cfg, tokenizer),
         lr=cfg.method.lr,
-        **OmegaConf.to_container(cfg.optim, resolve=True),
+        **options_at(cfg, "optim"),
     )

@@ -1,4 +1,5 @@
-"""Callbacks: exporting the prefix, checkpointing on Ctrl-C, the run's result record, generation samples."""
+"""Callbacks: exporting what the method trained (best or last), early stopping, the run's result record, generation
+samples."""
 
 from __future__ import annotations
 
@@ -15,11 +16,13 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
 from prefix_lightning.methods import IGNORE_INDEX
 from prefix_lightning.training.dashboards import log_generation_samples, log_result
 from prefix_lightning.training.job import current_job
+from prefix_lightning.training.last_checkpoint import LastCheckpoint
 from prefix_lightning.training.module import MethodModule
 from prefix_lightning.training.record import write_record
 
@@ -28,17 +31,62 @@ log = logging.getLogger(__name__)
 
 class MethodExport(L.Callback):
     """Writes what the method trained with the model's ``save``: the run's deliverable (for prefix-tuning the
-    prefix with its MLP dropped, a few hundred KB; for full fine-tuning the whole model)."""
+    prefix with its MLP dropped, a few hundred KB; for full fine-tuning the whole model).
 
-    def __init__(self, dirpath: str) -> None:
+    ``weights="best"`` first loads the best validation checkpoint (``trainer.checkpoint_callback``'s) into the model,
+    which the test then runs on as well; without one (no validation ran) the last step's weights are exported, with
+    a warning. ``source`` and ``step`` say what was exported.
+    """
+
+    def __init__(self, dirpath: str, weights: str = "best") -> None:
+        if weights not in EXPORTED_WEIGHTS:
+            raise ValueError(f"export={weights!r} is not valid: use one of {', '.join(EXPORTED_WEIGHTS)}")
         self.dirpath = Path(dirpath)
+        self.weights = weights
+        self.source: str | None = None
+        self.step: int | None = None
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: MethodModule) -> None:
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        assert isinstance(pl_module, MethodModule)  # the callbacks of run.py's runs
+        self.source, self.step = "last", trainer.global_step
+        if self.weights == "best":
+            self._load_best(trainer, pl_module)
         with _whole_on_rank_zero(trainer, pl_module):
             if trainer.is_global_zero:
                 pl_module.model.save(self.dirpath)
-                size = sum(f.stat().st_size for f in self.dirpath.rglob("*") if f.is_file())
-                log.info("exported the trained part to %s (%.1f KB)", self.dirpath, size / 1024)
+                size = sum(f.stat().st_size for f in self.dirpath.rglob("*") if f.is_file()) / 1024
+                log.info("exported %s weights (step %d) to %s (%.1f KB)", self.source, self.step, self.dirpath, size)
+
+    def _load_best(self, trainer: L.Trainer, pl_module: MethodModule) -> None:
+        """Every rank loads the best checkpoint, as Lightning restores one (the strategy reads it)."""
+        callback = best_checkpoint_callback(trainer)
+        best = callback.best_model_path if callback else ""
+        if not best:
+            monitor = callback.monitor if callback else None
+            log.warning("export=best, but no validation checkpoint by %s was kept: exporting the last step's", monitor)
+            return
+        checkpoint = trainer.strategy.load_checkpoint(best)
+        pl_module.on_load_checkpoint(checkpoint)  # non-strict loading below: the module checks the tensors first
+        trainer.strategy.load_model_state_dict(checkpoint, strict=False)
+        self.source, self.step = "best", int(checkpoint["global_step"])
+
+
+EXPORTED_WEIGHTS = ("best", "last")
+
+
+def best_checkpoint_callback(trainer: L.Trainer) -> ModelCheckpoint | None:
+    """The callback that keeps the best validation checkpoint (the first ModelCheckpoint)."""
+    return next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
+
+
+def early_stopping(monitor: str, mode: str, patience: int | None, min_delta: float = 0.0) -> EarlyStopping | None:
+    """Lightning's early stopping on ``monitor``, counting ``patience`` validations without improvement; None (no
+    callback) when ``patience`` is None."""
+    if patience is None:
+        return None
+    if not isinstance(patience, int) or patience < 1:
+        raise ValueError(f"callbacks.early_stopping.patience={patience!r} is not valid: use a positive integer or null")
+    return EarlyStopping(monitor=monitor, mode=mode, patience=patience, min_delta=min_delta)
 
 
 @contextmanager
@@ -48,6 +96,7 @@ def _whole_on_rank_zero(trainer: L.Trainer, pl_module: L.LightningModule) -> Ite
     rank must enter it (it gathers from all of them)."""
     strategy = trainer.strategy
     if isinstance(strategy, FSDPStrategy):
+        assert strategy.model is not None  # set up before training starts
         from torch.distributed.fsdp import FullyShardedDataParallel
 
         with FullyShardedDataParallel.summon_full_params(
@@ -61,19 +110,6 @@ def _whole_on_rank_zero(trainer: L.Trainer, pl_module: L.LightningModule) -> Ite
             yield
     else:
         yield
-
-
-class InterruptCheckpoint(L.Callback):
-    """On Ctrl-C, saves ``last.ckpt`` before Lightning exits, so the run resumes where it stopped."""
-
-    def __init__(self, dirpath: str) -> None:
-        self.dirpath = Path(dirpath)
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, KeyboardInterrupt) and trainer.state.fn == "fit":
-            path = self.dirpath / "last.ckpt"
-            trainer.save_checkpoint(path)
-            log.warning("interrupted at step %d: saved %s; resume with ckpt_path=%s", trainer.global_step, path, path)
 
 
 class ResultRecord(L.Callback):
@@ -135,7 +171,8 @@ class ResultRecord(L.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.progress.update(state_dict)
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: MethodModule) -> None:
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        assert isinstance(pl_module, MethodModule)  # the callbacks of run.py's runs
         self._encoder_decoder = bool(pl_module.model.lm.config.is_encoder_decoder)
 
     def on_train_batch_start(
@@ -155,10 +192,10 @@ class ResultRecord(L.Callback):
         self.progress["train_time_s"] += time.perf_counter() - self._step_started
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        value = trainer.callback_metrics.get(self.monitor)
-        if trainer.sanity_checking or value is None:
+        metric = trainer.callback_metrics.get(self.monitor)
+        if trainer.sanity_checking or metric is None:
             return
-        value = float(value)
+        value = float(metric)
         best = self.progress["best_val"]
         if best is None or (value > best if self.mode == "max" else value < best):
             self.progress.update(best_val=value, best_val_step=trainer.global_step)
@@ -180,8 +217,11 @@ class ResultRecord(L.Callback):
         if not trainer.is_global_zero:
             return
         train_time = self.progress["train_time_s"]
-        checkpoint = trainer.checkpoint_callback
-        export = next((c for c in trainer.callbacks if isinstance(c, MethodExport)), None)
+        checkpoint = best_checkpoint_callback(trainer)
+        # Lightning sets this attribute without declaring it.
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]
+        last = next((c for c in callbacks if isinstance(c, LastCheckpoint)), None)
+        export = next((c for c in callbacks if isinstance(c, MethodExport)), None)
         record = {
             **self.job,
             **self.settings,
@@ -194,9 +234,11 @@ class ResultRecord(L.Callback):
             "train_time_s": round(train_time, 3),
             "tokens_per_s": round(tokens / train_time, 1) if train_time > 0 else None,
             "wall_time_s": round(self._wall_time(), 1),
-            "checkpoint": self._relative(checkpoint.last_model_path if checkpoint else None),
+            "checkpoint": self._relative(last.path if last else None),
             "best_checkpoint": self._relative(checkpoint.best_model_path if checkpoint else None),
             "prefix": self._relative(export.dirpath if export else None),
+            "export": export.source if export else None,
+            "exported_step": export.step if export else None,
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         path = write_record(self.dirpath, record)

@@ -31,6 +31,15 @@ def _positive_or_null(cfg: DictConfig, option: str) -> None:
     _require(value is None or (isinstance(value, int) and value > 0), option, value, "use a positive integer or null")
 
 
+def options_at(cfg: DictConfig, option: str) -> dict[str, Any]:
+    """The mapping at ``option`` (e.g. "model.backbone"), resolved into plain keyword arguments."""
+    node = OmegaConf.select(cfg, option)
+    settings = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{option} must be a mapping of options, got {settings!r}")
+    return {str(name): value for name, value in settings.items()}
+
+
 def _built(option: str | None, build: Any, settings: dict[str, Any]) -> Any:
     """``build(**settings)``, its refusal as a ConfigError (under ``option`` unless the message names it)."""
     try:
@@ -58,8 +67,8 @@ def method_class(cfg: DictConfig) -> type:
 
 def check_config(cfg: DictConfig) -> None:
     """Validate the options a run depends on, naming the option and what it accepts."""
-    backbone = _built("model.backbone", BackboneConfig, OmegaConf.to_container(cfg.model.backbone, resolve=True))
-    prefix = _built(None, PrefixConfig.of, {"config": OmegaConf.to_container(cfg.prefix, resolve=True)})
+    backbone = _built("model.backbone", BackboneConfig, options_at(cfg, "model.backbone"))
+    prefix = _built(None, PrefixConfig.of, {"config": options_at(cfg, "prefix")})
     if backbone.quantization is not None and getattr(method_class(cfg), "trains_lm_weights", False):
         what = f"model.backbone.quantization={backbone.quantization}"
         raise ConfigError(quantized_training_error(f"method {cfg.method.name}", what))

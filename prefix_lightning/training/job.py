@@ -13,7 +13,6 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
-from omegaconf import OmegaConf
 
 
 @dataclass(frozen=True)
@@ -29,10 +28,9 @@ def current_job() -> HydraJob | None:
         return None
     hydra = HydraConfig.get()
     parsed = OverridesParser.create().parse_overrides(list(hydra.overrides.task))
-    choices = OmegaConf.to_container(hydra.runtime.choices)
     return HydraJob(
         name=hydra.job.override_dirname,
         sweep=Path(hydra.sweep.dir).name if hydra.mode == RunMode.MULTIRUN else None,
         overrides={override.key_or_group: override.value() for override in parsed},
-        choices={group: choice for group, choice in choices.items() if group.split("/")[0] != "hydra"},
+        choices={group: choice for group, choice in hydra.runtime.choices.items() if group.split("/")[0] != "hydra"},
     )

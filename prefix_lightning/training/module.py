@@ -5,21 +5,23 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.data import AttributeDict
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
-from prefix_lightning.evaluation import score
+from prefix_lightning.evaluation import main_validation_metric, score, validation_suite
 from prefix_lightning.methods import TrainableLM
 
 log = logging.getLogger(__name__)
 
 
 class MethodModule(L.LightningModule):
-    """Optimizes only what the method trains (the prefix, by default); validation reports loss and BLEU, test the
-    dataset's metrics, both write generations.
+    """Optimizes only what the method trains (the prefix, by default); validation reports the loss and BLEU (ROUGE
+    for XSum), the test the dataset's metrics, both write generations.
 
     Checkpoints hold the trainable tensors only (plus optimizer, scheduler and loop state): the frozen part of the
     LM is rebuilt from its source, never stored.
@@ -43,6 +45,12 @@ class MethodModule(L.LightningModule):
         self.generation = dict(generation or {})
         self.strict_loading = False
         self._outputs: list[dict[str, Any]] = []
+
+    @property
+    def hparams(self) -> AttributeDict:
+        """The saved arguments. Lightning's type also admits a plain mapping, which has no attribute access;
+        ``save_hyperparameters`` always stores an ``AttributeDict``."""
+        return cast(AttributeDict, super().hparams)
 
     def forward(self, **batch: Any) -> Any:
         return self.model(**batch)
@@ -78,18 +86,21 @@ class MethodModule(L.LightningModule):
         self._outputs = []
         if not outputs:
             return
-        # Validation tracks BLEU only (the other scorers start a JVM); the test runs the dataset's full suite,
-        # and for WebNLG also on the test inputs of categories seen / unseen in training.
-        datamodule = self.trainer.datamodule
-        suite = getattr(datamodule, "metric_suite", "bleu") if split == "test" else "bleu"
+        # Validation scores what picks the best checkpoint (see validation_suite: BLEU, XSum's ROUGE); the test runs
+        # the dataset's full suite, and for WebNLG also on the test inputs of categories seen / unseen in training.
+        # Lightning sets this attribute without declaring it.
+        datamodule = self.trainer.datamodule  # type: ignore[attr-defined]
+        suite = getattr(datamodule, "metric_suite", "bleu")
+        suite = suite if split == "test" else validation_suite(suite)
+        main = main_validation_metric(suite).removeprefix("val/")
         metrics = _score_outputs(suite, outputs)
-        seen = getattr(datamodule, "seen_categories", None) if split == "test" else None
+        seen: frozenset[str] = getattr(datamodule, "seen_categories", frozenset()) if split == "test" else frozenset()
         for subset, is_seen in (("seen", True), ("unseen", False)) if seen else ():
             part = [o for o in outputs if (o["category"] in seen) == is_seen]
             if part:
                 metrics |= {f"{subset}/{key}": value for key, value in _score_outputs(suite, part).items()}
         for key, value in metrics.items():
-            self.log(f"{split}/{key.lower()}", value, prog_bar=key == "BLEU", rank_zero_only=True)
+            self.log(f"{split}/{key.lower()}", value, prog_bar=key.lower() == main, rank_zero_only=True)
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
             self._write(split, outputs, metrics)
 
@@ -137,7 +148,7 @@ class MethodModule(L.LightningModule):
         self._score("test")
 
     # -- optimization --------------------------------------------------------------------------------------
-    def configure_optimizers(self) -> dict[str, Any]:
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         optimizer = torch.optim.AdamW(
             self.model.trainable_parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
         )

@@ -15,6 +15,8 @@ Fields (paths are relative to the run folder, so a sweep folder can be moved or 
     train_steps, train_tokens, train_time_s, tokens_per_s   (time and tokens of training steps only)
     wall_time_s         from the trainer's start to the record, summed over resumed segments
     checkpoint, best_checkpoint, prefix
+    export, exported_step   which weights were exported and tested ("best" validation checkpoint or "last" step's)
+                        and their training step (records written before these existed lack them)
     finished            UTC time the record was written
 """
 
@@ -52,8 +54,11 @@ FIELDS = (
     "checkpoint",
     "best_checkpoint",
     "prefix",
+    "export",
+    "exported_step",
     "finished",
 )
+LATER_FIELDS = ("export", "exported_step")  # a record without them is complete: it predates them
 
 
 def write_record(run_dir: str | Path, record: dict[str, Any]) -> Path:
@@ -76,7 +81,7 @@ def read_record(run_dir: str | Path) -> dict[str, Any] | None:
     except (OSError, json.JSONDecodeError) as error:
         log.warning("ignoring the unreadable result record %s: %s", path, error)
         return None
-    if not isinstance(record, dict) or any(name not in record for name in FIELDS):
+    if not isinstance(record, dict) or any(name not in record for name in FIELDS if name not in LATER_FIELDS):
         log.warning("ignoring the incomplete result record %s", path)
         return None
     return record

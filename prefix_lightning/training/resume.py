@@ -11,6 +11,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from prefix_lightning.training.last_checkpoint import LAST
 from prefix_lightning.training.record import RECORD_FILE, read_record
 
 log = logging.getLogger(__name__)
@@ -28,8 +29,8 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
     """``cfg.ckpt_path`` when given, else the run folder's own last checkpoint if an earlier attempt left one."""
     if cfg.get("ckpt_path"):
         return cfg.ckpt_path
-    dirpath = OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath")
-    last = Path(dirpath, "last.ckpt") if dirpath else None
+    dirpath = OmegaConf.select(cfg, "callbacks.last_checkpoint.dirpath")
+    last = Path(dirpath, LAST) if dirpath else None
     if last is None or not last.is_file():
         return None
     log.info("resuming from %s, left by an earlier attempt of this run", last)

@@ -13,6 +13,8 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from prefix_lightning.training.build import build_datamodule, build_model, build_module
+from prefix_lightning.training.callbacks import MethodExport, ResultRecord
+from prefix_lightning.training.optimized import settle_optimized_metric
 from prefix_lightning.training.resume import finished_record, resume_checkpoint
 
 log = logging.getLogger(__name__)
@@ -22,19 +24,22 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 
 def instantiate_all(group: DictConfig | None) -> list[Any]:
-    """Callbacks and loggers are dicts of named entries so that configs can add or drop one by name."""
-    return [instantiate(entry) for entry in (group or {}).values() if entry is not None]
+    """Callbacks and loggers are dicts of named entries so that configs can add or drop one by name; an entry that
+    is null, or builds None (a callback switched off by its settings), adds nothing."""
+    built = [instantiate(entry) for entry in (group or {}).values() if entry is not None]
+    return [thing for thing in built if thing is not None]
 
 
 def train(cfg: DictConfig) -> float | None:
-    """Train, test and export the configured method; return ``cfg.optimized_metric`` from validation (for
-    sweepers).
+    """Train, export and test the configured method; return the validation ``cfg.optimized_metric`` of the exported
+    weights (for sweepers): the best value with ``export=best``, the last one with ``export=last``.
 
     A run folder that already holds a complete result record is not run again; one with a last checkpoint resumes.
     """
     finished = finished_record(cfg.paths.output_dir)
     if finished is not None:
-        return finished["last_val"]
+        return exported_value(finished)
+    settle_optimized_metric(cfg)
     started = time.perf_counter()
     model, tokenizer = build_model(cfg)
     trainable = sum(p.numel() for p in model.trainable_parameters())
@@ -51,8 +56,15 @@ def train(cfg: DictConfig) -> float | None:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg))
-    metric = trainer.callback_metrics.get(cfg.optimized_metric) if cfg.get("optimized_metric") else None
     if cfg.get("test", True):
         trainer.test(module, datamodule=datamodule)
     log.info("run finished in %.0f s; outputs in %s", time.perf_counter() - started, cfg.paths.output_dir)
-    return None if metric is None else float(metric)
+    record = next((c for c in callbacks if isinstance(c, ResultRecord)), None)
+    export = next((c for c in callbacks if isinstance(c, MethodExport)), None)
+    return exported_value({**record.progress, "export": export.source if export else None}) if record else None
+
+
+def exported_value(record: dict[str, Any]) -> float | None:
+    """The optimized validation metric of the weights a run exported: the best value when it exported the best
+    checkpoint, else the last one."""
+    return record["best_val"] if record.get("export") == "best" else record["last_val"]

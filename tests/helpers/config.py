@@ -8,7 +8,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONF = REPO / "conf"
 
 
@@ -16,3 +16,8 @@ def compose_train(output_dir: Path, overrides: Sequence[str] = ()) -> DictConfig
     """The config `python run.py <overrides>` would run, writing into ``output_dir``."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose("train", overrides=[f"paths.output_dir={output_dir}", *overrides])
+
+
+def options(group: str) -> list[str]:
+    """The choices of a config group; data/default.yaml is only the base of the others (it names no dataset)."""
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml") if (group, p.stem) != ("data", "default"))

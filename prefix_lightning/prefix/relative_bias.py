@@ -1,0 +1,87 @@
+"""The relative position bias of the prefix columns, for models that pass one to attention (the T5 family).
+
+T5 has no position embeddings: each attention layer adds to its scores a learned bias indexed by the bucketed
+distance between key and query (``memory_position - query_position``), computed by the first layer of each stack
+and shared by the others. The prefix's L columns get the bias they would have as L real tokens right before the
+input, the positions that real-word initialization computes them at:
+
+- self-attention (encoder, bidirectional; decoder, causal): for a query at position i of the sequence as the model
+  indexes it (i counts the tokens already in the decoder's cache) and prefix slot j in 0..L-1, the distance is
+  ``(j - L) - i``: always negative, the prefix stands to the left. The real tokens' distances among themselves are
+  unchanged, so the real tokens need no position shift.
+- cross-attention has no position bias in T5 (its bias is zero): the prefix columns get zero as well, which is
+  what L real encoder tokens would get.
+- with ``prefix.shift_positions=false`` the prefix has no position: its columns get zero bias everywhere.
+
+Encoder inputs are right-padded (T5's own convention): T5 measures distances from the first column of the padded
+row, and so does the prefix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import cast
+
+import torch
+from torch import nn
+
+from prefix_lightning.prefix.attention import PrefixBias
+from prefix_lightning.prefix.sites import AttentionSite, UnsupportedModelError
+
+
+def _zero_columns(bias: torch.Tensor, length: int) -> torch.Tensor:
+    return bias.new_zeros(*bias.shape[:-1], length)
+
+
+def _relative_columns(source: nn.Module, bias: torch.Tensor, length: int) -> torch.Tensor:
+    """The bias of ``source``'s relative-attention table for prefix slots at distances ``(j - L) - i``."""
+    table = cast(nn.Embedding, source.relative_attention_bias)
+    bucket = cast(Callable[..., torch.Tensor], source._relative_position_bucket)
+    queries, keys = bias.shape[-2], bias.shape[-1]
+    device = table.weight.device
+    query_positions = torch.arange(keys - queries, keys, device=device)[:, None]  # after the cached tokens
+    slot_positions = torch.arange(-length, 0, device=device)[None, :]
+    buckets = bucket(
+        slot_positions - query_positions,
+        bidirectional=not source.is_decoder,
+        num_buckets=source.relative_attention_num_buckets,
+        max_distance=source.relative_attention_max_distance,
+    )
+    columns = table(buckets).permute(2, 0, 1)[None]  # (1, heads, queries, L)
+    return columns.expand(*bias.shape[:-1], length)
+
+
+def _computes_relative_bias(module: nn.Module) -> bool:
+    return isinstance(getattr(module, "relative_attention_bias", None), nn.Embedding) and hasattr(
+        module, "_relative_position_bucket"
+    )
+
+
+def prefix_bias_hooks(
+    bound: Sequence[tuple[nn.Module, AttentionSite]], shift_positions: bool
+) -> dict[nn.Module, PrefixBias]:
+    """The hook of every site whose attention receives a position bias (none for most models).
+
+    A site's bias table is its own if it has one, else that of the nearest earlier site of its group that has one
+    (T5 computes the bias in each stack's first layer and passes it on); a group without any table (T5's
+    cross-attention) gets zero columns.
+    """
+    hooks: dict[nn.Module, PrefixBias] = {}
+    tables: dict[str, nn.Module] = {}
+    for module, site in bound:
+        if _computes_relative_bias(module):
+            tables[site.group] = module
+        if not site.position_bias:
+            continue
+        if not (_computes_relative_bias(module) or hasattr(module, "has_relative_attention_bias")):
+            raise UnsupportedModelError(
+                f"{type(module).__name__} ({site.name}) adds a position bias to its attention scores that "
+                "prefix-lightning does not know how to extend to the prefix (T5's relative bias is supported)"
+            )
+        source = tables.get(site.group)
+        if source is None or not shift_positions:
+            hooks[module] = _zero_columns
+        else:
+            hooks[module] = partial(_relative_columns, source)
+    return hooks

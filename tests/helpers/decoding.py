@@ -1,0 +1,41 @@
+"""What the decoding tests compare on: a tiny prefixed LM whose inputs end after different numbers of steps, and
+random left-padded prompts."""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel
+
+from prefix_lightning import PrefixConfig, PrefixModel
+from tests.helpers.tiny import VOCAB, pad_batch, tiny_lm
+
+# Peaked next-token distributions (the usual 0.02 makes them nearly uniform), and an end token made likelier
+# (its output embedding scaled) so that the inputs end after different numbers of tokens.
+INIT, END = 0.5, 2
+BOOST = {"gpt2": 1.8, "llama": 3.5}
+LENGTHS = (5, 2, 7, 3, 4, 6)
+
+
+def ending_lm(family: str) -> PreTrainedModel:
+    """A tiny causal LM (gpt2 or llama) that ends its outputs at different steps."""
+    overrides = {"initializer_range": INIT} | ({"n_positions": 128} if family == "gpt2" else {})
+    lm = tiny_lm(family, **overrides)
+    with torch.no_grad():
+        lm.get_output_embeddings().weight[END] *= BOOST[family]
+    return lm
+
+
+def prefixed(family: str, prefix_kind: str = "prefix") -> PrefixModel:
+    """``ending_lm`` with a random prefix (large enough to change its outputs)."""
+    model = PrefixModel(ending_lm(family), PrefixConfig(length=3, reparam="none", kind=prefix_kind))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.encoders.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    return model.eval()
+
+
+def left_padded(lengths: tuple[int, ...] = LENGTHS, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random prompts of ``lengths`` tokens (no special tokens), left-padded, and their attention mask."""
+    generator = torch.Generator().manual_seed(seed)
+    return pad_batch([torch.randint(3, VOCAB, (length,), generator=generator) for length in lengths], left=True)

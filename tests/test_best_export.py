@@ -1,0 +1,100 @@
+"""The validation metric per dataset, the best validation checkpoint, early stopping and export=best."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from prefix_lightning.evaluation import main_validation_metric, validation_metrics
+from prefix_lightning.prefix import PrefixModel
+from prefix_lightning.training.build import build_model, load_configured_backbone
+from prefix_lightning.training.checks import ConfigError
+from prefix_lightning.training.optimized import settle_optimized_metric
+from tests.helpers.cli import run_cli
+from tests.helpers.config import compose_train
+
+
+def test_validation_scores_bleu_for_table_to_text_and_rouge_for_xsum() -> None:
+    assert validation_metrics("e2e") == {"val/loss": "min", "val/bleu": "max"}
+    rouge = {"val/rouge1": "max", "val/rouge2": "max", "val/rougel": "max"}
+    assert validation_metrics("xsum") == {"val/loss": "min", **rouge}
+    assert [main_validation_metric(suite) for suite in ("e2e", "webnlg", "dart", "bleu", "xsum")] == [
+        *["val/bleu"] * 4,
+        "val/rougel",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "metric", "mode"),
+    [
+        ([], "val/bleu", "max"),
+        (["data=xsum_sample"], "val/rougel", "max"),
+        (["experiment=paper_xsum"], "val/rougel", "max"),
+        (["data=xsum_sample", "optimized_metric=val/rouge2"], "val/rouge2", "max"),
+        (["optimized_metric=val/loss"], "val/loss", "min"),
+    ],
+)
+def test_the_optimized_metric_defaults_to_the_datasets_own(
+    overrides: list[str], metric: str, mode: str, tmp_path: Path
+) -> None:
+    cfg = compose_train(tmp_path, overrides)
+    settle_optimized_metric(cfg)
+    assert (cfg.optimized_metric, cfg.optimized_mode) == (metric, mode)
+    assert (cfg.callbacks.model_checkpoint.monitor, cfg.callbacks.model_checkpoint.mode) == (metric, mode)
+    assert (cfg.callbacks.early_stopping.monitor, cfg.callbacks.result_record.mode) == (metric, mode)
+
+
+def test_a_metric_validation_does_not_log_is_refused_with_the_ones_it_does(tmp_path: Path) -> None:
+    cfg = compose_train(tmp_path, ["optimized_metric=val/rougel"])
+    with pytest.raises(ConfigError, match=r"optimized_metric='val/rougel' is not valid: .* logs val/loss, val/bleu"):
+        settle_optimized_metric(cfg)
+
+
+def _prefix_of_checkpoint(cfg, checkpoint: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The prefix a run's checkpoint holds, on the run's own model."""
+    model, _ = build_model(cfg)
+    state = torch.load(checkpoint, weights_only=True)["state_dict"]
+    model.load_state_dict({key.removeprefix("model."): value for key, value in state.items()}, strict=False)
+    return model.prefix_key_values()
+
+
+@pytest.mark.integration
+def test_early_stopping_stops_a_stalled_run_and_the_export_is_the_best_checkpoint(tmp_path: Path) -> None:
+    """A tiny random model's validation BLEU stays 0: the first validation is the best, and patience 2 stops the
+    run two validations later instead of at step 40."""
+    overrides = [
+        "model=tiny_llama",
+        "debug=fast",
+        "trainer.max_steps=40",
+        "trainer.val_check_interval=2",
+        "callbacks.early_stopping.patience=2",
+    ]
+    run_cli(tmp_path, *overrides)
+    record = json.loads((tmp_path / "result.json").read_text())
+    assert record["train_steps"] == 6  # validations at 2 (best), 4 and 6 (no improvement): stopped
+    assert (record["optimized_metric"], record["best_val_step"]) == ("val/bleu", 2)
+    assert (record["export"], record["exported_step"]) == ("best", 2)
+    assert record["best_checkpoint"] == "checkpoints/step2.ckpt"
+
+    cfg = compose_train(tmp_path, overrides)
+    best = _prefix_of_checkpoint(cfg, tmp_path / "checkpoints" / "step2.ckpt")
+    last = _prefix_of_checkpoint(cfg, tmp_path / "checkpoints" / "last.ckpt")
+    lm, _ = load_configured_backbone(cfg)
+    exported = PrefixModel.from_prefix(lm, tmp_path / "prefix").prefix_key_values()
+    for name, (keys, values) in exported.items():
+        torch.testing.assert_close(keys, best[name][0], atol=1e-6, rtol=0)
+        torch.testing.assert_close(values, best[name][1], atol=1e-6, rtol=0)
+        assert not torch.allclose(keys, last[name][0])  # the steps after the best one did change the prefix
+
+
+@pytest.mark.integration
+def test_xsum_validation_logs_rouge_and_picks_the_best_checkpoint_by_rouge_l(tmp_path: Path) -> None:
+    xsum = ["data=xsum_sample", "generation=summarization", "data.metric_suite=xsum"]
+    run_cli(tmp_path, "model=tiny_bart", "debug=fast", *xsum)
+    record = json.loads((tmp_path / "result.json").read_text())
+    assert record["optimized_metric"] == "val/rougel" and record["best_val"] is not None
+    header = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"val/rouge1", "val/rouge2", "val/rougel", "test/rougel"} <= set(header) and "val/bleu" not in header
