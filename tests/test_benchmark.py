@@ -16,6 +16,7 @@ from prefix_lightning.benchmark.phases import decoding_batches, training_batches
 from prefix_lightning.training.build import load_configured_backbone
 from tests.helpers.cli import run_python
 from tests.helpers.config import compose_train
+from tests.helpers.quantized import needs_bitsandbytes
 
 
 def _setup(tmp_path: Path, name: str, reparam: str = "mlp") -> tuple[PrefixModel, object, object]:
@@ -103,6 +104,7 @@ def test_benchmark_command_runs_on_a_tiny_model(tmp_path: Path, data_dir: Path) 
 
 
 @pytest.mark.integration
+@needs_bitsandbytes
 def test_benchmark_compares_a_quantized_frozen_lm(tmp_path: Path, data_dir: Path) -> None:
     """The same command and table with model.backbone.quantization=int8: our training and decoding phases."""
     output = tmp_path / "benchmark.json"

@@ -5,6 +5,9 @@ refusals of what cannot work. Tiny random models on CPU; the real SmolLM2 in int
 from __future__ import annotations
 
 import sys
+import weakref
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -23,7 +26,10 @@ from prefix_lightning.training.checks import ConfigError, check_config
 from prefix_lightning.training.train import train
 from tests.helpers.cli import FAST
 from tests.helpers.config import compose_train
+from tests.helpers.quantized import needs_bitsandbytes
 from tests.helpers.tiny import PAD, ROWS, pad_batch, tiny_lm, training_batch
+
+pytestmark = needs_bitsandbytes
 
 QUANTIZATIONS = ["int8", "int4"]
 KINDS = ["gpt2", "llama", "bart", "t5"]
@@ -125,6 +131,31 @@ def test_gradient_checkpointing_through_the_quantized_lm(quantization: str) -> N
         torch.testing.assert_close(a, b)
 
 
+def test_int8_backward_keeps_nothing_of_the_layer_input() -> None:
+    """bitsandbytes' own int8 backward keeps every layer's input alive (memory spent for the frozen weight's
+    gradient); ours gives the same input gradient from the weight alone."""
+    import bitsandbytes as bnb
+
+    layer = quantize(tiny_lm("llama"), "int8").get_submodule("model.layers.0.mlp.down_proj")
+    x = torch.randn(3, 5, layer.in_features, requires_grad=True)
+
+    def backward_through(forward: Callable[[torch.Tensor], torch.Tensor]) -> tuple[bool, torch.Tensor]:
+        layer_input = x * 2
+        watch = weakref.ref(layer_input)
+        output = forward(layer_input)
+        del layer_input
+        kept = watch() is not None
+        output.sum().backward()
+        assert x.grad is not None
+        gradient, x.grad = x.grad, None
+        return kept, gradient
+
+    ours_kept, ours = backward_through(layer)
+    theirs_kept, theirs = backward_through(partial(bnb.nn.Linear8bitLt.forward, layer))
+    assert theirs_kept and not ours_kept
+    torch.testing.assert_close(ours, theirs)
+
+
 def _greedy_without_cache(model: PrefixModel, ids: torch.Tensor, steps: int) -> torch.Tensor:
     for _ in range(steps):
         logits = model(input_ids=ids, use_cache=False).logits
@@ -156,14 +187,18 @@ def test_decoding_a_quantized_lm(kind: str, quantization: str) -> None:
 
 @pytest.mark.parametrize("quantization", QUANTIZATIONS)
 def test_prefix_exported_from_a_quantized_lm_reloads(quantization: str, tmp_path: Path) -> None:
+    """The export is the float32 prefix: it reloads exactly onto the quantized LM, and onto the float LM as well."""
     model = PrefixModel(quantized_tiny_lm("llama", quantization), PrefixConfig(length=3, hidden_dim=16)).eval()
     model.save(tmp_path)
     loaded = PrefixModel.from_prefix(quantized_tiny_lm("llama", quantization), tmp_path).eval()
+    on_float_lm = PrefixModel.from_prefix(tiny_lm("llama"), tmp_path).eval()
     ids, mask = pad_batch(ROWS, left=True)
     with torch.no_grad():
-        torch.testing.assert_close(
-            loaded(input_ids=ids, attention_mask=mask).logits, model(input_ids=ids, attention_mask=mask).logits
-        )
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits, logits)
+        float_logits = on_float_lm(input_ids=ids, attention_mask=mask).logits
+    similarity = nn.functional.cosine_similarity(float_logits.flatten(), logits.flatten(), dim=0)
+    assert similarity > {"int8": 0.999, "int4": 0.95}[quantization]
 
 
 @pytest.mark.parametrize("quantization", QUANTIZATIONS)

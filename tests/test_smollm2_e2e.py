@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.cli import run_cli
+from tests.helpers.quantized import needs_bitsandbytes
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 
-@pytest.mark.parametrize("quantization", ["null", "int8"])  # the LM in float32, or int8 (bitsandbytes)
+# The LM in float32, or in int8 (bitsandbytes LLM.int8()) under the same float32 prefix.
+@pytest.mark.parametrize("quantization", ["null", pytest.param("int8", marks=needs_bitsandbytes)])
 def test_prefix_on_smollm2_lowers_validation_loss_and_scores_bleu(
     quantization: str, tmp_path: Path, data_dir: Path
 ) -> None:

@@ -4,7 +4,8 @@ compute a gradient for their input without keeping a float copy of their weight:
 dequantize in the backward pass (CPU and CUDA), the way QLoRA trains adapters on a 4-bit LM.
 
 - ``int8``: LLM.int8() (``bitsandbytes.nn.Linear8bitLt``): int8 weights with one scale per output channel;
-  activation columns with outliers beyond 6 (transformers' default threshold) are computed in 16 bits.
+  activation columns with outliers beyond 6 (transformers' default threshold) are computed in 16 bits. Its
+  backward keeps nothing of the layer's input (``frozen_int8.py``).
 - ``int4``: NF4 (``bitsandbytes.nn.Linear4bit``, QLoRA's format): 4-bit NormalFloat weights in blocks of 64, the
   blocks' scales quantized too; computed in the LM's dtype.
 
@@ -90,7 +91,11 @@ def _kept_float(name: str, kept: list[str]) -> bool:
 
 def quantized_layers(model: nn.Module) -> list[str]:
     """Names of the modules that hold a quantized weight."""
-    return [name for name, module in model.named_modules() if type(module).__module__.startswith(f"{LIBRARY}.")]
+    return [
+        name
+        for name, module in model.named_modules()
+        if any(cls.__module__.startswith(f"{LIBRARY}.") for cls in type(module).__mro__)  # FrozenLinear8bitLt too
+    ]
 
 
 def refuse_quantized(model: nn.Module, method: str) -> None:
@@ -141,9 +146,11 @@ _SAID_ONCE = _SaidOnce()
 def _int8(linear: nn.Linear) -> nn.Module:
     import bitsandbytes as bnb
 
+    from prefix_lightning.backbones.frozen_int8 import FrozenLinear8bitLt
+
     logging.getLogger("bitsandbytes.autograd._functions").addFilter(_SAID_ONCE)  # added once however often called
 
-    layer = bnb.nn.Linear8bitLt(
+    layer = FrozenLinear8bitLt(
         linear.in_features,
         linear.out_features,
         bias=linear.bias is not None,
