@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -11,13 +12,14 @@ from peft import PrefixTuningConfig, get_peft_model
 
 from prefix_lightning import PrefixConfig, PrefixModel
 from prefix_lightning.baselines.peft_prefix import peft_generate, set_peft_prefix
-from prefix_lightning.benchmark import PHASES
+from prefix_lightning.benchmark import PHASES, Setting, run_benchmark
 from prefix_lightning.benchmark.hardware import matmul_parameters, mfu
 from prefix_lightning.benchmark.phases import decoding_batches, training_batches
-from prefix_lightning.benchmark.suites import SUITES
+from prefix_lightning.benchmark.suites import SUITES, format_comparison
 from prefix_lightning.training.build import load_configured_backbone
 from tests.helpers.cli import run_python
 from tests.helpers.config import compose_train
+from tests.helpers.quantized import needs_bitsandbytes
 
 
 def _setup(tmp_path: Path, name: str, reparam: str = "mlp") -> tuple[PrefixModel, object, object]:
@@ -130,8 +132,55 @@ def test_model_flops_count_each_matrix_once(tmp_path: Path) -> None:
     assert mfu(1000.0, 4e9, None) is None
 
 
-def test_the_gpu_suite_runs_configs_and_phases_that_exist(tmp_path: Path) -> None:
-    for run in SUITES["gpu"].runs:
-        assert set(run.phases) <= PHASES.keys(), run.label
-        cfg = compose_train(tmp_path, list(run.overrides))
-        assert cfg.model.backbone.source == "random" and cfg.data.batch_size in (10, 32)
+def test_every_suite_runs_configs_and_phases_that_exist(tmp_path: Path) -> None:
+    for name, suite in SUITES.items():
+        for run in suite.runs:
+            assert set(run.phases) <= PHASES.keys() and run.precision in ("32", "bf16-mixed"), (name, run.label)
+            cfg = compose_train(tmp_path, list(run.overrides))
+            if name == "gpu":
+                assert cfg.model.backbone.source == "random" and cfg.data.batch_size in (10, 32)
+    stored = [(run.precision, compose_train(tmp_path, list(run.overrides))) for run in SUITES["frozen_lm"].runs]
+    assert [(precision, cfg.model.backbone.quantization) for precision, cfg in stored] == [
+        ("32", None),
+        ("bf16-mixed", None),
+        ("32", "int8"),
+        ("32", "int4"),
+    ]
+
+
+def test_a_compared_suite_sets_each_run_against_the_first() -> None:
+    def run(train: tuple[float, float], decode: tuple[float, float]) -> dict[str, Any]:
+        phases = {"train_ours": train, "generate_ours": decode}
+        return {"results": {k: {"tokens_per_s": s, "peak_memory_mb": m} for k, (s, m) in phases.items()}}
+
+    table = format_comparison({"float32": run((100, 2000), (20, 1800)), "int8": run((50, 1500), (5, 900))})
+    rows = [line.split() for line in table.splitlines()[1:]]
+    assert rows == [
+        ["train_ours", "float32", "100.0", "1.00", "2000", "1.00"],
+        ["train_ours", "int8", "50.0", "0.50", "1500", "0.75"],
+        ["generate_ours", "float32", "20.0", "1.00", "1800", "1.00"],
+        ["generate_ours", "int8", "5.0", "0.25", "900", "0.50"],
+    ]
+
+
+@pytest.mark.integration
+@needs_bitsandbytes
+def test_benchmark_compares_a_quantized_frozen_lm(tmp_path: Path, data_dir: Path) -> None:
+    """The same command and table with model.backbone.quantization=int8: our training and decoding phases."""
+    output = tmp_path / "benchmark.json"
+    arguments = ["-m", "prefix_lightning.benchmark", "--steps", "2", "--warmup", "1", "--inputs", "3"]
+    arguments += ["--check-inputs", "3", "--threads", "1", "--output", str(output)]
+    arguments += ["--phases", "train_ours,generate_ours", "model=tiny_llama", "model.backbone.quantization=int8"]
+    arguments += ["generation.max_new_tokens=6"]
+    result = run_python(*arguments)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split() for line in result.stdout.splitlines() if line.startswith(("train_ours ", "generate_ours "))]
+    assert [row[:2] for row in rows] == [["train_ours", "int8"], ["generate_ours", "int8"]]
+    benchmark = json.loads(output.read_text())
+    assert {phase["frozen_lm"] for phase in benchmark["results"].values()} == {"int8"}
+
+
+def test_benchmark_refuses_full_finetuning_of_a_quantized_lm_before_running() -> None:
+    setting = Setting(("model=tiny_llama", "model.backbone.quantization=int8"), 1, 0, 1, 1, "32", "cpu", 1, None)
+    with pytest.raises(ValueError, match="phase train_full trains the LM's own weights"):
+        run_benchmark(setting, ("train_ours", "train_full"), report=pytest.fail)

@@ -22,8 +22,7 @@ from prefix_lightning.baselines import (
     load_top_layers,
 )
 from prefix_lightning.baselines.peft_prefix import set_peft_prefix
-from prefix_lightning.methods.loss import IGNORE_INDEX
-from tests.helpers.tiny import PAD, VOCAB, tiny_lm
+from tests.helpers.tiny import PAD, VOCAB, padded, tiny_lm, training_batch
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # PEFT calls transformers' deprecated names
 
@@ -31,8 +30,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # PEFT calls t
 DEEPER = {"llama": {}, "gpt2": dict(n_layer=3), "bart": dict(decoder_layers=3)}
 METHODS = {"full": FullFineTuning, "top_layers": TopLayers, "lora": LoRA, "peft_prefix": PeftPrefixTuning}
 OPTIONS = {"lora": dict(rank=4, alpha=8), "peft_prefix": dict(config=PrefixConfig(length=3, hidden_dim=16))}
-# (source, target) token pairs of different lengths.
-PAIRS = [([10, 11, 12], [30, 31, 32, 33]), ([20, 21], [40, 41]), ([50, 51, 52, 53], [60, 61, 62])]
 PROMPTS = [[10, 11, 12, 13, 14], [20, 21, 22]]
 CASES = [("llama", method) for method in METHODS] + [("gpt2", "full"), ("bart", "top_layers")]
 
@@ -42,30 +39,10 @@ def deeper_lm(kind: str):
     return tiny_lm(kind, **DEEPER[kind])
 
 
-def _padded(rows: list[list[int]], fill: int, left: bool = False) -> torch.Tensor:
-    width = max(map(len, rows))
-    return torch.tensor([[fill] * (width - len(r)) * left + r + [fill] * (width - len(r)) * (not left) for r in rows])
-
-
-def training_batch(encoder_decoder: bool) -> dict[str, torch.Tensor]:
-    """Right-padded; causal rows are source + target with the source and padding labelled IGNORE_INDEX."""
-    if encoder_decoder:
-        ids = _padded([s for s, _ in PAIRS], PAD)
-        return {
-            "input_ids": ids,
-            "attention_mask": (ids != PAD).long(),
-            "labels": _padded([t for _, t in PAIRS], IGNORE_INDEX),
-        }
-    ids = _padded([s + t for s, t in PAIRS], PAD)
-    labels = _padded([[IGNORE_INDEX] * len(s) + t for s, t in PAIRS], IGNORE_INDEX)
-    mask = _padded([[1] * len(s + t) for s, t in PAIRS], 0)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
 def prompt_batch() -> dict[str, torch.Tensor]:
     return {
-        "input_ids": _padded(PROMPTS, PAD, left=True),
-        "attention_mask": _padded([[1] * len(p) for p in PROMPTS], 0, left=True),
+        "input_ids": padded(PROMPTS, PAD, left=True),
+        "attention_mask": padded([[1] * len(p) for p in PROMPTS], 0, left=True),
     }
 
 

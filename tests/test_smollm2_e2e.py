@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.cli import run_cli
+from tests.helpers.quantized import needs_bitsandbytes
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -17,9 +18,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 SLOW_COMMAND_TIMEOUT_S = 1500
 
 
-def test_prefix_on_smollm2_lowers_validation_loss_and_scores_bleu(tmp_path: Path, data_dir: Path) -> None:
+# The LM in float32, or in int8 (bitsandbytes LLM.int8()) under the same float32 prefix.
+@pytest.mark.parametrize("quantization", ["null", pytest.param("int8", marks=needs_bitsandbytes)])
+def test_prefix_on_smollm2_lowers_validation_loss_and_scores_bleu(
+    quantization: str, tmp_path: Path, data_dir: Path
+) -> None:
     run_cli(
         tmp_path,
+        f"model.backbone.quantization={quantization}",
         "trainer.max_steps=30",
         "trainer.val_check_interval=10",
         "data.train_size=300",

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from prefix_lightning.backbones.embedded import EMBEDDED
+from prefix_lightning.backbones.quantization import check_quantization
 
 SOURCES = ("embedded", "hub", "random")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -28,6 +29,8 @@ class BackboneConfig:
     dtype: "float32", "bfloat16" or "float16".
     cache_dir: where embedded models are converted to (default ``PREFIX_LIGHTNING_CACHE`` or
         ``~/.cache/prefix_lightning``), or the Hugging Face cache for "hub".
+    quantization: None (the LM in ``dtype``), "int8" or "int4": the transformer blocks' linear layers stored in
+        8 or 4 bits after loading (see ``prefix_lightning.backbones.quantization``); the LM then stays frozen.
     """
 
     source: str
@@ -36,12 +39,14 @@ class BackboneConfig:
     random_config: dict[str, Any] | None = None
     dtype: str = "float32"
     cache_dir: str | None = None
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
             raise ValueError(f"unknown backbone source {self.source!r}; allowed: {', '.join(SOURCES)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; allowed: {', '.join(DTYPES)}")
+        check_quantization(self.quantization)
         if self.source == "embedded":
             if self.name not in EMBEDDED:
                 raise ValueError(f"unknown embedded backbone {self.name!r}; embedded models: {', '.join(EMBEDDED)}")

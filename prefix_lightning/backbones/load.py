@@ -25,6 +25,7 @@ from transformers import (
 
 from prefix_lightning.backbones.config import BackboneConfig
 from prefix_lightning.backbones.embedded import embedded_folder
+from prefix_lightning.backbones.quantization import QUANTIZATIONS, quantize
 
 logger = logging.getLogger(__name__)
 
@@ -37,19 +38,24 @@ def load_backbone(
     random_config: dict[str, Any] | None = None,
     dtype: str = "float32",
     cache_dir: str | None = None,
+    quantization: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a backbone LM (in eval mode) and its tokenizer; the arguments are ``BackboneConfig``'s.
+    """Load a backbone LM (in eval mode; quantized after loading when asked) and its tokenizer; the arguments
+    are ``BackboneConfig``'s.
 
     The model's ``name_or_path`` is set to a portable identity (see ``backbone_identity``): ``"embedded:<name>"``,
     ``"random:<model_type>"``, or the Hub id / folder as given.
     """
-    config = BackboneConfig(source, name, tokenizer, random_config, dtype, cache_dir)
+    config = BackboneConfig(source, name, tokenizer, random_config, dtype, cache_dir, quantization)
     if config.source == "embedded":
         model, tok = _load_embedded(config)
     elif config.source == "hub":
         model, tok = _load_hub(config)
     else:
         model, tok = _build_random(config)
+    if config.quantization is not None:
+        model = quantize(model, config.quantization)
+        logger.info("Quantized %s's linear layers: %s", model.name_or_path, QUANTIZATIONS[config.quantization])
     return model.eval(), tok
 
 

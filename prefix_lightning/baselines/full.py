@@ -6,11 +6,15 @@ from pathlib import Path
 
 from transformers import PreTrainedModel
 
+from prefix_lightning.backbones.quantization import refuse_quantized
 from prefix_lightning.baselines.base import FineTunedLM
 
 
 class FullFineTuning(FineTunedLM):
+    trains_lm_weights = True  # refused on a quantized LM (before it loads: training/checks.py)
+
     def __init__(self, lm: PreTrainedModel) -> None:
+        refuse_quantized(lm, "full fine-tuning")
         lm.requires_grad_(True)
         super().__init__(lm)
 

@@ -13,6 +13,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from prefix_lightning.backbones import backbone_identity
+from prefix_lightning.backbones.quantization import refuse_quantized
 from prefix_lightning.baselines.base import FineTunedLM
 from prefix_lightning.files import atomic_write
 
@@ -25,7 +26,10 @@ BLOCK_LIST_NAMES = ("layers", "h", "block", "blocks")  # where models without Gr
 class TopLayers(FineTunedLM):
     """The top ``layers`` blocks of the LM train (those that produce the output: an encoder-decoder's decoder)."""
 
+    trains_lm_weights = True  # refused on a quantized LM (before it loads: training/checks.py)
+
     def __init__(self, lm: PreTrainedModel, layers: int = 2) -> None:
+        refuse_quantized(lm, "top-layers fine-tuning")
         lm.requires_grad_(False)
         name, blocks = decoder_blocks(lm)
         if not isinstance(layers, int) or not 1 <= layers <= len(blocks):

@@ -104,6 +104,12 @@ def run_benchmark(
     unknown = set(names) - PHASES.keys()
     if unknown:
         raise ValueError(f"unknown phases {sorted(unknown)}; choose from {list(PHASES)}")
+    quantization = phases.compose_config("train", setting.overrides).model.backbone.get("quantization")
+    if quantization and "train_full" in names:
+        raise ValueError(
+            f"phase train_full trains the LM's own weights, which cannot train quantized "
+            f"(model.backbone.quantization={quantization}): leave it out of --phases"
+        )
     decodes = {"generate_ours", "generate_peft", "generate_mixed"} & set(names)
     if decodes and not setting.prefix_dir and "train_ours" not in names:
         raise ValueError("decoding needs a prefix: give one (--prefix) or run train_ours before it")
@@ -126,12 +132,13 @@ def _headline(name: str, result: dict[str, Any]) -> str:
 
 def format_report(benchmark: dict[str, Any]) -> str:
     """The results table, the ratios against the targets, and the decoding checks, as plain text."""
-    lines = [f"{'phase':<15}{'tokens/s':>10}{'tokens/CPU-s':>14}{'peak MB':>10}{'seconds':>9}{'MFU':>7}  what"]
+    header = f"{'phase':<15}{'frozen LM':>10}{'tokens/s':>10}{'tokens/CPU-s':>14}{'peak MB':>10}{'seconds':>9}"
+    lines = [f"{header}{'MFU':>7}  what"]
     for name, result in benchmark["results"].items():
         what = f"{result['steps']} steps" if "steps" in result else f"{result['inputs']} inputs"
         utilization = f"{result['mfu']:.1%}" if result.get("mfu") is not None else "-"
         lines.append(
-            f"{name:<15}{result['tokens_per_s']:>10.1f}{result['tokens_per_cpu_s']:>14.1f}"
+            f"{name:<15}{result['frozen_lm']:>10}{result['tokens_per_s']:>10.1f}{result['tokens_per_cpu_s']:>14.1f}"
             f"{result['peak_memory_mb']:>10.0f}{result['seconds']:>9.1f}{utilization:>7}  {what}"
         )
         if "profile" in result:

@@ -10,7 +10,7 @@ import torch
 
 from prefix_lightning.benchmark import PHASES, format_report, run_benchmark, write_json
 from prefix_lightning.benchmark.phases import PRECISIONS, Setting
-from prefix_lightning.benchmark.suites import SUITES
+from prefix_lightning.benchmark.suites import SUITES, format_comparison
 from prefix_lightning.cli import report_errors
 
 EPILOG = """
@@ -84,7 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--suite",
         choices=sorted(SUITES),
         default=None,
-        help="a named set of runs instead of one (gpu: the GPU issue's table at real shapes, bf16-mixed); "
+        help="a named set of runs instead of one (gpu: the GPU issue's table at real shapes, bf16-mixed; frozen_lm: "
+        "our prefix on the LM stored in float32, bfloat16, int8 and int4, each against float32); "
         "--phases and --precision are then the suite's, overrides are added to each run's",
     )
     parser.add_argument("--output", type=Path, default=None, help="JSON file (default outputs/benchmark/<time>.json)")
@@ -105,10 +106,12 @@ def main(argv: list[str] | None = None) -> None:
         suite, runs = SUITES[args.suite], {}
         for run in suite.runs:
             print(f"\n== {run.label}")
-            setting = _setting(args, (*run.overrides, *args.overrides), suite.precision)
+            setting = _setting(args, (*run.overrides, *args.overrides), run.precision)
             runs[run.label] = run_benchmark(setting, run.phases)
         write_json(runs, output)
         print("".join(f"\n== {label}\n{format_report(result)}\n" for label, result in runs.items()))
+        if suite.compared:
+            print(f"== against {next(iter(runs))}\n{format_comparison(runs)}\n")
         print(f"written to {output}")
         return
     benchmark = run_benchmark(_setting(args, tuple(args.overrides), args.precision), _phases(args.phases))

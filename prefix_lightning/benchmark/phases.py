@@ -77,6 +77,11 @@ def _start(setting: Setting, frozen_in_compute_dtype: bool = False) -> DictConfi
     return cfg
 
 
+def frozen_lm(cfg: DictConfig) -> str:
+    """How the phase's LM is stored: its quantization, else its dtype."""
+    return cfg.model.backbone.get("quantization") or cfg.model.backbone.dtype
+
+
 def _prefix_dir(setting: Setting) -> str:
     if setting.prefix_dir is None:
         raise ValueError("this phase needs the prefix folder: setting.prefix_dir (run_benchmark fills it)")
@@ -186,6 +191,7 @@ def measured(device: str) -> Iterator[dict[str, float]]:
 def _train(
     phase: str,
     setting: Setting,
+    cfg: DictConfig,
     model: torch.nn.Module,
     loss_of: Callable[[Batch], torch.Tensor],
     batches: list[Batch],
@@ -228,7 +234,7 @@ def _train(
         "trainable_parameters": sum(p.numel() for p in trainable),
         "first_loss": losses[0],
         "last_loss": losses[-1],
-        "weights_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "frozen_lm": frozen_lm(cfg),
     }
 
 
@@ -250,7 +256,7 @@ def train_ours(setting: Setting) -> dict[str, Any]:
     model.to(setting.device).train()
     batches = training_batches(cfg, tokenizer, setting.warmup + setting.steps)
     flops = 4 * matmul_parameters(model.lm)  # frozen LM: no weight gradients
-    result = _train("train_ours", setting, model, lambda batch: model.loss(**batch), batches, cfg.method.lr, flops)
+    result = _train("train_ours", setting, cfg, model, lambda batch: model.loss(**batch), batches, cfg.method.lr, flops)
     model.save(_prefix_dir(setting))
     return result
 
@@ -264,7 +270,7 @@ def train_peft(setting: Setting) -> dict[str, Any]:
     flops = 4 * matmul_parameters(lm)  # frozen LM: no weight gradients
     model = get_peft_model(lm, peft_prefix_config(_prefix_config(cfg))).train()
     batches = training_batches(cfg, tokenizer, setting.warmup + setting.steps)
-    return _train("train_peft", setting, model, lambda batch: model(**batch).loss, batches, cfg.method.lr, flops)
+    return _train("train_peft", setting, cfg, model, lambda batch: model(**batch).loss, batches, cfg.method.lr, flops)
 
 
 def train_full(setting: Setting) -> dict[str, Any]:
@@ -274,7 +280,7 @@ def train_full(setting: Setting) -> dict[str, Any]:
     lm.requires_grad_(True).train()
     batches = training_batches(cfg, tokenizer, setting.warmup + setting.steps)
     flops = 6 * matmul_parameters(lm)
-    return _train("train_full", setting, lm, lambda batch: lm(**batch).loss, batches, FULL_FINETUNING_LR, flops)
+    return _train("train_full", setting, cfg, lm, lambda batch: lm(**batch).loss, batches, FULL_FINETUNING_LR, flops)
 
 
 # -- decoding ----------------------------------------------------------------------------------------------
@@ -312,6 +318,7 @@ def _decode(
     return {
         **stats,
         **_profile(setting, phase, lambda: _outputs(setting, generate, batches[:1], options)),
+        "frozen_lm": frozen_lm(cfg),
         "inputs": len(outputs),
         "num_beams": options.get("num_beams", 1),
         "tokens": tokens,
@@ -417,6 +424,7 @@ def generate_mixed(setting: Setting) -> dict[str, Any]:
     return {
         **totals["mixed"],
         **_profile(setting, "generate_mixed", partial(_decoded, bank, batches[0], first_mixed, options)),
+        "frozen_lm": frozen_lm(cfg),
         "inputs": len(outputs["mixed"]),
         "num_beams": options.get("num_beams", 1),
         "fixed_new_tokens": setting.fixed_new_tokens,

@@ -1,9 +1,12 @@
-"""Named sets of benchmark runs: ``--suite gpu`` measures what the GPU issue's table reports, at real model shapes
-(random weights, no download), bf16 autocast, E2E batches; one command on a GPU machine."""
+"""Named sets of benchmark runs, one command each: ``--suite gpu`` measures what the GPU issue's table reports, at
+real model shapes (random weights, no download), bf16 autocast, E2E batches; ``--suite frozen_lm`` trains and
+decodes the same prefix on SmolLM2-135M stored four ways (float32, bfloat16, int8, int4) and prints each against
+float32."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 TRAIN = ("train_ours", "train_peft", "train_full")
 DECODE = ("generate_ours",)
@@ -14,21 +17,50 @@ class SuiteRun:
     label: str
     overrides: tuple[str, ...]  # before the command line's own (which can add e.g. paths.data_dir)
     phases: tuple[str, ...]
+    precision: str  # "32" or "bf16-mixed" (the frozen LM is then stored in bf16)
 
 
 @dataclass(frozen=True)
 class Suite:
-    precision: str
     runs: tuple[SuiteRun, ...]
+    compared: bool = False  # the runs differ only in how the LM is stored: each is set against the first
 
 
+def _bf16(label: str, *overrides: str, phases: tuple[str, ...]) -> SuiteRun:
+    return SuiteRun(label, overrides, phases, "bf16-mixed")
+
+
+OURS = ("train_ours", "generate_ours")
 SUITES = {
     "gpu": Suite(
-        "bf16-mixed",
         (
-            SuiteRun("135M shape, batch 10", ("model=random_smollm2_135m", "data.batch_size=10"), TRAIN + DECODE),
-            SuiteRun("135M shape, batch 32", ("model=random_smollm2_135m", "data.batch_size=32"), TRAIN),
-            SuiteRun("1.7B shape, batch 10", ("model=random_smollm2_1_7b", "data.batch_size=10"), TRAIN[:2]),
+            _bf16("135M shape, batch 10", "model=random_smollm2_135m", "data.batch_size=10", phases=TRAIN + DECODE),
+            _bf16("135M shape, batch 32", "model=random_smollm2_135m", "data.batch_size=32", phases=TRAIN),
+            _bf16("1.7B shape, batch 10", "model=random_smollm2_1_7b", "data.batch_size=10", phases=TRAIN[:2]),
+        )
+    ),
+    "frozen_lm": Suite(
+        (
+            SuiteRun("float32", (), OURS, "32"),
+            SuiteRun("bfloat16", (), OURS, "bf16-mixed"),
+            SuiteRun("int8", ("model.backbone.quantization=int8",), OURS, "32"),
+            SuiteRun("int4", ("model.backbone.quantization=int4",), OURS, "32"),
         ),
+        compared=True,
     ),
 }
+
+
+def format_comparison(runs: dict[str, dict[str, Any]]) -> str:
+    """Each phase of each run beside the first run's: tokens/s and peak memory, and their ratios to it."""
+    first = next(iter(runs.values()))["results"]
+    lines = [f"{'phase':<15}{'run':<10}{'tokens/s':>10}{'x first':>9}{'peak MB':>10}{'x first':>9}"]
+    for phase in first:
+        for label, benchmark in runs.items():
+            result, base = benchmark["results"][phase], first[phase]
+            speed, memory = result["tokens_per_s"], result["peak_memory_mb"]
+            lines.append(
+                f"{phase:<15}{label:<10}{speed:>10.1f}{speed / base['tokens_per_s']:>9.2f}"
+                f"{memory:>10.0f}{memory / base['peak_memory_mb']:>9.2f}"
+            )
+    return "\n".join(lines)

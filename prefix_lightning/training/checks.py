@@ -13,6 +13,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from prefix_lightning.backbones import BackboneConfig
+from prefix_lightning.backbones.quantization import quantized_training_error
 from prefix_lightning.prefix import PrefixConfig
 from prefix_lightning.training.tasks import TaskConfigError, check_tasks
 
@@ -44,7 +45,7 @@ def _built(option: str | None, build: Any, settings: dict[str, Any]) -> Any:
     """``build(**settings)``, its refusal as a ConfigError (under ``option`` unless the message names it)."""
     try:
         return build(**settings)
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, ImportError) as error:  # ImportError: an optional library the value needs
         raise ConfigError(f"{option}: {error}" if option else str(error)) from error
 
 
@@ -87,9 +88,12 @@ def _check_tasks(cfg: DictConfig) -> None:
 
 def check_config(cfg: DictConfig) -> None:
     """Validate the options a run depends on, naming the option and what it accepts."""
-    _built("model.backbone", BackboneConfig, options_at(cfg, "model.backbone"))
+    backbone = _built("model.backbone", BackboneConfig, options_at(cfg, "model.backbone"))
     prefix = _built(None, PrefixConfig.of, {"config": options_at(cfg, "prefix")})
     _check_tasks(cfg)
+    if backbone.quantization is not None and getattr(method_class(cfg), "trains_lm_weights", False):
+        what = f"model.backbone.quantization={backbone.quantization}"
+        raise ConfigError(quantized_training_error(f"method {cfg.method.name}", what))
     if (prefix.init_text is not None or prefix.init_vocab) and "config" not in cfg.method.model:
         raise ConfigError(
             f"prefix.init_text / init_vocab start a prefix, infix or embedding; method {cfg.method.name} has none"

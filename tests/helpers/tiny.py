@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedModel
 
+from prefix_lightning.methods.loss import IGNORE_INDEX
+
 VOCAB, PAD = 100, 1
 FAMILIES: dict[str, dict[str, Any]] = {
     "gpt2": dict(n_layer=2, n_embd=32, n_head=4, n_positions=64),
@@ -39,6 +41,8 @@ FAMILIES: dict[str, dict[str, Any]] = {
 # Real words of a prefix (invariant 1), and rows of different lengths.
 WORDS = torch.tensor([5, 6, 7, 8])
 ROWS = [torch.tensor([10, 11, 12, 13, 14]), torch.tensor([20, 21]), torch.tensor([30, 31, 32])]
+# (source, target) token pairs of different lengths, to train on.
+PAIRS = [([10, 11, 12], [30, 31, 32, 33]), ([20, 21], [40, 41]), ([50, 51, 52, 53], [60, 61, 62])]
 
 
 def tiny_lm(family: str, seed: int = 0, **overrides: Any) -> PreTrainedModel:
@@ -68,3 +72,24 @@ def pad_batch(rows: list[torch.Tensor], left: bool) -> tuple[torch.Tensor, torch
         span = slice(width - len(row), width) if left else slice(0, len(row))
         ids[i, span], mask[i, span] = row, 1
     return ids, mask
+
+
+def padded(rows: list[list[int]], fill: int, left: bool = False) -> torch.Tensor:
+    """``rows`` filled with ``fill`` to one width, on the left or the right."""
+    width = max(map(len, rows))
+    return torch.tensor([[fill] * (width - len(r)) * left + r + [fill] * (width - len(r)) * (not left) for r in rows])
+
+
+def training_batch(encoder_decoder: bool) -> dict[str, torch.Tensor]:
+    """PAIRS right-padded; causal rows are source + target with the source and padding labelled IGNORE_INDEX."""
+    if encoder_decoder:
+        ids = padded([s for s, _ in PAIRS], PAD)
+        return {
+            "input_ids": ids,
+            "attention_mask": (ids != PAD).long(),
+            "labels": padded([t for _, t in PAIRS], IGNORE_INDEX),
+        }
+    ids = padded([s + t for s, t in PAIRS], PAD)
+    labels = padded([[IGNORE_INDEX] * len(s) + t for s, t in PAIRS], IGNORE_INDEX)
+    mask = padded([[1] * len(s + t) for s, t in PAIRS], 0)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
