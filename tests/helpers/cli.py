@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -36,7 +37,14 @@ def run_python(
         text=True,
         env={**os.environ, **(env or {})},
         timeout=timeout,
+        preexec_fn=_as_a_terminal_starts_it,
     )
+
+
+def _as_a_terminal_starts_it() -> None:
+    """Ctrl-C interrupts the command even where the tests run in a background job (whose children start with SIGINT
+    ignored), as it does for a user at a terminal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run_cli(
