@@ -6,8 +6,9 @@
 
 The export folder says which method wrote it and that method's class loads it (``load_export``). An export inside
 a run folder is evaluated with that run's own settings (its ``.hydra/overrides.yaml``, then the ones given here);
-otherwise pass the same config groups as the run (model, data, generation, ...). Writes test generations and
-metrics into its own output folder. ``prefix_path`` is the older name of ``export_path``.
+otherwise pass the same config groups as the run (model, data, generation, ...). A multi-task run's ``prefix``
+folder is evaluated on every task; one task's folder in it (``prefix/<task>``), on that task's data alone. Writes
+test generations and metrics into its own output folder. ``prefix_path`` is the older name of ``export_path``.
 """
 
 from __future__ import annotations
@@ -24,12 +25,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from prefix_lightning.cli import report_errors
-from prefix_lightning.data.datamodule import TextToTextDataModule
-from prefix_lightning.evaluation import main_validation_metric
 from prefix_lightning.methods.exports import export_loader
 from prefix_lightning.prefix import PrefixModel
+from prefix_lightning.prefix.multitask import task_folders
 from prefix_lightning.training.build import build_datamodule, build_module, load_configured_backbone
 from prefix_lightning.training.checks import check_config
+from prefix_lightning.training.optimized import settle_optimized_metric
 from prefix_lightning.training.resume import RUN_OVERRIDES, override, run_overrides, unquoted
 
 log = logging.getLogger(__name__)
@@ -38,9 +39,10 @@ EXPORT_KEYS = ("export_path=", "prefix_path=")
 
 
 def evaluate(cfg: DictConfig) -> float:
-    """The test's main metric (BLEU, or ROUGE-L for XSum) of the export at ``cfg.export_path`` on ``cfg.model``'s
-    backbone, or of the plain LM when no export is given."""
+    """The test's main metric (the one a run optimizes: BLEU, ROUGE-L for XSum, the tasks' mean BLEU for several) of
+    the export at ``cfg.export_path`` on ``cfg.model``'s backbone, or of the plain LM when no export is given."""
     check_config(cfg)
+    settle_optimized_metric(cfg)
     path = cfg.get("export_path") or cfg.get("prefix_path")
     load = export_loader(path) if path else None  # a wrong folder is refused before the model loads
     lm, tokenizer = load_configured_backbone(cfg)
@@ -55,9 +57,7 @@ def evaluate(cfg: DictConfig) -> float:
     datamodule = build_datamodule(cfg, tokenizer, model)
     with nullcontext() if path else model.prefix_disabled():
         (metrics,) = trainer.test(module, datamodule=datamodule)
-    assert isinstance(datamodule, TextToTextDataModule)  # conf/data's
-    main = main_validation_metric(datamodule.metric_suite).removeprefix("val/")
-    return metrics[f"test/{main}"]
+    return metrics[cfg.optimized_metric.replace("val/", "test/", 1)]
 
 
 def with_run_settings(argv: Sequence[str]) -> list[str]:
@@ -69,11 +69,22 @@ def with_run_settings(argv: Sequence[str]) -> list[str]:
     key, _, value = given[-1]
     export = Path(unquoted(value))
     rest = [argument for argument in argv[1:] if not argument.startswith(EXPORT_KEYS)]
-    overrides = []
-    if (export.parent / RUN_OVERRIDES).is_file():
-        overrides = run_overrides(export.parent)
-        print(f"evaluating with the settings of the run in {export.parent}: {' '.join(overrides)}", file=sys.stderr)
+    overrides, run = [], export.parent
+    if task_folders(run) and (run.parent / RUN_OVERRIDES).is_file():  # one task of a multi-task run
+        run = run.parent
+        overrides = [*_without_task_mixture(run_overrides(run)), f"data={export.name}"]
+    elif (run / RUN_OVERRIDES).is_file():
+        overrides = run_overrides(run)
+    if overrides:
+        print(f"evaluating with the settings of the run in {run}: {' '.join(overrides)}", file=sys.stderr)
     return [argv[0], *overrides, *rest, override(key, export)]
+
+
+def _without_task_mixture(overrides: list[str]) -> list[str]:
+    """A multi-task run's overrides for one of its tasks: the data group and method that mixed them left out (each
+    task is a data config of its own name; the ``data.*`` values a mixture sets for every task still apply)."""
+    mixture = {"data", "data.tasks", "method"}
+    return [item for item in overrides if item.partition("=")[0].lstrip("+~") not in mixture]
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")

@@ -207,3 +207,15 @@ def test_a_multitask_run_exports_and_scores_every_task(tmp_path: Path, data_dir:
         assert f"for tiny_llama on {task}\n" in card and "also as PEFT's prefix-tuning adapter" in card
         assert f"| test/bleu | {record['test'][f'test/{task}/bleu']:.4g} |" in card
     assert not (tmp_path / "prefix" / "README.md").exists()
+    # the export, evaluated with the run's settings: every task as the run tested it, or one task on its own data
+    evaluate = ("-m", "prefix_lightning.evaluate")
+    run_cli(tmp_path / "all", f"export_path={tmp_path / 'prefix'}", entry=evaluate)
+    assert json.loads((tmp_path / "all" / "test_metrics.json").read_text()) == metrics
+    generations = (tmp_path / "test_generations.jsonl").read_text()
+    assert (tmp_path / "all" / "test_generations.jsonl").read_text() == generations
+    result = run_cli(tmp_path / "webnlg", f"export_path={tmp_path / 'prefix' / 'webnlg'}", entry=evaluate)
+    said = result.stderr
+    assert f"evaluating with the settings of the run in {tmp_path}: " in said and " data=webnlg" in said
+    alone = json.loads((tmp_path / "webnlg" / "test_metrics.json").read_text())
+    webnlg = {name.removeprefix("webnlg/"): value for name, value in metrics.items() if name.startswith("webnlg/")}
+    assert alone == webnlg

@@ -17,6 +17,7 @@ from prefix_lightning.baselines.top_layers import TOP_LAYERS_CONFIG
 from prefix_lightning.methods.protocol import TrainableLM
 from prefix_lightning.prefix import PrefixModel
 from prefix_lightning.prefix.export import CONFIG_NAME
+from prefix_lightning.prefix.multitask import MultiTaskPrefix, task_folders
 from prefix_lightning.prefix.peft_format import PEFT_CONFIG
 
 Loader = Callable[[PreTrainedModel, str | Path], TrainableLM]
@@ -29,6 +30,7 @@ MARKERS = {
     TOP_LAYERS_CONFIG: "top layers (top2)",
     PEFT_CONFIG: "PEFT adapter (lora, peft_prefix)",
     "config.json": "full fine-tuning (full)",
+    f"<task>/{CONFIG_NAME}": "one prefix per task (multitask_prefix)",
 }
 
 
@@ -45,6 +47,8 @@ def export_loader(folder: str | Path) -> Loader:
         return PEFT_METHODS[_peft_type(folder / PEFT_CONFIG)]
     if (folder / "config.json").is_file():
         return FullFineTuning.from_export
+    if task_folders(folder):
+        return MultiTaskPrefix.from_export
     expected = "; ".join(f"{marker} for {kind}" for marker, kind in MARKERS.items())
     raise FileNotFoundError(f"{folder} holds no export of this project's methods: expected {expected}")
 

@@ -18,7 +18,10 @@ class TrainableLM(Protocol):
     ``_target_`` (the LM, and the tokenizer where the class takes one, are passed at build time).
     """
 
-    lm: PreTrainedModel  # the transformers model that runs (its config, its generation defaults)
+    @property
+    def lm(self) -> PreTrainedModel:
+        """The transformers model that runs (its config, its generation defaults)."""
+        ...
 
     @property
     def virtual_positions(self) -> int:

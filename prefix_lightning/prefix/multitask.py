@@ -17,7 +17,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from prefix_lightning.prefix.bank import PrefixBank
 from prefix_lightning.prefix.config import PrefixConfig
-from prefix_lightning.prefix.encoder import prefix_encoders
+from prefix_lightning.prefix.encoder import PrefixEncoder, prefix_encoders
+from prefix_lightning.prefix.export import CONFIG_NAME, read_prefix
 from prefix_lightning.prefix.model import write_prefix
 from prefix_lightning.prefix.sites import AttentionSite
 from prefix_lightning.prefix.wiring import site_keys
@@ -31,6 +32,10 @@ class TaskPrefix(nn.Module):
         self.config = config
         self.keys = site_keys(sites)
         self.encoders = prefix_encoders(config, sites, embed_dim)
+
+    def prefix_encoders(self) -> dict[str, PrefixEncoder]:
+        """The encoders by group (nn.ModuleDict types its values as plain Modules)."""
+        return {group: cast(PrefixEncoder, encoder) for group, encoder in self.encoders.items()}
 
     def groups(self, dropout: float = 0.0) -> dict[str, list[torch.Tensor]]:
         return {group: encoder(dropout) for group, encoder in self.encoders.items()}
@@ -107,6 +112,26 @@ class MultiTaskPrefix(nn.Module):
     def enable_gradient_checkpointing(self) -> None:
         self.bank.enable_gradient_checkpointing()
 
+    @classmethod
+    def from_export(cls, lm: PreTrainedModel, path: str | Path) -> MultiTaskPrefix:
+        """A multi-task export (``path/<task>/``, a prefix each) back on ``lm``, to evaluate every task or train on:
+        each task's prefix as trained (no MLP). Refuses a base model of another shape."""
+        exports = {folder.name: read_prefix(folder) for folder in task_folders(path)}
+        if not exports:
+            raise FileNotFoundError(f"no task prefixes in {path}: expected <task>/{CONFIG_NAME} folders")
+        configs = {task: exported.config for task, exported in exports.items()}
+        first = next(iter(configs.values()))
+        if any(config != first for config in configs.values()):
+            raise ValueError(f"the task prefixes in {path} differ in their settings; load them into a PrefixBank")
+        model = cls(lm, list(exports), first)
+        for task, exported in exports.items():
+            exported.check_fits(lm, model.bank.sites)
+            encoders = model.task_prefix(task).prefix_encoders()
+            blocks = exported.blocks({group: encoder.block_shapes() for group, encoder in encoders.items()})
+            for group, encoder in encoders.items():
+                encoder.assign(blocks[group])
+        return model
+
     def save(self, path: str | Path) -> Path:
         """Each task's prefix, materialized (MLP dropped), into ``path/<task>/``: an ordinary prefix export each (see
         :func:`write_prefix`)."""
@@ -117,3 +142,12 @@ class MultiTaskPrefix(nn.Module):
                 blocks = entry.groups()
             write_prefix(path / task, blocks, self.config, self.lm, self.bank.sites)
         return path
+
+
+def task_folders(path: str | Path) -> list[Path]:
+    """The task prefixes of a multi-task export (its subfolders holding a prefix), by name; none for a folder that
+    is itself a prefix export."""
+    path = Path(path)
+    if not path.is_dir() or (path / CONFIG_NAME).is_file():
+        return []
+    return sorted(folder for folder in path.iterdir() if (folder / CONFIG_NAME).is_file())
