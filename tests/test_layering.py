@@ -62,10 +62,12 @@ def fresh_imports() -> dict[str, list[str]]:
     return json.loads(result.stdout.splitlines()[-1])
 
 
+@pytest.mark.integration  # a fresh interpreter imports the whole package (20 s)
 def test_the_core_imports_neither_lightning_nor_hydra(fresh_imports: dict[str, list[str]]) -> None:
     assert fresh_imports["frameworks"] == [], "the core must stay usable in a plain PyTorch loop"
 
 
+@pytest.mark.integration  # a fresh interpreter imports the whole package (20 s)
 def test_every_module_imports_first_and_alone(fresh_imports: dict[str, list[str]]) -> None:
     assert fresh_imports["failures"] == []
 
