@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from prefix_lightning import PrefixConfig, PrefixModel, UnsupportedModelError
 from prefix_lightning.prefix.attention import record_attention_calls
+from tests.helpers.checkpointing import assert_checkpointing_keeps_gradients
 from tests.helpers.tiny import PAD, ROWS, VOCAB, WORDS, pad_batch, tiny_lm
 
 
@@ -155,19 +156,7 @@ def test_gradient_checkpointing_recomputes_with_the_prefix(kind: str) -> None:
     """Invariant 5: same gradients, and the layers really run twice."""
     model = PrefixModel(tiny_lm(kind), PrefixConfig(length=3, hidden_dim=16)).train()
     ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
-
-    def gradients() -> tuple[list[torch.Tensor], int]:
-        model.zero_grad()
-        with record_attention_calls() as calls:
-            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-        return [p.grad.clone() for p in model.trainable_parameters()], len(calls)
-
-    plain, plain_calls = gradients()
-    model.enable_gradient_checkpointing()
-    checkpointed, checkpointed_calls = gradients()
-    assert checkpointed_calls == 2 * plain_calls
-    for a, b in zip(plain, checkpointed, strict=True):
-        torch.testing.assert_close(a, b)
+    assert_checkpointing_keeps_gradients(model, lambda: model(input_ids=ids, labels=ids, use_cache=False).loss)
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "bart", "t5"])

@@ -21,9 +21,9 @@ from prefix_lightning.backbones import BackboneConfig
 from prefix_lightning.backbones.quantization import quantize, quantized_layers
 from prefix_lightning.baselines import FullFineTuning, LoRA, TopLayers
 from prefix_lightning.decoding.packed_linear import can_pack, packed_linears
-from prefix_lightning.prefix.attention import record_attention_calls
 from prefix_lightning.training.checks import ConfigError, check_config
 from prefix_lightning.training.train import train
+from tests.helpers.checkpointing import assert_checkpointing_keeps_gradients
 from tests.helpers.cli import FAST
 from tests.helpers.config import compose_train
 from tests.helpers.quantized import needs_bitsandbytes
@@ -116,19 +116,7 @@ def test_gradient_checkpointing_through_the_quantized_lm(quantization: str) -> N
     """Invariant 5 on a quantized LM: recomputing its layers in backward gives the same prefix gradients."""
     model = PrefixModel(quantized_tiny_lm("llama", quantization), PrefixConfig(length=3, hidden_dim=16)).train()
     batch = training_batch(False)
-
-    def gradients() -> tuple[list[torch.Tensor], int]:
-        model.zero_grad()
-        with record_attention_calls() as calls:
-            model.loss(**batch).backward()
-        return [p.grad.clone() for p in model.trainable_parameters()], len(calls)
-
-    plain, plain_calls = gradients()
-    model.enable_gradient_checkpointing()
-    checkpointed, checkpointed_calls = gradients()
-    assert checkpointed_calls == 2 * plain_calls
-    for a, b in zip(plain, checkpointed, strict=True):
-        torch.testing.assert_close(a, b)
+    assert_checkpointing_keeps_gradients(model, lambda: model.loss(**batch))
 
 
 def test_int8_backward_keeps_nothing_of_the_layer_input() -> None:
