@@ -60,6 +60,22 @@ def quantized_tiny_lm(kind: str, quantization: str) -> nn.Module:
     return quantize(tiny_lm(kind), quantization)
 
 
+def trained_losses(
+    model: PrefixModel | LoRA, batch: dict[str, torch.Tensor], steps: int, check: Callable[[], bool] = lambda: True
+) -> list[float]:
+    """The loss of each of ``steps`` AdamW steps (lr 1e-2) on ``batch``; ``check()`` must hold after each backward."""
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        loss = model.loss(**batch)
+        loss.backward()
+        assert check()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 @pytest.mark.parametrize("quantization", QUANTIZATIONS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_block_linears_are_quantized_and_the_rest_stays_float(kind: str, quantization: str) -> None:
@@ -96,16 +112,8 @@ def test_prefix_trains_through_the_quantized_lm(kind: str, quantization: str) ->
     model = PrefixModel(quantized_tiny_lm(kind, quantization), PrefixConfig(length=3, hidden_dim=16))
     weights_before = stored(model.lm)
     assert all(p.dtype == torch.float32 for p in model.trainable_parameters())
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
     batch = training_batch(kind in ENCODER_DECODERS)
-    losses = []
-    for _ in range(10):
-        loss = model.loss(**batch)
-        loss.backward()
-        assert all(p.grad is None for p in model.lm.parameters())
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = trained_losses(model, batch, 10, check=lambda: all(p.grad is None for p in model.lm.parameters()))
     assert losses[-1] < 0.99 * losses[0], losses
     after = stored(model.lm)
     assert unchanged(weights_before, after)
@@ -196,15 +204,7 @@ def test_lora_trains_on_a_quantized_lm(quantization: str) -> None:
     weights_before = stored(method.lm)
     trainable = method.trainable_parameters()
     assert trainable and all("lora_" in name for name, p in method.named_parameters() if p.requires_grad)
-    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
-    batch = training_batch(False)
-    losses = []
-    for _ in range(5):
-        loss = method.loss(**batch)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = trained_losses(method, training_batch(False), 5)
     assert losses[-1] < losses[0], losses
     after = stored(method.lm)
     assert unchanged(weights_before, after)
@@ -257,15 +257,8 @@ def test_a_missing_library_is_named_with_its_install_command(
 def test_prefix_trains_through_a_quantized_lm_on_cuda(quantization: str) -> None:
     model = PrefixModel(quantized_tiny_lm("llama", quantization), PrefixConfig(length=3, hidden_dim=16)).to("cuda")
     weights_before = stored(model.lm)
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
     batch = {key: value.to("cuda") for key, value in training_batch(False).items()}
-    losses = []
-    for _ in range(10):
-        loss = model.loss(**batch)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = trained_losses(model, batch, 10)
     assert losses[-1] < losses[0] - 0.1, losses
     after = stored(model.lm)
     assert all(data.is_cuda for data in after.values())
