@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -21,6 +22,11 @@ def prefix_encoders(config: PrefixConfig, sites: Sequence[AttentionSite], embed_
         return nn.ModuleDict({INPUT: PrefixEncoder(config, [(embed_dim,)], embed_dim)})
     shapes = site_token_shapes(sites)
     return nn.ModuleDict({group: PrefixEncoder(config, shape, embed_dim) for group, shape in shapes.items()})
+
+
+def typed_encoders(encoders: nn.ModuleDict) -> dict[str, PrefixEncoder]:
+    """The encoders of ``prefix_encoders`` by group, typed (nn.ModuleDict types its values as plain Modules)."""
+    return {group: cast(PrefixEncoder, encoder) for group, encoder in encoders.items()}
 
 
 def site_token_shapes(sites: Sequence[AttentionSite], length: int | None = None) -> dict[str, list[tuple[int, ...]]]:

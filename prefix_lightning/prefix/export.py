@@ -14,7 +14,7 @@ group of one shape) is still read.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from transformers import PreTrainedModel
 from prefix_lightning.backbones import backbone_identity
 from prefix_lightning.files import atomic_write
 from prefix_lightning.prefix.config import PrefixConfig
+from prefix_lightning.prefix.encoder import PrefixEncoder
 from prefix_lightning.prefix.sites import AttentionSite
 
 WEIGHTS_NAME = "prefix.safetensors"
@@ -145,6 +146,16 @@ class ExportedPrefix:
             for group, tensor in tensors.items()
             for index, block in enumerate(tensor.unbind(0) if group in stacked else [tensor])
         }
+
+    def load_into(
+        self, lm: PreTrainedModel, sites: Sequence[AttentionSite], encoders: Mapping[str, PrefixEncoder]
+    ) -> None:
+        """Set the direct ``encoders`` of a model built on ``lm``'s ``sites`` to the saved prefix; refuses a base
+        model of another shape."""
+        self.check_fits(lm, sites)
+        blocks = self.blocks({group: encoder.block_shapes() for group, encoder in encoders.items()})
+        for group, encoder in encoders.items():
+            encoder.assign([block.to(encoder.prefix.device) for block in blocks[group]])
 
     def blocks(self, shapes: dict[str, list[tuple[int, ...]]]) -> dict[str, list[torch.Tensor]]:
         """The saved blocks per group, one per site, each checked against the ``shapes`` the loading model

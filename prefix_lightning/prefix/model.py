@@ -6,7 +6,7 @@ import logging
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
@@ -16,7 +16,7 @@ from prefix_lightning.decoding import CachedPrefix, PackedWeights, generate
 from prefix_lightning.methods import IGNORE_INDEX, target_loss
 from prefix_lightning.prefix.attention import INFIX_QUERIES, PrefixInjector
 from prefix_lightning.prefix.config import PrefixConfig
-from prefix_lightning.prefix.encoder import INPUT, PrefixEncoder, prefix_encoders
+from prefix_lightning.prefix.encoder import INPUT, PrefixEncoder, prefix_encoders, typed_encoders
 from prefix_lightning.prefix.export import read_prefix, save_prefix
 from prefix_lightning.prefix.peft_format import peft_incompatibility, read_peft_prefix, save_peft_prefix
 from prefix_lightning.prefix.positions import attach_position_shift
@@ -162,8 +162,8 @@ class PrefixModel(nn.Module):
 
     @property
     def prefix_encoders(self) -> dict[str, PrefixEncoder]:
-        """The trainable part by group (``self.encoders``, whose nn.ModuleDict types its values as plain Modules)."""
-        return {group: cast(PrefixEncoder, encoder) for group, encoder in self.encoders.items()}
+        """The trainable part by group."""
+        return typed_encoders(self.encoders)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -254,11 +254,7 @@ class PrefixModel(nn.Module):
         """Load an exported prefix onto ``lm``; refuses a base model of another shape."""
         exported = read_prefix(path)
         model = cls(lm, exported.config)
-        exported.check_fits(lm, model.sites)
-        encoders = model.prefix_encoders
-        blocks = exported.blocks({group: encoder.block_shapes() for group, encoder in encoders.items()})
-        for group, encoder in encoders.items():
-            encoder.assign([block.to(encoder.prefix.device) for block in blocks[group]])
+        exported.load_into(lm, model.sites, model.prefix_encoders)
         return model
 
     @classmethod

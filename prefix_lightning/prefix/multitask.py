@@ -17,7 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from prefix_lightning.prefix.bank import PrefixBank
 from prefix_lightning.prefix.config import PrefixConfig
-from prefix_lightning.prefix.encoder import PrefixEncoder, prefix_encoders
+from prefix_lightning.prefix.encoder import PrefixEncoder, prefix_encoders, typed_encoders
 from prefix_lightning.prefix.export import CONFIG_NAME, read_prefix
 from prefix_lightning.prefix.model import write_prefix
 from prefix_lightning.prefix.sites import AttentionSite
@@ -34,8 +34,8 @@ class TaskPrefix(nn.Module):
         self.encoders = prefix_encoders(config, sites, embed_dim)
 
     def prefix_encoders(self) -> dict[str, PrefixEncoder]:
-        """The encoders by group (nn.ModuleDict types its values as plain Modules)."""
-        return {group: cast(PrefixEncoder, encoder) for group, encoder in self.encoders.items()}
+        """The encoders by group."""
+        return typed_encoders(self.encoders)
 
     def groups(self, dropout: float = 0.0) -> dict[str, list[torch.Tensor]]:
         return {group: encoder(dropout) for group, encoder in self.encoders.items()}
@@ -125,11 +125,7 @@ class MultiTaskPrefix(nn.Module):
             raise ValueError(f"the task prefixes in {path} differ in their settings; load them into a PrefixBank")
         model = cls(lm, list(exports), first)
         for task, exported in exports.items():
-            exported.check_fits(lm, model.bank.sites)
-            encoders = model.task_prefix(task).prefix_encoders()
-            blocks = exported.blocks({group: encoder.block_shapes() for group, encoder in encoders.items()})
-            for group, encoder in encoders.items():
-                encoder.assign(blocks[group])
+            exported.load_into(lm, model.bank.sites, model.task_prefix(task).prefix_encoders())
         return model
 
     def save(self, path: str | Path) -> Path:
