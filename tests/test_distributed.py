@@ -146,6 +146,35 @@ def test_fsdp_config_shards_every_decoder_layer_of_any_model(tmp_path: Path) -> 
         assert not any(isinstance(m, tuple(policy._module_classes)) for m in model.encoders.modules())
 
 
+def test_fsdp_export_in_one_process_writes_the_prefix(tmp_path: Path) -> None:
+    """A real FSDP wrap (gloo, one process, on the CPU): FSDP falls back to NO_SHARD, which cannot offload, and
+    renames every module inside a decoder layer; the export still gathers the prefix and writes it whole."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from prefix_lightning import PrefixConfig, PrefixModel
+    from prefix_lightning.training.sharded import fsdp_gathered
+    from tests.helpers.tiny import tiny_lm
+
+    model = PrefixModel(tiny_lm("llama"), PrefixConfig(length=3, hidden_dim=16))
+    expected = {name: pair[0].detach().clone() for name, pair in model.prefix_key_values().items()}
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        policy = ModuleWrapPolicy({GradientCheckpointingLayer})
+        root = FullyShardedDataParallel(
+            model, auto_wrap_policy=policy, use_orig_params=True, device_id=torch.device("cpu")
+        )
+        with fsdp_gathered(root):
+            model.save(tmp_path)
+    finally:
+        dist.destroy_process_group()
+    loaded = PrefixModel.from_prefix(tiny_lm("llama"), tmp_path).prefix_key_values()
+    assert loaded.keys() == expected.keys()
+    for name, keys in expected.items():
+        torch.testing.assert_close(loaded[name][0], keys)
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_configs_keep_frozen_weights_out_of_checkpoints(stage: int, tmp_path: Path) -> None:
     """DeepSpeed needs CUDA and its package: instantiate where it is installed, else the target still resolves

@@ -187,6 +187,24 @@ def test_export_then_load_gives_the_same_logits(kind: str, tmp_path) -> None:
         )
 
 
+def test_wrapped_layers_still_export_and_decode(tmp_path) -> None:
+    """FSDP and activation checkpointing wrap each decoder layer, which inserts a segment into the names of the
+    modules inside: the export and the cached prefix of decoding still find every attention module."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    model = PrefixModel(tiny_lm("llama"), PrefixConfig(length=3, hidden_dim=16)).eval()
+    ids, mask = pad_batch(ROWS, left=True)
+    options = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=PAD)
+    expected = model.generate(**options)
+    layers = model.lm.model.layers
+    for index, layer in enumerate(layers):
+        layers[index] = checkpoint_wrapper(layer)
+    assert "_checkpoint_wrapped_module" in next(name for name, _ in model.lm.named_modules() if "self_attn" in name)
+    torch.testing.assert_close(model.generate(**options), expected, rtol=0, atol=0)
+    model.save(tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").exists()  # PEFT's layout orders the sites by layer
+
+
 def test_older_stacked_export_still_loads(tmp_path) -> None:
     """Format prefix-lightning/1 (one stacked tensor per group, shapes per group) loads to the same logits."""
     model = PrefixModel(tiny_lm("bart"), PrefixConfig(length=3, hidden_dim=16)).eval()

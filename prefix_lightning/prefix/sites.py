@@ -7,6 +7,7 @@ query/key lengths, without a table of model families.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -110,3 +111,18 @@ def discover_sites(lm: PreTrainedModel) -> list[tuple[torch.nn.Module, Attention
             f"prefix can be attached. Supported: {SUPPORTED}."
         )
     return list(sites.items())
+
+
+# What wrappers insert into the names of the modules they wrap: FSDP, activation checkpointing, torch.compile.
+_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def site_modules(lm: torch.nn.Module, sites: Sequence[AttentionSite]) -> list[torch.nn.Module]:
+    """Each site's attention module, found by the name it had when the prefix was attached, also after a
+    wrapper (FSDP, ...) has changed the names of the LM's modules."""
+    named = {}
+    for name, module in lm.named_modules():
+        for segment in _WRAPPER_SEGMENTS:
+            name = name.replace(segment, "")
+        named[name] = module
+    return [named[site.name] for site in sites]

@@ -16,7 +16,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from prefix_lightning.prefix.attention import PrefixInjector, bind, record_attention_calls
 from prefix_lightning.prefix.relative_bias import prefix_bias_hooks
-from prefix_lightning.prefix.sites import AttentionSite, discover_sites
+from prefix_lightning.prefix.sites import AttentionSite, discover_sites, site_modules
 
 SiteKey = tuple[str, int]  # (group, index of the site within its group, in call order)
 
@@ -50,8 +50,7 @@ def site_activations(
     with injector.disabled(), record_attention_calls() as calls:
         lm(**inputs, use_cache=False)
     by_module = {id(call.module): call for call in calls}
-    named = dict(lm.named_modules())
-    return [torch.stack([call.key[0], call.value[0]]) for call in (by_module[id(named[s.name])] for s in sites)]
+    return [torch.stack([call.key[0], call.value[0]]) for call in (by_module[id(m)] for m in site_modules(lm, sites))]
 
 
 def cache_layers(lm: PreTrainedModel, sites: Sequence[AttentionSite]) -> list[int] | None:
@@ -59,8 +58,7 @@ def cache_layers(lm: PreTrainedModel, sites: Sequence[AttentionSite]) -> list[in
     None where a prefix cannot be put in the cache."""
     if lm.config.is_encoder_decoder:
         return None
-    named: dict[str, nn.Module] = dict(lm.named_modules())
-    layers = [getattr(named[site.name], "layer_idx", None) for site in sites]
+    layers = [getattr(module, "layer_idx", None) for module in site_modules(lm, sites)]
     numbered = [layer for layer in layers if isinstance(layer, int)]
     if not numbered or len(numbered) != len(layers) or len(set(numbered)) != len(numbered):
         return None

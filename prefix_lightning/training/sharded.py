@@ -22,13 +22,7 @@ def trainable_whole_on_rank_zero(trainer: L.Trainer, pl_module: L.LightningModul
     """
     strategy = trainer.strategy
     if isinstance(strategy, FSDPStrategy):
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        root = strategy.model
-        assert isinstance(root, FullyShardedDataParallel)  # wrapped before training starts
-        with FullyShardedDataParallel.summon_full_params(
-            root, recurse=not _trainable_in_root_only(root), writeback=False, rank0_only=True, offload_to_cpu=True
-        ):
+        with fsdp_gathered(strategy.model):
             yield
     elif isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3:
         import deepspeed
@@ -36,6 +30,21 @@ def trainable_whole_on_rank_zero(trainer: L.Trainer, pl_module: L.LightningModul
         with deepspeed.zero.GatheredParameters([p for p in pl_module.parameters() if p.requires_grad]):
             yield
     else:
+        yield
+
+
+@contextmanager
+def fsdp_gathered(root: torch.nn.Module | None) -> Iterator[None]:
+    """FSDP's trainable tensors whole on rank 0 (on its CPU where they are sharded) inside the block; see
+    :func:`trainable_whole_on_rank_zero`."""
+    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+
+    assert isinstance(root, FullyShardedDataParallel)  # wrapped before training starts
+    # One process: FSDP falls back to NO_SHARD, whose tensors are whole on the GPU already and cannot be offloaded.
+    sharded = root.sharding_strategy != ShardingStrategy.NO_SHARD
+    with FullyShardedDataParallel.summon_full_params(
+        root, recurse=not _trainable_in_root_only(root), writeback=False, rank0_only=True, offload_to_cpu=sharded
+    ):
         yield
 
 
