@@ -23,6 +23,7 @@ def target_loss(
     labels: torch.Tensor,
     length_groups: int | None = None,
     on_group: Callable[[torch.Tensor], None] | None = None,
+    drop_right_padding_mask: bool = False,
     **inputs: Any,
 ) -> torch.Tensor:
     """Cross-entropy over ``labels != IGNORE_INDEX``, equal to the LM's own ``loss``, computed with less work.
@@ -35,12 +36,20 @@ def target_loss(
     and 1 on accelerators, where a small batch is bound by latency rather than by arithmetic (docs/performance.md).
     Encoder-decoder targets fill the decoder: they take the LM's own path. ``on_group`` is told each group's rows
     (indices into the batch) before its forward, for state that follows the rows (a bank's per-row prefixes).
+
+    ``drop_right_padding_mask``: a right-padded batch runs without its attention mask. Under causal attention no
+    real token sees a padding token after it, so the loss is the same, and attention runs as plain causal
+    attention, which the fused GPU kernels take without a mask in memory; transformers also skips building the
+    mask (docs/gpu.md). Callers whose LM attends to more than the batch's tokens through the mask (PEFT's prefix
+    in the cache) leave it off.
     """
     if not slices_logits(lm):
         return lm(**inputs, labels=labels, use_cache=False).loss
     if length_groups is None:
         length_groups = 2 if labels.device.type == "cpu" else 1
     mask = inputs.get("attention_mask")
+    if drop_right_padding_mask and mask is not None and right_padded(mask):
+        inputs = {key: value for key, value in inputs.items() if key != "attention_mask"}
     width = labels.shape[1]
     # Each row's extent: up to its last real token (its length when padded on the right).
     extents = width - mask.flip(1).int().argmax(1) if mask is not None else labels.new_full(labels.shape[:1], width)
@@ -55,6 +64,11 @@ def target_loss(
         logits = lm(**group, use_cache=False, logits_to_keep=predicts).logits
         total = total + nn.functional.cross_entropy(logits.float(), targets[predicts[:, :-1]], reduction="sum")
     return total / (labels[:, 1:] != IGNORE_INDEX).sum()
+
+
+def right_padded(mask: torch.Tensor) -> bool:
+    """Whether every row's real tokens come first (one host-device synchronisation on accelerators)."""
+    return bool((mask[:, 1:] <= mask[:, :-1]).all())
 
 
 def _is_per_token(value: Any, labels: torch.Tensor) -> bool:

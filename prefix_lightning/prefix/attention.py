@@ -32,6 +32,8 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -229,8 +231,13 @@ def prefix_attention(
             start = key.shape[2] - query.shape[2]  # the cached tokens before this call's
             rows, _ = infix_rows(binding.injector, queries, start, query.shape[2], query.device)
             seen = rows[:, None, :, None]
-        attention_mask = _widen_mask(attention_mask, causal, query, key.shape[2], keys.shape[2], seen)
         bias = kwargs.get("position_bias")
+        if attention_mask is None and causal and seen is None and bias is None and query.shape[2] > 1:
+            # Causal over real tokens, every prefix column visible: the bottom-right aligned causal pattern, which
+            # SDPA's flash and memory-efficient kernels apply without a mask in memory.
+            attention_mask = causal_lower_right(query.shape[2], keys.shape[2] + key.shape[2])
+        else:
+            attention_mask = _widen_mask(attention_mask, causal, query, key.shape[2], keys.shape[2], seen)
         if bias is not None:
             if binding.bias is None:
                 raise RuntimeError(f"{type(module).__name__} passes a position bias that no prefix hook extends")
@@ -243,7 +250,15 @@ def prefix_attention(
         key = torch.cat([keys, key], dim=2)
         value = torch.cat([values, value], dim=2)
         kwargs["is_causal"] = False
+    if query.is_cuda:
+        with sdpa_kernel(CUDA_KERNELS):
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+# SDPA's kernels on CUDA, cuDNN's left out: cuDNN builds a plan for every new shape, and here every training batch
+# has its own length and every decoding step its own number of keys; the others are compiled ahead (docs/gpu.md).
+CUDA_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, prefix_attention)

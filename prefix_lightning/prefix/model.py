@@ -20,7 +20,7 @@ from prefix_lightning.prefix.encoder import INPUT, PrefixEncoder, prefix_encoder
 from prefix_lightning.prefix.export import read_prefix, save_prefix
 from prefix_lightning.prefix.peft_format import peft_incompatibility, read_peft_prefix, save_peft_prefix
 from prefix_lightning.prefix.positions import attach_position_shift
-from prefix_lightning.prefix.sites import AttentionSite, UnsupportedModelError, use_prefix_attention
+from prefix_lightning.prefix.sites import AttentionSite, UnsupportedModelError, site_modules, use_prefix_attention
 from prefix_lightning.prefix.wiring import bind_sites, cache_layers, checkpoint_layers, site_activations, site_keys
 
 log = logging.getLogger(__name__)
@@ -111,11 +111,21 @@ class PrefixModel(nn.Module):
             inputs = self._with_infix_queries(inputs, inputs["labels"])
         return self.lm(**inputs)
 
-    def loss(self, labels: torch.Tensor, length_groups: int | None = None, **inputs: Any) -> torch.Tensor:
+    def loss(
+        self,
+        labels: torch.Tensor,
+        length_groups: int | None = None,
+        drop_right_padding_mask: bool | None = None,
+        **inputs: Any,
+    ) -> torch.Tensor:
         """Token-mean cross-entropy over the target tokens (see :func:`target_loss`); the prefix is
-        materialized once for the whole batch."""
+        materialized once for the whole batch. ``drop_right_padding_mask`` None: on accelerators only (the CPU's
+        masked path is faster there)."""
         self._materialize()
-        return target_loss(self.lm, labels, length_groups, **self._with_infix_queries(inputs, labels))
+        inputs = self._with_infix_queries(inputs, labels)
+        if drop_right_padding_mask is None:
+            drop_right_padding_mask = labels.device.type != "cpu"
+        return target_loss(self.lm, labels, length_groups, drop_right_padding_mask=drop_right_padding_mask, **inputs)
 
     @torch.no_grad()
     def generate(self, **kwargs: Any) -> Any:
@@ -310,8 +320,7 @@ def write_prefix(
 
 def names_by_layer(lm: PreTrainedModel, sites: Sequence[AttentionSite]) -> list[str]:
     """The attention modules bottom to top, as a cache numbers them (``layer_idx``), else as found."""
-    named = dict(lm.named_modules())
-    layers = [getattr(named[site.name], "layer_idx", None) for site in sites]
+    layers = [getattr(module, "layer_idx", None) for module in site_modules(lm, sites)]
     names = [site.name for site in sites]
     if all(isinstance(layer, int) for layer in layers):
         return [name for _, name in sorted(zip(layers, names, strict=True))]
