@@ -54,8 +54,8 @@ lint: setup
 # What .ci/gpu needs on a GPU machine without a package registry (see docs/gpu.md): the project's wheels that
 # such machines lack, pytest's, the E2E files and the GPT-2 tokenizer, in the ignored folder .gpu-bundle/.
 gpu-bundle: setup
-	../shared/gpu/wheels.sh .gpu-bundle/wheels
+	../shared/gpu/wheels.sh $(CURDIR)/.gpu-bundle/wheels  # absolute: the script changes folders before it copies
 	$(BIN)/pip download --quiet --no-deps -d .gpu-bundle/wheels pytest pluggy iniconfig pytest-timeout packaging pygments
-	mkdir -p .gpu-bundle/data .gpu-bundle/tokenizers
+	rm -rf .gpu-bundle/data .gpu-bundle/tokenizers && mkdir -p .gpu-bundle/data .gpu-bundle/tokenizers
 	cp -r $(DATA_DIR)/e2e .gpu-bundle/data/
 	cp -r $(TOKENIZER_DIR) .gpu-bundle/tokenizers/gpt2

@@ -1,5 +1,5 @@
-"""Named sets of benchmark runs, one command each: ``--suite gpu`` measures what the GPU issue's table reports, at
-real model shapes (random weights, no download), bf16 autocast, E2E batches; ``--suite frozen_lm`` trains and
+"""Named sets of benchmark runs, one command each: ``--suite gpu`` measures what the GPU issue's acceptance names,
+at real model shapes (random weights, no download), bf16 autocast, E2E batches of 32; ``--suite frozen_lm`` trains and
 decodes the same prefix on SmolLM2-135M stored four ways (float32, bfloat16, int8, int4) and prints each against
 float32."""
 
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 TRAIN = ("train_ours", "train_peft", "train_full")
-DECODE = ("generate_ours",)
+DECODE = ("generate_ours", "generate_peft")
 
 
 @dataclass(frozen=True)
@@ -34,9 +34,8 @@ OURS = ("train_ours", "generate_ours")
 SUITES = {
     "gpu": Suite(
         (
-            _bf16("135M shape, batch 10", "model=random_smollm2_135m", "data.batch_size=10", phases=TRAIN + DECODE),
-            _bf16("135M shape, batch 32", "model=random_smollm2_135m", "data.batch_size=32", phases=TRAIN),
-            _bf16("1.7B shape, batch 10", "model=random_smollm2_1_7b", "data.batch_size=10", phases=TRAIN[:2]),
+            _bf16("135M shape, batch 32", "model=random_smollm2_135m", "data.batch_size=32", phases=TRAIN + DECODE),
+            _bf16("1.7B shape, batch 32", "model=random_smollm2_1_7b", "data.batch_size=32", phases=TRAIN),
         )
     ),
     "frozen_lm": Suite(
