@@ -69,6 +69,31 @@ def test_prefix_changes_the_output_and_disabling_restores_the_plain_lm() -> None
             torch.testing.assert_close(model.lm(input_ids=ids).logits, plain)
 
 
+def test_the_loss_drops_the_padding_mask_only_where_chosen_and_right_padded() -> None:
+    """The GPU path (a right-padded batch without its mask) is chosen per device: by default the CPU keeps its
+    masked path; asked to drop it, the loss keeps the mask of a left-padded batch, which attention needs."""
+    model = PrefixModel(tiny_lm("llama"), PrefixConfig(length=3, hidden_dim=16))
+    masked: list[bool] = []
+    model.lm.register_forward_pre_hook(
+        lambda module, args, kwargs: masked.append(kwargs.get("attention_mask") is not None), with_kwargs=True
+    )
+
+    def loss(left: bool, drop: bool | None) -> bool:
+        ids, mask = pad_batch(ROWS, left=left)
+        model.loss(
+            input_ids=ids,
+            attention_mask=mask,
+            labels=ids.masked_fill(mask == 0, -100),
+            length_groups=1,
+            drop_right_padding_mask=drop,
+        )
+        return masked[-1]
+
+    assert loss(left=False, drop=None) and loss(left=False, drop=False)
+    assert not loss(left=False, drop=True)
+    assert loss(left=True, drop=True)
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "bart", "t5"])
 def test_training_step_moves_only_the_prefix(kind: str) -> None:
     """Invariant 2: no gradient reaches the LM, its weights stay bit-identical, the prefix's change."""
