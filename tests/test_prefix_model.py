@@ -43,6 +43,22 @@ def test_real_word_prefix_without_padding_uses_explicit_causal_mask() -> None:
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
 
 
+def test_a_flop_counter_sees_the_prefixed_forward() -> None:
+    """Without a mask, causal attention with a prefix uses SDPA's bottom-right causal bias, a tensor subclass that
+    cannot be made under a dispatch mode: under torch's FLOP counter the forward still runs, with the same logits,
+    and counts the attention over the prefix columns."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = PrefixModel(tiny_lm("llama"), PrefixConfig(length=3, hidden_dim=16)).eval()
+    ids = torch.tensor([[10, 11, 12, 13, 14, 15]])
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        with FlopCounterMode(display=False) as counter:
+            counted = model(input_ids=ids).logits
+    torch.testing.assert_close(counted, expected)
+    assert counter.get_total_flops() > 0
+
+
 def test_bart_encoder_real_word_equivalence() -> None:
     reference = tiny_lm("bart")
     model = PrefixModel(tiny_lm("bart"), PrefixConfig(length=len(WORDS), reparam="none"))

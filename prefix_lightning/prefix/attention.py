@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -232,9 +233,11 @@ def prefix_attention(
             rows, _ = infix_rows(binding.injector, queries, start, query.shape[2], query.device)
             seen = rows[:, None, :, None]
         bias = kwargs.get("position_bias")
-        if attention_mask is None and causal and seen is None and bias is None and query.shape[2] > 1:
+        plain_causal = attention_mask is None and causal and seen is None and bias is None and query.shape[2] > 1
+        if plain_causal and not is_in_torch_dispatch_mode():
             # Causal over real tokens, every prefix column visible: the bottom-right aligned causal pattern, which
-            # SDPA's flash and memory-efficient kernels apply without a mask in memory.
+            # SDPA's flash and memory-efficient kernels apply without a mask in memory. (It is a tensor subclass,
+            # which cannot be made under a dispatch mode such as FlopCounterMode: there the mask is explicit.)
             attention_mask = causal_lower_right(query.shape[2], keys.shape[2] + key.shape[2])
         else:
             attention_mask = _widen_mask(attention_mask, causal, query, key.shape[2], keys.shape[2], seen)
