@@ -3,10 +3,13 @@ that need GPUs or a cluster, checked as far as this machine allows."""
 
 from __future__ import annotations
 
+import copy
 import csv
 import importlib.util
 import json
 import pickle
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -14,14 +17,17 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.plugins.environments import SLURMEnvironment
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from safetensors.torch import load_file
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from prefix_lightning import PrefixConfig, PrefixModel
 from prefix_lightning.data.sampler import EpochShuffleSampler
 from prefix_lightning.training.build import build_model
+from prefix_lightning.training.sharded import clip_sharded_grad_norm, fsdp_gathered
 from tests.helpers.cli import run_cli
 from tests.helpers.config import compose_train
+from tests.helpers.tiny import ROWS, pad_batch, tiny_lm
 
 # Two optimizer steps per epoch of the 16-pair subset (global batch 8).
 RUN = [
@@ -146,33 +152,54 @@ def test_fsdp_config_shards_every_decoder_layer_of_any_model(tmp_path: Path) -> 
         assert not any(isinstance(m, tuple(policy._module_classes)) for m in model.encoders.modules())
 
 
-def test_fsdp_export_in_one_process_writes_the_prefix(tmp_path: Path) -> None:
-    """A real FSDP wrap (gloo, one process, on the CPU): FSDP falls back to NO_SHARD, which cannot offload, and
-    renames every module inside a decoder layer; the export still gathers the prefix and writes it whole."""
+@contextmanager
+def _fsdp_in_one_process(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``model`` wrapped as conf/trainer/fsdp.yaml wraps it (each decoder layer a unit, original parameters kept),
+    in a real one-process group (gloo, CPU): FSDP falls back to NO_SHARD there."""
     import torch.distributed as dist
     from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-    from prefix_lightning import PrefixConfig, PrefixModel
-    from prefix_lightning.training.sharded import fsdp_gathered
-    from tests.helpers.tiny import tiny_lm
-
-    model = PrefixModel(tiny_lm("llama"), PrefixConfig(length=3, hidden_dim=16))
-    expected = {name: pair[0].detach().clone() for name, pair in model.prefix_key_values().items()}
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         policy = ModuleWrapPolicy({GradientCheckpointingLayer})
-        root = FullyShardedDataParallel(
-            model, auto_wrap_policy=policy, use_orig_params=True, device_id=torch.device("cpu")
-        )
-        with fsdp_gathered(root):
-            model.save(tmp_path)
+        yield FullyShardedDataParallel(model, auto_wrap_policy=policy, use_orig_params=True, device_id="cpu")
     finally:
         dist.destroy_process_group()
+
+
+def test_fsdp_export_in_one_process_writes_the_prefix(tmp_path: Path) -> None:
+    """NO_SHARD cannot offload, and FSDP renames every module inside a decoder layer: the export still gathers
+    the prefix and writes it whole."""
+    model = PrefixModel(tiny_lm("llama"), PrefixConfig(length=3, hidden_dim=16))
+    expected = {name: pair[0].detach().clone() for name, pair in model.prefix_key_values().items()}
+    with _fsdp_in_one_process(model) as root, fsdp_gathered(root):
+        model.save(tmp_path)
     loaded = PrefixModel.from_prefix(tiny_lm("llama"), tmp_path).prefix_key_values()
     assert loaded.keys() == expected.keys()
     for name, keys in expected.items():
         torch.testing.assert_close(loaded[name][0], keys)
+
+
+def test_fsdp_clips_gradients_by_their_norm_as_plain_clipping_does() -> None:
+    """Lightning's FSDP precision refuses to clip by norm; the module clips through FSDP's root instead, with the
+    same result as plain clipping of the unwrapped model. Other strategies are left to Lightning's clipping."""
+    model = PrefixModel(tiny_lm("llama"), PrefixConfig(length=3, hidden_dim=16))
+    reference = copy.deepcopy(model)
+    ids, mask = pad_batch(ROWS, left=False)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    reference(**batch).loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(reference.trainable_parameters(), 1e-3)
+    assert norm > 1e-3  # so that clipping changes the gradients
+    assert not clip_sharded_grad_norm(DDPStrategy(), 1e-3)
+    with _fsdp_in_one_process(model) as root:
+        root(**batch).loss.backward()
+        strategy = FSDPStrategy()
+        strategy.model = root
+        assert clip_sharded_grad_norm(strategy, 1e-3)
+        for clipped, expected in zip(model.trainable_parameters(), reference.trainable_parameters(), strict=True):
+            assert clipped.grad is not None and expected.grad is not None
+            torch.testing.assert_close(clipped.grad, expected.grad, atol=1e-7, rtol=1e-4)
 
 
 @pytest.mark.parametrize("stage", [2, 3])

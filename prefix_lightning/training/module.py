@@ -168,7 +168,7 @@ class MethodModule(L.LightningModule):
         gradient_clip_algorithm: str | None = None,
     ) -> None:
         clip_by_norm = bool(gradient_clip_val) and gradient_clip_algorithm in (None, "norm")
-        if clip_by_norm and clip_sharded_grad_norm(self.trainer, float(gradient_clip_val or 0)):
+        if clip_by_norm and clip_sharded_grad_norm(self.trainer.strategy, float(gradient_clip_val or 0)):
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, Strategy
 
 
 @contextmanager
@@ -57,10 +57,9 @@ def _trainable_in_root_only(root: torch.nn.Module) -> bool:
     return not any(p.requires_grad and id(p) in nested for p in root.parameters())
 
 
-def clip_sharded_grad_norm(trainer: L.Trainer, max_norm: float) -> bool:
+def clip_sharded_grad_norm(strategy: Strategy, max_norm: float) -> bool:
     """Clip by the norm over every rank's shard where the strategy shards gradients (FSDP: its root unit's
     ``clip_grad_norm_``; Lightning's FSDP precision refuses to). False where the usual clipping applies."""
-    strategy = trainer.strategy
     if not isinstance(strategy, FSDPStrategy):
         return False
     from torch.distributed.fsdp import FullyShardedDataParallel
