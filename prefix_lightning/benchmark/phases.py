@@ -308,7 +308,7 @@ def _decode(
     phase: str, setting: Setting, cfg: DictConfig, tokenizer: Any, generate: Callable[..., torch.Tensor]
 ) -> dict[str, Any]:
     """Greedy outputs of the check inputs (untimed), then the configured beam search over all inputs (timed); with
-    a profile folder, the first batch once more under the profiler."""
+    a profile folder, the first batch's first decoding steps once more under the profiler."""
     greedy = _greedy(setting, cfg, tokenizer, generate)
     options = generation_settings(cfg, tokenizer)
     batches = decoding_batches(cfg, tokenizer, setting.inputs)
@@ -317,7 +317,7 @@ def _decode(
     tokens = sum(len(output) for output in outputs)
     return {
         **stats,
-        **_profile(setting, phase, lambda: _outputs(setting, generate, batches[:1], options)),
+        **_profile(setting, phase, lambda: _outputs(setting, generate, batches[:1], _profiled_steps(options))),
         "frozen_lm": frozen_lm(cfg),
         "inputs": len(outputs),
         "num_beams": options.get("num_beams", 1),
@@ -328,6 +328,15 @@ def _decode(
         "outputs": outputs,
         "texts": tokenizer.batch_decode(outputs, skip_special_tokens=True),
     }
+
+
+PROFILED_STEPS = 10  # decoding steps profiled: a whole batch's trace runs to hundreds of MB
+
+
+def _profiled_steps(options: dict[str, Any]) -> dict[str, Any]:
+    """The decoding options cut to the first ``PROFILED_STEPS`` new tokens."""
+    steps = min(PROFILED_STEPS, options.get("max_new_tokens") or PROFILED_STEPS)
+    return {**options, "max_new_tokens": steps, "min_new_tokens": min(steps, options.get("min_new_tokens") or 0)}
 
 
 def generate_ours(setting: Setting) -> dict[str, Any]:
@@ -381,7 +390,7 @@ def generate_mixed(setting: Setting) -> dict[str, Any]:
     batch of one prefix (each batch the next prefix in turn), and against the 4 batches of one prefix each that its
     rows make, run one after the other (each cut to its own width): ``PrefixBank.generate`` with the configured
     beam search, the three timed batch by batch in turn, so that a busy machine slows them alike; with a profile
-    folder, the first mixed batch once more under the profiler.
+    folder, the first mixed batch's first decoding steps once more under the profiler.
 
     With ``fixed_new_tokens`` every input decodes exactly that many tokens (the search never stops early), so
     that the three do the same steps whatever the prefixes make of the inputs.
@@ -423,7 +432,9 @@ def generate_mixed(setting: Setting) -> dict[str, Any]:
     first_mixed = [names[row % MIXED] for row in range(batches[0]["input_ids"].shape[0])]
     return {
         **totals["mixed"],
-        **_profile(setting, "generate_mixed", partial(_decoded, bank, batches[0], first_mixed, options)),
+        **_profile(
+            setting, "generate_mixed", partial(_decoded, bank, batches[0], first_mixed, _profiled_steps(options))
+        ),
         "frozen_lm": frozen_lm(cfg),
         "inputs": len(outputs["mixed"]),
         "num_beams": options.get("num_beams", 1),
