@@ -28,7 +28,12 @@ from prefix_lightning.cli import report_errors
 from prefix_lightning.methods.exports import export_loader
 from prefix_lightning.prefix import PrefixModel
 from prefix_lightning.prefix.multitask import task_folders
-from prefix_lightning.training.build import build_datamodule, build_module, load_configured_backbone
+from prefix_lightning.training.build import (
+    build_datamodule,
+    build_module,
+    compile_as_configured,
+    load_configured_backbone,
+)
 from prefix_lightning.training.checks import check_config
 from prefix_lightning.training.optimized import settle_optimized_metric
 from prefix_lightning.training.resume import RUN_OVERRIDES, override, run_overrides, unquoted
@@ -52,6 +57,7 @@ def evaluate(cfg: DictConfig) -> float:
     else:
         model = PrefixModel(lm, length=1)
         log.info("no export_path given: evaluating the plain LM on the same prompts")
+    compile_as_configured(cfg, lm)
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
     module = build_module(cfg, model, tokenizer)
     datamodule = build_datamodule(cfg, tokenizer, model)

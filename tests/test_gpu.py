@@ -1,5 +1,5 @@
-"""What only a GPU can check: bf16 training, FSDP and our beam search on CUDA. A GPU machine runs them with
-``pytest -m gpu``; where CUDA is absent they are skipped (CI has none)."""
+"""What only a GPU can check: bf16 training, FSDP, our beam search and the compiled transformer on CUDA. A GPU
+machine runs them with ``pytest -m gpu``; where CUDA is absent they are skipped (CI has none)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from prefix_lightning.backbones.compiled import compile_lm
 from tests.helpers.cli import FAST, run_cli
 from tests.helpers.decoding import END, left_padded, prefixed, transformers_search
 from tests.helpers.tiny import PAD
@@ -59,3 +60,23 @@ def test_decoding_on_cuda_equals_transformers(kind: str, beams: int, monkeypatch
     with transformers_search(monkeypatch):
         theirs = model.generate(input_ids=ids, attention_mask=mask, **options)
     assert torch.equal(ours, theirs)
+
+
+@pytest.mark.integration
+def test_compiled_bf16_run_trains_validates_decodes_and_exports(tmp_path: Path, data_dir: Path) -> None:
+    """``model.compile=true`` (inductor) through a whole run: training, validation's decoding, test, export."""
+    run_cli(tmp_path, *FAST, "trainer=gpu", "trainer.devices=1", "model.compile=true")
+    exported = _trained(tmp_path)
+    assert exported and all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in exported.values())
+    assert (tmp_path / "test_generations.txt").read_text().strip()
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_compiled_decoding_on_cuda_equals_eager(kind: str) -> None:
+    """Inductor's kernels in float32 (TF32 off) choose the same beams as eager mode on these peaked models."""
+    eager, compiled = prefixed(kind).cuda(), prefixed(kind).cuda()
+    compile_lm(compiled.lm)
+    ids, mask = (tensor.cuda() for tensor in left_padded())
+    options = dict(num_beams=5, max_new_tokens=15, eos_token_id=END, pad_token_id=PAD)
+    expected = eager.generate(input_ids=ids, attention_mask=mask, **options)
+    assert torch.equal(compiled.generate(input_ids=ids, attention_mask=mask, **options), expected)

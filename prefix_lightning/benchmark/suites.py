@@ -31,11 +31,16 @@ def _bf16(label: str, *overrides: str, phases: tuple[str, ...]) -> SuiteRun:
 
 
 OURS = ("train_ours", "generate_ours")
+# Our phases again with the transformer compiled (model.compile): the warm-up steps compile the training graph,
+# an untimed pass over the inputs the decoding ones.
+COMPILED = ("model.compile=true",)
 SUITES = {
     "gpu": Suite(
         (
             _bf16("135M shape, batch 32", "model=random_smollm2_135m", "data.batch_size=32", phases=TRAIN + DECODE),
+            _bf16("135M compiled", "model=random_smollm2_135m", "data.batch_size=32", *COMPILED, phases=OURS),
             _bf16("1.7B shape, batch 32", "model=random_smollm2_1_7b", "data.batch_size=32", phases=TRAIN),
+            _bf16("1.7B compiled", "model=random_smollm2_1_7b", "data.batch_size=32", *COMPILED, phases=OURS[:1]),
         )
     ),
     "frozen_lm": Suite(

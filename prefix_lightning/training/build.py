@@ -7,11 +7,14 @@ import logging
 from typing import Any, Protocol
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from torch._dynamo.exc import InvalidBackend
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from prefix_lightning.backbones import load_backbone
+from prefix_lightning.backbones.compiled import compile_lm
 from prefix_lightning.methods import TrainableLM
 from prefix_lightning.training.checks import ConfigError, check_config, method_class, options_at
 from prefix_lightning.training.module import MethodModule
@@ -32,7 +35,29 @@ def build_model(cfg: DictConfig) -> tuple[TrainableLM, PreTrainedTokenizerBase]:
     model = build_method(cfg, lm, tokenizer)
     if cfg.model.get("gradient_checkpointing"):
         model.enable_gradient_checkpointing()
+    compile_as_configured(cfg, model.lm)
     return model, tokenizer
+
+
+def compile_as_configured(cfg: DictConfig, lm: PreTrainedModel) -> None:
+    """``model.compile``: true (inductor) or a ``torch.compile`` backend's name compiles the LM's transformer
+    (called once the method around the LM is built)."""
+    setting = cfg.model.get("compile")
+    if not setting:
+        return
+    backend = "inductor" if setting is True else str(setting)
+    try:
+        compile_lm(lm, backend)
+    except InvalidBackend as error:
+        choices = ", ".join(torch._dynamo.list_backends())
+        raise ConfigError(
+            f"model.compile={setting!r}: true (inductor), false, or a torch.compile backend ({choices})"
+        ) from error
+    log.info(
+        "model.compile: the LM's %s compiles (%s, dynamic shapes) at its first call",
+        type(lm.base_model).__name__,
+        backend,
+    )
 
 
 def build_method(cfg: DictConfig, lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> TrainableLM:

@@ -80,16 +80,16 @@ def padded(rows: list[list[int]], fill: int, left: bool = False) -> torch.Tensor
     return torch.tensor([[fill] * (width - len(r)) * left + r + [fill] * (width - len(r)) * (not left) for r in rows])
 
 
-def training_batch(encoder_decoder: bool) -> dict[str, torch.Tensor]:
-    """PAIRS right-padded; causal rows are source + target with the source and padding labelled IGNORE_INDEX."""
+def training_batch(encoder_decoder: bool, pairs: list[tuple[list[int], list[int]]] = PAIRS) -> dict[str, torch.Tensor]:
+    """``pairs`` right-padded; causal rows are source + target with the source and padding labelled IGNORE_INDEX."""
     if encoder_decoder:
-        ids = padded([s for s, _ in PAIRS], PAD)
+        ids = padded([s for s, _ in pairs], PAD)
         return {
             "input_ids": ids,
             "attention_mask": (ids != PAD).long(),
-            "labels": padded([t for _, t in PAIRS], IGNORE_INDEX),
+            "labels": padded([t for _, t in pairs], IGNORE_INDEX),
         }
-    ids = padded([s + t for s, t in PAIRS], PAD)
-    labels = padded([[IGNORE_INDEX] * len(s) + t for s, t in PAIRS], IGNORE_INDEX)
-    mask = padded([[1] * len(s + t) for s, t in PAIRS], 0)
+    ids = padded([s + t for s, t in pairs], PAD)
+    labels = padded([[IGNORE_INDEX] * len(s) + t for s, t in pairs], IGNORE_INDEX)
+    mask = padded([[1] * len(s + t) for s, t in pairs], 0)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}

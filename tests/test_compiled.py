@@ -1,0 +1,123 @@
+"""The compiled transformer (``model.compile``): the same losses, gradients and beam searches as eager mode, no
+compilation again for batches of new lengths, and eager-only tricks kept off. The CPU tests compile through
+``aot_eager`` (dynamo's graph capture and AOTAutograd's backward, without generating kernels: seconds instead of
+minutes); tests/test_gpu.py runs inductor on a GPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch._dynamo.utils import counters
+
+from prefix_lightning import PrefixModel
+from prefix_lightning.backbones.compiled import compile_lm, is_compiled
+from prefix_lightning.decoding.packed_linear import PackedWeights, can_pack, packed_linears
+from prefix_lightning.training.build import build_model
+from prefix_lightning.training.checks import ConfigError
+from tests.helpers.cli import FAST, run_cli
+from tests.helpers.config import compose_train
+from tests.helpers.decoding import left_padded, prefixed
+from tests.helpers.tiny import PAD, PAIRS, tiny_lm, training_batch
+
+BACKEND = "aot_eager"
+
+
+def _loss_and_gradients(model: PrefixModel, batch: dict[str, torch.Tensor], drop_mask: bool) -> list[torch.Tensor]:
+    model.zero_grad()
+    loss = model.loss(drop_right_padding_mask=drop_mask, **batch)
+    loss.backward()
+    return [loss.detach(), *(p.grad.clone() for p in model.trainable_parameters())]
+
+
+def _pairs(extra: int) -> list[tuple[list[int], list[int]]]:
+    """PAIRS with ``extra`` more target tokens in the first (a batch of a new width)."""
+    (source, target), *rest = PAIRS
+    return [(source, target + list(range(70, 70 + extra))), *rest]
+
+
+# Each compiles for tens of seconds on two cores: integration tier. GPT-2 with its padding mask (learned positions,
+# Conv1D) and Llama without it (rotary positions, grouped-query attention, the prefix's bottom-right causal columns).
+@pytest.mark.integration
+@pytest.mark.parametrize(("family", "drop_mask"), [("gpt2", False), ("llama", True)])
+def test_compiled_lm_trains_like_eager_without_compiling_again(family: str, drop_mask: bool) -> None:
+    torch._dynamo.reset()
+    eager, compiled = (PrefixModel(tiny_lm(family), length=3) for _ in range(2))
+    compile_lm(compiled.lm, BACKEND)
+    for step, extra in enumerate((0, 2, 5)):
+        current = training_batch(encoder_decoder=False, pairs=_pairs(extra))
+        expected = _loss_and_gradients(eager, current, drop_mask)
+        got = _loss_and_gradients(compiled, current, drop_mask)
+        for value, reference in zip(got, expected, strict=True):
+            torch.testing.assert_close(value, reference, rtol=1e-5, atol=1e-6)
+        if step == 0:
+            graphs = counters["stats"]["unique_graphs"]
+    # dynamic shapes: batches of new widths ran through the graphs the first one made
+    assert counters["stats"]["unique_graphs"] == graphs > 0
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_compiled_lm_decodes_like_eager_after_training(family: str) -> None:
+    """Training and validation's decoding in one process: every graph they need fits dynamo's recompile limit (past
+    it, dynamo would silently run the rest in eager mode)."""
+    torch._dynamo.reset()
+    eager, compiled = prefixed(family), prefixed(family)
+    compile_lm(compiled.lm, BACKEND)
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        compiled.train()
+        for extra in (0, 3):
+            compiled.loss(**training_batch(encoder_decoder=False, pairs=_pairs(extra))).backward()
+        compiled.eval()
+        ids, mask = left_padded()
+        options = dict(num_beams=3, max_new_tokens=6, eos_token_id=2, pad_token_id=PAD)
+        decoded = compiled.generate(input_ids=ids, attention_mask=mask, **options)
+    assert torch.equal(decoded, eager.generate(input_ids=ids, attention_mask=mask, **options))
+
+
+def test_compiled_model_keeps_its_own_linear_layers_when_decoding_on_cpu() -> None:
+    lm = tiny_lm("llama").requires_grad_(False)  # frozen, as packing wants it
+    with packed_linears(lm, PackedWeights()) as eager_count:
+        pass
+    assert not is_compiled(lm)
+    compile_lm(lm, BACKEND)
+    assert is_compiled(lm)
+    with packed_linears(lm, PackedWeights()) as count:
+        pass
+    assert (eager_count > 0) == can_pack() and count == 0
+
+
+def test_compiling_keeps_parameter_names() -> None:
+    lm = tiny_lm("llama")
+    names = list(lm.state_dict())
+    compile_lm(lm, BACKEND)
+    assert list(lm.state_dict()) == names
+
+
+def test_model_compile_setting_compiles_the_built_method(tmp_path) -> None:
+    plain, _ = build_model(compose_train(tmp_path, ["model=tiny_llama"]))
+    assert not is_compiled(plain)
+    model, _ = build_model(compose_train(tmp_path, ["model=tiny_llama", f"model.compile={BACKEND}"]))
+    assert is_compiled(model.lm.model) and not is_compiled(model.lm.lm_head)
+
+
+@pytest.mark.integration
+def test_compiled_run_trains_validates_tests_and_exports_the_eager_runs_prefix(tmp_path: Path, data_dir: Path) -> None:
+    """A whole run with ``model.compile`` (Lightning's loop, validation's decoding, checkpoints, the export) ends
+    with the prefix and the test outputs of the same run in eager mode."""
+    compiled, eager = tmp_path / "compiled", tmp_path / "eager"
+    run_cli(compiled, *FAST, f"model.compile={BACKEND}")
+    run_cli(eager, *FAST)
+    ours, reference = (load_file(run / "prefix" / "prefix.safetensors") for run in (compiled, eager))
+    assert ours.keys() == reference.keys()
+    for name in ours:
+        torch.testing.assert_close(ours[name], reference[name], rtol=1e-4, atol=1e-5)
+    outputs = [(run / "test_generations.txt").read_text() for run in (compiled, eager)]
+    assert outputs[0] == outputs[1]
+
+
+def test_an_unknown_backend_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="model.compile='indcutor'.*inductor"):
+        build_model(compose_train(tmp_path, ["model=tiny_llama", "model.compile=indcutor"]))
