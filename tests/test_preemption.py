@@ -4,6 +4,7 @@ requeue stays Lightning's, and a damaged checkpoint is named with the intact one
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import signal
@@ -95,6 +96,20 @@ def test_sigterm_during_a_validation_lets_it_finish_then_stops(straight: Path, t
     run_cli(tmp_path, f"resume={tmp_path}")
     for name in ("val_step4_metrics.json", "val_step4_generations.txt", "test_generations.txt"):
         assert (tmp_path / name).read_text() == (straight / name).read_text()
+    assert_same_prefix(tmp_path, straight)
+
+
+@pytest.mark.integration
+def test_killed_in_the_test_resume_exports_and_tests_as_the_uninterrupted_run(straight: Path, tmp_path: Path) -> None:
+    """kill -9 in the test, training done: resumed, Lightning skips the finished training (and its on_train_end);
+    the export and the test still run on the weights the uninterrupted run exported."""
+    result = run_failing(tmp_path, *RUN, *fault("SignalInTest", name="SIGKILL"))
+    assert result.returncode == -signal.SIGKILL
+    assert global_step(tmp_path / "checkpoints" / "last.ckpt") == 8
+    run_cli(tmp_path, f"resume={tmp_path}")
+    record = json.loads((tmp_path / "result.json").read_text())
+    assert (record["export"], record["exported_step"]) == ("last", 8)
+    assert (tmp_path / "test_generations.txt").read_text() == (straight / "test_generations.txt").read_text()
     assert_same_prefix(tmp_path, straight)
 
 

@@ -67,6 +67,13 @@ class MethodExport(L.Callback):
                 size = sum(f.stat().st_size for f in self.dirpath.rglob("*") if f.is_file()) / 1024
                 log.info("exported %s weights (step %d) to %s (%.1f KB)", self.source, self.step, self.dirpath, size)
 
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A run resumed from a checkpoint of its last training step (interrupted in its final validation or in the
+        test) skips training altogether, and Lightning calls no ``on_train_end``: the export, and the loading of the
+        weights the test runs on, happen here instead."""
+        if self.source is None and trainer.global_step > 0:
+            self.on_train_end(trainer, pl_module)
+
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         assert isinstance(pl_module, MethodModule)  # the callbacks of run.py's runs
         if trainer.is_global_zero and self.source is not None and self.dirpath.is_dir():

@@ -14,7 +14,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from prefix_lightning.training.build import build_datamodule, build_model, build_module
-from prefix_lightning.training.callbacks import MethodExport, ResultRecord
+from prefix_lightning.training.callbacks import MethodExport, ResultRecord, best_checkpoint_callback
 from prefix_lightning.training.job import current_job
 from prefix_lightning.training.last_checkpoint import LastCheckpoint, RunStopped
 from prefix_lightning.training.optimized import settle_optimized_metric
@@ -57,6 +57,7 @@ def train(cfg: DictConfig) -> float | None:
     if not loggers:  # logger=none: the learning-rate monitor has nowhere to write and Lightning would refuse it
         callbacks = [callback for callback in callbacks if not isinstance(callback, LearningRateMonitor)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    export = next((c for c in callbacks if isinstance(c, MethodExport)), None)
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
@@ -64,13 +65,21 @@ def train(cfg: DictConfig) -> float | None:
         trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint)
         if cfg.get("test", True):
             trainer.test(module, datamodule=datamodule)
+        elif export is not None and export.source is None:  # resumed at its last step: training was skipped
+            best = best_checkpoint_callback(trainer)
+            chosen = best.best_model_path if export.weights == "best" and best and best.best_model_path else checkpoint
+            log.warning(
+                "nothing was exported: the run had finished training when it was resumed, and test=false; export "
+                "with: python -m prefix_lightning.export %s %s",
+                chosen,
+                export.dirpath,
+            )
     except SIGTERMException as stop:  # SIGTERM or SIGUSR1: last.ckpt is saved; exit non-zero, saying how to go on
         last = next((c for c in callbacks if isinstance(c, LastCheckpoint)), None)
         job = current_job()
         raise RunStopped.of(last, cfg.paths.output_dir, in_sweep=bool(job and job.sweep)) from stop
     log.info("run finished in %.0f s; outputs in %s", time.perf_counter() - started, cfg.paths.output_dir)
     record = next((c for c in callbacks if isinstance(c, ResultRecord)), None)
-    export = next((c for c in callbacks if isinstance(c, MethodExport)), None)
     return exported_value({**record.progress, "export": export.source if export else None}) if record else None
 
 

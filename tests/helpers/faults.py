@@ -56,3 +56,18 @@ class SignalInValidation(L.Callback):
         if trainer.global_step == self.step and not trainer.sanity_checking:
             os.kill(os.getpid(), self.signal)
             self.step = -1  # once
+
+
+class SignalInTest(L.Callback):
+    """Sends the signal ``name`` to this process after the test's first batch, where this process trained (a
+    resumed run whose training was over tests in peace)."""
+
+    def __init__(self, name: str) -> None:
+        self.signal, self.trained = getattr(signal, name), False
+
+    def on_train_batch_end(self, *args: object) -> None:
+        self.trained = True
+
+    def on_test_batch_end(self, *args: object) -> None:
+        if self.trained:
+            os.kill(os.getpid(), self.signal)
