@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"\n== {run.label}")
             setting = _setting(args, (*run.overrides, *args.overrides), run.precision)
             runs[run.label] = run_benchmark(setting, run.phases)
-        write_json(runs, output)
+            write_json(runs, output)  # after each run: a suite cut short by a time limit keeps what it measured
         print("".join(f"\n== {label}\n{format_report(result)}\n" for label, result in runs.items()))
         if suite.compared:
             print(f"== against {next(iter(runs))}\n{format_comparison(runs)}\n")
