@@ -27,8 +27,12 @@ def _test_bleu(run: Path) -> float:
 
 
 @pytest.mark.integration
-def test_bf16_run_trains_validates_decodes_and_exports_a_float32_prefix(tmp_path: Path, data_dir: Path) -> None:
-    run_cli(tmp_path, *FAST, "trainer=gpu", "trainer.devices=1", "trainer.precision=bf16-mixed")
+@pytest.mark.parametrize("compiled", [[], ["model.compile=true"]], ids=["eager", "compiled"])
+def test_bf16_run_trains_validates_decodes_and_exports_a_float32_prefix(
+    compiled: list[str], tmp_path: Path, data_dir: Path
+) -> None:
+    """Eager, and with ``model.compile=true`` (inductor) through the whole run."""
+    run_cli(tmp_path, *FAST, "trainer=gpu", "trainer.devices=1", "trainer.precision=bf16-mixed", *compiled)
     exported = _trained(tmp_path)
     assert exported and all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in exported.values())
     assert (tmp_path / "test_generations.txt").read_text().strip()
@@ -60,15 +64,6 @@ def test_decoding_on_cuda_equals_transformers(kind: str, beams: int, monkeypatch
     with transformers_search(monkeypatch):
         theirs = model.generate(input_ids=ids, attention_mask=mask, **options)
     assert torch.equal(ours, theirs)
-
-
-@pytest.mark.integration
-def test_compiled_bf16_run_trains_validates_decodes_and_exports(tmp_path: Path, data_dir: Path) -> None:
-    """``model.compile=true`` (inductor) through a whole run: training, validation's decoding, test, export."""
-    run_cli(tmp_path, *FAST, "trainer=gpu", "trainer.devices=1", "model.compile=true")
-    exported = _trained(tmp_path)
-    assert exported and all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in exported.values())
-    assert (tmp_path / "test_generations.txt").read_text().strip()
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
