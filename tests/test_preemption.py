@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from prefix_lightning.training.checks import ConfigError
 from prefix_lightning.training.resume import check_resumed_config, resume_arguments
-from tests.helpers.cli import run_cli, run_failing
+from tests.helpers.cli import run_cli, run_failing, run_python
 from tests.helpers.config import compose_train
 
 # Two epochs of 4 batches, validating every 2 steps; the last step's prefix is exported (it changes every step).
@@ -110,6 +110,22 @@ def test_killed_in_the_test_resume_exports_and_tests_as_the_uninterrupted_run(st
     record = json.loads((tmp_path / "result.json").read_text())
     assert (record["export"], record["exported_step"]) == ("last", 8)
     assert (tmp_path / "test_generations.txt").read_text() == (straight / "test_generations.txt").read_text()
+    assert_same_prefix(tmp_path, straight)
+
+
+@pytest.mark.integration
+def test_killed_in_the_test_resumed_without_test_says_how_to_export(straight: Path, tmp_path: Path) -> None:
+    """The same kill, resumed with test=false: nothing runs after the skipped training, so nothing is exported; the
+    log gives the export command, and that command writes the uninterrupted run's prefix."""
+    run_failing(tmp_path, *RUN, *fault("SignalInTest", name="SIGKILL"))
+    resumed = run_cli(tmp_path, f"resume={tmp_path}", "test=false")
+    said = resumed.stdout + resumed.stderr
+    command = re.search(r"export with: python -m (prefix_lightning\.export) (\S+) (\S+)", said)
+    assert command is not None, said[-3000:]
+    assert (Path(command[2]), Path(command[3])) == (tmp_path / "checkpoints" / "last.ckpt", tmp_path / "prefix")
+    assert json.loads((tmp_path / "result.json").read_text())["export"] is None
+    exported = run_python("-m", *command.groups())
+    assert exported.returncode == 0, exported.stderr[-3000:]
     assert_same_prefix(tmp_path, straight)
 
 

@@ -93,11 +93,16 @@ class MethodExport(L.Callback):
         )
         write_cards(card, self.dirpath, getattr(pl_module.model, "tasks", None))  # multi-task: a card per task
 
+    def best_checkpoint(self, trainer: L.Trainer) -> str | None:
+        """The checkpoint whose weights ``weights="best"`` exports: the best validation one, if one was kept."""
+        callback = best_checkpoint_callback(trainer)
+        return (callback.best_model_path or None) if callback and self.weights == "best" else None
+
     def _load_best(self, trainer: L.Trainer, pl_module: MethodModule) -> None:
         """Every rank loads the best checkpoint, as Lightning restores one (the strategy reads it)."""
-        callback = best_checkpoint_callback(trainer)
-        best = callback.best_model_path if callback else ""
-        if not best:
+        best = self.best_checkpoint(trainer)
+        if best is None:
+            callback = best_checkpoint_callback(trainer)
             monitor = callback.monitor if callback else None
             log.warning("export=best, but no validation checkpoint by %s was kept: exporting the last step's", monitor)
             return

@@ -14,7 +14,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from prefix_lightning.training.build import build_datamodule, build_model, build_module
-from prefix_lightning.training.callbacks import MethodExport, ResultRecord, best_checkpoint_callback
+from prefix_lightning.training.callbacks import MethodExport, ResultRecord
 from prefix_lightning.training.job import current_job
 from prefix_lightning.training.last_checkpoint import LastCheckpoint, RunStopped
 from prefix_lightning.training.optimized import settle_optimized_metric
@@ -66,12 +66,10 @@ def train(cfg: DictConfig) -> float | None:
         if cfg.get("test", True):
             trainer.test(module, datamodule=datamodule)
         elif export is not None and export.source is None:  # resumed at its last step: training was skipped
-            best = best_checkpoint_callback(trainer)
-            chosen = best.best_model_path if export.weights == "best" and best and best.best_model_path else checkpoint
             log.warning(
                 "nothing was exported: the run had finished training when it was resumed, and test=false; export "
                 "with: python -m prefix_lightning.export %s %s",
-                chosen,
+                export.best_checkpoint(trainer) or checkpoint,
                 export.dirpath,
             )
     except SIGTERMException as stop:  # SIGTERM or SIGUSR1: last.ckpt is saved; exit non-zero, saying how to go on
