@@ -15,7 +15,7 @@ LAYERS = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, interm
 GQA = dict(LAYERS, num_key_value_heads=2)
 
 DECODERS = {
-    "gpt2": ("gpt2", dict(n_layer=2, n_embd=32, n_head=4, n_positions=64)),
+    "gpt2": ("gpt2", FAMILIES["gpt2"]),
     "llama_gqa": ("llama", GQA),
     "qwen2": ("qwen2", GQA),
     "qwen3": ("qwen3", dict(GQA, head_dim=8)),
@@ -43,20 +43,7 @@ DECODERS = {
 }
 T5: dict[str, Any] = FAMILIES["t5"]
 ENCODER_DECODERS = {
-    "bart": (
-        "bart",
-        dict(
-            encoder_layers=2,
-            decoder_layers=2,
-            d_model=32,
-            encoder_attention_heads=4,
-            decoder_attention_heads=4,
-            encoder_ffn_dim=64,
-            decoder_ffn_dim=64,
-            max_position_embeddings=64,
-            forced_eos_token_id=None,
-        ),
-    ),
+    "bart": ("bart", FAMILIES["bart"]),
     "t5": ("t5", T5),
     "flan_t5_gated": ("t5", dict(T5, feed_forward_proj="gated-gelu", tie_word_embeddings=False)),
 }
