@@ -8,8 +8,9 @@ PYTHON ?= python3
 VENV ?= .venv
 # The CPU build of torch that these machines carry; on a GPU machine use e.g. TORCH=torch
 TORCH ?= torch==2.13.0
-DATA_DIR ?= data
-TOKENIZER_DIR ?= gpt2
+# Unset, they keep what the environment already says (PREFIX_LIGHTNING_DATA / _TOKENIZER), else these defaults.
+DATA_DIR ?= $(or $(PREFIX_LIGHTNING_DATA),data)
+TOKENIZER_DIR ?= $(or $(PREFIX_LIGHTNING_TOKENIZER),gpt2)
 ARGS ?=
 
 BIN := $(VENV)/bin
