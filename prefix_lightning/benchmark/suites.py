@@ -37,26 +37,15 @@ ONE_DECODING_BATCH = "data.eval_batch_size=100"
 # Our phases again with the transformer compiled (model.compile): the warm-up steps compile the training graph,
 # an untimed pass over the inputs the decoding ones.
 COMPILED = ("model.compile=true",)
+AT_135M = ("model=random_smollm2_135m", "data.batch_size=32", ONE_DECODING_BATCH)
+AT_1_7B = ("model=random_smollm2_1_7b", "data.batch_size=32")
 SUITES = {
     "gpu": Suite(
         (
-            _bf16(
-                "135M shape, batch 32",
-                "model=random_smollm2_135m",
-                "data.batch_size=32",
-                ONE_DECODING_BATCH,
-                phases=TRAIN + DECODE,
-            ),
-            _bf16(
-                "135M compiled",
-                "model=random_smollm2_135m",
-                "data.batch_size=32",
-                ONE_DECODING_BATCH,
-                *COMPILED,
-                phases=OURS,
-            ),
-            _bf16("1.7B shape, batch 32", "model=random_smollm2_1_7b", "data.batch_size=32", phases=TRAIN),
-            _bf16("1.7B compiled", "model=random_smollm2_1_7b", "data.batch_size=32", *COMPILED, phases=OURS[:1]),
+            _bf16("135M shape, batch 32", *AT_135M, phases=TRAIN + DECODE),
+            _bf16("135M compiled", *AT_135M, *COMPILED, phases=OURS),
+            _bf16("1.7B shape, batch 32", *AT_1_7B, phases=TRAIN),
+            _bf16("1.7B compiled", *AT_1_7B, *COMPILED, phases=OURS[:1]),
         )
     ),
     "frozen_lm": Suite(
