@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from prefix_lightning.sweeps.aggregate import aggregate, main
+from prefix_lightning.sweeps.table import format_stat
 from prefix_lightning.training import dashboards
 from prefix_lightning.training.record import FIELDS, RECORD_FILE, read_record, write_record
 from prefix_lightning.training.resume import finished_record, resume_checkpoint
@@ -77,6 +78,20 @@ def test_table_averages_over_seeds_and_subsets(tmp_path: Path) -> None:
         "test_bleu_vs_prefix_length.png",
         "test_bleu_vs_training_examples.png",
     }
+
+
+@pytest.mark.parametrize(
+    ("mean", "std", "text"),
+    [
+        (52.164, 10.0712, "52.16 ± 10.07"),
+        (2781.4, 681.82, "2,781 ± 682"),  # the std to the mean's decimals
+        (6208640.0, 0.0, "6,208,640 ± 0"),
+        (0.4, 1234.5, "0.40 ± 1,234.50"),
+        (1.5, None, "1.50"),  # a single run: no spread to show
+    ],
+)
+def test_mean_and_std_are_written_to_the_means_decimals(mean: float, std: float | None, text: str) -> None:
+    assert format_stat(mean, std) == text
 
 
 def test_report_is_one_self_contained_page(tmp_path: Path) -> None:

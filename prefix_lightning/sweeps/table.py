@@ -107,13 +107,19 @@ def summarize(records: Sequence[dict[str, Any]]) -> Table:
     return Table(keys, shared, metrics, rows)
 
 
-def format_number(value: float) -> str:
-    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.2f}"
+def decimals(value: float) -> int:
+    return 0 if abs(value) >= 1000 else 2
+
+
+def format_number(value: float, places: int | None = None) -> str:
+    """Thousands whole, smaller numbers to 2 decimals, or to ``places`` decimals where given."""
+    return f"{value:,.{decimals(value) if places is None else places}f}"
 
 
 def format_stat(mean: float, std: float | None) -> str:
-    """The text "mean ± std", or the mean alone for a single run."""
-    return format_number(mean) + ("" if std is None else f" ± {format_number(std)}")
+    """The text "mean ± std" (the std to the mean's decimals: "2,781 ± 682"), or the mean alone for a single run."""
+    places = decimals(mean)
+    return format_number(mean, places) + ("" if std is None else f" ± {format_number(std, places)}")
 
 
 def cells(table: Table) -> tuple[list[str], list[list[str]]]:
