@@ -4,6 +4,7 @@ requeue stays Lightning's, and a damaged checkpoint is named with the intact one
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import re
@@ -38,6 +39,12 @@ def assert_same_prefix(run: Path, reference: Path) -> None:
     assert got.keys() == expected.keys()
     for group in expected:
         torch.testing.assert_close(got[group], expected[group], atol=1e-6, rtol=0)
+
+
+def learning_rates(run: Path) -> dict[int, float]:
+    """The logged learning rate by logged step: a resumed run logs the steps it trained as the straight run did."""
+    with (run / "csv" / "metrics.csv").open() as rows:
+        return {int(row["step"]): float(row["lr-AdamW"]) for row in csv.DictReader(rows) if row["lr-AdamW"]}
 
 
 def global_step(checkpoint: Path) -> int:
@@ -133,7 +140,7 @@ def test_killed_in_the_test_resumed_without_test_says_how_to_export(straight: Pa
 def test_kill_9_after_the_timed_checkpoint_loses_no_more_than_the_interval(straight: Path, tmp_path: Path) -> None:
     """Steps of at least 0.25 s, a timed last.ckpt every 0.6 s and no validation before step 8: kill -9 after step 7
     finds a checkpoint at most 0.6 s (3 steps) plus the step it waited for old, and resuming from it still ends with
-    the uninterrupted run's prefix."""
+    the uninterrupted run's prefix, validating at step 8 and logging each step as the uninterrupted run did."""
     timed = [*RUN[:-1], "trainer.val_check_interval=8", "callbacks.last_checkpoint.every_minutes=0.01"]
     result = run_failing(
         tmp_path, *timed, *fault("SlowSteps", seconds=0.25), *fault("SignalAt", step=7, name="SIGKILL")
@@ -144,6 +151,9 @@ def test_kill_9_after_the_timed_checkpoint_loses_no_more_than_the_interval(strai
     assert re.search(r"saved \S+last\.ckpt at step \d+ \(every 0\.01 minutes\)", result.stdout + result.stderr)
     run_cli(tmp_path, *timed, f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}")
     assert_same_prefix(tmp_path, straight)
+    assert [path.name for path in tmp_path.glob("val_step*_metrics.json")] == ["val_step8_metrics.json"]
+    resumed, expected = learning_rates(tmp_path), learning_rates(straight)
+    assert min(resumed) == saved and resumed == {step: expected[step] for step in resumed}
 
 
 @pytest.mark.integration
