@@ -52,7 +52,6 @@ class LastCheckpoint(Checkpoint):
         self._saved_step = -1
         self.stopped_by: str | None = None
         self._pending: Callable[[], None] | None = None  # Lightning's stop, until a point to resume from
-        self._at_batch_start = False  # while the timed save runs
 
     def save(self, trainer: L.Trainer) -> None:
         """Every rank calls this (sharded strategies gather the state); checkpoints are written atomically."""
@@ -109,20 +108,17 @@ class LastCheckpoint(Checkpoint):
         if trainer.world_size > 1:  # rank 0's clock decides, or the ranks would not save together
             due = trainer.strategy.broadcast(due)
         if due and self.interval_s is not None:
-            self._at_batch_start = True
-            try:
-                self.save(trainer)
-            finally:
-                self._at_batch_start = False
+            self.save(trainer)
             log.info("saved %s at step %d (every %.4g minutes)", self.path, trainer.global_step, self.interval_s / 60)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        """A save as a batch starts holds the loops as the finished step left them. Lightning has already counted
-        the starting batch as fetched, and a resume restores that count across epochs as it is: the resumed run
-        would count one batch too many, validating a step early and logging every step one too far on."""
-        if self._at_batch_start:
-            progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]
-            for counts in (progress["total"], progress["current"]):
+        """A checkpoint taken as a batch starts (the timed save) holds the loops as the finished step left them.
+        Lightning has already counted the starting batch as fetched, not yet as started, and a resume restores the
+        count across epochs as it is: the resumed run would count one batch too many, validating a step early and
+        logging every step one too far on."""
+        progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+        for counts in (progress["total"], progress["current"]):
+            if counts["ready"] == counts["started"] + 1:
                 counts["ready"] -= 1
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
