@@ -102,7 +102,9 @@ def test_block_linears_are_quantized_and_the_rest_stays_float(kind: str, quantiz
         exact = reference(input_ids=ids, attention_mask=mask, **extra).logits
         approximate = lm(input_ids=ids, attention_mask=mask, **extra).logits
     similarity = nn.functional.cosine_similarity(exact.flatten(), approximate.flatten(), dim=0)
-    assert similarity > {"int8": 0.999, "int4": 0.95}[quantization]
+    # NF4 errs by 9% (relative norm) on a Gaussian matrix and by up to 48% on some of these tiny layers: the tiny
+    # T5's logits keep a cosine of 0.94 (measured on an AMD EPYC), the other models' 0.98 and more.
+    assert similarity > {"int8": 0.999, "int4": 0.9}[quantization]
 
 
 @pytest.mark.parametrize("quantization", QUANTIZATIONS)
@@ -117,6 +119,25 @@ def test_prefix_trains_through_the_quantized_lm(kind: str, quantization: str) ->
     assert losses[-1] < 0.99 * losses[0], losses
     after = stored(model.lm)
     assert unchanged(weights_before, after)
+
+
+@pytest.mark.parametrize("quantization", QUANTIZATIONS)
+def test_decoding_leaves_the_quantized_layers_differentiable(quantization: str) -> None:
+    """A run decodes (validation, no gradient) between training steps: afterwards the prefix gets the gradients of a
+    model that never decoded. (bitsandbytes 0.50, on CPUs with AVX512-BF16, repacked 4-bit weights at a forward
+    without gradient into a layout that has no backward: the prefix got none. Layers 64 wide: one 4-bit block.)"""
+    decoded, fresh = (
+        PrefixModel(quantize(tiny_lm("llama", hidden_size=64, intermediate_size=128), quantization), length=3)
+        for _ in range(2)
+    )
+    fresh.encoders.load_state_dict(decoded.encoders.state_dict())
+    batch = training_batch(False)
+    decoded.eval().generate(input_ids=batch["input_ids"][:1], max_new_tokens=2, do_sample=False, pad_token_id=PAD)
+    for model in (decoded.train(), fresh.train()):
+        model.loss(**batch).backward()
+    for got, expected in zip(decoded.trainable_parameters(), fresh.trainable_parameters(), strict=True):
+        assert got.grad is not None and expected.grad is not None
+        torch.testing.assert_close(got.grad, expected.grad)
 
 
 @pytest.mark.parametrize("quantization", QUANTIZATIONS)
@@ -194,7 +215,9 @@ def test_prefix_exported_from_a_quantized_lm_reloads(quantization: str, tmp_path
         torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits, logits)
         float_logits = on_float_lm(input_ids=ids, attention_mask=mask).logits
     similarity = nn.functional.cosine_similarity(float_logits.flatten(), logits.flatten(), dim=0)
-    assert similarity > {"int8": 0.999, "int4": 0.95}[quantization]
+    # NF4 errs by 9% (relative norm) on a Gaussian matrix and by up to 48% on some of these tiny layers: the tiny
+    # T5's logits keep a cosine of 0.94 (measured on an AMD EPYC), the other models' 0.98 and more.
+    assert similarity > {"int8": 0.999, "int4": 0.9}[quantization]
 
 
 @pytest.mark.parametrize("quantization", QUANTIZATIONS)

@@ -177,4 +177,9 @@ def _nf4(linear: nn.Linear) -> nn.Module:
     )
     layer.weight = bnb.nn.Params4bit(weight.detach(), requires_grad=False, quant_type="nf4", module=layer)
     layer.bias = linear.bias
+    # bitsandbytes 0.50 on CPUs with AVX512-BF16 repacks the weight in place at the first forward in eval mode whose
+    # input needs no gradient (in a frozen LM: every forward of decoding, and the first layer's in training), into a
+    # layout whose kernel has no backward: the prefix then got no gradient at all, silently (and layers narrower
+    # than a block of 64 failed). The layer keeps the layout that both directions compute through.
+    layer.support_avx512bf16_for_cpu = False
     return layer.to(weight.device)
