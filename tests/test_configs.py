@@ -98,14 +98,14 @@ def test_data_configs_instantiate(name: str, tmp_path: Path, gpt2_tokenizer) -> 
     assert {key: datamodule.hparams[key] for key in given} == given
 
 
-# FSDP and DeepSpeed trainers refuse a CPU: tests/test_distributed.py instantiates and checks their strategies.
-SHARDED = ("fsdp", "deepspeed")
+# DeepSpeed's trainers refuse a CPU: tests/test_distributed.py instantiates and checks their strategies.
+SHARDED = ("deepspeed",)
 
 
 @pytest.mark.parametrize("name", [name for name in options("trainer") if not name.startswith(SHARDED)])
 def test_trainer_configs_instantiate(name: str, tmp_path: Path) -> None:
     # GPU configs are checked on the CPU here: same keys, same strategy, only the accelerator differs.
-    overrides = [f"trainer={name}"] + (["trainer.accelerator=cpu"] if name in ("gpu", "ddp", "slurm") else [])
+    overrides = [f"trainer={name}"] + (["trainer.accelerator=cpu"] if name in ("gpu", "ddp", "slurm", "fsdp") else [])
     settings = compose_train(tmp_path, overrides).trainer
     trainer = instantiate(settings)
     assert (trainer.max_steps, trainer.precision, trainer.accumulate_grad_batches, trainer.gradient_clip_val) == (

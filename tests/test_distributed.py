@@ -25,8 +25,9 @@ from prefix_lightning import PrefixConfig, PrefixModel
 from prefix_lightning.data.sampler import EpochShuffleSampler
 from prefix_lightning.training.build import build_model
 from prefix_lightning.training.sharded import clip_sharded_grad_norm, fsdp_gathered
-from tests.helpers.cli import run_cli
+from tests.helpers.cli import run_cli, run_failing
 from tests.helpers.config import compose_train
+from tests.helpers.faults import fault
 from tests.helpers.tiny import ROWS, pad_batch, tiny_lm
 
 # Two optimizer steps per epoch of the 16-pair subset (global batch 8).
@@ -93,6 +94,70 @@ def test_two_process_ddp_splits_the_subset_and_matches_one_process(tmp_path: Pat
     assert _last_val_loss(ddp) == pytest.approx(_last_val_loss(single), rel=1e-3)  # synced across the ranks
 
 
+# Two epochs of 2 global batches of 8 (4 per process), validating after each; the test runs after the fit.
+SHARDED_RUN = [
+    "model=tiny_llama",
+    "debug=fast",
+    "data.train_size=16",
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=2",
+]
+
+
+SHARDED = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
+
+
+@pytest.mark.integration
+def test_two_process_fsdp_stops_resumes_and_ends_as_ddp_does(tmp_path: Path, data_dir: Path) -> None:
+    """FSDP (each process holding half of every unit, gloo on the CPU) stopped by SIGTERM after its first step and
+    resumed with ``resume=``: it ends with DDP's prefix, test score and checkpoint (the prefix alone, whole, with
+    DDP's optimizer state); the test after the fit runs in the fit's wrapping."""
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    run_cli(ddp, *SHARDED_RUN, "trainer=ddp_cpu", "trainer.strategy=ddp")
+    run_failing(fsdp, *SHARDED_RUN, *SHARDED, *fault("SignalAt", step=1, name="SIGTERM"))
+    assert torch.load(fsdp / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 1
+    run_cli(fsdp, f"resume={fsdp}")  # the second process is started again with this command line
+
+    exported, expected = (load_file(run / "prefix" / "prefix.safetensors") for run in (fsdp, ddp))
+    for name, tensor in expected.items():
+        torch.testing.assert_close(exported[name], tensor, atol=1e-6, rtol=0)
+    assert _test_bleu(fsdp) == _test_bleu(ddp)
+    assert all(key.startswith("model.encoders.") for key in _assert_same_checkpoint(fsdp, ddp))
+
+
+@pytest.mark.integration
+def test_two_process_fsdp_checkpoints_lora_inside_the_sharded_layers_as_ddp_does(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    """LoRA trains inside the decoder layers, FSDP units of their own (whose names FSDP's wrappers change): the
+    checkpoint still holds every adapter tensor, whole, as DDP's does."""
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    run_cli(ddp, *SHARDED_RUN, "method=lora", "test=false", "trainer=ddp_cpu", "trainer.strategy=ddp")
+    run_cli(fsdp, *SHARDED_RUN, "method=lora", "test=false", *SHARDED)
+    assert all(".lora_" in key for key in _assert_same_checkpoint(fsdp, ddp))
+
+
+def _assert_same_checkpoint(run: Path, reference: Path) -> list[str]:
+    """The last checkpoints of the two runs hold the same tensors and AdamW moments; returns the tensors' names."""
+    ours, theirs = (torch.load(path / "checkpoints" / "last.ckpt", weights_only=True) for path in (run, reference))
+    assert ours["global_step"] == theirs["global_step"]
+    assert ours["state_dict"].keys() == theirs["state_dict"].keys()
+    for key, tensor in theirs["state_dict"].items():
+        torch.testing.assert_close(ours["state_dict"][key], tensor, atol=1e-6, rtol=0)
+    # Keyed by index among all parameters under FSDP, among the optimized ones under DDP: the same order.
+    moments = [state for _, state in sorted(ours["optimizer_states"][0]["state"].items())]
+    expected = [state for _, state in sorted(theirs["optimizer_states"][0]["state"].items())]
+    assert len(moments) == len(expected) == len(theirs["state_dict"])
+    for state, expected_state in zip(moments, expected, strict=True):
+        for name in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(state[name], expected_state[name], atol=1e-9, rtol=1e-5)
+    return list(ours["state_dict"])
+
+
+def _test_bleu(run_dir: Path) -> float:
+    return json.loads((run_dir / "result.json").read_text())["test"]["test/bleu"]
+
+
 def test_ranks_split_each_global_batch_and_resume_mid_epoch() -> None:
     """Rank r takes the r-th share of every global batch of the single-process order, also after a resume."""
     single = list(EpochShuffleSampler(10, seed=3, batch_size=4))
@@ -135,7 +200,8 @@ def test_relaunching_ddp_runs_from_the_command_line(tmp_path: Path, data_dir: Pa
 
 
 def test_fsdp_config_shards_every_decoder_layer_of_any_model(tmp_path: Path) -> None:
-    """FSDP needs GPUs to run; here: the strategy instantiates, wraps each decoder layer, keeps original params."""
+    """The strategy wraps each decoder layer of any model in its own unit, the prefix in none, and keeps the
+    original parameters (frozen and trainable ones share the root unit)."""
     strategy = instantiate(compose_train(tmp_path, ["trainer=fsdp"]).trainer.strategy)
     assert isinstance(strategy, FSDPStrategy)
     assert strategy.kwargs["use_orig_params"] and strategy._state_dict_type == "full"
@@ -153,14 +219,18 @@ def test_fsdp_config_shards_every_decoder_layer_of_any_model(tmp_path: Path) -> 
 
 
 @contextmanager
-def _fsdp_in_one_process(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+def _fsdp_wrapped(
+    model: torch.nn.Module, rank: int = 0, world_size: int = 1, store: Path | None = None
+) -> Iterator[torch.nn.Module]:
     """``model`` wrapped as conf/trainer/fsdp.yaml wraps it (each decoder layer a unit, original parameters kept),
-    in a real one-process group (gloo, CPU): FSDP falls back to NO_SHARD there."""
+    in a real process group (gloo, CPU) of ``world_size`` processes meeting in the file ``store``. One process:
+    FSDP falls back to NO_SHARD; more: each holds its shard of every unit."""
     import torch.distributed as dist
     from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    meeting = dist.FileStore(str(store), world_size) if store is not None else dist.HashStore()
+    dist.init_process_group("gloo", store=meeting, rank=rank, world_size=world_size)
     try:
         policy = ModuleWrapPolicy({GradientCheckpointingLayer})
         yield FullyShardedDataParallel(model, auto_wrap_policy=policy, use_orig_params=True, device_id="cpu")
@@ -168,17 +238,34 @@ def _fsdp_in_one_process(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         dist.destroy_process_group()
 
 
-def test_fsdp_export_in_one_process_writes_the_prefix(tmp_path: Path) -> None:
-    """NO_SHARD cannot offload, and FSDP renames every module inside a decoder layer: the export still gathers
-    the prefix and writes it whole."""
+def _export_under_fsdp(rank: int, world_size: int, folder: Path) -> None:
+    """One rank of the export test: every rank gathers, rank 0 writes; the decoder layers stay sharded meanwhile."""
     model = PrefixModel(tiny_lm("llama"), PrefixConfig(length=3, hidden_dim=16))
-    expected = {name: pair[0].detach().clone() for name, pair in model.prefix_key_values().items()}
-    with _fsdp_in_one_process(model) as root, fsdp_gathered(root):
-        model.save(tmp_path)
-    loaded = PrefixModel.from_prefix(tiny_lm("llama"), tmp_path).prefix_key_values()
+    matrices = [m.weight for m in model.lm.model.layers.modules() if isinstance(m, torch.nn.Linear)]
+    with _fsdp_wrapped(model, rank, world_size, folder / "store") as root, fsdp_gathered(root):
+        if rank == 0:
+            model.save(folder / "prefix")
+            assert all(weight.dim() == (2 if world_size == 1 else 1) for weight in matrices), (
+                "only the root unit (prefix, embeddings, final norm) is gathered: the decoder layers stay flat shards"
+            )
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_fsdp_export_writes_the_prefix_whole_from_the_root_unit_alone(world_size: int, tmp_path: Path) -> None:
+    """NO_SHARD (one process) cannot offload, FSDP renames every module inside a decoder layer, and on 2 processes
+    each holds half of every unit: the export still writes the prefix whole, gathering only the root unit."""
+    import torch.multiprocessing as mp
+
+    expected = PrefixModel(tiny_lm("llama"), PrefixConfig(length=3, hidden_dim=16)).prefix_key_values()
+    if world_size == 1:
+        _export_under_fsdp(0, 1, tmp_path)
+    else:
+        mp.spawn(_export_under_fsdp, args=(world_size, tmp_path), nprocs=world_size)
+    loaded = PrefixModel.from_prefix(tiny_lm("llama"), tmp_path / "prefix").prefix_key_values()
     assert loaded.keys() == expected.keys()
-    for name, keys in expected.items():
-        torch.testing.assert_close(loaded[name][0], keys)
+    for name, (keys, values) in expected.items():
+        torch.testing.assert_close(loaded[name][0], keys.detach())
+        torch.testing.assert_close(loaded[name][1], values.detach())
 
 
 def test_fsdp_clips_gradients_by_their_norm_as_plain_clipping_does() -> None:
@@ -192,7 +279,7 @@ def test_fsdp_clips_gradients_by_their_norm_as_plain_clipping_does() -> None:
     norm = torch.nn.utils.clip_grad_norm_(reference.trainable_parameters(), 1e-3)
     assert norm > 1e-3  # so that clipping changes the gradients
     assert not clip_sharded_grad_norm(DDPStrategy(), 1e-3)
-    with _fsdp_in_one_process(model) as root:
+    with _fsdp_wrapped(model) as root:
         root(**batch).loss.backward()
         strategy = FSDPStrategy()
         strategy.model = root

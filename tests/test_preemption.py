@@ -20,15 +20,10 @@ from prefix_lightning.training.checks import ConfigError
 from prefix_lightning.training.resume import check_resumed_config, resume_arguments
 from tests.helpers.cli import run_cli, run_failing, run_python
 from tests.helpers.config import compose_train
+from tests.helpers.faults import fault
 
 # Two epochs of 4 batches, validating every 2 steps; the last step's prefix is exported (it changes every step).
 RUN = ["model=tiny_llama", "debug=fast", "export=last", "trainer.max_steps=8", "trainer.val_check_interval=2"]
-
-
-def fault(callback: str, **options: object) -> list[str]:
-    return [f"+callbacks.{callback}._target_=tests.helpers.faults.{callback}"] + [
-        f"+callbacks.{callback}.{key}={value}" for key, value in options.items()
-    ]
 
 
 def assert_same_prefix(run: Path, reference: Path) -> None:
@@ -200,6 +195,9 @@ def test_resume_takes_the_runs_own_overrides_and_folder(tmp_path: Path) -> None:
         f"resume='{run}'",
     ]
     assert resume_arguments(["run.py", f"resume='{run}'"])[-1] == f"resume='{run}'"
+    # DDP and FSDP start the other ranks with this command line, which Lightning extends: taken as it is.
+    relaunched = [*argv, f"hydra.run.dir='{run}'", "hydra.job.name=train_ddp_process_1", "hydra.output_subdir=null"]
+    assert resume_arguments(relaunched) == relaunched
     with pytest.raises(
         FileNotFoundError, match=r"resume=.*nowhere: not a run folder \(\.hydra/config\.yaml is missing"
     ):

@@ -43,11 +43,13 @@ def can_pack() -> bool:
 
 
 def _packable(module: nn.Module) -> bool:
-    """A frozen float32 CPU ``nn.Linear`` or GPT-2 ``Conv1D`` (subclasses may compute something else)."""
+    """A frozen float32 CPU ``nn.Linear`` or GPT-2 ``Conv1D`` (subclasses may compute something else) whose
+    weight is a whole matrix (FSDP's sharded parameters are flat shards outside its forward)."""
     weight = getattr(module, "weight", None)
     return (
         type(module) in (nn.Linear, Conv1D)
         and isinstance(weight, torch.Tensor)
+        and weight.dim() == 2
         and weight.device.type == "cpu"
         and weight.dtype == torch.float32
         and not weight.requires_grad

@@ -117,12 +117,15 @@ def discover_sites(lm: PreTrainedModel) -> list[tuple[torch.nn.Module, Attention
 _WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
 
+def unwrapped_name(name: str) -> str:
+    """A module's or parameter's name as it was before wrappers (FSDP, ...) inserted their segments into it."""
+    for segment in _WRAPPER_SEGMENTS:
+        name = name.replace(segment, "")
+    return name
+
+
 def site_modules(lm: torch.nn.Module, sites: Sequence[AttentionSite]) -> list[torch.nn.Module]:
     """Each site's attention module, found by the name it had when the prefix was attached, also after a
     wrapper (FSDP, ...) has changed the names of the LM's modules."""
-    named = {}
-    for name, module in lm.named_modules():
-        for segment in _WRAPPER_SEGMENTS:
-            name = name.replace(segment, "")
-        named[name] = module
+    named = {unwrapped_name(name): module for name, module in lm.named_modules()}
     return [named[site.name] for site in sites]

@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmu
 
 from prefix_lightning.evaluation import main_validation_metric, score, task_metrics, validation_suite
 from prefix_lightning.methods import TrainableLM
-from prefix_lightning.training.sharded import clip_sharded_grad_norm
+from prefix_lightning.training.sharded import clip_sharded_grad_norm, trainable_by_name
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ class MethodModule(L.LightningModule):
 
     # -- checkpoints: trainable tensors only ---------------------------------------------------------------
     def _trainable(self) -> dict[str, torch.nn.Parameter]:
-        return {name: p for name, p in self.named_parameters() if p.requires_grad}
+        return trainable_by_name(self)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = self._trainable()

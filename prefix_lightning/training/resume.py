@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 RUN_CONFIG = Path(".hydra", "config.yaml")
 RUN_OVERRIDES = Path(".hydra", "overrides.yaml")
 # Where Hydra writes a resumed attempt's config, so that the run's own .hydra/config.yaml stays what it ran with.
-RESUMED_SUBDIR = ".hydra/resumed"
+RESUMED_PLACEMENT = "hydra.output_subdir=.hydra/resumed"
 # Settings that do not change what a run computes, so a resumed run may change them: where files are, how many
 # devices share the same global batches, logging and progress display, whether it tests at the end.
 NOT_COMPUTED = (
@@ -59,7 +59,8 @@ def resume_arguments(argv: Sequence[str]) -> list[str]:
     """The command line of ``run.py resume=<run dir> [overrides]``: that run's own overrides, then the given ones, in
     its folder. Hydra writes this attempt's config to ``.hydra/resumed/``; ``train`` compares it with the run's."""
     given = [argument for argument in argv[1:] if argument.startswith("resume=")]
-    if not given:
+    if not given or RESUMED_PLACEMENT in argv:
+        # No resume, or one expanded already: DDP and FSDP start the other ranks with the first one's command line.
         return list(argv)
     run_dir = Path(unquoted(given[-1].partition("=")[2]))
     if not (run_dir / RUN_CONFIG).is_file():
@@ -67,7 +68,7 @@ def resume_arguments(argv: Sequence[str]) -> list[str]:
     rest = [argument for argument in argv[1:] if not argument.startswith("resume=")]
     placement = [
         override("hydra.run.dir", run_dir),
-        f"hydra.output_subdir={RESUMED_SUBDIR}",
+        RESUMED_PLACEMENT,
         override("resume", run_dir),
     ]
     return [argv[0], *run_overrides(run_dir), *rest, *placement]

@@ -10,6 +10,13 @@ import lightning as L
 import torch
 
 
+def fault(callback: str, **options: object) -> list[str]:
+    """The command-line overrides that add the fault ``callback`` of this module to a run, with its options."""
+    return [f"+callbacks.{callback}._target_=tests.helpers.faults.{callback}"] + [
+        f"+callbacks.{callback}.{key}={value}" for key, value in options.items()
+    ]
+
+
 class SignalAt(L.Callback):
     """Sends the signal ``name`` (SIGKILL, SIGINT, ...) to this very process once ``step`` steps are done."""
 
