@@ -142,6 +142,19 @@ class _SaidOnce(logging.Filter):
 _SAID_ONCE = _SaidOnce()
 
 
+class _UnusedKernel(logging.Filter):
+    """bitsandbytes (0.50), imported on a CPU with AVX512-BF16 (PEFT imports it wherever it is installed), warns
+    that it could not fetch the kernel of its repacked 4-bit CPU layout, which the layers quantized here never use
+    (see ``_nf4``): a warning in every command's output about nothing it runs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward")
+
+
+# Set before anything imports bitsandbytes: the package's __init__ imports this module first.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_UnusedKernel())
+
+
 # bitsandbytes quantizes a weight when it is moved to a device: here, to the one it is already on.
 def _int8(linear: nn.Linear) -> nn.Module:
     import bitsandbytes as bnb
