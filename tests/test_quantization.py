@@ -215,9 +215,7 @@ def test_prefix_exported_from_a_quantized_lm_reloads(quantization: str, tmp_path
         torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits, logits)
         float_logits = on_float_lm(input_ids=ids, attention_mask=mask).logits
     similarity = nn.functional.cosine_similarity(float_logits.flatten(), logits.flatten(), dim=0)
-    # NF4 errs by 9% (relative norm) on a Gaussian matrix and by up to 48% on some of these tiny layers: the tiny
-    # T5's logits keep a cosine of 0.94 (measured on an AMD EPYC), the other models' 0.98 and more.
-    assert similarity > {"int8": 0.999, "int4": 0.9}[quantization]
+    assert similarity > {"int8": 0.999, "int4": 0.95}[quantization]
 
 
 @pytest.mark.parametrize("quantization", QUANTIZATIONS)
