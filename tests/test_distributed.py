@@ -116,7 +116,12 @@ def test_two_process_fsdp_stops_resumes_and_ends_as_ddp_does(tmp_path: Path, dat
     run_cli(ddp, *SHARDED_RUN, "trainer=ddp_cpu", "trainer.strategy=ddp")
     run_failing(fsdp, *SHARDED_RUN, *SHARDED, *fault("SignalAt", step=1, name="SIGTERM"))
     assert torch.load(fsdp / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 1
-    run_cli(fsdp, f"resume={fsdp}")  # the second process is started again with this command line
+    resumed = run_cli(fsdp, f"resume={fsdp}")  # the second process is started again with this command line
+    console = resumed.stdout + resumed.stderr
+    # Nothing on the console may read as if the prefix or the scores lived on one rank: Lightning's summary of
+    # rank 0's shard, clipping's warning on a rank without a slice of the prefix, the per-rank metric warning.
+    for rank_local in ("Trainable params:", "with no gradients", "sync_dist=True"):
+        assert rank_local not in console
 
     exported, expected = (load_file(run / "prefix" / "prefix.safetensors") for run in (fsdp, ddp))
     for name, tensor in expected.items():
@@ -189,10 +194,18 @@ def test_a_pickled_model_keeps_its_prefix(name: str, tmp_path: Path) -> None:
         assert copy(**inputs).loss != model(**inputs).loss
 
 
+RELAUNCHED = ["trainer=ddp_cpu", "trainer.strategy=ddp", "data.batch_size=4"]
+
+
 @pytest.mark.integration
 def test_relaunching_ddp_runs_from_the_command_line(tmp_path: Path, data_dir: Path) -> None:
-    """Plain ``strategy=ddp`` starts the command line again for rank 1; both ranks must train and finish."""
-    run = _train(tmp_path, "trainer=ddp_cpu", "trainer.strategy=ddp", "data.batch_size=4")
+    """Plain ``strategy=ddp`` starts the command line again for rank 1; both ranks must train and finish, rank 1
+    logging into its own file, not onto the console that it shares with rank 0."""
+    run = tmp_path
+    result = run_cli(run, *RUN, f"+callbacks.batch_recorder.folder={run / 'batches'}", *RELAUNCHED)
+    console = result.stdout + result.stderr
+    assert console.count("trainable parameters, LM of") == 1
+    assert "trainable parameters, LM of" in (run / "train_ddp_process_1.log").read_text()
     assert len(_seen(run, 0)) == len(_seen(run, 1)) == 3
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 3 and all(key.startswith("model.encoders.") for key in checkpoint["state_dict"])

@@ -104,7 +104,9 @@ class MethodModule(L.LightningModule):
         suites = [getattr(data, "metric_suite", "bleu") for data in (tasks or {"": datamodule}).values()]
         main = {main_validation_metric(suite).removeprefix("val/") for suite in suites}
         for key, value in metrics.items():
-            self.log(f"{split}/{key.lower()}", value, prog_bar=key.lower() in main, rank_zero_only=True)
+            # Every rank scored the same gathered outputs: syncing averages equal values (and tells Lightning that
+            # the value is the whole set's, which it otherwise warns about on several processes).
+            self.log(f"{split}/{key.lower()}", value, prog_bar=key.lower() in main, sync_dist=True)
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
             self._write(split, outputs, metrics)
 

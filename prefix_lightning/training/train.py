@@ -11,6 +11,7 @@ import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from prefix_lightning.training.build import build_datamodule, build_model, build_module
@@ -33,12 +34,24 @@ def instantiate_all(group: DictConfig | None) -> list[Any]:
     return [thing for thing in built if thing is not None]
 
 
+def _console_for_rank_zero() -> None:
+    """The other processes of a multi-process run (re-launched command lines) share rank 0's console: there they
+    keep to errors, so that each line is said once; their whole log is in their own file
+    (``train_ddp_process_<rank>.log`` in the run folder)."""
+    if getattr(rank_zero_only, "rank", 0) == 0:  # Lightning sets it from the launcher's environment
+        return
+    for handler in logging.getLogger().handlers:
+        if type(handler) is logging.StreamHandler:  # not its subclass FileHandler
+            handler.setLevel(logging.ERROR)
+
+
 def train(cfg: DictConfig) -> float | None:
     """Train, export and test the configured method; return the validation ``cfg.optimized_metric`` of the exported
     weights (for sweepers): the best value with ``export=best``, the last one with ``export=last``.
 
     A run folder that already holds a complete result record is not run again; one with a last checkpoint resumes.
     """
+    _console_for_rank_zero()
     check_resumed_config(cfg)
     finished = finished_record(cfg.paths.output_dir)
     if finished is not None:
