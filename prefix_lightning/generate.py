@@ -31,6 +31,7 @@ from prefix_lightning.cli import report_errors
 from prefix_lightning.data import Group, TextToTextCollator
 from prefix_lightning.prefix import PrefixBank, read_prefix
 from prefix_lightning.training.build import generation_settings, load_configured_backbone, source_budget
+from prefix_lightning.training.checks import check_generation
 from prefix_lightning.training.compose import CONF_DIR, compose_config
 
 FORMATS = ("auto", "jsonl", "text")
@@ -187,6 +188,9 @@ def run(args: argparse.Namespace) -> int:
     with opened(args.input, "r") as stream:
         requests = read_requests(stream, args.format, list(prefixes), where)
     cfg = compose(prefixes, args.overrides)
+    check_generation(cfg)
+    if args.output != "-":  # before the model loads
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     lm, tokenizer = load_configured_backbone(cfg)
@@ -242,6 +246,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("give at least one --prefix NAME=FOLDER")
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be at least 1")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device}: not a torch device (cpu, cuda, cuda:1, mps, ...)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this torch has no CUDA device")
     return args
 
 

@@ -40,6 +40,7 @@ def read_references(path: Path, num_hypotheses: int) -> list[list[str]]:
     if path.suffix == ".jsonl":
         return _read_jsonl(path, with_generation=False)[1]
     if path.suffix == ".csv":
+        _require_file(path)  # read_e2e would explain how to download the E2E release
         return [refs for _, refs in group_references(read_e2e(path))]
     lines = _read_text(path).splitlines()
     while lines and not lines[-1].strip():  # trailing empty lines end the file, not a group
@@ -62,10 +63,17 @@ def read_generations(path: Path) -> tuple[list[str], list[list[str]]]:
     return _read_jsonl(path, with_generation=True)
 
 
-def _read_text(path: Path) -> str:
+def _require_file(path: Path) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    return path.read_text(encoding="utf-8")
+
+
+def _read_text(path: Path) -> str:
+    _require_file(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
 
 
 def _read_jsonl(path: Path, with_generation: bool) -> tuple[list[str], list[list[str]]]:
@@ -106,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --hypotheses and --references, or --generations")
 
     try:
+        if args.output is not None:  # a place the scores cannot go is refused before the scoring, not after it
+            if args.output.is_dir():
+                raise ValueError(f"--output {args.output} is a folder: give the JSON file's name")
+            args.output.parent.mkdir(parents=True, exist_ok=True)
         if args.generations is not None:
             hypotheses, references = read_generations(args.generations)
         else:
@@ -116,19 +128,17 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", MetricSkippedWarning)
             scores = score(args.suite, hypotheses, references)
+        for warning in caught:
+            print(f"warning: {warning.message}", file=sys.stderr)
+        print(f"{args.suite}: {len(hypotheses)} hypotheses")
+        for name, value in scores.items():
+            print(f"  {name:<8} {value:10.4f}")
+        if args.output is not None:
+            report = {"suite": args.suite, "num_hypotheses": len(hypotheses), "scores": scores}
+            args.output.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    for warning in caught:
-        print(f"warning: {warning.message}", file=sys.stderr)
-
-    print(f"{args.suite}: {len(hypotheses)} hypotheses")
-    for name, value in scores.items():
-        print(f"  {name:<8} {value:10.4f}")
-    if args.output is not None:
-        report = {"suite": args.suite, "num_hypotheses": len(hypotheses), "scores": scores}
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return 0
 
 

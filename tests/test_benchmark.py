@@ -13,6 +13,7 @@ from peft import PrefixTuningConfig, get_peft_model
 from prefix_lightning import PrefixConfig, PrefixModel
 from prefix_lightning.baselines.peft_prefix import peft_generate, set_peft_prefix
 from prefix_lightning.benchmark import PHASES, Setting, run_benchmark
+from prefix_lightning.benchmark.__main__ import main as benchmark_main
 from prefix_lightning.benchmark.hardware import matmul_parameters, mfu
 from prefix_lightning.benchmark.phases import decoding_batches, training_batches
 from prefix_lightning.benchmark.suites import SUITES, format_comparison
@@ -130,6 +131,11 @@ def test_model_flops_count_each_matrix_once(tmp_path: Path) -> None:
         assert matmul_parameters(lm) == expected and (name == "tiny_gpt2") == tied
     assert mfu(1000.0, 4e9, 989.4) == pytest.approx(1000 * 4e9 / 989.4e12)
     assert mfu(1000.0, 4e9, None) is None
+
+
+def test_a_phase_list_naming_no_phase_is_refused() -> None:
+    with pytest.raises(ValueError, match="--phases ',' names no phase"):
+        benchmark_main(["--phases", ","])
 
 
 def test_every_suite_runs_configs_and_phases_that_exist(tmp_path: Path) -> None:

@@ -363,6 +363,27 @@ def test_data_config_loaders(name, tmp_path, data_dir, gpt2_tokenizer):
         assert not held_out & {example.source for example in module.train_examples}
 
 
+def _custom_module(folder: Path, tokenizer, *overrides: str) -> TextToTextDataModule:
+    write_custom_data(folder)
+    cfg = compose_train(folder, ["data=custom", "model=tiny_gpt2", f"data.data_dir={folder}", *overrides])
+    return instantiate(cfg.data, tokenizer=tokenizer, separator=" =", target_end="<|endoftext|>")
+
+
+@pytest.mark.parametrize(("split", "stage"), [("train", "fit"), ("val", "fit"), ("test", "test")])
+def test_a_data_file_without_rows_is_refused(split, stage, tmp_path, gpt2_tokenizer):
+    """Not a run that "finishes" without a training step (and records a result a sweep would then skip)."""
+    module = _custom_module(tmp_path, gpt2_tokenizer)
+    (tmp_path / "custom" / f"{split}.jsonl").write_text("")
+    with pytest.raises(ValueError, match=rf"custom/{split}.jsonl holds no examples"):
+        module.setup(stage)
+
+
+def test_a_test_size_beyond_the_split_is_refused_before_training(tmp_path, gpt2_tokenizer):
+    module = _custom_module(tmp_path, gpt2_tokenizer, "data.test_size=5")  # the test file holds 4
+    with pytest.raises(ValueError, match="test_size=5, but the split has 4 groups"):
+        module.setup("fit")
+
+
 def test_every_data_config_has_a_loader_test_or_needs_the_network():
     shipped = {path.stem for path in (CONF / "data").glob("*.yaml")}
     # e2e, dart and xsum read the official training sets (not shipped here); their offline twins are tested.

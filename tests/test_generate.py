@@ -115,6 +115,27 @@ def test_a_bad_line_is_named_before_anything_runs(
     assert not output.exists(), "nothing is written for a bad input"
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--threads", "0"], "--threads must be at least 1"),
+        (["--device", "bogus"], "--device bogus: not a torch device"),
+        (["model=tiny_llama", "generation.num_beams=0"], "generation.num_beams=0 is not valid"),
+        (["model=tiny_llama", "+generation.num_beam=3"], "generation has no option num_beam"),
+    ],
+)
+def test_bad_options_are_named(
+    prefixes: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture, options: list[str], message: str
+) -> None:
+    inputs = write_jsonl(tmp_path / "inputs.jsonl", [{"source": "x", "prefix": "e2e"}])
+    output = tmp_path / "outputs.jsonl"
+    with pytest.raises(SystemExit) as stopped:
+        main([*prefix_options(prefixes), "--input", str(inputs), "--output", str(output), *options])
+    assert stopped.value.code != 0
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
 def test_prefixes_of_different_base_models_need_a_model(prefixes: dict[str, Path], tmp_path: Path, capsys) -> None:
     cfg = compose_train(tmp_path, ["model=tiny_gpt2"])
     other = PrefixModel(load_configured_backbone(cfg)[0], length=2, hidden_dim=8).save(tmp_path / "gpt2")

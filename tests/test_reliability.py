@@ -27,6 +27,14 @@ from tests.helpers.config import compose_train
         ("model.backbone.source=huggingface", "allowed: embedded, hub, random"),
         ("model.backbone.name=smollm3", "embedded models: smollm2-135m-instruct"),
         ("export=final", "export='final' is not valid: use best or last"),
+        ("optim.weight_decay=abc", "optim.weight_decay='abc' is not valid: use a value >= 0"),
+        ("trainer.max_steps=abc", "trainer.max_steps='abc' is not valid: use a positive number of steps"),
+        ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0 is not valid: use 1 or more"),
+        ("seed=abc", "seed='abc' is not valid: use an integer"),
+        ("generation.length_penalty=abc", "generation.length_penalty='abc' is not valid: use a number"),
+        ("generation.no_repeat_ngram_size=-1", "generation.no_repeat_ngram_size=-1 is not valid"),
+        ("generation.early_stopping=maybe", "generation.early_stopping='maybe' is not valid"),
+        ("+generation.num_beam=3", "generation has no option num_beam: use transformers' GenerationConfig"),
         ("callbacks.early_stopping.patience=0", "callbacks.early_stopping.patience=0 is not valid: use validations"),
         ("callbacks.last_checkpoint.every_minutes=-1", "every_minutes=-1 is not valid: use minutes >= 0, or null"),
     ],
@@ -37,10 +45,39 @@ def test_bad_values_are_rejected_naming_the_option(override: str, message: str, 
     assert message in str(caught.value)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="what a machine without a GPU says")
+def test_a_gpu_trainer_without_a_gpu_is_refused_before_the_model_loads(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="trainer.accelerator=gpu .* sees no GPU on this machine"):
+        check_config(compose_train(tmp_path, ["trainer=gpu"]))
+
+
 def test_missing_local_model_folder_is_named(tmp_path: Path) -> None:
     cfg = compose_train(tmp_path, ["model=gpt2", f"model.backbone.name={tmp_path}/no-such-model"])
     with pytest.raises(ConfigError, match="no-such-model.*no such local model folder"):
         check_config(cfg)
+
+
+@pytest.mark.parametrize(
+    ("option", "folder", "message"),
+    [
+        ("name", "no-such-model", "no such local model folder"),
+        ("name", "empty", "holds no config.json: not a transformers model folder"),
+        ("tokenizer", "no-such-tokenizer", "no such local tokenizer folder"),
+        ("tokenizer", "empty", "the tokenizer folder is empty"),
+    ],
+)
+def test_model_and_tokenizer_folders_are_checked_before_loading(
+    option: str, folder: str, message: str, tmp_path: Path
+) -> None:
+    (tmp_path / "empty").mkdir()
+    cfg = compose_train(tmp_path, ["model=gpt2", f"++model.backbone.{option}={tmp_path}/{folder}"])
+    with pytest.raises(ConfigError, match=message):
+        check_config(cfg)
+
+
+@pytest.mark.parametrize("hub_id", ["gpt2", "HuggingFaceTB/SmolLM2-1.7B", "Qwen/Qwen2.5-0.5B"])
+def test_hub_ids_with_dots_are_not_taken_for_missing_folders(hub_id: str, tmp_path: Path) -> None:
+    check_config(compose_train(tmp_path, ["model=gpt2", f"model.backbone.name={hub_id}"]))
 
 
 @pytest.mark.integration

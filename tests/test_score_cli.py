@@ -21,7 +21,7 @@ REFERENCES = [
 
 
 def _write(path: Path, text: str) -> Path:
-    path.write_text(text, encoding="utf-8")
+    path.write_text(text, encoding="utf-8", errors="surrogateescape")  # lone surrogates: bytes that are not UTF-8
     return path
 
 
@@ -98,6 +98,10 @@ GEN = ["--hypotheses", "gen.txt", "--references"]  # gen.txt holds the two HYPOT
         ({"r.jsonl": '{"references": ["a"]}\n'}, ["--generations", "r.jsonl"], "line 1: expected a `generation`"),
         ({}, ["--generations", "r.jsonl", "--hypotheses", "gen.txt"], "either --generations or"),
         ({}, ["--hypotheses", "gen.txt"], "give --hypotheses and --references, or --generations"),
+        ({}, [*GEN, "missing.csv"], "missing.csv: no such file"),  # not the E2E download's advice
+        ({"r.txt": "a\nb\n"}, [*GEN, "r.txt", "--output", "."], "--output . is a folder"),
+        ({"r.txt": "a\nb\n", "f": ""}, [*GEN, "r.txt", "--output", "f/s.json"], "File exists"),
+        ({"r.txt": "caf\udce9\n"}, [*GEN, "r.txt"], "r.txt: not UTF-8 text (invalid continuation byte at byte 3)"),
     ],
 )
 def test_errors_exit_non_zero_with_one_line(files, argv, message, hypotheses_file, tmp_path, capsys, monkeypatch):

@@ -129,6 +129,11 @@ def test_aggregate_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert printed.startswith("| ") and f"report: {tmp_path / 'summary' / 'report.html'}" in printed
     with pytest.raises(SystemExit):
         main([str(tmp_path / "empty")])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        main([str(tmp_path), "--metric", "test/bogus"])
+    assert stopped.value.code == 1
+    assert capsys.readouterr().err.startswith("error: metric 'test/bogus' is not in the records of")
 
 
 def test_finished_runs_are_skipped_and_unfinished_ones_resume(tmp_path: Path) -> None:

@@ -60,14 +60,27 @@ class BackboneConfig:
                     "random_config needs either 'model_type' (a config described field by field) or 'like' (a Hub "
                     f"id or model folder whose config to use), not both; got keys {sorted(self.random_config)}"
                 )
-        elif (self.name.startswith((".", "/", "~")) or Path(self.name).suffix) and not Path(
-            self.name
-        ).expanduser().is_dir():
-            raise ValueError(
-                f"{self.name!r}: no such local model folder (give an existing folder or a Hugging Face Hub id "
-                "such as gpt2)"
-            )
+        else:
+            _check_local_folder(self.name, "model", "config.json")
+        if self.tokenizer is not None:
+            _check_local_folder(self.tokenizer, "tokenizer")
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+
+def _check_local_folder(name: str, what: str, required: str | None = None) -> None:
+    """A name written as a path (``./m``, ``/m``, ``~/m``, ``a/b/c``) must be a folder that holds ``what``: a Hub id
+    is ``name`` or ``owner/name`` (dots allowed: ``Qwen/Qwen2.5-0.5B``). An existing folder is taken as one."""
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        if name.startswith((".", "/", "~")) or name.count("/") > 1:
+            raise ValueError(
+                f"{name!r}: no such local {what} folder (give an existing folder or a Hugging Face Hub id such as gpt2)"
+            )
+        return
+    if required is not None and not (folder / required).is_file():
+        raise ValueError(f"{name!r} holds no {required}: not a transformers {what} folder")
+    if not any(folder.iterdir()):
+        raise ValueError(f"{name!r}: the {what} folder is empty")

@@ -120,7 +120,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _phases(names: str) -> tuple[str, ...]:
-    return tuple(name for name in names.split(",") if name)
+    phases = tuple(name for name in names.split(",") if name)
+    if not phases:
+        raise ValueError(f"--phases {names!r} names no phase")
+    return phases
 
 
 def _setting(args: argparse.Namespace, overrides: tuple[str, ...], precision: str) -> Setting:

@@ -121,7 +121,10 @@ class TextToTextDataModule(L.LightningDataModule):
 
     def _read(self, name: str) -> list[Example]:
         options = {option: self.hparams[option] for option in self.spec.options}
-        return self.spec.read(self._location(name), **options)
+        examples = self.spec.read(self._location(name), **options)
+        if not examples:  # else a run would "finish" without a training step, or test on nothing
+            raise ValueError(f"{self._location(name)} holds no examples (the file has no rows)")
+        return examples
 
     def prepare_data(self) -> None:
         """Download the official files (once, on one process per node) if a configured one is missing."""
@@ -160,6 +163,8 @@ class TextToTextDataModule(L.LightningDataModule):
             for group in self.val_groups
             for reference in group.references
         ]
+        if hp.test_size is not None:  # a test split too small for it is refused now, not after the training
+            self._test_groups()
         self._train = self.collator.encode_pairs(self.train_examples, "train")
         self._val_loss = self.collator.encode_pairs(val_pairs, "validation (loss)")
         self._val_generation = self.collator.encode_prompts(self.val_groups, "validation (generation)")
@@ -173,6 +178,10 @@ class TextToTextDataModule(L.LightningDataModule):
         return max(1, round(hp.val_fraction * hp.train_size))
 
     def _setup_test(self) -> None:
+        self.test_groups = self._test_groups()
+        self._test_generation = self.collator.encode_prompts(self.test_groups, "test")
+
+    def _test_groups(self) -> list[Group]:
         hp = self.hparams
         groups = reference_groups(self._read(hp.test_file))
         if self.spec.seen_unseen:
@@ -180,8 +189,7 @@ class TextToTextDataModule(L.LightningDataModule):
             if hp.test_subset != "all":
                 seen = hp.test_subset == "seen"
                 groups = [group for group in groups if (group.category in self.seen_categories) == seen]
-        self.test_groups = _first_groups(groups, hp.test_size, "test_size")
-        self._test_generation = self.collator.encode_prompts(self.test_groups, "test")
+        return _first_groups(groups, hp.test_size, "test_size")
 
     def _draw_subset(self, pool: list[Example]) -> list[Example]:
         size = self.hparams.train_size

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from prefix_lightning.cli import report_errors
 from prefix_lightning.sweeps import paired
 from prefix_lightning.sweeps.paired_plot import plot_paired
 from prefix_lightning.sweeps.plots import plot_metric
@@ -105,14 +106,16 @@ def aggregate(sweep_dir: str | Path, metric: str | None = None) -> Path | None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m prefix_lightning.sweeps.aggregate", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("sweep_dir", type=Path, help="a multirun folder, e.g. multirun/<sweep name>")
     parser.add_argument("--metric", help="the metric to plot (default: the first test metric)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not args.sweep_dir.is_dir():
         parser.error(f"{args.sweep_dir} is not a folder")
-    out = aggregate(args.sweep_dir, args.metric)
+    out = report_errors(lambda: aggregate(args.sweep_dir, args.metric))
     if out is None:
         raise SystemExit(1)
     print((out / "results.md").read_text(), end="")

@@ -6,11 +6,14 @@ this module asks them, and adds the rules of a run (learning rate, budgets, deco
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
+import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
+from transformers import GenerationConfig
 
 from prefix_lightning.backbones import BackboneConfig
 from prefix_lightning.backbones.quantization import quantized_training_error
@@ -27,9 +30,17 @@ def _require(condition: bool, option: str, value: Any, accepted: str) -> None:
         raise ConfigError(f"{option}={value!r} is not valid: {accepted}")
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _positive_or_null(cfg: DictConfig, option: str) -> None:
     value = OmegaConf.select(cfg, option)
-    _require(value is None or (isinstance(value, int) and value > 0), option, value, "use a positive integer or null")
+    _require(value is None or (_is_int(value) and value > 0), option, value, "use a positive integer or null")
 
 
 def options_at(cfg: DictConfig, option: str) -> dict[str, Any]:
@@ -99,17 +110,32 @@ def check_config(cfg: DictConfig) -> None:
             f"prefix.init_text / init_vocab start a prefix, infix or embedding; method {cfg.method.name} has none"
         )
     lr = cfg.method.lr
-    _require(isinstance(lr, (int, float)) and lr > 0, "method.lr", lr, "the learning rate must be > 0")
-    _require(cfg.optim.weight_decay >= 0, "optim.weight_decay", cfg.optim.weight_decay, "use a value >= 0")
-    _require(cfg.optim.warmup_steps >= 0, "optim.warmup_steps", cfg.optim.warmup_steps, "use a value >= 0")
-    beams = cfg.generation.get("num_beams", 1)
-    _require(isinstance(beams, int) and beams >= 1, "generation.num_beams", beams, "use 1 (greedy) or more beams")
-    tokens = cfg.generation.get("max_new_tokens", 1)
-    _require(isinstance(tokens, int) and tokens >= 1, "generation.max_new_tokens", tokens, "use a positive integer")
+    _require(_is_number(lr) and lr > 0, "method.lr", lr, "the learning rate must be > 0")
+    for option in ("optim.weight_decay", "optim.warmup_steps"):
+        value = OmegaConf.select(cfg, option)
+        _require(_is_number(value) and value >= 0, option, value, "use a value >= 0")
+    for option in ("seed", "data.subset_seed"):
+        value = OmegaConf.select(cfg, option)
+        _require(value is None or _is_int(value), option, value, "use an integer")
+    check_generation(cfg)
     for option in ("data.train_size", "data.val_size", "data.test_size", "data.batch_size", "data.eval_batch_size"):
         _positive_or_null(cfg, option)
     steps = cfg.trainer.get("max_steps", -1)
-    _require(steps == -1 or steps > 0, "trainer.max_steps", steps, "use a positive number of steps, or -1 for epochs")
+    _require(
+        _is_int(steps) and (steps == -1 or steps > 0),
+        "trainer.max_steps",
+        steps,
+        "use a positive number of steps, or -1 for epochs",
+    )
+    accelerator = cfg.trainer.get("accelerator", "cpu")
+    if accelerator in ("gpu", "cuda") and not (torch.cuda.is_available() or torch.backends.mps.is_available()):
+        raise ConfigError(
+            f"trainer.accelerator={accelerator} (trainer=gpu, ddp, fsdp, deepspeed_*, slurm), but torch "
+            f"{torch.__version__} sees no GPU on this machine: train on the CPU (the default trainer, or "
+            "trainer=ddp_cpu), or install a CUDA build of torch"
+        )
+    accumulated = cfg.trainer.get("accumulate_grad_batches", 1)
+    _require(_is_int(accumulated) and accumulated >= 1, "trainer.accumulate_grad_batches", accumulated, "use 1 or more")
     _require(cfg.get("export", "best") in ("best", "last"), "export", cfg.get("export"), "use best or last")
     patience = OmegaConf.select(cfg, "callbacks.early_stopping.patience")
     positive = isinstance(patience, int) and not isinstance(patience, bool) and patience > 0
@@ -119,3 +145,31 @@ def check_config(cfg: DictConfig) -> None:
     minutes = OmegaConf.select(cfg, "callbacks.last_checkpoint.every_minutes")
     timed = isinstance(minutes, (int, float)) and not isinstance(minutes, bool) and minutes >= 0
     _require(minutes is None or timed, "callbacks.last_checkpoint.every_minutes", minutes, "use minutes >= 0, or null")
+
+
+def check_generation(cfg: DictConfig) -> None:
+    """The decoding options, before any model loads: a typo would stop a run at its first validation, after its
+    training steps, in transformers' words (or not at all: transformers ignores what it does not know)."""
+    settings = {name: value for name, value in options_at(cfg, "generation").items() if value is not None}
+    unknown = sorted(set(settings) - _decoding_options())
+    if unknown:
+        raise ConfigError(
+            f"generation has no option {', '.join(unknown)}: use transformers' GenerationConfig fields "
+            "(num_beams, max_new_tokens, length_penalty, ...) or ban_newline"
+        )
+    beams = settings.get("num_beams", 1)
+    _require(_is_int(beams) and beams >= 1, "generation.num_beams", beams, "use 1 (greedy) or more beams")
+    tokens = settings.get("max_new_tokens", 1)
+    _require(_is_int(tokens) and tokens >= 1, "generation.max_new_tokens", tokens, "use a positive integer")
+    for option in ("min_new_tokens", "no_repeat_ngram_size"):
+        value = settings.get(option, 0)
+        _require(_is_int(value) and value >= 0, f"generation.{option}", value, "use an integer >= 0 (0: off)")
+    penalty = settings.get("length_penalty", 1.0)
+    _require(_is_number(penalty), "generation.length_penalty", penalty, "use a number (> 0 favours longer outputs)")
+    stopping = settings.get("early_stopping", False)
+    _require(stopping in (True, False, "never"), "generation.early_stopping", stopping, "use true, false or never")
+
+
+@functools.cache
+def _decoding_options() -> frozenset[str]:
+    return frozenset(GenerationConfig().to_dict()) | {"ban_newline"}  # ban_newline: the project's own
