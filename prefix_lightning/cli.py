@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import TypeVar
+
+from hydra.errors import InstantiationException
 
 T = TypeVar("T")
 log = logging.getLogger("prefix_lightning")
@@ -26,13 +29,23 @@ def report_errors(entry: Callable[[], T]) -> T:
         stopped = getattr(error, "exit_code", None)
         if os.environ.get(DEBUG_VARIABLE) == "1" and stopped is None:
             raise
-        message = " ".join(str(error).split()) or type(error).__name__
+        message = _message(error)
         _log_to_files(f"{type(error).__name__}: {message}")
         if stopped is not None:
             print(message, file=sys.stderr)
             sys.exit(stopped)
         print(f"error: {message} (set {DEBUG_VARIABLE}=1 for the traceback)", file=sys.stderr)
         sys.exit(1)
+
+
+def _message(error: BaseException) -> str:
+    """The error on one line; for a config entry that failed to build (Hydra's wrapper, which names the class and
+    repeats the cause's repr), the cause's own words under the entry's key: ``data: max_source_tokens=0 ...``."""
+    cause = error.__cause__
+    if isinstance(error, InstantiationException) and cause is not None:
+        key = re.search(r"full_key: (\S+)", str(error))
+        return (f"{key.group(1)}: " if key else "") + _message(cause)
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def _log_to_files(message: str) -> None:

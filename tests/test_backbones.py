@@ -66,6 +66,19 @@ def test_random_backbone_builds_and_runs(kind: str, tokenizer_dir: Path) -> None
     assert torch.isfinite(logits).all()
 
 
+@pytest.mark.parametrize(
+    ("random_config", "message"),
+    [
+        ({"model_type": "gpt9"}, "Unrecognized model identifier: gpt9$"),  # not followed by every known type
+        ({"model_type": "gpt2", "n_embd": 32, "n_head": 5}, "`embed_dim` must be divisible by num_heads"),
+        ({"model_type": "llama", "hidden_size": 32, "num_attention_heads": 5}, "hidden size .32. is not a multiple"),
+    ],
+)
+def test_random_config_refusals_name_the_option(random_config: dict, message: str, tokenizer_dir: Path) -> None:
+    with pytest.raises(ValueError, match=f"^model.backbone.random_config: .*{message}"):
+        load_backbone("random", "x", tokenizer=str(tokenizer_dir), random_config=random_config)
+
+
 def test_random_llama_uses_grouped_query_attention(tokenizer_dir: Path) -> None:
     model, _ = load_backbone("random", "llama", tokenizer=tokenizer_dir, random_config=RANDOM_CONFIGS["llama"])
     attention = model.model.layers[0].self_attn

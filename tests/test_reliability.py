@@ -6,8 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
+from prefix_lightning.cli import report_errors
 from prefix_lightning.files.atomic import atomic_write
 from prefix_lightning.training.checks import ConfigError, check_config
 from tests.helpers.cli import FAST, run_cli, run_failing
@@ -49,6 +52,15 @@ def test_bad_values_are_rejected_naming_the_option(override: str, message: str, 
 def test_a_gpu_trainer_without_a_gpu_is_refused_before_the_model_loads(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="trainer.accelerator=gpu .* sees no GPU on this machine"):
         check_config(compose_train(tmp_path, ["trainer=gpu"]))
+
+
+def test_a_config_entry_that_fails_to_build_is_named_by_its_key(capsys: pytest.CaptureFixture) -> None:
+    cfg = OmegaConf.create({"trainer": {"_target_": "builtins.int", "_args_": ["abc"]}})
+    with pytest.raises(SystemExit) as stopped:
+        report_errors(lambda: instantiate(cfg.trainer))
+    assert stopped.value.code == 1
+    message = "error: trainer: invalid literal for int() with base 10: 'abc' (set HYDRA_FULL_ERROR=1 for the traceback)"
+    assert capsys.readouterr().err == message + "\n"
 
 
 def test_missing_local_model_folder_is_named(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -133,7 +134,10 @@ def _build_random(config: BackboneConfig) -> tuple[PreTrainedModel, PreTrainedTo
         for key, value in {**fields, **random_config}.items():
             setattr(model_config, key, value)
     else:
-        model_config = AutoConfig.for_model(**{**fields, **random_config})
+        try:
+            model_config = AutoConfig.for_model(**{**fields, **random_config})
+        except (KeyError, ValueError, StrictDataclassError) as error:
+            raise _random_config_error(error) from error
     # Encoder-decoder configs default to ids of their own vocabulary (BART: decoder start 2, forced EOS 2, which is
     # "#" in GPT-2's); map them to this tokenizer's EOS, as BART does with its own, unless the caller chose.
     if model_config.is_encoder_decoder and "decoder_start_token_id" not in random_config:
@@ -144,9 +148,19 @@ def _build_random(config: BackboneConfig) -> tuple[PreTrainedModel, PreTrainedTo
     # Same weights on every call, without disturbing the caller's random state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = auto_class.from_config(model_config)
+        try:
+            model = auto_class.from_config(model_config)
+        except (ValueError, AssertionError, StrictDataclassError) as error:
+            raise _random_config_error(error) from error
     _set_name_or_path(model, f"random:{model_config.model_type}")
     return model.to(config.torch_dtype), tok
+
+
+def _random_config_error(error: Exception) -> ValueError:
+    """transformers' refusal of a ``random_config`` (fields that do not fit together, an unknown model type) in
+    its first sentence, under the option's name: for an unknown type it goes on to list every known one."""
+    last_line = str(error).strip().splitlines()[-1].strip().removeprefix(f"{ValueError.__name__}: ")
+    return ValueError(f"model.backbone.random_config: {last_line.split('. ')[0]}")
 
 
 def load_tokenizer(path_or_id: str, cache_dir: str | None) -> PreTrainedTokenizerBase:
