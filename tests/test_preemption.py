@@ -36,10 +36,15 @@ def assert_same_prefix(run: Path, reference: Path) -> None:
         torch.testing.assert_close(got[group], expected[group], atol=1e-6, rtol=0)
 
 
+def logged_learning_rates(run: Path) -> list[tuple[int, float]]:
+    """(logged step, learning rate) in the order logged: a resumed run adds its rows after its earlier attempts'."""
+    with (run / "csv" / "metrics.csv").open() as rows:
+        return [(int(row["step"]), float(row["lr-AdamW"])) for row in csv.DictReader(rows) if row["lr-AdamW"]]
+
+
 def learning_rates(run: Path) -> dict[int, float]:
     """The logged learning rate by logged step: a resumed run logs the steps it trained as the straight run did."""
-    with (run / "csv" / "metrics.csv").open() as rows:
-        return {int(row["step"]): float(row["lr-AdamW"]) for row in csv.DictReader(rows) if row["lr-AdamW"]}
+    return dict(logged_learning_rates(run))
 
 
 def global_step(checkpoint: Path) -> int:
@@ -61,6 +66,7 @@ def straight(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ("SIGTERM", 3, 2, 3),  # mid-epoch, between validations: stops after that step
         ("SIGUSR1", 3, 2, 3),
         ("SIGTERM", 4, 3, 5),  # an epoch's last step, not validated: stops after the next epoch's first step
+        ("SIGTERM", 2, 2, 2),  # a validated step mid-epoch: stops after its validation, which runs whole
         # (an epoch's last step that is validated stops after the validation: see the test below)
     ],
 )
@@ -82,6 +88,10 @@ def test_a_stop_signal_saves_exits_non_zero_and_resume_ends_with_the_uninterrupt
     log = run_cli(tmp_path, f"resume={tmp_path}", computes_nothing)
     assert f"Restored all states from the checkpoint at {last}" in log.stdout + log.stderr
     assert_same_prefix(tmp_path, straight)
+    assert learning_rates(tmp_path) == learning_rates(straight)  # metrics.csv holds the rows of both attempts
+    if validation == 2:  # the straight run's validations, each one whole
+        for metrics in straight.glob("val_step*_metrics.json"):
+            assert (tmp_path / metrics.name).read_text() == metrics.read_text()
     assert (tmp_path / ".hydra" / "resumed" / "config.yaml").is_file()  # the run's own .hydra/config.yaml is kept
     assert "SignalAt" in (tmp_path / ".hydra" / "config.yaml").read_text()
 
@@ -148,7 +158,9 @@ def test_kill_9_after_the_timed_checkpoint_loses_no_more_than_the_interval(strai
     assert_same_prefix(tmp_path, straight)
     assert [path.name for path in tmp_path.glob("val_step*_metrics.json")] == ["val_step8_metrics.json"]
     resumed, expected = learning_rates(tmp_path), learning_rates(straight)
-    assert min(resumed) == saved and resumed == {step: expected[step] for step in resumed}
+    assert resumed == {step: expected[step] for step in resumed}
+    # The resumed attempt logs from the step it resumed at (the killed one's last rows may never have been written).
+    assert [step for step, _ in logged_learning_rates(tmp_path)][saved - 8 :] == list(range(saved, 8))
 
 
 @pytest.mark.integration

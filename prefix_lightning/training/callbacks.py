@@ -49,6 +49,13 @@ class MethodExport(L.Callback):
         self.step: int | None = None
         self._validation: dict[str, float] = {}
 
+    def state_dict(self) -> dict[str, Any]:
+        """What was exported (set as training ends): for a test run in other processes (``trainer=ddp_cpu``)."""
+        return {"source": self.source, "step": self.step, "validation": self._validation}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.source, self.step, self._validation = state_dict["source"], state_dict["step"], state_dict["validation"]
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         assert isinstance(pl_module, MethodModule)  # the callbacks of run.py's runs
         self.source, self.step = "last", trainer.global_step

@@ -33,10 +33,11 @@ class LastCheckpoint(Checkpoint):
     interval. ``stopped_by`` then names the signal (see :class:`RunStopped`).
 
     SIGTERM and SIGUSR1 stop the run as Lightning stops it on SIGTERM, handed to Lightning at a point from which it
-    resumes exactly: at the end of the current training step, after a validation in progress (stopped in its
-    middle, Lightning resumes without it), and after the first step of the next epoch when the current step ends
-    one (Lightning resumes a run stopped at an epoch's end with a shortened next epoch). The checkpoint is written
-    when Lightning stops. Where Lightning already handles SIGUSR1 (SLURM auto-requeue) it is left to Lightning.
+    resumes exactly: at the end of the current training step, after the validation in progress or due after that
+    step (stopped in its middle, Lightning resumes without it), and after the first step of the next epoch when
+    the current step ends one (Lightning resumes a run stopped at an epoch's end with a shortened next epoch). The
+    checkpoint is written when Lightning stops. Where Lightning already handles SIGUSR1 (SLURM auto-requeue) it is
+    left to Lightning.
 
     A Lightning ``Checkpoint``, so that it runs after the other callbacks of a validation (the best checkpoint, early
     stopping, the result record) and saves their updated state. The timed save happens as a training batch starts,
@@ -94,7 +95,9 @@ class LastCheckpoint(Checkpoint):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if batch_idx + 1 < trainer.num_training_batches:  # not an epoch's last step
+        # Not an epoch's last step; a step that Lightning validates next is handed over by on_validation_end (once
+        # handed over, Lightning would stop that validation after its first batch and resume without it).
+        if batch_idx + 1 < trainer.num_training_batches and not _validation_follows(trainer):
             self._hand_over()
 
     def on_train_batch_start(
@@ -136,6 +139,13 @@ class LastCheckpoint(Checkpoint):
             log.warning("stopped by %s at step %d: saved %s", self.stopped_by, trainer.global_step, self.path)
         if isinstance(exception, KeyboardInterrupt):  # Lightning exits with status 1 right after this hook
             log.warning("%s", RunStopped.of(self, trainer.default_root_dir))
+
+
+def _validation_follows(trainer: L.Trainer) -> bool:
+    """Whether Lightning validates right after the training step that has just ended: its own test, which it
+    makes after the step's ``on_train_batch_end`` hooks (Lightning has no public form of it)."""
+    fit_loop = trainer.fit_loop
+    return fit_loop._data_fetcher is not None and fit_loop.epoch_loop._should_check_val_fx(fit_loop._data_fetcher)
 
 
 class RunStopped(Exception):
