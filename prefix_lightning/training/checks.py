@@ -138,12 +138,12 @@ def check_config(cfg: DictConfig) -> None:
     _require(_is_int(accumulated) and accumulated >= 1, "trainer.accumulate_grad_batches", accumulated, "use 1 or more")
     _require(cfg.get("export", "best") in ("best", "last"), "export", cfg.get("export"), "use best or last")
     patience = OmegaConf.select(cfg, "callbacks.early_stopping.patience")
-    positive = isinstance(patience, int) and not isinstance(patience, bool) and patience > 0
+    positive = _is_int(patience) and patience > 0
     _require(
         patience is None or positive, "callbacks.early_stopping.patience", patience, "use validations > 0, or null"
     )
     minutes = OmegaConf.select(cfg, "callbacks.last_checkpoint.every_minutes")
-    timed = isinstance(minutes, (int, float)) and not isinstance(minutes, bool) and minutes >= 0
+    timed = _is_number(minutes) and minutes >= 0
     _require(minutes is None or timed, "callbacks.last_checkpoint.every_minutes", minutes, "use minutes >= 0, or null")
 
 
