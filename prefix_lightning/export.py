@@ -31,6 +31,8 @@ def export_checkpoint(checkpoint: str | Path, folder: str | Path) -> Path:
     """Rebuild the run's method from its config, load the checkpoint's trainable tensors into it (checked: every
     one present, of its shape) and write the method's export and model card into ``folder``."""
     checkpoint, folder = Path(checkpoint), Path(folder)
+    if folder.exists() and not folder.is_dir():  # found now, not once the model is built
+        raise ValueError(f"{folder} is a file: give a folder to export into (created if missing)")
     if checkpoint.is_dir():
         raise ValueError(f"{checkpoint} is a folder (a DeepSpeed checkpoint?): export reads checkpoint files")
     state = load_checkpoint(checkpoint)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from prefix_lightning.export import export_checkpoint
 from prefix_lightning.methods.exports import export_loader
 from tests.helpers.cli import run_cli
 from tests.helpers.config import REPO
@@ -88,6 +89,12 @@ def test_the_export_command_writes_any_checkpoints_export(runs: dict[str, Path],
         f"error: checkpoint {truncated} cannot be used: it is truncated or not a checkpoint (1,000 bytes, no complete "
         f"torch archive); no intact checkpoint in {truncated.parent} (set HYDRA_FULL_ERROR=1 for the traceback)"
     ]
+
+
+def test_the_export_command_refuses_a_file_for_its_folder_first(tmp_path: Path) -> None:
+    (tmp_path / "taken").write_text("")
+    with pytest.raises(ValueError, match="taken is a file: give a folder to export into"):
+        export_checkpoint(tmp_path / "no.ckpt", tmp_path / "taken")  # before the checkpoint is even looked at
 
 
 def test_a_folder_without_an_export_is_refused_naming_what_was_looked_for(tmp_path: Path) -> None:
