@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from prefix_lightning.training.checks import ConfigError
+from prefix_lightning.training.csv_log import ContinuedCSVLogger
 from prefix_lightning.training.resume import check_resumed_config, resume_arguments
 from tests.helpers.cli import run_cli, run_failing, run_python
 from tests.helpers.config import compose_train
@@ -235,3 +236,30 @@ def test_resume_refuses_settings_that_change_the_computation_and_lists_them(tmp_
         f"resume={tmp_path}: these settings differ from the run's own (.hydra/config.yaml) and change what it "
         "computes: method.lr: 0.0005 -> 0.1; prefix.length: 5 -> 3; seed: 1 -> 2."
     )
+
+
+def _logged(folder: Path) -> tuple[list[str], list[tuple[str, ...]]]:
+    with (folder / "csv" / "metrics.csv").open() as file:
+        reader = csv.DictReader(file)
+        return list(reader.fieldnames or []), [(row["step"], row["loss"], row["lr"]) for row in reader]
+
+
+def test_metrics_csv_keeps_the_earlier_attempts_rows_before_the_step_an_attempt_starts_from(tmp_path: Path) -> None:
+    killed = ContinuedCSVLogger(tmp_path, name="csv", version="")
+    for step in range(4):
+        killed.log_metrics({"loss": float(step)}, step)
+    killed.log_metrics({"val/loss": 9.0}, 3)
+    killed.save()
+    resumed = ContinuedCSVLogger(tmp_path, name="csv", version="")  # from the checkpoint of step 2
+    resumed.log_metrics({"loss": 20.0, "lr": 0.5}, 2)
+    resumed.save()
+    resumed.log_metrics({"loss": 30.0}, 3)
+    resumed.save()  # not this attempt's first rows: the ones it wrote stay
+    header, rows = _logged(tmp_path)
+    assert header == ["loss", "lr", "step", "val/loss"]
+    assert rows == [("0", "0.0", ""), ("1", "1.0", ""), ("2", "20.0", "0.5"), ("3", "30.0", "")]
+
+    afresh = ContinuedCSVLogger(tmp_path, name="csv", version="")  # the same folder, no checkpoint: from step 0
+    afresh.log_metrics({"loss": 5.0}, 0)
+    afresh.save()
+    assert _logged(tmp_path)[1] == [("0", "5.0", "")]

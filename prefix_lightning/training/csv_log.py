@@ -3,7 +3,9 @@
 Lightning's writer deletes the file it finds when it starts and knows only the columns its own process logged.
 So a resumed run lost the rows of its earlier attempts, and a ``trainer=ddp_cpu`` run, whose fit and test run in
 processes spawned from a writer that logged nothing, failed at the test ("dict contains fields not in
-fieldnames": the fit's columns). This one adds rows to the file it finds, and columns to its header.
+fieldnames": the fit's columns). This one continues the file it finds, adding columns to its header: the rows of
+earlier attempts stay, up to the step from which this attempt logs (a resumed run goes on from its checkpoint's
+step, and what an attempt logged after its checkpoint was lost with it; a run started afresh replaces them all).
 """
 
 from __future__ import annotations
@@ -28,26 +30,30 @@ class ContinuedCSVLogger(CSVLogger):
 
 
 class _ContinuedWriter(ExperimentWriter):
+    _first_save = True  # per process: a spawned one gets the writer as the main process left it
+
     def _check_log_dir_exists(self) -> None:
         """Lightning's deletes the metrics file of an earlier attempt here; it is kept."""
 
     def save(self) -> None:
         if not self.metrics:
             return
-        header = self._header()
+        header, rows = self._read()
+        if self._first_save:  # this attempt's first rows: the earlier attempts' from that step on are void
+            self._first_save = False
+            start = min(int(row["step"]) for row in self.metrics)
+            rows = [row for row in rows if int(row["step"]) < start]
         keys = sorted(set(header).union(*self.metrics))
-        if header and keys != header:  # new columns: the rows so far are written again under the wider header
-            self._rewrite_with_new_header(keys)
-        with self._fs.open(self.metrics_file_path, mode="a" if header else "w", newline="") as file:
+        with self._fs.open(self.metrics_file_path, mode="w", newline="") as file:
             writer = csv.DictWriter(file, fieldnames=keys)
-            if not header:
-                writer.writeheader()
-            writer.writerows(self.metrics)
+            writer.writeheader()
+            writer.writerows([*rows, *self.metrics])
         self.metrics_keys, self.metrics = keys, []
 
-    def _header(self) -> list[str]:
-        """The columns of the metrics file on disk (none where there is no file yet)."""
+    def _read(self) -> tuple[list[str], list[dict[str, str]]]:
+        """The columns and rows of the metrics file on disk (none where there is no file yet)."""
         if not self._fs.isfile(self.metrics_file_path):
-            return []
+            return [], []
         with self._fs.open(self.metrics_file_path, "r", newline="") as file:
-            return next(csv.reader(file), [])
+            reader = csv.DictReader(file)
+            return list(reader.fieldnames or []), list(reader)
