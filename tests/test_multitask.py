@@ -9,13 +9,17 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from prefix_lightning import PrefixConfig, PrefixModel
+from prefix_lightning.evaluate import with_run_settings
 from prefix_lightning.evaluation import task_metrics
+from prefix_lightning.prefix.export import CONFIG_NAME
 from prefix_lightning.prefix.multitask import MultiTaskPrefix
 from prefix_lightning.training.build import build_datamodule, build_model
 from prefix_lightning.training.checks import ConfigError, check_config
 from prefix_lightning.training.optimized import settle_optimized_metric
+from prefix_lightning.training.resume import RUN_OVERRIDES
 from tests.helpers.cli import run_cli
 from tests.helpers.config import compose_train
 from tests.helpers.families import DECODERS
@@ -219,3 +223,19 @@ def test_a_multitask_run_exports_and_scores_every_task(tmp_path: Path, data_dir:
     alone = json.loads((tmp_path / "webnlg" / "test_metrics.json").read_text())
     webnlg = {name.removeprefix("webnlg/"): value for name, value in metrics.items() if name.startswith("webnlg/")}
     assert alone == webnlg
+
+
+def test_one_task_of_a_mixture_is_evaluated_with_the_settings_set_for_every_task(tmp_path: Path) -> None:
+    """``evaluate export_path=<run>/prefix/<task>`` replays the run's ``data.*`` values on the task's own data
+    config, ``data.metric_suite`` among them."""
+    run = tmp_path / "run"
+    (run / RUN_OVERRIDES).parent.mkdir(parents=True)
+    mixture = ["data=multi", "data.tasks=[e2e_devsplit,webnlg]", "data.metric_suite=bleu", "data.test_size=4"]
+    (run / RUN_OVERRIDES).write_text(yaml.safe_dump(["model=tiny_llama", *mixture]))
+    for task in ("e2e_devsplit", "webnlg"):
+        (run / "prefix" / task).mkdir(parents=True)
+        (run / "prefix" / task / CONFIG_NAME).write_text("{}")
+    _, *overrides, export = with_run_settings(["evaluate", f"export_path={run / 'prefix' / 'webnlg'}"])
+    assert export.startswith("export_path=")
+    data = compose_train(tmp_path, overrides).data
+    assert (data.dataset, data.metric_suite, data.test_size) == ("webnlg", "bleu", 4)
