@@ -41,6 +41,8 @@ from prefix_lightning.training.resume import RUN_OVERRIDES, override, run_overri
 log = logging.getLogger(__name__)
 
 EXPORT_KEYS = ("export_path=", "prefix_path=")
+# Config groups an export decides itself (its files say which method wrote it and with what prefix).
+FIXED_BY_EXPORT = ("method", "prefix")
 
 
 def evaluate(cfg: DictConfig) -> float:
@@ -75,6 +77,9 @@ def with_run_settings(argv: Sequence[str]) -> list[str]:
     key, _, value = given[-1]
     export = Path(unquoted(value))
     rest = [argument for argument in argv[1:] if not argument.startswith(EXPORT_KEYS)]
+    ignored = [argument for argument in rest if _group(argument) in FIXED_BY_EXPORT]
+    if ignored:
+        print(f"ignoring {' '.join(ignored)}: the export in {export} says its method and prefix", file=sys.stderr)
     overrides, run = [], export.parent
     if task_folders(run) and (run.parent / RUN_OVERRIDES).is_file():  # one task of a multi-task run
         run = run.parent
@@ -84,6 +89,11 @@ def with_run_settings(argv: Sequence[str]) -> list[str]:
     if overrides:
         print(f"evaluating with the settings of the run in {run}: {' '.join(overrides)}", file=sys.stderr)
     return [argv[0], *overrides, *rest, override(key, export)]
+
+
+def _group(argument: str) -> str:
+    """The config group an override sets (``prefix`` for ``+prefix.length=5``)."""
+    return argument.partition("=")[0].lstrip("+~").partition(".")[0]
 
 
 def _without_task_mixture(overrides: list[str]) -> list[str]:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from prefix_lightning.evaluate import with_run_settings
 from prefix_lightning.export import export_checkpoint
 from prefix_lightning.methods.exports import export_loader
 from tests.helpers.cli import run_cli
@@ -103,3 +104,11 @@ def test_a_folder_without_an_export_is_refused_naming_what_was_looked_for(tmp_pa
     (tmp_path / "adapter_config.json").write_text('{"peft_type": "IA3"}')
     with pytest.raises(ValueError, match=r"describes a 'IA3' adapter; this project trains LORA, PREFIX_TUNING"):
         export_loader(tmp_path)
+
+
+def test_evaluate_says_which_settings_an_export_overrules(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    argv = ["evaluate", "prefix.length=5", f"export_path={tmp_path}", "data.test_size=4", "method=lora"]
+    assert with_run_settings(argv)[1:3] == ["prefix.length=5", "data.test_size=4"]
+    assert f"ignoring prefix.length=5 method=lora: the export in {tmp_path} says its method" in capsys.readouterr().err
+    with_run_settings(["evaluate", f"export_path={tmp_path}", "data.test_size=4", "+prefixes=1"])
+    assert "ignoring" not in capsys.readouterr().err
