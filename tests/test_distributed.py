@@ -8,6 +8,7 @@ import csv
 import importlib.util
 import json
 import pickle
+import queue
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +26,7 @@ from prefix_lightning import PrefixConfig, PrefixModel
 from prefix_lightning.data.sampler import EpochShuffleSampler
 from prefix_lightning.training.build import build_model
 from prefix_lightning.training.sharded import clip_sharded_grad_norm, fsdp_gathered
+from prefix_lightning.training.spawn import SpawnDDPStrategy
 from tests.helpers.cli import run_cli, run_failing
 from tests.helpers.config import compose_train
 from tests.helpers.faults import fault
@@ -181,6 +183,34 @@ def test_ranks_split_each_global_batch_and_resume_mid_epoch() -> None:
         resumed.resume_at(4)  # one global batch of 4 done
         assert list(resumed) == ranks[rank][2:]
         assert list(resumed) == ranks[rank], "only the first pass after the resume is shortened"
+
+
+def test_a_spawned_worker_ends_its_process_group_before_it_exits(tmp_path: Path) -> None:
+    """A gloo group left to the interpreter's exit at times aborted a worker; each ends its own, after its results
+    are handed over (also when the stage failed)."""
+    strategy = SpawnDDPStrategy(parallel_devices=[torch.device("cpu")])
+    strategy._configure_launcher()
+    store = f"file://{tmp_path / 'store'}"
+
+    def stage() -> str:
+        torch.distributed.init_process_group("gloo", init_method=store, rank=0, world_size=1)
+        return "results"
+
+    handed_over: queue.Queue = queue.Queue()
+    try:
+        strategy.launcher._wrapping_function(0, None, stage, (), {}, handed_over)
+        assert handed_over.get_nowait() == "results"
+        assert not torch.distributed.is_initialized()
+        with pytest.raises(RuntimeError, match="stage failed"):
+            strategy.launcher._wrapping_function(0, None, lambda: stage() and _fail(), (), {}, handed_over)
+        assert not torch.distributed.is_initialized()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _fail() -> None:
+    raise RuntimeError("stage failed")
 
 
 @pytest.mark.parametrize("name", ["tiny_llama", "tiny_bart"])

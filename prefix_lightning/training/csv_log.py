@@ -48,7 +48,7 @@ class _ContinuedWriter(ExperimentWriter):
             writer = csv.DictWriter(file, fieldnames=keys)
             writer.writeheader()
             writer.writerows([*rows, *self.metrics])
-        self.metrics_keys, self.metrics = keys, []
+        self.metrics = []
 
     def _read(self) -> tuple[list[str], list[dict[str, str]]]:
         """The columns and rows of the metrics file on disk (none where there is no file yet)."""

@@ -25,6 +25,16 @@ class SpawnDDPStrategy(DDPStrategy):
 
 
 class _StatefulLauncher(_MultiProcessingLauncher):
+    def _wrapping_function(self, *args: Any, **kwargs: Any) -> None:
+        """Each worker ends its process group before it exits: Lightning does so for NCCL alone, and a gloo group
+        left to the interpreter's exit at times aborts the worker ("terminate called without an active
+        exception": gloo's threads still hold work when Python tears down)."""
+        try:
+            super()._wrapping_function(*args, **kwargs)
+        finally:
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+
     def get_extra_results(self, trainer: L.Trainer) -> dict[str, Any]:
         states = {
             "fit_loop": trainer.fit_loop.state_dict(),
