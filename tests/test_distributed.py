@@ -13,18 +13,21 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
 from safetensors.torch import load_file
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from prefix_lightning import PrefixConfig, PrefixModel
 from prefix_lightning.data.sampler import EpochShuffleSampler
 from prefix_lightning.training.build import build_model
+from prefix_lightning.training.callbacks import MethodExport
 from prefix_lightning.training.sharded import clip_sharded_grad_norm, fsdp_gathered
 from prefix_lightning.training.spawn import SpawnDDPStrategy
 from tests.helpers.cli import run_cli, run_failing
@@ -211,6 +214,29 @@ def test_a_spawned_worker_ends_its_process_group_before_it_exits(tmp_path: Path)
 
 def _fail() -> None:
     raise RuntimeError("stage failed")
+
+
+def test_a_spawned_fit_hands_its_progress_and_callbacks_states_back(tmp_path: Path) -> None:
+    """The test stage of ``trainer=ddp_cpu`` runs in new processes: the fit's steps, score and export must reach
+    them through the main process (Lightning brings back the logged metrics alone)."""
+    strategy = SpawnDDPStrategy(parallel_devices=[torch.device("cpu")])
+    strategy._configure_launcher()
+
+    def trainer() -> L.Trainer:
+        export = MethodExport(str(tmp_path / "prefix"))
+        return L.Trainer(accelerator="cpu", callbacks=[export], logger=False, default_root_dir=tmp_path)
+
+    worker, main = trainer(), trainer()
+    worker.fit_loop.epoch_progress.current.completed = 2
+    worker.callback_metrics["val/bleu"] = torch.tensor(12.5)
+    export = next(c for c in worker.callbacks if isinstance(c, MethodExport))
+    export.load_state_dict({"source": "best", "step": 6, "validation": {"val/bleu": 12.5}})
+    main.state.fn = TrainerFn.FITTING
+    strategy.launcher.update_main_process_results(main, strategy.launcher.get_extra_results(worker))
+    assert main.fit_loop.state_dict() == worker.fit_loop.state_dict() != trainer().fit_loop.state_dict()
+    handed = next(c for c in main.callbacks if isinstance(c, MethodExport))
+    assert handed.state_dict() == {"source": "best", "step": 6, "validation": {"val/bleu": 12.5}}
+    assert float(main.callback_metrics["val/bleu"]) == 12.5
 
 
 @pytest.mark.parametrize("name", ["tiny_llama", "tiny_bart"])
