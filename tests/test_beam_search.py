@@ -224,6 +224,16 @@ def test_greedy_and_unsupported_options_use_transformers(monkeypatch) -> None:
     assert scored.sequences.shape[0] == len(LENGTHS)
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("rows", [dict(num_beams=3), dict(num_beams=3, num_return_sequences=2)])
+def test_use_cache_false_changes_the_speed_not_the_sequences(kind, rows) -> None:
+    """Without a cache transformers reruns the whole sequence each step; no route may hand it one anyway."""
+    model = prefixed(kind)
+    ids, mask = left_padded()
+    options = dict(input_ids=ids, attention_mask=mask, eos_token_id=END, **BASE, **rows)
+    assert torch.equal(model.generate(**options, use_cache=False), model.generate(**options))
+
+
 def test_options_layered_like_generate() -> None:
     lm = tiny_lm("gpt2")
     ids = torch.ones(1, 3, dtype=torch.long)

@@ -194,10 +194,11 @@ def test_beam_search_shares_the_prefix_across_beams() -> None:
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "bart", "t5"])
 def test_gradient_checkpointing_recomputes_with_the_prefix(kind: str) -> None:
-    """Invariant 5: same gradients, and the layers really run twice."""
+    """Invariant 5: same gradients, and the layers really run twice (in the forward as the README calls it: the
+    LM's default ``use_cache=True`` would have each recomputed layer add to the cache again)."""
     model = PrefixModel(tiny_lm(kind), PrefixConfig(length=3, hidden_dim=16)).train()
     ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
-    assert_checkpointing_keeps_gradients(model, lambda: model(input_ids=ids, labels=ids, use_cache=False).loss)
+    assert_checkpointing_keeps_gradients(model, lambda: model(input_ids=ids, labels=ids).loss)
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "bart", "t5"])
@@ -246,6 +247,16 @@ def test_wrapped_layers_still_export_and_decode(tmp_path) -> None:
     assert (tmp_path / "adapter_model.safetensors").exists()  # PEFT's layout orders the sites by layer
 
 
+def test_saving_into_a_used_folder_leaves_no_files_of_the_earlier_prefix(tmp_path) -> None:
+    PrefixModel(tiny_lm("llama"), PrefixConfig(length=3)).save(tmp_path)
+    assert (tmp_path / "adapter_config.json").is_file()  # PEFT's files beside ours
+    PrefixModel(tiny_lm("llama"), PrefixConfig(length=5, shift_positions=False)).save(tmp_path)  # PEFT can't hold it
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["prefix.safetensors", "prefix_config.json"]
+    PrefixModel(tiny_lm("llama"), PrefixConfig(length=4)).save(tmp_path, format="peft")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert PrefixModel.from_peft(tiny_lm("llama"), tmp_path).config.length == 4
+
+
 def test_older_stacked_export_still_loads(tmp_path) -> None:
     """Format prefix-lightning/1 (one stacked tensor per group, shapes per group) loads to the same logits."""
     model = PrefixModel(tiny_lm("bart"), PrefixConfig(length=3, hidden_dim=16)).eval()
@@ -271,6 +282,23 @@ def test_older_stacked_export_still_loads(tmp_path) -> None:
 def test_prefix_refuses_a_base_model_of_another_shape(tmp_path) -> None:
     PrefixModel(tiny_lm("llama"), PrefixConfig(length=3)).save(tmp_path)
     with pytest.raises(ValueError, match="trained for .*llama.* this base model \\(gpt2\\)"):
+        PrefixModel.from_prefix(tiny_lm("gpt2"), tmp_path)
+
+
+def test_prefix_refuses_a_base_model_of_another_type_and_the_same_shape(tmp_path) -> None:
+    """Same shapes, other computations: a prefix for Qwen2 is refused on a Llama as PrefixBank.add refuses it."""
+    PrefixModel(tiny_lm("llama"), PrefixConfig(length=3)).save(tmp_path)
+    description = json.loads((tmp_path / "prefix_config.json").read_text())
+    description["base_model"]["model_type"] = "qwen2"
+    (tmp_path / "prefix_config.json").write_text(json.dumps(description))
+    with pytest.raises(
+        ValueError, match="trained for a model \\(qwen2\\); this base model is a llama model of the same shape"
+    ):
+        PrefixModel.from_prefix(tiny_lm("llama"), tmp_path)
+    description["base_model"] = {}  # an export that names no base model is checked by its shapes alone
+    (tmp_path / "prefix_config.json").write_text(json.dumps(description))
+    PrefixModel.from_prefix(tiny_lm("llama"), tmp_path)
+    with pytest.raises(ValueError, match="trained for a model with .* does not fit"):
         PrefixModel.from_prefix(tiny_lm("gpt2"), tmp_path)
 
 
@@ -308,6 +336,14 @@ def test_prefix_config_rejects_bad_values() -> None:
         PrefixConfig(hidden_dim=-1)
     with pytest.raises(ValueError, match="prefix.reparam"):
         PrefixConfig(reparam="lstm")
+    with pytest.raises(ValueError, match="prefix.shift_positions must be true or false, got 'false'"):
+        PrefixConfig(shift_positions="false")  # a non-empty string would count as true
+    with pytest.raises(ValueError, match="prefix.init_vocab must be true or false"):
+        PrefixConfig(init_vocab="no")
+    with pytest.raises(ValueError, match="prefix.length must be a positive integer, got True"):
+        PrefixConfig(length=True)
+    with pytest.raises(ValueError, match="prefix.dropout"):
+        PrefixConfig(dropout="0.1")
 
 
 def test_wrapping_a_model_twice_is_refused() -> None:

@@ -42,6 +42,8 @@ def _route(lm: PreTrainedModel, kwargs: dict[str, Any], cached_prefix: CachedPre
     copies = rows_per_input(lm.generation_config, kwargs)
     input_ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
     own_cache = {"cache", "past_key_values", "inputs_embeds"} & kwargs.keys()
+    config = kwargs.get("generation_config") or lm.generation_config
+    cached = kwargs.get("use_cache", config.use_cache) is not False  # False: every step reruns the whole sequence
     searched = beam_search_options(lm, kwargs) if copies > 1 and slices_logits(lm) else None
     if searched is not None:
         if mask is None:
@@ -51,6 +53,7 @@ def _route(lm: PreTrainedModel, kwargs: dict[str, Any], cached_prefix: CachedPre
         return beam_search(lm, **searched, cached_prefix=cached_prefix)
     if (
         copies > 1
+        and cached
         and not own_cache
         and input_ids is not None
         # Without a mask, only a single row is sure to hold no padding that generate would infer a mask for.

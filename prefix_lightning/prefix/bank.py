@@ -9,7 +9,6 @@ plain LM's. Prefixes may differ in length, and in kind where both are keys/value
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -28,8 +27,6 @@ from prefix_lightning.prefix.positions import attach_position_shift
 from prefix_lightning.prefix.rows import RowInjector, RowPrefixes
 from prefix_lightning.prefix.sites import AttentionSite, UnsupportedModelError, use_prefix_attention
 from prefix_lightning.prefix.wiring import bind_sites, cache_layers, checkpoint_layers, site_activations, site_keys
-
-log = logging.getLogger(__name__)
 
 PrefixNames = Sequence[str | None]
 
@@ -144,10 +141,6 @@ class PrefixBank(nn.Module):
     def _from_folder(self, folder: str | Path) -> tuple[PrefixConfig, list[torch.Tensor]]:
         exported = read_prefix(folder)
         exported.check_fits(self.lm, self.sites)
-        self._check_model_type(exported.base_model.get("model_type"), f"the prefix in {folder}")
-        trained_for, here = exported.base_model.get("name_or_path"), self.lm.name_or_path
-        if trained_for and here and trained_for != here:
-            log.warning("the prefix in %s was trained on %s; the bank's LM is %s", folder, trained_for, here)
         config = exported.config
         if config.kind == "embedding":  # input embeddings: what the frozen LM makes of them in every layer
             # transformers types the embeddings as a plain Module.

@@ -40,15 +40,18 @@ class PrefixConfig:
     init_vocab: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.length, int) or self.length <= 0:
+        if not _is_int(self.length) or self.length <= 0:
             raise ValueError(f"prefix.length must be a positive integer, got {self.length!r}")
+        for flag in ("shift_positions", "init_vocab"):  # a string "false" would count as true
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"prefix.{flag} must be true or false, got {getattr(self, flag)!r}")
         if self.kind not in KINDS:
             raise ValueError(f"prefix kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         if self.reparam not in ("mlp", "none"):
             raise ValueError(f"prefix.reparam must be 'mlp' or 'none', got {self.reparam!r}")
-        if self.reparam == "mlp" and (not isinstance(self.hidden_dim, int) or self.hidden_dim <= 0):
+        if self.reparam == "mlp" and (not _is_int(self.hidden_dim) or self.hidden_dim <= 0):
             raise ValueError(f"prefix.hidden_dim must be a positive integer, got {self.hidden_dim!r}")
-        if not 0.0 <= self.dropout < 1.0:
+        if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) or not 0 <= self.dropout < 1:
             raise ValueError(f"prefix.dropout must be in [0, 1), got {self.dropout!r}")
         if self.init_text is not None and self.init_vocab:
             raise ValueError(
@@ -75,3 +78,7 @@ class PrefixConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -14,6 +14,7 @@ group of one shape) is still read.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,8 @@ from prefix_lightning.files import atomic_write
 from prefix_lightning.prefix.config import PrefixConfig
 from prefix_lightning.prefix.encoder import PrefixEncoder
 from prefix_lightning.prefix.sites import AttentionSite
+
+log = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "prefix.safetensors"
 CONFIG_NAME = "prefix_config.json"
@@ -104,10 +107,22 @@ class ExportedPrefix:
     sites: list[dict[str, Any]]
 
     def check_fits(self, lm: PreTrainedModel, sites: Sequence[AttentionSite]) -> None:
-        """Refuse a base model whose attention sites differ, site by site, from those the prefix was trained for."""
+        """Refuse a base model whose attention sites differ, site by site, from those the prefix was trained for,
+        or of another model type (the same shapes hold other computations); warn where only the name differs."""
         trained, found = _by_group(self.sites), _by_group(site_shapes(sites))
         expected, given = _shapes(trained), _shapes(found)
+        name, model_type = self.base_model.get("name_or_path"), self.base_model.get("model_type")
+        trained_for = f"{name or 'a model'}{f' ({model_type})' if model_type else ''}"
         if expected == given:
+            if model_type is not None and model_type != lm.config.model_type:
+                raise ValueError(
+                    f"the prefix in {self.folder} was trained for {trained_for}; this base model is a "
+                    f"{lm.config.model_type} model of the same shape: load it onto the base model it was trained for"
+                )
+            if name and lm.name_or_path and name != lm.name_or_path:
+                log.warning(
+                    "the prefix in %s was trained on %s; this base model is %s", self.folder, name, lm.name_or_path
+                )
             return
         if {group: len(shapes) for group, shapes in expected.items()} != {g: len(s) for g, s in given.items()}:
             difference = f"attention sites {_counts(trained)}, where this base model has {_counts(found)}"
@@ -124,9 +139,8 @@ class ExportedPrefix:
                 f"{site['head_dim']}, where this base model has {here['kv_heads']} of size {here['head_dim']}"
             )
         raise ValueError(
-            f"the prefix in {self.folder} was trained for {self.base_model['name_or_path'] or 'a model'} "
-            f"({self.base_model['model_type']}) with {difference}; this base model "
-            f"({backbone_identity(lm)['model_type']}) does not fit it: load it onto the base model it was trained for"
+            f"the prefix in {self.folder} was trained for {trained_for} with {difference}; this "
+            f"base model ({lm.config.model_type}) does not fit it: load it onto the base model it was trained for"
         )
 
     def tensors(self) -> dict[str, torch.Tensor]:

@@ -17,8 +17,15 @@ from prefix_lightning.methods import IGNORE_INDEX, target_loss
 from prefix_lightning.prefix.attention import INFIX_QUERIES, PrefixInjector
 from prefix_lightning.prefix.config import PrefixConfig
 from prefix_lightning.prefix.encoder import INPUT, PrefixEncoder, prefix_encoders, typed_encoders
-from prefix_lightning.prefix.export import read_prefix, save_prefix
-from prefix_lightning.prefix.peft_format import peft_incompatibility, read_peft_prefix, save_peft_prefix
+from prefix_lightning.prefix.export import CONFIG_NAME, WEIGHTS_NAME, read_prefix, save_prefix
+from prefix_lightning.prefix.peft_format import (
+    PEFT_CONFIG,
+    PEFT_LEGACY_WEIGHTS,
+    PEFT_WEIGHTS,
+    peft_incompatibility,
+    read_peft_prefix,
+    save_peft_prefix,
+)
 from prefix_lightning.prefix.positions import attach_position_shift
 from prefix_lightning.prefix.sites import AttentionSite, UnsupportedModelError, site_modules, use_prefix_attention
 from prefix_lightning.prefix.wiring import bind_sites, cache_layers, checkpoint_layers, site_activations, site_keys
@@ -61,6 +68,7 @@ class PrefixModel(nn.Module):
         if self.config.shift_positions and not any(site.position_bias for site in self.sites):
             attach_position_shift(lm, self.injector)
         self.packed_weights = PackedWeights()  # the frozen LM's weights packed for decoding on CPU
+        self._checkpointing = False
         self._initialize(tokenizer)
 
     @property
@@ -109,6 +117,8 @@ class PrefixModel(nn.Module):
         self._materialize()
         if "labels" in inputs:
             inputs = self._with_infix_queries(inputs, inputs["labels"])
+        if self._checkpointing and torch.is_grad_enabled():  # a recomputed layer would add to the cache again
+            inputs = {**inputs, "use_cache": False}
         return self.lm(**inputs)
 
     def loss(
@@ -158,8 +168,9 @@ class PrefixModel(nn.Module):
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute the frozen LM's layers in backward instead of storing their activations (see
-        :func:`checkpoint_layers`)."""
+        :func:`checkpoint_layers`); a forward that computes gradients then keeps no cache."""
         checkpoint_layers(self.lm)
+        self._checkpointing = True
 
     # -- inspection ----------------------------------------------------------------------------------------
     def prefix_key_values(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -308,13 +319,24 @@ def write_prefix(
     reason = peft_incompatibility(config, sites, bool(lm.config.is_encoder_decoder))
     if format == "peft" and reason is not None:
         raise ValueError(f"PEFT cannot load this prefix: {reason}")
-    if format == "peft" or (format is None and reason is None):
+    peft = format == "peft" or (format is None and reason is None)
+    if peft:
         # PEFT holds only prefixes of kind "prefix", whose blocks are each site's (keys, values).
         by_name = {
             site.name: blocks[group][index] for site, (group, index) in zip(sites, site_keys(sites), strict=True)
         }
         in_layers = {name: (by_name[name][0], by_name[name][1]) for name in names_by_layer(lm, sites)}
         save_peft_prefix(folder, in_layers, config, lm.name_or_path)
+    # A folder saved into before keeps no files of a format not written now: they would hold the earlier prefix.
+    stale: tuple[str, ...] = ()
+    if format == "peft":
+        stale = (CONFIG_NAME, WEIGHTS_NAME)
+    elif not peft:
+        stale = (PEFT_CONFIG, PEFT_WEIGHTS, PEFT_LEGACY_WEIGHTS)
+    for name in stale:
+        if (folder / name).is_file():
+            (folder / name).unlink()
+            log.info("removed %s, left by an earlier prefix saved in %s", name, folder)
     return folder
 
 
