@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from prefix_lightning import PrefixConfig, PrefixModel, UnsupportedModelError
+from prefix_lightning import PrefixBank, PrefixConfig, PrefixModel, UnsupportedModelError
 from prefix_lightning.prefix.attention import record_attention_calls
 from tests.helpers.checkpointing import assert_checkpointing_keeps_gradients
 from tests.helpers.tiny import PAD, ROWS, VOCAB, WORDS, pad_batch, tiny_lm
@@ -344,6 +344,21 @@ def test_prefix_config_rejects_bad_values() -> None:
         PrefixConfig(length=True)
     with pytest.raises(ValueError, match="prefix.dropout"):
         PrefixConfig(dropout="0.1")
+
+
+def test_arguments_of_the_wrong_kind_are_refused_by_name() -> None:
+    lm = tiny_lm("gpt2")
+    with pytest.raises(TypeError, match="not 10; give the fields by name"):
+        PrefixModel(lm, 10)
+    for wrong in ("gpt2", torch.nn.Linear(3, 3)):
+        with pytest.raises(TypeError, match="a prefix wraps a transformers model"):
+            PrefixModel(wrong, length=2)
+        with pytest.raises(TypeError, match="a prefix wraps a transformers model"):
+            PrefixBank(wrong)
+    positions = lm.config.max_position_embeddings
+    with pytest.raises(ValueError, match=f"leaves no position for the real tokens: .* has {positions} positions"):
+        PrefixModel(lm, length=positions)
+    PrefixModel(lm, length=positions, shift_positions=False)  # the real tokens keep their positions
 
 
 def test_wrapping_a_model_twice_is_refused() -> None:

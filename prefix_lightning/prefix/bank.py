@@ -66,10 +66,10 @@ class PrefixBank(nn.Module):
 
     def __init__(self, lm: PreTrainedModel) -> None:
         super().__init__()
+        use_prefix_attention(lm)
         self.lm = lm
         lm.requires_grad_(False)
         lm.eval()
-        use_prefix_attention(lm)
         self.injector = RowInjector()
         # Sites are bound as for prefixes with positions; an entry without them gets zero bias (see rows.py).
         self.sites: list[AttentionSite] = bind_sites(lm, self.injector, shift_positions=True)

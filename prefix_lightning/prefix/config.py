@@ -65,6 +65,11 @@ class PrefixConfig:
     def of(cls, config: PrefixConfig | Mapping[str, Any] | None = None, **changes: Any) -> PrefixConfig:
         """A config from an instance, a mapping of its fields (a Hydra group) or defaults, with ``changes``;
         an unknown field is named with the known ones."""
+        if not (config is None or isinstance(config, (PrefixConfig, Mapping))):
+            raise TypeError(
+                f"a prefix config is a PrefixConfig, a mapping of its fields or None, not {config!r}; give the "
+                "fields by name (length=10)"
+            )
         values = dict(asdict(config) if isinstance(config, PrefixConfig) else config or {}) | changes
         known = {field.name for field in fields(cls)}
         unknown = sorted(set(values) - known)

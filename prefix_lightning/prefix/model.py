@@ -51,10 +51,16 @@ class PrefixModel(nn.Module):
     ) -> None:
         super().__init__()
         self.config = PrefixConfig.of(config, **fields)
+        use_prefix_attention(lm)
+        positions = getattr(lm.config, "max_position_embeddings", None)
+        if self.config.shift_positions and isinstance(positions, int) and self.config.length >= positions:
+            raise ValueError(
+                f"prefix.length={self.config.length} leaves no position for the real tokens: {type(lm).__name__} "
+                f"has {positions} positions (prefix.shift_positions=false keeps the real tokens at theirs)"
+            )
         self.lm = lm
         lm.requires_grad_(False)
         lm.eval()
-        use_prefix_attention(lm)
         kind = self.config.kind
         if kind != "prefix" and lm.config.is_encoder_decoder:
             raise UnsupportedModelError(f"prefix kind {kind!r} is for decoder-only LMs; {type(lm).__name__} is not one")

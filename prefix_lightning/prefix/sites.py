@@ -52,6 +52,10 @@ def use_prefix_attention(lm: PreTrainedModel) -> None:
     """Route ``lm``'s attention through the prefix's attention function, or say why its family cannot carry a
     prefix and what would work."""
     name = type(lm).__name__
+    if not isinstance(lm, PreTrainedModel):
+        raise TypeError(
+            f"a prefix wraps a transformers model (a PreTrainedModel, e.g. from load_backbone), not a {name}"
+        )
     try:
         lm.set_attn_implementation(ATTN_IMPLEMENTATION)
     except (ValueError, TypeError) as error:
