@@ -9,7 +9,9 @@ import sys
 from collections.abc import Callable
 from typing import TypeVar
 
-from hydra.errors import InstantiationException
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException, InstantiationException
+from hydra.types import RunMode
 
 T = TypeVar("T")
 log = logging.getLogger("prefix_lightning")
@@ -17,8 +19,15 @@ log = logging.getLogger("prefix_lightning")
 DEBUG_VARIABLE = "HYDRA_FULL_ERROR"
 
 
+class JobFailed(CompactHydraException):
+    """A failed job of a multirun: Hydra records it and runs the other jobs (an exit would end the whole sweep, and
+    the Optuna sweeper could not count it against ``max_failure_rate``); the sweep ends with this line and exit
+    code 1."""
+
+
 def report_errors(entry: Callable[[], T]) -> T:
-    """Run ``entry``; turn any exception into one line on stderr and exit code 1.
+    """Run ``entry``; turn any exception into one line on stderr and exit code 1 (a job of a multirun: the line,
+    then :class:`JobFailed`).
 
     Set HYDRA_FULL_ERROR=1 (Hydra's own switch) to get the traceback instead. An exception with an ``exit_code``
     (a run stopped by a signal, which is not an error) prints its line as it is and exits with that status.
@@ -35,6 +44,13 @@ def report_errors(entry: Callable[[], T]) -> T:
             print(message, file=sys.stderr)
             sys.exit(stopped)
         print(f"error: {message} (set {DEBUG_VARIABLE}=1 for the traceback)", file=sys.stderr)
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            hydra = HydraConfig.get()
+            raise JobFailed(
+                f"error in the job {hydra.runtime.output_dir}: {message}. Once fixed, run the sweep again: its "
+                f"finished jobs are skipped (its table so far: python -m prefix_lightning.sweeps.aggregate "
+                f"{hydra.sweep.dir})"
+            ) from None
         sys.exit(1)
 
 

@@ -237,6 +237,22 @@ def test_rerunning_a_killed_sweep_skips_finished_jobs_and_resumes_the_rest(tmp_p
     assert "2 finished runs in 2 settings" in log
 
 
+def test_a_failing_job_is_named_at_the_end_and_the_jobs_after_it_still_run(tmp_path: Path, env: dict[str, str]) -> None:
+    sweep_dir = tmp_path / "sweep"
+    sizes = ("99999", "8")  # the first fails at its setup
+    result = run_python(
+        *sweep_arguments(sweep_dir, [*TINY, "trainer.max_steps=2", f"data.train_size={','.join(sizes)}"]), env=env
+    )
+    assert result.returncode == 1
+    failed, finished = (
+        sweep_dir / f"data.train_size={size},debug=fast,model=tiny_llama,trainer.max_steps=2" for size in sizes
+    )
+    assert read_record(finished) is not None
+    assert f"error in the job {failed}: train_size=99999, but devset.csv has " in result.stderr
+    assert f"python -m prefix_lightning.sweeps.aggregate {sweep_dir}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_submitit_local_launcher_runs_each_job_in_its_own_process(tmp_path: Path, env: dict[str, str]) -> None:
     sweep_dir = tmp_path / "sweep"
     log = run_sweep(sweep_dir, ["hydra/launcher=submitit_local", *TINY, "trainer.max_steps=2", "prefix.length=3"], env)
