@@ -279,6 +279,38 @@ def test_custom_files_as_common_tools_save_them(tmp_path, name, payload):
     assert [(e.source, e.target) for e in read_table(path)] == [("a", "b"), ("c", "d")]
 
 
+def test_custom_rows_with_more_cells_than_the_header_are_refused(tmp_path):
+    """An unquoted comma inside a cell would otherwise shift the rest of the row out of its column, silently."""
+    path = tmp_path / "d.csv"
+    path.write_text('source,target\n"name : A, area : B",A is in B.\nname : C, area : D,C is in D.\n')
+    with pytest.raises(ValueError, match=r"d.csv, line 3: 3 cells, but the header has 2 columns; quote cells"):
+        read_table(path)
+    with pytest.raises(ValueError, match=r"data.source_column must name a column .* got None"):
+        read_table(path, source_column=None)
+
+
+def test_validation_held_out_of_the_training_file_however_it_is_spelled(tmp_path, gpt2_tokenizer):
+    rows = [{"source": f"s{i}", "target": f"t{i}"} for i in range(6)]
+    (tmp_path / "custom").mkdir()
+    (tmp_path / "custom" / "all.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    for val_file in ("custom/all.jsonl", str(tmp_path / "custom" / "all.jsonl"), "custom/../custom/all.jsonl"):
+        module = TextToTextDataModule(
+            gpt2_tokenizer,
+            tmp_path,
+            "custom",
+            " =",
+            "<|endoftext|>",
+            train_file="custom/all.jsonl",
+            val_file=val_file,
+            test_file="custom/all.jsonl",
+            val_size=2,
+            download=False,
+        )
+        module.setup("fit")
+        assert [example.source for example in module.train_examples] == ["s0", "s1", "s2", "s3"]
+        assert [group.source for group in module.val_groups] == ["s4", "s5"]
+
+
 def test_custom_group_must_share_its_source(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text("source,target,id\na,b,1\nc,d,2\ne,f,1\n")

@@ -119,6 +119,14 @@ class TextToTextDataModule(L.LightningDataModule):
             return name
         return Path(self.hparams.data_dir) / self.spec.folder / name
 
+    @property
+    def _validation_held_out(self) -> bool:
+        """Validation is held out of the training file: the same file given twice, however its path is spelled."""
+        train, val = (self._location(name) for name in (self.hparams.train_file, self.hparams.val_file))
+        if isinstance(train, Path) and isinstance(val, Path):
+            return train.resolve() == val.resolve()
+        return train == val
+
     def _read(self, name: str) -> list[Example]:
         options = {option: self.hparams[option] for option in self.spec.options}
         examples = self.spec.read(self._location(name), **options)
@@ -144,7 +152,7 @@ class TextToTextDataModule(L.LightningDataModule):
         hp = self.hparams
         train = self._read(hp.train_file)
         val_size = self.val_size
-        if hp.val_file == hp.train_file:
+        if self._validation_held_out:
             groups = reference_groups(train)
             if val_size is None or not 0 < val_size < len(groups):
                 raise ValueError(
@@ -196,7 +204,7 @@ class TextToTextDataModule(L.LightningDataModule):
         if size is None:
             return pool
         if not 0 < size <= len(pool):
-            held_out = self.hparams.val_file == self.hparams.train_file
+            held_out = self._validation_held_out
             raise ValueError(
                 f"train_size={size}, but {self.hparams.train_file} has {len(pool)} training pairs available"
                 + (" after holding out the validation groups" if held_out else "")

@@ -40,6 +40,10 @@ def read_table(
         "Set data.train_file / val_file / test_file to your files (absolute, or relative to data.data_dir).",
     )
     columns = [source_column, target_column] + ([group_column] if group_column else [])
+    named = {"source_column": source_column, "target_column": target_column, "group_column": group_column or "-"}
+    for option, column in named.items():
+        if not (isinstance(column, str) and column.strip()):
+            raise ValueError(f"data.{option} must name a column (or JSON field) of the data files, got {column!r}")
     examples: list[Example] = []
     group_ids: dict[str, int] = {}
     first_seen: dict[str, tuple[str, str]] = {}
@@ -84,6 +88,11 @@ def _rows(path: Path, columns: list[str]) -> Iterator[tuple[str, dict[str, Any]]
         if missing:
             raise ValueError(f"{path}, line 1: missing column(s) {missing} (the header has {reader.fieldnames})")
         for row in reader:
+            if None in row:  # cells past the header's columns: an unquoted delimiter inside a cell
+                raise ValueError(
+                    f"{path}, line {reader.line_num}: {len(row) - 1 + len(row[None])} cells, but the header has "
+                    f'{len(row) - 1} columns; quote cells that hold a {_DELIMITERS[suffix]!r} ("a, b")'
+                )
             yield f"{path}, line {reader.line_num}", row
     else:
         hint = " (save a spreadsheet as CSV UTF-8)" if suffix in (".xlsx", ".xls", ".ods") else ""
