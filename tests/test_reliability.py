@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -235,6 +236,24 @@ def test_sources_longer_than_the_context_are_cut_with_a_warning(tmp_path: Path, 
         budget = source_budget(cfg, model)
     assert budget == 256 - cfg.prefix.length - 100  # tiny_gpt2 has 256 positions
     assert "data.max_source_tokens=1000 does not fit the model's 256 positions" in caplog.text
+    cfg.generation.max_new_tokens = 120  # decoding goes further than training: room for the longer
+    assert source_budget(cfg, model) == 256 - cfg.prefix.length - 120
     cfg.data.max_target_tokens = 250
-    with pytest.raises(ConfigError, match="leave no room for the source"):
+    with pytest.raises(ConfigError, match="a target of 250 tokens .* leave no room for the source"):
         source_budget(cfg, model)
+
+
+def test_the_generations_text_file_has_one_line_per_input(tmp_path: Path) -> None:
+    """Line-based scorers pair its lines with the inputs: a generation's own line breaks must not add lines."""
+    from prefix_lightning import PrefixModel
+    from prefix_lightning.training.module import MethodModule
+    from tests.helpers.tiny import tiny_lm
+
+    module = MethodModule(PrefixModel(tiny_lm("gpt2"), length=2), tokenizer=None, output_dir=str(tmp_path))
+    outputs = [{"generation": "first\n\nparagraph\u2028end", "group_id": 0}, {"generation": "second", "group_id": 1}]
+    module._write("test", outputs, {"BLEU": 1.0})
+    assert (tmp_path / "test_generations.txt").read_text() == "first  paragraph end\nsecond\n"
+    assert [json.loads(line)["generation"] for line in (tmp_path / "test_generations.jsonl").open()] == [
+        "first\n\nparagraph\u2028end",
+        "second",
+    ]

@@ -9,7 +9,7 @@ from typing import Any, Protocol
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch._dynamo.exc import InvalidBackend
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -107,8 +107,9 @@ class _Positioned(Protocol):
 
 def source_budget(cfg: DictConfig, model: _Positioned) -> int:
     """``data.max_source_tokens``, cut down where source, target and virtual tokens would not fit the model's
-    positions."""
-    wanted, target = cfg.data.max_source_tokens, cfg.data.max_target_tokens
+    positions (the target as trained or as decoded, ``generation.max_new_tokens``, whichever is longer)."""
+    wanted = cfg.data.max_source_tokens
+    target = max(cfg.data.max_target_tokens, OmegaConf.select(cfg, "generation.max_new_tokens") or 0)
     config = model.lm.config
     context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if context is None:
@@ -117,8 +118,8 @@ def source_budget(cfg: DictConfig, model: _Positioned) -> int:
     budget = context - occupied if config.is_encoder_decoder else context - occupied - target
     if budget < 1:
         raise ConfigError(
-            f"data.max_target_tokens={target} plus {occupied} virtual tokens leave no room for the source "
-            f"in the model's {context} positions"
+            f"a target of {target} tokens (the longer of data.max_target_tokens and generation.max_new_tokens) "
+            f"plus {occupied} virtual tokens leave no room for the source in the model's {context} positions"
         )
     if wanted > budget:
         log.warning(

@@ -121,7 +121,9 @@ class MethodModule(L.LightningModule):
     def _write(self, split: str, outputs: list[dict[str, Any]], metrics: dict[str, float]) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         name = split if split == "test" else f"{split}_step{self.global_step}"
-        (self.output_dir / f"{name}_generations.txt").write_text("".join(o["generation"] + "\n" for o in outputs))
+        # One line per input for line-based scorers: line breaks in a generation become spaces (the JSONL keeps them).
+        lines = "".join(" ".join(o["generation"].splitlines()) + "\n" for o in outputs)
+        (self.output_dir / f"{name}_generations.txt").write_text(lines)
         with open(self.output_dir / f"{name}_generations.jsonl", "w") as file:
             for output in outputs:
                 file.write(json.dumps(output) + "\n")
