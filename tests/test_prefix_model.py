@@ -355,7 +355,16 @@ def test_arguments_of_the_wrong_kind_are_refused_by_name() -> None:
             PrefixModel(wrong, length=2)
         with pytest.raises(TypeError, match="a prefix wraps a transformers model"):
             PrefixBank(wrong)
+    model = PrefixModel(lm, length=2)
+    for ids in (torch.tensor([1, 2, 3]), [[1, 2, 3]]):
+        with pytest.raises(ValueError, match="input_ids must be a tensor of \\(batch, tokens\\)"):
+            model.generate(input_ids=ids, max_new_tokens=2)
+    with pytest.raises(ValueError, match=f"token ids must be in 0..{VOCAB - 1}, got \\[{VOCAB}\\]"):
+        model.init_prefix_from_tokens([VOCAB])
+    with pytest.raises(ValueError, match="sets a direct prefix \\(reparam='none'\\)"):
+        model.set_prefix_key_values(model.prefix_key_values())
     positions = lm.config.max_position_embeddings
+    lm = tiny_lm("gpt2")
     with pytest.raises(ValueError, match=f"leaves no position for the real tokens: .* has {positions} positions"):
         PrefixModel(lm, length=positions)
     PrefixModel(lm, length=positions, shift_positions=False)  # the real tokens keep their positions

@@ -147,8 +147,11 @@ class PrefixModel(nn.Module):
     def generate(self, **kwargs: Any) -> Any:
         """transformers' ``generate`` with the prefix; beams and batch rows share it without copies (the route
         each call takes is :func:`prefix_lightning.decoding.generate`'s)."""
-        self._materialize()
         input_ids = kwargs.get("input_ids")
+        if input_ids is not None and not (isinstance(input_ids, torch.Tensor) and input_ids.ndim == 2):
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be a tensor of (batch, tokens), as a tokenizer returns it; got {shape}")
+        self._materialize()
         self.injector.prompt_width = input_ids.shape[1] if input_ids is not None else None
         try:
             return generate(self.lm, kwargs, self.packed_weights, self._cached_prefix())
@@ -219,6 +222,9 @@ class PrefixModel(nn.Module):
         length = self.config.length
         if ids.numel() == 0:
             raise ValueError("init_prefix_from_tokens needs at least one token")
+        vocabulary: int = self.lm.get_input_embeddings().num_embeddings  # type: ignore[assignment]
+        if ids.min() < 0 or ids.max() >= vocabulary:
+            raise ValueError(f"init_prefix_from_tokens: token ids must be in 0..{vocabulary - 1}, got {ids.tolist()}")
         if ids.numel() != length:
             log.info("prefix init: %d tokens repeated/cut to the prefix length %d", ids.numel(), length)
             ids = ids.repeat(length // ids.numel() + 1)[:length]
@@ -263,6 +269,11 @@ class PrefixModel(nn.Module):
         values, each (kv_heads, L, head_dim) of that site's shape, per attention module name."""
         if self.config.kind == "embedding":
             raise ValueError("an embedding-only prefix is input embeddings, not keys/values per attention module")
+        if self.config.reparam != "none":
+            raise ValueError(
+                "set_prefix_key_values sets a direct prefix (reparam='none'); this one is trained through its MLP "
+                "(reparam='mlp'): build the model with reparam='none' (from_prefix loads one so)"
+            )
         missing = [site.name for site in self.sites if site.name not in key_values]
         if missing:
             raise ValueError(f"no keys/values given for the attention modules {missing[:3]}")
