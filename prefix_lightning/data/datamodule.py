@@ -164,7 +164,8 @@ class TextToTextDataModule(L.LightningDataModule):
             pool = [example for example in train if example.source not in held_out]
         else:
             pool = train
-            self.val_groups = _first_groups(reference_groups(self._read(hp.val_file)), val_size, "val_size")
+            groups = reference_groups(self._read(hp.val_file))
+            self.val_groups = _first_groups(groups, val_size, "val_size", self._location(hp.val_file))
         self.train_examples = self._draw_subset(pool)
         val_pairs = [
             Example(group.source, reference, group.group_id, group.category)
@@ -197,7 +198,7 @@ class TextToTextDataModule(L.LightningDataModule):
             if hp.test_subset != "all":
                 seen = hp.test_subset == "seen"
                 groups = [group for group in groups if (group.category in self.seen_categories) == seen]
-        return _first_groups(groups, hp.test_size, "test_size")
+        return _first_groups(groups, hp.test_size, "test_size", self._location(hp.test_file))
 
     def _draw_subset(self, pool: list[Example]) -> list[Example]:
         size = self.hparams.train_size
@@ -246,9 +247,9 @@ class TextToTextDataModule(L.LightningDataModule):
         )
 
 
-def _first_groups(groups: list[Group], size: int | None, name: str) -> list[Group]:
+def _first_groups(groups: list[Group], size: int | None, name: str, where: Path | str) -> list[Group]:
     if size is None:
         return groups
     if not 0 < size <= len(groups):
-        raise ValueError(f"{name}={size}, but the split has {len(groups)} groups (inputs)")
+        raise ValueError(f"{name}={size}, but {where} has {len(groups)} groups (inputs; data.{name}=null takes all)")
     return groups[:size]
