@@ -251,6 +251,8 @@ def test_a_failing_job_is_named_at_the_end_and_the_jobs_after_it_still_run(tmp_p
     assert f"error in the job {failed}: train_size=99999, but devset.csv has " in result.stderr
     assert f"python -m prefix_lightning.sweeps.aggregate {sweep_dir}" in result.stderr
     assert "Traceback" not in result.stderr
+    report = (sweep_dir / "summary" / "report.html").read_text()  # written as the sweep's process exits
+    assert "Unfinished runs (1)" in report and failed.name in report
 
 
 def test_submitit_local_launcher_runs_each_job_in_its_own_process(tmp_path: Path, env: dict[str, str]) -> None:

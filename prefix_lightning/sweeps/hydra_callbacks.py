@@ -1,7 +1,9 @@
-"""Hydra callbacks (conf/hydra/default.yaml): aggregate a sweep when its multirun ends; close W&B after each job."""
+"""Hydra callbacks (conf/hydra/default.yaml): aggregate a sweep when its multirun ends (early or not); close W&B after
+each job."""
 
 from __future__ import annotations
 
+import atexit
 import logging
 import sys
 from typing import Any
@@ -16,13 +18,29 @@ log = logging.getLogger(__name__)
 
 
 class AggregateSweep(Callback):
-    """Writes the sweep's table, plots and report once all its jobs are done (whichever launcher ran them)."""
+    """Writes the sweep's table, plots and report once all its jobs are done (whichever launcher ran them), and also
+    when the sweep ends early: Hydra skips ``on_multirun_end`` when a job failed (or on Ctrl-C), so the launching
+    process then writes the summary as it exits, its unfinished jobs listed."""
 
     def __init__(self, metric: str | None = None) -> None:
         self.metric = metric
+        self._unsummarized: str | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._unsummarized = str(config.hydra.sweep.dir)
+        atexit.register(self._summarize_an_early_end)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._unsummarized = None
         aggregate(config.hydra.sweep.dir, self.metric)
+
+    def _summarize_an_early_end(self) -> None:
+        if self._unsummarized is None:
+            return
+        try:
+            aggregate(self._unsummarized, self.metric)
+        except Exception as error:  # the sweep's own error is the one to see
+            log.warning("could not summarize %s: %s", self._unsummarized, error)
 
 
 class FinishWandbRun(Callback):
