@@ -91,16 +91,21 @@ def with_run_settings(argv: Sequence[str]) -> list[str]:
     return [argv[0], *overrides, *rest, override(key, export)]
 
 
+def _key(argument: str) -> str:
+    """The key an override sets (``prefix.length`` for ``+prefix.length=5``)."""
+    return argument.partition("=")[0].lstrip("+~")
+
+
 def _group(argument: str) -> str:
     """The config group an override sets (``prefix`` for ``+prefix.length=5``)."""
-    return argument.partition("=")[0].lstrip("+~").partition(".")[0]
+    return _key(argument).partition(".")[0]
 
 
 def _without_task_mixture(overrides: list[str]) -> list[str]:
     """A multi-task run's overrides for one of its tasks: the data group and method that mixed them left out (each
     task is a data config of its own name; the ``data.*`` values a mixture sets for every task still apply)."""
     mixture = {"data", "data.tasks", "method"}
-    return [item for item in overrides if item.partition("=")[0].lstrip("+~") not in mixture]
+    return [item for item in overrides if _key(item) not in mixture]
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")

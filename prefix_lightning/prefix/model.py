@@ -26,7 +26,7 @@ from prefix_lightning.prefix.peft_format import (
     read_peft_prefix,
     save_peft_prefix,
 )
-from prefix_lightning.prefix.positions import attach_position_shift
+from prefix_lightning.prefix.positions import attach_position_shift, position_count
 from prefix_lightning.prefix.sites import AttentionSite, UnsupportedModelError, site_modules, use_prefix_attention
 from prefix_lightning.prefix.wiring import bind_sites, cache_layers, checkpoint_layers, site_activations, site_keys
 
@@ -52,8 +52,8 @@ class PrefixModel(nn.Module):
         super().__init__()
         self.config = PrefixConfig.of(config, **fields)
         use_prefix_attention(lm)
-        positions = getattr(lm.config, "max_position_embeddings", None)
-        if self.config.shift_positions and isinstance(positions, int) and self.config.length >= positions:
+        positions = position_count(lm.config)
+        if self.config.shift_positions and positions is not None and self.config.length >= positions:
             raise ValueError(
                 f"prefix.length={self.config.length} leaves no position for the real tokens: {type(lm).__name__} "
                 f"has {positions} positions (prefix.shift_positions=false keeps the real tokens at theirs)"

@@ -27,6 +27,13 @@ from prefix_lightning.prefix.attention import INFIX_QUERIES, PrefixInjector, inf
 from prefix_lightning.prefix.sites import UnsupportedModelError
 
 
+def position_count(config: Any) -> int | None:
+    """How many positions a model config's position table holds (GPT-2 names it ``n_positions``); None where its
+    positions are unbounded by a table."""
+    count = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return count if isinstance(count, int) else None
+
+
 def _positions_from_inputs(tokens: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
     """Positions as if unpadded: counted over the 2-D mask (left padding), else continuing the cache."""
     query_length = tokens.shape[1]

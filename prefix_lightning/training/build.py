@@ -16,6 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from prefix_lightning.backbones import load_backbone
 from prefix_lightning.backbones.compiled import compile_lm
 from prefix_lightning.methods import TrainableLM
+from prefix_lightning.prefix.positions import position_count
 from prefix_lightning.training.checks import ConfigError, check_config, method_class, options_at
 from prefix_lightning.training.module import MethodModule
 from prefix_lightning.training.tasks import task_data_configs
@@ -111,7 +112,7 @@ def source_budget(cfg: DictConfig, model: _Positioned) -> int:
     wanted = cfg.data.max_source_tokens
     target = max(cfg.data.max_target_tokens, OmegaConf.select(cfg, "generation.max_new_tokens") or 0)
     config = model.lm.config
-    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    context = position_count(config)
     if context is None:
         return wanted
     occupied = model.virtual_positions
