@@ -289,6 +289,26 @@ def test_custom_rows_with_more_cells_than_the_header_are_refused(tmp_path):
         read_table(path, source_column=None)
 
 
+@pytest.mark.parametrize(
+    ("name", "content", "line", "said"),
+    [  # a quote that opens a cell and is never closed would take in the rows after it
+        ("stray.tsv", 'source\ttarget\nname : A\tA.\n"name : B\tB.\nname : C\tC.\n', 3, "unexpected end of data"),
+        # text after a quoted cell's closing quote would be glued to it, the quotes lost
+        ("glued.csv", 'source,target\n"multi\nline",A.\n"Hi" he said,B.\n', 4, "',' expected after '\"'"),
+        ("glued.tsv", 'source\ttarget\n"Hi" he said\tB.\n', 2, "'\\t' expected after '\"'"),
+    ],
+)
+def test_custom_cells_with_broken_quoting_are_refused_at_their_line(tmp_path, name, content, line, said):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(ValueError) as refused:
+        read_table(path)
+    assert str(refused.value) == (
+        f'{path}, line {line}: a cell that begins with a quote (") must end with one ({said}); quote a cell whole '
+        '("a ""b"" c": quotes inside doubled) or not at all'
+    )
+
+
 def test_validation_held_out_of_the_training_file_however_it_is_spelled(tmp_path, gpt2_tokenizer):
     rows = [{"source": f"s{i}", "target": f"t{i}"} for i in range(6)]
     (tmp_path / "custom").mkdir()

@@ -83,20 +83,36 @@ def _rows(path: Path, columns: list[str]) -> Iterator[tuple[str, dict[str, Any]]
                 raise ValueError(f"{path}, line {number}: expected a JSON object with fields {columns}")
             yield f"{path}, line {number}", row
     elif suffix in _DELIMITERS:
-        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=_DELIMITERS[suffix])
-        missing = [column for column in columns if column not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}, line 1: missing column(s) {missing} (the header has {reader.fieldnames})")
-        for row in reader:
-            if None in row:  # cells past the header's columns: an unquoted delimiter inside a cell
-                raise ValueError(
-                    f"{path}, line {reader.line_num}: {len(row) - 1 + len(row[None])} cells, but the header has "
-                    f'{len(row) - 1} columns; quote cells that hold a {_DELIMITERS[suffix]!r} ("a, b")'
-                )
-            yield f"{path}, line {reader.line_num}", row
+        yield from _delimited_rows(path, text, _DELIMITERS[suffix], columns)
     else:
         hint = " (save a spreadsheet as CSV UTF-8)" if suffix in (".xlsx", ".xls", ".ods") else ""
         raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl, .json, .csv or .tsv{hint}")
+
+
+def _delimited_rows(path: Path, text: str, delimiter: str, columns: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """CSV/TSV rows. Quoting is checked strictly: a cell that begins with a quote and goes on after its closing one
+    (``"Hi" he said``) would lose its quotes, and one never closed would take in every line after it."""
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    start = 1  # the line the row being read begins on (a quoted cell may hold line breaks)
+    try:
+        missing = [column for column in columns if column not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}, line 1: missing column(s) {missing} (the header has {reader.fieldnames})")
+        start = reader.line_num + 1
+        for row in reader:
+            if None in row:  # cells past the header's columns: an unquoted delimiter inside a cell
+                raise ValueError(
+                    f"{path}, line {start}: {len(row) - 1 + len(row[None])} cells, but the header has "
+                    f'{len(row) - 1} columns; quote cells that hold a {delimiter!r} ("a, b")'
+                )
+            yield f"{path}, line {start}", row
+            start = reader.line_num + 1
+    except csv.Error as err:
+        said = str(err).replace("\t", "\\t")
+        raise ValueError(
+            f'{path}, line {start}: a cell that begins with a quote (") must end with one ({said}); quote a cell '
+            'whole ("a ""b"" c": quotes inside doubled) or not at all'
+        ) from None
 
 
 def _json_list(path: Path, text: str, columns: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:
