@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from prefix_lightning.training.checks import ConfigError
 from prefix_lightning.training.csv_log import ContinuedCSVLogger
-from prefix_lightning.training.resume import check_resumed_config, resume_arguments
+from prefix_lightning.training.resume import STARTED_CONFIG, check_earlier_attempt, resume_arguments
 from tests.helpers.cli import run_cli, run_failing, run_python
 from tests.helpers.config import compose_train
 from tests.helpers.faults import fault
@@ -219,8 +218,10 @@ def test_resume_takes_the_runs_own_overrides_and_folder(tmp_path: Path) -> None:
 
 def test_resume_refuses_settings_that_change_the_computation_and_lists_them(tmp_path: Path) -> None:
     run = ["model=tiny_llama", "prefix.length=5"]
-    (tmp_path / ".hydra").mkdir()
-    OmegaConf.save(compose_train(tmp_path, run), tmp_path / ".hydra" / "config.yaml")
+    check_earlier_attempt(compose_train(tmp_path, run))  # the run starts from nothing: its config is kept
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.parent.mkdir()
+    torch.save({"state_dict": {}, "global_step": 3}, last)  # and is stopped
     allowed = [
         "trainer.devices=2",
         "logger=tensorboard",
@@ -228,14 +229,20 @@ def test_resume_refuses_settings_that_change_the_computation_and_lists_them(tmp_
         "data.num_workers=2",
         "test=false",
     ]
-    check_resumed_config(compose_train(tmp_path, [*run, *allowed, f"resume={tmp_path}"]))
+    check_earlier_attempt(compose_train(tmp_path, [*run, *allowed, f"resume={tmp_path}"]))
     changed = compose_train(tmp_path, [*run, "prefix.length=3", "method.lr=0.1", "seed=2", f"resume={tmp_path}"])
     with pytest.raises(ConfigError) as refused:
-        check_resumed_config(changed)
-    assert str(refused.value).startswith(
-        f"resume={tmp_path}: these settings differ from the run's own (.hydra/config.yaml) and change what it "
-        "computes: method.lr: 0.0005 -> 0.1; prefix.length: 5 -> 3; seed: 1 -> 2."
+        check_earlier_attempt(changed)
+    assert str(refused.value) == (
+        f"resume={tmp_path}: these settings differ from the run's own (.hydra/started_config.yaml) and change what "
+        "it computes: method.lr: 0.0005 -> 0.1; prefix.length: 5 -> 3; seed: 1 -> 2. Resume without them, or start "
+        "a new run"
     )
+    # A run folder from before started_config.yaml: its .hydra/config.yaml (resumed attempts write theirs elsewhere).
+    (tmp_path / STARTED_CONFIG).rename(tmp_path / ".hydra" / "config.yaml")
+    with pytest.raises(ConfigError, match=re.escape("own (.hydra/config.yaml) and change what it computes: method")):
+        check_earlier_attempt(changed)
+    assert not (tmp_path / STARTED_CONFIG).exists()  # an attempt that goes on from another one writes none
 
 
 def _logged(folder: Path) -> tuple[list[str], list[tuple[str, ...]]]:

@@ -17,8 +17,9 @@ from omegaconf import OmegaConf
 from prefix_lightning.sweeps.aggregate import aggregate, main
 from prefix_lightning.sweeps.table import format_stat
 from prefix_lightning.training import dashboards
+from prefix_lightning.training.checks import ConfigError
 from prefix_lightning.training.record import FIELDS, RECORD_FILE, read_record, write_record
-from prefix_lightning.training.resume import finished_record, resume_checkpoint
+from prefix_lightning.training.resume import STARTED_CONFIG, check_earlier_attempt, finished_record, resume_checkpoint
 from tests.helpers.config import CONF, compose_train
 from tests.helpers.sweeps import make_record, write_sweep
 
@@ -151,6 +152,39 @@ def test_finished_runs_are_skipped_and_unfinished_ones_resume(tmp_path: Path) ->
         resume_checkpoint(cfg)
     write_record(tmp_path, make_record({}, bleu=1.0))
     assert finished_record(tmp_path)["last_val"] == 1.5
+
+
+def test_a_folder_run_again_is_checked_against_the_config_its_run_started_with(tmp_path: Path) -> None:
+    """A sweep's job folder (or a fixed hydra.run.dir) run again skips or resumes what is there: settings that the
+    folder's name leaves out (callbacks, trainer, ...) and that change what the run computes are refused."""
+    started = tmp_path / STARTED_CONFIG
+
+    def attempt(*overrides: str) -> None:
+        check_earlier_attempt(compose_train(tmp_path, ["model=tiny_llama", *overrides]))
+
+    attempt("prefix.length=5")  # the run starts from nothing: its config is kept
+    assert OmegaConf.load(started).prefix.length == 5
+    attempt("prefix.length=3")  # nothing computed yet (no record, no checkpoint): it starts anew
+    assert OmegaConf.load(started).prefix.length == 3
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.parent.mkdir()
+    torch.save({"state_dict": {}, "global_step": 3}, last)
+    attempt("prefix.length=3", "logger=tensorboard", "paths.data_dir=/elsewhere", "trainer.devices=2")
+    attempt("prefix.length=3", "trainer.max_steps=7", f"ckpt_path={last}")  # starts from a checkpoint chosen
+    with pytest.raises(ConfigError) as refused:
+        attempt("prefix.length=3", "callbacks.early_stopping.patience=2", "trainer.max_steps=7")
+    assert str(refused.value) == (
+        f"{tmp_path} holds an earlier attempt of this run (its result.json or checkpoint), whose settings "
+        f"(.hydra/started_config.yaml) differ from these and change what it computes: "
+        "callbacks.early_stopping.patience: None -> 2; trainer.max_steps: 150 -> 7. Run again without them, "
+        "delete the folder to start it anew, or give the run (the sweep) another folder: hydra.run.dir=... "
+        "(hydra.sweep.dir=...)"
+    )
+    last.unlink()
+    write_record(tmp_path, make_record({}, bleu=1.0))  # finished: to be skipped, and checked the same way
+    with pytest.raises(ConfigError, match="trainer.max_steps: 150 -> 7"):
+        attempt("prefix.length=3", "trainer.max_steps=7")
+    assert OmegaConf.load(started).prefix.length == 3 and OmegaConf.load(started).trainer.max_steps == 150
 
 
 SWEEPS = sorted(path.stem for path in (CONF / "sweep").glob("*.yaml"))

@@ -205,7 +205,7 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> Non
 
 def test_rerunning_a_killed_sweep_skips_finished_jobs_and_resumes_the_rest(tmp_path: Path, env: dict[str, str]) -> None:
     """Killed (SIGKILL) once the second job has checkpointed: re-running the same command leaves the first job's
-    record untouched and continues the second from its checkpoint."""
+    record untouched and continues the second from its checkpoint; re-running it with other settings is refused."""
     sweep_dir, overrides = tmp_path / "sweep", [*TINY, "prefix.length=1,2"]
     first, second = (sweep_dir / f"debug=fast,model=tiny_llama,prefix.length={length}" for length in (1, 2))
     process = subprocess.Popen(
@@ -235,6 +235,18 @@ def test_rerunning_a_killed_sweep_skips_finished_jobs_and_resumes_the_rest(tmp_p
     resumed = read_record(second)
     assert resumed["train_steps"] == 4 and resumed["test"]
     assert "2 finished runs in 2 settings" in log
+
+    # Run again with a change the job folders' names leave out (a sweep config's body), but that changes what the
+    # jobs compute: refused, each job naming the change.
+    (tmp_path / "conf" / "sweep").mkdir(parents=True)
+    (tmp_path / "conf" / "sweep" / "mine.yaml").write_text("# @package _global_\ntrainer:\n  gradient_clip_val: 0.5\n")
+    mine = [f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "+sweep=mine"]
+    changed = run_python(*sweep_arguments(sweep_dir, [*mine, *overrides]), env=env)
+    assert changed.returncode == 1
+    for job in (first, second):
+        assert f"error: {job} holds an earlier attempt of this run" in changed.stderr
+    assert "trainer.gradient_clip_val: 1.0 -> 0.5" in changed.stderr
+    assert ((first / RECORD_FILE).stat().st_mtime_ns, (first / RECORD_FILE).read_bytes()) == before
 
 
 def test_a_failing_job_is_named_at_the_end_and_the_jobs_after_it_still_run(tmp_path: Path, env: dict[str, str]) -> None:

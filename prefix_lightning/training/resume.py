@@ -1,6 +1,7 @@
 """Going on with a run: ``run.py resume=<run dir>`` (that run's own config, in its folder), the checkpoint a run
 resumes from, and re-running a sweep (a run folder with a complete record is skipped, one with a last checkpoint
 resumes from it; sweep job folders are named by their overrides, not by time, so the same command finds them).
+Every attempt that goes on from an earlier one is checked against the config the run started with.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from prefix_lightning.files.atomic import atomic_write
 from prefix_lightning.files.checkpoints import check_checkpoint
 from prefix_lightning.training.checks import ConfigError
 from prefix_lightning.training.last_checkpoint import LAST
@@ -21,6 +24,10 @@ log = logging.getLogger(__name__)
 
 RUN_CONFIG = Path(".hydra", "config.yaml")
 RUN_OVERRIDES = Path(".hydra", "overrides.yaml")
+# The config a run started with. Hydra rewrites .hydra/config.yaml whenever the same folder is run again (a sweep's
+# job, a fixed hydra.run.dir), before any of our code runs; this copy is written only by an attempt that starts the
+# run from nothing, so later attempts are compared with what the run's results were computed by.
+STARTED_CONFIG = Path(".hydra", "started_config.yaml")
 # Where Hydra writes a resumed attempt's config, so that the run's own .hydra/config.yaml stays what it ran with.
 RESUMED_PLACEMENT = "hydra.output_subdir=.hydra/resumed"
 # Settings that do not change what a run computes, so a resumed run may change them: where files are, how many
@@ -86,12 +93,38 @@ def unquoted(value: str) -> str:
     return value[1:-1] if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"" else value
 
 
-def check_resumed_config(cfg: DictConfig) -> None:
-    """With ``resume=``, refuse settings that differ from the run's own config and change what it computes (a
-    resumed run must compute what the interrupted one would have), listing them."""
-    if not cfg.get("resume"):
-        return
-    saved = OmegaConf.load(Path(cfg.resume) / RUN_CONFIG)
+def check_earlier_attempt(cfg: DictConfig) -> None:
+    """Refuse settings that differ from the config the run started with and change what it computes, listing them,
+    when this attempt goes on from an earlier one: ``resume=``, or a folder that holds a result record (to be
+    skipped) or a checkpoint (to resume from), as a re-run sweep's jobs do (not with ``ckpt_path=``, which starts
+    from a checkpoint of the user's choice with the settings given). An attempt that starts the run from nothing
+    writes its config as the run's started config."""
+    run_dir = Path(cfg.paths.output_dir)
+    earlier = read_record(run_dir) is not None or bool(_folder_checkpoints(cfg))
+    if cfg.get("resume"):
+        saved = STARTED_CONFIG if (Path(cfg.resume) / STARTED_CONFIG).is_file() else RUN_CONFIG
+        _refuse_changes(
+            cfg,
+            Path(cfg.resume) / saved,
+            f"resume={cfg.resume}: these settings differ from the run's own ({saved})",
+            "Resume without them, or start a new run",
+        )
+    elif earlier and not cfg.get("ckpt_path") and (run_dir / STARTED_CONFIG).is_file():
+        _refuse_changes(
+            cfg,
+            run_dir / STARTED_CONFIG,
+            f"{run_dir} holds an earlier attempt of this run (its {RECORD_FILE} or checkpoint), whose settings "
+            f"({STARTED_CONFIG}) differ from these",
+            "Run again without them, delete the folder to start it anew, or give the run (the sweep) another "
+            "folder: hydra.run.dir=... (hydra.sweep.dir=...)",
+        )
+    rank_zero = getattr(rank_zero_only, "rank", 0) == 0  # the other ranks of a multi-process run share its config
+    if not earlier and rank_zero:
+        atomic_write(run_dir / STARTED_CONFIG, lambda path: OmegaConf.save(cfg, path))
+
+
+def _refuse_changes(cfg: DictConfig, saved_file: Path, refused: str, remedy: str) -> None:
+    saved = OmegaConf.load(saved_file)
     before, now = _leaves(OmegaConf.to_container(saved)), _leaves(OmegaConf.to_container(cfg))
     changed = sorted(
         key
@@ -100,10 +133,7 @@ def check_resumed_config(cfg: DictConfig) -> None:
     )
     if changed:
         listed = "; ".join(f"{key}: {before.get(key, ABSENT)!r} -> {now.get(key, ABSENT)!r}" for key in changed)
-        raise ConfigError(
-            f"resume={cfg.resume}: these settings differ from the run's own ({RUN_CONFIG}) and change what it "
-            f"computes: {listed}. Resume without them, or start a new run"
-        )
+        raise ConfigError(f"{refused} and change what it computes: {listed}. {remedy}")
 
 
 ABSENT = "<absent>"
@@ -137,10 +167,7 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
     missing file is refused, naming the newest intact checkpoint beside it."""
     if cfg.get("ckpt_path"):
         return str(check_checkpoint(cfg.ckpt_path))
-    dirpath = OmegaConf.select(cfg, "callbacks.last_checkpoint.dirpath")
-    candidates = [Path(dirpath, LAST)] if dirpath else []
-    candidates += Path(cfg.paths.output_dir).glob("hpc_ckpt_*.ckpt")
-    found = [path for path in candidates if path.is_file()]
+    found = _folder_checkpoints(cfg)
     if not found:
         if cfg.get("resume"):
             log.warning("resume=%s: the run left no checkpoint yet, so it starts over in its folder", cfg.resume)
@@ -148,3 +175,11 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
     newest = max(found, key=lambda path: path.stat().st_mtime)
     log.info("resuming from %s, left by an earlier attempt of this run", newest)
     return str(check_checkpoint(newest))
+
+
+def _folder_checkpoints(cfg: DictConfig) -> list[Path]:
+    """The checkpoints earlier attempts of this run left in its folder to resume from."""
+    dirpath = OmegaConf.select(cfg, "callbacks.last_checkpoint.dirpath")
+    candidates = [Path(dirpath, LAST)] if dirpath else []
+    candidates += Path(cfg.paths.output_dir).glob("hpc_ckpt_*.ckpt")
+    return [path for path in candidates if path.is_file()]

@@ -19,7 +19,7 @@ from prefix_lightning.training.callbacks import MethodExport, ResultRecord
 from prefix_lightning.training.job import current_job
 from prefix_lightning.training.last_checkpoint import LastCheckpoint, RunStopped
 from prefix_lightning.training.optimized import settle_optimized_metric
-from prefix_lightning.training.resume import check_resumed_config, finished_record, resume_checkpoint
+from prefix_lightning.training.resume import check_earlier_attempt, finished_record, resume_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +49,11 @@ def train(cfg: DictConfig) -> float | None:
     """Train, export and test the configured method; return the validation ``cfg.optimized_metric`` of the exported
     weights (for sweepers): the best value with ``export=best``, the last one with ``export=last``.
 
-    A run folder that already holds a complete result record is not run again; one with a last checkpoint resumes.
+    A run folder that already holds a complete result record is not run again; one with a last checkpoint resumes
+    (for both, settings that change what it computes are refused when they differ from those the run started with).
     """
     _console_for_rank_zero()
-    check_resumed_config(cfg)
+    check_earlier_attempt(cfg)
     finished = finished_record(cfg.paths.output_dir)
     if finished is not None:
         return exported_value(finished)
