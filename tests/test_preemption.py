@@ -223,20 +223,22 @@ def test_resume_refuses_settings_that_change_the_computation_and_lists_them(tmp_
     last.parent.mkdir()
     torch.save({"state_dict": {}, "global_step": 3}, last)  # and is stopped
     allowed = [
-        "trainer.devices=2",
+        "trainer.accelerator=cpu",
         "logger=tensorboard",
         "paths.data_dir=/elsewhere",
         "data.num_workers=2",
         "test=false",
     ]
     check_earlier_attempt(compose_train(tmp_path, [*run, *allowed, f"resume={tmp_path}"]))
-    changed = compose_train(tmp_path, [*run, "prefix.length=3", "method.lr=0.1", "seed=2", f"resume={tmp_path}"])
+    changed = compose_train(
+        tmp_path, [*run, "prefix.length=3", "method.lr=0.1", "seed=2", "trainer.devices=2", f"resume={tmp_path}"]
+    )
     with pytest.raises(ConfigError) as refused:
         check_earlier_attempt(changed)
     assert str(refused.value) == (
         f"resume={tmp_path}: these settings differ from the run's own (.hydra/started_config.yaml) and change what "
-        "it computes: method.lr: 0.0005 -> 0.1; prefix.length: 5 -> 3; seed: 1 -> 2. Resume without them, or start "
-        "a new run"
+        "it computes: method.lr: 0.0005 -> 0.1; prefix.length: 5 -> 3; seed: 1 -> 2; trainer.devices: 1 -> 2. Resume "
+        "without them, or start a new run"
     )
     # A run folder from before started_config.yaml: its .hydra/config.yaml (resumed attempts write theirs elsewhere).
     (tmp_path / STARTED_CONFIG).rename(tmp_path / ".hydra" / "config.yaml")

@@ -169,7 +169,7 @@ def test_a_folder_run_again_is_checked_against_the_config_its_run_started_with(t
     last = tmp_path / "checkpoints" / "last.ckpt"
     last.parent.mkdir()
     torch.save({"state_dict": {}, "global_step": 3}, last)
-    attempt("prefix.length=3", "logger=tensorboard", "paths.data_dir=/elsewhere", "trainer.devices=2")
+    attempt("prefix.length=3", "logger=tensorboard", "paths.data_dir=/elsewhere", "data.num_workers=1")
     attempt("prefix.length=3", "trainer.max_steps=7", f"ckpt_path={last}")  # starts from a checkpoint chosen
     with pytest.raises(ConfigError) as refused:
         attempt("prefix.length=3", "callbacks.early_stopping.patience=2", "trainer.max_steps=7")

@@ -127,7 +127,23 @@ def check_config(cfg: DictConfig) -> None:
         steps,
         "use a positive number of steps, or -1 for epochs",
     )
+    if steps == -1:
+        epochs = cfg.trainer.get("max_epochs", -1)
+        _require(
+            _is_int(epochs) and epochs > 0,
+            "trainer.max_epochs",
+            epochs,
+            "with trainer.max_steps=-1 the run trains by epochs: use a positive number of epochs",
+        )
+    interval = cfg.trainer.get("val_check_interval")
+    _require(
+        interval is None or (_is_int(interval) and interval > 0) or (isinstance(interval, float) and 0 < interval <= 1),
+        "trainer.val_check_interval",
+        interval,
+        "use a number of training batches > 0, a fraction of an epoch (0 < x <= 1.0), or null (once an epoch)",
+    )
     accelerator = cfg.trainer.get("accelerator", "cpu")
+    _check_precision(str(cfg.trainer.get("precision", "32-true")), accelerator)
     if accelerator in ("gpu", "cuda") and not (torch.cuda.is_available() or torch.backends.mps.is_available()):
         raise ConfigError(
             f"trainer.accelerator={accelerator} (trainer=gpu, ddp, fsdp, deepspeed_*, slurm), but torch "
@@ -147,6 +163,27 @@ def check_config(cfg: DictConfig) -> None:
     _require(minutes is None or timed, "callbacks.last_checkpoint.every_minutes", minutes, "use minutes >= 0, or null")
 
 
+# Lightning's "true" precisions other than 32 cast the trainable prefix and its AdamW state too (and beam search's
+# float32 scores then meet bf16/float64 logits); "16" and "bf16" are Lightning's old names of the mixed ones.
+PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16", "16-mixed", "16")
+
+
+def _check_precision(precision: str, accelerator: str) -> None:
+    _require(
+        precision in PRECISIONS,
+        "trainer.precision",
+        precision,
+        "use 32-true (the default), bf16-mixed, or 16-mixed (GPUs); to hold the frozen LM in bf16 add "
+        "model.backbone.dtype=bfloat16 (the prefix and its optimizer stay float32)",
+    )
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if precision in ("16-mixed", "16") and on_cpu:
+        raise ConfigError(
+            f"trainer.precision={precision} is for GPUs (on the CPU Lightning would run bf16-mixed instead): use "
+            "bf16-mixed or 32-true"
+        )
+
+
 def check_generation(cfg: DictConfig) -> None:
     """The decoding options, before any model loads: a typo would stop a run at its first validation, after its
     training steps, in transformers' words (or not at all: transformers ignores what it does not know)."""
@@ -159,6 +196,13 @@ def check_generation(cfg: DictConfig) -> None:
         )
     beams = settings.get("num_beams", 1)
     _require(_is_int(beams) and beams >= 1, "generation.num_beams", beams, "use 1 (greedy) or more beams")
+    returned = settings.get("num_return_sequences", 1)
+    _require(
+        returned == 1,
+        "generation.num_return_sequences",
+        returned,
+        "runs, generate and evaluate keep one output per input",
+    )
     tokens = settings.get("max_new_tokens", 1)
     _require(_is_int(tokens) and tokens >= 1, "generation.max_new_tokens", tokens, "use a positive integer")
     for option in ("min_new_tokens", "no_repeat_ngram_size"):

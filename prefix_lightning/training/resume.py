@@ -30,8 +30,9 @@ RUN_OVERRIDES = Path(".hydra", "overrides.yaml")
 STARTED_CONFIG = Path(".hydra", "started_config.yaml")
 # Where Hydra writes a resumed attempt's config, so that the run's own .hydra/config.yaml stays what it ran with.
 RESUMED_PLACEMENT = "hydra.output_subdir=.hydra/resumed"
-# Settings that do not change what a run computes, so a resumed run may change them: where files are, how many
-# devices share the same global batches, logging and progress display, whether it tests at the end.
+# Settings that do not change what a run computes, so a resumed run may change them: where files are, the device
+# kind and the strategy that shards the same batches, logging and progress display, whether it tests at the end.
+# Not the number of devices or nodes: data.batch_size is per device, so they set the global batch.
 NOT_COMPUTED = (
     "resume",
     "ckpt_path",
@@ -39,8 +40,6 @@ NOT_COMPUTED = (
     "paths",
     "logger",
     "trainer.accelerator",
-    "trainer.devices",
-    "trainer.num_nodes",
     "trainer.strategy",
     "trainer.enable_progress_bar",
     "trainer.log_every_n_steps",
