@@ -97,6 +97,21 @@ def test_a_stop_signal_saves_exits_non_zero_and_resume_ends_with_the_uninterrupt
 
 
 @pytest.mark.integration
+def test_sigterm_in_the_middle_of_a_gradient_accumulation_stops_after_that_step(tmp_path: Path) -> None:
+    """Two batches a step: SIGTERM after the first batch stops after the second (a checkpoint between them would
+    lose the first batch's gradients), and the resumed run ends with the uninterrupted run's prefix."""
+    accumulated = [*RUN[:3], "trainer.max_steps=4", "trainer.val_check_interval=4", "trainer.accumulate_grad_batches=2"]
+    straight = tmp_path / "straight"
+    run_cli(straight, *accumulated)
+    stopped = tmp_path / "stopped"
+    result = run_failing(stopped, *accumulated, *fault("SignalAtBatch", batch=0, name="SIGTERM"))
+    assert result.returncode == 128 + signal.SIGTERM.value
+    assert global_step(stopped / "checkpoints" / "last.ckpt") == 1
+    run_cli(stopped, f"resume={stopped}")
+    assert_same_prefix(stopped, straight)
+
+
+@pytest.mark.integration
 def test_sigterm_during_a_validation_lets_it_finish_then_stops(straight: Path, tmp_path: Path) -> None:
     """SIGTERM inside the validation after step 4 (an epoch's end): that validation finishes (stopped in its middle,
     Lightning would resume without it), then the run stops; resumed, it has the uninterrupted run's validation

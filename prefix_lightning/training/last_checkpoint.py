@@ -33,11 +33,11 @@ class LastCheckpoint(Checkpoint):
     interval. ``stopped_by`` then names the signal (see :class:`RunStopped`).
 
     SIGTERM and SIGUSR1 stop the run as Lightning stops it on SIGTERM, handed to Lightning at a point from which it
-    resumes exactly: at the end of the current training step, after the validation in progress or due after that
-    step (stopped in its middle, Lightning resumes without it), and after the first step of the next epoch when
-    the current step ends one (Lightning resumes a run stopped at an epoch's end with a shortened next epoch). The
-    checkpoint is written when Lightning stops. Where Lightning already handles SIGUSR1 (SLURM auto-requeue) it is
-    left to Lightning.
+    resumes exactly: at the end of the current training step (its last accumulated batch), after the validation in
+    progress or due after that step (stopped in its middle, Lightning resumes without it), and after the first step
+    of the next epoch when the current step ends one (Lightning resumes a run stopped at an epoch's end with a
+    shortened next epoch). The checkpoint is written when Lightning stops. Where Lightning already handles SIGUSR1
+    (SLURM auto-requeue) it is left to Lightning.
 
     A Lightning ``Checkpoint``, so that it runs after the other callbacks of a validation (the best checkpoint, early
     stopping, the result record) and saves their updated state. The timed save happens as a training batch starts,
@@ -96,8 +96,10 @@ class LastCheckpoint(Checkpoint):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         # Not an epoch's last step; a step that Lightning validates next is handed over by on_validation_end (once
-        # handed over, Lightning would stop that validation after its first batch and resume without it).
-        if batch_idx + 1 < trainer.num_training_batches and not _validation_follows(trainer):
+        # handed over, Lightning would stop that validation after its first batch and resume without it). Not in
+        # the middle of a gradient accumulation either: the checkpoint would lose the gradients accumulated so far.
+        step_done = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+        if step_done and batch_idx + 1 < trainer.num_training_batches and not _validation_follows(trainer):
             self._hand_over()
 
     def on_train_batch_start(

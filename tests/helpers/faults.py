@@ -28,6 +28,20 @@ class SignalAt(L.Callback):
             os.kill(os.getpid(), self.signal)
 
 
+class SignalAtBatch(L.Callback):
+    """Sends the signal ``name`` to this very process after the training batch ``batch`` of the first epoch (with
+    gradient accumulation: possibly in the middle of a step)."""
+
+    def __init__(self, batch: int, name: str) -> None:
+        self.batch, self.signal = batch, getattr(signal, name)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: object, batch: object, batch_idx: int
+    ) -> None:
+        if trainer.current_epoch == 0 and batch_idx == self.batch:
+            os.kill(os.getpid(), self.signal)
+
+
 class DivergeAt(L.Callback):
     """Makes the prefix infinite before step ``step``, as a diverging optimizer would."""
 
