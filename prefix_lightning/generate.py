@@ -48,10 +48,13 @@ class Request:
 
 
 def parse_prefixes(specs: Sequence[str]) -> dict[str, Path]:
-    """``NAME=FOLDER`` (or ``FOLDER``, named by its last component) -> {name: folder}; each folder is read now."""
+    """``NAME=FOLDER`` (or ``FOLDER``, named by its last component) -> {name: folder}; each folder is read now. A
+    folder's path may hold ``=`` (sweep job folders do): a NAME is what comes before the first ``=``, if no ``/``."""
     prefixes: dict[str, Path] = {}
     for spec in specs:
-        name, _, folder = spec.rpartition("=")
+        name, named, folder = spec.partition("=")
+        if not named or "/" in name or Path(spec).is_dir():
+            name, folder = "", spec
         name = name or Path(folder).name
         if name in prefixes:
             raise ValueError(f"--prefix {spec}: the name {name!r} is given twice")
@@ -64,7 +67,9 @@ def read_requests(stream: TextIO, form: str, prefixes: Sequence[str], where: str
     """Every input line, checked: JSON, a non-empty ``source`` string, a known ``prefix``."""
     if form not in FORMATS:
         raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {form!r}")
-    lines = stream.read().splitlines()
+    lines = stream.read().removeprefix("\ufeff").splitlines()  # the byte-order mark some editors write
+    while lines and not lines[-1].strip():  # blank lines at the end, as editors leave them
+        lines.pop()
     if form == "auto":
         first = next((line for line in lines if line.strip()), "")
         form = "jsonl" if first.lstrip().startswith("{") else "text"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from contextlib import nullcontext
@@ -81,12 +82,16 @@ def test_mixed_prefixes_decode_as_each_prefix_alone(prefixes: dict[str, Path], t
 
 
 def test_plain_text_with_one_prefix(prefixes: dict[str, Path], tmp_path: Path) -> None:
+    """As editors save it (a byte-order mark, a blank last line), with a prefix in a sweep job's folder."""
     inputs = tmp_path / "inputs.txt"
-    inputs.write_text("\n".join(SOURCES[:2]) + "\n")
-    output = tmp_path / "outputs.txt"
-    options = ["--prefix", str(prefixes["e2e"]), "--input", str(inputs), "--output", str(output), *GENERATE]
-    assert main(options) == 0
-    assert len(output.read_text().splitlines()) == 2
+    inputs.write_text("\ufeff" + "\n".join(SOURCES[:2]) + "\n\n")
+    job = shutil.copytree(prefixes["e2e"], tmp_path / "sweep" / "data.train_size=50,prefix.length=3" / "prefix")
+    for given, name in ((str(job), "prefix"), (f"e2e={job}", "e2e")):
+        output = tmp_path / "outputs.jsonl"
+        options = ["--prefix", given, "--input", str(inputs), "--output", str(output), *GENERATE]
+        assert main(options) == 0
+        written = [json.loads(line) for line in output.read_text().splitlines()]
+        assert [(row["source"], row["prefix"]) for row in written] == [(source, name) for source in SOURCES[:2]]
 
 
 @pytest.mark.parametrize(
