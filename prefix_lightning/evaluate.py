@@ -22,7 +22,7 @@ from pathlib import Path
 import hydra
 import lightning as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from prefix_lightning.cli import report_errors
 from prefix_lightning.methods.exports import export_loader
@@ -36,7 +36,7 @@ from prefix_lightning.training.build import (
 )
 from prefix_lightning.training.checks import check_config
 from prefix_lightning.training.optimized import settle_optimized_metric
-from prefix_lightning.training.resume import RUN_OVERRIDES, override, run_overrides, unquoted
+from prefix_lightning.training.resume import RUN_CONFIG, RUN_OVERRIDES, override, run_overrides, unquoted
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +70,15 @@ def evaluate(cfg: DictConfig) -> float:
 
 def with_run_settings(argv: Sequence[str]) -> list[str]:
     """``argv`` with the overrides of the run whose folder holds the given export put first (the ones given win),
-    and the export's path quoted for Hydra (sweep job folders hold ``=`` and ``,``)."""
+    and the export's path quoted for Hydra (sweep job folders hold ``=`` and ``,``). A run's folder stands for its
+    export."""
     given = [argument.partition("=") for argument in argv[1:] if argument.startswith(EXPORT_KEYS)]
     if not given:
         return list(argv)
     key, _, value = given[-1]
     export = Path(unquoted(value))
+    if (export / RUN_CONFIG).is_file():  # a run's folder: the export it holds
+        export = export / OmegaConf.load(export / RUN_CONFIG).method.export_dir
     rest = [argument for argument in argv[1:] if not argument.startswith(EXPORT_KEYS)]
     ignored = [argument for argument in rest if _group(argument) in FIXED_BY_EXPORT]
     if ignored:

@@ -1,5 +1,6 @@
 """E2E on the real files: reading the official CSVs, collating batches, the data module's splits and loaders."""
 
+import dataclasses
 import io
 import logging
 
@@ -207,6 +208,15 @@ def test_missing_data_without_download(gpt2_tokenizer, tmp_path):
     module.prepare_data()
     with pytest.raises(FileNotFoundError, match="devset.csv"):
         module.setup("fit")
+
+
+def test_a_missing_file_of_ones_own_is_named_not_downloaded(gpt2_tokenizer, data_dir, monkeypatch):
+    module = offline_datamodule(gpt2_tokenizer, data_dir, test_file="nosuch.csv", download=True)
+    refused = dataclasses.replace(module.spec, download=lambda folder: pytest.fail("the official release was fetched"))
+    monkeypatch.setattr(module, "spec", refused)
+    module.prepare_data()  # devset.csv, the one official file configured, is there
+    with pytest.raises(FileNotFoundError, match=r"E2E file nosuch.csv not found: looked for .*e2e/nosuch.csv"):
+        module.setup("test")
 
 
 def test_loaders(gpt2_tokenizer, data_dir):

@@ -112,3 +112,19 @@ def test_evaluate_says_which_settings_an_export_overrules(tmp_path: Path, capsys
     assert f"ignoring prefix.length=5 method=lora: the export in {tmp_path} says its method" in capsys.readouterr().err
     with_run_settings(["evaluate", f"export_path={tmp_path}", "data.test_size=4", "+prefixes=1"])
     assert "ignoring" not in capsys.readouterr().err
+
+
+def test_evaluate_takes_a_run_folder_for_the_export_it_holds(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = tmp_path / "job=1,lr=2"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("method:\n  export_dir: adapter\n")
+    (run / ".hydra" / "overrides.yaml").write_text("- method=lora\n- data.train_size=8\n")
+    argv = with_run_settings(["evaluate", f"export_path={run}", "data.test_size=4"])
+    assert argv == [
+        "evaluate",
+        "method=lora",
+        "data.train_size=8",
+        "data.test_size=4",
+        f"export_path='{run / 'adapter'}'",
+    ]
+    assert f"evaluating with the settings of the run in {run}: method=lora data.train_size=8" in capsys.readouterr().err

@@ -135,11 +135,13 @@ class TextToTextDataModule(L.LightningDataModule):
         return examples
 
     def prepare_data(self) -> None:
-        """Download the official files (once, on one process per node) if a configured one is missing."""
+        """Download the official files (once, on one process per node) if a configured one of them is missing (a
+        missing file of the user's own is named when it is read)."""
         hp = self.hparams
         if not (hp.download and self.spec.download):
             return
-        if not all(Path(self._location(name)).exists() for name in {hp.train_file, hp.val_file, hp.test_file}):
+        configured = {hp.train_file, hp.val_file, hp.test_file}
+        if any(not Path(self._location(name)).exists() for name in configured & set(self.spec.files)):
             self.spec.download(Path(hp.data_dir))
 
     def setup(self, stage: str | None = None) -> None:
