@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import re
@@ -9,6 +10,7 @@ import sys
 from collections.abc import Callable
 from typing import TypeVar
 
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException, InstantiationException
 from hydra.types import RunMode
@@ -23,6 +25,34 @@ class JobFailed(CompactHydraException):
     """A failed job of a multirun: Hydra records it and runs the other jobs (an exit would end the whole sweep, and
     the Optuna sweeper could not count it against ``max_failure_rate``); the sweep ends with this line and exit
     code 1."""
+
+
+def device_option(value: str) -> str:
+    """An argparse type: a torch device this machine has, checked as the command line is read (a typo would
+    otherwise surface in torch's words once the model is loaded or a benchmark phase has started)."""
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a torch device (cpu, cuda, cuda:1, mps, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{value!r}: this torch has no CUDA device")
+    return value
+
+
+def positive_int(value: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not valid: use 1 or more")
+    return number
+
+
+def positive_float(value: str) -> float:
+    """An argparse type: a number above 0."""
+    number = float(value)
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"{value} is not valid: use a number above 0")
+    return number
 
 
 def report_errors(entry: Callable[[], T]) -> T:

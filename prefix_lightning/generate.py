@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from prefix_lightning.cli import report_errors
+from prefix_lightning.cli import device_option, positive_int, report_errors
 from prefix_lightning.data import Group, TextToTextCollator
 from prefix_lightning.prefix import PrefixBank, read_prefix
 from prefix_lightning.training.build import generation_settings, load_configured_backbone, source_budget
@@ -242,23 +242,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--input", required=True, help="JSONL (source, prefix) or text (a source per line); -: stdin")
     parser.add_argument("--output", required=True, help="JSONL (or .txt: one generation per line); -: stdout")
     parser.add_argument("--format", choices=FORMATS, default="auto", help="auto: JSONL if it opens with {")
-    parser.add_argument("--batch-size", type=int, default=10, help="inputs decoded together (default 10)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--batch-size", type=positive_int, default=10, help="inputs decoded together (default 10)")
+    parser.add_argument("--device", type=device_option, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides: generation.*, model=..., paths.*")
     args = parser.parse_args(argv)
     if not args.prefix:
         parser.error("give at least one --prefix NAME=FOLDER")
-    if args.batch_size < 1:
-        parser.error("--batch-size must be at least 1")
-    if args.threads is not None and args.threads < 1:
-        parser.error("--threads must be at least 1")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        parser.error(f"--device {args.device}: not a torch device (cpu, cuda, cuda:1, mps, ...)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: this torch has no CUDA device")
     return args
 
 

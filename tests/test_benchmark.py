@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +137,47 @@ def test_model_flops_count_each_matrix_once(tmp_path: Path) -> None:
 def test_a_phase_list_naming_no_phase_is_refused() -> None:
     with pytest.raises(ValueError, match="--phases ',' names no phase"):
         benchmark_main(["--phases", ","])
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--fixed-new-tokens", "0"], "argument --fixed-new-tokens: 0 is not valid: use 1 or more"),
+        (["--peak-tflops", "-5"], "argument --peak-tflops: -5 is not valid: use a number above 0"),
+        (["--threads", "0"], "argument --threads: 0 is not valid"),
+        (["--device", "nonsense"], "argument --device: 'nonsense' is not a torch device"),
+        (["--mixed-prefix", "a", "--mixed-prefix", "b", "--mixed-prefix", "c", "--mixed-prefix", "d"], "at most 3"),
+        (["--output", "."], "--output .: a folder; give the JSON file to write"),
+    ],
+)
+def test_bad_options_are_refused_before_anything_runs(
+    arguments: list[str], message: str, capsys: pytest.CaptureFixture
+) -> None:
+    with pytest.raises(SystemExit):
+        benchmark_main(arguments)
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="what a machine without a GPU says")
+def test_the_gpu_suite_is_refused_on_the_cpu(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        benchmark_main(["--suite", "gpu", "--device", "cpu"])
+    assert "--suite gpu measures real model shapes on a GPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("overrides", "names", "message"),
+    [
+        ((), ("generate_ours", "train_ours"), "generate_ours decodes with a prefix: give one (--prefix) or run train"),
+        (("method=lora",), ("train_ours",), "method=lora: the benchmark measures our prefix tuning (method=prefix)"),
+    ],
+)
+def test_phases_that_cannot_measure_what_they_say_are_refused(
+    overrides: tuple[str, ...], names: tuple[str, ...], message: str
+) -> None:
+    setting = Setting(("model=tiny_llama", *overrides), 1, 0, 1, 1, "32", "cpu", 1, None)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        run_benchmark(setting, names, report=pytest.fail)
 
 
 def test_every_suite_runs_configs_and_phases_that_exist(tmp_path: Path) -> None:

@@ -123,8 +123,8 @@ def test_a_bad_line_is_named_before_anything_runs(
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        (["--threads", "0"], "--threads must be at least 1"),
-        (["--device", "bogus"], "--device bogus: not a torch device"),
+        (["--threads", "0"], "argument --threads: 0 is not valid: use 1 or more"),
+        (["--device", "bogus"], "argument --device: 'bogus' is not a torch device"),
         (["model=tiny_llama", "generation.num_beams=0"], "generation.num_beams=0 is not valid"),
         (["model=tiny_llama", "+generation.num_beam=3"], "generation has no option num_beam"),
     ],

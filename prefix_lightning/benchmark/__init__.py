@@ -104,15 +104,22 @@ def run_benchmark(
     unknown = set(names) - PHASES.keys()
     if unknown:
         raise ValueError(f"unknown phases {sorted(unknown)}; choose from {list(PHASES)}")
-    quantization = phases.compose_config("train", setting.overrides).model.backbone.get("quantization")
+    cfg = phases.compose_config("train", setting.overrides)
+    if cfg.method.name != "prefix":
+        raise ValueError(
+            f"method={cfg.method.name}: the benchmark measures our prefix tuning (method=prefix) against PEFT's "
+            "prefix tuning and full fine-tuning; leave method= out"
+        )
+    quantization = cfg.model.backbone.get("quantization")
     if quantization and "train_full" in names:
         raise ValueError(
             f"phase train_full trains the LM's own weights, which cannot train quantized "
             f"(model.backbone.quantization={quantization}): leave it out of --phases"
         )
-    decodes = {"generate_ours", "generate_peft", "generate_mixed"} & set(names)
-    if decodes and not setting.prefix_dir and "train_ours" not in names:
-        raise ValueError("decoding needs a prefix: give one (--prefix) or run train_ours before it")
+    decodes = [name for name in names if name in ("generate_ours", "generate_peft", "generate_mixed")]
+    trained_first = "train_ours" in names and names.index("train_ours") < names.index(decodes[0]) if decodes else True
+    if not (setting.prefix_dir or trained_first):
+        raise ValueError(f"{decodes[0]} decodes with a prefix: give one (--prefix) or run train_ours before it")
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="benchmark-prefix-") as scratch:
         export = replace(setting, prefix_dir=str(Path(scratch) / "prefix"))

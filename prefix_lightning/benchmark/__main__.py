@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 
 from prefix_lightning.benchmark import PHASES, format_report, run_benchmark, write_json
-from prefix_lightning.benchmark.phases import PRECISIONS, Setting
+from prefix_lightning.benchmark.phases import MIXED, PRECISIONS, Setting
 from prefix_lightning.benchmark.suites import SUITES, format_comparison
-from prefix_lightning.cli import report_errors
+from prefix_lightning.cli import device_option, positive_float, positive_int, report_errors
 
 EPILOG = """
 Hydra overrides choose the model, prefix, batch sizes and decoding as for run.py, e.g. model=tiny_llama
@@ -32,11 +32,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--steps", type=int, default=20, help="timed training steps per method (default 20)")
+    parser.add_argument("--steps", type=positive_int, default=20, help="timed training steps per method (default 20)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed training steps before them (default 2)")
-    parser.add_argument("--inputs", type=int, default=100, help="test inputs decoded with beam search (default 100)")
     parser.add_argument(
-        "--check-inputs", type=int, default=10, help="test inputs decoded greedily by both decoders (default 10)"
+        "--inputs", type=positive_int, default=100, help="test inputs decoded with beam search (default 100)"
+    )
+    parser.add_argument(
+        "--check-inputs",
+        type=positive_int,
+        default=10,
+        help="test inputs decoded greedily by both decoders (default 10)",
     )
     parser.add_argument(
         "--phases",
@@ -49,8 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="32",
         help="32 (default), or bf16-mixed: autocast for every method; our frozen LM is then stored in bf16",
     )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads per phase (default: torch's)")
+    parser.add_argument("--device", type=device_option, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads per phase (default: torch's)")
     parser.add_argument(
         "--prefix", default=None, help="exported prefix folder to decode with (default: the one train_ours ends with)"
     )
@@ -63,13 +68,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--fixed-new-tokens",
-        type=int,
+        type=positive_int,
         default=None,
         help="generate_mixed: decode exactly N tokens per input, so that every timed batch does the same steps",
     )
     parser.add_argument(
         "--peak-tflops",
-        type=float,
+        type=positive_float,
         default=None,
         help="the device's peak TFLOP/s at this precision, for MFU (default: known for H100/H200/A100/L4 GPUs)",
     )
@@ -91,11 +96,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, default=None, help="JSON file (default outputs/benchmark/<time>.json)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of the train config")
     args = parser.parse_args(argv)
-    for option in ("steps", "inputs", "check_inputs"):
-        if getattr(args, option) < 1:
-            parser.error(f"--{option.replace('_', '-')} must be at least 1")
     if args.warmup < 0:
         parser.error("--warmup must be 0 or more")
+    if len(args.mixed_prefix) > MIXED - 1:
+        parser.error(f"--mixed-prefix: at most {MIXED - 1} (batches mix {MIXED} prefixes, --prefix's among them)")
+    if args.suite == "gpu" and torch.device(args.device).type != "cuda":
+        parser.error(f"--suite gpu measures real model shapes on a GPU (hours on --device {args.device}): use a GPU")
+    if args.output is not None and args.output.is_dir():
+        parser.error(f"--output {args.output}: a folder; give the JSON file to write")
+    if args.profile is not None and args.profile.exists() and not args.profile.is_dir():
+        parser.error(f"--profile {args.profile}: a file; give a folder")
     return args
 
 
