@@ -246,7 +246,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", type=device_option, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides: generation.*, model=..., paths.*")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options may follow the overrides
     if not args.prefix:
         parser.error("give at least one --prefix NAME=FOLDER")
     return args

@@ -88,7 +88,7 @@ def test_plain_text_with_one_prefix(prefixes: dict[str, Path], tmp_path: Path) -
     job = shutil.copytree(prefixes["e2e"], tmp_path / "sweep" / "data.train_size=50,prefix.length=3" / "prefix")
     for given, name in ((str(job), "prefix"), (f"e2e={job}", "e2e")):
         output = tmp_path / "outputs.jsonl"
-        options = ["--prefix", given, "--input", str(inputs), "--output", str(output), *GENERATE]
+        options = ["--prefix", given, *GENERATE, "--input", str(inputs), "--output", str(output)]  # options last too
         assert main(options) == 0
         written = [json.loads(line) for line in output.read_text().splitlines()]
         assert [(row["source"], row["prefix"]) for row in written] == [(source, name) for source in SOURCES[:2]]

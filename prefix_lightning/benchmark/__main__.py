@@ -95,7 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--output", type=Path, default=None, help="JSON file (default outputs/benchmark/<time>.json)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of the train config")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options may follow the overrides
     if args.warmup < 0:
         parser.error("--warmup must be 0 or more")
     if len(args.mixed_prefix) > MIXED - 1:
