@@ -27,12 +27,15 @@ from prefix_lightning.training.resume import RUN_CONFIG
 log = logging.getLogger(__name__)
 
 
-def export_checkpoint(checkpoint: str | Path, folder: str | Path) -> Path:
+def export_checkpoint(checkpoint: str | Path, folder: str | Path, overwrite: bool = False) -> Path:
     """Rebuild the run's method from its config, load the checkpoint's trainable tensors into it (checked: every
-    one present, of its shape) and write the method's export and model card into ``folder``."""
+    one present, of its shape) and write the method's export and model card into ``folder``, which must be empty
+    unless ``overwrite`` (a run's own export folder would otherwise silently stop matching its result.json)."""
     checkpoint, folder = Path(checkpoint), Path(folder)
     if folder.exists() and not folder.is_dir():  # found now, not once the model is built
         raise ValueError(f"{folder} is a file: give a folder to export into (created if missing)")
+    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
+        raise ValueError(f"{folder} is not empty: give a new folder to export into, or --overwrite")
     if checkpoint.is_dir():
         raise ValueError(f"{checkpoint} is a folder (a DeepSpeed checkpoint?): export reads checkpoint files")
     state = load_checkpoint(checkpoint)
@@ -74,10 +77,11 @@ def export_checkpoint(checkpoint: str | Path, folder: str | Path) -> Path:
 def main(argv: Sequence[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m prefix_lightning.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", type=Path, help="a checkpoint file of a run: <run>/checkpoints/<name>.ckpt")
-    parser.add_argument("folder", type=Path, help="where to write the export (created if missing)")
+    parser.add_argument("folder", type=Path, help="where to write the export (created if missing; must be empty)")
+    parser.add_argument("--overwrite", action="store_true", help="write into a folder that holds files")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    folder = report_errors(lambda: export_checkpoint(args.checkpoint, args.folder))
+    folder = report_errors(lambda: export_checkpoint(args.checkpoint, args.folder, args.overwrite))
     print(f"exported {args.checkpoint} to {folder}")
     return folder
 

@@ -96,6 +96,12 @@ def test_the_export_command_refuses_a_file_for_its_folder_first(tmp_path: Path) 
     (tmp_path / "taken").write_text("")
     with pytest.raises(ValueError, match="taken is a file: give a folder to export into"):
         export_checkpoint(tmp_path / "no.ckpt", tmp_path / "taken")  # before the checkpoint is even looked at
+    (tmp_path / "prefix").mkdir()
+    (tmp_path / "prefix" / "prefix.safetensors").write_text("")
+    with pytest.raises(ValueError, match="prefix is not empty: give a new folder to export into, or --overwrite"):
+        export_checkpoint(tmp_path / "no.ckpt", tmp_path / "prefix")
+    with pytest.raises(FileNotFoundError, match="no.ckpt"):  # allowed: on to the checkpoint
+        export_checkpoint(tmp_path / "no.ckpt", tmp_path / "prefix", overwrite=True)
 
 
 def test_a_folder_without_an_export_is_refused_naming_what_was_looked_for(tmp_path: Path) -> None:
