@@ -5,7 +5,7 @@
 
 Hypotheses: one per line. References, one group per hypothesis, in either format:
 - text, as e2e-metrics reads it: one reference per line, groups separated by one empty line (a file without
-  empty lines holds one reference per hypothesis);
+  empty lines holds one reference per hypothesis, or, for a single hypothesis, its group of references);
 - JSONL with a `references` list per line, such as the `test_generations.jsonl` a run writes;
 - the official E2E CSV (`mr,ref`), grouped by meaning representation in file order.
 `--generations` reads both sides from a run's JSONL (`generation` and `references`).

@@ -65,6 +65,7 @@ def straight(tmp_path_factory: pytest.TempPathFactory) -> Path:
     [
         ("SIGTERM", 3, 2, 3),  # mid-epoch, between validations: stops after that step
         ("SIGUSR1", 3, 2, 3),
+        ("SIGINT", 3, 2, 3),  # Ctrl-C
         ("SIGTERM", 4, 3, 5),  # an epoch's last step, not validated: stops after the next epoch's first step
         ("SIGTERM", 2, 2, 2),  # a validated step mid-epoch: stops after its validation, which runs whole
         # (an epoch's last step that is validated stops after the validation: see the test below)
@@ -147,7 +148,7 @@ def test_killed_in_the_test_resumed_without_test_says_how_to_export(straight: Pa
     run_failing(tmp_path, *RUN, *fault("SignalInTest", name="SIGKILL"))
     resumed = run_cli(tmp_path, f"resume={tmp_path}", "test=false")
     said = resumed.stdout + resumed.stderr
-    command = re.search(r"export with: python -m (prefix_lightning\.export) (\S+) (\S+)", said)
+    command = re.search(r"export with: python -m (prefix_lightning\.export) (\S+) (\S+) (--overwrite)", said)
     assert command is not None, said[-3000:]
     assert (Path(command[2]), Path(command[3])) == (tmp_path / "checkpoints" / "last.ckpt", tmp_path / "prefix")
     assert json.loads((tmp_path / "result.json").read_text())["export"] is None

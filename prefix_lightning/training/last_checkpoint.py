@@ -1,5 +1,5 @@
 """``checkpoints/last.ckpt``, the checkpoint a run resumes from, kept recent enough that a kill loses little, and
-written when a scheduler stops the run (SIGTERM, SIGUSR1) or the user presses Ctrl-C.
+written when a scheduler stops the run (SIGTERM, SIGUSR1) or the user presses Ctrl-C (SIGINT).
 
 Lightning's own SIGTERM handling only stops the loops (raising ``SIGTERMException``, a ``SystemExit`` with status 0)
 and saves nothing; SIGUSR1 it handles only on SLURM with auto-requeue (it saves ``hpc_ckpt_<n>.ckpt`` and requeues
@@ -32,7 +32,9 @@ class LastCheckpoint(Checkpoint):
     validations), and when SIGTERM, SIGUSR1 or Ctrl-C stops the run, so that even ``kill -9`` loses at most that
     interval. ``stopped_by`` then names the signal (see :class:`RunStopped`).
 
-    SIGTERM and SIGUSR1 stop the run as Lightning stops it on SIGTERM, handed to Lightning at a point from which it
+    SIGTERM, SIGUSR1 and a first Ctrl-C stop the run as Lightning stops it on SIGTERM (a second Ctrl-C interrupts at
+    once, saving nothing: a checkpoint taken in the middle of a step resumes one batch off), handed to Lightning at a
+    point from which it
     resumes exactly: at the end of the current training step (its last accumulated batch), after the validation in
     progress or due after that step (stopped in its middle, Lightning resumes without it), and after the first step
     of the next epoch when the current step ends one (Lightning resumes a run stopped at an epoch's end with a
@@ -77,12 +79,16 @@ class LastCheckpoint(Checkpoint):
 
         def stop(signum: int, frame: Any) -> None:
             self.stopped_by = self.stopped_by or signal.Signals(signum).name
+            if signum == signal.SIGINT:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                log.warning("Ctrl-C: the run stops (and saves) at the end of this step; press it again to stop at once")
             if callable(lightning_sigterm):
                 self._pending = partial(lightning_sigterm, signal.SIGTERM, frame)
             if trainer.state.fn != TrainerFn.FITTING:
                 self._hand_over()
 
         signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)  # Lightning puts back the handler it found when the stage ends
         if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None):
             signal.signal(signal.SIGUSR1, stop)
 
@@ -132,15 +138,21 @@ class LastCheckpoint(Checkpoint):
         self._hand_over()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
+        if isinstance(exception, KeyboardInterrupt):  # a second Ctrl-C; Lightning exits with status 1 after this hook
+            self.stopped_by = "SIGINT"
+            log.warning(
+                "stopped at once by a second Ctrl-C, in the middle of a step: nothing saved now; to go on from the "
+                "last checkpoint, run: python run.py resume=%s",
+                trainer.default_root_dir,
+            )
             return
-        self.stopped_by = self.stopped_by or ("SIGINT" if isinstance(exception, KeyboardInterrupt) else "SIGTERM")
+        if not isinstance(exception, SIGTERMException):
+            return
+        self.stopped_by = self.stopped_by or "SIGTERM"
         if trainer.state.fn == TrainerFn.FITTING:
             if self._saved_step != trainer.global_step:  # else the validation of this very step has just saved it
                 self.save(trainer)
             log.warning("stopped by %s at step %d: saved %s", self.stopped_by, trainer.global_step, self.path)
-        if isinstance(exception, KeyboardInterrupt):  # Lightning exits with status 1 right after this hook
-            log.warning("%s", RunStopped.of(self, trainer.default_root_dir))
 
 
 def _validation_follows(trainer: L.Trainer) -> bool:

@@ -82,11 +82,11 @@ def train(cfg: DictConfig) -> float | None:
         elif export is not None and export.source is None:  # resumed at its last step: training was skipped
             log.warning(
                 "nothing was exported: the run had finished training when it was resumed, and test=false; export "
-                "with: python -m prefix_lightning.export %s %s",
+                "with: python -m prefix_lightning.export %s %s --overwrite",
                 export.best_checkpoint(trainer) or checkpoint,
                 export.dirpath,
             )
-    except SIGTERMException as stop:  # SIGTERM or SIGUSR1: last.ckpt is saved; exit non-zero, saying how to go on
+    except SIGTERMException as stop:  # SIGTERM, SIGUSR1, Ctrl-C: last.ckpt is saved; exit non-zero, saying how to go on
         last = next((c for c in callbacks if isinstance(c, LastCheckpoint)), None)
         job = current_job()
         raise RunStopped.of(last, cfg.paths.output_dir, in_sweep=bool(job and job.sweep)) from stop
