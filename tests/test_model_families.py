@@ -64,7 +64,8 @@ def test_per_layer_head_sizes_export_and_refusal(tmp_path) -> None:
         torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits, expected)
     other = tiny_lm(model_type, **{**fields, "global_head_dim": 32})
     with pytest.raises(
-        ValueError, match="self site 1 \\(model.layers.1.self_attn\\) with 1 key/value heads of size 16"
+        ValueError,
+        match="self site 1 with 1 key/value heads of size 16, where this base model's \\(model.layers.1.self_at",
     ):
         PrefixModel.from_prefix(other, tmp_path)
 

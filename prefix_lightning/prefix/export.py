@@ -135,8 +135,8 @@ class ExportedPrefix:
             )
             site, here = trained[group][index], found[group][index]
             difference = (
-                f"its {group} site {index} ({here['name']}) with {site['kv_heads']} key/value heads of size "
-                f"{site['head_dim']}, where this base model has {here['kv_heads']} of size {here['head_dim']}"
+                f"its {group} site {index} with {site['kv_heads']} key/value heads of size {site['head_dim']}, "
+                f"where this base model's ({here['name']}) has {here['kv_heads']} of size {here['head_dim']}"
             )
         raise ValueError(
             f"the prefix in {self.folder} was trained for {trained_for} with {difference}; this "
