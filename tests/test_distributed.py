@@ -9,9 +9,12 @@ import importlib.util
 import json
 import pickle
 import queue
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import lightning as L
 import pytest
@@ -27,7 +30,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from prefix_lightning import PrefixConfig, PrefixModel
 from prefix_lightning.data.sampler import EpochShuffleSampler
 from prefix_lightning.training.build import build_model
-from prefix_lightning.training.callbacks import MethodExport
+from prefix_lightning.training.callbacks import MethodExport, ResultRecord
 from prefix_lightning.training.sharded import clip_sharded_grad_norm, fsdp_gathered
 from prefix_lightning.training.spawn import SpawnDDPStrategy
 from tests.helpers.cli import run_cli, run_failing
@@ -71,7 +74,8 @@ def test_two_process_ddp_splits_the_subset_and_matches_one_process(tmp_path: Pat
     single = _train(tmp_path / "single", "data.batch_size=8")
     record = json.loads((ddp / "result.json").read_text())
     assert record["train_steps"] == record["exported_step"] == record["best_val_step"] == 3
-    assert record["best_val"] is not None and record["train_tokens"] > 0
+    assert record["best_val"] is not None
+    assert record["train_tokens"] == json.loads((single / "result.json").read_text())["train_tokens"] > 0
 
     rank0, rank1, steps = _seen(ddp, 0), _seen(ddp, 1), _seen(single, 0)
     assert len(rank0) == len(rank1) == len(steps) == 3
@@ -135,6 +139,8 @@ def test_two_process_fsdp_stops_resumes_and_ends_as_ddp_does(tmp_path: Path, dat
     for name, tensor in expected.items():
         torch.testing.assert_close(exported[name], tensor, atol=1e-6, rtol=0)
     assert _test_bleu(fsdp) == _test_bleu(ddp)
+    tokens = [json.loads((run / "result.json").read_text())["train_tokens"] for run in (fsdp, ddp)]
+    assert tokens[0] == tokens[1], "the resumed run counts the tokens of both ranks before the stop, once"
     assert all(key.startswith("model.encoders.") for key in _assert_same_checkpoint(fsdp, ddp))
 
 
@@ -237,6 +243,95 @@ def test_a_spawned_fit_hands_its_progress_and_callbacks_states_back(tmp_path: Pa
     handed = next(c for c in main.callbacks if isinstance(c, MethodExport))
     assert handed.state_dict() == {"source": "best", "step": 6, "validation": {"val/bleu": 12.5}}
     assert float(main.callback_metrics["val/bleu"]) == 12.5
+
+
+class _ThreadRanks:
+    """``world_size`` ranks as threads of this process: ``reduce`` meets as an all-reduce of a real process group
+    does (each rank's call waits for the others' and returns the sum), without starting processes."""
+
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+        self._meeting = threading.Barrier(world_size, timeout=30)
+        self._values: list[torch.Tensor | None] = [None] * world_size
+
+    def run(self, rank_fn: Callable[[int], None]) -> None:
+        """``rank_fn(rank)`` on every rank at once; the first failure is raised."""
+        failures: list[BaseException] = []
+
+        def rank_main(rank: int) -> None:
+            try:
+                rank_fn(rank)
+            except BaseException as failure:
+                failures.append(failure)
+                self._meeting.abort()  # the other ranks would wait for this one
+
+        threads = [threading.Thread(target=rank_main, args=(rank,)) for rank in range(self.world_size)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if failures:
+            raise failures[0]
+
+    def trainer(self, rank: int) -> Any:
+        """What the result record reads of rank ``rank``'s trainer."""
+
+        def reduce(tensor: torch.Tensor, reduce_op: str = "mean") -> torch.Tensor:
+            assert reduce_op == "sum"
+            self._values[rank] = tensor.clone()
+            self._meeting.wait()
+            total = torch.stack([value for value in self._values if value is not None]).sum(0)
+            self._meeting.wait()  # every rank has read the values before the next reduce writes them
+            return total
+
+        return SimpleNamespace(
+            world_size=self.world_size,
+            is_global_zero=rank == 0,
+            strategy=SimpleNamespace(reduce=reduce),
+            global_step=0,
+            callbacks=[],
+            checkpoint_callbacks=[],
+            callback_metrics={},
+            sanity_checking=False,
+            loggers=[],
+        )
+
+
+@pytest.mark.parametrize("resumed", [False, True], ids=["test-in-new-processes", "resumed"])
+def test_train_tokens_count_every_ranks_tokens_once_after_a_resume_or_a_spawned_test(
+    resumed: bool, tmp_path: Path
+) -> None:
+    """A checkpoint, and the state a spawned fit hands to its test's new processes, hold rank 0's result record
+    alone; every rank starts from it. The record must still count each rank's tokens once: neither rank 0's count
+    for rank 1's, nor a count already summed over the ranks summed again."""
+    ranks = _ThreadRanks(2)
+    fit = [[5, 7], [6, 9]]  # the real tokens of each rank's batches, rank by rank
+    after_resume = [[3], [4]] if resumed else [[], []]
+    module = L.LightningModule()
+
+    def train(record: ResultRecord, rank: int, batches: list[list[int]]) -> None:
+        trainer = ranks.trainer(rank)
+        for index, tokens in enumerate(batches[rank]):
+            batch = {"attention_mask": torch.ones(1, tokens, dtype=torch.long)}
+            record.on_train_batch_start(trainer, module, batch, index)
+            record.on_train_batch_end(trainer, module, None, batch, index)
+
+    fitted = [ResultRecord(str(tmp_path), monitor="val/bleu") for _ in range(2)]
+    ranks.run(lambda rank: train(fitted[rank], rank, fit))
+    checkpoint = fitted[0].state_dict()  # what last.ckpt holds, what a spawned fit hands back
+    records = [ResultRecord(str(tmp_path), monitor="val/bleu", after_test=not resumed) for _ in range(2)]
+
+    def go_on(rank: int) -> None:
+        records[rank].load_state_dict(copy.deepcopy(checkpoint))
+        train(records[rank], rank, after_resume)
+        if resumed:
+            records[rank].on_fit_end(ranks.trainer(rank), module)
+        else:
+            records[rank].on_test_end(ranks.trainer(rank), module)
+
+    ranks.run(go_on)
+    record = json.loads((tmp_path / "result.json").read_text())
+    assert record["train_tokens"] == sum(map(sum, fit + after_resume))
 
 
 @pytest.mark.parametrize("name", ["tiny_llama", "tiny_bart"])

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
 from prefix_lightning.files.checkpoints import check_checkpoint
@@ -143,7 +142,8 @@ class ResultRecord(L.Callback):
 
     It tracks what only the training loop sees: the best and last value of ``monitor``, the tokens and seconds of
     training steps (throughput) and the wall time. These travel in checkpoints, so a resumed run reports the whole
-    run.
+    run. The token count is that of all ranks, summed at every step: a checkpoint holds rank 0's state alone, and
+    it is what every rank of a resumed run, or of a test stage in new processes (``trainer=ddp_cpu``), starts from.
     """
 
     def __init__(
@@ -210,10 +210,12 @@ class ResultRecord(L.Callback):
     ) -> None:
         # Every real token the model reads; an encoder-decoder also reads the target. int() waits for the device,
         # so the time below is that of the finished step.
-        tokens = int(batch["attention_mask"].sum())
+        tokens = batch["attention_mask"].sum()
         if self._encoder_decoder:
-            tokens += int((batch["labels"] != IGNORE_INDEX).sum())
-        self.progress["train_tokens"] += tokens
+            tokens = tokens + (batch["labels"] != IGNORE_INDEX).sum()
+        if trainer.world_size > 1:  # every rank trained on its own share of the batch
+            tokens = trainer.strategy.reduce(tokens, reduce_op="sum")
+        self.progress["train_tokens"] += int(tokens)
         self.progress["train_time_s"] += time.perf_counter() - self._step_started
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -236,11 +238,9 @@ class ResultRecord(L.Callback):
             self._write(trainer, pl_module, test)
 
     def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, test: dict[str, float]) -> None:
-        tokens = self.progress["train_tokens"]
-        if trainer.world_size > 1:  # every rank trained on its own share of the batches
-            tokens = int(trainer.strategy.reduce(torch.tensor(float(tokens), device=pl_module.device), reduce_op="sum"))
         if not trainer.is_global_zero:
             return
+        tokens = self.progress["train_tokens"]
         train_time = self.progress["train_time_s"]
         checkpoint = best_checkpoint_callback(trainer)
         # Lightning sets this attribute without declaring it.
