@@ -16,7 +16,7 @@ from prefix_lightning.evaluate import with_run_settings
 from prefix_lightning.export import export_checkpoint
 from prefix_lightning.methods.exports import export_loader
 from tests.helpers.cli import run_cli
-from tests.helpers.config import REPO
+from tests.helpers.config import REPO, run_folder
 
 # Every method class once (prefix_direct is PrefixModel like prefix).
 METHODS = ("prefix", "embedding", "infix", "full", "top2", "lora", "peft_prefix")
@@ -121,10 +121,7 @@ def test_evaluate_says_which_settings_an_export_overrules(tmp_path: Path, capsys
 
 
 def test_evaluate_takes_a_run_folder_for_the_export_it_holds(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    run = tmp_path / "job=1,lr=2"
-    (run / ".hydra").mkdir(parents=True)
-    (run / ".hydra" / "config.yaml").write_text("method:\n  export_dir: adapter\n")
-    (run / ".hydra" / "overrides.yaml").write_text("- method=lora\n- data.train_size=8\n")
+    run = run_folder(tmp_path / "job=1,lr=2", "method:\n  export_dir: adapter\n", ["method=lora", "data.train_size=8"])
     argv = with_run_settings(["evaluate", f"export_path={run}", "data.test_size=4"])
     assert argv == [
         "evaluate",

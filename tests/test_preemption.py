@@ -19,7 +19,7 @@ from prefix_lightning.training.checks import ConfigError
 from prefix_lightning.training.csv_log import ContinuedCSVLogger
 from prefix_lightning.training.resume import STARTED_CONFIG, check_earlier_attempt, resume_arguments
 from tests.helpers.cli import run_cli, run_failing, run_python
-from tests.helpers.config import compose_train
+from tests.helpers.config import compose_train, run_folder
 from tests.helpers.faults import fault
 
 # Two epochs of 4 batches, validating every 2 steps; the last step's prefix is exported (it changes every step).
@@ -208,10 +208,9 @@ def test_a_truncated_checkpoint_is_named_with_the_newest_intact_one(tmp_path: Pa
 
 def test_resume_takes_the_runs_own_overrides_and_folder(tmp_path: Path) -> None:
     """Sweep job folders are named by their overrides: the path reaches Hydra quoted."""
-    run = tmp_path / "data.train_size=50,prefix.length=5"
-    (run / ".hydra").mkdir(parents=True)
-    (run / ".hydra" / "config.yaml").write_text("seed: 1\n")
-    (run / ".hydra" / "overrides.yaml").write_text("- model=tiny_llama\n- prefix.length=5\n")
+    run = run_folder(
+        tmp_path / "data.train_size=50,prefix.length=5", "seed: 1\n", ["model=tiny_llama", "prefix.length=5"]
+    )
     argv = resume_arguments(["run.py", f"resume={run}", "trainer.devices=2"])
     assert argv == [
         "run.py",

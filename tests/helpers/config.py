@@ -21,3 +21,11 @@ def compose_train(output_dir: Path, overrides: Sequence[str] = ()) -> DictConfig
 def options(group: str) -> list[str]:
     """The choices of a config group; data/default.yaml is only the base of the others (it names no dataset)."""
     return sorted(p.stem for p in (CONF / group).glob("*.yaml") if (group, p.stem) != ("data", "default"))
+
+
+def run_folder(path: Path, config: str, overrides: Sequence[str]) -> Path:
+    """A run's folder as Hydra leaves it, with only its ``.hydra/`` config (YAML text) and overrides."""
+    (path / ".hydra").mkdir(parents=True)
+    (path / ".hydra" / "config.yaml").write_text(config)
+    (path / ".hydra" / "overrides.yaml").write_text("".join(f"- {item}\n" for item in overrides))
+    return path
