@@ -113,6 +113,22 @@ def test_sigterm_in_the_middle_of_a_gradient_accumulation_stops_after_that_step(
 
 
 @pytest.mark.integration
+def test_an_epoch_budget_stopped_in_a_later_epoch_resumes_as_the_uninterrupted_run(tmp_path: Path) -> None:
+    """Two epochs of 4 steps as the budget: stopped in the middle of the second, the resumed run trains that epoch's
+    remaining batches (Lightning builds the training loader before it restores the loops when the budget is in
+    epochs), ending with the uninterrupted run's prefix."""
+    epochs = [*RUN[:3], "trainer.max_steps=-1", "trainer.max_epochs=2", "trainer.val_check_interval=null"]
+    straight = tmp_path / "straight"
+    run_cli(straight, *epochs)
+    stopped = tmp_path / "stopped"
+    result = run_failing(stopped, *epochs, *fault("SignalAt", step=6, name="SIGTERM"))
+    assert result.returncode == 128 + signal.SIGTERM.value
+    assert global_step(stopped / "checkpoints" / "last.ckpt") == 6
+    run_cli(stopped, f"resume={stopped}")
+    assert_same_prefix(stopped, straight)
+
+
+@pytest.mark.integration
 def test_sigterm_during_a_validation_lets_it_finish_then_stops(straight: Path, tmp_path: Path) -> None:
     """SIGTERM inside the validation after step 4 (an epoch's end): that validation finishes (stopped in its middle,
     Lightning would resume without it), then the run stops; resumed, it has the uninterrupted run's validation

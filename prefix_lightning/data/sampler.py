@@ -4,7 +4,7 @@ resumed run can pick up mid-epoch."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -29,17 +29,19 @@ class EpochShuffleSampler(DistributedSampler):
         # DistributedSampler's own __init__ wants a dataset and a process group; everything it sets is set here.
         self.size, self.seed, self.batch_size = size, seed, batch_size
         self.num_replicas, self.rank = num_replicas, rank
-        self.epoch, self.start, self.shuffle, self.drop_last = 0, 0, True, False
+        self.epoch, self.shuffle, self.drop_last = 0, True, False
+        self.start: int | Callable[[], int] = 0
 
-    def resume_at(self, position: int) -> None:
-        """Start the next pass at ``position`` of the epoch's order (later passes start at 0)."""
+    def resume_at(self, position: int | Callable[[], int]) -> None:
+        """Start the next pass at ``position`` of the epoch's order (later passes start at 0); a callable is asked
+        as that pass starts."""
         self.start = position
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(self.size, generator=generator).tolist()
         start, self.start = self.start, 0
-        order = order[start:]
+        order = order[start() if callable(start) else start :]
         order += order[: -len(order) % self.num_replicas]  # every rank the same number of examples
         width = self.num_replicas * self.batch_size
         mine = []
@@ -57,13 +59,18 @@ def training_sampler(size: int, seed: int, batch_size: int, trainer: Any | None)
     """The training sampler for this rank; when Lightning is resuming mid-epoch, it starts after the global batches
     already trained.
 
-    A checkpoint taken after the last batch of an epoch restores a complete epoch: Lightning goes on with the
-    next one, which must start from its beginning.
+    Asked as the first pass starts, not now: with a budget in epochs Lightning builds the training loader (to count
+    the steps of the learning-rate schedule) before it restores a resumed run's loops. A checkpoint taken after the
+    last batch of an epoch restores a complete epoch: Lightning goes on with the next one, from its beginning.
     """
     replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
     sampler = EpochShuffleSampler(size, seed, batch_size, replicas, rank)
-    if trainer is not None and trainer.fit_loop.restarting:
+
+    def resumed_position() -> int:
+        if trainer is None or not trainer.fit_loop.restarting:
+            return 0
         done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
-        if 0 < done < math.ceil(size / (batch_size * replicas)):
-            sampler.resume_at(done * batch_size * replicas)
+        return done * batch_size * replicas if 0 < done < math.ceil(size / (batch_size * replicas)) else 0
+
+    sampler.resume_at(resumed_position)
     return sampler
