@@ -34,12 +34,11 @@ class LastCheckpoint(Checkpoint):
 
     SIGTERM, SIGUSR1 and a first Ctrl-C stop the run as Lightning stops it on SIGTERM (a second Ctrl-C interrupts at
     once, saving nothing: a checkpoint taken in the middle of a step resumes one batch off), handed to Lightning at a
-    point from which it
-    resumes exactly: at the end of the current training step (its last accumulated batch), after the validation in
-    progress or due after that step (stopped in its middle, Lightning resumes without it), and after the first step
-    of the next epoch when the current step ends one (Lightning resumes a run stopped at an epoch's end with a
-    shortened next epoch). The checkpoint is written when Lightning stops. Where Lightning already handles SIGUSR1
-    (SLURM auto-requeue) it is left to Lightning.
+    point from which it resumes exactly: at the end of the current training step (its last accumulated batch),
+    after the validation in progress or due after that step (stopped in its middle, Lightning resumes without it),
+    and after the first step of the next epoch when the current step ends one (Lightning resumes a run stopped at an
+    epoch's end with a shortened next epoch). The checkpoint is written when Lightning stops. Where Lightning
+    already handles SIGUSR1 (SLURM auto-requeue) it is left to Lightning.
 
     A Lightning ``Checkpoint``, so that it runs after the other callbacks of a validation (the best checkpoint, early
     stopping, the result record) and saves their updated state. The timed save happens as a training batch starts,
