@@ -98,32 +98,36 @@ def test_a_stop_signal_saves_exits_non_zero_and_resume_ends_with_the_uninterrupt
 
 
 @pytest.mark.integration
-def test_sigterm_in_the_middle_of_a_gradient_accumulation_stops_after_that_step(tmp_path: Path) -> None:
-    """Two batches a step: SIGTERM after the first batch stops after the second (a checkpoint between them would
-    lose the first batch's gradients), and the resumed run ends with the uninterrupted run's prefix."""
-    accumulated = [*RUN[:3], "trainer.max_steps=4", "trainer.val_check_interval=4", "trainer.accumulate_grad_batches=2"]
+@pytest.mark.parametrize(
+    ("budget", "stop", "saved"),
+    [
+        # Two batches a step, SIGTERM after the first: the run stops after the second (a checkpoint between them
+        # would lose the first batch's gradients).
+        (
+            ["trainer.max_steps=4", "trainer.val_check_interval=4", "trainer.accumulate_grad_batches=2"],
+            fault("SignalAtBatch", batch=0, name="SIGTERM"),
+            1,
+        ),
+        # Two epochs of 4 steps as the budget, stopped in the second: the resumed run trains that epoch's remaining
+        # batches (with a budget in epochs Lightning builds the training loader before it restores the loops).
+        (
+            ["trainer.max_steps=-1", "trainer.max_epochs=2", "trainer.val_check_interval=null"],
+            fault("SignalAt", step=6, name="SIGTERM"),
+            6,
+        ),
+    ],
+    ids=["mid-accumulation", "epoch-budget"],
+)
+def test_a_stopped_run_resumes_as_the_uninterrupted_run(
+    budget: list[str], stop: list[str], saved: int, tmp_path: Path
+) -> None:
+    settings = [*RUN[:3], *budget]
     straight = tmp_path / "straight"
-    run_cli(straight, *accumulated)
+    run_cli(straight, *settings)
     stopped = tmp_path / "stopped"
-    result = run_failing(stopped, *accumulated, *fault("SignalAtBatch", batch=0, name="SIGTERM"))
+    result = run_failing(stopped, *settings, *stop)
     assert result.returncode == 128 + signal.SIGTERM.value
-    assert global_step(stopped / "checkpoints" / "last.ckpt") == 1
-    run_cli(stopped, f"resume={stopped}")
-    assert_same_prefix(stopped, straight)
-
-
-@pytest.mark.integration
-def test_an_epoch_budget_stopped_in_a_later_epoch_resumes_as_the_uninterrupted_run(tmp_path: Path) -> None:
-    """Two epochs of 4 steps as the budget: stopped in the middle of the second, the resumed run trains that epoch's
-    remaining batches (Lightning builds the training loader before it restores the loops when the budget is in
-    epochs), ending with the uninterrupted run's prefix."""
-    epochs = [*RUN[:3], "trainer.max_steps=-1", "trainer.max_epochs=2", "trainer.val_check_interval=null"]
-    straight = tmp_path / "straight"
-    run_cli(straight, *epochs)
-    stopped = tmp_path / "stopped"
-    result = run_failing(stopped, *epochs, *fault("SignalAt", step=6, name="SIGTERM"))
-    assert result.returncode == 128 + signal.SIGTERM.value
-    assert global_step(stopped / "checkpoints" / "last.ckpt") == 6
+    assert global_step(stopped / "checkpoints" / "last.ckpt") == saved
     run_cli(stopped, f"resume={stopped}")
     assert_same_prefix(stopped, straight)
 
