@@ -148,6 +148,8 @@ def test_a_phase_list_naming_no_phase_is_refused() -> None:
         (["--device", "nonsense"], "argument --device: 'nonsense' is not a torch device"),
         (["--mixed-prefix", "a", "--mixed-prefix", "b", "--mixed-prefix", "c", "--mixed-prefix", "d"], "at most 3"),
         (["--output", "."], "--output .: a folder; give the JSON file to write"),
+        (["--run", "float32"], "--run picks runs of a suite: give --suite too"),
+        (["--suite", "frozen_lm", "--run", "fp32"], "--run 'fp32': not a run of suite frozen_lm; its runs: ['float32'"),
     ],
 )
 def test_bad_options_are_refused_before_anything_runs(

@@ -145,8 +145,10 @@ def _build_random(config: BackboneConfig) -> tuple[PreTrainedModel, PreTrainedTo
     if getattr(model_config, "forced_eos_token_id", None) is not None and "forced_eos_token_id" not in random_config:
         model_config.forced_eos_token_id = eos
     auto_class = AutoModelForSeq2SeqLM if model_config.is_encoder_decoder else AutoModelForCausalLM
-    # Same weights on every call, without disturbing the caller's random state.
-    with torch.random.fork_rng(devices=[]):
+    # Same weights on every call, without disturbing the caller's random state (also the GPU's, where the weights
+    # are drawn there: built under ``with torch.device("cuda")``).
+    on_gpu = torch.get_default_device().type == "cuda"
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if on_gpu else []):
         torch.manual_seed(0)
         try:
             model = auto_class.from_config(model_config)

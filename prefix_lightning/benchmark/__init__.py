@@ -134,6 +134,7 @@ def _headline(name: str, result: dict[str, Any]) -> str:
     return (
         f"{name}: {result['tokens_per_s']:.1f} tokens/s ({result['tokens_per_cpu_s']:.1f} per CPU-second), "
         f"peak {result['peak_memory_mb']:.0f} MB, {result['seconds']:.1f} s measured"
+        + (f", MFU {result['mfu']:.1%}" if result.get("mfu") is not None else "")
     )
 
 

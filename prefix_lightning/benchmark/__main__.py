@@ -93,6 +93,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "our prefix on the LM stored in float32, bfloat16, int8 and int4, each against float32); "
         "--phases and --precision are then the suite's, overrides are added to each run's",
     )
+    parser.add_argument(
+        "--run",
+        action="append",
+        default=[],
+        metavar="LABEL",
+        help="with --suite: only the suite's run of this label (repeat for several), e.g. to give each its own time "
+        "limit",
+    )
     parser.add_argument("--output", type=Path, default=None, help="JSON file (default outputs/benchmark/<time>.json)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of the train config")
     args = parser.parse_intermixed_args(argv)  # options may follow the overrides
@@ -102,6 +110,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--mixed-prefix: at most {MIXED - 1} (batches mix {MIXED} prefixes, --prefix's among them)")
     if args.suite == "gpu" and torch.device(args.device).type != "cuda":
         parser.error(f"--suite gpu measures real model shapes on a GPU (hours on --device {args.device}): use a GPU")
+    if args.run:
+        if args.suite is None:
+            parser.error("--run picks runs of a suite: give --suite too")
+        labels = [run.label for run in SUITES[args.suite].runs]
+        unknown = [label for label in args.run if label not in labels]
+        if unknown:
+            parser.error(f"--run {unknown[0]!r}: not a run of suite {args.suite}; its runs: {labels}")
     if args.output is not None and args.output.is_dir():
         parser.error(f"--output {args.output}: a folder; give the JSON file to write")
     if args.profile is not None and args.profile.exists() and not args.profile.is_dir():
@@ -114,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     output = args.output or Path("outputs") / "benchmark" / f"{time.strftime('%Y-%m-%d_%H-%M-%S')}.json"
     if args.suite:
         suite, runs = SUITES[args.suite], {}
-        for run in suite.runs:
+        for run in (run for run in suite.runs if not args.run or run.label in args.run):
             print(f"\n== {run.label}")
             setting = _setting(args, (*run.overrides, *args.overrides), run.precision)
             runs[run.label] = run_benchmark(setting, run.phases)

@@ -106,7 +106,10 @@ def _causal(lm: PreTrainedModel, device: str) -> PreTrainedModel:
 
 
 def _backbone(cfg: DictConfig, device: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    lm, tokenizer = load_configured_backbone(cfg)
+    """The LM built on the phase's device: a random 1.7B model's weights drawn on the CPU took most of a minute of
+    every phase on a GPU machine."""
+    with torch.device(device):
+        lm, tokenizer = load_configured_backbone(cfg)
     return _causal(lm, device), tokenizer
 
 
@@ -256,7 +259,8 @@ def _profile(setting: Setting, phase: str, work: Callable[[], object]) -> dict[s
 def train_ours(setting: Setting) -> dict[str, Any]:
     """The model run.py trains, with the LightningModule's loss (target-token logits); exports its last prefix."""
     cfg = _start(setting, frozen_in_compute_dtype=True)
-    model, tokenizer = build_model(cfg)
+    with torch.device(setting.device):  # as _backbone
+        model, tokenizer = build_model(cfg)
     assert isinstance(model, torch.nn.Module)  # every method is a module (see TrainableLM)
     _causal(model.lm, setting.device)
     model.to(setting.device).train()
