@@ -31,7 +31,6 @@ from prefix_lightning.prefix.multitask import task_folders
 from prefix_lightning.training.build import (
     build_datamodule,
     build_module,
-    compile_as_configured,
     load_configured_backbone,
 )
 from prefix_lightning.training.checks import check_config
@@ -59,7 +58,6 @@ def evaluate(cfg: DictConfig) -> float:
     else:
         model = PrefixModel(lm, length=1)
         log.info("no export_path given: evaluating the plain LM on the same prompts")
-    compile_as_configured(cfg, lm)
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
     module = build_module(cfg, model, tokenizer)
     datamodule = build_datamodule(cfg, tokenizer, model)

@@ -1,5 +1,5 @@
-"""The compiled transformer (``model.compile``): the same losses, gradients and beam searches as eager mode, no
-compilation again for batches of new lengths, and eager-only tricks kept off. The CPU tests compile through
+"""The compiled transformer blocks (``model.compile``): the same losses, gradients and beam searches as eager mode,
+one compilation for every block, no compilation again for batches of new lengths. The CPU tests compile through
 ``aot_eager`` (dynamo's graph capture and AOTAutograd's backward, without generating kernels: seconds instead of
 minutes); tests/test_gpu.py runs inductor on a GPU."""
 
@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from torch._dynamo.utils import counters
 
 from prefix_lightning import PrefixModel
-from prefix_lightning.backbones.compiled import compile_lm, is_compiled
+from prefix_lightning.backbones.compiled import compile_lm
 from prefix_lightning.decoding.packed_linear import PackedWeights, can_pack, packed_linears
 from prefix_lightning.training.build import build_model
 from prefix_lightning.training.checks import ConfigError
@@ -23,6 +23,11 @@ from tests.helpers.decoding import left_padded, prefixed
 from tests.helpers.tiny import PAD, PAIRS, tiny_lm, training_batch
 
 BACKEND = "aot_eager"
+
+
+def _compiled(model: torch.nn.Module) -> list[str]:
+    """The names of ``model``'s modules that run compiled."""
+    return [name for name, module in model.named_modules() if getattr(module, "_compiled_call_impl", None)]
 
 
 def _loss_and_gradients(model: PrefixModel, batch: dict[str, torch.Tensor], drop_mask: bool) -> list[torch.Tensor]:
@@ -77,16 +82,31 @@ def test_compiled_lm_decodes_like_eager_after_training(family: str) -> None:
     assert torch.equal(decoded, eager.generate(input_ids=ids, attention_mask=mask, **options))
 
 
-def test_compiled_model_keeps_its_own_linear_layers_when_decoding_on_cpu() -> None:
+@pytest.mark.integration
+def test_one_compilation_serves_every_block() -> None:
+    """The blocks share their compiled code (regional compilation): a model of 4 blocks makes the graphs that one
+    of 2 makes, where compiling the stack as one graph would grow with the depth."""
+    graphs = []
+    for blocks in (2, 4):
+        torch._dynamo.reset()
+        counters.clear()
+        model = PrefixModel(tiny_lm("llama", num_hidden_layers=blocks), length=3)
+        compile_lm(model.lm, BACKEND)
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            model.loss(**training_batch(encoder_decoder=False)).backward()
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] == graphs[1] > 0
+
+
+def test_compiled_blocks_decode_eager_with_the_packed_linear_layers() -> None:
+    """Decoding runs the compiled blocks eager (decoding.routes), so the CPU's packed layers serve them too."""
     lm = tiny_lm("llama").requires_grad_(False)  # frozen, as packing wants it
     with packed_linears(lm, PackedWeights()) as eager_count:
         pass
-    assert not is_compiled(lm)
     compile_lm(lm, BACKEND)
-    assert is_compiled(lm)
     with packed_linears(lm, PackedWeights()) as count:
         pass
-    assert (eager_count > 0) == can_pack() and count == 0
+    assert count == eager_count and (count > 0) == can_pack()
 
 
 def test_compiling_keeps_parameter_names() -> None:
@@ -98,9 +118,9 @@ def test_compiling_keeps_parameter_names() -> None:
 
 def test_model_compile_setting_compiles_the_built_method(tmp_path) -> None:
     plain, _ = build_model(compose_train(tmp_path, ["model=tiny_llama"]))
-    assert not is_compiled(plain)
+    assert not _compiled(plain)
     model, _ = build_model(compose_train(tmp_path, ["model=tiny_llama", f"model.compile={BACKEND}"]))
-    assert is_compiled(model.lm.model) and not is_compiled(model.lm.lm_head)
+    assert _compiled(model.lm) == [f"model.layers.{i}" for i in range(model.lm.config.num_hidden_layers)]
 
 
 @pytest.mark.integration

@@ -60,6 +60,12 @@ def test_bad_values_are_rejected_naming_the_option(override: str, message: str, 
     assert message in str(caught.value)
 
 
+def test_compiled_blocks_with_gradient_checkpointing_are_refused(tmp_path: Path) -> None:
+    cfg = compose_train(tmp_path, ["model.compile=true", "model.gradient_checkpointing=true"])
+    with pytest.raises(ConfigError, match="checkpointed blocks would run eager"):
+        check_config(cfg)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="what a machine without a GPU says")
 def test_a_gpu_trainer_without_a_gpu_is_refused_before_the_model_loads(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="trainer.accelerator=gpu .* sees no GPU on this machine"):

@@ -1,30 +1,30 @@
-"""The LM's transformer compiled with ``torch.compile``: for accelerators, where eager steps are host-bound.
+"""The LM's transformer blocks compiled with ``torch.compile``: for accelerators, where eager steps are host-bound.
 
 On a GPU a small LM's step waits on the host, which launches one kernel per operator and runs transformers'
 Python around each (docs/gpu.md: 17 ms of GPU work in a 173 ms training step at SmolLM2-135M's shape). Compiled,
-the pointwise operators fuse and that Python runs once, at tracing.
+the pointwise work of a block (norms, rotary positions, the MLP's gate, residuals) fuses and that Python runs once.
 
-The base model (the embeddings and every block, the LM head and the loss left out) is compiled in place with
-``nn.Module.compile``, so parameter names, state dicts and checkpoints do not change, and the prefix reaches
-attention as in eager mode: the injector's tensors become inputs of the graph, gradients flow back through them.
-The whole stack is one graph, not one per block: a block reads its prefix and its cache layer by its index, which
-a per-block compilation would specialize on, compiling again for every block. Shapes are dynamic: a new batch
-length or a longer decoding cache does not compile again. Compile after the method is built: what wraps or hooks
-the LM must be in place at its first compiled call.
+Each block is compiled in place (``nn.Module.compile``: parameter names, state dicts and checkpoints do not change),
+and the blocks share one compilation: a block's module is an input of the compiled code, not a constant of it, so
+a 30-block model compiles the code of one block (regional compilation). The whole stack as one graph compiled for
+minutes at SmolLM2-135M's shape on an H200, past a 160 s limit (docs/gpu.md). Attention itself runs eager, a break
+in each block's graph (``prefix.attention``): it reads the block's prefix by the block's index, which a compiled
+block would specialize on, compiling once per block, and eager it keeps SDPA's flash kernel for the prefix's
+causal columns. Decoding runs eager (``decoding.routes``): its cache is read by block index too. Shapes are
+dynamic: a new batch length does not compile again. Compile after the method is built: what wraps or hooks the
+LM must be in place at its first compiled call.
 """
 
 from __future__ import annotations
 
-from torch import nn
 from transformers import PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 
 def compile_lm(lm: PreTrainedModel, backend: str = "inductor") -> None:
-    """Compile ``lm``'s base model in place (compilation itself happens at its first call)."""
-    lm.base_model.compile(dynamic=True, backend=backend)
-
-
-def is_compiled(model: nn.Module) -> bool:
-    """Whether any part of ``model`` runs compiled (eager-only tricks such as swapping a module's forward must
-    keep off: a compiled call does not see them)."""
-    return any(getattr(module, "_compiled_call_impl", None) is not None for module in model.modules())
+    """Compile each of ``lm``'s transformer blocks in place (compilation itself happens at the first call)."""
+    blocks = [module for module in lm.modules() if isinstance(module, GradientCheckpointingLayer)]
+    if not blocks:
+        raise ValueError(f"model.compile: {type(lm).__name__} has no transformer blocks that transformers marks")
+    for block in blocks:
+        block.compile(dynamic=True, backend=backend)

@@ -23,7 +23,6 @@ from omegaconf import DictConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
-from prefix_lightning.backbones.compiled import is_compiled
 from prefix_lightning.baselines import PeftPrefixTuning
 from prefix_lightning.baselines.peft_prefix import peft_generate, peft_prefix_config
 from prefix_lightning.benchmark.hardware import matmul_parameters, mfu, peak_tflops
@@ -33,7 +32,6 @@ from prefix_lightning.prefix import PrefixBank, PrefixConfig, PrefixModel
 from prefix_lightning.prefix.bank import StoredPrefix
 from prefix_lightning.training.build import (
     build_model,
-    compile_as_configured,
     generation_settings,
     load_configured_backbone,
 )
@@ -320,17 +318,12 @@ def _decode(
     cfg: DictConfig,
     tokenizer: Any,
     generate: Callable[..., torch.Tensor],
-    compiled: bool = False,
 ) -> dict[str, Any]:
     """Greedy outputs of the check inputs (untimed), then the configured beam search over all inputs (timed); with
-    a profile folder, the first batch's first decoding steps once more under the profiler. A ``compiled`` model
-    decodes every input once untimed first: the shapes it meets the first time (a batch down to one row, say)
-    compile anew, which a long run pays once."""
+    a profile folder, the first batch's first decoding steps once more under the profiler."""
     greedy = _greedy(setting, cfg, tokenizer, generate)
     options = generation_settings(cfg, tokenizer)
     batches = decoding_batches(cfg, tokenizer, setting.inputs)
-    if compiled:
-        _outputs(setting, generate, batches, options)
     with measured(setting.device) as stats:
         outputs = _outputs(setting, generate, batches, options)
     tokens = sum(len(output) for output in outputs)
@@ -363,8 +356,7 @@ def generate_ours(setting: Setting) -> dict[str, Any]:
     cfg = _start(setting, frozen_in_compute_dtype=True)
     lm, tokenizer = _backbone(cfg, setting.device)
     model = PrefixModel.from_prefix(lm, _prefix_dir(setting)).to(setting.device).eval()
-    compile_as_configured(cfg, lm)
-    return _decode("generate_ours", setting, cfg, tokenizer, model.generate, compiled=is_compiled(lm))
+    return _decode("generate_ours", setting, cfg, tokenizer, model.generate)
 
 
 def generate_peft(setting: Setting) -> dict[str, Any]:

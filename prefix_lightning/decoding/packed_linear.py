@@ -19,8 +19,6 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from prefix_lightning.backbones.compiled import is_compiled
-
 Packed = tuple[tuple[int, int], torch.Tensor]
 
 
@@ -64,12 +62,12 @@ def _packed_forward(weight: torch.Tensor, bias: torch.Tensor | None, inputs: tor
 def packed_linears(model: nn.Module, packed: MutableMapping[str, Packed]) -> Iterator[int]:
     """Inside the block, ``model``'s frozen float32 CPU linear layers compute through oneDNN with packed weights
     (yields how many); ``packed`` keeps them between blocks (clear it to free them). Nothing changes under
-    autocast (which must keep choosing the dtype), in a compiled model (its compiled calls would not see the
-    swapped forwards) or where :func:`can_pack` says no.
+    autocast (which must keep choosing the dtype) or where :func:`can_pack` says no. (Compiled blocks decode
+    eager, so they see the swapped forwards: see decoding.routes.)
 
     Results equal torch's up to float32 rounding (another summation order), as between two BLAS libraries.
     """
-    if not can_pack() or torch.is_autocast_enabled("cpu") or is_compiled(model):
+    if not can_pack() or torch.is_autocast_enabled("cpu"):
         yield 0
         return
     patched = []

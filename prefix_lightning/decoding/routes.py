@@ -34,7 +34,9 @@ def generate(
     per input run the prompt once per input and repeat its cache for the copies (transformers would run it once
     per copy). On CPU the frozen linear layers compute with weights packed once for oneDNN (``packed``).
     """
-    with packed_linears(lm, packed):
+    # Compiled blocks (model.compile) decode eager: the cache is read by block index, which a block's graph would
+    # specialize on, one compilation per block (see backbones.compiled).
+    with packed_linears(lm, packed), torch.compiler.set_stance("force_eager"):
         return _route(lm, kwargs, cached_prefix)
 
 

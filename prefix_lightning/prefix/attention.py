@@ -234,11 +234,10 @@ def prefix_attention(
             seen = rows[:, None, :, None]
         bias = kwargs.get("position_bias")
         plain_causal = attention_mask is None and causal and seen is None and bias is None and query.shape[2] > 1
-        if plain_causal and not is_in_torch_dispatch_mode() and not torch.compiler.is_compiling():
+        if plain_causal and not is_in_torch_dispatch_mode():
             # Causal over real tokens, every prefix column visible: the bottom-right aligned causal pattern, which
             # SDPA's flash and memory-efficient kernels apply without a mask in memory. (It is a tensor subclass,
-            # which can be made neither under a dispatch mode such as FlopCounterMode nor in a compiled graph:
-            # there the mask is explicit.)
+            # which cannot be made under a dispatch mode such as FlopCounterMode: there the mask is explicit.)
             attention_mask = causal_lower_right(query.shape[2], keys.shape[2] + key.shape[2])
         else:
             attention_mask = _widen_mask(attention_mask, causal, query, key.shape[2], keys.shape[2], seen)
@@ -265,5 +264,7 @@ def prefix_attention(
 CUDA_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-AttentionInterface.register(ATTN_IMPLEMENTATION, prefix_attention)
+# Eager inside compiled blocks (a graph break; see backbones.compiled): the lookup of a block's prefix by its index
+# would make each block's graph its own.
+AttentionInterface.register(ATTN_IMPLEMENTATION, torch.compiler.disable(prefix_attention))
 AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)

@@ -109,6 +109,11 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(
             f"prefix.init_text / init_vocab start a prefix, infix or embedding; method {cfg.method.name} has none"
         )
+    if cfg.model.get("compile") and cfg.model.get("gradient_checkpointing"):
+        raise ConfigError(
+            "model.compile with model.gradient_checkpointing=true: the checkpointed blocks would run eager (the "
+            "compiled call does not reach inside the checkpoint): keep one of the two"
+        )
     lr = cfg.method.lr
     _require(_is_number(lr) and lr > 0, "method.lr", lr, "the learning rate must be > 0")
     for option in ("optim.weight_decay", "optim.warmup_steps"):
