@@ -141,3 +141,10 @@ def test_compiled_run_trains_validates_tests_and_exports_the_eager_runs_prefix(t
 def test_an_unknown_backend_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="model.compile='indcutor'.*inductor"):
         build_model(compose_train(tmp_path, ["model=tiny_llama", "model.compile=indcutor"]))
+
+
+def test_a_model_without_marked_blocks_is_refused() -> None:
+    lm = tiny_lm("llama")
+    lm.model.layers = torch.nn.ModuleList([torch.nn.Identity()])  # blocks that transformers does not mark
+    with pytest.raises(ValueError, match="no transformer blocks .* in LlamaForCausalLM: leave model.compile off"):
+        compile_lm(lm, BACKEND)

@@ -21,10 +21,15 @@ from transformers import PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 
-def compile_lm(lm: PreTrainedModel, backend: str = "inductor") -> None:
-    """Compile each of ``lm``'s transformer blocks in place (compilation itself happens at the first call)."""
+def compile_lm(lm: PreTrainedModel, backend: str = "inductor") -> int:
+    """Compile each of ``lm``'s transformer blocks in place (compilation itself happens at the first call); returns
+    how many."""
     blocks = [module for module in lm.modules() if isinstance(module, GradientCheckpointingLayer)]
     if not blocks:
-        raise ValueError(f"model.compile: {type(lm).__name__} has no transformer blocks that transformers marks")
+        raise ValueError(
+            f"model.compile: no transformer blocks (transformers' GradientCheckpointingLayer) in {type(lm).__name__}"
+            ": leave model.compile off for this model"
+        )
     for block in blocks:
         block.compile(dynamic=True, backend=backend)
+    return len(blocks)
