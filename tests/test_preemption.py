@@ -115,8 +115,15 @@ def test_a_stop_signal_saves_exits_non_zero_and_resume_ends_with_the_uninterrupt
             fault("SignalAt", step=6, name="SIGTERM"),
             6,
         ),
+        # The same with a loader worker process, which is handed its indices from the sampler when the epoch's
+        # iterator starts (after the restore, as the sampler's own first pass).
+        (
+            ["trainer.max_steps=-1", "trainer.max_epochs=2", "trainer.val_check_interval=null", "data.num_workers=1"],
+            fault("SignalAt", step=6, name="SIGTERM"),
+            6,
+        ),
     ],
-    ids=["mid-accumulation", "epoch-budget"],
+    ids=["mid-accumulation", "epoch-budget", "epoch-budget-worker"],
 )
 def test_a_stopped_run_resumes_as_the_uninterrupted_run(
     budget: list[str], stop: list[str], saved: int, tmp_path: Path

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from prefix_lightning.cli import report_errors
 from prefix_lightning.files.atomic import atomic_write
+from prefix_lightning.training.build import build_model, build_module
 from prefix_lightning.training.checks import ConfigError, check_config
 from tests.helpers.cli import FAST, run_cli, run_failing
 from tests.helpers.config import compose_train
@@ -165,6 +166,20 @@ def test_unsupported_architecture_names_the_supported_ones(tmp_path: Path) -> No
     result = run_failing(tmp_path, *FAST, *overrides)
     assert "MambaForCausalLM has no attention layers that a prefix can reach" in result.stderr
     assert "Supported: decoder-only LMs (GPT-2, the Llama family" in result.stderr
+
+
+def test_a_checkpoint_of_a_run_on_another_kind_of_base_model_is_refused(tmp_path: Path) -> None:
+    """Prefixes of the same shapes on another model type (tiny BART's and tiny T5's, say) would load silently."""
+    cfg = compose_train(tmp_path, ["model=tiny_llama"])
+    model, tokenizer = build_model(cfg)
+    module = build_module(cfg, model, tokenizer)
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    assert checkpoint["base_model"]["model_type"] == "llama"
+    module.on_load_checkpoint(checkpoint)  # its own run's
+    checkpoint["base_model"]["model_type"] = "t5"
+    with pytest.raises(ValueError, match="written by a run on a t5 model, but this run's base model is a llama"):
+        module.on_load_checkpoint(checkpoint)
 
 
 @pytest.mark.integration

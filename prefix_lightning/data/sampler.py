@@ -30,18 +30,21 @@ class EpochShuffleSampler(DistributedSampler):
         self.size, self.seed, self.batch_size = size, seed, batch_size
         self.num_replicas, self.rank = num_replicas, rank
         self.epoch, self.shuffle, self.drop_last = 0, True, False
-        self.start: int | Callable[[], int] = 0
+        self.start: int | Callable[[], tuple[int, int] | None] = 0
 
-    def resume_at(self, position: int | Callable[[], int]) -> None:
+    def resume_at(self, position: int | Callable[[], tuple[int, int] | None]) -> None:
         """Start the next pass at ``position`` of the epoch's order (later passes start at 0); a callable is asked
-        as that pass starts."""
+        as that pass starts, and gives the epoch and the position (None: this epoch, from its start)."""
         self.start = position
 
     def __iter__(self) -> Iterator[int]:
+        start, self.start = self.start, 0
+        if callable(start):
+            resumed = start()
+            self.epoch, start = resumed if resumed is not None else (self.epoch, 0)
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(self.size, generator=generator).tolist()
-        start, self.start = self.start, 0
-        order = order[start() if callable(start) else start :]
+        order = order[start:]
         order += order[: -len(order) % self.num_replicas]  # every rank the same number of examples
         width = self.num_replicas * self.batch_size
         mine = []
@@ -59,18 +62,20 @@ def training_sampler(size: int, seed: int, batch_size: int, trainer: Any | None)
     """The training sampler for this rank; when Lightning is resuming mid-epoch, it starts after the global batches
     already trained.
 
-    Asked as the first pass starts, not now: with a budget in epochs Lightning builds the training loader (to count
-    the steps of the learning-rate schedule) before it restores a resumed run's loops. A checkpoint taken after the
-    last batch of an epoch restores a complete epoch: Lightning goes on with the next one, from its beginning.
+    Asked as the first pass starts, with the epoch too: Lightning sets the epoch only after it has made the epoch's
+    iterator, whose loader workers (``data.num_workers``) take their first indices as it is made. A checkpoint taken
+    after the last batch of an epoch restores a complete epoch: Lightning goes on with the next one, from its
+    beginning.
     """
     replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
     sampler = EpochShuffleSampler(size, seed, batch_size, replicas, rank)
 
-    def resumed_position() -> int:
+    def resumed() -> tuple[int, int] | None:
         if trainer is None or not trainer.fit_loop.restarting:
-            return 0
+            return None
         done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
-        return done * batch_size * replicas if 0 < done < math.ceil(size / (batch_size * replicas)) else 0
+        position = done * batch_size * replicas if 0 < done < math.ceil(size / (batch_size * replicas)) else 0
+        return trainer.fit_loop.epoch_progress.current.processed, position
 
-    sampler.resume_at(resumed_position)
+    sampler.resume_at(resumed)
     return sampler

@@ -11,13 +11,18 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.data import AttributeDict
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
-from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
+from transformers import PreTrainedTokenizerBase
 
+from prefix_lightning.backbones import backbone_identity
 from prefix_lightning.evaluation import main_validation_metric, score, task_metrics, validation_suite
 from prefix_lightning.methods import TrainableLM
+from prefix_lightning.training.schedule import linear_warmup_decay
 from prefix_lightning.training.sharded import clip_sharded_grad_norm, trainable_by_name
 
 log = logging.getLogger(__name__)
+
+
+BASE_MODEL = "base_model"  # the checkpoint's record of its run's base model (backbone_identity)
 
 
 class MethodModule(L.LightningModule):
@@ -160,8 +165,8 @@ class MethodModule(L.LightningModule):
         optimizer = torch.optim.AdamW(
             self.model.trainable_parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
         )
-        schedule = get_linear_schedule_with_warmup(
-            optimizer, self.hparams.warmup_steps, max(1, self.trainer.estimated_stepping_batches)
+        schedule = linear_warmup_decay(
+            optimizer, self.hparams.warmup_steps, lambda: self.trainer.estimated_stepping_batches
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
@@ -183,13 +188,22 @@ class MethodModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = self._trainable()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint[BASE_MODEL] = backbone_identity(self.model.lm)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Non-strict loading (the LM is not in the file) would silently skip prefix tensors: check them here.
+        """Non-strict loading (the LM is not in the file) would silently skip prefix tensors: check them here, and
+        the base model's type, which prefixes of the same shapes would not show (as an export's load checks it).
 
         DeepSpeed (its own checkpoint folders) and FSDP (which loads the tensors before this hook) leave no
         ``state_dict`` here: they restore the module themselves.
         """
+        trained_for = checkpoint.get(BASE_MODEL, {}).get("model_type")  # absent from older checkpoints
+        own = self.model.lm.config.model_type
+        if trained_for is not None and trained_for != own:
+            raise ValueError(
+                f"this checkpoint was written by a run on a {trained_for} model, but this run's base model is a "
+                f"{own} model: start from a checkpoint of a run on the same base model"
+            )
         if "state_dict" not in checkpoint:
             return
         expected = {name: tuple(p.shape) for name, p in self._trainable().items()}
