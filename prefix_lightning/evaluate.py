@@ -35,7 +35,14 @@ from prefix_lightning.training.build import (
 )
 from prefix_lightning.training.checks import check_config
 from prefix_lightning.training.optimized import settle_optimized_metric
-from prefix_lightning.training.resume import RUN_CONFIG, RUN_OVERRIDES, override, run_overrides, unquoted
+from prefix_lightning.training.resume import (
+    RUN_CONFIG,
+    RUN_OVERRIDES,
+    override,
+    override_key,
+    run_overrides,
+    unquoted,
+)
 
 log = logging.getLogger(__name__)
 
@@ -92,21 +99,16 @@ def with_run_settings(argv: Sequence[str]) -> list[str]:
     return [argv[0], *overrides, *rest, override(key, export)]
 
 
-def _key(argument: str) -> str:
-    """The key an override sets (``prefix.length`` for ``+prefix.length=5``)."""
-    return argument.partition("=")[0].lstrip("+~")
-
-
 def _group(argument: str) -> str:
     """The config group an override sets (``prefix`` for ``+prefix.length=5``)."""
-    return _key(argument).partition(".")[0]
+    return override_key(argument).partition(".")[0]
 
 
 def _without_task_mixture(overrides: list[str]) -> list[str]:
     """A multi-task run's overrides for one of its tasks: the data group and method that mixed them left out (each
     task is a data config of its own name; the ``data.*`` values a mixture sets for every task still apply)."""
     mixture = {"data", "data.tasks", "method"}
-    return [item for item in overrides if _key(item) not in mixture]
+    return [item for item in overrides if override_key(item) not in mixture]
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")

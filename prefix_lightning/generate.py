@@ -8,7 +8,9 @@ the plain LM; may be left out when one prefix is loaded); or plain text, one sou
 ``-`` reads stdin / writes stdout. Output: JSONL, each input's fields plus ``prefix`` and ``generation``, in input
 order (plain text, one generation per line, for an output file ending in ``.txt``). Inputs are checked before
 anything loads (a bad line is named by its number); outputs are written and flushed batch by batch, so a stopped
-run keeps every finished batch. Rows of a batch may read different prefixes (``PrefixBank``).
+run keeps every finished batch. Rows of a batch may read different prefixes (``PrefixBank``). A prefix still in the
+folder of the run that exported it is decoded as that run built its prompts: its separator and end marker, its
+source budget (``data.max_source_tokens``), unless given here.
 """
 
 from __future__ import annotations
@@ -28,13 +30,16 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from prefix_lightning.cli import device_option, positive_int, report_errors
-from prefix_lightning.data import Group, TextToTextCollator
+from prefix_lightning.data import EncodedPrompt, Group, TextToTextCollator
 from prefix_lightning.prefix import PrefixBank, read_prefix
 from prefix_lightning.training.build import generation_settings, load_configured_backbone, source_budget
 from prefix_lightning.training.checks import check_generation
 from prefix_lightning.training.compose import CONF_DIR, compose_config
+from prefix_lightning.training.resume import RUN_CONFIG, override_key
 
 FORMATS = ("auto", "jsonl", "text")
+PROMPT_FORMAT = ("model.separator", "model.target_end")
+SOURCE_BUDGET = "data.max_source_tokens"
 
 
 @dataclass(frozen=True)
@@ -150,9 +155,66 @@ def _backbone_of(name: str) -> str | None:
 
 
 def compose(prefixes: dict[str, Path], overrides: Sequence[str]) -> DictConfig:
-    given_model = any(override.split("=", 1)[0].lstrip("+") == "model" for override in overrides)
+    given_model = "model" in map(override_key, overrides)
     chosen = [] if given_model else [f"model={model_config_for(prefixes)}"]
     return compose_config("generate", [*chosen, *overrides])
+
+
+def trained_settings(prefixes: dict[str, Path]) -> dict[str, DictConfig]:
+    """The composed config of the run that exported each prefix, for prefixes still in its folder (a multi-task
+    run's task prefixes one level deeper, ``<run>/prefix/<task>``)."""
+    found: dict[str, DictConfig] = {}
+    for name, folder in prefixes.items():
+        export = folder.resolve()
+        for run, export_dir in ((export.parent, export.name), (export.parent.parent, export.parent.name)):
+            if (run / RUN_CONFIG).is_file():
+                config = OmegaConf.load(run / RUN_CONFIG)
+                if isinstance(config, DictConfig) and OmegaConf.select(config, "method.export_dir") == export_dir:
+                    print(f"{name}: prompts built as the run in {run} built them", file=sys.stderr)
+                    found[name] = config
+                    break
+    return found
+
+
+def adopt_prompt_format(cfg: DictConfig, trained: dict[str, DictConfig], given: set[str]) -> None:
+    """Prompts built as the prefixes' runs built them: their separator and end marker, unless given."""
+    for key in PROMPT_FORMAT:
+        values = {name: OmegaConf.select(config, key) for name, config in trained.items()}
+        if key in given or not values:
+            continue
+        if len(set(values.values())) > 1:
+            raise ValueError(
+                f"the prefixes' runs built prompts with different {key} ({values}): decode them in separate calls, "
+                f"or give {key}=..."
+            )
+        OmegaConf.update(cfg, key, next(iter(values.values())))
+
+
+def prompt_collators(
+    cfg: DictConfig,
+    bank: PrefixBank,
+    tokenizer: PreTrainedTokenizerBase,
+    trained: dict[str, DictConfig],
+    given: set[str],
+) -> dict[str | None, TextToTextCollator]:
+    """For each prefix name (None: the plain LM) the collator that cuts sources to the budget its run trained with
+    (``data.max_source_tokens`` where it is given here, or no run is known)."""
+    wanted: dict[str | None, int | None] = {None: None}
+    for name in bank.names():
+        known = name in trained and SOURCE_BUDGET not in given
+        wanted[name] = OmegaConf.select(trained[name], SOURCE_BUDGET) if known else None
+    made = {
+        budget: TextToTextCollator(
+            tokenizer,
+            cfg.model.separator,
+            cfg.model.target_end,
+            bool(bank.lm.config.is_encoder_decoder),
+            max_source_tokens=source_budget(cfg, bank, budget),
+            max_target_tokens=max(cfg.data.max_target_tokens, 2),
+        )
+        for budget in set(wanted.values())
+    }
+    return {name: made[budget] for name, budget in wanted.items()}
 
 
 def batches(requests: list[Request], size: int) -> Iterator[list[Request]]:
@@ -160,16 +222,27 @@ def batches(requests: list[Request], size: int) -> Iterator[list[Request]]:
         yield requests[start : start + size]
 
 
+def encode(collators: dict[str | None, TextToTextCollator], requests: list[Request]) -> list[EncodedPrompt]:
+    """Each request's prompt, made by the collator of the prefix it reads."""
+    rows: dict[TextToTextCollator, list[int]] = {}
+    for index, request in enumerate(requests):
+        rows.setdefault(collators[request.prefix], []).append(index)
+    prompts: dict[int, EncodedPrompt] = {}
+    for collator, indices in rows.items():
+        groups = [Group(requests[i].line, requests[i].source, [], "") for i in indices]
+        prompts.update(zip(indices, collator.encode_prompts(groups, "inputs"), strict=True))
+    return [prompts[index] for index in range(len(requests))]
+
+
 def decode(
     bank: PrefixBank,
     tokenizer: PreTrainedTokenizerBase,
-    collator: TextToTextCollator,
+    collators: dict[str | None, TextToTextCollator],
     requests: list[Request],
     settings: dict[str, Any],
 ) -> list[str]:
     """The generations of one batch (rows may read different prefixes)."""
-    prompts = collator.encode_prompts([Group(r.line, r.source, [], "") for r in requests], "inputs")
-    batch = collator.generation_batch(prompts)
+    batch = collators[None].generation_batch(encode(collators, requests))
     device = next(bank.lm.parameters()).device
     inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
     output = bank.generate(**inputs, prefixes=[request.prefix for request in requests], **settings)
@@ -193,6 +266,9 @@ def run(args: argparse.Namespace) -> int:
     with opened(args.input, "r") as stream:
         requests = read_requests(stream, args.format, list(prefixes), where)
     cfg = compose(prefixes, args.overrides)
+    given = set(map(override_key, args.overrides))
+    trained = trained_settings(prefixes)
+    adopt_prompt_format(cfg, trained, given)
     check_generation(cfg)
     if args.output != "-":  # before the model loads
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -203,18 +279,11 @@ def run(args: argparse.Namespace) -> int:
     for name, folder in prefixes.items():
         bank.add(name, folder)
     settings = generation_settings(cfg, tokenizer)
-    collator = TextToTextCollator(
-        tokenizer,
-        cfg.model.separator,
-        cfg.model.target_end,
-        bool(lm.config.is_encoder_decoder),
-        max_source_tokens=source_budget(cfg, bank),
-        max_target_tokens=max(cfg.data.max_target_tokens, 2),
-    )
+    collators = prompt_collators(cfg, bank, tokenizer, trained, given)
     text_output = args.output.endswith(".txt")
     with opened(args.output, "w") as out:
         for chunk in tqdm(list(batches(requests, args.batch_size)), desc="generate", unit="batch", file=sys.stderr):
-            for request, text in zip(chunk, decode(bank, tokenizer, collator, chunk, settings), strict=True):
+            for request, text in zip(chunk, decode(bank, tokenizer, collators, chunk, settings), strict=True):
                 if text_output:
                     out.write(" ".join(text.splitlines()) + "\n")
                 else:

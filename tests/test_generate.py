@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from prefix_lightning import PrefixModel
-from prefix_lightning.generate import main, model_config_for
+from prefix_lightning.generate import adopt_prompt_format, main, model_config_for, trained_settings
 from prefix_lightning.training.build import generation_settings, load_configured_backbone
 from tests.helpers.config import REPO, compose_train
 
@@ -176,3 +177,45 @@ def test_the_model_config_is_found_from_what_the_prefixes_record(prefixes: dict[
     assert model_config_for({"e2e": embedded}) == "smollm2_135m"
     with pytest.raises(ValueError, match="trained on random:llama, and configs .*tiny_llama match it: give the model"):
         model_config_for(prefixes)
+
+
+def in_run_folder(prefix: Path, run: Path, settings: dict, task: str | None = None) -> Path:
+    """A copy of ``prefix`` exported by a run with ``settings`` (as its ``.hydra/config.yaml`` records them), as
+    ``<run>/prefix`` or a multi-task run's ``<run>/prefix/<task>``."""
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"method": {"export_dir": "prefix"}, **settings}))
+    return Path(shutil.copytree(prefix, run / "prefix" / task if task else run / "prefix"))
+
+
+def test_a_prefix_in_its_run_folder_decodes_with_that_runs_prompts(prefixes: dict[str, Path], tmp_path: Path) -> None:
+    """Separator, end marker and source budget come from the run that exported the prefix: the same generations as
+    those settings given by hand, others than the defaults'."""
+    settings = {"model": {"separator": " =>", "target_end": "<|endoftext|>"}, "data": {"max_source_tokens": 5}}
+    exported = in_run_folder(prefixes["e2e"], tmp_path / "run", settings)
+    inputs = write_jsonl(tmp_path / "inputs.jsonl", [{"source": source} for source in SOURCES])
+
+    def generations(folder: Path, *overrides: str) -> list[str]:
+        output = tmp_path / "outputs.jsonl"
+        assert (
+            main(["--prefix", f"e2e={folder}", "--input", str(inputs), "--output", str(output), *GENERATE, *overrides])
+            == 0
+        )
+        return [json.loads(line)["generation"] for line in output.read_text().splitlines()]
+
+    from_run = generations(exported)
+    assert from_run == generations(prefixes["e2e"], "model.separator=' =>'", "data.max_source_tokens=5")
+    assert from_run != generations(prefixes["e2e"])
+    assert generations(exported, "data.max_source_tokens=256") == generations(prefixes["e2e"], "model.separator=' =>'")
+
+
+def test_the_run_of_each_prefix_is_found(prefixes: dict[str, Path], tmp_path: Path) -> None:
+    """A multi-task run's task prefix reads its run's settings; runs that built prompts differently are refused."""
+    single = in_run_folder(prefixes["e2e"], tmp_path / "a", {"model": {"separator": " =>"}})
+    task = in_run_folder(prefixes["webnlg"], tmp_path / "b", {"model": {"separator": " :"}}, task="webnlg")
+    found = trained_settings({"e2e": single, "webnlg": task, "alone": prefixes["e2e"]})
+    assert {name: config.model.separator for name, config in found.items()} == {"e2e": " =>", "webnlg": " :"}
+    cfg = compose_train(tmp_path, ["model=tiny_llama"])
+    with pytest.raises(ValueError, match="different model.separator"):
+        adopt_prompt_format(cfg, found, set())
+    adopt_prompt_format(cfg, found, {"model.separator"})  # given: kept
+    assert cfg.model.separator == " <|endoftext|>"

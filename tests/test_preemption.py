@@ -88,6 +88,7 @@ def test_a_stop_signal_saves_exits_non_zero_and_resume_ends_with_the_uninterrupt
     computes_nothing = "callbacks.progress_bar.refresh_rate=5"
     log = run_cli(tmp_path, f"resume={tmp_path}", computes_nothing)
     assert f"Restored all states from the checkpoint at {last}" in log.stdout + log.stderr
+    assert "not resumable" not in log.stdout + log.stderr  # mid-epoch: our loaders do resume there
     assert_same_prefix(tmp_path, straight)
     assert learning_rates(tmp_path) == learning_rates(straight)  # metrics.csv holds the rows of both attempts
     if validation == 2:  # the straight run's validations, each one whole

@@ -71,6 +71,21 @@ def test_resuming_continues_the_same_run(trained_run: Path, tmp_path: Path) -> N
         torch.testing.assert_close(resumed[group], straight[group], atol=1e-6, rtol=0)
 
 
+def test_a_run_started_from_another_runs_checkpoint_keeps_its_own_validations(
+    trained_run: Path, tmp_path: Path
+) -> None:
+    """Steps 5-6 from the other run's step-4 checkpoint, no validation of its own: the export is this run's last
+    step, not the other run's best checkpoint, and the record names no best validation."""
+    log = run_cli(
+        tmp_path, *FAST, "export=best", "trainer.max_steps=6", f"ckpt_path={trained_run}/checkpoints/step4.ckpt"
+    )
+    assert "no validation checkpoint by val/bleu was kept: exporting the last step's" in log.stderr + log.stdout
+    record = json.loads((tmp_path / "result.json").read_text())
+    assert (record["train_steps"], record["export"], record["exported_step"]) == (6, "last", 6)
+    assert (record["best_val"], record["best_val_step"], record["best_checkpoint"]) == (None, None, None)
+    assert record["train_tokens"] > json.loads((trained_run / "result.json").read_text())["train_tokens"] / 2
+
+
 def test_evaluating_the_export_reproduces_the_runs_test_score(trained_run: Path, tmp_path: Path) -> None:
     run_cli(tmp_path, *FULL_SCORING, f"prefix_path={trained_run / 'prefix'}", entry=("-m", "prefix_lightning.evaluate"))
     evaluated = json.loads((tmp_path / "test_metrics.json").read_text())

@@ -107,10 +107,11 @@ class _Positioned(Protocol):
     def virtual_positions(self) -> int: ...
 
 
-def source_budget(cfg: DictConfig, model: _Positioned) -> int:
-    """``data.max_source_tokens``, cut down where source, target and virtual tokens would not fit the model's
-    positions (the target as trained or as decoded, ``generation.max_new_tokens``, whichever is longer)."""
-    wanted = cfg.data.max_source_tokens
+def source_budget(cfg: DictConfig, model: _Positioned, wanted: int | None = None) -> int:
+    """``wanted`` (default ``data.max_source_tokens``), cut down where source, target and virtual tokens would not
+    fit the model's positions (the target as trained or as decoded, ``generation.max_new_tokens``, whichever is
+    longer)."""
+    wanted = cfg.data.max_source_tokens if wanted is None else wanted
     target = max(cfg.data.max_target_tokens, OmegaConf.select(cfg, "generation.max_new_tokens") or 0)
     config = model.lm.config
     context = position_count(config)

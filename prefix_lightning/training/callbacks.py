@@ -101,8 +101,7 @@ class MethodExport(L.Callback):
 
     def best_checkpoint(self, trainer: L.Trainer) -> str | None:
         """The checkpoint whose weights ``weights="best"`` exports: the best validation one, if one was kept."""
-        callback = best_checkpoint_callback(trainer)
-        return (callback.best_model_path or None) if callback and self.weights == "best" else None
+        return kept_best_checkpoint(trainer) if self.weights == "best" else None
 
     def _load_best(self, trainer: L.Trainer, pl_module: MethodModule) -> None:
         """Every rank loads the best checkpoint, as Lightning restores one (the strategy reads it)."""
@@ -124,6 +123,16 @@ EXPORTED_WEIGHTS = ("best", "last")
 def best_checkpoint_callback(trainer: L.Trainer) -> ModelCheckpoint | None:
     """The callback that keeps the best validation checkpoint (the first ModelCheckpoint)."""
     return next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
+
+
+def kept_best_checkpoint(trainer: L.Trainer) -> str | None:
+    """The best validation checkpoint this run kept, if any. Lightning also restores the best path of a checkpoint
+    written in another folder (a run started with ``ckpt_path=`` from another run's): that one is not this run's."""
+    callback = best_checkpoint_callback(trainer)
+    if callback is None or not callback.best_model_path or callback.dirpath is None:
+        return None
+    best = Path(callback.best_model_path)
+    return str(best) if best.parent.resolve() == Path(callback.dirpath).resolve() else None
 
 
 def early_stopping(monitor: str, mode: str, patience: int | None, min_delta: float = 0.0) -> EarlyStopping | None:
@@ -191,10 +200,17 @@ class ResultRecord(L.Callback):
         return self.progress["earlier_wall_time_s"] + time.time() - self._started
 
     def state_dict(self) -> dict[str, Any]:
-        return {**self.progress, "earlier_wall_time_s": self._wall_time()}
+        return {**self.progress, "earlier_wall_time_s": self._wall_time(), "dirpath": str(self.dirpath)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.progress.update(state_dict)
+        """A checkpoint of another run (``ckpt_path=``) brings its steps, tokens and time, not its validations:
+        the best and last values are this run's own."""
+        state = dict(state_dict)
+        written_in = state.pop("dirpath", None)
+        if written_in is not None and Path(written_in).resolve() != self.dirpath.resolve():
+            state.update(best_val=None, best_val_step=None, last_val=None)
+            log.info("started from a checkpoint of the run in %s: its validations are not this run's", written_in)
+        self.progress.update(state)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         assert isinstance(pl_module, MethodModule)  # the callbacks of run.py's runs
@@ -242,7 +258,6 @@ class ResultRecord(L.Callback):
             return
         tokens = self.progress["train_tokens"]
         train_time = self.progress["train_time_s"]
-        checkpoint = best_checkpoint_callback(trainer)
         # Lightning sets this attribute without declaring it.
         callbacks = trainer.callbacks  # type: ignore[attr-defined]
         last = next((c for c in callbacks if isinstance(c, LastCheckpoint)), None)
@@ -260,7 +275,7 @@ class ResultRecord(L.Callback):
             "tokens_per_s": round(tokens / train_time, 1) if train_time > 0 else None,
             "wall_time_s": round(self._wall_time(), 1),
             "checkpoint": self._relative(last.path if last else None),
-            "best_checkpoint": self._relative(checkpoint.best_model_path if checkpoint else None),
+            "best_checkpoint": self._relative(kept_best_checkpoint(trainer)),
             "prefix": self._relative(export.dirpath if export else None),
             "export": export.source if export else None,
             "exported_step": export.step if export else None,

@@ -87,6 +87,11 @@ def override(key: str, value: str | Path) -> str:
     return f"{key}='{escaped}'"
 
 
+def override_key(argument: str) -> str:
+    """The key a command-line override sets (``prefix.length`` for ``+prefix.length=5``)."""
+    return argument.partition("=")[0].lstrip("+~")
+
+
 def unquoted(value: str) -> str:
     """A command-line value as the user meant it: without the quotes Hydra's grammar may have needed."""
     return value[1:-1] if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"" else value
