@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from prefix_lightning.cli import report_errors
 from prefix_lightning.methods.exports import export_loader
 from prefix_lightning.prefix import PrefixModel
+from prefix_lightning.prefix.export import CONFIG_NAME
 from prefix_lightning.prefix.multitask import task_folders
 from prefix_lightning.training.build import (
     build_datamodule,
@@ -34,6 +35,7 @@ from prefix_lightning.training.build import (
     load_configured_backbone,
 )
 from prefix_lightning.training.checks import check_config
+from prefix_lightning.training.compose import model_config_for
 from prefix_lightning.training.optimized import settle_optimized_metric
 from prefix_lightning.training.resume import (
     RUN_CONFIG,
@@ -96,7 +98,23 @@ def with_run_settings(argv: Sequence[str]) -> list[str]:
         overrides = run_overrides(run)
     if overrides:
         print(f"evaluating with the settings of the run in {run}: {' '.join(overrides)}", file=sys.stderr)
+    elif "model" not in map(override_key, rest):
+        overrides = _recorded_model(export)
     return [argv[0], *overrides, *rest, override(key, export)]
+
+
+def _recorded_model(export: Path) -> list[str]:
+    """``model=<name>`` for a prefix export outside its run folder: the config of the base model it records, where
+    exactly one matches (otherwise the configured model loads, and the export refuses it if it is another)."""
+    prefixes = task_folders(export) or [export]
+    if not all((folder / CONFIG_NAME).is_file() for folder in prefixes):
+        return []  # another method's export: the configured model
+    try:
+        name = model_config_for(prefixes)
+    except ValueError:
+        return []
+    print(f"evaluating on model={name}, the base model the export records", file=sys.stderr)
+    return [f"model={name}"]
 
 
 def _group(argument: str) -> str:

@@ -34,7 +34,7 @@ from prefix_lightning.data import EncodedPrompt, Group, TextToTextCollator
 from prefix_lightning.prefix import PrefixBank, read_prefix
 from prefix_lightning.training.build import generation_settings, load_configured_backbone, source_budget
 from prefix_lightning.training.checks import check_generation
-from prefix_lightning.training.compose import CONF_DIR, compose_config
+from prefix_lightning.training.compose import compose_config, model_config_for
 from prefix_lightning.training.resume import RUN_CONFIG, override_key
 
 FORMATS = ("auto", "jsonl", "text")
@@ -122,41 +122,9 @@ def _json_request(line: str, number: int, prefixes: Sequence[str], where: str) -
     return Request(number, source.strip(), prefix, fields)
 
 
-def model_config_for(prefixes: dict[str, Path]) -> str:
-    """The model config (``conf/model/<name>.yaml``) whose backbone the prefixes were trained on."""
-    recorded = {read_prefix(folder).base_model.get("name_or_path") for folder in prefixes.values()}
-    if len(recorded) != 1 or None in recorded or "" in recorded:
-        raise ValueError(
-            f"the prefixes record different or unknown base models ({sorted(map(str, recorded))}): give model=<name>"
-        )
-    (identity,) = recorded
-    names = sorted(path.stem for path in (CONF_DIR / "model").glob("*.yaml"))
-    matches = [name for name in names if _backbone_of(name) == identity]
-    if len(matches) != 1:
-        found = f"configs {', '.join(matches)} match it" if matches else "no config under conf/model/ matches it"
-        raise ValueError(
-            f"the prefixes were trained on {identity}, and {found}: give the model config, model=<name> "
-            "(with model.backbone.name=... for another Hub model)"
-        )
-    return matches[0]
-
-
-def _backbone_of(name: str) -> str | None:
-    """The identity the backbone of model config ``name`` records (``backbone_identity``): embedded:<name>,
-    random:<model_type>, or the Hub id / folder; None for a random model shaped like another one (``like``), whose
-    type only its config on the Hub says."""
-    backbone = compose_config("generate", [f"model={name}"]).model.backbone
-    if backbone.source == "embedded":
-        return f"embedded:{backbone.name}"
-    if backbone.source == "random":
-        model_type = OmegaConf.select(backbone, "random_config.model_type")
-        return f"random:{model_type}" if model_type is not None else None
-    return str(backbone.name)
-
-
 def compose(prefixes: dict[str, Path], overrides: Sequence[str]) -> DictConfig:
     given_model = "model" in map(override_key, overrides)
-    chosen = [] if given_model else [f"model={model_config_for(prefixes)}"]
+    chosen = [] if given_model else [f"model={model_config_for(prefixes.values())}"]
     return compose_config("generate", [*chosen, *overrides])
 
 

@@ -131,3 +131,25 @@ def test_evaluate_takes_a_run_folder_for_the_export_it_holds(tmp_path: Path, cap
         f"export_path='{run / 'adapter'}'",
     ]
     assert f"evaluating with the settings of the run in {run}: method=lora data.train_size=8" in capsys.readouterr().err
+
+
+def test_evaluate_of_a_prefix_outside_its_run_loads_the_model_it_records(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The one model config whose backbone the export records; none where several match or model= is given."""
+
+    def exported(identity: str) -> Path:
+        folder = tmp_path / identity.replace(":", "_")
+        folder.mkdir()
+        description = {"format": "prefix-lightning/2", "prefix": {"length": 2}, "sites": []}
+        (folder / "prefix_config.json").write_text(
+            json.dumps({**description, "base_model": {"name_or_path": identity}})
+        )
+        return folder
+
+    smollm2 = exported("embedded:smollm2-135m-instruct")
+    assert with_run_settings(["evaluate", f"export_path={smollm2}"])[1] == "model=smollm2_135m"
+    assert "evaluating on model=smollm2_135m, the base model the export records" in capsys.readouterr().err
+    assert with_run_settings(["evaluate", f"export_path={smollm2}", "model=tiny_llama"])[1] == "model=tiny_llama"
+    several = exported("random:llama")  # tiny_llama, random_smollm2_135m, ...
+    assert with_run_settings(["evaluate", f"export_path={several}"]) == ["evaluate", f"export_path='{several}'"]

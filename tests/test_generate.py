@@ -16,8 +16,9 @@ import torch
 import yaml
 
 from prefix_lightning import PrefixModel
-from prefix_lightning.generate import adopt_prompt_format, main, model_config_for, trained_settings
+from prefix_lightning.generate import adopt_prompt_format, main, trained_settings
 from prefix_lightning.training.build import generation_settings, load_configured_backbone
+from prefix_lightning.training.compose import model_config_for
 from tests.helpers.config import REPO, compose_train
 
 SOURCES = [
@@ -174,9 +175,9 @@ def test_the_model_config_is_found_from_what_the_prefixes_record(prefixes: dict[
     description = json.loads((prefixes["e2e"] / "prefix_config.json").read_text())
     description["base_model"]["name_or_path"] = "embedded:smollm2-135m-instruct"
     (embedded / "prefix_config.json").write_text(json.dumps(description))
-    assert model_config_for({"e2e": embedded}) == "smollm2_135m"
+    assert model_config_for([embedded]) == "smollm2_135m"
     with pytest.raises(ValueError, match="trained on random:llama, and configs .*tiny_llama match it: give the model"):
-        model_config_for(prefixes)
+        model_config_for(prefixes.values())
 
 
 def in_run_folder(prefix: Path, run: Path, settings: dict, task: str | None = None) -> Path:

@@ -3,12 +3,14 @@ uses) or on its own (the repository's ``conf/``)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+
+from prefix_lightning.prefix import read_prefix
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
@@ -19,3 +21,37 @@ def compose_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
         return compose(name, overrides=list(overrides))
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(name, overrides=list(overrides))
+
+
+def model_config_for(prefixes: Iterable[str | Path]) -> str:
+    """The model config (``conf/model/<name>.yaml``) whose backbone the exported prefixes record as their base
+    model (``backbone_identity``); different records, or none or several configs matching, are refused, asking
+    for ``model=``."""
+    recorded = {read_prefix(folder).base_model.get("name_or_path") for folder in prefixes}
+    if len(recorded) != 1 or None in recorded or "" in recorded:
+        raise ValueError(
+            f"the prefixes record different or unknown base models ({sorted(map(str, recorded))}): give model=<name>"
+        )
+    (identity,) = recorded
+    names = sorted(path.stem for path in (CONF_DIR / "model").glob("*.yaml"))
+    matches = [name for name in names if _backbone_of(name) == identity]
+    if len(matches) != 1:
+        found = f"configs {', '.join(matches)} match it" if matches else "no config under conf/model/ matches it"
+        raise ValueError(
+            f"the export was trained on {identity}, and {found}: give the model config, model=<name> "
+            "(with model.backbone.name=... for another Hub model)"
+        )
+    return matches[0]
+
+
+def _backbone_of(name: str) -> str | None:
+    """The identity the backbone of model config ``name`` records (``backbone_identity``): embedded:<name>,
+    random:<model_type>, or the Hub id / folder; None for a random model shaped like another one (``like``), whose
+    type only its config on the Hub says."""
+    backbone = compose_config("train", [f"model={name}"]).model.backbone
+    if backbone.source == "embedded":
+        return f"embedded:{backbone.name}"
+    if backbone.source == "random":
+        model_type = OmegaConf.select(backbone, "random_config.model_type")
+        return f"random:{model_type}" if model_type is not None else None
+    return str(backbone.name)
