@@ -147,8 +147,9 @@ def _build_random(config: BackboneConfig) -> tuple[PreTrainedModel, PreTrainedTo
     auto_class = AutoModelForSeq2SeqLM if model_config.is_encoder_decoder else AutoModelForCausalLM
     # Same weights on every call, without disturbing the caller's random state (also the GPU's, where the weights
     # are drawn there: built under ``with torch.device("cuda")``).
-    on_gpu = torch.get_default_device().type == "cuda"
-    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if on_gpu else []):
+    default = torch.get_default_device()
+    on_gpu = [torch.cuda.current_device() if default.index is None else default.index] if default.type == "cuda" else []
+    with torch.random.fork_rng(devices=on_gpu):
         torch.manual_seed(0)
         try:
             model = auto_class.from_config(model_config)
