@@ -245,6 +245,20 @@ def test_a_spawned_fit_hands_its_progress_and_callbacks_states_back(tmp_path: Pa
     assert float(main.callback_metrics["val/bleu"]) == 12.5
 
 
+def test_a_spawned_fits_time_is_counted_once(tmp_path: Path) -> None:
+    """The record's state handed back from the fit's workers holds the attempt's time so far; a later attempt
+    resuming from a checkpoint adds its own time to the earlier attempts'."""
+    record = ResultRecord(str(tmp_path), monitor="val/bleu")
+    record._started -= 100  # the attempt started 100 s ago
+    state = record.state_dict()  # as the fit's workers hand it back (trainer=ddp_cpu)
+    record.load_state_dict(state)
+    assert 100 <= record.state_dict()["earlier_wall_time_s"] < 101
+    resumed = ResultRecord(str(tmp_path), monitor="val/bleu")
+    resumed._started -= 5
+    resumed.load_state_dict(state)  # a checkpoint of the attempt before
+    assert 105 <= resumed.state_dict()["earlier_wall_time_s"] < 106
+
+
 class _ThreadRanks:
     """``world_size`` ranks as threads of this process: ``reduce`` meets as an all-reduce of a real process group
     does (each rank's call waits for the others' and returns the sum), without starting processes."""

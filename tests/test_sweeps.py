@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 
 from prefix_lightning.training.record import RECORD_FILE, read_record
-from tests.helpers.cli import run_python
+from tests.helpers.cli import FAST, run_cli, run_failing, run_python
 from tests.helpers.config import REPO
+from tests.helpers.faults import fault
 
 pytestmark = pytest.mark.integration
 
@@ -160,6 +161,14 @@ def test_each_job_is_its_own_wandb_run_with_metrics_and_samples(grid: Path) -> N
             item.key for record in wandb_records if record.HasField("config") for item in record.config.update
         }
         assert {"model", "prefix", "optim", "trainer"} <= config_keys  # the composed config
+        (generation,) = [
+            json.loads(item.value_json)
+            for record in wandb_records
+            if record.HasField("config")
+            for item in record.config.update
+            if item.key == "generation"
+        ]
+        assert "ban_newline" in generation and "bad_words_ids" not in generation  # as configured, not as decoded
         logged = {
             item.key or "/".join(item.nested_key): item.value_json
             for record in wandb_records
@@ -192,7 +201,30 @@ def test_tensorboard_has_metrics_samples_and_hparams(grid: Path) -> None:
     assert {"train/loss", "val/loss", "val/bleu", "test/bleu", "result/test/bleu"} <= scalars
     assert {"val/samples/text_summary", "test/samples/text_summary"} <= texts
     assert "_hparams_/experiment" in plugins
+    accumulator = EventAccumulator(str(run_dir / "tensorboard"))
+    accumulator.Reload()
+    steps = {tag: [event.step for event in accumulator.Tensors(tag)] for tag in ("val/samples/text_summary",)}
+    steps["val/bleu"] = [event.step for event in accumulator.Scalars("val/bleu")]
+    assert steps["val/samples/text_summary"] == steps["val/bleu"] == [1]  # the validation after step 2
     assert (run_dir / "csv" / "metrics.csv").is_file()  # CSV is kept next to the dashboards
+
+
+def test_a_killed_run_resumed_continues_its_dashboards(tmp_path: Path, env: dict[str, str]) -> None:
+    """Killed (SIGKILL) after step 6, resumed from its step-4 checkpoint: one W&B run in two attempts, and
+    TensorBoard without the steps the killed attempt logged after its checkpoint (as metrics.csv)."""
+    run = [*FAST, "logger=[tensorboard,wandb]"]
+    killed = run_failing(tmp_path, *run, *fault("SignalAt", step=6, name="SIGKILL"), env=env)
+    assert killed.returncode == -signal.SIGKILL
+    run_cli(tmp_path, *run, f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}", env=env)
+
+    attempts = sorted((tmp_path / "wandb").glob("offline-run-*"))  # offline-run-<time>-<run id>
+    assert len(attempts) == 2 and len({folder.name.rsplit("-", 1)[1] for folder in attempts}) == 1
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(tmp_path / "tensorboard"))
+    accumulator.Reload()
+    assert [event.step for event in accumulator.Scalars("train/loss")] == list(range(8))
+    assert [event.step for event in accumulator.Scalars("val/bleu")] == [3, 7]
 
 
 def wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> None:

@@ -95,7 +95,7 @@ class TextToTextDataModule(L.LightningDataModule):
                 "fraction and set train_size (or give val_size instead)"
             )
         data_dir = str(data_dir)  # checkpoints load with weights_only=True, which refuses Path objects
-        self.save_hyperparameters(ignore=["tokenizer"])
+        self.save_hyperparameters(ignore=["tokenizer"], logger=False)  # train() logs the config
         self.collator = TextToTextCollator(
             tokenizer, separator, target_end, is_encoder_decoder, max_source_tokens, max_target_tokens
         )

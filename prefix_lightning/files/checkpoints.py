@@ -40,6 +40,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return torch.load(check_checkpoint(path), map_location="cpu", weights_only=True)
 
 
+def logged_step(path: str | Path) -> int | None:
+    """The step from which a run resumed from this checkpoint logs again: the steps it had taken (Lightning logs the
+    N-th step at N-1, and the validation after it too, before its checkpoint); None for a folder (DeepSpeed's)."""
+    if Path(path).is_dir():
+        return None
+    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+
+
 def checkpoint_problem(path: Path) -> str | None:
     """What makes ``path`` unusable as a checkpoint, or None. Reads the whole archive (every entry's checksum):
     about a second per GB."""

@@ -200,12 +200,20 @@ class ResultRecord(L.Callback):
         return self.progress["earlier_wall_time_s"] + time.time() - self._started
 
     def state_dict(self) -> dict[str, Any]:
-        return {**self.progress, "earlier_wall_time_s": self._wall_time(), "dirpath": str(self.dirpath)}
+        return {
+            **self.progress,
+            "earlier_wall_time_s": self._wall_time(),
+            "dirpath": str(self.dirpath),
+            "attempt_started": self._started,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """A checkpoint of another run (``ckpt_path=``) brings its steps, tokens and time, not its validations:
-        the best and last values are this run's own."""
+        the best and last values are this run's own. This attempt's own state, brought back from the processes
+        that ran its fit (``trainer=ddp_cpu``), holds its time so far: the clock starts again from there."""
         state = dict(state_dict)
+        if state.pop("attempt_started", None) == self._started:
+            self._started = time.time()
         written_in = state.pop("dirpath", None)
         if written_in is not None and Path(written_in).resolve() != self.dirpath.resolve():
             state.update(best_val=None, best_val_step=None, last_val=None)
@@ -310,4 +318,6 @@ class GenerationSamples(L.Callback):
             return
         with open(path) as file:
             rows = [json.loads(line) for line in islice(file, self.count)]
-        log_generation_samples(trainer.loggers, f"{split}/samples", rows, trainer.global_step)
+        # The step Lightning logs metrics at (a validation's: one less than the steps taken; the test's: the steps).
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        log_generation_samples(trainer.loggers, f"{split}/samples", rows, step)

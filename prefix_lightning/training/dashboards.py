@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import netrc
 import os
+import uuid
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from prefix_lightning.training.job import current_job
 
 SAMPLE_COLUMNS = ("source", "generation", "references")
+WANDB_RUN_ID = Path("wandb", "run_id")
 
 
 def wandb_api_key_configured() -> bool:
@@ -30,7 +34,8 @@ def wandb_api_key_configured() -> bool:
 def wandb_logger(
     offline: bool | None = None, name: str | None = None, group: str | None = None, **kwargs: Any
 ) -> WandbLogger:
-    """Lightning's W&B logger with group = the sweep's name and run name = the job's swept values.
+    """Lightning's W&B logger with group = the sweep's name and run name = the job's swept values, one W&B run per
+    run folder (``save_dir``): a resumed run continues its W&B run.
 
     ``offline=None`` logs online only when an API key is configured, so a run never waits at a login prompt nor
     fails for lack of a key (sync offline runs later with `wandb sync`); WANDB_MODE, when set, has the last word.
@@ -40,7 +45,32 @@ def wandb_logger(
         offline = "WANDB_MODE" not in os.environ and not wandb_api_key_configured()
     name = name or (job.name if job else None) or None
     group = group or (job.sweep if job else None)
+    if kwargs.get("save_dir") and not kwargs.get("id"):
+        kwargs["id"] = wandb_run_id(Path(kwargs["save_dir"]))
     return WandbLogger(offline=offline, name=name, group=group, **kwargs)
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The id of the run folder's W&B run: drawn by its first attempt and kept in the folder, so that later attempts
+    continue that W&B run (drawn, not derived from the path: sweep folders of the same name on two machines are two
+    runs). Other ranks than 0 log nothing, and write nothing."""
+    path = run_dir / WANDB_RUN_ID
+    if path.is_file():
+        return path.read_text().strip()
+    drawn = uuid.uuid4().hex[:8]
+    if getattr(rank_zero_only, "rank", 0) == 0:  # Lightning sets it from the launcher's environment
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(drawn + "\n")
+    return drawn
+
+
+def continue_dashboards(loggers: Iterable[Logger], step: int) -> None:
+    """A resumed attempt logs again from its checkpoint's ``step``; what earlier attempts logged from there on was
+    lost with them (it came after that checkpoint). TensorBoard drops those events, as metrics.csv drops those rows;
+    W&B keeps them (its points are plotted by ``trainer/global_step``, which repeats). Before anything is logged."""
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger._kwargs["purge_step"] = step  # passed to its SummaryWriter, made at the first log
 
 
 def log_generation_samples(loggers: Iterable[Logger], key: str, rows: Sequence[dict[str, Any]], step: int) -> None:

@@ -44,7 +44,7 @@ class MethodModule(L.LightningModule):
         generation: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["model", "tokenizer"])
+        self.save_hyperparameters(ignore=["model", "tokenizer"], logger=False)  # train() logs the config
         self.model = model
         self.tokenizer = tokenizer
         self.output_dir = Path(output_dir)

@@ -14,8 +14,10 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from prefix_lightning.files.checkpoints import logged_step
 from prefix_lightning.training.build import build_datamodule, build_model, build_module
 from prefix_lightning.training.callbacks import MethodExport, ResultRecord
+from prefix_lightning.training.dashboards import continue_dashboards
 from prefix_lightning.training.job import current_job
 from prefix_lightning.training.last_checkpoint import LastCheckpoint, RunStopped
 from prefix_lightning.training.optimized import settle_optimized_metric
@@ -70,6 +72,8 @@ def train(cfg: DictConfig) -> float | None:
     datamodule = build_datamodule(cfg, tokenizer, model)
     module = build_module(cfg, model, tokenizer)
     loggers = instantiate_all(cfg.get("logger"))
+    if checkpoint is not None and (step := logged_step(checkpoint)) is not None:
+        continue_dashboards(loggers, step)
     callbacks = instantiate_all(cfg.get("callbacks"))
     if not loggers:  # logger=none: the learning-rate monitor has nowhere to write and Lightning would refuse it
         callbacks = [callback for callback in callbacks if not isinstance(callback, LearningRateMonitor)]
