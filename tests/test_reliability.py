@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from prefix_lightning.cli import report_errors
 from prefix_lightning.files.atomic import atomic_write
-from prefix_lightning.training.build import build_model, build_module
+from prefix_lightning.training.build import build_model, build_module, load_configured_backbone
 from prefix_lightning.training.checks import ConfigError, check_config
 from tests.helpers.cli import FAST, run_cli, run_failing
 from tests.helpers.config import compose_train
@@ -86,6 +86,17 @@ def test_missing_local_model_folder_is_named(tmp_path: Path) -> None:
     cfg = compose_train(tmp_path, ["model=gpt2", f"model.backbone.name={tmp_path}/no-such-model"])
     with pytest.raises(ConfigError, match="no-such-model.*no such local model folder"):
         check_config(cfg)
+
+
+def test_a_random_models_tokenizer_out_of_reach_says_how_to_give_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network: at once, not after retries
+    cfg = compose_train(tmp_path, ["model=tiny_llama", "paths.tokenizer_dir=gpt2-not-cached"])
+    with pytest.raises(OSError, match="tokenizer 'gpt2-not-cached' of the random model: .*PREFIX_LIGHTNING_TOKENIZER"):
+        load_configured_backbone(cfg)
 
 
 @pytest.mark.parametrize(

@@ -119,7 +119,14 @@ def _load_hub(config: BackboneConfig) -> tuple[PreTrainedModel, PreTrainedTokeni
 def _build_random(config: BackboneConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     assert config.tokenizer is not None and config.random_config is not None  # BackboneConfig's rule
     random_config = dict(config.random_config)
-    tok = load_tokenizer(config.tokenizer, cache_dir=None)
+    try:
+        tok = load_tokenizer(config.tokenizer, cache_dir=None)
+    except OSError as err:
+        raise OSError(
+            f"Could not load the tokenizer {config.tokenizer!r} of the random model: "
+            f"{_why_not_loaded(config.tokenizer, err).rstrip('.')}. Give a local tokenizer folder (GPT-2's vocab.json and "
+            "merges.txt) with PREFIX_LIGHTNING_TOKENIZER or paths.tokenizer_dir=..."
+        ) from err
     eos = tok.eos_token_id
     fields = {
         "vocab_size": len(tok),
