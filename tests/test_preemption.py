@@ -306,10 +306,17 @@ def test_metrics_csv_keeps_the_earlier_attempts_rows_before_the_step_an_attempt_
     resumed.log_metrics({"loss": 20.0, "lr": 0.5}, 2)
     resumed.save()
     resumed.log_metrics({"loss": 30.0}, 3)
-    resumed.save()  # not this attempt's first rows: the ones it wrote stay
+    resumed.save()  # not this attempt's first rows: the ones it wrote stay (appended)
     header, rows = _logged(tmp_path)
     assert header == ["loss", "lr", "step", "val/loss"]
     assert rows == [("0", "0.0", ""), ("1", "1.0", ""), ("2", "20.0", "0.5"), ("3", "30.0", "")]
+    resumed.log_metrics({"lr": 0.25, "test/bleu": 7.0}, 4)  # a new column: the file is written again
+    resumed.save()
+    resumed.log_metrics({"loss": 50.0}, 5)
+    resumed.save()
+    header, rows = _logged(tmp_path)
+    assert header == ["loss", "lr", "step", "test/bleu", "val/loss"]
+    assert rows[3:] == [("3", "30.0", ""), ("4", "", "0.25"), ("5", "50.0", "")]
 
     afresh = ContinuedCSVLogger(tmp_path, name="csv", version="")  # the same folder, no checkpoint: from step 0
     afresh.log_metrics({"loss": 5.0}, 0)

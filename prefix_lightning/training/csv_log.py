@@ -6,6 +6,8 @@ processes spawned from a writer that logged nothing, failed at the test ("dict c
 fieldnames": the fit's columns). This one continues the file it finds, adding columns to its header: the rows of
 earlier attempts stay, up to the step from which this attempt logs (a resumed run goes on from its checkpoint's
 step, and what an attempt logged after its checkpoint was lost with it; a run started afresh replaces them all).
+Later rows are appended while their columns are in the file (Lightning saves after every few steps: rewriting the
+file each time grew with the square of a long run's rows).
 """
 
 from __future__ import annotations
@@ -38,17 +40,31 @@ class _ContinuedWriter(ExperimentWriter):
     def save(self) -> None:
         if not self.metrics:
             return
+        columns = set().union(*self.metrics)
+        header = self._header()
+        if not self._first_save and columns <= set(header):  # rows of known columns: appended, not rewritten
+            with self._fs.open(self.metrics_file_path, mode="a", newline="") as file:
+                csv.DictWriter(file, fieldnames=header).writerows(self.metrics)
+            self.metrics = []
+            return
         header, rows = self._read()
         if self._first_save:  # this attempt's first rows: the earlier attempts' from that step on are void
             self._first_save = False
             start = min(int(row["step"]) for row in self.metrics)
             rows = [row for row in rows if int(row["step"]) < start]
-        keys = sorted(set(header).union(*self.metrics))
+        keys = sorted(columns.union(header))
         with self._fs.open(self.metrics_file_path, mode="w", newline="") as file:
             writer = csv.DictWriter(file, fieldnames=keys)
             writer.writeheader()
             writer.writerows([*rows, *self.metrics])
         self.metrics = []
+
+    def _header(self) -> list[str]:
+        """The columns of the metrics file on disk, from its first line (another process may have added some)."""
+        if not self._fs.isfile(self.metrics_file_path):
+            return []
+        with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+            return next(csv.reader(file), [])
 
     def _read(self) -> tuple[list[str], list[dict[str, str]]]:
         """The columns and rows of the metrics file on disk (none where there is no file yet)."""
