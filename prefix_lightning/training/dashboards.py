@@ -34,8 +34,8 @@ def wandb_api_key_configured() -> bool:
 def wandb_logger(
     offline: bool | None = None, name: str | None = None, group: str | None = None, **kwargs: Any
 ) -> WandbLogger:
-    """Lightning's W&B logger with group = the sweep's name and run name = the job's swept values, one W&B run per
-    run folder (``save_dir``): a resumed run continues its W&B run.
+    """Lightning's W&B logger with group = the sweep's name and run name = the job's folder name (its command-line
+    overrides), one W&B run per run folder (``save_dir``): a resumed run continues its W&B run.
 
     ``offline=None`` logs online only when an API key is configured, so a run never waits at a login prompt nor
     fails for lack of a key (sync offline runs later with `wandb sync`); WANDB_MODE, when set, has the last word.
