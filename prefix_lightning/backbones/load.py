@@ -124,8 +124,8 @@ def _build_random(config: BackboneConfig) -> tuple[PreTrainedModel, PreTrainedTo
     except OSError as err:
         raise OSError(
             f"Could not load the tokenizer {config.tokenizer!r} of the random model: "
-            f"{_why_not_loaded(config.tokenizer, err).rstrip('.')}. Give a local tokenizer folder (GPT-2's vocab.json and "
-            "merges.txt) with PREFIX_LIGHTNING_TOKENIZER or paths.tokenizer_dir=..."
+            f"{_why_not_loaded(config.tokenizer, err).rstrip('.')}. Give a local tokenizer folder (GPT-2's "
+            "vocab.json and merges.txt) with PREFIX_LIGHTNING_TOKENIZER or paths.tokenizer_dir=..."
         ) from err
     eos = tok.eos_token_id
     fields = {
