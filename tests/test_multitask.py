@@ -225,6 +225,17 @@ def test_a_multitask_run_exports_and_scores_every_task(tmp_path: Path, data_dir:
     assert alone == webnlg
 
 
+@pytest.mark.integration
+def test_a_multitask_run_trains_on_two_processes(tmp_path: Path, data_dir: Path) -> None:
+    """Each process's batch of 2 rows lacks one of the 3 tasks at every step: DDP is told that a step may leave some
+    prefixes without a gradient (it waited for them forever)."""
+    tasks = ["e2e_devsplit", "webnlg", "dart_devsplit"]
+    mixture = ["data=multi", f"data.tasks=[{','.join(tasks)}]", "data.batch_size=2", "test=false"]
+    run_cli(tmp_path, "model=tiny_llama", "debug=fast", "trainer=ddp_cpu", *mixture, "generation.max_new_tokens=4")
+    assert sorted(path.name for path in (tmp_path / "prefix").iterdir()) == sorted(tasks)
+    assert json.loads((tmp_path / "result.json").read_text())["train_steps"] == 4
+
+
 def test_one_task_of_a_mixture_is_evaluated_with_the_settings_set_for_every_task(tmp_path: Path) -> None:
     """``evaluate export_path=<run>/prefix/<task>`` replays the run's ``data.*`` values on the task's own data
     config, ``data.metric_suite`` among them."""

@@ -54,6 +54,8 @@ class MultiTaskPrefix(nn.Module):
     single-task options (``PrefixModel``).
     """
 
+    leaves_parameters_unused = True  # the prefixes of tasks a batch lacks get no gradient (data-parallel runs ask)
+
     def __init__(
         self,
         lm: PreTrainedModel,

@@ -10,6 +10,7 @@ from typing import Any, cast
 import lightning as L
 import torch
 from lightning.fabric.utilities.data import AttributeDict
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from transformers import PreTrainedTokenizerBase
 
@@ -57,6 +58,14 @@ class MethodModule(L.LightningModule):
         """The saved arguments. Lightning's type also admits a plain mapping, which has no attribute access;
         ``save_hyperparameters`` always stores an ``AttributeDict``."""
         return cast(AttributeDict, super().hparams)
+
+    def setup(self, stage: str) -> None:
+        """A method whose batches may leave part of what it trains unused (a prefix per task, and a batch without
+        some task: ``leaves_parameters_unused``) has DDP look for unused parameters; DDP would wait for their
+        gradients forever. Those keep no gradient, so AdamW leaves them as in one process."""
+        strategy = self.trainer.strategy
+        if getattr(self.model, "leaves_parameters_unused", False) and isinstance(strategy, DDPStrategy):
+            strategy._ddp_kwargs["find_unused_parameters"] = True  # Lightning's kwargs for DistributedDataParallel
 
     def forward(self, **batch: Any) -> Any:
         return self.model(**batch)
