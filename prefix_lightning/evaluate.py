@@ -52,9 +52,11 @@ log = logging.getLogger(__name__)
 EXPORT_KEYS = ("export_path=", "prefix_path=")
 # Config groups an export decides itself (its files say which method wrote it and with what prefix).
 FIXED_BY_EXPORT = ("method", "prefix")
+# What a mixture of tasks (data=multi) sets for the batches of all its tasks.
+MIXED_BATCH_SETTINGS = ("max_source_tokens", "max_target_tokens", "eval_batch_size")
 
 
-def evaluate(cfg: DictConfig) -> float:
+def evaluate(cfg: DictConfig) -> float | None:
     """The test's main metric (the one a run optimizes: BLEU, ROUGE-L for XSum, the tasks' mean BLEU for several) of
     the export at ``cfg.export_path`` on ``cfg.model``'s backbone, or of the plain LM when no export is given."""
     check_config(cfg)
@@ -73,7 +75,7 @@ def evaluate(cfg: DictConfig) -> float:
     datamodule = build_datamodule(cfg, tokenizer, model)
     with nullcontext() if path else model.prefix_disabled():
         (metrics,) = trainer.test(module, datamodule=datamodule)
-    return metrics[cfg.optimized_metric.replace("val/", "test/", 1)]
+    return metrics.get(cfg.optimized_metric.replace("val/", "test/", 1))  # none for val/loss: the test scores outputs
 
 
 def with_run_settings(argv: Sequence[str]) -> list[str]:
@@ -94,7 +96,7 @@ def with_run_settings(argv: Sequence[str]) -> list[str]:
     overrides, run = [], export.parent
     if task_folders(run) and (run.parent / RUN_OVERRIDES).is_file():  # one task of a multi-task run
         run = run.parent
-        overrides = [*_without_task_mixture(run_overrides(run)), f"data={export.name}"]
+        overrides = _one_task_of(run, export.name)
     elif (run / RUN_OVERRIDES).is_file():
         overrides = run_overrides(run)
     if overrides:
@@ -123,15 +125,19 @@ def _group(argument: str) -> str:
     return override_key(argument).partition(".")[0]
 
 
-def _without_task_mixture(overrides: list[str]) -> list[str]:
-    """A multi-task run's overrides for one of its tasks: the data group and method that mixed them left out (each
-    task is a data config of its own name; the ``data.*`` values a mixture sets for every task still apply)."""
-    mixture = {"data", "data.tasks", "method"}
-    return [item for item in overrides if override_key(item) not in mixture]
+def _one_task_of(run: Path, task: str) -> list[str]:
+    """A multi-task run's settings for one of its tasks: its overrides without those that mixed the tasks and chose
+    the mixture's metric (each task is a data config of its own name, with its own metric; the ``data.*`` values a
+    mixture sets for every task still apply), and the mixture's token budgets and test batch size, which every
+    task's batches had in the run."""
+    mixture = {"data", "data.tasks", "method", "optimized_metric", "optimized_mode"}
+    kept = [item for item in run_overrides(run) if override_key(item) not in mixture]
+    data = OmegaConf.load(run / RUN_CONFIG).data
+    return [*kept, f"data={task}", *(f"data.{key}={data[key]}" for key in MIXED_BATCH_SETTINGS)]
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> float | None:
     return report_errors(lambda: evaluate(cfg))
 
 

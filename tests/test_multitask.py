@@ -19,7 +19,7 @@ from prefix_lightning.prefix.multitask import MultiTaskPrefix
 from prefix_lightning.training.build import build_datamodule, build_model
 from prefix_lightning.training.checks import ConfigError, check_config
 from prefix_lightning.training.optimized import settle_optimized_metric
-from prefix_lightning.training.resume import RUN_OVERRIDES
+from prefix_lightning.training.resume import RUN_CONFIG, RUN_OVERRIDES
 from tests.helpers.cli import run_cli
 from tests.helpers.config import compose_train
 from tests.helpers.families import DECODERS
@@ -238,15 +238,21 @@ def test_a_multitask_run_trains_on_two_processes(tmp_path: Path, data_dir: Path)
 
 def test_one_task_of_a_mixture_is_evaluated_with_the_settings_set_for_every_task(tmp_path: Path) -> None:
     """``evaluate export_path=<run>/prefix/<task>`` replays the run's ``data.*`` values on the task's own data
-    config, ``data.metric_suite`` among them."""
+    config, ``data.metric_suite`` among them, and the mixture's token budgets and test batch size; the mixture's
+    metric is not the task's."""
     run = tmp_path / "run"
     (run / RUN_OVERRIDES).parent.mkdir(parents=True)
     mixture = ["data=multi", "data.tasks=[e2e_devsplit,webnlg]", "data.metric_suite=bleu", "data.test_size=4"]
-    (run / RUN_OVERRIDES).write_text(yaml.safe_dump(["model=tiny_llama", *mixture]))
+    chosen = ["optimized_metric=val/e2e_devsplit/bleu", "optimized_mode=max"]
+    (run / RUN_OVERRIDES).write_text(yaml.safe_dump(["model=tiny_llama", *mixture, *chosen]))
+    budgets = {"max_source_tokens": 100, "max_target_tokens": 30, "eval_batch_size": 3}
+    (run / RUN_CONFIG).write_text(yaml.safe_dump({"data": {"tasks": ["e2e_devsplit", "webnlg"], **budgets}}))
     for task in ("e2e_devsplit", "webnlg"):
         (run / "prefix" / task).mkdir(parents=True)
         (run / "prefix" / task / CONFIG_NAME).write_text("{}")
     _, *overrides, export = with_run_settings(["evaluate", f"export_path={run / 'prefix' / 'webnlg'}"])
     assert export.startswith("export_path=")
-    data = compose_train(tmp_path, overrides).data
-    assert (data.dataset, data.metric_suite, data.test_size) == ("webnlg", "bleu", 4)
+    cfg = compose_train(tmp_path, overrides)
+    assert (cfg.data.dataset, cfg.data.metric_suite, cfg.data.test_size) == ("webnlg", "bleu", 4)
+    assert {key: cfg.data[key] for key in budgets} == budgets
+    assert "optimized_metric" not in " ".join(overrides)

@@ -91,3 +91,12 @@ def test_evaluating_the_export_reproduces_the_runs_test_score(trained_run: Path,
     evaluated = json.loads((tmp_path / "test_metrics.json").read_text())
     assert evaluated == json.loads((trained_run / "test_metrics.json").read_text())
     assert (tmp_path / "test_generations.txt").read_text() == (trained_run / "test_generations.txt").read_text()
+
+
+def test_evaluate_of_a_run_optimizing_the_validation_loss(trained_run: Path, tmp_path: Path) -> None:
+    """The test scores outputs and logs no loss: evaluate still ends well (it failed on the missing test/loss)."""
+    evaluate = ("-m", "prefix_lightning.evaluate")
+    run_cli(
+        tmp_path, f"export_path={trained_run}", "optimized_metric=val/loss", "data.metric_suite=bleu", entry=evaluate
+    )
+    assert json.loads((tmp_path / "test_metrics.json").read_text()).keys() == {"BLEU"}
