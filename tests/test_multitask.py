@@ -16,7 +16,7 @@ from prefix_lightning.evaluate import with_run_settings
 from prefix_lightning.evaluation import task_metrics
 from prefix_lightning.prefix.export import CONFIG_NAME
 from prefix_lightning.prefix.multitask import MultiTaskPrefix
-from prefix_lightning.training.build import build_datamodule, build_model
+from prefix_lightning.training.build import build_datamodule, build_model, build_module
 from prefix_lightning.training.checks import ConfigError, check_config
 from prefix_lightning.training.optimized import settle_optimized_metric
 from prefix_lightning.training.resume import RUN_CONFIG, RUN_OVERRIDES
@@ -183,6 +183,18 @@ def test_the_optimized_metric_of_a_mixture(tasks: str, metric: str, settled, tmp
         return
     settle_optimized_metric(cfg)
     assert (cfg.optimized_metric, cfg.optimized_mode) == settled
+
+
+def test_a_checkpoint_of_the_tasks_in_another_order_is_refused(tmp_path: Path) -> None:
+    """The weights would load by name, the optimizer's state by position: each task would get another's."""
+    cfg = compose_train(tmp_path, ["model=tiny_llama", "data=multi", "data.tasks=[e2e_devsplit,webnlg]"])
+    model, tokenizer = build_model(cfg)
+    checkpoint = {"state_dict": build_module(cfg, model, tokenizer).state_dict()}
+    build_module(cfg, model, tokenizer).on_save_checkpoint(checkpoint)
+    cfg.data.tasks = ["webnlg", "e2e_devsplit"]
+    model, tokenizer = build_model(cfg)
+    with pytest.raises(ValueError, match="the same tensors in another order .* tasks in another order"):
+        build_module(cfg, model, tokenizer).on_load_checkpoint(checkpoint)
 
 
 @pytest.mark.integration

@@ -224,6 +224,13 @@ class MethodModule(L.LightningModule):
                 + "; ".join(f"{k}: checkpoint {found.get(k)}, run {expected.get(k)}" for k in differing[:3])
                 + ". Was it written by a run with another prefix length, reparametrization or base model?"
             )
+        if list(found) != list(expected):  # the optimizer's state is restored by position, not by name
+            first = next(i for i, (a, b) in enumerate(zip(found, expected, strict=True)) if a != b)
+            raise ValueError(
+                f"this checkpoint holds the same tensors in another order (its tensor {first} is {list(found)[first]}, "
+                f"this run's {list(expected)[first]}): the optimizer's state would go to other tensors. Was it "
+                "written by a run with the tasks in another order (data.tasks)? Give that order"
+            )
 
 
 def _split_metrics(split: str, datamodule: Any, outputs: list[dict[str, Any]]) -> dict[str, float]:
