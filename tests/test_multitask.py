@@ -248,6 +248,25 @@ def test_a_multitask_run_trains_on_two_processes(tmp_path: Path, data_dir: Path)
     assert json.loads((tmp_path / "result.json").read_text())["train_steps"] == 4
 
 
+@pytest.mark.integration
+def test_a_data_config_of_ones_own_is_a_task(tmp_path: Path, data_dir: Path) -> None:
+    """A data config in a folder of the user's (hydra.searchpath) mixes with the shipped ones; resume= and evaluate
+    of its prefix find it again (Hydra keeps the search path apart from the run's overrides)."""
+    own = tmp_path / "conf" / "data" / "mine.yaml"
+    own.parent.mkdir(parents=True)
+    own.write_text("defaults:\n  - e2e_devsplit\n  - _self_\ntrain_size: 12\n")
+    run = tmp_path / "run"
+    mixture = ["data=multi", "data.tasks=[webnlg,mine]", f"hydra.searchpath=[file://{tmp_path / 'conf'}]"]
+    run_cli(run, "model=tiny_llama", "debug=fast", *mixture, "trainer.max_steps=2", "generation.max_new_tokens=4")
+    assert sorted(path.name for path in (run / "prefix").iterdir()) == ["mine", "webnlg"]
+    resumed = run_cli(run, f"resume={run}")
+    assert "already holds a complete result.json" in resumed.stdout + resumed.stderr
+    evaluate = ("-m", "prefix_lightning.evaluate")
+    run_cli(tmp_path / "mine", f"export_path={run / 'prefix' / 'mine'}", entry=evaluate)
+    alone = json.loads((tmp_path / "mine" / "test_metrics.json").read_text())
+    assert alone["BLEU"] == json.loads((run / "test_metrics.json").read_text())["mine/BLEU"]
+
+
 def test_one_task_of_a_mixture_is_evaluated_with_the_settings_set_for_every_task(tmp_path: Path) -> None:
     """``evaluate export_path=<run>/prefix/<task>`` replays the run's ``data.*`` values on the task's own data
     config, ``data.metric_suite`` among them, and the mixture's token budgets and test batch size; the mixture's

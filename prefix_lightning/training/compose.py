@@ -23,6 +23,17 @@ def compose_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
         return compose(name, overrides=list(overrides))
 
 
+def quoted(value: str | Path) -> str:
+    """A value quoted for Hydra's override grammar, whatever characters it holds."""
+    escaped = str(value).replace("\\", "\\\\").replace("'", "\\'")
+    return f"'{escaped}'"
+
+
+def searchpath_override(entries: Sequence[str]) -> str:
+    """``hydra.searchpath=[...]``: config folders of the user's, beside the shipped ones (each entry quoted)."""
+    return f"hydra.searchpath=[{','.join(map(quoted, entries))}]"
+
+
 def model_config_for(prefixes: Iterable[str | Path]) -> str:
     """The model config (``conf/model/<name>.yaml``) whose backbone the exported prefixes record as their base
     model (``backbone_identity``); different records, or none or several configs matching, are refused, asking

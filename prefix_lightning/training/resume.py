@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from prefix_lightning.files.atomic import atomic_write
 from prefix_lightning.files.checkpoints import check_checkpoint
 from prefix_lightning.training.checks import ConfigError
+from prefix_lightning.training.compose import quoted, searchpath_override
 from prefix_lightning.training.last_checkpoint import LAST
 from prefix_lightning.training.record import RECORD_FILE, read_record
 
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 
 RUN_CONFIG = Path(".hydra", "config.yaml")
 RUN_OVERRIDES = Path(".hydra", "overrides.yaml")
+HYDRA_CONFIG = Path(".hydra", "hydra.yaml")
 # The config a run started with. Hydra rewrites .hydra/config.yaml whenever the same folder is run again (a sweep's
 # job, a fixed hydra.run.dir), before any of our code runs; this copy is written only by an attempt that starts the
 # run from nothing, so later attempts are compared with what the run's results were computed by.
@@ -52,13 +54,17 @@ NOT_COMPUTED = (
 
 
 def run_overrides(run_dir: str | Path) -> list[str]:
-    """The command-line overrides that composed the run in ``run_dir`` (Hydra's ``.hydra/overrides.yaml``)."""
+    """The command-line overrides that composed the run in ``run_dir`` (Hydra's ``.hydra/overrides.yaml``), and the
+    config folders of the user's that it read (``hydra.searchpath``, which Hydra keeps in ``.hydra/hydra.yaml``)."""
     path = Path(run_dir) / RUN_OVERRIDES
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run folder: {RUN_OVERRIDES} is missing")
-    return [
+    overrides = [
         str(override) for override in OmegaConf.load(path) if not str(override).startswith(("resume=", "ckpt_path="))
     ]
+    hydra_file = Path(run_dir) / HYDRA_CONFIG
+    searchpath = OmegaConf.select(OmegaConf.load(hydra_file), "hydra.searchpath") if hydra_file.is_file() else None
+    return [*overrides, searchpath_override(list(searchpath))] if searchpath else overrides
 
 
 def resume_arguments(argv: Sequence[str]) -> list[str]:
@@ -83,8 +89,7 @@ def resume_arguments(argv: Sequence[str]) -> list[str]:
 def override(key: str, value: str | Path) -> str:
     """``key=value`` for Hydra's command line, the value quoted: sweep job folders are named like
     ``data.train_size=50,prefix.length=5``, whose ``=`` and ``,`` Hydra would otherwise parse."""
-    escaped = str(value).replace("\\", "\\\\").replace("'", "\\'")
-    return f"{key}='{escaped}'"
+    return f"{key}={quoted(value)}"
 
 
 def override_key(argument: str) -> str:

@@ -1,12 +1,15 @@
-"""``data=multi``: the data config of every task named in ``data.tasks``, composed as ``data=<task>`` would be."""
+"""``data=multi``: the data config of every task named in ``data.tasks``, composed as ``data=<task>`` would be: the
+shipped ones, and a user's own on the run's ``hydra.searchpath``."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from prefix_lightning.training.compose import CONF_DIR, compose_config
+from prefix_lightning.training.compose import CONF_DIR, compose_config, searchpath_override
 
 SINGLE = "prefix_lightning.data.datamodule.TextToTextDataModule"
 
@@ -16,8 +19,17 @@ class TaskConfigError(ValueError):
 
 
 def data_choices() -> list[str]:
-    """The single-dataset configs of the data group (``conf/data/*.yaml`` but the base and the mixture)."""
-    return sorted(path.stem for path in (CONF_DIR / "data").glob("*.yaml") if path.stem not in ("default", "multi"))
+    """The single-dataset configs of the data group (``conf/data/*.yaml`` but the base and the mixture, and the
+    ``data/*.yaml`` of the run's own config folders)."""
+    own = [Path(entry.removeprefix("file://")) for entry in _searchpath() if entry.startswith("file://")]
+    folders = [CONF_DIR, *own]
+    names = {path.stem for folder in folders for path in (folder / "data").glob("*.yaml")}
+    return sorted(names - {"default", "multi"})
+
+
+def _searchpath() -> list[str]:
+    """The run's ``hydra.searchpath``: config folders of the user's, beside the shipped ones."""
+    return list(HydraConfig.get().searchpath) if HydraConfig.initialized() else []
 
 
 def check_tasks(tasks: Any) -> list[str]:
@@ -39,7 +51,8 @@ def task_data_configs(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     """Task name -> the resolved arguments of its ``TextToTextDataModule`` (its data config without ``_target_``)."""
     configs = {}
     for task in check_tasks(cfg.data.tasks):
-        node = OmegaConf.to_container(compose_config("train", [f"data={task}"]).data, resolve=True)
+        searchpath = [searchpath_override(_searchpath())] if _searchpath() else []
+        node = OmegaConf.to_container(compose_config("train", [f"data={task}", *searchpath]).data, resolve=True)
         assert isinstance(node, dict)  # a config group's node is a mapping
         fields = {str(key): value for key, value in node.items()}
         if fields.pop("_target_", None) != SINGLE:
