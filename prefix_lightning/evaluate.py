@@ -35,7 +35,7 @@ from prefix_lightning.training.build import (
     build_module,
     load_configured_backbone,
 )
-from prefix_lightning.training.checks import check_config
+from prefix_lightning.training.checks import ConfigError, check_config
 from prefix_lightning.training.compose import model_config_for
 from prefix_lightning.training.optimized import settle_optimized_metric
 from prefix_lightning.training.resume import (
@@ -63,6 +63,8 @@ def evaluate(cfg: DictConfig) -> float | None:
     settle_optimized_metric(cfg)
     path = cfg.get("export_path") or cfg.get("prefix_path")
     load = export_loader(path) if path else None  # a wrong folder is refused before the model loads
+    if path:
+        _check_tasks_match(Path(path), OmegaConf.select(cfg, "data.tasks"))
     lm, tokenizer = load_configured_backbone(cfg)
     if load is not None:
         model = load(lm, path).eval()
@@ -76,6 +78,24 @@ def evaluate(cfg: DictConfig) -> float | None:
     with nullcontext() if path else model.prefix_disabled():
         (metrics,) = trainer.test(module, datamodule=datamodule)
     return metrics.get(cfg.optimized_metric.replace("val/", "test/", 1))  # none for val/loss: the test scores outputs
+
+
+def _check_tasks_match(export: Path, tasks: Sequence[str] | None) -> None:
+    """A multi-task export is scored on a mixture of its tasks, one prefix on one dataset: said before anything
+    loads (a mismatch failed at the first test batch, deep in decoding)."""
+    held = [folder.name for folder in task_folders(export)]
+    if held and tasks is None:
+        raise ConfigError(
+            f"{export} holds one prefix per task ({', '.join(held)}): score it with data=multi "
+            f"data.tasks=[{','.join(held)}], or one task's prefix with export_path={export}/<task>"
+        )
+    if not held and tasks is not None:
+        raise ConfigError(f"{export} holds no prefix per task: score it on one dataset (data=<name>), not data=multi")
+    missing = [task for task in tasks or () if task not in held]
+    if missing:
+        raise ConfigError(
+            f"data.tasks names {', '.join(missing)}, which {export} holds no prefix for (it has {', '.join(held)})"
+        )
 
 
 def with_run_settings(argv: Sequence[str]) -> list[str]:

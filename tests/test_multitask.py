@@ -10,14 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from hydra import compose, initialize_config_dir
 
 from prefix_lightning import PrefixConfig, PrefixModel
-from prefix_lightning.evaluate import with_run_settings
+from prefix_lightning.evaluate import evaluate, with_run_settings
 from prefix_lightning.evaluation import task_metrics
 from prefix_lightning.prefix.export import CONFIG_NAME
 from prefix_lightning.prefix.multitask import MultiTaskPrefix
 from prefix_lightning.training.build import build_datamodule, build_model, build_module
 from prefix_lightning.training.checks import ConfigError, check_config
+from prefix_lightning.training.compose import CONF_DIR
 from prefix_lightning.training.optimized import settle_optimized_metric
 from prefix_lightning.training.resume import RUN_CONFIG, RUN_OVERRIDES
 from tests.helpers.cli import run_cli
@@ -265,6 +267,27 @@ def test_a_data_config_of_ones_own_is_a_task(tmp_path: Path, data_dir: Path) -> 
     run_cli(tmp_path / "mine", f"export_path={run / 'prefix' / 'mine'}", entry=evaluate)
     alone = json.loads((tmp_path / "mine" / "test_metrics.json").read_text())
     assert alone["BLEU"] == json.loads((run / "test_metrics.json").read_text())["mine/BLEU"]
+
+
+@pytest.mark.parametrize(
+    ("export", "overrides", "message"),
+    [
+        ("prefix", ["data=webnlg"], r"holds one prefix per task \(e2e_devsplit, webnlg\): score it with data=multi"),
+        ("prefix/webnlg", ["data=multi"], "holds no prefix per task: score it on one dataset"),
+        ("prefix", ["data=multi", "data.tasks=[webnlg,dart_devsplit]"], "names dart_devsplit, which .* holds no"),
+    ],
+)
+def test_evaluate_refuses_data_that_does_not_fit_the_export(
+    export: str, overrides: list[str], message: str, tmp_path: Path
+) -> None:
+    """Before anything loads: a mismatch failed at the first test batch, deep in decoding."""
+    for task in ("e2e_devsplit", "webnlg"):
+        (tmp_path / "prefix" / task).mkdir(parents=True)
+        (tmp_path / "prefix" / task / CONFIG_NAME).write_text("{}")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("evaluate", [f"export_path={tmp_path / export}", "model=tiny_llama", *overrides])
+    with pytest.raises(ConfigError, match=message):
+        evaluate(cfg)
 
 
 def test_one_task_of_a_mixture_is_evaluated_with_the_settings_set_for_every_task(tmp_path: Path) -> None:
