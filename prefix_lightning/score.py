@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from prefix_lightning.data import group_references, read_e2e
+from prefix_lightning.data.files import read_text
 from prefix_lightning.evaluation import SUITES, MetricSkippedWarning, score
 
 
@@ -32,17 +33,17 @@ class _Parser(argparse.ArgumentParser):
 
 def read_hypotheses(path: Path) -> list[str]:
     """One output per line, stripped; empty lines are empty outputs (e2e-metrics' `read_lines`)."""
-    return [line.strip() for line in _read_text(path).splitlines()]
+    return [line.strip() for line in _lines(path)]
 
 
 def read_references(path: Path, num_hypotheses: int) -> list[list[str]]:
     """Reference groups from a text, JSONL or E2E CSV file (see the module docstring)."""
-    if path.suffix == ".jsonl":
+    if path.suffix.lower() == ".jsonl":
         return _read_jsonl(path, with_generation=False)[1]
-    if path.suffix == ".csv":
+    if path.suffix.lower() == ".csv":
         _require_file(path)  # read_e2e would explain how to download the E2E release
         return [refs for _, refs in group_references(read_e2e(path))]
-    lines = _read_text(path).splitlines()
+    lines = _lines(path)
     while lines and not lines[-1].strip():  # trailing empty lines end the file, not a group
         lines.pop()
     groups: list[list[str]] = [[]]
@@ -69,11 +70,17 @@ def _require_file(path: Path) -> None:
 
 
 def _read_text(path: Path) -> str:
+    """As the data files are read: UTF-8 with or without a byte-order mark (which would otherwise stick to the first
+    output and lower its score), or UTF-16."""
     _require_file(path)
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    return read_text(path)
+
+
+def _lines(path: Path) -> list[str]:
+    """The file's lines, split at line ends only (``splitlines`` also splits at U+2028 and form feeds, which an
+    output may hold)."""
+    lines = _read_text(path).split("\n")
+    return lines[:-1] if lines and lines[-1] == "" else lines
 
 
 def _read_jsonl(path: Path, with_generation: bool) -> tuple[list[str], list[list[str]]]:

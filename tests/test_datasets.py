@@ -27,6 +27,7 @@ from prefix_lightning.data import (
 )
 from prefix_lightning.data.datamodule import TextToTextDataModule
 from prefix_lightning.data.triples import read_triples_xml
+from prefix_lightning.training.build import build_datamodule, build_model
 from tests.helpers.config import CONF, compose_train
 
 UNSEEN_2017 = {"Artist", "Athlete", "CelestialBody", "MeanOfTransportation", "Politician"}
@@ -248,6 +249,11 @@ def test_malformed_dataset_files(tmp_path, name, content, read, message):
         ("d.csv", "source,text\na,b\n", r"line 1: missing column\(s\) \['target'\]"),
         ("d.csv", "source,target\na,b\nc,\n", r"line 3: empty target"),
         ("d.csv", "source,target\na,b\n,d\n", r"line 3: empty source"),
+        ("d.csv", "source,target\na,b\n\n\nc,\n", r"line 5: empty target"),  # blank lines hold no row
+        ("d.tsv", "source\ttarget\na\tb\n\nc\td\te\n", r"line 4: 3 cells, but the header has 2 columns"),
+        ("d.csv", "source,target\na\n", r"line 2: missing field 'target'"),
+        ("d.csv", "source,target,source\na,b,c\n", r"line 1: the header names column\(s\) \['source'\] more than"),
+        ("d.jsonl", '{"source": "a", "target": NaN}\n', r"line 1: 'target' is nan \(a missing value\?\), not text"),
         ("d.jsonl", '{"source": "a", "target": "b"}\n{"source": "c"}\n', r"line 2: missing field 'target'"),
         ("d.jsonl", '{"source": "a", "target": "b"}\n{"source": "c", "target": \n', r"line 2: not valid JSON"),
         ("d.jsonl", '{"source": "a", "target": ["b"]}\n', r"line 1: 'target' must be text"),
@@ -277,6 +283,14 @@ def test_custom_files_as_common_tools_save_them(tmp_path, name, payload):
     path = tmp_path / name
     path.write_bytes(payload)
     assert [(e.source, e.target) for e in read_table(path)] == [("a", "b"), ("c", "d")]
+
+
+def test_a_csv_cell_may_hold_a_long_document(tmp_path):
+    """Longer than the csv module's default cap on a cell (131,072 characters): XSum-like sources."""
+    document = " ".join(["word"] * 40_000)
+    path = tmp_path / "long.csv"
+    path.write_text(f'source,target\n"{document}",summary\n')
+    assert [(e.source, e.target) for e in read_table(path)] == [(document, "summary")]
 
 
 def test_custom_rows_with_more_cells_than_the_header_are_refused(tmp_path):
@@ -419,6 +433,21 @@ def _custom_module(folder: Path, tokenizer, *overrides: str) -> TextToTextDataMo
     write_custom_data(folder)
     cfg = compose_train(folder, ["data=custom", "model=tiny_gpt2", f"data.data_dir={folder}", *overrides])
     return instantiate(cfg.data, tokenizer=tokenizer, separator=" =", target_end="<|endoftext|>")
+
+
+def test_the_test_file_is_checked_before_training_where_the_run_tests(tmp_path, gpt2_tokenizer):
+    """A missing test file stopped a run only after it had trained; a run without a test never reads one."""
+    module = _custom_module(tmp_path, gpt2_tokenizer)
+    (tmp_path / "custom" / "test.jsonl").unlink()
+    with pytest.raises(FileNotFoundError, match="test.jsonl"):
+        module.setup("fit")
+    cfg = compose_train(tmp_path, ["data=custom", "model=tiny_gpt2", f"data.data_dir={tmp_path}", "data.test_size=4"])
+    untested = instantiate(cfg.data, tokenizer=gpt2_tokenizer, separator=" =", target_end="<|endoftext|>", tested=False)
+    untested.setup("fit")
+    assert len(untested.train_examples) == 12
+    cfg = compose_train(tmp_path, ["data=custom", "model=tiny_gpt2", f"data.data_dir={tmp_path}", "test=false"])
+    model, tokenizer = build_model(cfg)
+    assert build_datamodule(cfg, tokenizer, model).hparams.tested is False  # run.py test=false
 
 
 @pytest.mark.parametrize(("split", "stage"), [("train", "fit"), ("val", "fit"), ("test", "test")])

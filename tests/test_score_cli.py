@@ -63,6 +63,25 @@ def test_a_runs_generations_jsonl_is_rescored_alone(tmp_path, capsys):
     assert f"BLEU     {corpus_bleu(HYPOTHESES, REFERENCES):10.4f}" in capsys.readouterr().out
 
 
+def test_files_saved_with_a_byte_order_mark_or_odd_line_breaks_score_as_plain_ones(tmp_path, capsys):
+    """A BOM stuck to the first output lowered its score silently; U+2028 inside an output split it in two."""
+    hypotheses = [HYPOTHESES[0] + "\u2028", HYPOTHESES[1]]
+    _write(tmp_path / "gen.txt", "\ufeff" + "\r\n".join(hypotheses) + "\r\n")
+    _write(tmp_path / "refs.txt", "\ufeff" + "\n\n".join("\n".join(group) for group in REFERENCES) + "\n")
+    _jsonl(tmp_path / "refs.JSONL", [{"references": group} for group in REFERENCES])
+    for references in ("refs.txt", "refs.JSONL"):
+        argv = [
+            "--suite",
+            "bleu",
+            "--hypotheses",
+            str(tmp_path / "gen.txt"),
+            "--references",
+            str(tmp_path / references),
+        ]
+        assert main(argv) == 0
+        assert f"BLEU     {corpus_bleu(HYPOTHESES, REFERENCES):10.4f}" in capsys.readouterr().out
+
+
 def test_jsonl_csv_and_one_per_line_references(hypotheses_file, tmp_path, data_dir, capsys):
     jsonl = _jsonl(tmp_path / "refs.jsonl", [{"references": refs} for refs in REFERENCES])
     assert main(["--suite", "bleu", "--hypotheses", str(hypotheses_file), "--references", str(jsonl)]) == 0
@@ -101,7 +120,11 @@ GEN = ["--hypotheses", "gen.txt", "--references"]  # gen.txt holds the two HYPOT
         ({}, [*GEN, "missing.csv"], "missing.csv: no such file"),  # not the E2E download's advice
         ({"r.txt": "a\nb\n"}, [*GEN, "r.txt", "--output", "."], "--output . is a folder"),
         ({"r.txt": "a\nb\n", "f": ""}, [*GEN, "r.txt", "--output", "f/s.json"], "File exists"),
-        ({"r.txt": "caf\udce9\n"}, [*GEN, "r.txt"], "r.txt: not UTF-8 text (invalid continuation byte at byte 3)"),
+        (
+            {"r.txt": "caf\udce9\n"},
+            [*GEN, "r.txt"],
+            "r.txt, line 1: not UTF-8 text (byte 0xe9); save the file as UTF-8",
+        ),
     ],
 )
 def test_errors_exit_non_zero_with_one_line(files, argv, message, hypotheses_file, tmp_path, capsys, monkeypatch):

@@ -41,6 +41,8 @@ class TextToTextDataModule(L.LightningDataModule):
     - `download`: fetch the official files when missing, where the dataset has a download address; otherwise
       a missing file raises an error that says where it looked and how to get the data.
     - `shuffle_seed` seeds the training order (set it to the run's seed).
+    - `tested`: the run tests after training, so the test split is read and checked before training starts (a
+      missing or bad test file would otherwise stop the run only after it trained); False: it is never read.
 
     Loaders: `val_dataloader()` returns `[loss_loader, generation_loader]` (dataloader_idx 0 and 1);
     `test_dataloader()` returns the generation loader. See `TextToTextCollator` for the batch formats.
@@ -73,6 +75,7 @@ class TextToTextDataModule(L.LightningDataModule):
         max_target_tokens: int = 128,
         num_workers: int = 0,
         download: bool = True,
+        tested: bool = True,
         shuffle_seed: int = 0,
     ) -> None:
         super().__init__()
@@ -174,7 +177,7 @@ class TextToTextDataModule(L.LightningDataModule):
             for group in self.val_groups
             for reference in group.references
         ]
-        if hp.test_size is not None:  # a test split too small for it is refused now, not after the training
+        if hp.tested:  # a missing, bad or too small test split is refused now, not after the training
             self._test_groups()
         self._train = self.collator.encode_pairs(self.train_examples, "train")
         self._val_loss = self.collator.encode_pairs(val_pairs, "validation (loss)")

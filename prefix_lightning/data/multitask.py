@@ -40,10 +40,10 @@ class MultiTaskDataModule(L.LightningDataModule):
     config gives them).
 
     ``batch_size``, ``eval_batch_size``, ``num_workers`` and ``shuffle_seed`` are this module's: batches mix
-    tasks. The tokenizer, prompt format, token budgets and ``data_dir`` are passed on to every task, and so are
-    ``train_size``, ``subset_seed``, ``val_size``, ``test_size`` and ``metric_suite`` where they are set (None:
-    each task keeps its own). Validation and test inputs get unique ``group_id``s over all tasks (task by task,
-    in the order of ``tasks``).
+    tasks. The tokenizer, prompt format, token budgets, ``data_dir`` and ``tested`` are passed on to every task,
+    and so are ``train_size``, ``subset_seed``, ``val_size``, ``test_size`` and ``metric_suite`` where they are
+    set (None: each task keeps its own). Validation and test inputs get unique ``group_id``s over all tasks (task
+    by task, in the order of ``tasks``).
     """
 
     def __init__(
@@ -65,6 +65,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         val_size: int | None = None,
         test_size: int | None = None,
         metric_suite: str | None = None,
+        tested: bool = True,
     ) -> None:
         super().__init__()
         if not tasks:
@@ -76,6 +77,7 @@ class MultiTaskDataModule(L.LightningDataModule):
             is_encoder_decoder=is_encoder_decoder,
             max_source_tokens=max_source_tokens,
             max_target_tokens=max_target_tokens,
+            tested=tested,
         )
         given: dict[str, Any] = dict(
             train_size=train_size, subset_seed=subset_seed, val_size=val_size, test_size=test_size

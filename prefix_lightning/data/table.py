@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -90,22 +91,29 @@ def _rows(path: Path, columns: list[str]) -> Iterator[tuple[str, dict[str, Any]]
 
 
 def _delimited_rows(path: Path, text: str, delimiter: str, columns: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:
-    """CSV/TSV rows. Quoting is checked strictly: a cell that begins with a quote and goes on after its closing one
-    (``"Hi" he said``) would lose its quotes, and one never closed would take in every line after it."""
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    """CSV/TSV rows, each named by the line it begins on (blank lines hold none). Quoting is checked strictly: a
+    cell that begins with a quote and goes on after its closing one (``"Hi" he said``) would lose its quotes, and
+    one never closed would take in every line after it."""
+    csv.field_size_limit(max(csv.field_size_limit(), len(text)))  # a long document in one cell (csv's cap: 128k)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     start = 1  # the line the row being read begins on (a quoted cell may hold line breaks)
     try:
-        missing = [column for column in columns if column not in (reader.fieldnames or [])]
+        header = next(reader, [])
+        repeated = sorted({column for column in header if header.count(column) > 1})
+        if repeated:
+            raise ValueError(f"{path}, line 1: the header names column(s) {repeated} more than once")
+        missing = [column for column in columns if column not in header]
         if missing:
-            raise ValueError(f"{path}, line 1: missing column(s) {missing} (the header has {reader.fieldnames})")
+            raise ValueError(f"{path}, line 1: missing column(s) {missing} (the header has {header})")
         start = reader.line_num + 1
-        for row in reader:
-            if None in row:  # cells past the header's columns: an unquoted delimiter inside a cell
+        for cells in reader:
+            if len(cells) > len(header):  # an unquoted delimiter inside a cell
                 raise ValueError(
-                    f"{path}, line {start}: {len(row) - 1 + len(row[None])} cells, but the header has "
-                    f'{len(row) - 1} columns; quote cells that hold a {delimiter!r} ("a, b")'
+                    f"{path}, line {start}: {len(cells)} cells, but the header has {len(header)} columns; quote "
+                    f'cells that hold a {delimiter!r} ("a, b")'
                 )
-            yield f"{path}, line {start}", row
+            if cells:
+                yield f"{path}, line {start}", dict(zip(header, cells, strict=False))  # a short row lacks cells
             start = reader.line_num + 1
     except csv.Error as err:
         said = str(err).replace("\t", "\\t")
@@ -135,6 +143,8 @@ def _cell(row: dict[str, Any], column: str, where: str) -> str:
         value = ""
     if isinstance(value, bool) or not isinstance(value, str | int | float):
         raise ValueError(f"{where}: {column!r} must be text, not {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):  # JSON's NaN: how pandas writes a missing value
+        raise ValueError(f"{where}: {column!r} is {value} (a missing value?), not text")
     text = str(value).strip()
     if not text:
         raise ValueError(f"{where}: empty {column}")

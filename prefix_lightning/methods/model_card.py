@@ -88,7 +88,7 @@ class ModelCard:
     def write(self, folder: str | Path) -> Path:
         folder = Path(folder)
         text = self.render(folder)
-        atomic_write(folder / CARD, lambda temporary: temporary.write_text(text))
+        atomic_write(folder / CARD, lambda temporary: temporary.write_text(text, encoding="utf-8"))
         return folder / CARD
 
     @staticmethod

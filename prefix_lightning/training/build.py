@@ -149,6 +149,7 @@ def build_datamodule(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, model:
         target_end=cfg.model.target_end,
         is_encoder_decoder=bool(model.lm.config.is_encoder_decoder),
         max_source_tokens=source_budget(cfg, model),
+        tested=bool(cfg.get("test", True)),
     )
 
 

@@ -316,7 +316,7 @@ class GenerationSamples(L.Callback):
     def _log(self, trainer: L.Trainer, split: str, path: Path) -> None:
         if not trainer.is_global_zero or not trainer.loggers or not path.is_file():
             return
-        with open(path) as file:
+        with open(path, encoding="utf-8") as file:
             rows = [json.loads(line) for line in islice(file, self.count)]
         # The step Lightning logs metrics at (a validation's: one less than the steps taken; the test's: the steps).
         step = trainer.fit_loop.epoch_loop._batches_that_stepped

@@ -119,9 +119,12 @@ def check_config(cfg: DictConfig) -> None:
     for option in ("optim.weight_decay", "optim.warmup_steps"):
         value = OmegaConf.select(cfg, option)
         _require(_is_number(value) and value >= 0, option, value, "use a value >= 0")
-    for option in ("seed", "data.subset_seed"):
-        value = OmegaConf.select(cfg, option)
-        _require(value is None or _is_int(value), option, value, "use an integer")
+    _require(_is_int(cfg.get("seed")), "seed", cfg.get("seed"), "use an integer")
+    subset_seed = OmegaConf.select(cfg, "data.subset_seed")
+    mixture = OmegaConf.select(cfg, "data.tasks") is not None  # null there: each task keeps its own
+    _require(
+        _is_int(subset_seed) or (mixture and subset_seed is None), "data.subset_seed", subset_seed, "use an integer"
+    )
     check_generation(cfg)
     for option in ("data.train_size", "data.val_size", "data.test_size", "data.batch_size", "data.eval_batch_size"):
         _positive_or_null(cfg, option)
@@ -141,11 +144,14 @@ def check_config(cfg: DictConfig) -> None:
             "with trainer.max_steps=-1 the run trains by epochs: use a positive number of epochs",
         )
     interval = cfg.trainer.get("val_check_interval")
+    by_epoch = cfg.trainer.get("check_val_every_n_epoch") is not None  # Lightning takes fractions of epochs only then
+    fraction = isinstance(interval, float) and 0 < interval <= 1 and by_epoch
     _require(
-        interval is None or (_is_int(interval) and interval > 0) or (isinstance(interval, float) and 0 < interval <= 1),
+        interval is None or (_is_int(interval) and interval > 0) or fraction,
         "trainer.val_check_interval",
         interval,
-        "use a number of training batches > 0, a fraction of an epoch (0 < x <= 1.0), or null (once an epoch)",
+        "use a number of training batches > 0, a fraction of an epoch (0 < x <= 1.0, with "
+        "trainer.check_val_every_n_epoch=1), or null (once an epoch)",
     )
     accelerator = cfg.trainer.get("accelerator", "cpu")
     _check_precision(str(cfg.trainer.get("precision", "32-true")), accelerator)

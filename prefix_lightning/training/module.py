@@ -137,8 +137,8 @@ class MethodModule(L.LightningModule):
         name = split if split == "test" else f"{split}_step{self.global_step}"
         # One line per input for line-based scorers: line breaks in a generation become spaces (the JSONL keeps them).
         lines = "".join(" ".join(o["generation"].splitlines()) + "\n" for o in outputs)
-        (self.output_dir / f"{name}_generations.txt").write_text(lines)
-        with open(self.output_dir / f"{name}_generations.jsonl", "w") as file:
+        (self.output_dir / f"{name}_generations.txt").write_text(lines, encoding="utf-8")
+        with open(self.output_dir / f"{name}_generations.jsonl", "w", encoding="utf-8") as file:
             for output in outputs:
                 file.write(json.dumps(output) + "\n")
         (self.output_dir / f"{name}_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
