@@ -170,3 +170,25 @@ def test_no_paired_comparison_unless_two_methods_over_repeats(tmp_path: Path, sw
     aggregate(tmp_path)
     assert not list(out.glob("paired*"))
     assert "Paired comparison" not in (out / "report.html").read_text()
+
+
+def test_runs_are_compared_by_what_they_computed_not_by_what_their_command_lines_said(tmp_path: Path) -> None:
+    """A baseline added to a sweep of the default method (whose runs name no method), a re-run adding a setting that
+    changes nothing (data.num_workers), and an explicit null against a default that is not null."""
+    records = [make_record({"data.subset_seed": subset}, bleu=20.0 + subset) for subset in (1, 2)]
+    records[0]["choices"]["method"] = records[1]["choices"]["method"] = "prefix"
+    records += [
+        make_record({"method": "full", "data.subset_seed": 1, "data.num_workers": 0}, bleu=11.0),
+        make_record({"method": "full", "data.subset_seed": 2}, bleu=12.0),
+        make_record({"method": "full", "data.subset_seed": 3, "data.train_size": None}, bleu=5.0),
+    ]
+    write_sweep(tmp_path, records)
+    for record in records[:4]:  # their runs trained on the data config's own size: 16
+        started = tmp_path / record["run"] / ".hydra" / "started_config.yaml"
+        started.parent.mkdir(parents=True)
+        started.write_text("data:\n  train_size: 16\n")
+    out = aggregate(tmp_path)
+    table = (out / "results.md").read_text()
+    assert "data.num_workers" not in table
+    assert "| null | full | 1 |" in table and "| 16 | full | 2 |" in table and "| 16 | prefix | 2 |" in table
+    assert "### test/bleu: prefix − full" in (out / "paired.md").read_text()

@@ -3,6 +3,7 @@ launcher configs, and when W&B goes online."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import statistics
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -18,6 +20,7 @@ from prefix_lightning.sweeps.aggregate import aggregate, main
 from prefix_lightning.sweeps.table import format_stat
 from prefix_lightning.training import dashboards
 from prefix_lightning.training.checks import ConfigError
+from prefix_lightning.training.optimized import settle_optimized_metric
 from prefix_lightning.training.record import FIELDS, RECORD_FILE, read_record, write_record
 from prefix_lightning.training.resume import STARTED_CONFIG, check_earlier_attempt, finished_record, resume_checkpoint
 from tests.helpers.config import CONF, compose_train
@@ -203,6 +206,27 @@ def test_sweep_configs_name_their_folder_and_sweep_existing_keys(name: str) -> N
         assert cfg.hydra.sweeper.direction == "maximize"
         assert set(params) == {"method.lr", "prefix.length", "prefix.hidden_dim"}
         assert instantiate(cfg.hydra.sweeper).__class__.__name__ == "OptunaSweeper"
+
+
+@pytest.mark.parametrize(
+    ("metric", "direction", "refused"),
+    [("val/loss", "maximize", True), ("val/loss", "minimize", False), ("null", "maximize", False)],
+)
+def test_an_optuna_search_in_the_wrong_direction_is_refused(metric: str, direction: str, refused: bool) -> None:
+    """Maximizing val/loss would pick the worst trial as the best."""
+    overrides = ["+sweep=optuna", f"optimized_metric={metric}", f"hydra.sweeper.direction={direction}"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    try:
+        with (
+            pytest.raises(ConfigError, match="val/loss is best at its minimum: give hydra.sweeper.direction=minimize")
+            if refused
+            else contextlib.nullcontext()
+        ):
+            settle_optimized_metric(cfg)
+    finally:
+        HydraConfig.instance().cfg = None
 
 
 def test_plain_multirun_folder_is_named_after_the_task() -> None:

@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from omegaconf import DictConfig, OmegaConf
+
 from prefix_lightning.cli import report_errors
 from prefix_lightning.sweeps import paired
 from prefix_lightning.sweeps.paired_plot import plot_paired
@@ -25,6 +27,7 @@ from prefix_lightning.sweeps.plots import plot_metric
 from prefix_lightning.sweeps.report import write_report
 from prefix_lightning.sweeps.table import Table, summarize, write_csv, write_markdown
 from prefix_lightning.training.record import RECORD_FILE, read_record
+from prefix_lightning.training.resume import RUN_CONFIG, STARTED_CONFIG, not_computed
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +42,48 @@ def load_records(sweep_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
     job_dirs = {path.parent for path in sweep_dir.rglob(".hydra")} | {
         path.parent for path in sweep_dir.rglob(RECORD_FILE)
     }
-    records, unfinished = [], []
+    finished, unfinished = [], []
     for job_dir in sorted(job_dirs):
         record = read_record(job_dir)
         if record is None:
             unfinished.append(str(job_dir.relative_to(sweep_dir)))
         else:
-            records.append(record)
-    return records, unfinished
+            finished.append((job_dir, record))
+    return comparable(finished), unfinished
+
+
+def comparable(finished: Sequence[tuple[Path, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The records, each with ``overrides`` holding its value of every setting any run of the sweep overrode and
+    that changes what a run computes (not ``data.num_workers``, ``logger``, ..., which a re-run may add): its own
+    override, else its config group choice, else its composed config's value. A run that left
+    ``data.train_size`` at its default trained on that default, not on "null"; one that left ``method`` alone
+    trained ``prefix``."""
+    keys = sorted({key for _, record in finished for key in record["overrides"] if not not_computed(key)})
+    records = []
+    for job_dir, record in finished:
+        config = None
+        values = {}
+        for key in keys:
+            if key in record["overrides"]:
+                values[key] = record["overrides"][key]
+            elif key in record.get("choices", {}):
+                values[key] = record["choices"][key]
+            else:
+                config = config if config is not None else _composed(job_dir)
+                found = OmegaConf.select(config, key, throw_on_resolution_failure=False)
+                values[key] = OmegaConf.to_container(found) if OmegaConf.is_config(found) else found
+        records.append({**record, "overrides": values})
+    return records
+
+
+def _composed(job_dir: Path) -> DictConfig:
+    """The config the job's run started with (an empty one where the folder holds none)."""
+    for name in (STARTED_CONFIG, RUN_CONFIG):
+        if (job_dir / name).is_file():
+            loaded = OmegaConf.load(job_dir / name)
+            if isinstance(loaded, DictConfig):
+                return loaded
+    return OmegaConf.create({})
 
 
 def headline_metric(table: Table) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from prefix_lightning.data.registry import DATASETS
@@ -46,7 +47,19 @@ def settle_optimized_metric(cfg: DictConfig) -> None:
     mode = cfg.optimized_mode or logged[metric]
     if mode not in MODES:
         raise ConfigError(f"optimized_mode={mode!r} is not valid: use max, min or null ({metric}: {logged[metric]})")
+    _check_sweeper_direction(metric, mode)
     cfg.optimized_metric, cfg.optimized_mode = metric, mode
+
+
+def _check_sweeper_direction(metric: str, mode: str) -> None:
+    """A search sweeper (Optuna) that maximizes a metric that is best at its minimum would pick the worst trial."""
+    direction = HydraConfig.get().sweeper.get("direction") if HydraConfig.initialized() else None
+    wanted = "maximize" if mode == "max" else "minimize"
+    if direction is not None and str(direction) != wanted:
+        raise ConfigError(
+            f"hydra.sweeper.direction={direction}, but {metric} is best at its {mode}imum: give "
+            f"hydra.sweeper.direction={wanted}"
+        )
 
 
 def _suite(data: Mapping[str, Any], metric_suite: str | None) -> str:

@@ -50,6 +50,7 @@ NOT_COMPUTED = (
     "callbacks.progress_bar",
     "callbacks.lr_monitor",
     "callbacks.generation_samples",
+    "sweep",  # the sweep config's choice: the values it sets are compared as themselves
 )
 
 
@@ -138,7 +139,7 @@ def _refuse_changes(cfg: DictConfig, saved_file: Path, refused: str, remedy: str
     changed = sorted(
         key
         for key in before.keys() | now.keys()
-        if before.get(key, ABSENT) != now.get(key, ABSENT) and not _not_computed(key)
+        if before.get(key, ABSENT) != now.get(key, ABSENT) and not not_computed(key)
     )
     if changed:
         listed = "; ".join(f"{key}: {before.get(key, ABSENT)!r} -> {now.get(key, ABSENT)!r}" for key in changed)
@@ -148,7 +149,8 @@ def _refuse_changes(cfg: DictConfig, saved_file: Path, refused: str, remedy: str
 ABSENT = "<absent>"
 
 
-def _not_computed(key: str) -> bool:
+def not_computed(key: str) -> bool:
+    """Whether a setting leaves what a run computes as it is (``NOT_COMPUTED``)."""
     return any(key == name or key.startswith(name + ".") for name in NOT_COMPUTED)
 
 
