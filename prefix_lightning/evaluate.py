@@ -43,6 +43,7 @@ from prefix_lightning.training.resume import (
     RUN_OVERRIDES,
     override,
     override_key,
+    run_config,
     run_overrides,
     unquoted,
 )
@@ -108,7 +109,7 @@ def with_run_settings(argv: Sequence[str]) -> list[str]:
     key, _, value = given[-1]
     export = Path(unquoted(value))
     if (export / RUN_CONFIG).is_file():  # a run's folder: the export it holds
-        export = export / OmegaConf.load(export / RUN_CONFIG).method.export_dir
+        export = export / run_config(export).method.export_dir
     rest = [argument for argument in argv[1:] if not argument.startswith(EXPORT_KEYS)]
     ignored = [argument for argument in rest if _group(argument) in FIXED_BY_EXPORT]
     if ignored:
@@ -152,7 +153,7 @@ def _one_task_of(run: Path, task: str) -> list[str]:
     task's batches had in the run."""
     mixture = {"data", "data.tasks", "method", "optimized_metric", "optimized_mode"}
     kept = [item for item in run_overrides(run) if override_key(item) not in mixture]
-    data = OmegaConf.load(run / RUN_CONFIG).data
+    data = run_config(run).data
     return [*kept, f"data={task}", *(f"data.{key}={data[key]}" for key in MIXED_BATCH_SETTINGS)]
 
 

@@ -15,14 +15,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from prefix_lightning.cli import report_errors
 from prefix_lightning.files.checkpoints import load_checkpoint
 from prefix_lightning.methods.model_card import ModelCard, write_cards
 from prefix_lightning.training.build import build_model, build_module
 from prefix_lightning.training.record import read_record
-from prefix_lightning.training.resume import RUN_CONFIG
+from prefix_lightning.training.resume import RUN_CONFIG, run_config
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +40,12 @@ def export_checkpoint(checkpoint: str | Path, folder: str | Path, overwrite: boo
         raise ValueError(f"{checkpoint} is a folder (a DeepSpeed checkpoint?): export reads checkpoint files")
     state = load_checkpoint(checkpoint)
     run_dir = checkpoint.resolve().parent.parent
-    config_file = run_dir / RUN_CONFIG
-    if not config_file.is_file():
+    if not (run_dir / RUN_CONFIG).is_file():
         raise FileNotFoundError(
-            f"no run config for {checkpoint}: expected {config_file} (a run keeps its checkpoints in "
+            f"no run config for {checkpoint}: expected {run_dir / RUN_CONFIG} (a run keeps its checkpoints in "
             f"<run>/checkpoints/ and its config in <run>/{RUN_CONFIG})"
         )
-    cfg = OmegaConf.load(config_file)
-    if not isinstance(cfg, DictConfig):
-        raise ValueError(f"{config_file} is not a run config (a YAML mapping)")
+    cfg = run_config(run_dir)
     cfg.paths.output_dir = str(run_dir)  # the one setting that Hydra's runtime filled in
     model, tokenizer = build_model(cfg)
     module = build_module(cfg, model, tokenizer)

@@ -35,7 +35,7 @@ from prefix_lightning.prefix import PrefixBank, read_prefix
 from prefix_lightning.training.build import generation_settings, load_configured_backbone, source_budget
 from prefix_lightning.training.checks import check_generation
 from prefix_lightning.training.compose import compose_config, model_config_for
-from prefix_lightning.training.resume import RUN_CONFIG, override_key
+from prefix_lightning.training.resume import RUN_CONFIG, override_key, run_config
 
 FORMATS = ("auto", "jsonl", "text")
 PROMPT_FORMAT = ("model.separator", "model.target_end")
@@ -136,8 +136,8 @@ def trained_settings(prefixes: dict[str, Path]) -> dict[str, DictConfig]:
         export = folder.resolve()
         for run, export_dir in ((export.parent, export.name), (export.parent.parent, export.parent.name)):
             if (run / RUN_CONFIG).is_file():
-                config = OmegaConf.load(run / RUN_CONFIG)
-                if isinstance(config, DictConfig) and OmegaConf.select(config, "method.export_dir") == export_dir:
+                config = run_config(run)
+                if OmegaConf.select(config, "method.export_dir") == export_dir:
                     print(f"{name}: prompts built as the run in {run} built them", file=sys.stderr)
                     found[name] = config
                     break

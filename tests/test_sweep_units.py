@@ -22,7 +22,14 @@ from prefix_lightning.training import dashboards
 from prefix_lightning.training.checks import ConfigError
 from prefix_lightning.training.optimized import settle_optimized_metric
 from prefix_lightning.training.record import FIELDS, RECORD_FILE, read_record, write_record
-from prefix_lightning.training.resume import STARTED_CONFIG, check_earlier_attempt, finished_record, resume_checkpoint
+from prefix_lightning.training.resume import (
+    STARTED_CONFIG,
+    check_earlier_attempt,
+    finished_record,
+    resume_checkpoint,
+    run_config,
+    run_overrides,
+)
 from tests.helpers.config import CONF, compose_train
 from tests.helpers.sweeps import make_record, write_sweep
 
@@ -188,6 +195,22 @@ def test_a_folder_run_again_is_checked_against_the_config_its_run_started_with(t
     with pytest.raises(ConfigError, match="trainer.max_steps: 150 -> 7"):
         attempt("prefix.length=3", "trainer.max_steps=7")
     assert OmegaConf.load(started).prefix.length == 3 and OmegaConf.load(started).trainer.max_steps == 150
+
+
+def test_a_refused_attempt_leaves_the_runs_own_config_and_overrides_to_its_readers(tmp_path: Path) -> None:
+    """Hydra writes .hydra/ before the attempt is checked: a refused re-run rewrote what export, evaluate and
+    generate read (export then refused the run's own checkpoint)."""
+    hydra = tmp_path / ".hydra"
+    hydra.mkdir()
+    (hydra / "overrides.yaml").write_text("- prefix.hidden_dim=512\n")
+    check_earlier_attempt(compose_train(tmp_path, ["model=tiny_llama", "prefix.hidden_dim=512"]))  # the first
+    write_record(tmp_path, make_record({}, bleu=1.0))
+    (hydra / "config.yaml").write_text("prefix:\n  hidden_dim: 256\n")  # what the refused re-run leaves
+    (hydra / "overrides.yaml").write_text("- prefix.hidden_dim=256\n")
+    with pytest.raises(ConfigError, match="prefix.hidden_dim: 512 -> 256"):
+        check_earlier_attempt(compose_train(tmp_path, ["model=tiny_llama", "prefix.hidden_dim=256"]))
+    assert run_config(tmp_path).prefix.hidden_dim == 512
+    assert run_overrides(tmp_path) == ["prefix.hidden_dim=512"]
 
 
 SWEEPS = sorted(path.stem for path in (CONF / "sweep").glob("*.yaml"))

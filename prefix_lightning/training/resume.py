@@ -30,6 +30,7 @@ HYDRA_CONFIG = Path(".hydra", "hydra.yaml")
 # job, a fixed hydra.run.dir), before any of our code runs; this copy is written only by an attempt that starts the
 # run from nothing, so later attempts are compared with what the run's results were computed by.
 STARTED_CONFIG = Path(".hydra", "started_config.yaml")
+STARTED_OVERRIDES = Path(".hydra", "started_overrides.yaml")
 # Where Hydra writes a resumed attempt's config, so that the run's own .hydra/config.yaml stays what it ran with.
 RESUMED_PLACEMENT = "hydra.output_subdir=.hydra/resumed"
 # Settings that do not change what a run computes, so a resumed run may change them: where files are, the device
@@ -55,17 +56,35 @@ NOT_COMPUTED = (
 
 
 def run_overrides(run_dir: str | Path) -> list[str]:
-    """The command-line overrides that composed the run in ``run_dir`` (Hydra's ``.hydra/overrides.yaml``), and the
-    config folders of the user's that it read (``hydra.searchpath``, which Hydra keeps in ``.hydra/hydra.yaml``)."""
-    path = Path(run_dir) / RUN_OVERRIDES
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run folder: {RUN_OVERRIDES} is missing")
+    """The command-line overrides that composed the run in ``run_dir`` (as it started: Hydra rewrites
+    ``.hydra/overrides.yaml`` at every attempt, one a changed setting refuses too), and the config folders of the
+    user's that it read (``hydra.searchpath``, which Hydra keeps in ``.hydra/hydra.yaml``)."""
+    path = _started(Path(run_dir), STARTED_OVERRIDES, RUN_OVERRIDES)
     overrides = [
         str(override) for override in OmegaConf.load(path) if not str(override).startswith(("resume=", "ckpt_path="))
     ]
     hydra_file = Path(run_dir) / HYDRA_CONFIG
     searchpath = OmegaConf.select(OmegaConf.load(hydra_file), "hydra.searchpath") if hydra_file.is_file() else None
     return [*overrides, searchpath_override(list(searchpath))] if searchpath else overrides
+
+
+def run_config(run_dir: str | Path) -> DictConfig:
+    """The composed config of the run in ``run_dir``, as it started (Hydra rewrites ``.hydra/config.yaml`` at every
+    attempt, one a changed setting refuses too)."""
+    path = _started(Path(run_dir), STARTED_CONFIG, RUN_CONFIG)
+    config = OmegaConf.load(path)
+    if not isinstance(config, DictConfig):
+        raise ValueError(f"{path} is not a run config (a YAML mapping)")
+    return config
+
+
+def _started(run_dir: Path, started: Path, hydras: Path) -> Path:
+    """The file the run's first attempt kept, else Hydra's (runs from before started files were kept)."""
+    if (run_dir / started).is_file():
+        return run_dir / started
+    if not (run_dir / hydras).is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run folder: {hydras} is missing")
+    return run_dir / hydras
 
 
 def resume_arguments(argv: Sequence[str]) -> list[str]:
@@ -131,6 +150,9 @@ def check_earlier_attempt(cfg: DictConfig) -> None:
     rank_zero = getattr(rank_zero_only, "rank", 0) == 0  # the other ranks of a multi-process run share its config
     if not earlier and rank_zero:
         atomic_write(run_dir / STARTED_CONFIG, lambda path: OmegaConf.save(cfg, path))
+        if (run_dir / RUN_OVERRIDES).is_file():
+            overrides = (run_dir / RUN_OVERRIDES).read_bytes()
+            atomic_write(run_dir / STARTED_OVERRIDES, lambda path: path.write_bytes(overrides))
 
 
 def _refuse_changes(cfg: DictConfig, saved_file: Path, refused: str, remedy: str) -> None:
