@@ -59,6 +59,13 @@ def test_record_is_complete_only_with_every_field(tmp_path: Path) -> None:
     assert read_record(tmp_path) is None
 
 
+def test_a_swept_text_holding_a_bar_keeps_its_markdown_cell(tmp_path: Path) -> None:
+    write_sweep(tmp_path, [make_record({"prefix.init_text": text}, bleu=1.0) for text in ("a | b", "c")])
+    table = (aggregate(tmp_path) / "results.md").read_text().splitlines()
+    assert table[2].startswith("| a \\| b | 1 |")
+    assert table[2].count(" | ") == table[3].count(" | ") == table[0].count(" | ")  # as many cells as the header
+
+
 def test_table_averages_over_seeds_and_subsets(tmp_path: Path) -> None:
     write_sweep(tmp_path, GRID)
     out = aggregate(tmp_path)

@@ -148,11 +148,12 @@ def write_csv(table: Table, path: Path) -> None:
 
 
 def markdown_lines(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    return [
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---" for _ in header) + "|",
-        *("| " + " | ".join(row) + " |" for row in rows),
-    ]
+    """A Markdown table; a ``|`` inside a cell (a swept text value) is escaped, or it would split the cell."""
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+
+    return [line(header), "|" + "|".join("---" for _ in header) + "|", *(line(row) for row in rows)]
 
 
 def write_markdown(table: Table, path: Path) -> None:
