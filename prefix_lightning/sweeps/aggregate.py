@@ -27,7 +27,7 @@ from prefix_lightning.sweeps.plots import plot_metric
 from prefix_lightning.sweeps.report import write_report
 from prefix_lightning.sweeps.table import Table, summarize, write_csv, write_markdown
 from prefix_lightning.training.record import RECORD_FILE, read_record
-from prefix_lightning.training.resume import RUN_CONFIG, STARTED_CONFIG, not_computed
+from prefix_lightning.training.resume import not_computed, run_config
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +78,10 @@ def comparable(finished: Sequence[tuple[Path, dict[str, Any]]]) -> list[dict[str
 
 def _composed(job_dir: Path) -> DictConfig:
     """The config the job's run started with (an empty one where the folder holds none)."""
-    for name in (STARTED_CONFIG, RUN_CONFIG):
-        if (job_dir / name).is_file():
-            loaded = OmegaConf.load(job_dir / name)
-            if isinstance(loaded, DictConfig):
-                return loaded
-    return OmegaConf.create({})
+    try:
+        return run_config(job_dir)
+    except (FileNotFoundError, ValueError):
+        return OmegaConf.create({})
 
 
 def headline_metric(table: Table) -> str:

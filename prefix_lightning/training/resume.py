@@ -131,11 +131,11 @@ def check_earlier_attempt(cfg: DictConfig) -> None:
     run_dir = Path(cfg.paths.output_dir)
     earlier = read_record(run_dir) is not None or bool(_folder_checkpoints(cfg))
     if cfg.get("resume"):
-        saved = STARTED_CONFIG if (Path(cfg.resume) / STARTED_CONFIG).is_file() else RUN_CONFIG
+        saved = _started(Path(cfg.resume), STARTED_CONFIG, RUN_CONFIG)
         _refuse_changes(
             cfg,
-            Path(cfg.resume) / saved,
-            f"resume={cfg.resume}: these settings differ from the run's own ({saved})",
+            saved,
+            f"resume={cfg.resume}: these settings differ from the run's own ({saved.relative_to(cfg.resume)})",
             "Resume without them, or start a new run",
         )
     elif earlier and not cfg.get("ckpt_path") and (run_dir / STARTED_CONFIG).is_file():
