@@ -40,7 +40,7 @@ from prefix_lightning.training.compose import model_config_for
 from prefix_lightning.training.optimized import settle_optimized_metric
 from prefix_lightning.training.resume import (
     RUN_CONFIG,
-    RUN_OVERRIDES,
+    exporting_run,
     override,
     override_key,
     run_config,
@@ -114,12 +114,11 @@ def with_run_settings(argv: Sequence[str]) -> list[str]:
     ignored = [argument for argument in rest if _group(argument) in FIXED_BY_EXPORT]
     if ignored:
         print(f"ignoring {' '.join(ignored)}: the export in {export} says its method and prefix", file=sys.stderr)
-    overrides, run = [], export.parent
-    if task_folders(run) and (run.parent / RUN_OVERRIDES).is_file():  # one task of a multi-task run
-        run = run.parent
-        overrides = _one_task_of(run, export.name)
-    elif (run / RUN_OVERRIDES).is_file():
-        overrides = run_overrides(run)
+    overrides: list[str] = []
+    exported_by = exporting_run(export)
+    if exported_by:
+        run, task = exported_by
+        overrides = _one_task_of(run, task) if task else run_overrides(run)
     if overrides:
         print(f"evaluating with the settings of the run in {run}: {' '.join(overrides)}", file=sys.stderr)
     elif "model" not in map(override_key, rest):

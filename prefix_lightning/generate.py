@@ -35,7 +35,7 @@ from prefix_lightning.prefix import PrefixBank, read_prefix
 from prefix_lightning.training.build import generation_settings, load_configured_backbone, source_budget
 from prefix_lightning.training.checks import check_generation
 from prefix_lightning.training.compose import compose_config, model_config_for
-from prefix_lightning.training.resume import RUN_CONFIG, override_key, run_config
+from prefix_lightning.training.resume import exporting_run, override_key, run_config
 
 FORMATS = ("auto", "jsonl", "text")
 PROMPT_FORMAT = ("model.separator", "model.target_end")
@@ -129,18 +129,14 @@ def compose(prefixes: dict[str, Path], overrides: Sequence[str]) -> DictConfig:
 
 
 def trained_settings(prefixes: dict[str, Path]) -> dict[str, DictConfig]:
-    """The composed config of the run that exported each prefix, for prefixes still in its folder (a multi-task
-    run's task prefixes one level deeper, ``<run>/prefix/<task>``)."""
+    """The composed config of the run that exported each prefix, for prefixes still in its folder."""
     found: dict[str, DictConfig] = {}
     for name, folder in prefixes.items():
-        export = folder.resolve()
-        for run, export_dir in ((export.parent, export.name), (export.parent.parent, export.parent.name)):
-            if (run / RUN_CONFIG).is_file():
-                config = run_config(run)
-                if OmegaConf.select(config, "method.export_dir") == export_dir:
-                    print(f"{name}: prompts built as the run in {run} built them", file=sys.stderr)
-                    found[name] = config
-                    break
+        exported_by = exporting_run(folder)
+        if exported_by:
+            run, _ = exported_by
+            print(f"{name}: prompts built as the run in {run} built them", file=sys.stderr)
+            found[name] = run_config(run)
     return found
 
 

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from prefix_lightning.evaluate import with_run_settings
 from prefix_lightning.export import export_checkpoint
 from prefix_lightning.methods.exports import export_loader
+from prefix_lightning.training.resume import exporting_run
 from tests.helpers.cli import run_cli
 from tests.helpers.config import REPO, run_folder
 
@@ -131,6 +132,21 @@ def test_evaluate_takes_a_run_folder_for_the_export_it_holds(tmp_path: Path, cap
         f"export_path='{run / 'adapter'}'",
     ]
     assert f"evaluating with the settings of the run in {run}: method=lora data.train_size=8" in capsys.readouterr().err
+
+
+def test_an_export_in_its_run_folder_is_found_by_evaluate_and_generate(tmp_path: Path) -> None:
+    """The run's own export, another export of its checkpoints into its folder, one task's prefix of a multi-task
+    run; not an export moved out of the run, nor a folder in an export that is not a task's prefix."""
+    run = run_folder(tmp_path / "run", "method:\n  export_dir: prefix\n", ["data=multi"])
+    for folder in ("prefix/e2e", "prefix/webnlg", "step4"):
+        (run / folder).mkdir(parents=True)
+        (run / folder / "prefix_config.json").write_text("{}")
+    (tmp_path / "moved").mkdir()
+    assert exporting_run(run / "prefix") == (run, None)
+    assert exporting_run(run / "step4") == (run, None)
+    assert exporting_run(run / "prefix" / "webnlg") == (run, "webnlg")
+    assert exporting_run(run / "step4" / "extra") is None
+    assert exporting_run(tmp_path / "moved") is None
 
 
 def test_evaluate_of_a_prefix_outside_its_run_loads_the_model_it_records(

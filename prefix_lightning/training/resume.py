@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from prefix_lightning.files.atomic import atomic_write
 from prefix_lightning.files.checkpoints import check_checkpoint
+from prefix_lightning.prefix.multitask import task_folders
 from prefix_lightning.training.checks import ConfigError
 from prefix_lightning.training.compose import quoted, searchpath_override
 from prefix_lightning.training.last_checkpoint import LAST
@@ -76,6 +77,18 @@ def run_config(run_dir: str | Path) -> DictConfig:
     if not isinstance(config, DictConfig):
         raise ValueError(f"{path} is not a run config (a YAML mapping)")
     return config
+
+
+def exporting_run(export: str | Path) -> tuple[Path, str | None] | None:
+    """The run folder an export lies in (``<run>/prefix``, or another export of its checkpoints into its folder), and
+    the task, for one task's prefix of a multi-task run (``<run>/prefix/<task>``); None for an export moved out of
+    its run."""
+    export = Path(export).resolve()
+    if (export.parent / RUN_CONFIG).is_file():
+        return export.parent, None
+    if task_folders(export.parent) and (export.parent.parent / RUN_CONFIG).is_file():
+        return export.parent.parent, export.name
+    return None
 
 
 def _started(run_dir: Path, started: Path, hydras: Path) -> Path:
