@@ -105,6 +105,13 @@ def test_two_process_ddp_splits_the_subset_and_matches_one_process(tmp_path: Pat
         assert (ddp_move - single_move).norm() < 0.3 * single_move.norm()
     assert _last_val_loss(ddp) == pytest.approx(_last_val_loss(single), rel=1e-3)  # synced across the ranks
 
+    # The logged training loss is the ranks' mean (whose gradient DDP averages), not rank 0's share.
+    own = [json.loads((ddp / "batches" / f"rank{rank}_losses.json").read_text()) for rank in (0, 1)]
+    with open(ddp / "csv" / "metrics.csv") as file:
+        logged = [float(row["train/loss"]) for row in csv.DictReader(file) if row.get("train/loss")]
+    assert own[0] != own[1]
+    assert logged == pytest.approx([(loss0 + loss1) / 2 for loss0, loss1 in zip(*own, strict=True)], rel=1e-6)
+
 
 # Two epochs of 2 global batches of 8 (4 per process), validating after each; the test runs after the fit.
 SHARDED_RUN = [

@@ -81,7 +81,8 @@ class MethodModule(L.LightningModule):
                 f"the training loss is {loss.item()} at step {self.global_step}: stopped before it could spoil the "
                 f"prefix; the last good checkpoint is kept in {kept}. Lower method.lr or check the data."
             )
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        # Averaged over the ranks (a scalar all-reduce, no host sync): the loss whose gradient DDP averages.
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=True)
         return loss
 
     # -- decoding ------------------------------------------------------------------------------------------

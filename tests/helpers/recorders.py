@@ -11,19 +11,25 @@ import torch
 
 
 class BatchRecorder(L.Callback):
-    """Writes the training examples each rank saw, batch by batch, to ``<folder>/rank<N>.json``."""
+    """Writes the training examples each rank saw, batch by batch, to ``<folder>/rank<N>.json``, and the rank's own
+    loss of each batch to ``<folder>/rank<N>_losses.json``."""
 
     def __init__(self, folder: str) -> None:
         self.folder = Path(folder)
         self.batches: list[list[list[int]]] = []
+        self.losses: list[float] = []
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: dict, batch_idx: int) -> None:
         rows = zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist(), strict=True)
         self.batches.append([[t for t, keep in zip(ids, mask, strict=True) if keep] for ids, mask in rows])
 
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: dict, batch_idx: int) -> None:
+        self.losses.append(float(outputs["loss"]))
+
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.batches))
+        (self.folder / f"rank{trainer.global_rank}_losses.json").write_text(json.dumps(self.losses))
 
 
 class FrozenWeights(L.Callback):
