@@ -121,8 +121,10 @@ def test_paired_table_of_a_lowdata_sweep(tmp_path: Path) -> None:
     markdown = (out / "paired.md").read_text()
     assert markdown.index("### test/bleu: prefix − full") < markdown.index("### test/rougel: prefix − full")
     assert "| data.train_size | pairs | prefix | full | prefix − full | 95% interval | prefix ahead |" in markdown
-    interval = f"[{4 - half:.2f}, {4 + half:.2f}]"
+    interval = f"{4 - half:.2f} to {4 + half:.2f}"
     assert f"| 50 | 3 | 56.00 ± 4.00 | 52.00 ± 2.00 | 4.00 ± 2.00 | {interval} | 3 of 3 |" in markdown
+    # Each metric to the decimals of its scale: ROUGE-L's small differences show.
+    assert "| 50 | 3 | 0.5600 ± 0.0400 | 0.5200 ± 0.0200 | 0.0400 ± 0.0200 | -0.0097 to 0.0897 | 3 of 3 |" in markdown
     assert "| all | 9 |" in markdown
 
     plot = out / "paired_test_bleu_vs_training_examples.png"
@@ -148,7 +150,7 @@ def test_the_baseline_is_full_fine_tuning_else_the_first_name(tmp_path: Path) ->
     write_sweep(tmp_path, records)
     header = (aggregate(tmp_path) / "paired.md").read_text()
     assert "### test/bleu: prefix − lora" in header and "| 2 | 20.00" not in header
-    assert "| 2 | 21.50 ± 0.71 | 11.50 ± 0.71 | 10.00 ± 0.00 | [10.00, 10.00] | 2 of 2 |" in header
+    assert "| 2 | 21.50 ± 0.71 | 11.50 ± 0.71 | 10.00 ± 0.00 | 10.00 to 10.00 | 2 of 2 |" in header
     assert not list((tmp_path / "summary").glob("paired_*.png"))  # one setting: nothing to plot against
 
 

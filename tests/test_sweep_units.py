@@ -104,8 +104,12 @@ def test_table_averages_over_seeds_and_subsets(tmp_path: Path) -> None:
         (52.164, 10.0712, "52.16 ± 10.07"),
         (2781.4, 681.82, "2,781 ± 682"),  # the std to the mean's decimals
         (6208640.0, 0.0, "6,208,640 ± 0"),
-        (0.4, 1234.5, "0.40 ± 1,234.50"),
-        (1.5, None, "1.50"),  # a single run: no spread to show
+        (0.4, 1234.5, "0.4000 ± 1,234.5000"),
+        (1.2367, 0.0123, "1.237 ± 0.012"),  # four significant digits: a loss's small differences show
+        (0.44231, 0.00512, "0.4423 ± 0.0051"),
+        (-0.0012, 0.0, "-0.0012 ± 0.0000"),  # at most 4 decimals
+        (0.0, 0.5, "0.00 ± 0.50"),
+        (1.5, None, "1.500"),  # a single run: no spread to show
     ],
 )
 def test_mean_and_std_are_written_to_the_means_decimals(mean: float, std: float | None, text: str) -> None:
@@ -152,6 +156,15 @@ def test_aggregate_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
         main([str(tmp_path), "--metric", "test/bogus"])
     assert stopped.value.code == 1
     assert capsys.readouterr().err.startswith("error: metric 'test/bogus' is not in the records of")
+
+
+def test_a_folder_above_several_sweeps_is_refused_not_merged(tmp_path: Path) -> None:
+    for sweep in ("lengths", "sizes"):
+        write_sweep(tmp_path / sweep, GRID[:4])
+        (tmp_path / sweep / "multirun.yaml").write_text("{}")
+    with pytest.raises(ValueError, match=r"holds 2 sweeps \(lengths, sizes\): aggregate each of them"):
+        aggregate(tmp_path)
+    assert aggregate(tmp_path / "lengths") == tmp_path / "lengths" / "summary"
 
 
 def test_finished_runs_are_skipped_and_unfinished_ones_resume(tmp_path: Path) -> None:

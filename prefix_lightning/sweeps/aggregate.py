@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 SUMMARY_DIR = "summary"
 PAIRED_MARKDOWN = "paired.md"
+# What Hydra writes into each sweep's folder.
+SWEEP_CONFIG = "multirun.yaml"
 # (swept key, axis label, logarithmic axis): the paper's two sweep figures.
 PLOTS = (("prefix.length", "prefix length", False), ("data.train_size", "training examples", True))
 
@@ -96,6 +98,7 @@ def _slug(text: str) -> str:
 def aggregate(sweep_dir: str | Path, metric: str | None = None) -> Path | None:
     """Write the summary of ``sweep_dir``; return its folder, or None when no run has finished."""
     sweep_dir = Path(sweep_dir)
+    _refuse_several_sweeps(sweep_dir)
     records, unfinished = load_records(sweep_dir)
     if not records:
         log.warning("no finished runs (no complete %s) below %s: nothing to aggregate", RECORD_FILE, sweep_dir)
@@ -138,6 +141,13 @@ def aggregate(sweep_dir: str | Path, metric: str | None = None) -> Path | None:
         out,
     )
     return out
+
+
+def _refuse_several_sweeps(folder: Path) -> None:
+    """A folder above several sweeps (``multirun/``) would merge them into one table."""
+    sweeps = sorted(str(path.parent.relative_to(folder)) for path in folder.glob(f"*/**/{SWEEP_CONFIG}"))
+    if not (folder / SWEEP_CONFIG).is_file() and len(sweeps) > 1:
+        raise ValueError(f"{folder} holds {len(sweeps)} sweeps ({', '.join(sweeps)}): aggregate each of them")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -29,6 +29,7 @@ from prefix_lightning.sweeps.table import (
     format_stat,
     markdown_lines,
     record_metrics,
+    scale_decimals,
     show,
     sort_key,
 )
@@ -126,10 +127,10 @@ def _setting_cells(paired: Paired, row: PairedRow) -> list[str]:
     return [show(row.setting[key]) for key in paired.keys]
 
 
-def _interval_text(interval: Interval) -> str:
+def _interval_text(interval: Interval, places: int) -> str:
     if interval.low is None or interval.high is None:
         return ""
-    return f"[{format_number(interval.low)}, {format_number(interval.high)}]"
+    return f"{format_number(interval.low, places)} to {format_number(interval.high, places)}"  # not "[1,234, 2,345]"
 
 
 def cells(paired: Paired) -> tuple[list[str], list[list[str]]]:
@@ -143,6 +144,7 @@ def cells(paired: Paired) -> tuple[list[str], list[list[str]]]:
         f"{CONFIDENCE:.0%} interval",
         f"{paired.treatment} ahead",
     ]
+    places = scale_decimals(mean for row in paired.table_rows for mean in (row.treatment.mean, row.baseline.mean))
     rows = []
     for row in paired.table_rows:
         difference = row.difference
@@ -150,10 +152,10 @@ def cells(paired: Paired) -> tuple[list[str], list[list[str]]]:
             [
                 *_setting_cells(paired, row),
                 str(difference.n),
-                format_stat(row.treatment.mean, row.treatment.std),
-                format_stat(row.baseline.mean, row.baseline.std),
-                format_stat(difference.mean, difference.std),
-                _interval_text(difference),
+                format_stat(row.treatment.mean, row.treatment.std, places),
+                format_stat(row.baseline.mean, row.baseline.std, places),
+                format_stat(difference.mean, difference.std, places),
+                _interval_text(difference, places),
                 f"{row.ahead} of {difference.n}",
             ]
         )

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,27 +109,44 @@ def summarize(records: Sequence[dict[str, Any]]) -> Table:
 
 
 def decimals(value: float) -> int:
-    return 0 if abs(value) >= 1000 else 2
+    """Four significant digits, within 2 to 4 decimals: BLEU 65.61, a loss 1.234, METEOR 0.4423; thousands whole."""
+    if abs(value) >= 1000:
+        return 0
+    if value == 0:
+        return 2
+    return min(4, max(2, 3 - math.floor(math.log10(abs(value)))))
 
 
 def format_number(value: float, places: int | None = None) -> str:
-    """Thousands whole, smaller numbers to 2 decimals, or to ``places`` decimals where given."""
+    """To the decimals of :func:`decimals`, or to ``places`` decimals where given."""
     return f"{value:,.{decimals(value) if places is None else places}f}"
 
 
-def format_stat(mean: float, std: float | None) -> str:
-    """The text "mean ± std" (the std to the mean's decimals: "2,781 ± 682"), or the mean alone for a single run."""
-    places = decimals(mean)
+def format_stat(mean: float, std: float | None, places: int | None = None) -> str:
+    """The text "mean ± std" (the std to the mean's decimals, or to ``places``: "2,781 ± 682"), or the mean alone
+    for a single run."""
+    places = decimals(mean) if places is None else places
     return format_number(mean, places) + ("" if std is None else f" ± {format_number(std, places)}")
+
+
+def scale_decimals(means: Iterable[float]) -> int:
+    """The decimals of a metric's column, set by its largest mean: every number of one metric (its means, spreads,
+    differences) to the same decimals, a BLEU difference of 4 written 4.00 as BLEU is."""
+    return decimals(max((abs(mean) for mean in means), default=0.0))
 
 
 def cells(table: Table) -> tuple[list[str], list[list[str]]]:
     """Header and rows as text, "mean ± std" per metric: shared by the Markdown table and the HTML report."""
     header = [*table.keys, "runs", *table.metrics]
+    places = {
+        name: scale_decimals(row.stats[name].mean for row in table.rows if name in row.stats) for name in table.metrics
+    }
     rows = []
     for row in table.rows:
-        stats = [row.stats.get(name) for name in table.metrics]
-        numbers = ["" if stat is None else format_stat(stat.mean, stat.std) for stat in stats]
+        stats = {name: row.stats.get(name) for name in table.metrics}
+        numbers = [
+            "" if stat is None else format_stat(stat.mean, stat.std, places[name]) for name, stat in stats.items()
+        ]
         rows.append([*(show(row.setting[key]) for key in table.keys), str(row.runs), *numbers])
     return header, rows
 
