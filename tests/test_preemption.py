@@ -259,6 +259,23 @@ def test_resume_takes_the_runs_own_overrides_and_folder(tmp_path: Path) -> None:
         resume_arguments(["run.py", f"resume={tmp_path / 'nowhere'}"])
 
 
+def test_resume_with_another_choice_of_a_group_drops_the_runs_settings_inside_it(tmp_path: Path) -> None:
+    """Hydra would stop at the run's ``data.tasks`` (not in e2e_devsplit's config); composed, the check lists."""
+    mixture = ["data=multi", "data.tasks=[e2e_devsplit,webnlg]", "data.train_size=8"]
+    run = run_folder(tmp_path / "run", "seed: 1\n", ["model=tiny_llama", *mixture, "prefix.length=5"])
+    (run / ".hydra" / "hydra.yaml").write_text(
+        "hydra:\n  runtime:\n    choices:\n      data: multi\n      model: tiny_llama\n"
+    )
+    argv = resume_arguments(["run.py", f"resume={run}", "data=e2e_devsplit", "model=tiny_llama"])
+    assert argv[1:5] == ["model=tiny_llama", "prefix.length=5", "data=e2e_devsplit", "model=tiny_llama"]
+    assert compose_train(tmp_path, argv[1:5]).data.dataset == "e2e"
+    assert resume_arguments(["run.py", f"resume={run}", "data=multi"])[1:6] == [
+        "model=tiny_llama",
+        *mixture,
+        "prefix.length=5",
+    ]
+
+
 def test_resume_refuses_settings_that_change_the_computation_and_lists_them(tmp_path: Path) -> None:
     run = ["model=tiny_llama", "prefix.length=5"]
     check_earlier_attempt(compose_train(tmp_path, run))  # the run starts from nothing: its config is kept

@@ -116,7 +116,28 @@ def resume_arguments(argv: Sequence[str]) -> list[str]:
         RESUMED_PLACEMENT,
         override("resume", run_dir),
     ]
-    return [argv[0], *run_overrides(run_dir), *rest, *placement]
+    kept = _outside_rechosen_groups(run_overrides(run_dir), rest, _choices(run_dir))
+    return [argv[0], *kept, *rest, *placement]
+
+
+def _choices(run_dir: Path) -> dict[str, str]:
+    """The config group choices the run composed with (``data: multi``), as Hydra keeps them."""
+    hydra_file = run_dir / HYDRA_CONFIG
+    choices = OmegaConf.select(OmegaConf.load(hydra_file), "hydra.runtime.choices") if hydra_file.is_file() else None
+    return {str(key): str(value) for key, value in (choices or {}).items()}
+
+
+def _outside_rechosen_groups(run: Sequence[str], given: Sequence[str], choices: dict[str, str]) -> list[str]:
+    """The run's overrides without those of a config group given another choice (``data=e2e`` for a
+    ``data=multi data.tasks=[...]`` run): the new choice composes as in a new run (Hydra stopped at ``data.tasks``),
+    and the attempt's check then lists what it changes."""
+    rechosen = set()
+    for item in given:
+        key, _, value = item.partition("=")
+        group = override_key(key)
+        if "." not in group and group in choices and choices[group] != value:
+            rechosen.add(group)
+    return [item for item in run if override_key(item).partition(".")[0] not in rechosen]
 
 
 def override(key: str, value: str | Path) -> str:
