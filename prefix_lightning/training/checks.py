@@ -95,6 +95,12 @@ def _check_tasks(cfg: DictConfig) -> None:
             check_tasks(tasks)
         except TaskConfigError as error:
             raise ConfigError(str(error)) from error
+        prefixes = OmegaConf.select(cfg, "method.model.tasks")
+        if prefixes is not None and list(prefixes) != list(tasks):
+            raise ConfigError(
+                f"method.model.tasks={list(prefixes)} is not data.tasks={list(tasks)}: the method trains a prefix for "
+                "each task of the data; set data.tasks alone"
+            )
 
 
 def check_config(cfg: DictConfig) -> None:
