@@ -35,7 +35,7 @@ from prefix_lightning.prefix import PrefixBank, read_prefix
 from prefix_lightning.training.build import generation_settings, load_configured_backbone, source_budget
 from prefix_lightning.training.checks import check_generation
 from prefix_lightning.training.compose import compose_config, model_config_for
-from prefix_lightning.training.resume import exporting_run, override_key, run_config
+from prefix_lightning.training.resume import exporting_run, override_key, run_config, run_model_overrides
 
 FORMATS = ("auto", "jsonl", "text")
 PROMPT_FORMAT = ("model.separator", "model.target_end")
@@ -122,22 +122,26 @@ def _json_request(line: str, number: int, prefixes: Sequence[str], where: str) -
     return Request(number, source.strip(), prefix, fields)
 
 
-def compose(prefixes: dict[str, Path], overrides: Sequence[str]) -> DictConfig:
-    given_model = "model" in map(override_key, overrides)
-    chosen = [] if given_model else [f"model={model_config_for(prefixes.values())}"]
-    return compose_config("generate", [*chosen, *overrides])
+def compose(prefixes: dict[str, Path], overrides: Sequence[str], runs: dict[str, Path]) -> DictConfig:
+    """The generate config; its model, unless given: the one the runs that exported every prefix chose (a random or
+    Hub model as configured there), else the model config whose backbone the prefixes record."""
+    if "model" in map(override_key, overrides):
+        return compose_config("generate", overrides)
+    chosen = {tuple(run_model_overrides(run)) for run in runs.values()}
+    if len(runs) == len(prefixes) and len(chosen) == 1 and () not in chosen:
+        return compose_config("generate", [*chosen.pop(), *overrides])
+    return compose_config("generate", [f"model={model_config_for(prefixes.values())}", *overrides])
 
 
-def trained_settings(prefixes: dict[str, Path]) -> dict[str, DictConfig]:
-    """The composed config of the run that exported each prefix, for prefixes still in its folder."""
-    found: dict[str, DictConfig] = {}
+def exporting_runs(prefixes: dict[str, Path]) -> dict[str, Path]:
+    """The run folder of each prefix still in it."""
+    runs = {}
     for name, folder in prefixes.items():
         exported_by = exporting_run(folder)
         if exported_by:
-            run, _ = exported_by
-            print(f"{name}: prompts built as the run in {run} built them", file=sys.stderr)
-            found[name] = run_config(run)
-    return found
+            runs[name], _ = exported_by
+            print(f"{name}: prompts built as the run in {runs[name]} built them", file=sys.stderr)
+    return runs
 
 
 def adopt_prompt_format(cfg: DictConfig, trained: dict[str, DictConfig], given: set[str]) -> None:
@@ -229,9 +233,10 @@ def run(args: argparse.Namespace) -> int:
     where = "stdin" if args.input == "-" else args.input
     with opened(args.input, "r") as stream:
         requests = read_requests(stream, args.format, list(prefixes), where)
-    cfg = compose(prefixes, args.overrides)
+    runs = exporting_runs(prefixes)
+    cfg = compose(prefixes, args.overrides, runs)
+    trained = {name: run_config(run) for name, run in runs.items()}
     given = set(map(override_key, args.overrides))
-    trained = trained_settings(prefixes)
     adopt_prompt_format(cfg, trained, given)
     check_generation(cfg)
     if args.output != "-":  # before the model loads

@@ -14,11 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from omegaconf import OmegaConf
 
 from prefix_lightning import PrefixModel
-from prefix_lightning.generate import adopt_prompt_format, main, trained_settings
+from prefix_lightning.generate import adopt_prompt_format, exporting_runs, main
 from prefix_lightning.training.build import generation_settings, load_configured_backbone
 from prefix_lightning.training.compose import model_config_for
+from prefix_lightning.training.resume import run_config, run_model_overrides
 from tests.helpers.config import REPO, compose_train
 
 SOURCES = [
@@ -209,11 +211,32 @@ def test_a_prefix_in_its_run_folder_decodes_with_that_runs_prompts(prefixes: dic
     assert generations(exported, "data.max_source_tokens=256") == generations(prefixes["e2e"], "model.separator=' =>'")
 
 
+def test_a_prefix_in_its_run_folder_decodes_on_that_runs_model(prefixes: dict[str, Path], tmp_path: Path) -> None:
+    """The run's model config and its ``model.*`` settings: no ``model=`` needed where several model configs share
+    the backbone the prefix records (random:llama)."""
+    run = tmp_path / "run"
+    exported = in_run_folder(prefixes["e2e"], run, {})
+    OmegaConf.save(compose_train(run, ["model=tiny_llama"]), run / ".hydra" / "config.yaml")
+    overrides = ["model=tiny_llama", "model.gradient_checkpointing=true", "seed=3"]
+    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    (run / ".hydra" / "hydra.yaml").write_text("hydra:\n  runtime:\n    choices:\n      model: tiny_llama\n")
+    assert run_model_overrides(run) == ["model=tiny_llama", "model.gradient_checkpointing=true"]
+    inputs = write_jsonl(tmp_path / "inputs.jsonl", [{"source": source} for source in SOURCES])
+    outputs = {}
+    for name, options in (("run's", DECODING), ("given", GENERATE)):
+        outputs[name] = tmp_path / f"{name}.jsonl"
+        command = ["--prefix", f"e2e={exported}", "--input", str(inputs), "--output", str(outputs[name])]
+        assert main([*command, *options]) == 0
+    assert outputs["run's"].read_text() == outputs["given"].read_text()
+
+
 def test_the_run_of_each_prefix_is_found(prefixes: dict[str, Path], tmp_path: Path) -> None:
     """A multi-task run's task prefix reads its run's settings; runs that built prompts differently are refused."""
     single = in_run_folder(prefixes["e2e"], tmp_path / "a", {"model": {"separator": " =>"}})
     task = in_run_folder(prefixes["webnlg"], tmp_path / "b", {"model": {"separator": " :"}}, task="webnlg")
-    found = trained_settings({"e2e": single, "webnlg": task, "alone": prefixes["e2e"]})
+    runs = exporting_runs({"e2e": single, "webnlg": task, "alone": prefixes["e2e"]})
+    assert runs == {"e2e": tmp_path / "a", "webnlg": tmp_path / "b"}
+    found = {name: run_config(run) for name, run in runs.items()}
     assert {name: config.model.separator for name, config in found.items()} == {"e2e": " =>", "webnlg": " :"}
     cfg = compose_train(tmp_path, ["model=tiny_llama"])
     with pytest.raises(ValueError, match="different model.separator"):

@@ -69,6 +69,16 @@ def run_overrides(run_dir: str | Path) -> list[str]:
     return [*overrides, searchpath_override(list(searchpath))] if searchpath else overrides
 
 
+def run_model_overrides(run_dir: str | Path) -> list[str]:
+    """The overrides that gave the run in ``run_dir`` its model: its model config and the ``model.*`` settings given
+    (none where Hydra's record of its choices is missing)."""
+    choice = _choices(Path(run_dir)).get("model")
+    if choice is None:
+        return []
+    given = [item for item in run_overrides(run_dir) if override_key(item).startswith("model.")]
+    return [f"model={choice}", *given]
+
+
 def run_config(run_dir: str | Path) -> DictConfig:
     """The composed config of the run in ``run_dir``, as it started (Hydra rewrites ``.hydra/config.yaml`` at every
     attempt, one a changed setting refuses too)."""
