@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from prefix_lightning import PrefixBank, PrefixConfig, PrefixModel, UnsupportedModelError
 from prefix_lightning.prefix.attention import record_attention_calls
+from prefix_lightning.prefix.multitask import MultiTaskPrefix
 from tests.helpers.checkpointing import assert_checkpointing_keeps_gradients
 from tests.helpers.tiny import PAD, ROWS, VOCAB, WORDS, pad_batch, tiny_lm
 
@@ -308,6 +311,41 @@ def test_corrupted_export_is_refused(tmp_path) -> None:
     weights.write_bytes(weights.read_bytes()[:-10])
     with pytest.raises(ValueError, match="truncated or corrupted"):
         PrefixModel.from_prefix(tiny_lm("gpt2"), tmp_path)
+
+
+def _truncated(folder: Path, weights: str) -> None:
+    (folder / weights).write_bytes((folder / weights).read_bytes()[:-10])
+
+
+@pytest.mark.parametrize("loader", ["from_prefix", "from_peft", "MultiTaskPrefix.from_export"])
+def test_a_refused_export_leaves_the_lm_as_it_was(loader: str, tmp_path: Path) -> None:
+    """The export is checked before the LM is wrapped: a refusal changes none of its outputs (GPT-2's positions
+    were shifted) and a good export still loads onto it."""
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    if loader == "MultiTaskPrefix.from_export":
+        load, message = MultiTaskPrefix.from_export, "truncated or corrupted"
+        MultiTaskPrefix(tiny_lm("gpt2"), ["a", "b"], PrefixConfig(length=3)).save(good)
+        shutil.copytree(good, bad)
+        _truncated(bad / "b", "prefix.safetensors")
+    elif loader == "from_peft":
+        load, message = PrefixModel.from_peft, "is for 3 layers of key/value width 16, but this model has 2 layers"
+        PrefixModel(tiny_lm("gpt2"), PrefixConfig(length=3)).save(good, format="peft")
+        PrefixModel(tiny_lm("llama"), PrefixConfig(length=3)).save(bad, format="peft")
+    else:
+        load, message = PrefixModel.from_prefix, "truncated or corrupted"
+        PrefixModel(tiny_lm("gpt2"), PrefixConfig(length=3)).save(good)
+        shutil.copytree(good, bad)
+        _truncated(bad, "prefix.safetensors")
+    lm = tiny_lm("gpt2")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        before = lm(input_ids=ids).logits
+    with pytest.raises(ValueError, match=message):
+        load(lm, bad)
+    with torch.no_grad():
+        assert torch.equal(lm(input_ids=ids).logits, before)
+    assert all(parameter.requires_grad for parameter in lm.parameters())
+    load(lm, good)
 
 
 def test_real_word_init_with_mlp_fits_the_target() -> None:

@@ -28,7 +28,7 @@ from transformers import PreTrainedModel
 from prefix_lightning.backbones import backbone_identity
 from prefix_lightning.files import atomic_write
 from prefix_lightning.prefix.config import PrefixConfig
-from prefix_lightning.prefix.encoder import PrefixEncoder
+from prefix_lightning.prefix.encoder import PrefixEncoder, prefix_encoders, typed_encoders
 from prefix_lightning.prefix.sites import AttentionSite
 
 log = logging.getLogger(__name__)
@@ -161,15 +161,14 @@ class ExportedPrefix:
             for index, block in enumerate(tensor.unbind(0) if group in stacked else [tensor])
         }
 
-    def load_into(
-        self, lm: PreTrainedModel, sites: Sequence[AttentionSite], encoders: Mapping[str, PrefixEncoder]
-    ) -> None:
-        """Set the direct ``encoders`` of a model built on ``lm``'s ``sites`` to the saved prefix; refuses a base
-        model of another shape."""
+    def fitted_blocks(self, lm: PreTrainedModel, sites: Sequence[AttentionSite]) -> dict[str, list[torch.Tensor]]:
+        """The saved blocks per group, each checked to fit ``lm``'s attention ``sites``; refuses a base model of
+        another shape."""
         self.check_fits(lm, sites)
-        blocks = self.blocks({group: encoder.block_shapes() for group, encoder in encoders.items()})
-        for group, encoder in encoders.items():
-            encoder.assign([block.to(encoder.prefix.device) for block in blocks[group]])
+        # transformers types the embeddings as a plain Module.
+        embed_dim: int = lm.get_input_embeddings().embedding_dim  # type: ignore[assignment]
+        encoders = typed_encoders(prefix_encoders(self.config, sites, embed_dim))
+        return self.blocks({group: encoder.block_shapes() for group, encoder in encoders.items()})
 
     def blocks(self, shapes: dict[str, list[tuple[int, ...]]]) -> dict[str, list[torch.Tensor]]:
         """The saved blocks per group, one per site, each checked against the ``shapes`` the loading model
@@ -187,6 +186,12 @@ class ExportedPrefix:
                     )
                 blocks.setdefault(group, []).append(block)
         return blocks
+
+
+def load_blocks(encoders: Mapping[str, PrefixEncoder], blocks: Mapping[str, list[torch.Tensor]]) -> None:
+    """Set the direct ``encoders`` of a model to the saved ``blocks`` (:meth:`ExportedPrefix.fitted_blocks`)."""
+    for group, encoder in encoders.items():
+        encoder.assign([block.to(encoder.prefix.device) for block in blocks[group]])
 
 
 def read_prefix(folder: str | Path) -> ExportedPrefix:

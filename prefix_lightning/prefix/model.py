@@ -17,7 +17,7 @@ from prefix_lightning.methods import IGNORE_INDEX, target_loss
 from prefix_lightning.prefix.attention import INFIX_QUERIES, PrefixInjector
 from prefix_lightning.prefix.config import PrefixConfig
 from prefix_lightning.prefix.encoder import INPUT, PrefixEncoder, prefix_encoders, typed_encoders
-from prefix_lightning.prefix.export import CONFIG_NAME, WEIGHTS_NAME, read_prefix, save_prefix
+from prefix_lightning.prefix.export import CONFIG_NAME, WEIGHTS_NAME, load_blocks, read_prefix, save_prefix
 from prefix_lightning.prefix.peft_format import (
     PEFT_CONFIG,
     PEFT_LEGACY_WEIGHTS,
@@ -27,7 +27,13 @@ from prefix_lightning.prefix.peft_format import (
     save_peft_prefix,
 )
 from prefix_lightning.prefix.positions import attach_position_shift, position_count
-from prefix_lightning.prefix.sites import AttentionSite, UnsupportedModelError, site_modules, use_prefix_attention
+from prefix_lightning.prefix.sites import (
+    AttentionSite,
+    UnsupportedModelError,
+    attention_sites,
+    site_modules,
+    use_prefix_attention,
+)
 from prefix_lightning.prefix.wiring import bind_sites, cache_layers, checkpoint_layers, site_activations, site_keys
 
 log = logging.getLogger(__name__)
@@ -291,8 +297,9 @@ class PrefixModel(nn.Module):
     def from_prefix(cls, lm: PreTrainedModel, path: str | Path) -> PrefixModel:
         """Load an exported prefix onto ``lm``; refuses a base model of another shape."""
         exported = read_prefix(path)
+        blocks = exported.fitted_blocks(lm, attention_sites(lm))  # before lm is wrapped: a refusal leaves it as it was
         model = cls(lm, exported.config)
-        exported.load_into(lm, model.sites, model.prefix_encoders)
+        load_blocks(model.prefix_encoders, blocks)
         return model
 
     @classmethod
@@ -300,13 +307,15 @@ class PrefixModel(nn.Module):
         """Load a PEFT prefix-tuning adapter (saved with or without PEFT's ``prefix_projection``: PEFT saves the
         projected values) onto the decoder-only ``lm``; refuses a base model of another shape."""
         adapter = read_peft_prefix(path)
-        model = cls(lm, length=adapter.length, reparam="none", shift_positions=True)
-        reason = model.peft_incompatibility()
+        config = PrefixConfig(length=adapter.length, reparam="none", shift_positions=True)
+        found = attention_sites(lm)  # checked before lm is wrapped: a refused adapter leaves it as it was
+        reason = peft_incompatibility(config, found, bool(lm.config.is_encoder_decoder))
         if reason is not None:
             raise ValueError(f"cannot load the PEFT prefix in {path} onto {type(lm).__name__}: {reason}")
-        sites = {site.name: site for site in model.sites}
-        by_layer = [sites[name] for name in names_by_layer(lm, model.sites)]
+        sites = {site.name: site for site in found}
+        by_layer = [sites[name] for name in names_by_layer(lm, found)]
         layers = adapter.key_values(by_layer)
+        model = cls(lm, config)
         model.set_prefix_key_values({site.name: pair for site, pair in zip(by_layer, layers, strict=True)})
         return model
 

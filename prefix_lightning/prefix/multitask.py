@@ -18,9 +18,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from prefix_lightning.prefix.bank import PrefixBank
 from prefix_lightning.prefix.config import PrefixConfig
 from prefix_lightning.prefix.encoder import PrefixEncoder, prefix_encoders, typed_encoders
-from prefix_lightning.prefix.export import CONFIG_NAME, read_prefix
+from prefix_lightning.prefix.export import CONFIG_NAME, load_blocks, read_prefix
 from prefix_lightning.prefix.model import write_prefix
-from prefix_lightning.prefix.sites import AttentionSite
+from prefix_lightning.prefix.sites import AttentionSite, attention_sites
 from prefix_lightning.prefix.wiring import site_keys
 
 
@@ -125,9 +125,11 @@ class MultiTaskPrefix(nn.Module):
         first = next(iter(configs.values()))
         if any(config != first for config in configs.values()):
             raise ValueError(f"the task prefixes in {path} differ in their settings; load them into a PrefixBank")
+        sites = attention_sites(lm)  # checked before lm is wrapped: a refused export leaves it as it was
+        blocks = {task: exported.fitted_blocks(lm, sites) for task, exported in exports.items()}
         model = cls(lm, list(exports), first)
-        for task, exported in exports.items():
-            exported.load_into(lm, model.bank.sites, model.task_prefix(task).prefix_encoders())
+        for task, task_blocks in blocks.items():
+            load_blocks(model.task_prefix(task).prefix_encoders(), task_blocks)
         return model
 
     def save(self, path: str | Path) -> Path:

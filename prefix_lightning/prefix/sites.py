@@ -89,6 +89,13 @@ def _without_sdpa(lm: PreTrainedModel) -> str:
     )
 
 
+def attention_sites(lm: PreTrainedModel) -> list[AttentionSite]:
+    """``lm``'s attention sites, none bound to a prefix: what an export is checked against before ``lm`` is
+    wrapped, so that a refused export leaves it as it was."""
+    use_prefix_attention(lm)
+    return [site for _, site in discover_sites(lm)]
+
+
 def discover_sites(lm: PreTrainedModel) -> list[tuple[torch.nn.Module, AttentionSite]]:
     """Every attention module of ``lm`` in call order, with its site description."""
     if lm.config._attn_implementation != ATTN_IMPLEMENTATION:
