@@ -33,7 +33,7 @@ from prefix_lightning.training.build import build_model
 from prefix_lightning.training.callbacks import MethodExport, ResultRecord
 from prefix_lightning.training.sharded import clip_sharded_grad_norm, fsdp_gathered
 from prefix_lightning.training.spawn import SpawnDDPStrategy
-from tests.helpers.cli import run_cli, run_failing
+from tests.helpers.cli import run_cli, run_failing, run_python
 from tests.helpers.config import compose_train
 from tests.helpers.faults import fault
 from tests.helpers.tiny import ROWS, pad_batch, tiny_lm
@@ -149,6 +149,30 @@ def test_two_process_fsdp_stops_resumes_and_ends_as_ddp_does(tmp_path: Path, dat
     tokens = [json.loads((run / "result.json").read_text())["train_tokens"] for run in (fsdp, ddp)]
     assert tokens[0] == tokens[1], "the resumed run counts the tokens of both ranks before the stop, once"
     assert all(key.startswith("model.encoders.") for key in _assert_same_checkpoint(fsdp, ddp))
+
+
+@pytest.mark.integration
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path: Path, data_dir: Path) -> None:
+    """A scheduler's signal reaches the processes at different steps; here rank 1 alone gets SIGTERM after step 1.
+    Every rank stops there (rank 0 alone going on paired its next step's gradient exchange with rank 1's save),
+    and the run resumes to the uninterrupted run's prefix."""
+    ddp, stopped = tmp_path / "ddp", tmp_path / "stopped"
+    relaunched = ["trainer=ddp_cpu", "trainer.strategy=ddp"]
+    run_cli(ddp, *SHARDED_RUN, *relaunched)
+    result = run_python(
+        "run.py",
+        f"hydra.run.dir={stopped}",
+        *SHARDED_RUN,
+        *relaunched,
+        *fault("SignalAt", step=1, name="SIGTERM", rank=1),
+        timeout=240,
+    )
+    assert result.returncode != 0
+    assert torch.load(stopped / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 1
+    run_cli(stopped, f"resume={stopped}")
+    exported, expected = (load_file(run / "prefix" / "prefix.safetensors") for run in (stopped, ddp))
+    for name, tensor in expected.items():
+        torch.testing.assert_close(exported[name], tensor, atol=1e-6, rtol=0)
 
 
 @pytest.mark.integration

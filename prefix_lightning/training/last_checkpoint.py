@@ -54,6 +54,7 @@ class LastCheckpoint(Checkpoint):
         self._saved_step = -1
         self.stopped_by: str | None = None
         self._pending: Callable[[], None] | None = None  # Lightning's stop, until a point to resume from
+        self._lightning_stop: Callable[[], None] | None = None  # the same for a rank that got no signal
 
     def save(self, trainer: L.Trainer) -> None:
         """Every rank calls this (sharded strategies gather the state); checkpoints are written atomically."""
@@ -66,7 +67,7 @@ class LastCheckpoint(Checkpoint):
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._listen(trainer)
-        self._hand_over()  # a signal that came after the last training step stops the test
+        self._hand_over(trainer)  # a signal that came after the last training step stops the test
 
     def _listen(self, trainer: L.Trainer) -> None:
         """Called right after Lightning installed its handlers (it restores the previous ones when the stage ends):
@@ -75,6 +76,7 @@ class LastCheckpoint(Checkpoint):
         if threading.current_thread() is not threading.main_thread():
             return
         lightning_sigterm = signal.getsignal(signal.SIGTERM)
+        self._lightning_stop = partial(lightning_sigterm, signal.SIGTERM, None) if callable(lightning_sigterm) else None
 
         def stop(signum: int, frame: Any) -> None:
             self.stopped_by = self.stopped_by or signal.Signals(signum).name
@@ -91,10 +93,16 @@ class LastCheckpoint(Checkpoint):
         if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None):
             signal.signal(signal.SIGUSR1, stop)
 
-    def _hand_over(self) -> None:
-        """Let Lightning stop the run (it does at the end of the current step or validation)."""
-        if self._pending is not None:
-            stop, self._pending = self._pending, None
+    def _hand_over(self, trainer: L.Trainer | None = None) -> None:
+        """Let Lightning stop the run (it does at the end of the current step or validation). Called with the
+        ``trainer`` by every process at the same point, all stop where any one was signalled: a scheduler's signal
+        reaches the processes at different steps, and one stopping alone pairs its checkpoint's collectives with
+        the others' next step (they hang)."""
+        stopping = self._pending is not None
+        if trainer is not None and trainer.world_size > 1:
+            stopping = trainer.strategy.reduce_boolean_decision(stopping, all=False)
+        stop, self._pending = self._pending or self._lightning_stop, None
+        if stopping and stop is not None:
             stop()
 
     def on_train_batch_end(
@@ -105,7 +113,7 @@ class LastCheckpoint(Checkpoint):
         # the middle of a gradient accumulation either: the checkpoint would lose the gradients accumulated so far.
         step_done = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
         if step_done and batch_idx + 1 < trainer.num_training_batches and not _validation_follows(trainer):
-            self._hand_over()
+            self._hand_over(trainer)
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
@@ -134,7 +142,7 @@ class LastCheckpoint(Checkpoint):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
             self.save(trainer)
-        self._hand_over()
+        self._hand_over(trainer)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, KeyboardInterrupt):  # a second Ctrl-C; Lightning exits with status 1 after this hook

@@ -18,13 +18,14 @@ def fault(callback: str, **options: object) -> list[str]:
 
 
 class SignalAt(L.Callback):
-    """Sends the signal ``name`` (SIGKILL, SIGINT, ...) to this very process once ``step`` steps are done."""
+    """Sends the signal ``name`` (SIGKILL, SIGINT, ...) to this very process once ``step`` steps are done; with
+    ``rank``, only the process of that rank does."""
 
-    def __init__(self, step: int, name: str) -> None:
-        self.step, self.signal = step, getattr(signal, name)
+    def __init__(self, step: int, name: str, rank: int | None = None) -> None:
+        self.step, self.signal, self.rank = step, getattr(signal, name), rank
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
-        if trainer.global_step == self.step:
+        if trainer.global_step == self.step and self.rank in (None, trainer.global_rank):
             os.kill(os.getpid(), self.signal)
 
 
