@@ -32,7 +32,7 @@ from transformers import PreTrainedTokenizerBase
 from prefix_lightning.cli import device_option, positive_int, report_errors
 from prefix_lightning.data import EncodedPrompt, Group, TextToTextCollator
 from prefix_lightning.prefix import PrefixBank, read_prefix
-from prefix_lightning.training.build import generation_settings, load_configured_backbone, source_budget
+from prefix_lightning.training.build import fitted_source_budget, generation_settings, load_configured_backbone
 from prefix_lightning.training.checks import check_generation
 from prefix_lightning.training.compose import compose_config, model_config_for
 from prefix_lightning.training.resume import exporting_run, override_key, run_config, run_model_overrides
@@ -40,6 +40,7 @@ from prefix_lightning.training.resume import exporting_run, override_key, run_co
 FORMATS = ("auto", "jsonl", "text")
 PROMPT_FORMAT = ("model.separator", "model.target_end")
 SOURCE_BUDGET = "data.max_source_tokens"
+TARGET_BUDGET = "data.max_target_tokens"
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,9 @@ def read_requests(stream: TextIO, form: str, prefixes: Sequence[str], where: str
     """Every input line, checked: JSON, a non-empty ``source`` string, a known ``prefix``."""
     if form not in FORMATS:
         raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {form!r}")
-    lines = stream.read().removeprefix("\ufeff").splitlines()  # the byte-order mark some editors write
+    # Split at line ends only (text mode has made "\r\n" one): splitlines() also splits at U+2028, form feeds, ...,
+    # which a JSON string or a source may hold. Without the byte-order mark some editors write.
+    lines = stream.read().removeprefix("\ufeff").split("\n")
     while lines and not lines[-1].strip():  # blank lines at the end, as editors leave them
         lines.pop()
     if form == "auto":
@@ -165,24 +168,32 @@ def prompt_collators(
     trained: dict[str, DictConfig],
     given: set[str],
 ) -> dict[str | None, TextToTextCollator]:
-    """For each prefix name (None: the plain LM) the collator that cuts sources to the budget its run trained with
-    (``data.max_source_tokens`` where it is given here, or no run is known)."""
-    wanted: dict[str | None, int | None] = {None: None}
-    for name in bank.names():
-        known = name in trained and SOURCE_BUDGET not in given
-        wanted[name] = OmegaConf.select(trained[name], SOURCE_BUDGET) if known else None
+    """For each prefix name (None: the plain LM) the collator that cuts sources as its run cut them: to the run's
+    ``data.max_source_tokens`` (unless given here), within what the model's positions leave beside that prefix's
+    own virtual tokens and the longer of the run's target budget and the tokens decoded here."""
+    settings: dict[str | None, tuple[int, int, int]] = {}  # virtual tokens, wanted source tokens, target tokens
+    for name in [None, *bank.names()]:
+        run = trained.get(name) if name is not None else None
+        wanted, target = cfg.data.max_source_tokens, cfg.data.max_target_tokens
+        if run is not None and SOURCE_BUDGET not in given:
+            wanted = OmegaConf.select(run, SOURCE_BUDGET, default=wanted)
+        if run is not None and TARGET_BUDGET not in given:
+            target = OmegaConf.select(run, TARGET_BUDGET, default=target)
+        virtual = 0 if name is None else bank.held(name).config.virtual_positions
+        settings[name] = (virtual, wanted, max(target, cfg.generation.max_new_tokens))
+    budgets = {setting: fitted_source_budget(bank.lm.config, *setting) for setting in set(settings.values())}
     made = {
         budget: TextToTextCollator(
             tokenizer,
             cfg.model.separator,
             cfg.model.target_end,
             bool(bank.lm.config.is_encoder_decoder),
-            max_source_tokens=source_budget(cfg, bank, budget),
+            max_source_tokens=budget,
             max_target_tokens=max(cfg.data.max_target_tokens, 2),
         )
-        for budget in set(wanted.values())
+        for budget in set(budgets.values())
     }
-    return {name: made[budget] for name, budget in wanted.items()}
+    return {name: made[budgets[setting]] for name, setting in settings.items()}
 
 
 def batches(requests: list[Request], size: int) -> Iterator[list[Request]]:

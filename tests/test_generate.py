@@ -3,6 +3,7 @@ bad inputs named by line before anything loads."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -16,10 +17,10 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
-from prefix_lightning import PrefixModel
-from prefix_lightning.generate import adopt_prompt_format, exporting_runs, main
+from prefix_lightning import PrefixBank, PrefixModel
+from prefix_lightning.generate import adopt_prompt_format, exporting_runs, main, prompt_collators, read_requests
 from prefix_lightning.training.build import generation_settings, load_configured_backbone
-from prefix_lightning.training.compose import model_config_for
+from prefix_lightning.training.compose import compose_config, model_config_for
 from prefix_lightning.training.resume import run_config, run_model_overrides
 from tests.helpers.config import REPO, compose_train
 
@@ -96,6 +97,15 @@ def test_plain_text_with_one_prefix(prefixes: dict[str, Path], tmp_path: Path) -
         assert main(options) == 0
         written = [json.loads(line) for line in output.read_text().splitlines()]
         assert [(row["source"], row["prefix"]) for row in written] == [(source, name) for source in SOURCES[:2]]
+
+
+def test_lines_end_at_line_ends_only() -> None:
+    """A raw U+2028 inside a JSON string (which generate writes itself) or a form feed in a source is no line end."""
+    held = '{"source": "first\u2028second", "prefix": "e2e"}\n{"source": "x", "prefix": "e2e"}\r\n'
+    stream = io.StringIO(held, newline=None)
+    assert [r.source for r in read_requests(stream, "auto", ["e2e"], "inputs")] == ["first\u2028second", "x"]
+    stream = io.StringIO("third\x0cfourth\nfifth\n", newline=None)
+    assert [r.source for r in read_requests(stream, "text", ["e2e"], "inputs")] == ["third\x0cfourth", "fifth"]
 
 
 @pytest.mark.parametrize(
@@ -228,6 +238,25 @@ def test_a_prefix_in_its_run_folder_decodes_on_that_runs_model(prefixes: dict[st
         command = ["--prefix", f"e2e={exported}", "--input", str(inputs), "--output", str(outputs[name])]
         assert main([*command, *options]) == 0
     assert outputs["run's"].read_text() == outputs["given"].read_text()
+
+
+def test_each_prefix_cuts_sources_as_its_run_did(tmp_path: Path) -> None:
+    """The run's source and target budgets and the prefix's own virtual tokens (not the longest prefix held), in
+    the model's positions (tiny_gpt2: 256)."""
+    cfg = compose_config("generate", ["model=tiny_gpt2", "generation.max_new_tokens=6"])
+    lm, tokenizer = load_configured_backbone(cfg)
+    bank = PrefixBank(lm)
+    bank.add("short", PrefixModel(load_configured_backbone(cfg)[0], length=3))
+    bank.add("long", PrefixModel(load_configured_backbone(cfg)[0], length=60))
+    run = OmegaConf.create({"data": {"max_source_tokens": 512, "max_target_tokens": 60}})
+    budgets = {
+        name: collator.max_source_tokens
+        for name, collator in prompt_collators(cfg, bank, tokenizer, {"short": run}, set()).items()
+    }
+    assert budgets == {None: 256 - 6, "short": 256 - 3 - 60, "long": 256 - 60 - 6}
+    cfg.data.max_source_tokens = 100  # given here: wins over the run's
+    given = prompt_collators(cfg, bank, tokenizer, {"short": run}, {"data.max_source_tokens"})
+    assert given["short"].max_source_tokens == 100
 
 
 def test_the_run_of_each_prefix_is_found(prefixes: dict[str, Path], tmp_path: Path) -> None:

@@ -159,6 +159,19 @@ def test_infix_generation_follows_the_training_layout() -> None:
     assert beams.shape[0] == len(ROWS)
 
 
+def test_infix_generation_is_the_same_whichever_way_the_prompt_comes() -> None:
+    """``inputs=`` (generate's positional name) and ``inputs_embeds=`` read the infix from the prompt's last token
+    on, as ``input_ids=`` does (they read it at every step as if it were prompt)."""
+    model = PrefixModel(tiny_lm("llama"), PrefixConfig(length=3, kind="infix", reparam="none"))
+    _randomize(model)
+    ids, mask = pad_batch(ROWS, left=True)
+    settings = {"attention_mask": mask, "max_new_tokens": 4, "do_sample": False, "pad_token_id": PAD}
+    expected = model.generate(input_ids=ids, **settings)
+    assert torch.equal(model.generate(inputs=ids, **settings), expected)
+    embeds = model.lm.get_input_embeddings()(ids)
+    assert torch.equal(model.generate(inputs_embeds=embeds, **settings), expected[:, ids.shape[1] :])
+
+
 # -- initialization and export -----------------------------------------------------------------------------
 def test_vocabulary_init_is_real_token_init_of_drawn_tokens() -> None:
     drawn = PrefixModel(tiny_lm("gpt2"), PrefixConfig(length=3, reparam="none"))

@@ -163,7 +163,7 @@ class PrefixBank(nn.Module):
     @property
     def virtual_positions(self) -> int:
         """The most positions any held prefix takes in front of the real tokens (source budgets leave room)."""
-        return max((_shift(self.held(name).config) for name in self.entries), default=0)
+        return max((self.held(name).config.virtual_positions for name in self.entries), default=0)
 
     # -- running ---------------------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> PrefixBank:
@@ -219,7 +219,7 @@ class PrefixBank(nn.Module):
             return None
         entries = [self.held(name) for name in used]
         blocks: list[list[torch.Tensor] | None] = [entry.site_blocks() for entry in entries]
-        shifts = [_shift(entry.config) for entry in entries]
+        shifts = [entry.config.virtual_positions for entry in entries]
         if None in names:  # the rows without a prefix: an entry that shows nothing
             blocks.append(None)
             shifts.append(0)
@@ -262,10 +262,6 @@ class PrefixBank(nn.Module):
             columns=current.columns[rows],
             follow_rows=current.select,
         )
-
-
-def _shift(config: PrefixConfig) -> int:
-    return config.length if config.shift_positions else 0
 
 
 def _rows_of(inputs: dict[str, Any]) -> int:

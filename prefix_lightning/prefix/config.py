@@ -77,6 +77,11 @@ class PrefixConfig:
             raise ValueError(f"unknown prefix option {', '.join(unknown)}; options: {', '.join(sorted(known))}")
         return cls(**values)
 
+    @property
+    def virtual_positions(self) -> int:
+        """The positions the prefix takes in front of the real tokens (none where they keep theirs)."""
+        return self.length if self.shift_positions else 0
+
     def without_initialization(self) -> PrefixConfig:
         """The same prefix, to be loaded rather than initialized."""
         return replace(self, init_text=None, init_vocab=False)

@@ -70,8 +70,7 @@ class PrefixModel(nn.Module):
         kind = self.config.kind
         if kind != "prefix" and lm.config.is_encoder_decoder:
             raise UnsupportedModelError(f"prefix kind {kind!r} is for decoder-only LMs; {type(lm).__name__} is not one")
-        shift = self.config.length if self.config.shift_positions else 0
-        self.injector = PrefixInjector(infix=kind == "infix", shift=shift)
+        self.injector = PrefixInjector(infix=kind == "infix", shift=self.config.virtual_positions)
         self.sites: list[AttentionSite] = bind_sites(lm, self.injector, self.config.shift_positions)
         # transformers types the embeddings as a plain Module.
         embed_dim: int = lm.get_input_embeddings().embedding_dim  # type: ignore[assignment]
@@ -85,7 +84,7 @@ class PrefixModel(nn.Module):
 
     @property
     def virtual_positions(self) -> int:
-        return self.config.length if self.config.shift_positions else 0
+        return self.config.virtual_positions
 
     # -- running -------------------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> PrefixModel:
@@ -158,7 +157,11 @@ class PrefixModel(nn.Module):
             shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
             raise ValueError(f"input_ids must be a tensor of (batch, tokens), as a tokenizer returns it; got {shape}")
         self._materialize()
-        self.injector.prompt_width = input_ids.shape[1] if input_ids is not None else None
+        # An infix is read from the prompt's last token on, whichever way the prompt comes.
+        prompt = next(
+            (kwargs[key] for key in ("input_ids", "inputs", "inputs_embeds") if kwargs.get(key) is not None), None
+        )
+        self.injector.prompt_width = prompt.shape[1] if isinstance(prompt, torch.Tensor) and prompt.ndim >= 2 else None
         try:
             return generate(self.lm, kwargs, self.packed_weights, self._cached_prefix())
         finally:

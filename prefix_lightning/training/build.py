@@ -11,7 +11,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch._dynamo.exc import InvalidBackend
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from prefix_lightning.backbones import load_backbone
 from prefix_lightning.backbones.compiled import compile_lm
@@ -107,22 +107,24 @@ class _Positioned(Protocol):
     def virtual_positions(self) -> int: ...
 
 
-def source_budget(cfg: DictConfig, model: _Positioned, wanted: int | None = None) -> int:
-    """``wanted`` (default ``data.max_source_tokens``), cut down where source, target and virtual tokens would not
-    fit the model's positions (the target as trained or as decoded, ``generation.max_new_tokens``, whichever is
-    longer)."""
-    wanted = cfg.data.max_source_tokens if wanted is None else wanted
+def source_budget(cfg: DictConfig, model: _Positioned) -> int:
+    """``data.max_source_tokens``, cut down where source, target and virtual tokens would not fit the model's
+    positions (see :func:`fitted_source_budget`)."""
     target = max(cfg.data.max_target_tokens, OmegaConf.select(cfg, "generation.max_new_tokens") or 0)
-    config = model.lm.config
+    return fitted_source_budget(model.lm.config, model.virtual_positions, cfg.data.max_source_tokens, target)
+
+
+def fitted_source_budget(config: PretrainedConfig, virtual_positions: int, wanted: int, target: int) -> int:
+    """``wanted`` source tokens, cut down where they, the ``target`` (the longer of the target as trained and as
+    decoded) and the virtual tokens would not fit the positions of a model of ``config``."""
     context = position_count(config)
     if context is None:
         return wanted
-    occupied = model.virtual_positions
-    budget = context - occupied if config.is_encoder_decoder else context - occupied - target
+    budget = context - virtual_positions if config.is_encoder_decoder else context - virtual_positions - target
     if budget < 1:
         raise ConfigError(
             f"a target of {target} tokens (the longer of data.max_target_tokens and generation.max_new_tokens) "
-            f"plus {occupied} virtual tokens leave no room for the source in the model's {context} positions"
+            f"plus {virtual_positions} virtual tokens leave no room for the source in the model's {context} positions"
         )
     if wanted > budget:
         log.warning(
@@ -130,7 +132,7 @@ def source_budget(cfg: DictConfig, model: _Positioned, wanted: int | None = None
             "to %d tokens (the data loader reports how many were cut)",
             wanted,
             context,
-            occupied,
+            virtual_positions,
             "" if config.is_encoder_decoder else f", target {target}",
             budget,
         )
