@@ -159,6 +159,20 @@ def test_infix_generation_follows_the_training_layout() -> None:
     assert beams.shape[0] == len(ROWS)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_infix_forward_without_a_mask_sees_the_source(family: str) -> None:
+    """The target's positions jump by L after the infix; without a mask (and without a cache) transformers read the
+    jump as a second sequence packed into the row and hid the source from the target."""
+    model = PrefixModel(tiny_lm(family), PrefixConfig(length=3, kind="infix", reparam="none"))
+    _randomize(model)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]] * 2)
+    labels = ids.masked_fill(torch.arange(6) < 3, IGNORE_INDEX)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).logits
+        for use_cache in (True, False):
+            torch.testing.assert_close(model(input_ids=ids, labels=labels, use_cache=use_cache).logits, expected)
+
+
 def test_infix_generation_is_the_same_whichever_way_the_prompt_comes() -> None:
     """``inputs=`` (generate's positional name) and ``inputs_embeds=`` read the infix from the prompt's last token
     on, as ``input_ids=`` does (they read it at every step as if it were prompt)."""

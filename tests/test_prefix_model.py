@@ -195,6 +195,25 @@ def test_beam_search_shares_the_prefix_across_beams() -> None:
     assert [call.key.shape[0] for call in calls] == [3] * prompt_calls + [12] * (len(calls) - prompt_calls)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("kind", ["embedding", "infix"])
+def test_gradient_checkpointing_keeps_the_gradients_of_every_prefix_kind(kind: str, family: str) -> None:
+    """An embedding-only prefix trains through the LM's own pass over it, which is not recomputed (it would run
+    again with the prefix switched back on)."""
+    model = PrefixModel(tiny_lm(family), PrefixConfig(length=3, kind=kind, hidden_dim=16)).train()
+    ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
+
+    def gradients() -> list[torch.Tensor]:
+        model.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return [parameter.grad.clone() for parameter in model.trainable_parameters()]
+
+    plain = gradients()
+    model.enable_gradient_checkpointing()
+    for checkpointed, expected in zip(gradients(), plain, strict=True):
+        torch.testing.assert_close(checkpointed, expected)
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "bart", "t5"])
 def test_gradient_checkpointing_recomputes_with_the_prefix(kind: str) -> None:
     """Invariant 5: same gradients, and the layers really run twice (in the forward as the README calls it: the

@@ -67,6 +67,11 @@ def _shift_position_ids(
             start, count = _cached_length(tokens, kwargs), tokens.shape[1]
             _, after = infix_rows(injector, kwargs.get(INFIX_QUERIES), start, count, tokens.device)
             kwargs["position_ids"] = positions + shift * after
+            if kwargs.get("attention_mask") is None:
+                # Without a mask transformers takes a jump in the position ids for the start of another sequence
+                # packed into the row, and hides the source from the target.
+                rows = tokens.shape[0]
+                kwargs["attention_mask"] = torch.ones(rows, start + count, dtype=torch.long, device=tokens.device)
         else:
             kwargs["position_ids"] = positions + shift
     return args, kwargs

@@ -5,6 +5,7 @@ layer, recompute the layers in backward."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextvars import ContextVar
 from functools import partial
 from typing import Any
 
@@ -47,8 +48,14 @@ def site_activations(
 ) -> list[torch.Tensor]:
     """The plain LM's keys/values of one sequence at every site, (2, kv_heads, tokens, head_dim), with the prefix
     switched off (positions 0, 1, ...): what a prefix of those tokens holds."""
-    with injector.disabled(), record_attention_calls() as calls:
-        lm(**inputs, use_cache=False)
+    # Not recomputed in backward: the layers would run again with the prefix switched back on (an embedding-only
+    # prefix's own pass, which trains through them, computed other tensors the second time).
+    token = _recomputing.set(False)
+    try:
+        with injector.disabled(), record_attention_calls() as calls:
+            lm(**inputs, use_cache=False)
+    finally:
+        _recomputing.reset(token)
     by_module = {id(call.module): call for call in calls}
     return [torch.stack([call.key[0], call.value[0]]) for call in (by_module[id(m)] for m in site_modules(lm, sites))]
 
@@ -77,9 +84,13 @@ def checkpoint_layers(lm: PreTrainedModel) -> None:
             module.forward = partial(_checkpointed, module)
 
 
+# Whether checkpointed layers recompute in backward; off for passes that run with the prefix switched off.
+_recomputing: ContextVar[bool] = ContextVar("recomputing", default=True)
+
+
 def _checkpointed(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """The layer's own forward, recomputed in backward (a partial of this function pickles with the model)."""
     forward = partial(type(module).forward, module)
-    if not torch.is_grad_enabled():
+    if not torch.is_grad_enabled() or not _recomputing.get():
         return forward(*args, **kwargs)
     return checkpoint(forward, *args, use_reentrant=False, **kwargs)
