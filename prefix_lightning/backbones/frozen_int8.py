@@ -26,6 +26,19 @@ class FrozenLinear8bitLt(bnb.nn.Linear8bitLt):
             return _FrozenInt8Product.apply(x, self)
         return super().forward(x)
 
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any, **kwargs: Any) -> None:
+        """bitsandbytes refuses a state dict ("non-quantized Linear8bitLt") once the first forward has moved the
+        scales from the weight into the state (Lightning's spawned DDP loads the workers' weights so): the weight
+        points at them for the load."""
+        moved = getattr(self.weight, "SCB", None) is None and self.state.SCB is not None
+        if moved:
+            self.weight.SCB = self.state.SCB
+        try:
+            super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        finally:
+            if moved:
+                self.weight.SCB = None
+
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The float weight the int8 one stands for: each row's int8 values times its scale / 127."""
         # bitsandbytes moves the int8 weight and its scales into the state at the first forward.
