@@ -234,3 +234,16 @@ def test_benchmark_refuses_full_finetuning_of_a_quantized_lm_before_running() ->
     setting = Setting(("model=tiny_llama", "model.backbone.quantization=int8"), 1, 0, 1, 1, "32", "cpu", 1, None)
     with pytest.raises(ValueError, match="phase train_full trains the LM's own weights"):
         run_benchmark(setting, ("train_ours", "train_full"), report=pytest.fail)
+
+
+@pytest.mark.integration
+def test_under_bf16_every_frozen_lm_is_stored_in_bf16(tmp_path: Path, data_dir: Path) -> None:
+    """PEFT's frozen LM is stored as ours is (bf16), or the comparison measures float32 storage against bf16; full
+    fine-tuning keeps float32 weights, as mixed precision trains them."""
+    output = tmp_path / "benchmark.json"
+    arguments = ["-m", "prefix_lightning.benchmark", "--steps", "1", "--warmup", "1", "--threads", "1"]
+    arguments += ["--precision", "bf16-mixed", "--phases", "train_ours,train_peft,train_full", "--output", str(output)]
+    result = run_python(*arguments, "model=tiny_llama")
+    assert result.returncode == 0, result.stderr[-3000:]
+    stored = {name: phase["frozen_lm"] for name, phase in json.loads(output.read_text())["results"].items()}
+    assert stored == {"train_ours": "bfloat16", "train_peft": "bfloat16", "train_full": "float32"}

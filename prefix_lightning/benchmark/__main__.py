@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--precision",
         choices=PRECISIONS,
         default="32",
-        help="32 (default), or bf16-mixed: autocast for every method; our frozen LM is then stored in bf16",
+        help="32 (default), or bf16-mixed: autocast for every method; a frozen LM (ours, PEFT's) is stored in bf16",
     )
     parser.add_argument("--device", type=device_option, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch threads per phase (default: torch's)")

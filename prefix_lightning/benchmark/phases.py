@@ -55,7 +55,7 @@ class Setting:
     warmup: int  # untimed training steps before them
     inputs: int  # test inputs decoded with the configured beam search
     check_inputs: int  # test inputs decoded greedily to check that both models decode alike
-    precision: str  # "32", or "bf16-mixed" (autocast; our frozen LM is then stored in bf16 too)
+    precision: str  # "32", or "bf16-mixed" (autocast; a frozen LM, ours or PEFT's, is then stored in bf16)
     device: str
     threads: int | None  # torch threads per phase (None: torch's default)
     prefix_dir: str | None  # exported prefix that both decoders load (None: the one train_ours ends with)
@@ -67,7 +67,8 @@ class Setting:
 
 # -- setting up a phase ------------------------------------------------------------------------------------
 def _start(setting: Setting, frozen_in_compute_dtype: bool = False) -> DictConfig:
-    """The phase's config; under bf16-mixed a model that stays frozen is stored in bf16 (half the memory)."""
+    """The phase's config; under bf16-mixed a model that stays frozen (ours, PEFT's) is stored in bf16 (half the
+    memory), one whose weights train (full fine-tuning) in float32, as mixed precision keeps them."""
     if setting.threads:
         torch.set_num_threads(setting.threads)
     warnings.filterwarnings("ignore", category=FutureWarning)  # PEFT's and transformers' deprecation notes
@@ -273,7 +274,7 @@ def train_peft(setting: Setting) -> dict[str, Any]:
     """PEFT's prefix tuning, used the usual way: ``model(**batch).loss``."""
     from peft import get_peft_model
 
-    cfg = _start(setting)
+    cfg = _start(setting, frozen_in_compute_dtype=True)  # PEFT's frozen LM stored as ours is
     lm, tokenizer = _backbone(cfg, setting.device)
     flops = 4 * matmul_parameters(lm)  # frozen LM: no weight gradients
     model = get_peft_model(lm, peft_prefix_config(_prefix_config(cfg))).train()
@@ -363,7 +364,7 @@ def generate_peft(setting: Setting) -> dict[str, Any]:
     """The same prefix values as PEFT loads them from the export's PEFT files (inference layout: its MLP dropped, as
     PEFT saves it), decoded through ``peft_generate``; the bare LM's greedy outputs come along to show that the
     prefix is used."""
-    cfg = _start(setting)
+    cfg = _start(setting, frozen_in_compute_dtype=True)  # PEFT's frozen LM stored as ours is
     lm, tokenizer = _backbone(cfg, setting.device)
     model = PeftPrefixTuning.from_export(lm, _prefix_dir(setting)).lm.to(setting.device).eval()  # PEFT files
     result = _decode("generate_peft", setting, cfg, tokenizer, partial(peft_generate, model))
