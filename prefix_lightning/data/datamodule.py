@@ -26,7 +26,9 @@ class TextToTextDataModule(L.LightningDataModule):
 
     - `train_size`: number of training (source, target) pairs drawn at random with `subset_seed`; the draw
       uses its own generator, so every DDP rank gets the same subset, and for one seed smaller subsets are
-      contained in larger ones. None keeps all pairs.
+      contained in larger ones where the pool they are drawn from does not depend on `train_size` (not with
+      `val_fraction` on a held-out part of the training file: each size holds out its own groups, and draws
+      anew). None keeps all pairs.
     - `val_size` / `test_size`: number of groups (inputs with all their references), the first N in file
       order. None keeps all.
     - `val_fraction`: when `val_size` is None, validate on `val_fraction` x `train_size` groups (rounded, at
