@@ -367,6 +367,22 @@ def test_a_refused_export_leaves_the_lm_as_it_was(loader: str, tmp_path: Path) -
     load(lm, good)
 
 
+def test_t5_decodes_left_padded_inputs_as_right_padded_ones() -> None:
+    """A prefix's relative bias counts from the row's first column: left-padded encoder inputs are right-aligned
+    (T5's own biases, between real tokens, do not move)."""
+    model = PrefixModel(tiny_lm("t5"), PrefixConfig(length=3, reparam="none")).eval()
+    model.init_prefix_from_tokens(WORDS)
+    settings = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": PAD}
+    settings |= {"output_logits": True, "return_dict_in_generate": True}
+    outputs = []
+    for left in (True, False):
+        ids, mask = pad_batch(ROWS, left)
+        outputs.append(model.generate(input_ids=ids, attention_mask=mask, **settings))
+    assert torch.equal(outputs[0].sequences, outputs[1].sequences)
+    for left_padded, right_padded in zip(outputs[0].logits, outputs[1].logits, strict=True):
+        torch.testing.assert_close(left_padded, right_padded, atol=1e-5, rtol=0)
+
+
 def test_real_word_init_with_mlp_fits_the_target() -> None:
     direct = PrefixModel(tiny_lm("gpt2"), PrefixConfig(length=4, reparam="none"))
     direct.init_prefix_from_tokens(WORDS)

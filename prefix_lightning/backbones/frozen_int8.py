@@ -32,12 +32,12 @@ class FrozenLinear8bitLt(bnb.nn.Linear8bitLt):
         points at them for the load."""
         moved = getattr(self.weight, "SCB", None) is None and self.state.SCB is not None
         if moved:
-            self.weight.SCB = self.state.SCB
+            self.weight.SCB = self.state.SCB  # type: ignore[attr-defined]  # bitsandbytes' Int8Params
         try:
             super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         finally:
             if moved:
-                self.weight.SCB = None
+                self.weight.SCB = None  # type: ignore[attr-defined]
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The float weight the int8 one stands for: each row's int8 values times its scale / 127."""

@@ -13,18 +13,20 @@ input, the positions that real-word initialization computes them at:
   what L real encoder tokens would get.
 - with ``prefix.shift_positions=false`` the prefix has no position: its columns get zero bias everywhere.
 
-Encoder inputs are right-padded (T5's own convention): T5 measures distances from the first column of the padded
-row, and so does the prefix.
+Encoder inputs are right-padded (T5's own convention): the prefix's distances count from the first column of the
+padded row, which is the row's first token only there. Decoding right-aligns left-padded encoder inputs
+(:func:`right_padded`); T5's own biases, between real tokens, do not depend on where the padding stands.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
 from prefix_lightning.prefix.attention import PrefixBias
 from prefix_lightning.prefix.sites import AttentionSite, UnsupportedModelError
@@ -85,3 +87,18 @@ def prefix_bias_hooks(
         else:
             hooks[module] = partial(_relative_columns, source)
     return hooks
+
+
+def measures_relative_positions(config: PretrainedConfig) -> bool:
+    """Whether a model of ``config`` biases attention by relative positions (the T5 family)."""
+    return getattr(config, "relative_attention_num_buckets", None) is not None
+
+
+def right_padded(inputs: dict[str, Any]) -> dict[str, Any]:
+    """``inputs`` with each row's padding moved after its tokens (a stable sort of the mask: right-padded rows stay
+    as they are)."""
+    ids, mask = inputs.get("input_ids"), inputs.get("attention_mask")
+    if ids is None or mask is None or mask.ndim != 2:
+        return inputs
+    order = torch.sort((mask == 0).int(), dim=1, stable=True).indices
+    return {**inputs, "input_ids": ids.gather(1, order), "attention_mask": mask.gather(1, order)}
