@@ -129,8 +129,17 @@ def test_prefixes_peft_cannot_compute_exactly_are_refused_with_the_reason(
 
 def test_foreign_or_misfitting_adapters_are_refused_in_one_line(tmp_path: Path) -> None:
     PrefixModel(tiny_lm("llama"), length=LENGTH).save(tmp_path / "llama", format="peft")
-    with pytest.raises(ValueError, match=r"is for 3 layers of key/value width 16, but this model has 2 layers"):
+    with pytest.raises(
+        ValueError, match=r"is for 3 layers of key/value width 16 in 2 heads, but this model has 2 layers"
+    ):
         PrefixModel.from_peft(tiny_lm("gpt2"), tmp_path / "llama")
+    PrefixModel(tiny_lm("gpt2"), length=LENGTH).save(tmp_path / "gpt2", format="peft")  # 4 heads x 8
+    with pytest.raises(ValueError, match=r"width 32 in 4 heads, but this model has 2 layers of 2 key/value heads x 16"):
+        PrefixModel.from_peft(tiny_lm("gpt2", n_head=2), tmp_path / "gpt2")
+    config = json.loads((tmp_path / "gpt2" / "adapter_config.json").read_text())
+    (tmp_path / "gpt2" / "adapter_config.json").write_text(json.dumps({**config, "task_type": "SEQ_2_SEQ_LM"}))
+    with pytest.raises(ValueError, match=r"is a SEQ_2_SEQ_LM adapter; PEFT prefixes load onto decoder-only LMs"):
+        PrefixModel.from_peft(tiny_lm("gpt2"), tmp_path / "gpt2")
     get_peft_model(tiny_lm("gpt2"), LoraConfig(r=2, task_type="CAUSAL_LM")).save_pretrained(tmp_path / "lora")
     with pytest.raises(ValueError, match=r"describes a 'LORA' adapter, not PEFT's prefix tuning"):
         PrefixModel.from_peft(tiny_lm("gpt2"), tmp_path / "lora")

@@ -347,7 +347,7 @@ def test_a_refused_export_leaves_the_lm_as_it_was(loader: str, tmp_path: Path) -
         shutil.copytree(good, bad)
         _truncated(bad / "b", "prefix.safetensors")
     elif loader == "from_peft":
-        load, message = PrefixModel.from_peft, "is for 3 layers of key/value width 16, but this model has 2 layers"
+        load, message = PrefixModel.from_peft, "is for 3 layers of key/value width 16 in 2 heads, but this model has 2"
         PrefixModel(tiny_lm("gpt2"), PrefixConfig(length=3)).save(good, format="peft")
         PrefixModel(tiny_lm("llama"), PrefixConfig(length=3)).save(bad, format="peft")
     else:

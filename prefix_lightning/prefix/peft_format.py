@@ -116,15 +116,18 @@ class PeftPrefix:
     layers: int
     token_dim: int
     table: torch.Tensor
+    heads: int | None = None  # the key/value heads the width splits into (``num_attention_heads``), where recorded
 
     def key_values(self, sites: Sequence[AttentionSite]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Each layer's (keys, values) for a model with these attention ``sites``; refuses another shape."""
+        """Each layer's (keys, values) for a model with these attention ``sites``; refuses another shape (the same
+        width split into other heads included: the values would land in the wrong heads)."""
         kv_heads, head_dim = sites[0].kv_heads, sites[0].head_dim
-        if self.layers != len(sites) or self.token_dim != kv_heads * head_dim:
+        if self.layers != len(sites) or self.token_dim != kv_heads * head_dim or self.heads not in (None, kv_heads):
+            heads = f" in {self.heads} heads" if self.heads is not None else ""
             raise ValueError(
-                f"the PEFT prefix in {self.folder} is for {self.layers} layers of key/value width {self.token_dim}, "
-                f"but this model has {len(sites)} layers of {kv_heads} key/value heads x {head_dim}: load it onto the "
-                "base model it was trained for"
+                f"the PEFT prefix in {self.folder} is for {self.layers} layers of key/value width {self.token_dim}"
+                f"{heads}, but this model has {len(sites)} layers of {kv_heads} key/value heads x {head_dim}: load it "
+                "onto the base model it was trained for"
             )
         return layer_key_values(self.table, self.layers, kv_heads, head_dim)
 
@@ -152,7 +155,11 @@ def read_peft_prefix(folder: str | Path) -> PeftPrefix:
             f"{folder} holds a {TABLE} table of shape {tuple(table.shape)}, but {PEFT_CONFIG} describes "
             f"({length}, {layers} layers x 2 x {token_dim})"
         )
-    return PeftPrefix(folder, length, layers, token_dim, table.float())
+    task = description.get("task_type")
+    if task not in (None, "CAUSAL_LM"):
+        raise ValueError(f"{config_file} is a {task} adapter; PEFT prefixes load onto decoder-only LMs (CAUSAL_LM)")
+    heads = description.get("num_attention_heads")
+    return PeftPrefix(folder, length, layers, token_dim, table.float(), int(heads) if heads is not None else None)
 
 
 def _read_table(folder: Path) -> torch.Tensor:
