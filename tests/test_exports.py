@@ -55,7 +55,10 @@ def test_every_export_folder_has_a_model_card_of_the_runs_facts(runs: dict[str, 
     for method, run in runs.items():
         record = json.loads((run / "result.json").read_text())
         card = (run / record["prefix"] / "README.md").read_text()
-        assert card.startswith("---\n") and f"# {method if method != 'top2' else 'top_layers'} for tiny_llama" in card
+        assert card.startswith("---\n") and f"# {method} for tiny_llama" in card
+        assert f"(`python run.py method={method} ...`)" in card  # the config's own name: top2, not top_layers
+        if method in ("prefix", "embedding", "infix"):
+            assert f"(stored as {'input embeddings' if method == 'embedding' else 'keys/values'};" in card
         assert " on e2e\n" in card and "| data | 16 training pairs |" in card
         assert f"exported: the best validation checkpoint, step {record['exported_step']}" in card
         for name, value in record["test"].items():

@@ -262,7 +262,7 @@ def test_load_backbone_quantizes_after_loading(gpt2_tokenizer) -> None:
     [
         (["model.backbone.quantization=int3"], "model.backbone: unknown quantization 'int3'; allowed: int8, int4"),
         (["model.backbone.quantization=int8", "method=full"], "method full trains the LM's own weights"),
-        (["model.backbone.quantization=int4", "method=top2"], "method top_layers trains the LM's own weights"),
+        (["model.backbone.quantization=int4", "method=top2"], "method top2 trains the LM's own weights"),
     ],
 )
 def test_bad_combinations_are_refused_before_loading(overrides: list[str], message: str, tmp_path: Path) -> None:

@@ -17,6 +17,8 @@ from prefix_lightning.prefix.export import CONFIG_NAME
 from prefix_lightning.prefix.peft_format import PEFT_CONFIG
 
 CARD = "README.md"
+# What an export of each prefix kind holds.
+STORED = {"prefix": "keys/values", "infix": "keys/values", "embedding": "input embeddings"}
 TASKS = {"e2e": "table-to-text", "webnlg": "table-to-text", "dart": "table-to-text", "xsum": "summarization"}
 
 
@@ -55,7 +57,7 @@ class ModelCard:
             f"# {self.method} for {self._base_name()} on {self.dataset}",
             "",
             f"Trained with prefix-lightning (`python run.py method={self.method} ...`) for {task} on {self.dataset}. "
-            f"This folder holds what the method trained: {self._contents(files)}.",
+            f"This folder holds what the method trained: {self._contents(folder, files)}.",
             "",
             "| | |",
             "|---|---|",
@@ -92,8 +94,12 @@ class ModelCard:
         return folder / CARD
 
     @staticmethod
-    def _contents(files: set[str]) -> str:
+    def _contents(folder: Path, files: set[str]) -> str:
         if CONFIG_NAME in files:
+            if _prefix_kind(folder) == "embedding":
+                return (
+                    "the prefix's input embeddings, which the LM reads in front of the input (the training MLP dropped)"
+                )
             also = ", also as PEFT's prefix-tuning adapter" if PEFT_CONFIG in files else ""
             return f"the prefix's keys and values for every attention layer (the training MLP dropped){also}"
         if TOP_LAYERS_CONFIG in files:
@@ -137,7 +143,7 @@ class ModelCard:
         prefix = json.loads((folder / CONFIG_NAME).read_text())["prefix"]
         return [
             f"| prefix | kind {prefix['kind']}, length {prefix['length']}, positions shifted: "
-            f"{prefix['shift_positions']} (stored as keys/values; the training MLP is dropped) |"
+            f"{prefix['shift_positions']} (stored as {STORED[prefix['kind']]}; the training MLP is dropped) |"
         ]
 
     def _backbone_arguments(self) -> dict[str, Any]:
@@ -183,3 +189,7 @@ def write_cards(card: ModelCard, folder: str | Path, tasks: Sequence[str] | None
         share = card.trainable_params // len(tasks) if card.trainable_params is not None else None
         written.append(replace(card, dataset=task, metrics=scores, trainable_params=share).write(folder / task))
     return written
+
+
+def _prefix_kind(folder: Path) -> str:
+    return str(json.loads((folder / CONFIG_NAME).read_text())["prefix"]["kind"])
