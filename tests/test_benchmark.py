@@ -134,9 +134,11 @@ def test_model_flops_count_each_matrix_once(tmp_path: Path) -> None:
     assert mfu(1000.0, 4e9, None) is None
 
 
-def test_a_phase_list_naming_no_phase_is_refused() -> None:
+def test_a_phase_list_naming_no_phase_or_one_twice_is_refused() -> None:
     with pytest.raises(ValueError, match="--phases ',' names no phase"):
         benchmark_main(["--phases", ","])
+    with pytest.raises(ValueError, match="names train_ours more than once"):  # one result each: the first was lost
+        benchmark_main(["--phases", "train_ours,train_peft,train_ours"])
 
 
 @pytest.mark.parametrize(

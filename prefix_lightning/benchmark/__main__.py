@@ -148,6 +148,9 @@ def _phases(names: str) -> tuple[str, ...]:
     phases = tuple(name for name in names.split(",") if name)
     if not phases:
         raise ValueError(f"--phases {names!r} names no phase")
+    repeated = sorted({name for name in phases if phases.count(name) > 1})
+    if repeated:
+        raise ValueError(f"--phases {names!r} names {', '.join(repeated)} more than once (one result per phase)")
     return phases
 
 

@@ -29,6 +29,7 @@ from prefix_lightning.backbones import backbone_identity
 from prefix_lightning.files import atomic_write
 from prefix_lightning.prefix.config import PrefixConfig
 from prefix_lightning.prefix.encoder import PrefixEncoder, prefix_encoders, typed_encoders
+from prefix_lightning.prefix.peft_format import PEFT_CONFIG
 from prefix_lightning.prefix.sites import AttentionSite
 
 log = logging.getLogger(__name__)
@@ -199,7 +200,10 @@ def read_prefix(folder: str | Path) -> ExportedPrefix:
     folder = Path(folder)
     config_file = folder / CONFIG_NAME
     if not config_file.is_file():
-        raise FileNotFoundError(f"no exported prefix at {folder}: {CONFIG_NAME} is missing")
+        peft = (
+            " (it holds a PEFT adapter: PrefixModel.from_peft loads that)" if (folder / PEFT_CONFIG).is_file() else ""
+        )
+        raise FileNotFoundError(f"no exported prefix at {folder}: {CONFIG_NAME} is missing{peft}")
     try:
         description = json.loads(config_file.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as error:

@@ -149,7 +149,12 @@ def read_peft_prefix(folder: str | Path) -> PeftPrefix:
     if missing:
         raise ValueError(f"{config_file} lacks {', '.join(missing)} (written before PEFT loaded it onto a model?)")
     table = _read_table(folder)
-    length, layers, token_dim = (int(description[key]) for key in ("num_virtual_tokens", "num_layers", "token_dim"))
+    try:
+        length, layers, token_dim = (int(description[key]) for key in ("num_virtual_tokens", "num_layers", "token_dim"))
+    except (TypeError, ValueError) as error:
+        raise ValueError(
+            f"{config_file}: num_virtual_tokens, num_layers and token_dim must be integers ({error})"
+        ) from error
     if tuple(table.shape) != (length, layers * 2 * token_dim):
         raise ValueError(
             f"{folder} holds a {TABLE} table of shape {tuple(table.shape)}, but {PEFT_CONFIG} describes "
