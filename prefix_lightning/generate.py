@@ -260,6 +260,7 @@ def run(args: argparse.Namespace) -> int:
         bank.add(name, folder)
     settings = generation_settings(cfg, tokenizer)
     collators = prompt_collators(cfg, bank, tokenizer, trained, given)
+    torch.manual_seed(cfg.seed)  # sampled decoding: the same seed, the same outputs
     text_output = args.output.endswith(".txt")
     with opened(args.output, "w") as out:
         for chunk in tqdm(list(batches(requests, args.batch_size)), desc="generate", unit="batch", file=sys.stderr):

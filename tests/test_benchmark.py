@@ -148,6 +148,7 @@ def test_a_phase_list_naming_no_phase_or_one_twice_is_refused() -> None:
         (["--peak-tflops", "-5"], "argument --peak-tflops: -5 is not valid: use a number above 0"),
         (["--threads", "0"], "argument --threads: 0 is not valid"),
         (["--device", "nonsense"], "argument --device: 'nonsense' is not a torch device"),
+        (["--device", "meta"], "argument --device: 'meta' holds no data: give a device that computes"),
         (["--mixed-prefix", "a", "--mixed-prefix", "b", "--mixed-prefix", "c", "--mixed-prefix", "d"], "at most 3"),
         (["--output", "."], "--output .: a folder; give the JSON file to write"),
         (["--run", "float32"], "--run picks runs of a suite: give --suite too"),
@@ -160,6 +161,15 @@ def test_bad_options_are_refused_before_anything_runs(
     with pytest.raises(SystemExit):
         benchmark_main(arguments)
     assert message in capsys.readouterr().err
+
+
+def test_devices_this_machine_lacks_are_refused(capsys: pytest.CaptureFixture) -> None:
+    lacking = [f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"]
+    lacking += [] if torch.backends.mps.is_available() else ["mps"]
+    for device in lacking:
+        with pytest.raises(SystemExit):
+            benchmark_main(["--device", device])
+        assert f"argument --device: '{device}': this " in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="what a machine without a GPU says")

@@ -99,6 +99,19 @@ def test_plain_text_with_one_prefix(prefixes: dict[str, Path], tmp_path: Path) -
         assert [(row["source"], row["prefix"]) for row in written] == [(source, name) for source in SOURCES[:2]]
 
 
+def test_sampled_decoding_is_seeded(prefixes: dict[str, Path], tmp_path: Path) -> None:
+    inputs = write_jsonl(tmp_path / "inputs.jsonl", [{"source": source} for source in SOURCES])
+    sampling = ["generation.do_sample=true", "generation.num_beams=1"]
+
+    def sampled(*overrides: str) -> str:
+        output = tmp_path / "outputs.jsonl"
+        options = ["--prefix", str(prefixes["e2e"]), "--input", str(inputs), "--output", str(output)]
+        assert main([*options, *GENERATE, *sampling, *overrides]) == 0
+        return output.read_text()
+
+    assert sampled() == sampled() != sampled("seed=2")
+
+
 def test_lines_end_at_line_ends_only() -> None:
     """A raw U+2028 inside a JSON string (which generate writes itself) or a form feed in a source is no line end."""
     held = '{"source": "first\u2028second", "prefix": "e2e"}\n{"source": "x", "prefix": "e2e"}\r\n'
