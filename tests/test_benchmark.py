@@ -150,6 +150,7 @@ def test_a_phase_list_naming_no_phase_or_one_twice_is_refused() -> None:
         (["--device", "nonsense"], "argument --device: 'nonsense' is not a torch device"),
         (["--device", "meta"], "argument --device: 'meta' holds no data: give a device that computes"),
         (["--mixed-prefix", "a", "--mixed-prefix", "b", "--mixed-prefix", "c", "--mixed-prefix", "d"], "at most 3"),
+        (["--phases", "train_ours", "--fixed-new-tokens", "4"], "--fixed-new-tokens: for generate_mixed, which"),
         (["--output", "."], "--output .: a folder; give the JSON file to write"),
         (["--run", "float32"], "--run picks runs of a suite: give --suite too"),
         (["--suite", "frozen_lm", "--run", "fp32"], "--run 'fp32': not a run of suite frozen_lm; its runs: ['float32'"),

@@ -108,6 +108,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--warmup must be 0 or more")
     if len(args.mixed_prefix) > MIXED - 1:
         parser.error(f"--mixed-prefix: at most {MIXED - 1} (batches mix {MIXED} prefixes, --prefix's among them)")
+    mixing = [
+        option
+        for option, value in (("--mixed-prefix", args.mixed_prefix), ("--fixed-new-tokens", args.fixed_new_tokens))
+        if value
+    ]
+    if mixing and args.suite is None and "generate_mixed" not in args.phases.split(","):
+        parser.error(f"{' and '.join(mixing)}: for generate_mixed, which --phases leaves out")
     if args.suite == "gpu" and torch.device(args.device).type != "cuda":
         parser.error(f"--suite gpu measures real model shapes on a GPU (hours on --device {args.device}): use a GPU")
     if args.run:
