@@ -84,6 +84,15 @@ def test_every_prefix_export_carries_peft_files_where_peft_can_hold_it(tmp_path:
     assert {PEFT_CONFIG, PEFT_WEIGHTS, "prefix_config.json"} <= {p.name for p in (tmp_path / "llama").iterdir()}
     described = json.loads((tmp_path / "llama" / PEFT_CONFIG).read_text())
     assert (described["num_layers"], described["num_attention_heads"], described["token_dim"]) == (3, 2, 16)
+    # An embedded model is named by its Hub id there, which PEFT's AutoPeftModel can fetch (prefix_config.json
+    # keeps the name this project checks a base model against).
+    lm = tiny_lm("llama")
+    lm.name_or_path = "embedded:smollm2-135m-instruct"
+    PrefixModel(lm, length=LENGTH).save(tmp_path / "embedded")
+    described = json.loads((tmp_path / "embedded" / PEFT_CONFIG).read_text())
+    assert described["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    recorded = json.loads((tmp_path / "embedded" / "prefix_config.json").read_text())["base_model"]["name_or_path"]
+    assert recorded == "embedded:smollm2-135m-instruct"
 
 
 GEMMA4, GEMMA4_LAYERS = DECODERS["gemma4_per_layer_heads"]

@@ -41,6 +41,15 @@ EMBEDDED = {
 }
 
 
+def hub_name(name_or_path: str | None) -> str | None:
+    """For an embedded model's name (``embedded:<name>``, as its loaded model carries it) the Hub id of the original,
+    which PEFT's and transformers' loaders can fetch; any other name as it is."""
+    if name_or_path is None:
+        return None
+    source, _, name = name_or_path.partition(":")
+    return EMBEDDED[name].hub_id if source == "embedded" and name in EMBEDDED else name_or_path
+
+
 def default_cache_dir() -> Path:
     """Where de-quantized embedded models live unless the caller says otherwise."""
     return Path(os.environ.get("PREFIX_LIGHTNING_CACHE") or Path.home() / ".cache" / "prefix_lightning")

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from prefix_lightning.backbones import hub_name
 from prefix_lightning.decoding import CachedPrefix, PackedWeights, generate
 from prefix_lightning.methods import IGNORE_INDEX, target_loss
 from prefix_lightning.prefix.attention import INFIX_QUERIES, PrefixInjector
@@ -355,7 +356,7 @@ def write_prefix(
             site.name: blocks[group][index] for site, (group, index) in zip(sites, site_keys(sites), strict=True)
         }
         in_layers = {name: (by_name[name][0], by_name[name][1]) for name in names_by_layer(lm, sites)}
-        save_peft_prefix(folder, in_layers, config, lm.name_or_path)
+        save_peft_prefix(folder, in_layers, config, hub_name(lm.name_or_path))  # a base model PEFT can fetch
     # A folder saved into before keeps no files of a format not written now: they would hold the earlier prefix.
     stale: tuple[str, ...] = ()
     if format == "peft":
