@@ -41,13 +41,18 @@ EMBEDDED = {
 }
 
 
+def original_hub_id(name: str) -> str | None:
+    """The Hub id of the embedded model ``name``'s original, which PEFT's and transformers' loaders can fetch."""
+    return EMBEDDED[name].hub_id if name in EMBEDDED else None
+
+
 def hub_name(name_or_path: str | None) -> str | None:
-    """For an embedded model's name (``embedded:<name>``, as its loaded model carries it) the Hub id of the original,
-    which PEFT's and transformers' loaders can fetch; any other name as it is."""
+    """For an embedded model's name (``embedded:<name>``, as its loaded model carries it) the Hub id of the original;
+    any other name as it is."""
     if name_or_path is None:
         return None
     source, _, name = name_or_path.partition(":")
-    return EMBEDDED[name].hub_id if source == "embedded" and name in EMBEDDED else name_or_path
+    return (source == "embedded" and original_hub_id(name)) or name_or_path
 
 
 def default_cache_dir() -> Path:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from prefix_lightning.backbones import EMBEDDED
+from prefix_lightning.backbones.embedded import original_hub_id
 from prefix_lightning.baselines.top_layers import TOP_LAYERS_CONFIG
 from prefix_lightning.files import atomic_write
 from prefix_lightning.prefix.export import CONFIG_NAME
@@ -43,11 +44,12 @@ class ModelCard:
         source, name = self.backbone.get("source"), self.backbone.get("name")
         if source == "hub":
             return name
-        return EMBEDDED[name].hub_id if source == "embedded" and name in EMBEDDED else None
+        return original_hub_id(str(name)) if source == "embedded" else None
 
     def render(self, folder: Path) -> str:
         files = {path.name for path in folder.iterdir()}
         peft = PEFT_CONFIG in files
+        prefix = json.loads((folder / CONFIG_NAME).read_text())["prefix"] if CONFIG_NAME in files else None
         task = TASKS.get(self.dataset.split("_")[0], "text generation")
         header = ["---"]
         header += [f"base_model: {self.hub_id}"] if self.hub_id else []
@@ -57,7 +59,7 @@ class ModelCard:
             f"# {self.method} for {self._base_name()} on {self.dataset}",
             "",
             f"Trained with prefix-lightning (`python run.py method={self.method} ...`) for {task} on {self.dataset}. "
-            f"This folder holds what the method trained: {self._contents(folder, files)}.",
+            f"This folder holds what the method trained: {self._contents(files, prefix)}.",
             "",
             "| | |",
             "|---|---|",
@@ -67,7 +69,7 @@ class ModelCard:
         ]
         if self.trainable_params is not None:
             lines.append(f"| trainable parameters | {self.trainable_params:,} |")
-        lines += self._prefix_rows(folder, files)
+        lines += self._prefix_rows(prefix)
         if self.metrics:
             lines += ["", "## Scores", "", "| metric | value |", "|---|---|"]
             lines += [f"| {name} | {value:.4g} |" for name, value in sorted(self.metrics.items())]
@@ -94,9 +96,9 @@ class ModelCard:
         return folder / CARD
 
     @staticmethod
-    def _contents(folder: Path, files: set[str]) -> str:
-        if CONFIG_NAME in files:
-            if _prefix_kind(folder) == "embedding":
+    def _contents(files: set[str], prefix: dict[str, Any] | None) -> str:
+        if prefix is not None:
+            if prefix["kind"] == "embedding":
                 return (
                     "the prefix's input embeddings, which the LM reads in front of the input (the training MLP dropped)"
                 )
@@ -137,10 +139,10 @@ class ModelCard:
             return f"{steps}; exported: the last step's weights (step {self.exported_step})"
         return f"{steps}; exported: the checkpoint of step {self.exported_step}"
 
-    def _prefix_rows(self, folder: Path, files: set[str]) -> list[str]:
-        if CONFIG_NAME not in files:
+    @staticmethod
+    def _prefix_rows(prefix: dict[str, Any] | None) -> list[str]:
+        if prefix is None:
             return []
-        prefix = json.loads((folder / CONFIG_NAME).read_text())["prefix"]
         return [
             f"| prefix | kind {prefix['kind']}, length {prefix['length']}, positions shifted: "
             f"{prefix['shift_positions']} (stored as {STORED[prefix['kind']]}; the training MLP is dropped) |"
@@ -189,7 +191,3 @@ def write_cards(card: ModelCard, folder: str | Path, tasks: Sequence[str] | None
         share = card.trainable_params // len(tasks) if card.trainable_params is not None else None
         written.append(replace(card, dataset=task, metrics=scores, trainable_params=share).write(folder / task))
     return written
-
-
-def _prefix_kind(folder: Path) -> str:
-    return str(json.loads((folder / CONFIG_NAME).read_text())["prefix"]["kind"])

@@ -64,8 +64,7 @@ def run_overrides(run_dir: str | Path) -> list[str]:
     overrides = [
         str(override) for override in OmegaConf.load(path) if not str(override).startswith(("resume=", "ckpt_path="))
     ]
-    hydra_file = Path(run_dir) / HYDRA_CONFIG
-    searchpath = OmegaConf.select(OmegaConf.load(hydra_file), "hydra.searchpath") if hydra_file.is_file() else None
+    searchpath = _hydra_setting(Path(run_dir), "hydra.searchpath")
     return [*overrides, searchpath_override(list(searchpath))] if searchpath else overrides
 
 
@@ -132,9 +131,14 @@ def resume_arguments(argv: Sequence[str]) -> list[str]:
 
 def _choices(run_dir: Path) -> dict[str, str]:
     """The config group choices the run composed with (``data: multi``), as Hydra keeps them."""
-    hydra_file = run_dir / HYDRA_CONFIG
-    choices = OmegaConf.select(OmegaConf.load(hydra_file), "hydra.runtime.choices") if hydra_file.is_file() else None
+    choices = _hydra_setting(run_dir, "hydra.runtime.choices")
     return {str(key): str(value) for key, value in (choices or {}).items()}
+
+
+def _hydra_setting(run_dir: Path, key: str) -> Any:
+    """A setting of Hydra's own record of the run (``.hydra/hydra.yaml``); None where the run has none."""
+    hydra_file = run_dir / HYDRA_CONFIG
+    return OmegaConf.select(OmegaConf.load(hydra_file), key) if hydra_file.is_file() else None
 
 
 def _outside_rechosen_groups(run: Sequence[str], given: Sequence[str], choices: dict[str, str]) -> list[str]:
