@@ -89,8 +89,9 @@ def test_mixed_batch_decodes_each_row_as_its_own_model(family: str, beams: int, 
     settings = dict(max_new_tokens=8, num_beams=beams, do_sample=False, pad_token_id=PAD, eos_token_id=EOS)
     with torch.no_grad():
         batched = bank.generate(input_ids=ids, attention_mask=mask, prefixes=PREFIXES, **settings)
+        assert torch.equal(bank.generate(ids, attention_mask=mask, prefixes=PREFIXES, **settings), batched)
         for i, (row, name) in enumerate(zip(ROWS, PREFIXES, strict=True)):
-            alone = singles[name].generate(input_ids=row[None], **settings)[0]
+            alone = singles[name].generate(row[None], **settings)[0]  # token ids first, as transformers takes them
             got = batched[i] if encoder_decoder else batched[i, ids.shape[1] - len(row) :]
             assert torch.equal(got[: len(alone)], alone), (i, name)
             assert bool((got[len(alone) :] == PAD).all()), (i, name)

@@ -198,9 +198,11 @@ class PrefixBank(nn.Module):
         return target_loss(self.lm, labels, groups, on_group=point_at, **inputs)
 
     @torch.no_grad()
-    def generate(self, *, prefixes: PrefixNames, **kwargs: Any) -> Any:
+    def generate(self, input_ids: torch.Tensor | None = None, *, prefixes: PrefixNames, **kwargs: Any) -> Any:
         """``PrefixModel.generate`` with each input's own prefix (beams and returned sequences follow their
         input); a decoder-only beam search holds each input's prefix in its cache after the prompt."""
+        if input_ids is not None:
+            kwargs["input_ids"] = input_ids
         current = self._route(prefixes, _rows_of(kwargs))
         return generate(self.lm, kwargs, self.packed_weights, self._cached_prefix(current))
 

@@ -150,10 +150,11 @@ class PrefixModel(nn.Module):
         return target_loss(self.lm, labels, length_groups, drop_right_padding_mask=drop_right_padding_mask, **inputs)
 
     @torch.no_grad()
-    def generate(self, **kwargs: Any) -> Any:
-        """transformers' ``generate`` with the prefix; beams and batch rows share it without copies (the route
-        each call takes is :func:`prefix_lightning.decoding.generate`'s)."""
-        input_ids = kwargs.get("input_ids")
+    def generate(self, input_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        """transformers' ``generate`` with the prefix (the token ids may come first, as there); beams and batch
+        rows share it without copies (the route each call takes is :func:`prefix_lightning.decoding.generate`'s)."""
+        if input_ids is not None:
+            kwargs["input_ids"] = input_ids
         if input_ids is not None and not (isinstance(input_ids, torch.Tensor) and input_ids.ndim == 2):
             shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
             raise ValueError(f"input_ids must be a tensor of (batch, tokens), as a tokenizer returns it; got {shape}")
