@@ -261,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
     settings = generation_settings(cfg, tokenizer)
     collators = prompt_collators(cfg, bank, tokenizer, trained, given)
     torch.manual_seed(cfg.seed)  # sampled decoding: the same seed, the same outputs
-    text_output = args.output.endswith(".txt")
+    text_output = args.output_format == "text" or (args.output_format == "auto" and args.output.endswith(".txt"))
     with opened(args.output, "w") as out:
         for chunk in tqdm(list(batches(requests, args.batch_size)), desc="generate", unit="batch", file=sys.stderr):
             for request, text in zip(chunk, decode(bank, tokenizer, collators, chunk, settings), strict=True):
@@ -290,8 +290,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "named by its last component)",
     )
     parser.add_argument("--input", required=True, help="JSONL (source, prefix) or text (a source per line); -: stdin")
-    parser.add_argument("--output", required=True, help="JSONL (or .txt: one generation per line); -: stdout")
-    parser.add_argument("--format", choices=FORMATS, default="auto", help="auto: JSONL if it opens with {")
+    parser.add_argument("--output", required=True, help="where the generations go; -: stdout")
+    parser.add_argument("--format", choices=FORMATS, default="auto", help="of --input; auto: JSONL if it opens with {")
+    parser.add_argument(
+        "--output-format",
+        choices=FORMATS,
+        default="auto",
+        help="JSONL (each input's fields plus its generation) or text (one generation per line); auto: text for "
+        "an --output ending in .txt",
+    )
     parser.add_argument("--batch-size", type=positive_int, default=10, help="inputs decoded together (default 10)")
     parser.add_argument("--device", type=device_option, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
@@ -299,6 +306,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_intermixed_args(argv)  # options may follow the overrides
     if not args.prefix:
         parser.error("give at least one --prefix NAME=FOLDER")
+    if "-" not in (args.input, args.output) and Path(args.input).resolve() == Path(args.output).resolve():
+        parser.error(f"--output {args.output} is the --input file: the outputs would overwrite the inputs")
     return args
 
 

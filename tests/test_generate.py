@@ -97,6 +97,22 @@ def test_plain_text_with_one_prefix(prefixes: dict[str, Path], tmp_path: Path) -
         assert main(options) == 0
         written = [json.loads(line) for line in output.read_text().splitlines()]
         assert [(row["source"], row["prefix"]) for row in written] == [(source, name) for source in SOURCES[:2]]
+    text = tmp_path / "outputs.txt"
+    assert main(["--prefix", str(job), *GENERATE, "--input", str(inputs), "--output", str(text)]) == 0
+    assert text.read_text().splitlines() == [row["generation"] for row in written]
+
+
+def test_text_to_stdout_and_inputs_kept(prefixes: dict[str, Path], tmp_path: Path, capsys) -> None:
+    inputs = tmp_path / "inputs.txt"
+    inputs.write_text("\n".join(SOURCES[:2]) + "\n")
+    options = ["--prefix", str(prefixes["e2e"]), *GENERATE, "--input", str(inputs)]
+    assert main([*options, "--output", "-", "--output-format", "text"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and not any(line.startswith("{") for line in lines)
+    with pytest.raises(SystemExit):
+        main([*options, "--output", str(tmp_path / "." / "inputs.txt")])
+    assert "is the --input file" in capsys.readouterr().err
+    assert inputs.read_text() == "\n".join(SOURCES[:2]) + "\n"
 
 
 def test_sampled_decoding_is_seeded(prefixes: dict[str, Path], tmp_path: Path) -> None:
