@@ -45,6 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--phases",
+        type=phase_list,
         default=",".join(PHASES),
         help=f"comma-separated subset of {','.join(PHASES)} (default: all, in this order)",
     )
@@ -113,7 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         for option, value in (("--mixed-prefix", args.mixed_prefix), ("--fixed-new-tokens", args.fixed_new_tokens))
         if value
     ]
-    if mixing and args.suite is None and "generate_mixed" not in args.phases.split(","):
+    if mixing and args.suite is None and "generate_mixed" not in args.phases:
         parser.error(f"{' and '.join(mixing)}: for generate_mixed, which --phases leaves out")
     if args.suite == "gpu" and torch.device(args.device).type != "cuda":
         parser.error(f"--suite gpu measures real model shapes on a GPU (hours on --device {args.device}): use a GPU")
@@ -146,18 +147,22 @@ def main(argv: list[str] | None = None) -> None:
             print(f"== against {next(iter(runs))}\n{format_comparison(runs)}\n")
         print(f"written to {output}")
         return
-    benchmark = run_benchmark(_setting(args, tuple(args.overrides), args.precision), _phases(args.phases))
+    benchmark = run_benchmark(_setting(args, tuple(args.overrides), args.precision), args.phases)
     write_json(benchmark, output)
     print("\n" + format_report(benchmark) + f"\n\nwritten to {output}")
 
 
-def _phases(names: str) -> tuple[str, ...]:
+def phase_list(names: str) -> tuple[str, ...]:
+    """``--phases``: known phases, each once (one result per phase)."""
     phases = tuple(name for name in names.split(",") if name)
     if not phases:
-        raise ValueError(f"--phases {names!r} names no phase")
+        raise argparse.ArgumentTypeError(f"{names!r} names no phase")
+    unknown = [name for name in phases if name not in PHASES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"{unknown[0]!r} is not a phase; choose from {','.join(PHASES)}")
     repeated = sorted({name for name in phases if phases.count(name) > 1})
     if repeated:
-        raise ValueError(f"--phases {names!r} names {', '.join(repeated)} more than once (one result per phase)")
+        raise argparse.ArgumentTypeError(f"{names!r} names {', '.join(repeated)} more than once")
     return phases
 
 
