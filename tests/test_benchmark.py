@@ -16,7 +16,14 @@ from prefix_lightning.baselines.peft_prefix import peft_generate, set_peft_prefi
 from prefix_lightning.benchmark import PHASES, Setting, run_benchmark
 from prefix_lightning.benchmark.__main__ import main as benchmark_main
 from prefix_lightning.benchmark.hardware import matmul_parameters, mfu
-from prefix_lightning.benchmark.phases import decoding_batches, training_batches
+from prefix_lightning.benchmark.phases import (
+    CHECKED_TOKENS,
+    _backbone,
+    _greedy,
+    _start,
+    decoding_batches,
+    training_batches,
+)
 from prefix_lightning.benchmark.suites import SUITES, format_comparison
 from prefix_lightning.training.build import load_configured_backbone
 from tests.helpers.cli import run_python
@@ -119,6 +126,15 @@ def test_benchmark_command_runs_on_a_tiny_model(tmp_path: Path, data_dir: Path) 
     mixed = benchmark["results"]["generate_mixed"]
     assert mixed["inputs"] == 3 and len(mixed["prefix_lengths"]) == 4
     assert mixed["single"]["seconds"] > 0 and mixed["sequential"]["seconds"] > 0
+
+
+def test_the_greedy_check_compares_tokens_of_every_input() -> None:
+    """Random tiny GPT-2 ends some inputs at once (its end token is its padding): the check still compares
+    tokens of each."""
+    setting = Setting(("model=tiny_gpt2",), 1, 0, 1, 4, "32", "cpu", 1, None)
+    cfg = _start(setting)
+    lm, tokenizer = _backbone(cfg, "cpu")
+    assert all(len(output) >= CHECKED_TOKENS for output in _greedy(setting, cfg, tokenizer, lm.generate))
 
 
 def test_model_flops_count_each_matrix_once(tmp_path: Path) -> None:

@@ -306,10 +306,14 @@ def _outputs(
     return outputs
 
 
+CHECKED_TOKENS = 8  # new tokens every greedy check compares at least (an LM may end an input at once)
+
+
 def _greedy(
     setting: Setting, cfg: DictConfig, tokenizer: Any, generate: Callable[..., torch.Tensor]
 ) -> list[list[int]]:
     options = {**generation_settings(cfg, tokenizer), "num_beams": 1}
+    options["min_new_tokens"] = max(options.get("min_new_tokens") or 0, min(CHECKED_TOKENS, options["max_new_tokens"]))
     return _outputs(setting, generate, decoding_batches(cfg, tokenizer, setting.check_inputs), options)
 
 
