@@ -15,7 +15,8 @@ input, the positions that real-word initialization computes them at:
 
 Encoder inputs are right-padded (T5's own convention): the prefix's distances count from the first column of the
 padded row, which is the row's first token only there. Decoding right-aligns left-padded encoder inputs
-(:func:`right_padded`); T5's own biases, between real tokens, do not depend on where the padding stands.
+(:func:`with_padding_on_the_right`); T5's own biases, between real tokens, do not depend on where the padding
+stands.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def measures_relative_positions(config: PretrainedConfig) -> bool:
     return getattr(config, "relative_attention_num_buckets", None) is not None
 
 
-def right_padded(inputs: dict[str, Any]) -> dict[str, Any]:
+def with_padding_on_the_right(inputs: dict[str, Any]) -> dict[str, Any]:
     """``inputs`` with each row's padding moved after its tokens (a stable sort of the mask: right-padded rows stay
     as they are)."""
     ids, mask = inputs.get("input_ids"), inputs.get("attention_mask")
