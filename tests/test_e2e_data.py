@@ -219,6 +219,17 @@ def test_a_missing_file_of_ones_own_is_named_not_downloaded(gpt2_tokenizer, data
         module.setup("test")
 
 
+def test_a_download_says_what_is_missing_and_where_it_goes(gpt2_tokenizer, tmp_path, monkeypatch, caplog):
+    module = offline_datamodule(gpt2_tokenizer, tmp_path, test_file="testset_w_refs.csv", download=True)
+    fetched = []
+    monkeypatch.setattr(module, "spec", dataclasses.replace(module.spec, download=fetched.append))
+    with caplog.at_level(logging.INFO, logger="prefix_lightning"):
+        module.prepare_data()
+    assert fetched == [tmp_path]
+    expected = f"e2e: devset.csv, testset_w_refs.csv missing in {tmp_path / 'e2e'}, downloading the official files"
+    assert expected in caplog.messages
+
+
 def test_loaders(gpt2_tokenizer, data_dir):
     module = offline_datamodule(gpt2_tokenizer, data_dir, val_file="testset_w_refs.csv", val_size=4)
     module.setup("fit")

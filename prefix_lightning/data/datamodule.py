@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, cast
 
@@ -14,6 +15,8 @@ from prefix_lightning.data.collate import EncodedPair, EncodedPrompt, TextToText
 from prefix_lightning.data.examples import Example, Group, reference_groups
 from prefix_lightning.data.registry import DATASETS, METRIC_SUITES
 from prefix_lightning.data.sampler import training_sampler
+
+logger = logging.getLogger(__name__)
 
 TEST_SUBSETS = ("all", "seen", "unseen")
 
@@ -146,7 +149,10 @@ class TextToTextDataModule(L.LightningDataModule):
         if not (hp.download and self.spec.download):
             return
         configured = {hp.train_file, hp.val_file, hp.test_file}
-        if any(not Path(self._location(name)).exists() for name in configured & set(self.spec.files)):
+        missing = sorted(name for name in configured & set(self.spec.files) if not Path(self._location(name)).exists())
+        if missing:
+            folder = Path(hp.data_dir) / str(self.spec.folder)
+            logger.info("%s: %s missing in %s, downloading the official files", hp.dataset, ", ".join(missing), folder)
             self.spec.download(Path(hp.data_dir))
 
     def setup(self, stage: str | None = None) -> None:
