@@ -46,6 +46,20 @@ def test_real_word_prefix_without_padding_uses_explicit_causal_mask() -> None:
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_unshifted_prefix_rows_do_not_depend_on_their_left_padding(kind: str) -> None:
+    """With shift_positions=false real tokens keep positions 0, 1, ... counted from each row's first real token,
+    as generate and a PrefixBank count them: a left-padded row's logits are the row's alone (with rotary
+    positions, the distance to the prefix would otherwise grow with the padding)."""
+    model = PrefixModel(tiny_lm(kind), PrefixConfig(length=3, hidden_dim=16, shift_positions=False)).eval()
+    ids, mask = pad_batch(ROWS, left=True)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        for i, row in enumerate(ROWS):
+            alone = model(input_ids=row[None]).logits[0]
+            torch.testing.assert_close(logits[i][mask[i].bool()], alone, atol=1e-5, rtol=0)
+
+
 def test_a_flop_counter_sees_the_prefixed_forward() -> None:
     """Without a mask, causal attention with a prefix uses SDPA's bottom-right causal bias, a tensor subclass that
     cannot be made under a dispatch mode: under torch's FLOP counter the forward still runs, with the same logits,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,12 @@ class PrefixModel(nn.Module):
         # A relative position bias (T5) places the prefix by itself (prefix.relative_bias); absolute positions move.
         if self.config.shift_positions and not any(site.position_bias for site in self.sites):
             attach_position_shift(lm, self.injector)
+        elif not self.config.shift_positions and not lm.config.is_encoder_decoder:
+            # Unshifted, positions are still counted from the 2-D mask, as generate and a PrefixBank count them: a
+            # left-padded row would otherwise take its pads' positions, and its distance to the prefix would depend
+            # on its padding.
+            with suppress(UnsupportedModelError):  # positions the hook cannot reach: the model counts them itself
+                attach_position_shift(lm, self.injector)
         self.packed_weights = PackedWeights()  # the frozen LM's weights packed for decoding on CPU
         self._checkpointing = False
         self._initialize(tokenizer)
