@@ -45,3 +45,19 @@ def test_decoding_past_the_window_keeps_the_sink() -> None:
     does), and batches equal single inputs."""
     model = PrefixModel(tiny_lm("mistral", **MISTRAL), PrefixConfig(length=3)).eval()
     check_decoding(model, ROWS, steps=6)
+
+
+def test_real_word_equivalence_holds_while_words_and_input_fit_the_window() -> None:
+    """The documented rule: a prefix from w equals [w; x] while all of [w; x] fits in the window; once only x
+    fits, [w; x]'s window has slid past w's first token, which the prefix still shows."""
+    window = len(WORDS) + 3
+    fields = dict(GQA, sliding_window=window)
+    reference = tiny_lm("mistral", **fields)
+    model = PrefixModel(tiny_lm("mistral", **fields), PrefixConfig(length=len(WORDS), reparam="none"))
+    model.init_prefix_from_tokens(WORDS)
+    with torch.no_grad():
+        for tokens, equal in ((3, True), (4, False)):
+            row = torch.arange(10, 10 + tokens)
+            got = model(input_ids=row[None]).logits[0]
+            expected = reference(input_ids=torch.cat([WORDS, row])[None]).logits[0, len(WORDS) :]
+            assert torch.allclose(got, expected, atol=1e-4) == equal, tokens

@@ -12,7 +12,8 @@ Sliding-window attention (Mistral with ``sliding_window``, Gemma's local layers)
 tokens only. The prefix columns are prepended to whatever mask the layer built, so they stay visible to every
 query however far it stands from the start, an always-visible "attention sink" in front of the window (the
 model's own window still limits which real tokens a query reads). A prefix from words w therefore equals [w; x]
-only while x fits in the window; beyond it, the prefix is what the query still sees of w.
+only while all of [w; x] fits in the window (L plus x's tokens); past that, a query still sees all of w, where
+[w; x]'s window would have slid past w's first tokens.
 
 Models with a relative position bias passed to attention (T5) get the bias of the prefix columns from the site's
 ``PrefixBias`` hook (see :mod:`prefix_lightning.prefix.relative_bias`).
