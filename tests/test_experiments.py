@@ -40,6 +40,7 @@ XSUM = {
     "data.max_source_tokens": 512,
     "generation.num_beams": 6,
     "generation.length_penalty": 0.8,
+    "prefix.shift_positions": False,  # the paper's BART code: positions not moved by the prefix
 }
 PAPER: dict[str, dict[str, Any]] = {
     "paper_e2e": {**E2E, "prefix.length": 5, "method.name": "prefix"},

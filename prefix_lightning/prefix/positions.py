@@ -1,7 +1,8 @@
 """Shifting real tokens' positions by the prefix length L.
 
 The prefix stands for L virtual tokens at positions 0..L-1 (that is where real-word initialization computes
-them), so real tokens start at position L, as in the paper's code and in PEFT. Two mechanisms cover the
+them), so real tokens start at position L, as in the paper's GPT-2 code and in PEFT (the paper's BART code leaves
+BART's positions as they are: ``prefix.shift_positions=false``, which paper_xsum sets). Two mechanisms cover the
 supported families:
 - models whose forward takes ``position_ids`` (GPT-2, Llama, ...): a pre-hook on the model shifts the given
   ids, or computes them from the 2-D attention mask (left padding) when the caller passed none;
