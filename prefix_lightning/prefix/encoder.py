@@ -98,8 +98,10 @@ class PrefixEncoder(nn.Module):
     ) -> float:
         """Train P' (from ``start``) and the MLP so that MLP(P') reproduces ``blocks``; return the relative error.
 
-        This is how the paper's code initializes a reparametrized prefix from real words: the MLP cannot be
-        set in closed form, so it is regressed onto the target activations.
+        The paper's code also regresses the MLP onto the target activations (the MLP cannot be set in closed
+        form), but more loosely: its low-data runs train the MLP alone (P' stays at its random start) for 500 Adam
+        steps at 1e-4 on the squared error. Here P' starts at the words' input embeddings and trains with the MLP
+        until the relative error is below ``tolerance``, so training starts closer to the words' activations.
         """
         assert self.mlp is not None
         target = self.to_flat(blocks).detach()
