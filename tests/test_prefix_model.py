@@ -91,6 +91,19 @@ def test_bart_encoder_real_word_equivalence() -> None:
             torch.testing.assert_close(hidden[i, : len(row)], expected, atol=1e-4, rtol=0)
 
 
+def test_bart_decoder_given_embeddings_moves_its_positions_as_given_ids() -> None:
+    """decoder_inputs_embeds instead of decoder_input_ids: BART's decoder passes its position embedding no ids, and
+    the shifted positions are the same."""
+    model = PrefixModel(tiny_lm("bart"), PrefixConfig(length=3, hidden_dim=16)).eval()
+    ids, mask = pad_batch(ROWS, left=False)
+    target = torch.tensor([[2, 40, 41]]).expand(len(ROWS), -1)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask, decoder_input_ids=target).logits
+        embeds = model.lm.get_input_embeddings()(target)
+        got = model(input_ids=ids, attention_mask=mask, decoder_inputs_embeds=embeds).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
 def test_prefix_changes_the_output_and_disabling_restores_the_plain_lm() -> None:
     reference = tiny_lm("gpt2")
     model = PrefixModel(tiny_lm("gpt2"), PrefixConfig(length=3))

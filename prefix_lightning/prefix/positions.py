@@ -86,6 +86,8 @@ def _shift_learned_embedding(
     if not injector.enabled:
         return output
     tokens = args[0] if args else kwargs["input_ids"]
+    if tokens is None:  # a decoder given embeddings (decoder_inputs_embeds) passes no ids: the output's rows stand in
+        tokens = output[..., 0]
     shift = injector.position_shift(tokens.shape[0])
     per_row = torch.as_tensor(shift, device=output.device).reshape(-1, 1, 1)
     result = output
