@@ -44,7 +44,12 @@ def target_loss(
     in the cache) leave it off.
     """
     if not slices_logits(lm):
-        return lm(**inputs, labels=labels, use_cache=False).loss
+        output = lm(**inputs, labels=labels, use_cache=False)
+        if not lm.config.is_encoder_decoder or output.logits.dtype == torch.float32:
+            return output.loss
+        # An LM stored in bf16 computes its own loss in bf16; in float32, as for causal LMs (logits align with labels).
+        logits = output.logits.float().flatten(0, 1)
+        return nn.functional.cross_entropy(logits, labels.flatten(), ignore_index=IGNORE_INDEX)
     if length_groups is None:
         length_groups = 2 if labels.device.type == "cpu" else 1
     mask = inputs.get("attention_mask")
