@@ -119,6 +119,9 @@ def with_run_settings(argv: Sequence[str]) -> list[str]:
     if exported_by:
         run, task = exported_by
         overrides = _one_task_of(run, task) if task else run_overrides(run)
+        # Where the run wrote is not how it computed: this evaluation writes into its own folder, never over the run's
+        # test outputs.
+        overrides = [item for item in overrides if override_key(item) != "paths.output_dir"]
     if overrides:
         print(f"evaluating with the settings of the run in {run}: {' '.join(overrides)}", file=sys.stderr)
     elif "model" not in map(override_key, rest):

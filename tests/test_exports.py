@@ -137,6 +137,16 @@ def test_evaluate_takes_a_run_folder_for_the_export_it_holds(tmp_path: Path, cap
     assert f"evaluating with the settings of the run in {run}: method=lora data.train_size=8" in capsys.readouterr().err
 
 
+def test_evaluate_does_not_write_into_the_folder_the_run_was_given(tmp_path: Path) -> None:
+    """A run started with paths.output_dir=<its folder>: evaluating its export with other settings writes into
+    evaluate's own folder, not over the run's test outputs."""
+    run = run_folder(
+        tmp_path / "run", "method:\n  export_dir: prefix\n", ["data.train_size=8", f"paths.output_dir={tmp_path}"]
+    )
+    argv = with_run_settings(["evaluate", f"export_path={run}", "generation.num_beams=1"])
+    assert argv == ["evaluate", "data.train_size=8", "generation.num_beams=1", f"export_path='{run / 'prefix'}'"]
+
+
 def test_an_export_in_its_run_folder_is_found_by_evaluate_and_generate(tmp_path: Path) -> None:
     """The run's own export, another export of its checkpoints into its folder, one task's prefix of a multi-task
     run; not an export moved out of the run, nor a folder in an export that is not a task's prefix."""
