@@ -10,9 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from prefix_lightning import PrefixModel
 from tests.helpers.cli import FAST, run_cli
 from tests.helpers.decoding import END, left_padded, prefixed, transformers_search
-from tests.helpers.tiny import PAD
+from tests.helpers.tiny import PAD, tiny_lm, training_batch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -63,3 +64,17 @@ def test_decoding_on_cuda_equals_transformers(kind: str, beams: int, monkeypatch
     with transformers_search(monkeypatch):
         theirs = model.generate(input_ids=ids, attention_mask=mask, **options)
     assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bart"])
+def test_a_prefix_wraps_an_lm_already_on_cuda(kind: str, tmp_path: Path) -> None:
+    """Made, initialized from words, trained, exported and loaded where the LM is (no ``.to()`` of the wrapper)."""
+    model = PrefixModel(tiny_lm(kind).cuda(), length=3)
+    model.init_prefix_from_tokens([5, 6, 7])
+    batch = {name: tensor.cuda() for name, tensor in training_batch(kind == "bart").items()}
+    model(**batch).loss.backward()
+    trained = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    assert all(parameter.is_cuda and parameter.grad is not None for parameter in trained)
+    loaded = PrefixModel.from_prefix(tiny_lm(kind).cuda(), model.save(tmp_path / "prefix"))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model.eval()(**batch).logits)

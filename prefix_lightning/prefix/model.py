@@ -75,7 +75,8 @@ class PrefixModel(nn.Module):
         self.sites: list[AttentionSite] = bind_sites(lm, self.injector, self.config.shift_positions)
         # transformers types the embeddings as a plain Module.
         embed_dim: int = lm.get_input_embeddings().embedding_dim  # type: ignore[assignment]
-        self.encoders = prefix_encoders(self.config, self.sites, embed_dim)
+        # Made where the LM is: an LM already on a GPU trains, exports and loads in place.
+        self.encoders = prefix_encoders(self.config, self.sites, embed_dim).to(lm.device)
         # A relative position bias (T5) places the prefix by itself (prefix.relative_bias); absolute positions move.
         if self.config.shift_positions and not any(site.position_bias for site in self.sites):
             attach_position_shift(lm, self.injector)
