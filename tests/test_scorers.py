@@ -158,11 +158,18 @@ def test_webnlg_ter_takes_the_fewest_edits_over_the_mean_reference_length(no_met
     assert list(scores) == ["BLEU", "TER"]
 
 
-def test_dart_bleu_uses_three_references_meteor_and_ter_only_the_first(no_meteor):
-    references = [["The cat sat on the mat.", "A cat was sitting on the mat."]]
+def test_dart_scores_against_the_first_three_references(monkeypatch):
+    # run_eval_on_dart.sh: BLEU over its three reference files; prepare_files.py gives METEOR (-r 8) and TER the
+    # non-empty lines of the same three files, not the first reference alone.
+    asked = []
+    monkeypatch.setattr(
+        "prefix_lightning.evaluation.table_to_text.meteor", lambda outputs, refs: asked.append(refs) or 0.5
+    )
+    references = [["The cat sat on the mat.", "A cat was sitting on the mat.", "Cats sit.", "A dog."]]
     on_second = score("dart", ["A cat was sitting on the mat."], references)
-    assert on_second["BLEU"] == pytest.approx(100.0) and on_second["TER"] > 0
-    assert score("dart", ["the cat sat on the mat ."], references)["TER"] == 0.0
+    assert on_second["BLEU"] == pytest.approx(100.0) and on_second["TER"] == 0.0
+    assert asked[0] == [["the cat sat on the mat .", "a cat was sitting on the mat .", "cats sit ."] + [""] * 5]
+    assert score("dart", ["A dog."], references)["TER"] > 0  # only the first three count
 
 
 @pytest.mark.integration

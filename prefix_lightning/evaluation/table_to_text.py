@@ -10,11 +10,11 @@ What those scripts do, and what is mirrored here:
 - BLEU: `multi-bleu.perl` (4-gram, no smoothing, closest reference length with ties to the shorter) against the
   first three references, missing ones being empty lines of the reference files (which count as empty references);
   computed with sacrebleu on the normalized text without further tokenization. WebNLG runs it with `-lc`.
-- METEOR 1.5 (`-l en -norm`), the jar's corpus score: WebNLG against the first three references (`-r 3`), DART
-  against the first reference only (its script writes one reference and seven empty lines, `-r 8`).
+- METEOR 1.5 (`-l en -norm`), the jar's corpus score against the first three references: WebNLG with `-r 3`, DART
+  with `-r 8` (its `prepare_files.py` writes the non-empty lines of its three reference files, then empty lines).
 - TER: tercom 0.7.25 (case-insensitive, no normalization; fewest edits over the references, divided by their mean
-  length), computed with sacrebleu's port of tercom: WebNLG against the first three references, DART against the
-  first only.
+  length), computed with sacrebleu's port of tercom, against the first three references (DART: the non-empty lines
+  of its three reference files, as `prepare_files.py` writes them).
 
 Checked end to end against the challenge's published evaluation files (team ADAPT_Centre, 7-triple subset: BLEU
 62.96, METEOR 0.43542716715861496, TER 0.3729966002914036 reproduced from the raw test XML and the team's output).
@@ -31,7 +31,7 @@ from prefix_lightning.evaluation.java import JavaUnavailable, meteor, warn_skipp
 from prefix_lightning.evaluation.references import reference_streams
 
 MAX_REFERENCES = 3  # bleu_eval_3ref.sh, meteor -r 3, ter 3ref; DART's reference0..2 files
-DART_METEOR_SLOTS = 8  # run_eval_on_dart.sh: METEOR -r 8 over one reference padded with empty lines
+DART_METEOR_SLOTS = 8  # run_eval_on_dart.sh: METEOR -r 8 over up to three references padded with empty lines
 _NON_WORD = re.compile(r"(\W)")
 
 
@@ -70,10 +70,9 @@ def score_webnlg(hypotheses: list[str], references: list[list[str]]) -> dict[str
 def score_dart(hypotheses: list[str], references: list[list[str]]) -> dict[str, float]:
     """BLEU (0-100), METEOR (0-1), TER (0-1, lower is better) as DART's `run_eval_on_dart.sh` prints them."""
     outputs = [dart_text(text) for text in hypotheses]
-    refs = [[dart_text(text) for text in group] for group in references]
-    first = [group[:1] for group in refs]
-    bleu_refs = _pad([group[:MAX_REFERENCES] for group in refs], MAX_REFERENCES, "")
-    return _score(outputs, bleu_refs, _pad(first, DART_METEOR_SLOTS, ""), first, lowercase=False)
+    refs = [[dart_text(text) for text in group[:MAX_REFERENCES]] for group in references]
+    bleu_refs = _pad(refs, MAX_REFERENCES, "")
+    return _score(outputs, bleu_refs, _pad(refs, DART_METEOR_SLOTS, ""), refs, lowercase=False)
 
 
 def _pad(groups: list[list[str]], width: int, filler: str) -> list[list[str]]:
