@@ -149,3 +149,25 @@ def test_the_module_entry_point_exits_with_mains_code(tmp_path, capsys, monkeypa
         runpy.run_module("prefix_lightning.score", run_name="__main__")
     assert exit.value.code == 1
     assert capsys.readouterr().err == f"error: {missing}: no such file\n"
+
+
+def test_a_multitask_runs_generations_are_scored_one_task_at_a_time(tmp_path, capsys):
+    # data=multi writes every task's outputs into one file; one suite over all of them would be no dataset's score.
+    rows = [
+        {"task": task, "group_id": i, "references": refs, "generation": hypothesis}
+        for i, (task, hypothesis, refs) in enumerate(zip(["e2e", "webnlg"], HYPOTHESES, REFERENCES, strict=True))
+    ]
+    generations = _jsonl(tmp_path / "test_generations.jsonl", rows)
+    assert main(["--suite", "bleu", "--generations", str(generations)]) == 1
+    assert "holds the outputs of several tasks (e2e, webnlg): pick one with --task" in capsys.readouterr().err
+
+    assert main(["--suite", "bleu", "--generations", str(generations), "--task", "webnlg"]) == 0
+    expected = corpus_bleu(HYPOTHESES[1:], REFERENCES[1:])
+    assert capsys.readouterr().out.splitlines() == ["bleu: 1 hypotheses", f"  BLEU     {expected:10.4f}"]
+
+    assert main(["--suite", "bleu", "--generations", str(generations), "--task", "dart"]) == 1
+    assert "no line of task 'dart' (tasks: e2e, webnlg)" in capsys.readouterr().err
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--suite", "bleu", "--hypotheses", "gen.txt", "--references", "refs.txt", "--task", "e2e"])
+    assert exit_info.value.code == 2 and "--task picks lines of a JSONL file" in capsys.readouterr().err
