@@ -135,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give either --generations or --hypotheses with --references, not both")
     if args.generations is None and not (args.hypotheses and args.references):
         parser.error("give --hypotheses and --references, or --generations")
+    if args.hypotheses is not None and args.hypotheses.suffix.lower() == ".jsonl":
+        # Each JSON line would be scored as an output text, which still gets a (meaningless) score.
+        parser.error("--hypotheses takes one output per line; a run's JSONL goes to --generations")
     if args.task is not None and (args.generations or args.references).suffix.lower() != ".jsonl":
         parser.error("--task picks lines of a JSONL file (--generations, or --references *.jsonl)")
 

@@ -171,3 +171,15 @@ def test_a_multitask_runs_generations_are_scored_one_task_at_a_time(tmp_path, ca
     with pytest.raises(SystemExit) as exit_info:
         main(["--suite", "bleu", "--hypotheses", "gen.txt", "--references", "refs.txt", "--task", "e2e"])
     assert exit_info.value.code == 2 and "--task picks lines of a JSONL file" in capsys.readouterr().err
+
+
+def test_a_jsonl_of_generations_is_refused_as_plain_hypotheses(tmp_path, capsys):
+    # Each JSON line would be scored as an output text: a low score, but a score, with no sign of the mistake.
+    rows = [
+        {"references": refs, "generation": hypothesis} for hypothesis, refs in zip(HYPOTHESES, REFERENCES, strict=True)
+    ]
+    generations = _jsonl(tmp_path / "test_generations.jsonl", rows)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--suite", "bleu", "--hypotheses", str(generations), "--references", str(generations)])
+    assert exit_info.value.code == 2
+    assert "--hypotheses takes one output per line; a run's JSONL goes to --generations" in capsys.readouterr().err
