@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.config import REPO
+from tests.helpers.tokenizer import tokenizer_folder
 
 # Seconds a test may take before pytest-timeout fails it, by kind (an explicit @pytest.mark.timeout wins). The ini
 # option `timeout` is the bound of what is neither unit nor slow: the integration tests.
@@ -36,8 +37,12 @@ def data_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(data_dir: Path) -> Path:
-    """The real GPT-2 tokenizer's files: `PREFIX_LIGHTNING_TOKENIZER`, else `<data_dir>/../tokenizers/gpt2`."""
-    folder = Path(os.environ.get("PREFIX_LIGHTNING_TOKENIZER", data_dir.parent / "tokenizers" / "gpt2"))
+    """The real GPT-2 tokenizer's files: `PREFIX_LIGHTNING_TOKENIZER` (a folder or a Hub id), else
+    `<data_dir>/../tokenizers/gpt2`."""
+    try:
+        folder = tokenizer_folder(os.environ.get("PREFIX_LIGHTNING_TOKENIZER"), data_dir)
+    except FileNotFoundError as error:
+        pytest.fail(f"GPT-2 tokenizer not found: {error}; set PREFIX_LIGHTNING_TOKENIZER to a folder", pytrace=False)
     if not (folder / "vocab.json").is_file():
         pytest.fail(f"GPT-2 tokenizer not found in {folder}: set PREFIX_LIGHTNING_TOKENIZER")
     return folder

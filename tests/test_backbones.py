@@ -15,6 +15,7 @@ import torch
 
 from prefix_lightning.backbones import backbone_identity, embedded, load_backbone
 from prefix_lightning.files import atomic_folder
+from tests.helpers.tokenizer import TOKENIZER_FILES, tokenizer_folder
 
 GPT2_EOS = 50256
 RANDOM_CONFIGS = {
@@ -273,3 +274,23 @@ def test_smollm2_second_load_uses_the_cache(
     print(f"SmolLM2 cached load: {time.perf_counter() - start:.1f} s")
     assert model.dtype == torch.bfloat16
     assert "Converting" not in caplog.text and "Loading embedded backbone" in caplog.text
+
+
+def test_the_tests_fetch_a_hub_tokenizer_given_by_its_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`make test` without TOKENIZER_DIR sets PREFIX_LIGHTNING_TOKENIZER=gpt2; the README says the tests then fetch
+    `gpt2` from the Hub (they failed at once: "GPT-2 tokenizer not found in gpt2"). A folder is taken as it is."""
+    fetched = tmp_path / "hub_snapshot"
+    calls = []
+
+    def snapshot_download(repo_id: str, allow_patterns: list[str]) -> str:
+        calls.append((repo_id, allow_patterns))
+        return str(fetched)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    assert tokenizer_folder("gpt2", tmp_path / "data") == fetched
+    assert calls == [("gpt2", TOKENIZER_FILES)]
+    local = tmp_path / "tokenizer"
+    local.mkdir()
+    assert tokenizer_folder(str(local), tmp_path / "data") == local
+    assert tokenizer_folder(None, tmp_path / "data") == tmp_path / "tokenizers" / "gpt2"
+    assert len(calls) == 1
