@@ -271,6 +271,20 @@ def test_infinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path
     assert good["global_step"] == 4
     assert all(torch.isfinite(tensor).all() for tensor in good["state_dict"].values())
     assert not (tmp_path / "prefix").exists()
+    assert f"the last good checkpoint is kept in {tmp_path / 'checkpoints'}" in result.stderr
+
+
+@pytest.mark.integration
+def test_infinite_loss_before_any_checkpoint_says_there_is_none(tmp_path: Path) -> None:
+    """Diverged at step 1, before the first validation: the message named a checkpoint folder that did not exist."""
+    result = run_failing(
+        tmp_path,
+        *KILL_OVERRIDES[:-1],
+        "+callbacks.fault._target_=tests.helpers.faults.DivergeAt",
+        "+callbacks.fault.step=1",
+    )
+    assert "at step 1: stopped before it could spoil the prefix; no checkpoint had been written yet" in result.stderr
+    assert not list(tmp_path.glob("checkpoints/*.ckpt"))
 
 
 def test_sources_longer_than_the_context_are_cut_with_a_warning(tmp_path: Path, caplog) -> None:

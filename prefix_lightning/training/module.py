@@ -77,9 +77,12 @@ class MethodModule(L.LightningModule):
         loss = self._loss(batch)
         if not torch.isfinite(loss):
             kept = getattr(self.trainer.checkpoint_callback, "dirpath", None)
+            # Before the first validation or timed save there is none: the message must not send one looking for it.
+            saved = kept is not None and any(Path(kept).glob("*.ckpt"))
+            where = f"the last good checkpoint is kept in {kept}" if saved else "no checkpoint had been written yet"
             raise FloatingPointError(
                 f"the training loss is {loss.item()} at step {self.global_step}: stopped before it could spoil the "
-                f"prefix; the last good checkpoint is kept in {kept}. Lower method.lr or check the data."
+                f"prefix; {where}. Lower method.lr or check the data."
             )
         # Averaged over the ranks (a scalar all-reduce, no host sync): the loss whose gradient DDP averages.
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=True)
