@@ -3,7 +3,8 @@
     python -m prefix_lightning.export outputs/train/<run>/checkpoints/step100.ckpt exported/
 
 Checkpoints hold only the trainable tensors; the rest comes from the run's own config, which Hydra keeps next to
-them: checkpoints live in ``<run>/checkpoints/``, the config in ``<run>/.hydra/config.yaml``.
+them: checkpoints live in ``<run>/checkpoints/``, the config in ``<run>/.hydra/`` (the one the run started with,
+``started_config.yaml``; Hydra rewrites ``config.yaml`` when the same folder is run again).
 """
 
 from __future__ import annotations
