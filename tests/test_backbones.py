@@ -15,6 +15,7 @@ import torch
 
 from prefix_lightning.backbones import backbone_identity, embedded, load_backbone
 from prefix_lightning.files import atomic_folder
+from tests.helpers import tokenizer as tokenizer_helper
 from tests.helpers.tokenizer import TOKENIZER_FILES, tokenizer_folder
 
 GPT2_EOS = 50256
@@ -286,7 +287,7 @@ def test_the_tests_fetch_a_hub_tokenizer_given_by_its_id(tmp_path: Path, monkeyp
         calls.append((repo_id, allow_patterns))
         return str(fetched)
 
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(tokenizer_helper, "snapshot_download", snapshot_download)
     assert tokenizer_folder("gpt2", tmp_path / "data") == fetched
     assert calls == [("gpt2", TOKENIZER_FILES)]
     local = tmp_path / "tokenizer"

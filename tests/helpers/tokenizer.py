@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from huggingface_hub import snapshot_download
+
 TOKENIZER_FILES = ["vocab.json", "merges.txt"]
 
 
@@ -16,8 +18,6 @@ def tokenizer_folder(setting: str | None, data_dir: Path) -> Path:
     folder = Path(setting)
     if folder.exists():
         return folder
-    from huggingface_hub import snapshot_download
-
     try:
         return Path(snapshot_download(setting, allow_patterns=TOKENIZER_FILES))
     except Exception as error:  # offline, or no such repository: the fixture says what to set
