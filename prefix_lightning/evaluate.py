@@ -130,15 +130,12 @@ def with_run_settings(argv: Sequence[str]) -> list[str]:
 
 
 def _recorded_model(export: Path) -> list[str]:
-    """``model=<name>`` for a prefix export outside its run folder: the config of the base model it records, where
-    exactly one matches (otherwise the configured model loads, and the export refuses it if it is another)."""
+    """``model=<name>`` for a prefix export outside its run folder: the config of the base model it records; where
+    none or several match, the error asks for ``model=``."""
     prefixes = task_folders(export) or [export]
     if not all((folder / CONFIG_NAME).is_file() for folder in prefixes):
         return []  # another method's export: the configured model
-    try:
-        name = model_config_for(prefixes)
-    except ValueError:
-        return []
+    name = model_config_for(prefixes)
     print(f"evaluating on model={name}, the base model the export records", file=sys.stderr)
     return [f"model={name}"]
 
@@ -165,5 +162,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    sys.argv = with_run_settings(sys.argv)
+    sys.argv = report_errors(lambda: with_run_settings(sys.argv))
     main()

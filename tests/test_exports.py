@@ -165,7 +165,8 @@ def test_an_export_in_its_run_folder_is_found_by_evaluate_and_generate(tmp_path:
 def test_evaluate_of_a_prefix_outside_its_run_loads_the_model_it_records(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    """The one model config whose backbone the export records; none where several match or model= is given."""
+    """The one model config whose backbone the export records, unless model= is given; where several match, the
+    error asks for model=."""
 
     def exported(identity: str) -> Path:
         folder = tmp_path / identity.replace(":", "_")
@@ -181,4 +182,7 @@ def test_evaluate_of_a_prefix_outside_its_run_loads_the_model_it_records(
     assert "evaluating on model=smollm2_135m, the base model the export records" in capsys.readouterr().err
     assert with_run_settings(["evaluate", f"export_path={smollm2}", "model=tiny_llama"])[1] == "model=tiny_llama"
     several = exported("random:llama")  # tiny_llama, random_smollm2_135m, ...
-    assert with_run_settings(["evaluate", f"export_path={several}"]) == ["evaluate", f"export_path='{several}'"]
+    with pytest.raises(ValueError, match="random:llama, and configs .*tiny_llama.* match it: give the model config"):
+        with_run_settings(["evaluate", f"export_path={several}"])
+    given = with_run_settings(["evaluate", f"export_path={several}", "model=tiny_llama"])
+    assert given == ["evaluate", "model=tiny_llama", f"export_path='{several}'"]
