@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, StaticCache
 
 from prefix_lightning import PrefixBank, PrefixConfig, PrefixModel, UnsupportedModelError
 from prefix_lightning.prefix.attention import record_attention_calls
@@ -138,6 +138,27 @@ def test_the_loss_drops_the_padding_mask_only_where_chosen_and_right_padded() ->
     assert loss(left=False, drop=None) and loss(left=False, drop=False)
     assert not loss(left=False, drop=True)
     assert loss(left=True, drop=True)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_a_static_cache_prefill_sees_no_empty_slots(kind: str) -> None:
+    """A static cache's prefill reaches attention without a mask and with the cache's unfilled slots among the
+    keys (transformers relies on SDPA's top-left causal pattern there): with the prefix in front those slots
+    must stay hidden, so the logits and the generated scores are those of the dynamic cache."""
+    model = PrefixModel(tiny_lm(kind), PrefixConfig(length=3, hidden_dim=16)).eval()
+    ids = ROWS[0][None]
+    settings = dict(max_new_tokens=3, pad_token_id=PAD, eos_token_id=None, output_scores=True)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        cache = StaticCache(config=model.lm.config, max_cache_len=32)
+        got = model(input_ids=ids, past_key_values=cache, use_cache=True).logits
+        dynamic = model.generate(input_ids=ids, return_dict_in_generate=True, **settings).scores
+        static = model.generate(
+            input_ids=ids, cache_implementation="static", return_dict_in_generate=True, **settings
+        ).scores
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    for step, want in zip(static, dynamic, strict=True):
+        torch.testing.assert_close(step, want, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("kind", ["bart", "t5"])

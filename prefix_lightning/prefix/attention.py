@@ -222,6 +222,8 @@ def prefix_attention(
         causal = kwargs.get("is_causal")
         if causal is None:
             causal = getattr(module, "is_causal", True)
+        if attention_mask is None and causal and key.shape[2] > query.shape[2] > 1:
+            key, value, kwargs = _without_empty_static_slots(query.shape[2], key, value, kwargs)
         batch = key.shape[0]
         seen = None
         if isinstance(prefix, torch.Tensor):  # one block for every row
@@ -258,6 +260,22 @@ def prefix_attention(
         with sdpa_kernel(CUDA_KERNELS):
             return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _without_empty_static_slots(
+    queries: int, key: torch.Tensor, value: torch.Tensor, kwargs: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """The keys/values (and position bias) of a mask-less causal call cut to the first ``queries`` keys.
+
+    transformers passes no mask to a causal call with more keys than queries (several of them) only for the
+    prefill of an empty static cache: the keys past the queries are its unfilled slots, which SDPA's top-left
+    ``is_causal`` hides (transformers' SDPA cuts them too). Once the prefix's columns come first, the causal
+    pattern aligns bottom-right, which would show those slots to every query.
+    """
+    bias = kwargs.get("position_bias")
+    if bias is not None:
+        kwargs = {**kwargs, "position_bias": bias[..., :queries]}
+    return key[:, :, :queries], value[:, :, :queries], kwargs
 
 
 # SDPA's kernels on CUDA, cuDNN's left out: cuDNN builds a plan for every new shape, and here every training batch
