@@ -159,6 +159,22 @@ def test_infix_generation_follows_the_training_layout() -> None:
     assert beams.shape[0] == len(ROWS)
 
 
+def test_infix_generation_with_a_static_cache_reads_the_infix_where_the_dynamic_cache_does() -> None:
+    """A static cache's keys include its unfilled slots, so attention cannot count the cached tokens from them:
+    a left-padded prompt read the infix from its first token on."""
+    model = PrefixModel(tiny_lm("llama"), PrefixConfig(length=3, kind="infix", reparam="none"))
+    _randomize(model)
+    ids, mask = pad_batch(ROWS, left=True)
+    settings = dict(max_new_tokens=3, pad_token_id=PAD, eos_token_id=None, output_scores=True)
+    with torch.no_grad():
+        dynamic = model.generate(input_ids=ids, attention_mask=mask, return_dict_in_generate=True, **settings)
+        static = model.generate(
+            input_ids=ids, attention_mask=mask, cache_implementation="static", return_dict_in_generate=True, **settings
+        )
+    for got, expected in zip(static.scores, dynamic.scores, strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_infix_forward_without_a_mask_sees_the_source(family: str) -> None:
     """The target's positions jump by L after the infix; without a mask (and without a cache) transformers read the

@@ -66,8 +66,11 @@ def _shift_position_ids(
         shift = injector.position_shift(tokens.shape[0])
         if injector.infix:  # only the tokens after the infix move
             start, count = _cached_length(tokens, kwargs), tokens.shape[1]
-            _, after = infix_rows(injector, kwargs.get(INFIX_QUERIES), start, count, tokens.device)
+            reads, after = infix_rows(injector, kwargs.get(INFIX_QUERIES), start, count, tokens.device)
             kwargs["position_ids"] = positions + shift * after
+            # Attention reads the same rows: it cannot count the cached tokens itself where the cache's keys
+            # include unfilled slots (a static cache).
+            kwargs[INFIX_QUERIES] = reads
             if kwargs.get("attention_mask") is None:
                 # Without a mask transformers takes a jump in the position ids for the start of another sequence
                 # packed into the row, and hides the source from the target.
