@@ -66,16 +66,20 @@ def test_compiled_lm_trains_like_eager_without_compiling_again(family: str, drop
 @pytest.mark.integration
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_compiled_lm_decodes_like_eager_after_training(family: str) -> None:
-    """Training and validation's decoding in one process: every graph they need fits dynamo's recompile limit (past
-    it, dynamo would silently run the rest in eager mode)."""
+    """Training, validation's loss and decoding in one process, batches of one row among them: every graph they need
+    fits the recompile limit (past it, dynamo would silently run the rest in eager mode; its default of 8 did not
+    hold them)."""
     torch._dynamo.reset()
     eager, compiled = prefixed(family), prefixed(family)
     compile_lm(compiled.lm, BACKEND)
     with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
         compiled.train()
-        for extra in (0, 3):
-            compiled.loss(**training_batch(encoder_decoder=False, pairs=_pairs(extra))).backward()
+        for pairs in (_pairs(0), _pairs(3), PAIRS[:1]):
+            compiled.loss(**training_batch(encoder_decoder=False, pairs=pairs)).backward()
         compiled.eval()
+        with torch.no_grad():
+            for pairs in (PAIRS, PAIRS[:1]):
+                compiled.loss(**training_batch(encoder_decoder=False, pairs=pairs))
         ids, mask = left_padded()
         options = dict(num_beams=3, max_new_tokens=6, eos_token_id=2, pad_token_id=PAD)
         decoded = compiled.generate(input_ids=ids, attention_mask=mask, **options)

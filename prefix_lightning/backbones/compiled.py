@@ -17,8 +17,15 @@ LM must be in place at its first compiled call.
 
 from __future__ import annotations
 
+import torch
 from transformers import PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
+
+# Dynamo compiles a frame again for each variant of its call, and a block's frames see many in one run: training
+# and validation (grad mode), the first block's input without grad and the others' with it, a batch of one row,
+# with and without a mask, and two call styles of transformers' deprecation wrapper, one frame for the forwards of
+# both the block and its attention. Past dynamo's default of 8 a frame silently runs eager from then on.
+RECOMPILE_LIMIT = 64
 
 
 def compile_lm(lm: PreTrainedModel, backend: str = "inductor") -> int:
@@ -30,6 +37,7 @@ def compile_lm(lm: PreTrainedModel, backend: str = "inductor") -> int:
             f"model.compile: no transformer blocks (transformers' GradientCheckpointingLayer) in {type(lm).__name__}"
             ": leave model.compile off for this model"
         )
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     for block in blocks:
         block.compile(dynamic=True, backend=backend)
     return len(blocks)
