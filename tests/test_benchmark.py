@@ -15,7 +15,7 @@ from prefix_lightning import PrefixConfig, PrefixModel
 from prefix_lightning.baselines.peft_prefix import peft_generate, set_peft_prefix
 from prefix_lightning.benchmark import PHASES, Setting, run_benchmark
 from prefix_lightning.benchmark.__main__ import main as benchmark_main
-from prefix_lightning.benchmark.hardware import matmul_parameters, mfu
+from prefix_lightning.benchmark.hardware import matmul_parameters, mfu, peak_tflops
 from prefix_lightning.benchmark.phases import (
     CHECKED_TOKENS,
     _backbone,
@@ -147,6 +147,14 @@ def test_model_flops_count_each_matrix_once(tmp_path: Path) -> None:
         expected = total if tied else total - lm.get_input_embeddings().weight.numel()
         assert matmul_parameters(lm) == expected and (name == "tiny_gpt2") == tied
     assert mfu(1000.0, 4e9, 989.4) == pytest.approx(1000 * 4e9 / 989.4e12)
+
+
+@pytest.mark.parametrize(
+    ("name", "peak"), [("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H200", 989.4)]
+)
+def test_a_gpus_peak_is_its_variants(name: str, peak: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: name)
+    assert peak_tflops("cuda", "bf16-mixed") == peak and peak_tflops("cpu", "bf16-mixed") is None
     assert mfu(1000.0, 4e9, None) is None
 
 

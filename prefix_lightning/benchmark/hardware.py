@@ -12,7 +12,8 @@ from transformers import PreTrainedModel
 
 # Dense peak TFLOP/s by GPU name (vendor data sheets, SXM parts): bf16 on tensor cores; float32 without TF32
 # (PyTorch's default for matrix products).
-PEAK_TFLOPS = {
+PEAK_TFLOPS = {  # the first key in the device's name wins: variants before their family
+    "H100 PCIe": {"bf16-mixed": 756.0, "32": 51.2},
     "H200": {"bf16-mixed": 989.4, "32": 66.9},
     "H100": {"bf16-mixed": 989.4, "32": 66.9},
     "A100": {"bf16-mixed": 312.0, "32": 19.5},
