@@ -7,6 +7,7 @@ import torch
 
 from prefix_lightning import PrefixConfig, PrefixModel, UnsupportedModelError
 from prefix_lightning.methods.loss import IGNORE_INDEX
+from tests.helpers.families import DECODERS
 from tests.helpers.tiny import PAD, ROWS, WORDS, pad_batch, tiny_lm
 
 TARGETS = [torch.tensor([40, 41, 42]), torch.tensor([50, 51]), torch.tensor([60, 61, 62, 63])]
@@ -80,6 +81,14 @@ def test_embedding_only_and_infix_refuse_encoder_decoder_models() -> None:
     for kind in ("embedding", "infix"):
         with pytest.raises(UnsupportedModelError, match="decoder-only"):
             PrefixModel(tiny_lm("bart"), PrefixConfig(length=2, kind=kind))
+
+
+def test_embedding_only_refuses_models_with_per_layer_inputs_of_token_ids() -> None:
+    """Gemma 4 computes per-layer inputs from the token ids (transformers raised deep in its forward)."""
+    kind, settings = DECODERS["gemma4_per_layer_heads"]
+    with pytest.raises(UnsupportedModelError, match="computes per-layer inputs from the token ids"):
+        PrefixModel(tiny_lm(kind, **settings), PrefixConfig(length=2, kind="embedding"))
+    PrefixModel(tiny_lm(kind, **settings), PrefixConfig(length=2, kind="infix"))  # keys/values: no input embeddings
 
 
 # -- infix -------------------------------------------------------------------------------------------------

@@ -71,6 +71,11 @@ class PrefixModel(nn.Module):
         kind = self.config.kind
         if kind != "prefix" and lm.config.is_encoder_decoder:
             raise UnsupportedModelError(f"prefix kind {kind!r} is for decoder-only LMs; {type(lm).__name__} is not one")
+        if kind == "embedding" and getattr(lm.config, "hidden_size_per_layer_input", None):
+            raise UnsupportedModelError(
+                f"an embedding-only prefix is input embeddings, and {type(lm).__name__} computes per-layer inputs from "
+                "the token ids, which virtual tokens do not have (Gemma 3n/4): use the prefix kind 'prefix'"
+            )
         self.injector = PrefixInjector(infix=kind == "infix", shift=self.config.virtual_positions)
         self.sites: list[AttentionSite] = bind_sites(lm, self.injector, self.config.shift_positions)
         # transformers types the embeddings as a plain Module.
