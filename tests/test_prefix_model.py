@@ -104,6 +104,45 @@ def test_bart_decoder_given_embeddings_moves_its_positions_as_given_ids() -> Non
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
+def _additive(mask: torch.Tensor) -> torch.Tensor:
+    """The causal 4-D float mask of a right-padded 2-D ``mask``: 0 where a query sees a key, the minimum where not."""
+    width, hidden = mask.shape[1], torch.finfo(torch.float32).min
+    causal = torch.full((width, width), hidden).triu(1).expand(mask.shape[0], 1, width, width)
+    return causal.masked_fill(~mask.bool()[:, None, None, :], hidden)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_a_4d_additive_mask_sees_the_prefix_as_a_2d_mask_does(kind: str) -> None:
+    """A caller's own 4-D float mask takes the additive branch of the mask widening: the prefix columns get 0
+    (seen), the logits are those of the 2-D mask (right padding: positions count alike from either)."""
+    model = PrefixModel(tiny_lm(kind), PrefixConfig(length=3, hidden_dim=16)).eval()
+    ids, mask = pad_batch(ROWS, left=False)
+    real = mask.bool()
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+        got = model(input_ids=ids, attention_mask=_additive(mask)).logits
+        with model.prefix_disabled():
+            plain = model.lm(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=0)
+    assert not torch.allclose(expected[real], plain[real], atol=1e-3)  # the prefix counts in what is compared
+
+
+def test_prefix_dropout_applies_in_training_only() -> None:
+    """prefix.dropout drops entries of the materialized prefix in training; in eval (validation, decoding) the
+    model gives the logits of the same prefix without dropout."""
+    model = PrefixModel(tiny_lm("gpt2"), PrefixConfig(length=3, hidden_dim=16, dropout=0.5))
+    undropped = PrefixModel(tiny_lm("gpt2"), PrefixConfig(length=3, hidden_dim=16)).eval()
+    undropped.encoders.load_state_dict(model.encoders.state_dict())
+    ids = ROWS[0][None]
+    with torch.no_grad():
+        expected = undropped(input_ids=ids).logits
+        torch.testing.assert_close(model.eval()(input_ids=ids).logits, expected)
+        model.train()
+        torch.manual_seed(1)
+        first, second = model(input_ids=ids).logits, model(input_ids=ids).logits
+    assert not torch.allclose(first, expected, atol=1e-4) and not torch.allclose(first, second, atol=1e-4)
+
+
 def test_prefix_changes_the_output_and_disabling_restores_the_plain_lm() -> None:
     reference = tiny_lm("gpt2")
     model = PrefixModel(tiny_lm("gpt2"), PrefixConfig(length=3))
@@ -458,10 +497,18 @@ def test_real_word_init_with_mlp_fits_the_target() -> None:
 
 
 def test_short_init_words_are_repeated_to_the_prefix_length() -> None:
+    """[5, 6] for a prefix of 4 is [5, 6, 5, 6] (not [5, 5, 6, 6]), and [5, 6, 7, 8, 9] is cut to [5, 6, 7, 8]."""
     model = PrefixModel(tiny_lm("gpt2"), PrefixConfig(length=4, reparam="none"))
     model.init_prefix_from_tokens([5, 6])
     key = next(iter(model.prefix_key_values().values()))[0]
     assert key.shape[1] == 4 and not torch.allclose(key[:, 0], key[:, 1])
+    for given, meant in (([5, 6], [5, 6, 5, 6]), ([5, 6, 7, 8, 9], [5, 6, 7, 8])):
+        model.init_prefix_from_tokens(given)
+        expected = PrefixModel(tiny_lm("gpt2"), PrefixConfig(length=4, reparam="none"))
+        expected.init_prefix_from_tokens(meant)
+        for name, (got_key, got_value) in model.prefix_key_values().items():
+            torch.testing.assert_close(got_key, expected.prefix_key_values()[name][0], atol=0, rtol=0)
+            torch.testing.assert_close(got_value, expected.prefix_key_values()[name][1], atol=0, rtol=0)
 
 
 def test_prefix_config_rejects_bad_values() -> None:
