@@ -225,3 +225,18 @@ def test_an_export_of_format_1_loads_into_the_bank(tmp_path: Path) -> None:
         logits = bank(input_ids=ids, attention_mask=mask, prefixes=["stacked", "other"]).logits
         expected = single(input_ids=ROWS[0][None]).logits[0]
     torch.testing.assert_close(logits[0][mask[0].bool()], expected, atol=1e-5, rtol=0)
+
+
+def test_a_4d_additive_mask_hides_each_rows_other_prefix_columns(banks) -> None:
+    """A caller's own 4-D float mask takes the additive branch of the per-row prefix columns: each row sees its own
+    prefix's columns only (right padding, where positions count alike from a 2-D and a 4-D mask)."""
+    bank, _ = banks("llama_gqa")
+    ids, mask = pad_batch(ROWS, left=False)
+    width, hidden = ids.shape[1], torch.finfo(torch.float32).min
+    additive = torch.full((width, width), hidden).triu(1).expand(len(ROWS), 1, width, width)
+    additive = additive.masked_fill(~mask.bool()[:, None, None, :], hidden)
+    real = mask.bool()
+    with torch.no_grad():
+        expected = bank(input_ids=ids, attention_mask=mask, prefixes=PREFIXES).logits
+        got = bank(input_ids=ids, attention_mask=additive, prefixes=PREFIXES).logits
+    torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=0)
