@@ -237,6 +237,20 @@ def test_training_step_moves_only_the_prefix(kind: str) -> None:
     assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {"encoders"}
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_a_step_on_the_cache_without_mask_continues_the_positions(kind: str) -> None:
+    """A caller's own decoding loop (no mask, no position ids): the next token's positions continue after the
+    cached tokens, and its logits are those of the whole sequence run at once."""
+    model = PrefixModel(tiny_lm(kind), PrefixConfig(length=3, hidden_dim=16)).eval()
+    row = ROWS[0][None]
+    with torch.no_grad():
+        prompt = model(input_ids=row, use_cache=True)
+        token = prompt.logits[:, -1:].argmax(-1)
+        step = model(input_ids=token, cache=prompt.cache).logits[0, -1]
+        whole = model(input_ids=torch.cat([row, token], dim=1)).logits[0, -1]
+    torch.testing.assert_close(step, whole, atol=1e-5, rtol=0)
+
+
 def _greedy_without_cache(model: PrefixModel, ids: torch.Tensor, steps: int) -> torch.Tensor:
     for _ in range(steps):
         logits = model(input_ids=ids, use_cache=False).logits
