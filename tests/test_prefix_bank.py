@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from prefix_lightning import PrefixBank, PrefixConfig, PrefixModel
+from prefix_lightning.prefix.rows import RowPrefixes
 from tests.helpers.families import DECODERS, ENCODER_DECODERS, GQA
 from tests.helpers.tiny import PAD, pad_batch, tiny_lm
 
@@ -240,3 +241,40 @@ def test_a_4d_additive_mask_hides_each_rows_other_prefix_columns(banks) -> None:
         expected = bank(input_ids=ids, attention_mask=mask, prefixes=PREFIXES).logits
         got = bank(input_ids=ids, attention_mask=additive, prefixes=PREFIXES).logits
     torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=0)
+
+
+def test_a_window_cache_follows_each_rows_prefix_as_inputs_leave_the_search(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Beam search over a mixed batch on a model whose cache cannot take the prefix (a sliding window), with inputs
+    that end at different steps: the per-row prefixes follow the rows as finished inputs leave the running batch,
+    and each row decodes as its own model."""
+    model_type, fields = FAMILIES["mistral_window"]
+
+    def ending_lm() -> torch.nn.Module:  # peaked outputs, the end token made likelier (tests.helpers.decoding)
+        lm = tiny_lm(model_type, **fields, initializer_range=0.5)
+        with torch.no_grad():
+            lm.get_output_embeddings().weight[EOS] *= 3.5
+        return lm
+
+    folders = {}
+    for seed, (name, length) in enumerate(LENGTHS.items()):
+        torch.manual_seed(seed)
+        folders[name] = PrefixModel(ending_lm(), PrefixConfig(length=length, hidden_dim=16)).save(tmp_path / name)
+    bank = PrefixBank(ending_lm()).eval()
+    for name, folder in folders.items():
+        bank.add(name, folder)
+    singles = {name: PrefixModel.from_prefix(ending_lm(), folder).eval() for name, folder in folders.items()}
+    singles[None] = ending_lm()
+    rows_kept: list[int] = []
+    select = RowPrefixes.select
+    monkeypatch.setattr(RowPrefixes, "select", lambda self, rows: rows_kept.append(len(rows)) or select(self, rows))
+    ids, mask = pad_batch(ROWS, left=True)
+    settings = dict(max_new_tokens=12, num_beams=3, do_sample=False, pad_token_id=PAD, eos_token_id=EOS)
+    with torch.no_grad():
+        batched = bank.generate(input_ids=ids, attention_mask=mask, prefixes=PREFIXES, **settings)
+        for i, (row, name) in enumerate(zip(ROWS, PREFIXES, strict=True)):
+            alone = singles[name].generate(row[None], **settings)[0]
+            got = batched[i, ids.shape[1] - len(row) :]
+            assert torch.equal(got[: len(alone)], alone), (i, name)
+    assert len(set(rows_kept)) >= 3, rows_kept  # inputs left the search at two steps at least
