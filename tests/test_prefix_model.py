@@ -60,6 +60,59 @@ def test_unshifted_prefix_rows_do_not_depend_on_their_left_padding(kind: str) ->
             torch.testing.assert_close(logits[i][mask[i].bool()], alone, atol=1e-5, rtol=0)
 
 
+def _positions_seen(model: PrefixModel, **inputs: torch.Tensor) -> torch.Tensor:
+    """The position ids the LM's own forward receives (after the prefix's hook has moved them)."""
+    seen: list[torch.Tensor] = []
+    hook = model.lm.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["position_ids"]), with_kwargs=True
+    )
+    with torch.no_grad():
+        model(**inputs)
+    hook.remove()
+    return seen[0]
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("shift", [True, False])
+def test_real_tokens_start_at_position_l_only_when_shifted(kind: str, shift: bool) -> None:
+    """Left-padded rows: each row's real tokens take positions L, L+1, ... (shift_positions=true) or 0, 1, ...
+    (false), counted from its first real token."""
+    model = PrefixModel(tiny_lm(kind), PrefixConfig(length=3, hidden_dim=16, shift_positions=shift)).eval()
+    ids, mask = pad_batch(ROWS, left=True)
+    positions = _positions_seen(model, input_ids=ids, attention_mask=mask)
+    start = 3 if shift else 0
+    for i, row in enumerate(ROWS):
+        assert positions[i][mask[i].bool()].tolist() == list(range(start, start + len(row)))
+
+
+@pytest.mark.parametrize("shift", [True, False])
+def test_bart_learned_positions_move_only_when_shifted(shift: bool) -> None:
+    """BART's position embeddings take no ids: its embed_positions modules give the embeddings of positions moved
+    by L (shift_positions=true), or the plain model's (false, the paper's BART setting)."""
+    model = PrefixModel(tiny_lm("bart"), PrefixConfig(length=3, hidden_dim=16, shift_positions=shift)).eval()
+    reference = tiny_lm("bart")
+    ids = ROWS[0][None]
+    decoder = ROWS[1][None]
+    outputs: dict[str, list[torch.Tensor]] = {"model": [], "plain": []}
+    hooks = [
+        module.register_forward_hook(lambda module, args, output, key=key: outputs[key].append(output))
+        for key, lm in (("model", model.lm), ("plain", reference))
+        for module in (lm.model.encoder.embed_positions, lm.model.decoder.embed_positions)
+    ]
+    with torch.no_grad():
+        model(input_ids=ids, decoder_input_ids=decoder)
+        reference(input_ids=ids, decoder_input_ids=decoder)
+        table = reference.model.encoder.embed_positions.weight
+        offset = reference.model.encoder.embed_positions.offset
+    for hook in hooks:
+        hook.remove()
+    start = offset + (3 if shift else 0)
+    torch.testing.assert_close(outputs["model"][0][0], table[start : start + ids.shape[1]])
+    if not shift:
+        for got, plain in zip(outputs["model"], outputs["plain"], strict=True):
+            torch.testing.assert_close(got, plain, atol=0, rtol=0)
+
+
 def test_a_flop_counter_sees_the_prefixed_forward() -> None:
     """Without a mask, causal attention with a prefix uses SDPA's bottom-right causal bias, a tensor subclass that
     cannot be made under a dispatch mode: under torch's FLOP counter the forward still runs, with the same logits,
