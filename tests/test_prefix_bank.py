@@ -278,3 +278,30 @@ def test_a_window_cache_follows_each_rows_prefix_as_inputs_leave_the_search(
             got = batched[i, ids.shape[1] - len(row) :]
             assert torch.equal(got[: len(alone)], alone), (i, name)
     assert len(set(rows_kept)) >= 3, rows_kept  # inputs left the search at two steps at least
+
+
+@pytest.mark.parametrize("family", ["llama_gqa", "gpt2", "t5"])
+def test_unshifted_prefixes_mix_with_shifted_ones(family: str, tmp_path: Path) -> None:
+    """A prefix trained with shift_positions=false keeps its rows' positions (and, on T5, gives its columns no
+    relative bias) inside a mixed batch, as its own PrefixModel does."""
+    model_type, fields = FAMILIES[family]
+    folders = {
+        "kept": export(family, tmp_path / "kept", seed=7, length=3, shift_positions=False),
+        "moved": export(family, tmp_path / "moved", seed=8, length=2),
+    }
+    bank = PrefixBank(tiny_lm(model_type, **fields)).eval()
+    for name, folder in folders.items():
+        bank.add(name, folder)
+    names = ["kept", "moved", None, "kept"]
+    encoder_decoder = _is_encoder_decoder(family)
+    ids, mask = pad_batch(ROWS, left=not encoder_decoder)
+    extra = {"decoder_input_ids": TARGET.expand(len(ROWS), -1)} if encoder_decoder else {}
+    with torch.no_grad():
+        logits = bank(input_ids=ids, attention_mask=mask, prefixes=names, **extra).logits
+        for i, (row, name) in enumerate(zip(ROWS, names, strict=True)):
+            if name is None:
+                continue
+            single = PrefixModel.from_prefix(tiny_lm(model_type, **fields), folders[name]).eval()
+            alone = single(input_ids=row[None], **({"decoder_input_ids": TARGET} if encoder_decoder else {}))
+            got = logits[i] if encoder_decoder else logits[i][mask[i].bool()]
+            torch.testing.assert_close(got, alone.logits[0], atol=1e-5, rtol=0)
