@@ -127,10 +127,22 @@ def test_bad_method_values_are_refused_by_the_method(overrides: list[str], messa
 @pytest.mark.parametrize("method", ["prefix", "embedding"])
 def test_initialization_options_set_the_prefix(method: str, init: str, tmp_path: Path) -> None:
     random, _ = build_model(compose_train(tmp_path, [*QUICK, f"method={method}"]))
-    initialized, _ = build_model(compose_train(tmp_path, [*QUICK, f"method={method}", init]))
+    initialized, tokenizer = build_model(compose_train(tmp_path, [*QUICK, f"method={method}", init]))
     with torch.no_grad():
         before, after = random.materialized(), initialized.materialized()
     assert all(not torch.allclose(a, b) for k in after for a, b in zip(before[k], after[k], strict=True))
+    if init.startswith("prefix.init_text"):  # the words' own activations (embeddings), not any other start
+        random.init_prefix_from_tokens(tokenizer("table-to-text:", add_special_tokens=False).input_ids)
+        with torch.no_grad():
+            expected = random.materialized()
+        for group, blocks in expected.items():
+            for got, meant in zip(after[group], blocks, strict=True):
+                torch.testing.assert_close(got, meant)
+    elif method == "embedding":  # drawn tokens: each row is (the MLP's fit of) one token's input embedding
+        table = initialized.lm.get_input_embeddings().weight
+        with torch.no_grad():
+            nearest = torch.cdist(initialized.prefix_encoders["input"]()[0], table).min(1).values
+        assert bool((nearest < 0.05 * table.norm(dim=1).mean()).all()), nearest
 
 
 # The README's example of a new method: tests/helpers/toy_method.py holds the class.
