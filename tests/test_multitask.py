@@ -15,6 +15,7 @@ from hydra import compose, initialize_config_dir
 from prefix_lightning import PrefixConfig, PrefixModel
 from prefix_lightning.evaluate import evaluate, with_run_settings
 from prefix_lightning.evaluation import task_metrics
+from prefix_lightning.prefix.attention import record_attention_calls
 from prefix_lightning.prefix.export import CONFIG_NAME
 from prefix_lightning.prefix.multitask import MultiTaskPrefix
 from prefix_lightning.training.build import build_datamodule, build_model, build_module
@@ -82,7 +83,10 @@ def test_gradient_checkpointing_recomputes_each_row_with_its_own_prefix() -> Non
     prefixes = ["e2e", "dart", "webnlg"]
     expected = torch.autograd.grad(model.loss(prefixes=prefixes, length_groups=2, **inputs), parameters)
     model.enable_gradient_checkpointing()
-    got = torch.autograd.grad(model.loss(prefixes=prefixes, length_groups=2, **inputs), parameters)
+    loss = model.loss(prefixes=prefixes, length_groups=2, **inputs)
+    with record_attention_calls() as recomputed:
+        got = torch.autograd.grad(loss, parameters)
+    assert len(recomputed) == len(model.bank.sites)  # the layers did run again in backward, the batch as one group
     for want, have in zip(expected, got, strict=True):
         torch.testing.assert_close(have, want, atol=1e-6, rtol=1e-4)
 
