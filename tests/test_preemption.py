@@ -9,6 +9,7 @@ import json
 import math
 import re
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,12 @@ def assert_same_prefix(run: Path, reference: Path) -> None:
     assert got.keys() == expected.keys()
     for group in expected:
         torch.testing.assert_close(got[group], expected[group], atol=1e-6, rtol=0)
+
+
+def assert_restored(log: subprocess.CompletedProcess, checkpoint: Path) -> None:
+    """The attempt went on from ``checkpoint``: a run trained again from step 0 would end with the same prefix, test
+    outputs and validation files as the uninterrupted run (it is deterministic), so those alone do not show it."""
+    assert f"Restored all states from the checkpoint at {checkpoint}" in log.stdout + log.stderr
 
 
 def logged_learning_rates(run: Path) -> list[tuple[int, float]]:
@@ -136,7 +143,7 @@ def test_a_stopped_run_resumes_as_the_uninterrupted_run(
     result = run_failing(stopped, *settings, *stop)
     assert result.returncode == 128 + signal.SIGTERM.value
     assert global_step(stopped / "checkpoints" / "last.ckpt") == saved
-    run_cli(stopped, f"resume={stopped}")
+    assert_restored(run_cli(stopped, f"resume={stopped}"), stopped / "checkpoints" / "last.ckpt")
     assert_same_prefix(stopped, straight)
 
 
@@ -149,7 +156,7 @@ def test_sigterm_during_a_validation_lets_it_finish_then_stops(straight: Path, t
     assert result.returncode == 143
     assert global_step(tmp_path / "checkpoints" / "last.ckpt") == 4
     assert (tmp_path / "val_step4_metrics.json").is_file()
-    run_cli(tmp_path, f"resume={tmp_path}")
+    assert_restored(run_cli(tmp_path, f"resume={tmp_path}"), tmp_path / "checkpoints" / "last.ckpt")
     for name in ("val_step4_metrics.json", "val_step4_generations.txt", "test_generations.txt"):
         assert (tmp_path / name).read_text() == (straight / name).read_text()
     assert_same_prefix(tmp_path, straight)
@@ -162,7 +169,7 @@ def test_killed_in_the_test_resume_exports_and_tests_as_the_uninterrupted_run(st
     result = run_failing(tmp_path, *RUN, *fault("SignalInTest", name="SIGKILL"))
     assert result.returncode == -signal.SIGKILL
     assert global_step(tmp_path / "checkpoints" / "last.ckpt") == 8
-    run_cli(tmp_path, f"resume={tmp_path}")
+    assert_restored(run_cli(tmp_path, f"resume={tmp_path}"), tmp_path / "checkpoints" / "last.ckpt")
     record = json.loads((tmp_path / "result.json").read_text())
     assert (record["export"], record["exported_step"]) == ("last", 8)
     assert (tmp_path / "test_generations.txt").read_text() == (straight / "test_generations.txt").read_text()
@@ -198,7 +205,8 @@ def test_kill_9_after_the_timed_checkpoint_loses_no_more_than_the_interval(strai
     saved = global_step(tmp_path / "checkpoints" / "last.ckpt")
     assert 7 - saved <= math.ceil(0.6 / 0.25) + 1 and saved >= 1
     assert re.search(r"saved \S+last\.ckpt at step \d+ \(every 0\.01 minutes\)", result.stdout + result.stderr)
-    run_cli(tmp_path, *timed, f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}")
+    log = run_cli(tmp_path, *timed, f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}")
+    assert_restored(log, tmp_path / "checkpoints" / "last.ckpt")
     assert_same_prefix(tmp_path, straight)
     assert [path.name for path in tmp_path.glob("val_step*_metrics.json")] == ["val_step8_metrics.json"]
     resumed, expected = learning_rates(tmp_path), learning_rates(straight)

@@ -240,7 +240,9 @@ def test_sigkill_mid_epoch_then_resume_ends_with_the_uninterrupted_prefix(tmp_pa
     checkpoint = killed / "checkpoints" / "last.ckpt"
     assert torch.load(checkpoint, weights_only=True)["global_step"] == 6  # 6 = 4 + 2: in the second epoch
     assert not list((killed / "checkpoints").glob(".*tmp*"))
-    run_cli(killed, *FAST[:-2], "trainer.val_check_interval=2", f"ckpt_path={checkpoint}")
+    log = run_cli(killed, *FAST[:-2], "trainer.val_check_interval=2", f"ckpt_path={checkpoint}")
+    # From step 6, not trained again from step 0 (which would end with the same prefix as well).
+    assert f"Restored all states from the checkpoint at {checkpoint}" in log.stdout + log.stderr
     resumed = load_file(killed / "prefix" / "prefix.safetensors")
     expected = load_file(straight / "prefix" / "prefix.safetensors")
     for group in expected:
