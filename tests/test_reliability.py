@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 from pathlib import Path
 
@@ -193,6 +194,20 @@ def test_a_checkpoint_of_a_run_on_another_kind_of_base_model_is_refused(tmp_path
     module.on_load_checkpoint(checkpoint)  # its own run's
     checkpoint["base_model"]["model_type"] = "t5"
     with pytest.raises(ValueError, match="written by a run on a t5 model, but this run's base model is a llama"):
+        module.on_load_checkpoint(checkpoint)
+
+
+def test_a_checkpoint_missing_a_prefix_tensor_is_refused_naming_it(tmp_path: Path) -> None:
+    """Non-strict loading would leave a tensor the file lacks at its initial value (a multi-task run resumed with a
+    task more, say): the hook names it, as it names tensors of another shape."""
+    cfg = compose_train(tmp_path, ["model=tiny_llama"])
+    model, tokenizer = build_model(cfg)
+    module = build_module(cfg, model, tokenizer)
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    dropped = sorted(checkpoint["state_dict"])[-1]
+    del checkpoint["state_dict"][dropped]
+    with pytest.raises(ValueError, match=f"does not fit the configured prefix: {re.escape(dropped)}: checkpoint None"):
         module.on_load_checkpoint(checkpoint)
 
 
