@@ -149,8 +149,13 @@ def test_aggregate_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     main([str(tmp_path)])
     printed = capsys.readouterr().out
     assert printed.startswith("| ") and f"report: {tmp_path / 'summary' / 'report.html'}" in printed
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as stopped:
+        main([str(tmp_path / "missing")])
+    assert stopped.value.code == 2 and f"{tmp_path / 'missing'} is not a folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as stopped:  # a folder without finished runs: nothing to aggregate
         main([str(tmp_path / "empty")])
+    assert stopped.value.code == 1 and not (tmp_path / "empty" / "summary").exists()
     capsys.readouterr()
     with pytest.raises(SystemExit) as stopped:
         main([str(tmp_path), "--metric", "test/bogus"])
