@@ -7,6 +7,7 @@ and head size, each site holding its own per-row prefixes)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -70,15 +71,21 @@ def _is_encoder_decoder(family: str) -> bool:
 @pytest.mark.parametrize("family", MIXED_FAMILIES)
 def test_mixed_batch_logits_equal_each_rows_own_model(family: str, banks) -> None:
     bank, singles = banks(family)
-    encoder_decoder = _is_encoder_decoder(family)
+    _assert_rows_as_alone(bank, PREFIXES, singles.__getitem__, _is_encoder_decoder(family))
+
+
+def _assert_rows_as_alone(
+    bank: PrefixBank, names: list[str | None], alone: Callable[[str | None], torch.nn.Module], encoder_decoder: bool
+) -> None:
+    """Each row's logits in a batch of ROWS reading ``names`` equal those of ``alone(name)`` on the row alone."""
     ids, mask = pad_batch(ROWS, left=not encoder_decoder)
     extra = {"decoder_input_ids": TARGET.expand(len(ROWS), -1)} if encoder_decoder else {}
     with torch.no_grad():
-        logits = bank(input_ids=ids, attention_mask=mask, prefixes=PREFIXES, **extra).logits
-        for i, (row, name) in enumerate(zip(ROWS, PREFIXES, strict=True)):
-            alone = singles[name](input_ids=row[None], **({"decoder_input_ids": TARGET} if encoder_decoder else {}))
+        logits = bank(input_ids=ids, attention_mask=mask, prefixes=names, **extra).logits
+        for i, (row, name) in enumerate(zip(ROWS, names, strict=True)):
+            single = alone(name)(input_ids=row[None], **({"decoder_input_ids": TARGET} if encoder_decoder else {}))
             got = logits[i] if encoder_decoder else logits[i][mask[i].bool()]
-            torch.testing.assert_close(got, alone.logits[0], atol=1e-5, rtol=0)
+            torch.testing.assert_close(got, single.logits[0], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("beams", [1, 5], ids=["greedy", "beam5"])
@@ -292,16 +299,9 @@ def test_unshifted_prefixes_mix_with_shifted_ones(family: str, tmp_path: Path) -
     bank = PrefixBank(tiny_lm(model_type, **fields)).eval()
     for name, folder in folders.items():
         bank.add(name, folder)
-    names = ["kept", "moved", None, "kept"]
-    encoder_decoder = _is_encoder_decoder(family)
-    ids, mask = pad_batch(ROWS, left=not encoder_decoder)
-    extra = {"decoder_input_ids": TARGET.expand(len(ROWS), -1)} if encoder_decoder else {}
-    with torch.no_grad():
-        logits = bank(input_ids=ids, attention_mask=mask, prefixes=names, **extra).logits
-        for i, (row, name) in enumerate(zip(ROWS, names, strict=True)):
-            if name is None:
-                continue
-            single = PrefixModel.from_prefix(tiny_lm(model_type, **fields), folders[name]).eval()
-            alone = single(input_ids=row[None], **({"decoder_input_ids": TARGET} if encoder_decoder else {}))
-            got = logits[i] if encoder_decoder else logits[i][mask[i].bool()]
-            torch.testing.assert_close(got, alone.logits[0], atol=1e-5, rtol=0)
+
+    def alone(name: str | None) -> torch.nn.Module:
+        lm = tiny_lm(model_type, **fields)
+        return (lm if name is None else PrefixModel.from_prefix(lm, folders[name])).eval()
+
+    _assert_rows_as_alone(bank, ["kept", "moved", None, "kept"], alone, _is_encoder_decoder(family))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -273,14 +274,15 @@ def test_ctrl_c_saves_a_checkpoint_to_resume_from(tmp_path: Path) -> None:
     assert "stopped by SIGINT at step 3" in output and f"to go on, run: python run.py resume={tmp_path}" in output
 
 
+def _diverging_at(run_dir: Path, step: int) -> subprocess.CompletedProcess:
+    """A run whose loss turns non-finite at ``step``."""
+    faults = ["+callbacks.fault._target_=tests.helpers.faults.DivergeAt", f"+callbacks.fault.step={step}"]
+    return run_failing(run_dir, *KILL_OVERRIDES[:-1], *faults)
+
+
 @pytest.mark.integration
 def test_infinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
-    result = run_failing(
-        tmp_path,
-        *KILL_OVERRIDES[:-1],
-        "+callbacks.fault._target_=tests.helpers.faults.DivergeAt",
-        "+callbacks.fault.step=5",
-    )
+    result = _diverging_at(tmp_path, 5)
     assert (
         "the training loss is nan at step 5" in result.stderr or "the training loss is inf at step 5" in result.stderr
     )
@@ -294,12 +296,7 @@ def test_infinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path
 @pytest.mark.integration
 def test_infinite_loss_before_any_checkpoint_says_there_is_none(tmp_path: Path) -> None:
     """Diverged at step 1, before the first validation: the message named a checkpoint folder that did not exist."""
-    result = run_failing(
-        tmp_path,
-        *KILL_OVERRIDES[:-1],
-        "+callbacks.fault._target_=tests.helpers.faults.DivergeAt",
-        "+callbacks.fault.step=1",
-    )
+    result = _diverging_at(tmp_path, 1)
     assert "at step 1: stopped before it could spoil the prefix; no checkpoint had been written yet" in result.stderr
     assert not list(tmp_path.glob("checkpoints/*.ckpt"))
 
