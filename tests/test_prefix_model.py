@@ -256,11 +256,16 @@ def test_a_static_cache_prefill_sees_no_empty_slots(kind: str) -> None:
 @pytest.mark.parametrize("kind", ["bart", "t5"])
 def test_encoder_decoder_loss_of_a_bf16_lm_is_float32(kind: str) -> None:
     """An encoder-decoder stored in bf16 computes its own loss in bf16 (steps of about 0.03 near 4); the loss is
-    the float32 cross-entropy of its logits, as causal LMs' is."""
+    the float32 cross-entropy of its logits, as causal LMs' is, taken once: the LM is not given the labels."""
     model = PrefixModel(tiny_lm(kind).to(torch.bfloat16), PrefixConfig(length=3, hidden_dim=16)).eval()
     batch = training_batch(encoder_decoder=True)
+    given = []
+    hook = model.lm.register_forward_pre_hook(lambda _, args, kwargs: given.append(set(kwargs)), with_kwargs=True)
     with torch.no_grad():
         loss = model.loss(**batch)
+    hook.remove()
+    assert "labels" not in given[0] and "decoder_input_ids" in given[0]
+    with torch.no_grad():
         logits = model(**batch).logits.float()
     expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
     assert loss.dtype == torch.float32

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from prefix_lightning.files import give_new_file_mode
 from prefix_lightning.methods import target_loss
 
 
@@ -52,3 +53,12 @@ class FineTunedLM(nn.Module):
 
     def save(self, path: str | Path) -> Path:
         raise NotImplementedError(f"{type(self).__name__} does not say how to export what it trains")
+
+    def _save_pretrained(self, path: str | Path, **options: Any) -> Path:
+        """``save_pretrained`` into ``path``, its weight files with a new file's mode (safetensors writes them
+        0600, unreadable by the other users of a shared machine or a container)."""
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.lm.save_pretrained(folder, **options)
+        give_new_file_mode(*folder.glob("*.safetensors"))
+        return folder

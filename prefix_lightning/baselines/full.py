@@ -8,7 +8,6 @@ from transformers import PreTrainedModel
 
 from prefix_lightning.backbones.quantization import refuse_quantized
 from prefix_lightning.baselines.base import FineTunedLM
-from prefix_lightning.files import give_new_file_mode
 
 
 class FullFineTuning(FineTunedLM):
@@ -21,11 +20,7 @@ class FullFineTuning(FineTunedLM):
 
     def save(self, path: str | Path) -> Path:
         """The whole model, as ``from_pretrained`` loads it."""
-        folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.lm.save_pretrained(folder)
-        give_new_file_mode(*folder.glob("*.safetensors"))
-        return folder
+        return self._save_pretrained(path)
 
     @classmethod
     def from_export(cls, lm: PreTrainedModel, path: str | Path) -> FullFineTuning:

@@ -13,7 +13,6 @@ import torch
 from transformers import PreTrainedModel
 
 from prefix_lightning.baselines.base import FineTunedLM
-from prefix_lightning.files import give_new_file_mode
 from prefix_lightning.methods import slices_logits, target_loss
 
 
@@ -59,12 +58,8 @@ class PeftAdapter(FineTunedLM):
 
     def save(self, path: str | Path) -> Path:
         """PEFT's adapter folder, as ``PeftModel.from_pretrained`` loads it."""
-        folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
         # Never the embeddings: "auto" adds them whenever it guesses the vocabulary was resized.
-        self.lm.save_pretrained(folder, save_embedding_layers=False)
-        give_new_file_mode(*folder.glob("*.safetensors"))
-        return folder
+        return self._save_pretrained(path, save_embedding_layers=False)
 
 
 def require_peft(method: str) -> None:

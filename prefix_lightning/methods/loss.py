@@ -34,7 +34,9 @@ def target_loss(
     ``length_groups`` groups, each cut to its own longest row, so that less padding is computed. Grouping pays
     where compute grows with padded tokens and smaller batches stay efficient: ``None`` takes 2 groups on CPU
     and 1 on accelerators, where a small batch is bound by latency rather than by arithmetic (docs/performance.md).
-    Encoder-decoder targets fill the decoder: they take the LM's own path. ``on_group`` is told each group's rows
+    Encoder-decoder targets fill the decoder: the LM runs whole, on the labels shifted right as its own loss would
+    shift them, and the cross-entropy is taken once, in float32 (an LM stored in bf16 would take its own in bf16,
+    where causal LMs' loss is float32). ``on_group`` is told each group's rows
     (indices into the batch) before its forward, for state that follows the rows (a bank's per-row prefixes).
 
     ``drop_right_padding_mask``: a right-padded batch runs without its attention mask. Under causal attention no
@@ -43,13 +45,13 @@ def target_loss(
     mask (docs/gpu.md). Callers whose LM attends to more than the batch's tokens through the mask (PEFT's prefix
     in the cache) leave it off.
     """
+    if lm.config.is_encoder_decoder:
+        if inputs.get("decoder_input_ids") is None and inputs.get("decoder_inputs_embeds") is None:
+            inputs = {**inputs, "decoder_input_ids": lm.prepare_decoder_input_ids_from_labels(labels=labels)}
+        logits = lm(**inputs, use_cache=False).logits  # aligned with the labels: no shift
+        return nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
     if not slices_logits(lm):
-        output = lm(**inputs, labels=labels, use_cache=False)
-        if not lm.config.is_encoder_decoder or output.logits.dtype == torch.float32:
-            return output.loss
-        # An LM stored in bf16 computes its own loss in bf16; in float32, as for causal LMs (logits align with labels).
-        logits = output.logits.float().flatten(0, 1)
-        return nn.functional.cross_entropy(logits, labels.flatten(), ignore_index=IGNORE_INDEX)
+        return lm(**inputs, labels=labels, use_cache=False).loss
     if length_groups is None:
         length_groups = 2 if labels.device.type == "cpu" else 1
     mask = inputs.get("attention_mask")

@@ -10,8 +10,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from prefix_lightning.backbones import EMBEDDED
-from prefix_lightning.backbones.embedded import original_hub_id
+from prefix_lightning.backbones import EMBEDDED, original_hub_id
 from prefix_lightning.baselines.top_layers import TOP_LAYERS_CONFIG
 from prefix_lightning.files import atomic_write
 from prefix_lightning.prefix.export import CONFIG_NAME
