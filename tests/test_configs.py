@@ -42,6 +42,8 @@ def test_model_configs_match_the_loader(name: str, tmp_path: Path) -> None:
     backbone = OmegaConf.to_container(cfg.model.backbone, resolve=True)
     inspect.signature(load_backbone).bind(**backbone)
     assert isinstance(cfg.model.separator, str) and isinstance(cfg.model.target_end, str)
+    # What the README sets on any model (model.backbone.quantization=int8, ...): a key missing here is refused.
+    assert {"dtype", "quantization"} <= set(backbone) and {"gradient_checkpointing", "compile"} <= set(cfg.model)
     if backbone["source"] == "random":
         if backbone["random_config"].get("num_hidden_layers", 0) > 2:  # real shapes (GPU presets): one layer here
             cfg = compose_train(tmp_path, [*overrides, "model.backbone.random_config.num_hidden_layers=1"])
