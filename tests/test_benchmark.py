@@ -12,7 +12,7 @@ import torch
 from peft import PrefixTuningConfig, get_peft_model
 
 from prefix_lightning import PrefixConfig, PrefixModel
-from prefix_lightning.baselines.peft_prefix import peft_generate, set_peft_prefix
+from prefix_lightning.baselines.peft_prefix import peft_generate
 from prefix_lightning.benchmark import PHASES, Setting, run_benchmark
 from prefix_lightning.benchmark.__main__ import main as benchmark_main
 from prefix_lightning.benchmark.hardware import matmul_parameters, mfu, peak_tflops
@@ -28,6 +28,7 @@ from prefix_lightning.benchmark.suites import SUITES, format_comparison
 from prefix_lightning.training.build import load_configured_backbone
 from tests.helpers.cli import run_python
 from tests.helpers.config import compose_train
+from tests.helpers.peft import set_peft_prefix
 from tests.helpers.quantized import needs_bitsandbytes
 
 

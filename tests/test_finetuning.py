@@ -21,7 +21,7 @@ from prefix_lightning.baselines import (
     decoder_blocks,
     load_top_layers,
 )
-from prefix_lightning.baselines.peft_prefix import set_peft_prefix
+from tests.helpers.peft import set_peft_prefix
 from tests.helpers.tiny import PAD, VOCAB, padded, tiny_lm, training_batch
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # PEFT calls transformers' deprecated names

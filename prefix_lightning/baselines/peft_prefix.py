@@ -22,7 +22,6 @@ from transformers import PreTrainedModel
 from prefix_lightning.baselines.peft_adapter import PeftAdapter, require_peft
 from prefix_lightning.decoding import rows_per_input
 from prefix_lightning.prefix import PrefixConfig
-from prefix_lightning.prefix.peft_format import peft_table
 
 if TYPE_CHECKING:
     from peft import PeftModel, PrefixTuningConfig
@@ -114,13 +113,3 @@ def peft_generate(
         **generation,
     )
     return output[:, length:]
-
-
-def set_peft_prefix(model: PeftModel, key_values: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Give a PEFT prefix without MLP (inference mode, PEFT's saved form, or ``prefix_projection=False``) the
-    values of one of our prefixes: ``PrefixModel.prefix_key_values()``, per attention module in layer order."""
-    encoder = model.prompt_encoder[model.active_adapter]
-    # PEFT's encoders are plain Modules.
-    table: torch.Tensor = encoder.embedding.weight  # type: ignore[union-attr, assignment]
-    with torch.no_grad():
-        table.copy_(peft_table(list(key_values.values())).reshape(table.shape))
