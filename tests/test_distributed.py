@@ -152,6 +152,16 @@ def test_two_process_fsdp_stops_resumes_and_ends_as_ddp_does(tmp_path: Path, dat
 
 
 @pytest.mark.integration
+def test_two_process_fsdp_records_every_trainable_parameter(tmp_path: Path, data_dir: Path) -> None:
+    """result.json and the model card rewritten after the test count the whole prefix, not rank 0's shard of it."""
+    run_cli(tmp_path, *SHARDED_RUN, "trainer.max_steps=2", *SHARDED)
+    model, _ = build_model(compose_train(tmp_path, SHARDED_RUN))
+    whole = sum(p.numel() for p in model.trainable_parameters())
+    assert json.loads((tmp_path / "result.json").read_text())["trainable_params"] == whole
+    assert f"| trainable parameters | {whole:,} |" in (tmp_path / "prefix" / "README.md").read_text()
+
+
+@pytest.mark.integration
 def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path: Path, data_dir: Path) -> None:
     """A scheduler's signal reaches the processes at different steps; here rank 1 alone gets SIGTERM after step 1.
     Every rank stops there (rank 0 alone going on paired its next step's gradient exchange with rank 1's save),

@@ -82,9 +82,9 @@ class MethodExport(L.Callback):
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         assert isinstance(pl_module, MethodModule)  # the callbacks of run.py's runs
-        if trainer.is_global_zero and self.source is not None and self.dirpath.is_dir():
-            test = {name: float(value) for name, value in trainer.callback_metrics.items() if name.startswith("test/")}
-            self._write_card(trainer, pl_module, test)
+        with trainable_whole_on_rank_zero(trainer, pl_module):  # the card counts what trained, whole
+            if trainer.is_global_zero and self.source is not None and self.dirpath.is_dir():
+                self._write_card(trainer, pl_module, logged_test_scores(trainer))
 
     def _write_card(self, trainer: L.Trainer, pl_module: MethodModule, test: dict[str, float]) -> None:
         if not self.card:
@@ -118,6 +118,10 @@ class MethodExport(L.Callback):
 
 
 EXPORTED_WEIGHTS = ("best", "last")
+
+
+def logged_test_scores(trainer: L.Trainer) -> dict[str, float]:
+    return {name: float(value) for name, value in trainer.callback_metrics.items() if name.startswith("test/")}
 
 
 def best_checkpoint_callback(trainer: L.Trainer) -> ModelCheckpoint | None:
@@ -258,10 +262,11 @@ class ResultRecord(L.Callback):
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.after_test:
-            test = {name: float(value) for name, value in trainer.callback_metrics.items() if name.startswith("test/")}
-            self._write(trainer, pl_module, test)
+            self._write(trainer, pl_module, logged_test_scores(trainer))
 
     def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, test: dict[str, float]) -> None:
+        with trainable_whole_on_rank_zero(trainer, pl_module):  # outside, a sharded rank counts its own shard
+            trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
         if not trainer.is_global_zero:
             return
         tokens = self.progress["train_tokens"]
@@ -273,7 +278,7 @@ class ResultRecord(L.Callback):
         record = {
             **self.job,
             **self.settings,
-            "trainable_params": sum(p.numel() for p in pl_module.parameters() if p.requires_grad),
+            "trainable_params": trainable,
             "optimized_metric": self.monitor,
             **{name: self.progress[name] for name in ("best_val", "best_val_step", "last_val")},
             "test": test,
