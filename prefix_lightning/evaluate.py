@@ -5,11 +5,12 @@
     python -m prefix_lightning.evaluate                                           # the un-tuned LM, same prompts
 
 The export folder says which method wrote it and that method's class loads it (``load_export``). An export inside
-a run folder is evaluated with that run's own settings (its ``.hydra/overrides.yaml``, then the ones given here);
-otherwise pass the same config groups as the run (data, generation, ...; a prefix picks the model config of the
-base model it records). A multi-task run's ``prefix``
-folder is evaluated on every task; one task's folder in it (``prefix/<task>``), on that task's data alone. Writes
-test generations and metrics into its own output folder. ``prefix_path`` is the older name of ``export_path``.
+a run folder is evaluated with that run's own settings (the overrides it started with,
+``.hydra/started_overrides.yaml``, then the ones given here); otherwise pass the same config groups as the run
+(data, generation, ...; a prefix picks the model config of the base model it records). A multi-task run's
+``prefix`` folder is evaluated on every task; one task's folder in it (``prefix/<task>``), on that task's data
+alone. Writes test generations and metrics into its own output folder. ``prefix_path`` is the older name of
+``export_path``.
 """
 
 from __future__ import annotations
