@@ -1,2 +1,3 @@
-"""Sweeps: per-run result records, skipping and resuming sweep jobs, aggregation into tables, plots and a report,
-and what reaches the dashboards (W&B, TensorBoard) beyond Lightning's metric logging."""
+"""Sweeps: a sweep's result records (written by each run, ``training/record.py``) aggregated into tables, plots, a
+paired comparison of two methods and one report, and the Hydra callbacks that aggregate when a multirun ends and
+close each job's W&B run."""
