@@ -1,8 +1,8 @@
 """prefix-lightning: prefix-tuning of frozen transformers LMs.
 
-The library (this package's subpackages but ``training`` and ``sweeps``) knows nothing of Lightning or Hydra:
-``PrefixModel`` works in any PyTorch loop. The modules at this level besides this one are the commands
-(``python -m prefix_lightning.<command>``).
+The library (this package's subpackages but ``training``, ``sweeps`` and the data modules ``data.datamodule`` and
+``data.multitask``) knows nothing of Lightning or Hydra: ``PrefixModel`` works in any PyTorch loop. The modules at
+this level besides this one are the commands (``python -m prefix_lightning.<command>``).
 """
 
 from prefix_lightning.backbones import load_backbone
