@@ -2,7 +2,7 @@
 
 The library (this package's subpackages but ``training``, ``sweeps`` and the data modules ``data.datamodule`` and
 ``data.multitask``) knows nothing of Lightning or Hydra: ``PrefixModel`` works in any PyTorch loop. The modules at
-this level besides this one are the commands (``python -m prefix_lightning.<command>``).
+this level are the commands (``python -m prefix_lightning.<command>``) and ``cli``, how they end.
 """
 
 from prefix_lightning.backbones import load_backbone
