@@ -8,13 +8,14 @@ Fields (paths are relative to the run folder, so a sweep folder can be moved or 
     choices             the config group choices (model, prefix, data, ...)
     seed, subset_seed   the training seed and the seed that drew the training subset
     train_size, prefix_length
-    trainable_params    parameters trained (the prefix, with its MLP while training)
+    trainable_params    parameters the method trained (a prefix: with its MLP while training)
     optimized_metric    the validation metric train() returns, e.g. "val/bleu"
     best_val, best_val_step, last_val
     test                {metric: value} of the test, e.g. {"test/bleu": 31.2}; {} when the run does not test
     train_steps, train_tokens, train_time_s, tokens_per_s   (time and tokens of training steps only)
     wall_time_s         from the trainer's start to the record, summed over resumed segments
-    checkpoint, best_checkpoint, prefix
+    checkpoint, best_checkpoint   last.ckpt, and the best validation checkpoint kept
+    prefix              the export folder of any method (prefix/, adapter/, layers/, model/)
     export, exported_step   which weights were exported and tested ("best" validation checkpoint or "last" step's)
                         and their training step (records written before these existed lack them)
     finished            UTC time the record was written
