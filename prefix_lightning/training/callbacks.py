@@ -21,7 +21,7 @@ from prefix_lightning.methods.model_card import ModelCard, write_cards
 from prefix_lightning.training.dashboards import log_generation_samples, log_result
 from prefix_lightning.training.job import current_job
 from prefix_lightning.training.last_checkpoint import LastCheckpoint
-from prefix_lightning.training.module import MethodModule
+from prefix_lightning.training.module import MethodModule, outputs_name
 from prefix_lightning.training.record import write_record
 from prefix_lightning.training.sharded import trainable_whole_on_rank_zero
 
@@ -313,12 +313,13 @@ class GenerationSamples(L.Callback):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
-            self._log(trainer, "val", self.dirpath / f"val_step{trainer.global_step}_generations.jsonl")
+            self._log(trainer, "val")
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._log(trainer, "test", self.dirpath / "test_generations.jsonl")
+        self._log(trainer, "test")
 
-    def _log(self, trainer: L.Trainer, split: str, path: Path) -> None:
+    def _log(self, trainer: L.Trainer, split: str) -> None:
+        path = self.dirpath / f"{outputs_name(split, trainer.global_step)}_generations.jsonl"
         if not trainer.is_global_zero or not trainer.loggers or not path.is_file():
             return
         with open(path, encoding="utf-8") as file:

@@ -138,7 +138,7 @@ class MethodModule(L.LightningModule):
 
     def _write(self, split: str, outputs: list[dict[str, Any]], metrics: dict[str, float]) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        name = split if split == "test" else f"{split}_step{self.global_step}"
+        name = outputs_name(split, self.global_step)
         # One line per input for line-based scorers: line breaks in a generation become spaces (the JSONL keeps them).
         lines = "".join(" ".join(o["generation"].splitlines()) + "\n" for o in outputs)
         (self.output_dir / f"{name}_generations.txt").write_text(lines, encoding="utf-8")
@@ -235,6 +235,12 @@ class MethodModule(L.LightningModule):
                 f"this run's {list(expected)[first]}): the optimizer's state would go to other tensors. Was it "
                 "written by a run with the tasks in another order (data.tasks)? Give that order"
             )
+
+
+def outputs_name(split: str, step: int) -> str:
+    """The stem of a split's output files (``<stem>_generations.jsonl``, ...): ``test``, or ``val_step<N>`` for the
+    validation after N training steps."""
+    return split if split == "test" else f"{split}_step{step}"
 
 
 def _split_metrics(split: str, datamodule: Any, outputs: list[dict[str, Any]]) -> dict[str, float]:
