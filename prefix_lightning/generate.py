@@ -31,6 +31,7 @@ from transformers import PreTrainedTokenizerBase
 
 from prefix_lightning.cli import device_option, positive_int, report_errors
 from prefix_lightning.data import EncodedPrompt, Group, TextToTextCollator
+from prefix_lightning.decoding import generated_texts
 from prefix_lightning.prefix import PrefixBank, read_prefix
 from prefix_lightning.training.build import fitted_source_budget, generation_settings, load_configured_backbone
 from prefix_lightning.training.checks import check_generation
@@ -225,9 +226,7 @@ def decode(
     device = next(bank.lm.parameters()).device
     inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
     output = bank.generate(**inputs, prefixes=[request.prefix for request in requests], **settings)
-    if not bank.lm.config.is_encoder_decoder:
-        output = output[:, inputs["input_ids"].shape[1] :]
-    return [text.strip() for text in tokenizer.batch_decode(output, skip_special_tokens=True)]
+    return generated_texts(output, inputs["input_ids"].shape[1], bank.lm, tokenizer)
 
 
 @contextmanager

@@ -15,6 +15,7 @@ from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from transformers import PreTrainedTokenizerBase
 
 from prefix_lightning.backbones import backbone_identity
+from prefix_lightning.decoding import generated_texts
 from prefix_lightning.evaluation import main_validation_metric, score, task_metrics, validation_suite
 from prefix_lightning.methods import TrainableLM
 from prefix_lightning.training.schedule import linear_warmup_decay
@@ -94,14 +95,12 @@ class MethodModule(L.LightningModule):
         if "prefixes" in batch:  # a mixture of tasks: each row with its task's prefix
             inputs["prefixes"] = batch["prefixes"]
         output = self.model.generate(**inputs, **self.generation)
-        if not self.model.lm.config.is_encoder_decoder:
-            output = output[:, inputs["input_ids"].shape[1] :]
-        texts = self.tokenizer.batch_decode(output, skip_special_tokens=True)
+        texts = generated_texts(output, inputs["input_ids"].shape[1], self.model.lm, self.tokenizer)
         keys = ("group_id", "category", "source", "references")
         columns = (batch["group_ids"], batch["categories"], batch["sources"], batch["references"])
         tasks = batch.get("prefixes", [None] * len(texts))
         for *values, task, text in zip(*columns, tasks, texts, strict=True):
-            row = {**dict(zip(keys, values, strict=True)), "generation": text.strip()}
+            row = {**dict(zip(keys, values, strict=True)), "generation": text}
             self._outputs.append(row if task is None else {"task": task, **row})
 
     def _score(self, split: str) -> None:
