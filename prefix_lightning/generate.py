@@ -6,11 +6,11 @@
 Input: JSONL, one object per line with ``source`` and optionally ``prefix`` (a name given with --prefix; null for
 the plain LM; may be left out when one prefix is loaded); or plain text, one source per line, with one prefix.
 ``-`` reads stdin / writes stdout. Output: JSONL, each input's fields plus ``prefix`` and ``generation``, in input
-order (plain text, one generation per line, for an output file ending in ``.txt``). Inputs are checked before
-anything loads (a bad line is named by its number); outputs are written and flushed batch by batch, so a stopped
-run keeps every finished batch. Rows of a batch may read different prefixes (``PrefixBank``). A prefix still in the
-folder of the run that exported it is decoded as that run built its prompts: its separator and end marker, its
-source budget (``data.max_source_tokens``), unless given here.
+order (plain text, one generation per line, for an output file ending in ``.txt`` or with ``--output-format
+text``). Inputs are checked before anything loads (a bad line is named by its number); outputs are written and
+flushed batch by batch, so a stopped run keeps every finished batch. Rows of a batch may read different prefixes
+(``PrefixBank``). A prefix still in the folder of the run that exported it is decoded as that run built its
+prompts: its separator and end marker, its source budget (``data.max_source_tokens``), unless given here.
 """
 
 from __future__ import annotations
