@@ -213,13 +213,14 @@ def test_gradient_checkpointing_recomputes_with_the_same_gradients(method: str) 
 
 
 def test_clear_errors() -> None:
-    for layers in (0, 4):
+    for layers in (0, 4, True):  # true is no count of layers, though bool is an int
         with pytest.raises(ValueError, match="layers must be between 1 and 3 \\(model.layers\\)"):
             TopLayers(deeper_lm("llama"), layers=layers)
     with pytest.raises(ValueError, match="peft_prefix covers causal LMs only"):
         PeftPrefixTuning(deeper_lm("bart"))
-    with pytest.raises(ValueError, match="LoRA rank must be a positive integer, got 0"):
-        LoRA(deeper_lm("llama"), rank=0)
+    for rank in (0, True):
+        with pytest.raises(ValueError, match=f"LoRA rank must be a positive integer, got {rank}"):
+            LoRA(deeper_lm("llama"), rank=rank)
     with pytest.raises(ValueError, match="starts from random values"):
         PeftPrefixTuning(deeper_lm("llama"), PrefixConfig(init_text="table-to-text:"))
     with pytest.raises(ValueError, match="no prefix dropout"):

@@ -115,6 +115,8 @@ def test_bad_method_options_are_named_before_loading(overrides: list[str], messa
     [
         (["method=top2", "method.model.layers=0"], "top_layers: layers must be between 1 and 2"),
         (["method=lora", "method.model.rank=0"], "LoRA rank must be a positive integer, got 0"),
+        (["method=lora", "method.model.rank=true"], "LoRA rank must be a positive integer, got True"),
+        (["method=top2", "method.model.layers=true"], "top_layers: layers must be between 1 and 2"),
         (["method=peft_prefix", "prefix.dropout=0.1"], "PEFT's prefix tuning has no prefix dropout"),
     ],
 )

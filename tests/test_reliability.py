@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from prefix_lightning.cli import report_errors
 from prefix_lightning.files.atomic import atomic_write
 from prefix_lightning.training.build import build_model, build_module, load_configured_backbone
+from prefix_lightning.training.callbacks import early_stopping
 from prefix_lightning.training.checks import ConfigError, check_config
 from tests.helpers.cli import FAST, run_cli, run_failing
 from tests.helpers.config import compose_train
@@ -64,6 +65,12 @@ def test_bad_values_are_rejected_naming_the_option(override: str, message: str, 
     with pytest.raises(ConfigError) as caught:
         check_config(compose_train(tmp_path, [override]))
     assert message in str(caught.value)
+
+
+@pytest.mark.parametrize("patience", [0, True])
+def test_early_stopping_built_in_python_refuses_a_patience_that_is_no_count(patience: object) -> None:
+    with pytest.raises(ValueError, match=f"patience={patience} is not valid: use a positive integer or null"):
+        early_stopping("val/bleu", "max", patience)  # type: ignore[arg-type]
 
 
 def test_compiled_blocks_with_gradient_checkpointing_are_refused(tmp_path: Path) -> None:

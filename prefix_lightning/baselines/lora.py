@@ -5,6 +5,7 @@ from __future__ import annotations
 from transformers import PreTrainedModel
 
 from prefix_lightning.baselines.peft_adapter import PeftAdapter, require_peft
+from prefix_lightning.numbers import is_int
 
 
 class LoRA(PeftAdapter):
@@ -20,7 +21,7 @@ class LoRA(PeftAdapter):
         dropout: float = 0.0,
         target_modules: list[str] | None = None,
     ) -> None:
-        if not isinstance(rank, int) or rank < 1:
+        if not is_int(rank) or rank < 1:
             raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
         require_peft("lora")
         from peft import LoraConfig

@@ -16,6 +16,7 @@ from prefix_lightning.backbones import backbone_identity
 from prefix_lightning.backbones.quantization import refuse_quantized
 from prefix_lightning.baselines.base import FineTunedLM
 from prefix_lightning.files import atomic_write
+from prefix_lightning.numbers import is_int
 
 TOP_LAYERS_WEIGHTS = "top_layers.safetensors"
 TOP_LAYERS_CONFIG = "top_layers.json"
@@ -32,7 +33,7 @@ class TopLayers(FineTunedLM):
         refuse_quantized(lm, "top-layers fine-tuning")
         lm.requires_grad_(False)
         name, blocks = decoder_blocks(lm)
-        if not isinstance(layers, int) or not 1 <= layers <= len(blocks):
+        if not is_int(layers) or not 1 <= layers <= len(blocks):
             raise ValueError(f"top_layers: layers must be between 1 and {len(blocks)} ({name}), got {layers!r}")
         self.layers = layers
         for block in blocks[-layers:]:

@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal
 
+from prefix_lightning.numbers import is_int
+
 Reparam = Literal["mlp", "none"]
 Kind = Literal["prefix", "infix", "embedding"]
 KINDS = ("prefix", "infix", "embedding")
@@ -40,7 +42,7 @@ class PrefixConfig:
     init_vocab: bool = False
 
     def __post_init__(self) -> None:
-        if not _is_int(self.length) or self.length <= 0:
+        if not is_int(self.length) or self.length <= 0:
             raise ValueError(f"prefix.length must be a positive integer, got {self.length!r}")
         for flag in ("shift_positions", "init_vocab"):  # a string "false" would count as true
             if not isinstance(getattr(self, flag), bool):
@@ -49,7 +51,7 @@ class PrefixConfig:
             raise ValueError(f"prefix kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         if self.reparam not in ("mlp", "none"):
             raise ValueError(f"prefix.reparam must be 'mlp' or 'none', got {self.reparam!r}")
-        if self.reparam == "mlp" and (not _is_int(self.hidden_dim) or self.hidden_dim <= 0):
+        if self.reparam == "mlp" and (not is_int(self.hidden_dim) or self.hidden_dim <= 0):
             raise ValueError(f"prefix.hidden_dim must be a positive integer, got {self.hidden_dim!r}")
         if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) or not 0 <= self.dropout < 1:
             raise ValueError(f"prefix.dropout must be in [0, 1), got {self.dropout!r}")
@@ -88,7 +90,3 @@ class PrefixConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)

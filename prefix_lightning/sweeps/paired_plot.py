@@ -8,8 +8,9 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
+from prefix_lightning.numbers import is_number
 from prefix_lightning.sweeps.paired import CONFIDENCE, Paired
-from prefix_lightning.sweeps.table import is_number, show
+from prefix_lightning.sweeps.table import show
 
 SIZE_KEY = "data.train_size"
 

@@ -8,7 +8,8 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
-from prefix_lightning.sweeps.table import Row, Table, is_number, show
+from prefix_lightning.numbers import is_number
+from prefix_lightning.sweeps.table import Row, Table, show
 
 
 def plot_metric(table: Table, x_key: str, metric: str, path: Path, x_label: str, log_x: bool = False) -> bool:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from prefix_lightning.numbers import is_number
+
 REPEAT_KEYS = ("seed", "data.subset_seed")
 
 
@@ -53,10 +55,6 @@ def record_metrics(record: dict[str, Any]) -> dict[str, float]:
         "wall_time_s": record["wall_time_s"],
     }
     return {name: float(value) for name, value in values.items() if value is not None}
-
-
-def is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def sort_key(value: Any) -> tuple[int, Any]:

@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from prefix_lightning.files.checkpoints import check_checkpoint
 from prefix_lightning.methods import IGNORE_INDEX
 from prefix_lightning.methods.model_card import ModelCard, write_cards
+from prefix_lightning.numbers import is_int
 from prefix_lightning.training.dashboards import log_generation_samples, log_result
 from prefix_lightning.training.job import current_job
 from prefix_lightning.training.last_checkpoint import LastCheckpoint
@@ -144,7 +145,7 @@ def early_stopping(monitor: str, mode: str, patience: int | None, min_delta: flo
     callback) when ``patience`` is None."""
     if patience is None:
         return None
-    if not isinstance(patience, int) or patience < 1:
+    if not is_int(patience) or patience < 1:
         raise ValueError(f"callbacks.early_stopping.patience={patience!r} is not valid: use a positive integer or null")
     return EarlyStopping(monitor=monitor, mode=mode, patience=patience, min_delta=min_delta)
 

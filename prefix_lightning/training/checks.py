@@ -17,6 +17,7 @@ from transformers import GenerationConfig
 
 from prefix_lightning.backbones import BackboneConfig
 from prefix_lightning.backbones.quantization import quantized_training_error
+from prefix_lightning.numbers import is_int, is_number
 from prefix_lightning.prefix import PrefixConfig
 from prefix_lightning.training.tasks import TaskConfigError, check_tasks
 
@@ -30,17 +31,9 @@ def _require(condition: bool, option: str, value: Any, accepted: str) -> None:
         raise ConfigError(f"{option}={value!r} is not valid: {accepted}")
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _positive_or_null(cfg: DictConfig, option: str) -> None:
     value = OmegaConf.select(cfg, option)
-    _require(value is None or (_is_int(value) and value > 0), option, value, "use a positive integer or null")
+    _require(value is None or (is_int(value) and value > 0), option, value, "use a positive integer or null")
 
 
 def options_at(cfg: DictConfig, option: str) -> dict[str, Any]:
@@ -121,22 +114,22 @@ def check_config(cfg: DictConfig) -> None:
             "compiled call does not reach inside the checkpoint): keep one of the two"
         )
     lr = cfg.method.lr
-    _require(_is_number(lr) and lr > 0, "method.lr", lr, "the learning rate must be > 0")
+    _require(is_number(lr) and lr > 0, "method.lr", lr, "the learning rate must be > 0")
     for option in ("optim.weight_decay", "optim.warmup_steps"):
         value = OmegaConf.select(cfg, option)
-        _require(_is_number(value) and value >= 0, option, value, "use a value >= 0")
-    _require(_is_int(cfg.get("seed")), "seed", cfg.get("seed"), "use an integer")
+        _require(is_number(value) and value >= 0, option, value, "use a value >= 0")
+    _require(is_int(cfg.get("seed")), "seed", cfg.get("seed"), "use an integer")
     subset_seed = OmegaConf.select(cfg, "data.subset_seed")
     mixture = OmegaConf.select(cfg, "data.tasks") is not None  # null there: each task keeps its own
     _require(
-        _is_int(subset_seed) or (mixture and subset_seed is None), "data.subset_seed", subset_seed, "use an integer"
+        is_int(subset_seed) or (mixture and subset_seed is None), "data.subset_seed", subset_seed, "use an integer"
     )
     check_generation(cfg)
     for option in ("data.train_size", "data.val_size", "data.test_size", "data.batch_size", "data.eval_batch_size"):
         _positive_or_null(cfg, option)
     steps = cfg.trainer.get("max_steps", -1)
     _require(
-        _is_int(steps) and (steps == -1 or steps > 0),
+        is_int(steps) and (steps == -1 or steps > 0),
         "trainer.max_steps",
         steps,
         "use a positive number of steps, or -1 for epochs",
@@ -144,7 +137,7 @@ def check_config(cfg: DictConfig) -> None:
     if steps == -1:
         epochs = cfg.trainer.get("max_epochs", -1)
         _require(
-            _is_int(epochs) and epochs > 0,
+            is_int(epochs) and epochs > 0,
             "trainer.max_epochs",
             epochs,
             "with trainer.max_steps=-1 the run trains by epochs: use a positive number of epochs",
@@ -153,7 +146,7 @@ def check_config(cfg: DictConfig) -> None:
     by_epoch = cfg.trainer.get("check_val_every_n_epoch") is not None  # Lightning takes fractions of epochs only then
     fraction = isinstance(interval, float) and 0 < interval <= 1 and by_epoch
     _require(
-        interval is None or (_is_int(interval) and interval > 0) or fraction,
+        interval is None or (is_int(interval) and interval > 0) or fraction,
         "trainer.val_check_interval",
         interval,
         "use a number of training batches > 0, a fraction of an epoch (0 < x <= 1.0, with "
@@ -168,15 +161,15 @@ def check_config(cfg: DictConfig) -> None:
             "trainer=ddp_cpu), or install a CUDA build of torch"
         )
     accumulated = cfg.trainer.get("accumulate_grad_batches", 1)
-    _require(_is_int(accumulated) and accumulated >= 1, "trainer.accumulate_grad_batches", accumulated, "use 1 or more")
+    _require(is_int(accumulated) and accumulated >= 1, "trainer.accumulate_grad_batches", accumulated, "use 1 or more")
     _require(cfg.get("export", "best") in ("best", "last"), "export", cfg.get("export"), "use best or last")
     patience = OmegaConf.select(cfg, "callbacks.early_stopping.patience")
-    positive = _is_int(patience) and patience > 0
+    positive = is_int(patience) and patience > 0
     _require(
         patience is None or positive, "callbacks.early_stopping.patience", patience, "use validations > 0, or null"
     )
     minutes = OmegaConf.select(cfg, "callbacks.last_checkpoint.every_minutes")
-    timed = _is_number(minutes) and minutes >= 0
+    timed = is_number(minutes) and minutes >= 0
     _require(minutes is None or timed, "callbacks.last_checkpoint.every_minutes", minutes, "use minutes >= 0, or null")
 
 
@@ -212,7 +205,7 @@ def check_generation(cfg: DictConfig) -> None:
             "(num_beams, max_new_tokens, length_penalty, ...) or ban_newline"
         )
     beams = settings.get("num_beams", 1)
-    _require(_is_int(beams) and beams >= 1, "generation.num_beams", beams, "use 1 (greedy) or more beams")
+    _require(is_int(beams) and beams >= 1, "generation.num_beams", beams, "use 1 (greedy) or more beams")
     returned = settings.get("num_return_sequences", 1)
     _require(
         returned == 1,
@@ -221,12 +214,12 @@ def check_generation(cfg: DictConfig) -> None:
         "runs, generate and evaluate keep one output per input",
     )
     tokens = settings.get("max_new_tokens", 1)
-    _require(_is_int(tokens) and tokens >= 1, "generation.max_new_tokens", tokens, "use a positive integer")
+    _require(is_int(tokens) and tokens >= 1, "generation.max_new_tokens", tokens, "use a positive integer")
     for option in ("min_new_tokens", "no_repeat_ngram_size"):
         value = settings.get(option, 0)
-        _require(_is_int(value) and value >= 0, f"generation.{option}", value, "use an integer >= 0 (0: off)")
+        _require(is_int(value) and value >= 0, f"generation.{option}", value, "use an integer >= 0 (0: off)")
     penalty = settings.get("length_penalty", 1.0)
-    _require(_is_number(penalty), "generation.length_penalty", penalty, "use a number (> 0 favours longer outputs)")
+    _require(is_number(penalty), "generation.length_penalty", penalty, "use a number (> 0 favours longer outputs)")
     stopping = settings.get("early_stopping", False)
     _require(stopping in (True, False, "never"), "generation.early_stopping", stopping, "use true, false or never")
 
