@@ -74,11 +74,23 @@ def test_mixed_batch_logits_equal_each_rows_own_model(family: str, banks) -> Non
     _assert_rows_as_alone(bank, PREFIXES, singles.__getitem__, _is_encoder_decoder(family))
 
 
+def test_t5_mixed_left_padded_rows_give_each_rows_logits_alone(banks) -> None:
+    """T5's prefix bias counts each row's positions from its first real token, so a batch of left-padded encoder
+    inputs gives each row its logits alone (BART's learned positions count the pads: BART pads on the right)."""
+    bank, singles = banks("t5")
+    _assert_rows_as_alone(bank, PREFIXES, singles.__getitem__, encoder_decoder=True, left=True)
+
+
 def _assert_rows_as_alone(
-    bank: PrefixBank, names: list[str | None], alone: Callable[[str | None], torch.nn.Module], encoder_decoder: bool
+    bank: PrefixBank,
+    names: list[str | None],
+    alone: Callable[[str | None], torch.nn.Module],
+    encoder_decoder: bool,
+    left: bool = False,
 ) -> None:
-    """Each row's logits in a batch of ROWS reading ``names`` equal those of ``alone(name)`` on the row alone."""
-    ids, mask = pad_batch(ROWS, left=not encoder_decoder)
+    """Each row's logits in a batch of ROWS reading ``names`` equal those of ``alone(name)`` on the row alone
+    (rows padded on the left for a decoder, or where ``left`` says so)."""
+    ids, mask = pad_batch(ROWS, left=left or not encoder_decoder)
     extra = {"decoder_input_ids": TARGET.expand(len(ROWS), -1)} if encoder_decoder else {}
     with torch.no_grad():
         logits = bank(input_ids=ids, attention_mask=mask, prefixes=names, **extra).logits

@@ -253,6 +253,20 @@ def test_a_static_cache_prefill_sees_no_empty_slots(kind: str) -> None:
         torch.testing.assert_close(step, want, atol=1e-5, rtol=0)
 
 
+def test_t5_decodes_with_a_static_cache_as_with_the_dynamic_one() -> None:
+    """A static cache holds keys for the tokens yet to come: the prefix's relative bias counts a query's position
+    from the tokens already in the cache, not from the cache's size."""
+    model = PrefixModel(tiny_lm("t5"), PrefixConfig(length=3, hidden_dim=16)).eval()
+    settings = dict(max_new_tokens=4, do_sample=False, pad_token_id=PAD, output_scores=True)
+    with torch.no_grad():
+        dynamic = model.generate(input_ids=ROWS[0][None], return_dict_in_generate=True, **settings).scores
+        static = model.generate(
+            input_ids=ROWS[0][None], cache_implementation="static", return_dict_in_generate=True, **settings
+        ).scores
+    for step, want in zip(static, dynamic, strict=True):
+        torch.testing.assert_close(step, want, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("kind", ["bart", "t5"])
 def test_encoder_decoder_loss_of_a_bf16_lm_is_float32(kind: str) -> None:
     """An encoder-decoder stored in bf16 computes its own loss in bf16 (steps of about 0.03 near 4); the loss is
@@ -538,6 +552,23 @@ def test_a_refused_export_leaves_the_lm_as_it_was(loader: str, tmp_path: Path) -
         assert torch.equal(lm(input_ids=ids).logits, before)
     assert all(parameter.requires_grad for parameter in lm.parameters())
     load(lm, good)
+
+
+@pytest.mark.parametrize("shift", [True, False])
+def test_t5_left_padded_rows_give_each_rows_logits_alone(shift: bool) -> None:
+    """The prefix's relative bias counts a query's distance from its row's first real token, not from the padded
+    row's first column: each left-padded row's logits (encoder and decoder inputs) are the row's alone."""
+    model = PrefixModel(tiny_lm("t5"), PrefixConfig(length=3, reparam="none", shift_positions=shift)).eval()
+    model.init_prefix_from_tokens(WORDS)
+    ids, mask = pad_batch(ROWS, left=True)
+    targets, target_mask = pad_batch(list(reversed(ROWS)), left=True)
+    with torch.no_grad():
+        logits = model(
+            input_ids=ids, attention_mask=mask, decoder_input_ids=targets, decoder_attention_mask=target_mask
+        ).logits
+        for i, (row, target) in enumerate(zip(ROWS, reversed(ROWS), strict=True)):
+            alone = model(input_ids=row[None], decoder_input_ids=target[None]).logits[0]
+            torch.testing.assert_close(logits[i][target_mask[i].bool()], alone, atol=1e-5, rtol=0)
 
 
 def test_t5_decodes_left_padded_inputs_as_right_padded_ones() -> None:

@@ -62,7 +62,7 @@ class RowsPrefix(Protocol):
         """Each row's keys and values (batch, kv_heads, L_max, head_dim) and the columns it sees (batch, L_max)."""
         ...
 
-    def bias(self, hook: PrefixBias, bias: torch.Tensor, batch: int) -> torch.Tensor:
+    def bias(self, hook: PrefixBias, bias: torch.Tensor, batch: int, positions: torch.Tensor | None) -> torch.Tensor:
         """Each row's position bias of the prefix columns (batch, heads, queries, L_max), from the site's hook."""
         ...
 
@@ -106,8 +106,9 @@ class PrefixInjector:
 
 
 # The position bias of a site's prefix columns: (position bias of the real keys (..., queries, keys), prefix length
-# L) -> the bias of the L prefix columns (..., queries, L).
-PrefixBias = Callable[[torch.Tensor, int], torch.Tensor]
+# L, each query's position in its row (rows, queries) where the call passed QUERY_POSITIONS) -> the bias of the L
+# prefix columns (rows or 1, heads, queries, L).
+PrefixBias = Callable[[torch.Tensor, int, torch.Tensor | None], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,8 @@ def record_attention_calls() -> Iterator[list[AttentionCall]]:
 
 
 INFIX_QUERIES = "infix_queries"  # forward keyword: (batch, tokens) bool, the tokens that read the infix
+# Forward keyword: (batch or 1, tokens), each token's position as if its row were unpadded (see prefix.relative_bias).
+QUERY_POSITIONS = "prefix_query_positions"
 
 
 def infix_rows(
@@ -216,6 +219,7 @@ def prefix_attention(
         window = kwargs.get("sliding_window")
         _recording.append(AttentionCall(module, query.shape[2], key, value, biased, window))
     queries = kwargs.pop(INFIX_QUERIES, None)
+    positions = kwargs.pop(QUERY_POSITIONS, None)
     binding = getattr(module, _BINDING, None)
     prefix = binding.injector.lookup(binding.group, binding.index) if binding is not None else None
     if binding is not None and prefix is not None:
@@ -248,11 +252,11 @@ def prefix_attention(
             if binding.bias is None:
                 raise RuntimeError(f"{type(module).__name__} passes a position bias that no prefix hook extends")
             if isinstance(prefix, torch.Tensor):
-                columns = binding.bias(bias, keys.shape[2]).to(bias.dtype)
+                columns = binding.bias(bias, keys.shape[2], positions).to(bias.dtype)
             else:
-                columns = prefix.bias(binding.bias, bias, batch)
-                bias = bias.expand(batch, -1, -1, -1)
-            kwargs["position_bias"] = torch.cat([columns, bias], dim=-1)
+                columns = prefix.bias(binding.bias, bias, batch, positions)
+            rows = max(columns.shape[0], bias.shape[0])  # 1 where every row has the same
+            kwargs["position_bias"] = torch.cat([columns.expand(rows, -1, -1, -1), bias.expand(rows, -1, -1, -1)], -1)
         key = torch.cat([keys, key], dim=2)
         value = torch.cat([values, value], dim=2)
         kwargs["is_causal"] = False

@@ -35,7 +35,13 @@ def position_count(config: Any) -> int | None:
     return count if isinstance(count, int) else None
 
 
-def _positions_from_inputs(tokens: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+def input_tokens(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+    """The token ids a model's forward was called with, or its input embeddings where it was given no ids."""
+    tokens = args[0] if args else kwargs.get("input_ids")
+    return tokens if tokens is not None else kwargs["inputs_embeds"]
+
+
+def positions_from_inputs(tokens: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
     """Positions as if unpadded: counted over the 2-D mask (left padding), else continuing the cache."""
     query_length = tokens.shape[1]
     mask = kwargs.get("attention_mask")
@@ -58,11 +64,10 @@ def _shift_position_ids(
     injector: PrefixInjector, module: nn.Module, args: tuple, kwargs: dict[str, Any]
 ) -> tuple[tuple, dict]:
     if injector.enabled:
-        tokens = args[0] if args else kwargs.get("input_ids")
-        tokens = tokens if tokens is not None else kwargs["inputs_embeds"]
+        tokens = input_tokens(args, kwargs)
         positions = kwargs.get("position_ids")
         if positions is None:
-            positions = _positions_from_inputs(tokens, kwargs)
+            positions = positions_from_inputs(tokens, kwargs)
         shift = injector.position_shift(tokens.shape[0])
         if injector.infix:  # only the tokens after the infix move
             start, count = _cached_length(tokens, kwargs), tokens.shape[1]

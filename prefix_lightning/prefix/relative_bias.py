@@ -5,18 +5,19 @@ distance between key and query (``memory_position - query_position``), computed 
 and shared by the others. The prefix's L columns get the bias they would have as L real tokens right before the
 input, the positions that real-word initialization computes them at:
 
-- self-attention (encoder, bidirectional; decoder, causal): for a query at position i of the sequence as the model
-  indexes it (i counts the tokens already in the decoder's cache) and prefix slot j in 0..L-1, the distance is
-  ``(j - L) - i``: always negative, the prefix stands to the left. The real tokens' distances among themselves are
-  unchanged, so the real tokens need no position shift.
+- self-attention (encoder, bidirectional; decoder, causal): for a query at position i of its row as if unpadded
+  (i counts the row's real tokens before it, those in the decoder's cache included) and prefix slot j in 0..L-1,
+  the distance is ``(j - L) - i``: always negative, the prefix stands to the left. The real tokens' distances
+  among themselves are unchanged, so the real tokens need no position shift.
 - cross-attention has no position bias in T5 (its bias is zero): the prefix columns get zero as well, which is
   what L real encoder tokens would get.
 - with ``prefix.shift_positions=false`` the prefix has no position: its columns get zero bias everywhere.
 
-Encoder inputs are right-padded (T5's own convention): the prefix's distances count from the first column of the
-padded row, which is the row's first token only there. Decoding right-aligns left-padded encoder inputs
-(:func:`with_padding_on_the_right`); T5's own biases, between real tokens, do not depend on where the padding
-stands.
+T5 indexes queries by their column in the padded row, which is their position only in a right-padded row: a
+pre-hook on each stack (:func:`attach_query_positions`) counts them over the 2-D attention mask instead, as the
+position shift of other families does (:func:`prefix_lightning.prefix.positions.positions_from_inputs`), and
+passes them down to attention. A left-padded row thus gets the prefix bias it gets alone; T5's own biases, between
+real tokens, do not depend on where the padding stands.
 """
 
 from __future__ import annotations
@@ -27,32 +28,39 @@ from typing import Any, cast
 
 import torch
 from torch import nn
-from transformers import PretrainedConfig
+from torch.utils.hooks import RemovableHandle
+from transformers import PretrainedConfig, PreTrainedModel
 
-from prefix_lightning.prefix.attention import PrefixBias
+from prefix_lightning.prefix.attention import QUERY_POSITIONS, PrefixBias
+from prefix_lightning.prefix.positions import input_tokens, positions_from_inputs
 from prefix_lightning.prefix.sites import AttentionSite, UnsupportedModelError
 
 
-def _zero_columns(bias: torch.Tensor, length: int) -> torch.Tensor:
+def _zero_columns(bias: torch.Tensor, length: int, positions: torch.Tensor | None) -> torch.Tensor:
     return bias.new_zeros(*bias.shape[:-1], length)
 
 
-def _relative_columns(source: nn.Module, bias: torch.Tensor, length: int) -> torch.Tensor:
-    """The bias of ``source``'s relative-attention table for prefix slots at distances ``(j - L) - i``."""
+def _relative_columns(
+    source: nn.Module, bias: torch.Tensor, length: int, positions: torch.Tensor | None
+) -> torch.Tensor:
+    """The bias of ``source``'s relative-attention table for prefix slots at distances ``(j - L) - i`` from each
+    query's position i."""
+    if positions is None:
+        raise RuntimeError(
+            f"{type(source).__name__} was called without its queries' positions, which the prefix's relative bias "
+            "counts from: its stack is not the model's encoder or decoder (see attach_query_positions)"
+        )
     table = cast(nn.Embedding, source.relative_attention_bias)
     bucket = cast(Callable[..., torch.Tensor], source._relative_position_bucket)
-    queries, keys = bias.shape[-2], bias.shape[-1]
     device = table.weight.device
-    query_positions = torch.arange(keys - queries, keys, device=device)[:, None]  # after the cached tokens
-    slot_positions = torch.arange(-length, 0, device=device)[None, :]
+    slot_positions = torch.arange(-length, 0, device=device)
     buckets = bucket(
-        slot_positions - query_positions,
+        slot_positions - positions.to(device)[..., None],  # (rows, queries, L)
         bidirectional=not source.is_decoder,
         num_buckets=source.relative_attention_num_buckets,
         max_distance=source.relative_attention_max_distance,
     )
-    columns = table(buckets).permute(2, 0, 1)[None]  # (1, heads, queries, L)
-    return columns.expand(*bias.shape[:-1], length)
+    return table(buckets).permute(0, 3, 1, 2)  # (rows, heads, queries, L)
 
 
 def _computes_relative_bias(module: nn.Module) -> bool:
@@ -88,6 +96,18 @@ def prefix_bias_hooks(
         else:
             hooks[module] = partial(_relative_columns, source)
     return hooks
+
+
+def _pass_query_positions(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
+    kwargs[QUERY_POSITIONS] = positions_from_inputs(input_tokens(args, kwargs), kwargs)
+    return args, kwargs
+
+
+def attach_query_positions(lm: PreTrainedModel) -> list[RemovableHandle]:
+    """Have the encoder and decoder stacks of ``lm`` pass each query's position, counted over the 2-D attention
+    mask (or after the cached tokens), down to attention, where the prefix's relative bias reads it."""
+    stacks = (lm.get_encoder(), lm.get_decoder())
+    return [stack.register_forward_pre_hook(_pass_query_positions, with_kwargs=True) for stack in stacks]
 
 
 def measures_relative_positions(config: PretrainedConfig) -> bool:

@@ -93,16 +93,18 @@ class SiteRows:
         blocks = self.table[entries]
         return blocks[:, 0], blocks[:, 1], self.prefixes.columns[entries]
 
-    def bias(self, hook: PrefixBias, bias: torch.Tensor, batch: int) -> torch.Tensor:
-        """Each row's position bias of the prefix columns, (batch, heads, queries, L_max), from the site's ``hook``:
-        an entry's own length, zero for an entry that does not shift positions (and for padding columns)."""
+    def bias(self, hook: PrefixBias, bias: torch.Tensor, batch: int, positions: torch.Tensor | None) -> torch.Tensor:
+        """Each row's position bias of the prefix columns, (batch, heads, queries, L_max), from the site's ``hook``
+        (given the queries' ``positions``): an entry's own length, zero for an entry that does not shift positions
+        (and for padding columns)."""
         prefixes = self.prefixes
         longest = prefixes.columns.shape[1]
+        bias_rows = max(bias.shape[0], 1 if positions is None else positions.shape[0])
         per_entry = []
         for entry, length in enumerate(prefixes.columns.sum(1).tolist()):
-            columns = bias.new_zeros(*bias.shape[:-1], longest)
+            columns = bias.new_zeros(bias_rows, *bias.shape[1:-1], longest)
             if prefixes.shifts[entry] > 0:
-                columns[..., :length] = hook(bias, length)
+                columns[..., :length] = hook(bias, length, positions)
             per_entry.append(columns)
         table = torch.stack(per_entry)  # (entries, 1 or batch, heads, queries, L_max)
         entries = prefixes.entries(batch)

@@ -16,7 +16,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from prefix_lightning.prefix.attention import PrefixInjector, bind, record_attention_calls
-from prefix_lightning.prefix.relative_bias import prefix_bias_hooks
+from prefix_lightning.prefix.relative_bias import attach_query_positions, prefix_bias_hooks
 from prefix_lightning.prefix.sites import AttentionSite, discover_sites, site_modules
 
 SiteKey = tuple[str, int]  # (group, index of the site within its group, in call order)
@@ -34,12 +34,15 @@ def site_keys(sites: Sequence[AttentionSite]) -> list[SiteKey]:
 
 def bind_sites(lm: PreTrainedModel, injector: PrefixInjector, shift_positions: bool) -> list[AttentionSite]:
     """Route every attention site of ``lm`` (already set to the prefix attention) through ``injector``; sites
-    with a relative position bias (T5) get the hook that extends it to the prefix columns."""
+    with a relative position bias (T5) get the hook that extends it to the prefix columns, and, where the prefix
+    has positions, the queries' positions to compute it from."""
     bound = discover_sites(lm)
     bias_hooks = prefix_bias_hooks(bound, shift_positions)
     sites = [site for _, site in bound]
     for (module, _), (group, index) in zip(bound, site_keys(sites), strict=True):
         bind(module, injector, group, index, bias_hooks.get(module))
+    if shift_positions and bias_hooks:
+        attach_query_positions(lm)
     return sites
 
 
