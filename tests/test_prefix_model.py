@@ -572,8 +572,8 @@ def test_t5_left_padded_rows_give_each_rows_logits_alone(shift: bool) -> None:
 
 
 def test_t5_decodes_left_padded_inputs_as_right_padded_ones() -> None:
-    """A prefix's relative bias counts from the row's first column: left-padded encoder inputs are right-aligned
-    (T5's own biases, between real tokens, do not move)."""
+    """A prefix's relative bias counts each row's positions from its first real token, and T5's own biases, between
+    real tokens, do not depend on the padding: left-padded encoder inputs decode as right-padded ones."""
     model = PrefixModel(tiny_lm("t5"), PrefixConfig(length=3, reparam="none")).eval()
     model.init_prefix_from_tokens(WORDS)
     settings = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": PAD}

@@ -13,7 +13,6 @@ from prefix_lightning.decoding.beam_search import CachedPrefix, beam_search, bea
 from prefix_lightning.decoding.masks import generation_mask, positions_from_mask
 from prefix_lightning.decoding.packed_linear import PackedWeights, packed_linears
 from prefix_lightning.methods.loss import slices_logits
-from prefix_lightning.prefix.relative_bias import measures_relative_positions, with_padding_on_the_right
 
 
 def rows_per_input(defaults: GenerationConfig, kwargs: dict[str, Any]) -> int:
@@ -37,8 +36,6 @@ def generate(
     """
     # Compiled blocks (model.compile) decode eager: the cache is read by block index, which a block's graph would
     # specialize on, one compilation per block (see backbones.compiled).
-    if lm.config.is_encoder_decoder and measures_relative_positions(lm.config):
-        kwargs = with_padding_on_the_right(kwargs)  # a prefix's relative bias counts from the row's first column
     with packed_linears(lm, packed), torch.compiler.set_stance("force_eager"):
         return _route(lm, kwargs, cached_prefix)
 

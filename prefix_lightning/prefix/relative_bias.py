@@ -29,7 +29,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import PreTrainedModel
 
 from prefix_lightning.prefix.attention import QUERY_POSITIONS, PrefixBias
 from prefix_lightning.prefix.positions import input_tokens, positions_from_inputs
@@ -108,18 +108,3 @@ def attach_query_positions(lm: PreTrainedModel) -> list[RemovableHandle]:
     mask (or after the cached tokens), down to attention, where the prefix's relative bias reads it."""
     stacks = (lm.get_encoder(), lm.get_decoder())
     return [stack.register_forward_pre_hook(_pass_query_positions, with_kwargs=True) for stack in stacks]
-
-
-def measures_relative_positions(config: PretrainedConfig) -> bool:
-    """Whether a model of ``config`` biases attention by relative positions (the T5 family)."""
-    return getattr(config, "relative_attention_num_buckets", None) is not None
-
-
-def with_padding_on_the_right(inputs: dict[str, Any]) -> dict[str, Any]:
-    """``inputs`` with each row's padding moved after its tokens (a stable sort of the mask: right-padded rows stay
-    as they are)."""
-    ids, mask = inputs.get("input_ids"), inputs.get("attention_mask")
-    if ids is None or mask is None or mask.ndim != 2:
-        return inputs
-    order = torch.sort((mask == 0).int(), dim=1, stable=True).indices
-    return {**inputs, "input_ids": ids.gather(1, order), "attention_mask": mask.gather(1, order)}
