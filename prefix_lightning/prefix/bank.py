@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from prefix_lightning.decoding import CachedPrefix, PackedWeights, generate
+from prefix_lightning.decoding import CachedPrefix, generate
 from prefix_lightning.methods import target_loss
 from prefix_lightning.prefix.config import PrefixConfig
 from prefix_lightning.prefix.encoder import INPUT, site_token_shapes
@@ -25,8 +25,15 @@ from prefix_lightning.prefix.export import read_prefix
 from prefix_lightning.prefix.model import PrefixModel
 from prefix_lightning.prefix.positions import attach_position_shift
 from prefix_lightning.prefix.rows import RowInjector, RowPrefixes
-from prefix_lightning.prefix.sites import AttentionSite, UnsupportedModelError, use_prefix_attention
-from prefix_lightning.prefix.wiring import bind_sites, cache_layers, checkpoint_layers, site_activations, site_keys
+from prefix_lightning.prefix.sites import AttentionSite, UnsupportedModelError
+from prefix_lightning.prefix.wiring import (
+    FrozenLMWrapper,
+    bind_sites,
+    cache_layers,
+    checkpoint_layers,
+    site_activations,
+    site_keys,
+)
 
 PrefixNames = Sequence[str | None]
 
@@ -55,7 +62,7 @@ class StoredPrefix(nn.Module):
         return [getattr(self, f"site_{index}") for index in range(self.count)]
 
 
-class PrefixBank(nn.Module):
+class PrefixBank(FrozenLMWrapper):
     """Wraps a frozen LM once; holds named prefixes; each call says which prefix every row reads.
 
     ``bank.add(name, folder_or_prefix_model)``, ``bank.remove(name)``, ``bank.names()``;
@@ -65,11 +72,7 @@ class PrefixBank(nn.Module):
     """
 
     def __init__(self, lm: PreTrainedModel) -> None:
-        super().__init__()
-        use_prefix_attention(lm)
-        self.lm = lm
-        lm.requires_grad_(False)
-        lm.eval()
+        super().__init__(lm)
         self.injector = RowInjector()
         # Sites are bound as for prefixes with positions; an entry without them gets zero bias (see rows.py).
         self.sites: list[AttentionSite] = bind_sites(lm, self.injector, shift_positions=True)
@@ -82,7 +85,6 @@ class PrefixBank(nn.Module):
             except UnsupportedModelError as error:  # only prefixes with positions need it
                 self._cannot_shift = str(error)
         self.entries = nn.ModuleDict()
-        self.packed_weights = PackedWeights()  # the frozen LM's weights packed for decoding on CPU
         self._length_groups_allowed = True
 
     # -- the prefixes held -----------------------------------------------------------------------------------
@@ -166,13 +168,6 @@ class PrefixBank(nn.Module):
         return max((self.held(name).config.virtual_positions for name in self.entries), default=0)
 
     # -- running ---------------------------------------------------------------------------------------------
-    def train(self, mode: bool = True) -> PrefixBank:
-        super().train(mode)
-        self.lm.eval()
-        if mode:  # back to training: the packed copy of the weights is not needed until the next decoding
-            self.packed_weights.clear()
-        return self
-
     def forward(self, *, prefixes: PrefixNames, **inputs: Any) -> Any:
         """The LM's forward (loss, logits, ...), each row with the prefix named at its index (None: none)."""
         self._route(prefixes, _rows_of(inputs))

@@ -13,7 +13,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from prefix_lightning.backbones import hub_name
-from prefix_lightning.decoding import CachedPrefix, PackedWeights, generate
+from prefix_lightning.decoding import CachedPrefix, generate
 from prefix_lightning.methods import IGNORE_INDEX, target_loss
 from prefix_lightning.prefix.attention import INFIX_QUERIES, PrefixInjector
 from prefix_lightning.prefix.config import PrefixConfig
@@ -33,14 +33,20 @@ from prefix_lightning.prefix.sites import (
     UnsupportedModelError,
     attention_sites,
     site_modules,
-    use_prefix_attention,
 )
-from prefix_lightning.prefix.wiring import bind_sites, cache_layers, checkpoint_layers, site_activations, site_keys
+from prefix_lightning.prefix.wiring import (
+    FrozenLMWrapper,
+    bind_sites,
+    cache_layers,
+    checkpoint_layers,
+    site_activations,
+    site_keys,
+)
 
 log = logging.getLogger(__name__)
 
 
-class PrefixModel(nn.Module):
+class PrefixModel(FrozenLMWrapper):
     """Wraps any supported causal or encoder-decoder LM; only the prefix is trainable.
 
     ``PrefixModel(lm, PrefixConfig(length=10))``, or the config's fields as keywords (``PrefixModel(lm,
@@ -56,18 +62,15 @@ class PrefixModel(nn.Module):
         tokenizer: PreTrainedTokenizerBase | None = None,
         **fields: Any,
     ) -> None:
-        super().__init__()
-        self.config = PrefixConfig.of(config, **fields)
-        use_prefix_attention(lm)
+        settings = PrefixConfig.of(config, **fields)
+        super().__init__(lm)
+        self.config = settings
         positions = position_count(lm.config)
-        if self.config.shift_positions and positions is not None and self.config.length >= positions:
+        if settings.shift_positions and positions is not None and settings.length >= positions:
             raise ValueError(
-                f"prefix.length={self.config.length} leaves no position for the real tokens: {type(lm).__name__} "
+                f"prefix.length={settings.length} leaves no position for the real tokens: {type(lm).__name__} "
                 f"has {positions} positions (prefix.shift_positions=false keeps the real tokens at theirs)"
             )
-        self.lm = lm
-        lm.requires_grad_(False)
-        lm.eval()
         kind = self.config.kind
         if kind != "prefix" and lm.config.is_encoder_decoder:
             raise UnsupportedModelError(f"prefix kind {kind!r} is for decoder-only LMs; {type(lm).__name__} is not one")
@@ -91,7 +94,6 @@ class PrefixModel(nn.Module):
             # on its padding.
             with suppress(UnsupportedModelError):  # positions the hook cannot reach: the model counts them itself
                 attach_position_shift(lm, self.injector)
-        self.packed_weights = PackedWeights()  # the frozen LM's weights packed for decoding on CPU
         self._checkpointing = False
         self._initialize(tokenizer)
 
@@ -100,13 +102,6 @@ class PrefixModel(nn.Module):
         return self.config.virtual_positions
 
     # -- running -------------------------------------------------------------------------------------------
-    def train(self, mode: bool = True) -> PrefixModel:
-        super().train(mode)
-        self.lm.eval()
-        if mode:  # back to training: the packed copy of the weights is not needed until the next decoding
-            self.packed_weights.clear()
-        return self
-
     def materialized(self, dropout: float = 0.0) -> dict[str, list[torch.Tensor]]:
         """Each site group's prefix keys/values, one (2, kv_heads, L, head_dim) block per site, in the graph.
 

@@ -1,13 +1,13 @@
 """Wiring a frozen LM to a prefix injector, shared by the one-prefix ``PrefixModel`` and the many-prefix
-``PrefixBank``: bind every attention site, read the plain LM's own keys/values per site, name each site's cache
-layer, recompute the layers in backward."""
+``PrefixBank``: hold the LM frozen, bind every attention site, read the plain LM's own keys/values per site, name
+each site's cache layer, recompute the layers in backward."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from contextvars import ContextVar
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -15,11 +15,33 @@ from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from prefix_lightning.decoding import PackedWeights
 from prefix_lightning.prefix.attention import PrefixInjector, bind, record_attention_calls
 from prefix_lightning.prefix.relative_bias import attach_query_positions, prefix_bias_hooks
-from prefix_lightning.prefix.sites import AttentionSite, discover_sites, site_modules
+from prefix_lightning.prefix.sites import AttentionSite, discover_sites, site_modules, use_prefix_attention
 
 SiteKey = tuple[str, int]  # (group, index of the site within its group, in call order)
+Wrapper = TypeVar("Wrapper", bound="FrozenLMWrapper")
+
+
+class FrozenLMWrapper(nn.Module):
+    """A module around a frozen LM that calls attention through the prefix: the LM trains nothing and stays in eval
+    mode (no LM dropout) whatever mode the wrapper is in, and keeps its weights packed for decoding on CPU."""
+
+    def __init__(self, lm: PreTrainedModel) -> None:
+        super().__init__()
+        use_prefix_attention(lm)
+        self.lm = lm
+        lm.requires_grad_(False)
+        lm.eval()
+        self.packed_weights = PackedWeights()
+
+    def train(self: Wrapper, mode: bool = True) -> Wrapper:
+        super().train(mode)
+        self.lm.eval()
+        if mode:  # back to training: the packed copy of the weights is not needed until the next decoding
+            self.packed_weights.clear()
+        return self
 
 
 def site_keys(sites: Sequence[AttentionSite]) -> list[SiteKey]:
