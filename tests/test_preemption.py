@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from safetensors.torch import load_file
 
 from prefix_lightning.training.checks import ConfigError
 from prefix_lightning.training.csv_log import ContinuedCSVLogger
+from prefix_lightning.training.last_checkpoint import LastCheckpoint
 from prefix_lightning.training.resume import STARTED_CONFIG, check_earlier_attempt, resume_arguments
 from tests.helpers.cli import run_cli, run_failing, run_python
 from tests.helpers.config import compose_train, run_folder
@@ -240,6 +242,24 @@ def test_a_truncated_checkpoint_is_named_with_the_newest_intact_one(tmp_path: Pa
         assert lines[-1].startswith(f"error: checkpoint {last} cannot be used: it is truncated or not a checkpoint")
         assert f"the newest intact checkpoint there is {tmp_path / 'checkpoints' / 'step8.ckpt'}" in lines[-1]
         assert "Errno 22" not in result.stderr
+
+
+def test_a_signal_that_comes_while_the_ranks_agree_stops_them_at_the_next_point(tmp_path: Path) -> None:
+    """A rank waits in the agreement for the others, and a signal handed to it by another process (a scheduler,
+    trainer=ddp_cpu's main process) arrives in that wait, after the rank said it had none: the run stops at the
+    next point, not never."""
+    checkpoint = LastCheckpoint(str(tmp_path))
+    stops: list[str] = []
+
+    def agree(stopping: bool, all: bool) -> bool:
+        checkpoint._pending = lambda: stops.append("stop")  # what the signal handler leaves for the next point
+        return stopping
+
+    ranks = SimpleNamespace(world_size=2, strategy=SimpleNamespace(reduce_boolean_decision=agree))
+    checkpoint._hand_over(ranks)  # type: ignore[arg-type]
+    assert stops == []
+    checkpoint._hand_over(ranks)  # type: ignore[arg-type]
+    assert stops == ["stop"]
 
 
 def test_resume_takes_the_runs_own_overrides_and_folder(tmp_path: Path) -> None:

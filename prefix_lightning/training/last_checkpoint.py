@@ -97,11 +97,13 @@ class LastCheckpoint(Checkpoint):
         """Let Lightning stop the run (it does at the end of the current step or validation). Called with the
         ``trainer`` by every process at the same point, all stop where any one was signalled: a scheduler's signal
         reaches the processes at different steps, and one stopping alone pairs its checkpoint's collectives with
-        the others' next step (they hang)."""
-        stopping = self._pending is not None
+        the others' next step (they hang). The signal is taken before the processes agree: one that comes while
+        a process waits for the others is kept for the next point (taken after, it was dropped unseen)."""
+        pending, self._pending = self._pending, None
+        stopping = pending is not None
         if trainer is not None and trainer.world_size > 1:
             stopping = trainer.strategy.reduce_boolean_decision(stopping, all=False)
-        stop, self._pending = self._pending or self._lightning_stop, None
+        stop = pending or self._lightning_stop
         if stopping and stop is not None:
             stop()
 
