@@ -186,6 +186,29 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path: Path, 
 
 
 @pytest.mark.integration
+def test_a_signal_to_the_spawning_process_stops_its_workers_as_one_process_stops(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    """trainer=ddp_cpu: SIGTERM after step 1 to the main process, which only waits for its two spawned workers. It
+    hands the signal to them; they stop after that step and save, and it exits as one process does (143, saying how
+    to go on). Resumed, the run ends with the uninterrupted run's prefix."""
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    run_cli(straight, *SHARDED_RUN, "trainer=ddp_cpu")
+    result = run_failing(stopped, *SHARDED_RUN, "trainer=ddp_cpu", *fault("SignalMainAt", step=1, name="SIGTERM"))
+    assert result.returncode == 143
+    last = stopped / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1] == f"stopped by SIGTERM (saved {last}); to go on, run: python run.py resume={stopped}"
+    assert not (stopped / "prefix").exists()
+    resumed = run_cli(stopped, f"resume={stopped}")
+    assert f"Restored all states from the checkpoint at {last}" in resumed.stdout + resumed.stderr
+    exported, expected = (load_file(run / "prefix" / "prefix.safetensors") for run in (stopped, straight))
+    for name, tensor in expected.items():
+        torch.testing.assert_close(exported[name], tensor, atol=1e-6, rtol=0)
+
+
+@pytest.mark.integration
 def test_two_process_fsdp_checkpoints_lora_inside_the_sharded_layers_as_ddp_does(
     tmp_path: Path, data_dir: Path
 ) -> None:

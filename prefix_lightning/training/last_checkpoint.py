@@ -155,6 +155,9 @@ class LastCheckpoint(Checkpoint):
                 trainer.default_root_dir,
             )
             return
+        if isinstance(exception, WorkersStopped):  # this process waited for the workers that trained, and saved
+            self.stopped_by = exception.signal_name
+            return
         if not isinstance(exception, SIGTERMException):
             return
         self.stopped_by = self.stopped_by or "SIGTERM"
@@ -188,3 +191,12 @@ class RunStopped(Exception):
         if checkpoint is None:
             return cls("SIGTERM", None, run_dir, in_sweep)
         return cls(checkpoint.stopped_by or "SIGTERM", checkpoint.path, run_dir, in_sweep)
+
+
+class WorkersStopped(SIGTERMException):
+    """Raised in the main process of spawned workers (``trainer=ddp_cpu``) that a signal stopped: they saved what
+    they had (it holds none of the training's state), and ``signal_name`` stopped them."""
+
+    def __init__(self, signal_name: str) -> None:
+        super().__init__()
+        self.signal_name = signal_name

@@ -1,21 +1,40 @@
 """DDP with spawned processes whose fit's outcome reaches the test: Lightning spawns new workers for each stage and
 brings back from the fit only the weights and the logged metrics. The steps taken, the best checkpoint's score
 and what the callbacks recorded (the result record's validations and token counts, which weights were exported)
-stayed in the fit's workers, so the test after it saw step 0 and a run with no validation."""
+stayed in the fit's workers, so the test after it saw step 0 and a run with no validation.
+
+A stop signal (SIGTERM, SIGUSR1, Ctrl-C) stops it as it stops one process (see ``LastCheckpoint``): the main
+process, which only waits for its workers, hands the signal to them; they stop and save, and their stop is handed
+back to it with their results. Lightning's spawning main process neither hands signals over nor learns that the
+workers stopped: a signal killed it at once, leaving nothing saved."""
 
 from __future__ import annotations
 
 import io
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+from lightning.pytorch.trainer.call import _interrupt
+from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from prefix_lightning.training.last_checkpoint import LastCheckpoint, WorkersStopped
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 class SpawnDDPStrategy(DDPStrategy):
-    """``strategy=ddp_spawn`` whose launcher also brings back the fit loop's and the callbacks' states."""
+    """``strategy=ddp_spawn`` whose launcher also brings back the fit loop's and the callbacks' states, and stops
+    on a signal as one process does."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(start_method="spawn", **kwargs)
@@ -25,12 +44,47 @@ class SpawnDDPStrategy(DDPStrategy):
 
 
 class _StatefulLauncher(_MultiProcessingLauncher):
-    def _wrapping_function(self, *args: Any, **kwargs: Any) -> None:
+    def launch(self, function: Callable[..., Any], *args: Any, trainer: L.Trainer | None = None, **kwargs: Any) -> Any:
+        with self._stop_signals_handed_to_workers():
+            return super().launch(function, *args, trainer=trainer, **kwargs)
+
+    @contextmanager
+    def _stop_signals_handed_to_workers(self) -> Iterator[None]:
+        """While the workers run, a stop signal to the main process is theirs: it is handed to each of them once
+        (they stop after the current step). A second Ctrl-C stops at once, as it does one process: the workers
+        are killed and the main process raises ``KeyboardInterrupt``."""
+        if threading.current_thread() is not threading.main_thread():  # signals are handled by the main thread
+            yield
+            return
+
+        def hand_over(signum: int, frame: Any) -> None:
+            self.kill(signum)
+            if signum == signal.SIGINT:
+                signal.signal(signal.SIGINT, stop_at_once)
+
+        def stop_at_once(signum: int, frame: Any) -> None:
+            self.kill(signal.SIGKILL)
+            raise KeyboardInterrupt
+
+        found = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, hand_over)
+        try:
+            yield
+        finally:
+            for signum, handler in found.items():
+                if handler is not None:  # None: a handler not set from Python, which cannot be put back
+                    signal.signal(signum, handler)
+
+    def _wrapping_function(
+        self, process_idx: int, trainer: L.Trainer | None, function: Callable[..., Any], *args: Any
+    ) -> None:
         """Each worker ends its process group before it exits: Lightning does so for NCCL alone, and a gloo group
         left to the interpreter's exit at times aborts the worker ("terminate called without an active
         exception": gloo's threads still hold work when Python tears down)."""
         try:
-            super()._wrapping_function(*args, **kwargs)
+            stage = function if trainer is None else partial(_stage_stopped_as_one_process, trainer, function)
+            super()._wrapping_function(process_idx, trainer, stage, *args)
         finally:
             if torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()
@@ -43,13 +97,40 @@ class _StatefulLauncher(_MultiProcessingLauncher):
         }
         buffer = io.BytesIO()
         torch.save(states, buffer)  # as Lightning sends its metrics: bytes, not tensors in shared memory
-        return {**super().get_extra_results(trainer), "states_bytes": buffer.getvalue()}
+        last = next((c for c in trainer.callbacks if isinstance(c, LastCheckpoint)), None)  # type: ignore[attr-defined]
+        stopped_by = last.stopped_by if last is not None else None
+        return {**super().get_extra_results(trainer), "states_bytes": buffer.getvalue(), "stopped_by": stopped_by}
 
     def update_main_process_results(self, trainer: L.Trainer, extra: dict[str, Any]) -> None:
+        """After the workers' states, their stop: the main process stops as they did, and after a fit that a
+        signal reached after its last step, before the test (which one process would stop as it starts)."""
         super().update_main_process_results(trainer, extra)
         states = torch.load(io.BytesIO(extra["states_bytes"]), weights_only=False)
-        if trainer.state.fn == "fit":
+        if trainer.state.fn == TrainerFn.FITTING:
             trainer.fit_loop.load_state_dict(states["fit_loop"])
         for callback in trainer.callbacks:  # type: ignore[attr-defined]
             if states["callbacks"].get(callback.state_key):
                 callback.load_state_dict(states["callbacks"][callback.state_key])
+        stopped_by = extra["stopped_by"]
+        if trainer.state.status == TrainerStatus.INTERRUPTED or (stopped_by and trainer.state.fn == TrainerFn.FITTING):
+            raise WorkersStopped(stopped_by or "SIGTERM")
+
+
+def _stage_stopped_as_one_process(trainer: L.Trainer, stage: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """A worker's stage, stopped by a signal as one process's is: Lightning handles a stop (calling the callbacks'
+    ``on_exception``, where ``LastCheckpoint`` saves) in the main process alone, which does not train here; the
+    worker does it, then hands its results back as after a finished stage, marked interrupted.
+
+    The worker first leaves the main process's process group, so that a stop signal reaches it once, from the main
+    process (Ctrl-C at a terminal signals the whole group: handed over as well, it came twice, the second stopping
+    at once). Until the stage listens for SIGINT, SIGINT ends the worker as SIGTERM does: Python's
+    ``KeyboardInterrupt`` ends a spawned worker quietly, handing nothing back, and the main process waited forever."""
+    os.setpgid(0, 0)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        return stage(*args, **kwargs)
+    except SIGTERMException as stop:
+        _interrupt(trainer, stop)
+        trainer._teardown()
+        trainer.state.stage = None  # as Lightning does after its teardown
+        return None

@@ -9,6 +9,8 @@ import time
 import lightning as L
 import torch
 
+from prefix_lightning.training.last_checkpoint import LastCheckpoint
+
 
 def fault(callback: str, **options: object) -> list[str]:
     """The command-line overrides that add the fault ``callback`` of this module to a run, with its options."""
@@ -93,3 +95,21 @@ class SignalInTest(L.Callback):
     def on_test_batch_end(self, *args: object) -> None:
         if self.trained:
             os.kill(os.getpid(), self.signal)
+
+
+class SignalMainAt(L.Callback):
+    """Sends the signal ``name`` to the process that spawned this one (``trainer=ddp_cpu``'s main process, which
+    waits for its workers) once ``step`` steps are done, from rank 0, and waits until the signal has reached this
+    process too (for at most a minute), as one sent to itself would have: the run stops after that step."""
+
+    def __init__(self, step: int, name: str) -> None:
+        self.step, self.signal = step, getattr(signal, name)
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step != self.step or trainer.global_rank != 0:
+            return
+        last = next(c for c in trainer.callbacks if isinstance(c, LastCheckpoint))  # type: ignore[attr-defined]
+        os.kill(os.getppid(), self.signal)
+        deadline = time.monotonic() + 60
+        while last.stopped_by is None and time.monotonic() < deadline:
+            time.sleep(0.01)
