@@ -24,6 +24,7 @@ from hydra.utils import get_class, instantiate
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from safetensors.torch import load_file
 from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -564,6 +565,8 @@ def test_slurm_config_takes_ranks_from_slurm(tmp_path: Path, monkeypatch: pytest
     }
     for key, value in slurm.items():
         monkeypatch.setenv(key, value)
+    # The trainer makes this process rank 5 for Lightning's rank-zero-only code: the next tests' must be rank 0.
+    monkeypatch.setattr(rank_zero_only, "rank", rank_zero_only.rank)
     trainer = instantiate(compose_train(tmp_path, ["trainer=slurm", "trainer.accelerator=cpu"]).trainer)
     assert isinstance(trainer.strategy.cluster_environment, SLURMEnvironment)
     assert (trainer.num_nodes, trainer.world_size, trainer.global_rank, trainer.node_rank) == (2, 8, 5, 1)
