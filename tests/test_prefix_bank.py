@@ -210,6 +210,22 @@ def test_clear_errors(tmp_path: Path, banks) -> None:
     assert bank.names() == ["short", "long"]
 
 
+def test_rows_past_the_positions_behind_their_prefix_are_refused_by_row() -> None:
+    """Each row's real tokens start behind its own prefix: a row without one may use all of GPT-2's 64 positions,
+    a row reading a length-10 prefix only 54."""
+    lm = tiny_lm("gpt2")
+    bank = PrefixBank(lm)
+    bank.add("ten", PrefixModel(tiny_lm("gpt2"), PrefixConfig(length=10, hidden_dim=8)))
+    ids, mask = pad_batch([torch.randint(3, 100, (60,)), torch.randint(3, 100, (54,))], left=True)
+    bank(input_ids=ids, attention_mask=mask, prefixes=[None, "ten"])
+    with pytest.raises(ValueError, match="input row 0 needs 60 positions, .* hold only 54 behind the prefix's 10"):
+        bank(input_ids=ids, attention_mask=mask, prefixes=["ten", None])
+    with pytest.raises(ValueError, match="input row 1 needs 56 positions \\(54 given, up to 3 generated\\)"):
+        bank.generate(input_ids=ids, attention_mask=mask, prefixes=[None, "ten"], max_new_tokens=3)
+    with pytest.raises(ValueError, match="input row 0 needs 60 positions"):
+        bank.loss(ids, input_ids=ids, attention_mask=mask, prefixes=["ten", "ten"])
+
+
 def test_the_lm_alone_after_a_mixed_call_is_refused_clearly(banks) -> None:
     """The per-row prefixes of a call stay in place (for recomputation); a batch of another size run through the
     LM directly, not the bank, is told so."""

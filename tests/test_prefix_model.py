@@ -666,3 +666,38 @@ def test_model_without_attention_is_unsupported() -> None:
     config = AutoConfig.for_model("mamba", vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, state_size=4)
     with pytest.raises(UnsupportedModelError, match="MambaForCausalLM has no attention layers.*Supported: .*GPT-2"):
         PrefixModel(AutoModelForCausalLM.from_config(config), PrefixConfig(length=2))
+
+
+def test_inputs_past_the_positions_behind_the_prefix_are_refused_naming_their_length() -> None:
+    """Real tokens start at position L: a forward, loss or generate whose tokens would pass the position table
+    (GPT-2's 64 here) is refused with the length, the limit and the L virtual positions, not the position
+    embedding's IndexError (a device-side assert on CUDA); left padding takes no positions."""
+    model = PrefixModel(tiny_lm("gpt2"), PrefixConfig(length=10, hidden_dim=8))
+    fits = torch.randint(3, VOCAB, (1, 54))
+    model(input_ids=fits)
+    too_long = torch.randint(3, VOCAB, (1, 55))
+    refusal = "input row 0 needs 55 positions, but GPT2LMHeadModel's 64 positions hold only 54 behind the prefix's 10"
+    with pytest.raises(ValueError, match=refusal):
+        model(input_ids=too_long)
+    with pytest.raises(ValueError, match=refusal):
+        model.loss(labels=too_long, input_ids=too_long)
+    model.generate(fits[:, :50], max_new_tokens=5, min_new_tokens=5)  # the last new token is not read back
+    with pytest.raises(ValueError, match="needs 55 positions \\(50 given, up to 6 generated\\).*or generate fewer"):
+        model.generate(fits[:, :50], max_new_tokens=6)
+    ids, mask = pad_batch([fits[0], fits[0, :3]], left=True)
+    padded_ids, padded_mask = torch.nn.functional.pad(ids, (6, 0), value=PAD), torch.nn.functional.pad(mask, (6, 0))
+    model(input_ids=padded_ids, attention_mask=padded_mask)  # 60 columns, at most 54 real tokens
+    with torch.no_grad(), model.prefix_disabled():
+        model(input_ids=too_long)  # the plain LM's positions
+
+
+def test_encoder_decoder_inputs_past_the_positions_behind_the_prefix_are_refused() -> None:
+    model = PrefixModel(tiny_lm("bart"), PrefixConfig(length=10, hidden_dim=8))
+    ids = torch.randint(3, VOCAB, (2, 55))
+    with pytest.raises(ValueError, match="encoder input row 0 needs 55 positions, but .* hold only 54"):
+        model(input_ids=ids, decoder_input_ids=ids[:, :3])
+    with pytest.raises(ValueError, match="decoder input row 0 needs 55 positions"):
+        model.loss(labels=ids, input_ids=ids[:, :3])
+    model.generate(ids[:, :3], max_new_tokens=54, min_new_tokens=54)
+    with pytest.raises(ValueError, match="decoder input row 0 needs 55 positions \\(1 given, up to 55 generated\\)"):
+        model.generate(ids[:, :3], max_new_tokens=55)

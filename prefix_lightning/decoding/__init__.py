@@ -4,7 +4,7 @@ inputs, the CPU's packed frozen weights, and the generated text."""
 from prefix_lightning.decoding.beam_search import CachedPrefix, beam_search, beam_search_options
 from prefix_lightning.decoding.masks import generation_mask, positions_from_mask
 from prefix_lightning.decoding.packed_linear import PackedWeights
-from prefix_lightning.decoding.routes import generate, rows_per_input
+from prefix_lightning.decoding.routes import generate, rows_per_input, tokens_to_generate
 from prefix_lightning.decoding.texts import generated_texts
 
 __all__ = [
@@ -17,4 +17,5 @@ __all__ = [
     "generation_mask",
     "positions_from_mask",
     "rows_per_input",
+    "tokens_to_generate",
 ]

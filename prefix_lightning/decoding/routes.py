@@ -22,6 +22,24 @@ def rows_per_input(defaults: GenerationConfig, kwargs: dict[str, Any]) -> int:
     return max(beams, kwargs.get("num_return_sequences", config.num_return_sequences) or 1)
 
 
+def tokens_to_generate(lm: PreTrainedModel, kwargs: dict[str, Any]) -> int:
+    """How many tokens ``generate`` may add to each row at most (transformers' rule: ``max_new_tokens``, else
+    ``max_length`` less the prompt, or less the decoder's start token); 0 where the settings are not numbers
+    (transformers then says what is wrong with them)."""
+    config = kwargs.get("generation_config") or lm.generation_config
+    new = kwargs.get("max_new_tokens", config.max_new_tokens)
+    if new is None:
+        prompt = kwargs.get("input_ids")
+        start = 1 if lm.config.is_encoder_decoder or prompt is None else prompt.shape[-1]
+        total = kwargs.get("max_length", config.max_length)
+        new = total - start if _is_count(total) else 0
+    return new if _is_count(new) else 0
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @torch.no_grad()
 def generate(
     lm: PreTrainedModel, kwargs: dict[str, Any], packed: PackedWeights, cached_prefix: CachedPrefix | None = None

@@ -17,13 +17,13 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from prefix_lightning.decoding import CachedPrefix, generate
+from prefix_lightning.decoding import CachedPrefix, generate, tokens_to_generate
 from prefix_lightning.methods import target_loss
 from prefix_lightning.prefix.config import PrefixConfig
 from prefix_lightning.prefix.encoder import INPUT, site_token_shapes
 from prefix_lightning.prefix.export import read_prefix
 from prefix_lightning.prefix.model import PrefixModel
-from prefix_lightning.prefix.positions import attach_position_shift
+from prefix_lightning.prefix.positions import attach_position_shift, check_positions
 from prefix_lightning.prefix.rows import RowInjector, RowPrefixes
 from prefix_lightning.prefix.sites import AttentionSite, UnsupportedModelError
 from prefix_lightning.prefix.wiring import (
@@ -170,7 +170,7 @@ class PrefixBank(FrozenLMWrapper):
     # -- running ---------------------------------------------------------------------------------------------
     def forward(self, *, prefixes: PrefixNames, **inputs: Any) -> Any:
         """The LM's forward (loss, logits, ...), each row with the prefix named at its index (None: none)."""
-        self._route(prefixes, _rows_of(inputs))
+        self._route(prefixes, _rows_of(inputs), inputs)
         return self.lm(**inputs)
 
     def loss(
@@ -181,7 +181,7 @@ class PrefixBank(FrozenLMWrapper):
         Length groups run subsets of the rows, each pointing the per-row prefixes at its own; with gradient
         checkpointing the layers are recomputed after every group has run, so the batch then runs as one group.
         """
-        current = self._route(prefixes, labels.shape[0])
+        current = self._route(prefixes, labels.shape[0], {**inputs, "labels": labels})
         if current is None or current.uniform:
             return target_loss(self.lm, labels, length_groups, **inputs)
         rows = current.rows
@@ -198,7 +198,7 @@ class PrefixBank(FrozenLMWrapper):
         input); a decoder-only beam search holds each input's prefix in its cache after the prompt."""
         if input_ids is not None:
             kwargs["input_ids"] = input_ids
-        current = self._route(prefixes, _rows_of(kwargs))
+        current = self._route(prefixes, _rows_of(kwargs), kwargs, tokens_to_generate(self.lm, kwargs))
         return generate(self.lm, kwargs, self.packed_weights, self._cached_prefix(current))
 
     def enable_gradient_checkpointing(self) -> None:
@@ -206,13 +206,17 @@ class PrefixBank(FrozenLMWrapper):
         checkpoint_layers(self.lm)
         self._length_groups_allowed = False
 
-    def _route(self, prefixes: PrefixNames, rows: int) -> RowPrefixes | None:
+    def _route(
+        self, prefixes: PrefixNames, rows: int, inputs: dict[str, Any], generated: int = 0
+    ) -> RowPrefixes | None:
         """Point every site at this call's prefixes (kept until the next call, so that recomputed layers read
-        the same ones); None when no row has a prefix."""
+        the same ones), and refuse ``inputs`` that would not fit the LM's positions behind them (``generated``: the
+        tokens generate adds); None when no row has a prefix."""
         names = self._checked(prefixes, rows)
         used = sorted({name for name in names if name is not None})
         if not used:
             self.injector.current = None
+            check_positions(self.lm, self.injector, inputs, 0, generated)
             return None
         entries = [self.held(name) for name in used]
         blocks: list[list[torch.Tensor] | None] = [entry.site_blocks() for entry in entries]
@@ -223,6 +227,7 @@ class PrefixBank(FrozenLMWrapper):
         place = {name: index for index, name in enumerate(used)}
         per_row = [place[name] if name is not None else len(used) for name in names]
         self.injector.current = RowPrefixes.build(blocks, shifts, per_row)
+        check_positions(self.lm, self.injector, inputs, max(shifts), generated)
         return self.injector.current
 
     def _checked(self, prefixes: PrefixNames, rows: int) -> list[str | None]:

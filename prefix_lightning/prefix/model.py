@@ -13,7 +13,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from prefix_lightning.backbones import hub_name
-from prefix_lightning.decoding import CachedPrefix, generate
+from prefix_lightning.decoding import CachedPrefix, generate, tokens_to_generate
 from prefix_lightning.methods import IGNORE_INDEX, target_loss
 from prefix_lightning.prefix.attention import INFIX_QUERIES, PrefixInjector
 from prefix_lightning.prefix.config import PrefixConfig
@@ -27,7 +27,7 @@ from prefix_lightning.prefix.peft_format import (
     read_peft_prefix,
     save_peft_prefix,
 )
-from prefix_lightning.prefix.positions import attach_position_shift, position_count
+from prefix_lightning.prefix.positions import attach_position_shift, check_positions, position_count
 from prefix_lightning.prefix.sites import (
     AttentionSite,
     UnsupportedModelError,
@@ -133,6 +133,7 @@ class PrefixModel(FrozenLMWrapper):
 
     def forward(self, **inputs: Any) -> Any:
         """The LM's forward (loss, logits, ...) with the prefix in every attention layer."""
+        self._check_positions(inputs)
         self._materialize()
         if "labels" in inputs:
             inputs = self._with_infix_queries(inputs, inputs["labels"])
@@ -150,6 +151,7 @@ class PrefixModel(FrozenLMWrapper):
         """Token-mean cross-entropy over the target tokens (see :func:`target_loss`); the prefix is
         materialized once for the whole batch. ``drop_right_padding_mask`` None: on accelerators only (the CPU's
         masked path is faster there)."""
+        self._check_positions({**inputs, "labels": labels})
         self._materialize()
         inputs = self._with_infix_queries(inputs, labels)
         if drop_right_padding_mask is None:
@@ -165,6 +167,7 @@ class PrefixModel(FrozenLMWrapper):
         if input_ids is not None and not (isinstance(input_ids, torch.Tensor) and input_ids.ndim == 2):
             shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
             raise ValueError(f"input_ids must be a tensor of (batch, tokens), as a tokenizer returns it; got {shape}")
+        self._check_positions(kwargs, tokens_to_generate(self.lm, kwargs))
         self._materialize()
         # An infix is read from the prompt's last token on, whichever way the prompt comes.
         prompt = next(
@@ -175,6 +178,10 @@ class PrefixModel(FrozenLMWrapper):
             return generate(self.lm, kwargs, self.packed_weights, self._cached_prefix())
         finally:
             self.injector.prompt_width = None
+
+    def _check_positions(self, inputs: dict[str, Any], generated: int = 0) -> None:
+        shift = self.injector.shift if self.injector.enabled else 0
+        check_positions(self.lm, self.injector, inputs, shift, generated)
 
     def _cached_prefix(self) -> CachedPrefix | None:
         """The prefix as cache entries for the steps after the prompt (a decoder-only LM whose attention modules

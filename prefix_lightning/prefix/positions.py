@@ -35,6 +35,73 @@ def position_count(config: Any) -> int | None:
     return count if isinstance(count, int) else None
 
 
+def positions_left(config: Any, virtual_positions: int) -> int | None:
+    """How many real tokens fit a model of ``config``'s positions behind ``virtual_positions`` virtual ones; None
+    where its positions are unbounded by a table."""
+    count = position_count(config)
+    return None if count is None else count - virtual_positions
+
+
+def check_positions(
+    lm: PreTrainedModel, injector: PrefixInjector, inputs: dict[str, Any], most_shift: int, generated: int = 0
+) -> None:
+    """Refuse a call whose real tokens, moved behind the prefix, would pass the end of the model's positions (the
+    model's own error is an IndexError in its position embedding, or a device-side assert on CUDA).
+
+    ``most_shift``: the largest shift of any row; rows are counted one by one only where the widest would not fit.
+    ``generated``: the most tokens ``generate`` adds (to the decoder of an encoder-decoder); all but the last are
+    read back.
+    """
+    left = positions_left(lm.config, most_shift)
+    if left is None:
+        return
+    count = left + most_shift
+    read_back = max(generated - 1, 0)
+    for side, tokens, mask, continued in _position_sides(lm, inputs, generated > 0):
+        added = read_back if continued else 0
+        width = mask.shape[1] if mask is not None else tokens.shape[1]
+        if width + added <= left:
+            continue
+        rows = tokens.shape[0]
+        lengths = mask.sum(-1) if mask is not None else torch.full((rows,), width, device=tokens.device)
+        moved = injector.position_shift(rows) if injector.enabled else 0
+        shifts = torch.as_tensor(moved, device=tokens.device).reshape(-1).expand(rows)
+        over = lengths + added + shifts > count
+        if bool(over.any()):
+            row = int(over.int().argmax())
+            length, shift = int(lengths[row]), int(shifts[row])
+            given = f" ({length} given, up to {generated} generated)" if continued else ""
+            because = f" behind the prefix's {shift} virtual positions" if shift else ""
+            raise ValueError(
+                f"{side} row {row} needs {length + added} positions{given}, but {type(lm).__name__}'s {count} "
+                f"positions hold only {count - shift}{because}: shorten the input"
+                + (" or generate fewer tokens" if continued else "")
+            )
+
+
+_Side = tuple[str, torch.Tensor, torch.Tensor | None, bool]
+
+
+def _position_sides(lm: PreTrainedModel, inputs: dict[str, Any], generating: bool) -> list[_Side]:
+    """The token sequences of a call that take positions: (name, tokens or embeddings, the 2-D mask that counts
+    their positions, whether generate continues them). Decoder-only positions are counted over the mask (left
+    padding; cached tokens as well), learned encoder-decoder ones by column."""
+    keys = ("input_ids", "inputs_embeds", "inputs")  # generate's prompt may come as `inputs`
+    tokens = next((inputs[key] for key in keys if inputs.get(key) is not None), None)
+    if not lm.config.is_encoder_decoder:
+        mask = inputs.get("attention_mask")
+        mask = mask if mask is not None and mask.ndim == 2 else None
+        return [] if tokens is None else [("input", tokens, mask, generating)]
+    sides: list[_Side] = [] if tokens is None else [("encoder input", tokens, None, False)]
+    decoder_keys = ("decoder_input_ids", "decoder_inputs_embeds", "labels")
+    decoder = next((inputs[key] for key in decoder_keys if inputs.get(key) is not None), None)
+    if decoder is None and generating and tokens is not None:  # generate starts the decoder with one token
+        decoder = tokens.new_empty(tokens.shape[0], 1)
+    if decoder is not None:
+        sides.append(("decoder input", decoder, None, generating))
+    return sides
+
+
 def input_tokens(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
     """The token ids a model's forward was called with, or its input embeddings where it was given no ids."""
     tokens = args[0] if args else kwargs.get("input_ids")

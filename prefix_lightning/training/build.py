@@ -16,7 +16,7 @@ from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerB
 from prefix_lightning.backbones import load_backbone
 from prefix_lightning.backbones.compiled import compile_lm
 from prefix_lightning.methods import TrainableLM
-from prefix_lightning.prefix.positions import position_count
+from prefix_lightning.prefix.positions import positions_left
 from prefix_lightning.training.checks import ConfigError, check_config, method_class, options_at
 from prefix_lightning.training.module import MethodModule
 from prefix_lightning.training.tasks import task_data_configs
@@ -117,10 +117,11 @@ def source_budget(cfg: DictConfig, model: _Positioned) -> int:
 def fitted_source_budget(config: PretrainedConfig, virtual_positions: int, wanted: int, target: int) -> int:
     """``wanted`` source tokens, cut down where they, the ``target`` (the longer of the target as trained and as
     decoded) and the virtual tokens would not fit the positions of a model of ``config``."""
-    context = position_count(config)
-    if context is None:
+    left = positions_left(config, virtual_positions)
+    if left is None:
         return wanted
-    budget = context - virtual_positions if config.is_encoder_decoder else context - virtual_positions - target
+    context = left + virtual_positions
+    budget = left if config.is_encoder_decoder else left - target
     if budget < 1:
         raise ConfigError(
             f"a target of {target} tokens (the longer of data.max_target_tokens and generation.max_new_tokens) "
