@@ -254,3 +254,12 @@ def test_options_layered_like_generate() -> None:
         assert beam_search_options(lm, {"input_ids": ids, "num_beams": 3, "max_new_tokens": 5, **refused}) is None
     # options that change nothing without sampling are accepted
     assert beam_search_options(lm, {"input_ids": ids, "num_beams": 3, "max_new_tokens": 5, "temperature": 0.7})
+
+
+def test_beams_or_sequences_below_one_are_refused_by_name() -> None:
+    """transformers divides by num_beams (0) or makes a tensor of that many rows (-1)."""
+    model = PrefixModel(tiny_lm("gpt2"), length=2, hidden_dim=8)
+    prompt = torch.tensor([[5, 6, 7]])
+    for option, value in (("num_beams", 0), ("num_beams", -1), ("num_return_sequences", 0)):
+        with pytest.raises(ValueError, match=f"{option} must be a positive integer, got {value}"):
+            model.generate(prompt, max_new_tokens=2, **{option: value})

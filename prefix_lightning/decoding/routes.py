@@ -36,6 +36,15 @@ def tokens_to_generate(lm: PreTrainedModel, kwargs: dict[str, Any]) -> int:
     return new if _is_count(new) else 0
 
 
+def check_rows_per_input(kwargs: dict[str, Any]) -> None:
+    """Refuse a number of beams or of returned sequences below 1 (transformers divides by it, or makes a tensor of
+    that many rows)."""
+    for option in ("num_beams", "num_return_sequences"):
+        value = kwargs.get(option)
+        if value is not None and not (_is_count(value) and value >= 1):
+            raise ValueError(f"{option} must be a positive integer, got {value!r}")
+
+
 def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -54,6 +63,7 @@ def generate(
     """
     # Compiled blocks (model.compile) decode eager: the cache is read by block index, which a block's graph would
     # specialize on, one compilation per block (see backbones.compiled).
+    check_rows_per_input(kwargs)
     with packed_linears(lm, packed), torch.compiler.set_stance("force_eager"):
         return _route(lm, kwargs, cached_prefix)
 
