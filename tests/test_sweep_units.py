@@ -172,6 +172,18 @@ def test_a_folder_above_several_sweeps_is_refused_not_merged(tmp_path: Path) -> 
     assert aggregate(tmp_path / "lengths") == tmp_path / "lengths" / "summary"
 
 
+def test_a_single_runs_folder_is_refused_not_summarized(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_sweep(tmp_path, GRID[:2])
+    run = tmp_path / GRID[0]["run"]
+    with pytest.raises(SystemExit) as stopped:
+        main([str(run)])
+    assert stopped.value.code == 1 and not (run / "summary").exists()
+    assert f"{run} is a single run's folder (it holds {RECORD_FILE}), not a sweep's" in capsys.readouterr().err
+    (tmp_path / "multirun.yaml").write_text("{}")
+    write_record(tmp_path, GRID[2])  # a multirun of one job without overrides: the job's folder is the sweep's
+    assert aggregate(tmp_path) == tmp_path / "summary"
+
+
 def test_finished_runs_are_skipped_and_unfinished_ones_resume(tmp_path: Path) -> None:
     cfg = compose_train(tmp_path, ["model=tiny_llama"])
     assert finished_record(tmp_path) is None and resume_checkpoint(cfg) is None

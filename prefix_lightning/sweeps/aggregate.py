@@ -98,6 +98,7 @@ def _slug(text: str) -> str:
 def aggregate(sweep_dir: str | Path, metric: str | None = None) -> Path | None:
     """Write the summary of ``sweep_dir``; return its folder, or None when no run has finished."""
     sweep_dir = Path(sweep_dir)
+    _refuse_a_single_run(sweep_dir)
     _refuse_several_sweeps(sweep_dir)
     records, unfinished = load_records(sweep_dir)
     if not records:
@@ -141,6 +142,17 @@ def aggregate(sweep_dir: str | Path, metric: str | None = None) -> Path | None:
         out,
     )
     return out
+
+
+def _refuse_a_single_run(folder: Path) -> None:
+    """A run's own folder would get a one-row summary among its files (a sweep's folder holds its runs' folders,
+    and Hydra's multirun.yaml even where its only job wrote into it)."""
+    held = [name for name in (".hydra", RECORD_FILE) if (folder / name).exists()]
+    if held and not (folder / SWEEP_CONFIG).is_file():
+        raise ValueError(
+            f"{folder} is a single run's folder (it holds {' and '.join(held)}), not a sweep's: its scores are in its "
+            f"{RECORD_FILE}; aggregate the folder of the sweep that ran it (multirun/<sweep name>)"
+        )
 
 
 def _refuse_several_sweeps(folder: Path) -> None:
