@@ -3,6 +3,7 @@
 import dataclasses
 import io
 import logging
+from functools import partial
 
 import pytest
 import torch
@@ -212,7 +213,7 @@ def test_missing_data_without_download(gpt2_tokenizer, tmp_path):
 
 def test_a_missing_file_of_ones_own_is_named_not_downloaded(gpt2_tokenizer, data_dir, monkeypatch):
     module = offline_datamodule(gpt2_tokenizer, data_dir, test_file="nosuch.csv", download=True)
-    refused = dataclasses.replace(module.spec, download=lambda folder: pytest.fail("the official release was fetched"))
+    refused = dataclasses.replace(module.spec, download=lambda *_: pytest.fail("the official release was fetched"))
     monkeypatch.setattr(module, "spec", refused)
     module.prepare_data()  # devset.csv, the one official file configured, is there
     with pytest.raises(FileNotFoundError, match=r"E2E file nosuch.csv not found: looked for .*e2e/nosuch.csv"):
@@ -222,12 +223,31 @@ def test_a_missing_file_of_ones_own_is_named_not_downloaded(gpt2_tokenizer, data
 def test_a_download_says_what_is_missing_and_where_it_goes(gpt2_tokenizer, tmp_path, monkeypatch, caplog):
     module = offline_datamodule(gpt2_tokenizer, tmp_path, test_file="testset_w_refs.csv", download=True)
     fetched = []
-    monkeypatch.setattr(module, "spec", dataclasses.replace(module.spec, download=fetched.append))
+
+    def download(*arguments: object) -> None:
+        fetched.append(arguments)
+
+    monkeypatch.setattr(module, "spec", dataclasses.replace(module.spec, download=download))
     with caplog.at_level(logging.INFO, logger="prefix_lightning"):
         module.prepare_data()
-    assert fetched == [tmp_path]
+    assert fetched == [(tmp_path, ["devset.csv", "testset_w_refs.csv"])]
     expected = f"e2e: devset.csv, testset_w_refs.csv missing in {tmp_path / 'e2e'}, downloading the official files"
     assert expected in caplog.messages
+
+
+@pytest.mark.parametrize("tested", [True, False])
+def test_a_failed_download_names_only_the_files_the_run_reads(gpt2_tokenizer, tmp_path, monkeypatch, tested):
+    """The dev split (devset.csv, testset_w_refs.csv to test) needs no trainset.csv: the error said all three were
+    missing."""
+    module = offline_datamodule(gpt2_tokenizer, tmp_path, download=True, tested=tested)
+    offline = partial(download_e2e, url="http://127.0.0.1:9/x.zip")
+    monkeypatch.setattr(module, "spec", dataclasses.replace(module.spec, download=offline))
+    with pytest.raises(FileNotFoundError) as info:
+        module.prepare_data()
+    message = str(info.value)
+    needed = "devset.csv, testset_w_refs.csv" if tested else "devset.csv"
+    assert message.startswith(f"E2E file(s) {needed} missing") and f"put {needed} in" in message
+    assert "trainset.csv" not in message
 
 
 def test_loaders(gpt2_tokenizer, data_dir):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,9 @@ DART_URL = "https://raw.githubusercontent.com/Yale-LILY/dart/master/data/v1.1.1/
 DART_FILES = ("dart-v1.1.1-full-train.json", "dart-v1.1.1-full-dev.json", "dart-v1.1.1-full-test.json")
 
 
-def _how_to_get_data(folder: Path) -> str:
+def _how_to_get_data(folder: Path, names: Sequence[str]) -> str:
     return (
-        f"Download {', '.join(DART_FILES)} from {DART_URL} (the Yale-LILY/dart repository, data/v1.1.1) into "
+        f"Download {', '.join(names)} from {DART_URL} (the Yale-LILY/dart repository, data/v1.1.1) into "
         f"{folder}, or {DATA_DIR_HINT}."
     )
 
@@ -27,15 +28,16 @@ def read_dart(path: Path) -> list[Example]:
     Each triple set is one group with all its annotations as references; properties are lowercased and triples
     linearized as in the paper's DART loader.
     """
-    path = require_file(Path(path), f"DART file {Path(path).name}", _how_to_get_data(Path(path).parent))
+    path = Path(path)
+    path = require_file(path, f"DART file {path.name}", _how_to_get_data(path.parent, [path.name]))
     entries = read_triples_xml(path) if path.suffix.lower() == ".xml" else _read_json(path)
     return triple_examples(entries, lowercase_properties=True, keep_categories=False)
 
 
-def download_dart(data_dir: Path) -> None:
-    """Fetch the three official JSON files into `data_dir/dart/`."""
+def download_dart(data_dir: Path, needed: Sequence[str] = DART_FILES) -> None:
+    """Fetch the official JSON files of `needed` (those the run reads) into `data_dir/dart/`."""
     folder = Path(data_dir) / "dart"
-    fetch({name: DART_URL + name for name in DART_FILES}, folder, _how_to_get_data(folder))
+    fetch({name: DART_URL + name for name in needed}, folder, _how_to_get_data(folder, needed))
 
 
 def _read_json(path: Path) -> list[TripleEntry]:

@@ -143,17 +143,17 @@ class TextToTextDataModule(L.LightningDataModule):
         return examples
 
     def prepare_data(self) -> None:
-        """Download the official files (once, on one process per node) if a configured one of them is missing (a
+        """Download the official files (once, on one process per node) if one that the run reads is missing (a
         missing file of the user's own is named when it is read)."""
         hp = self.hparams
         if not (hp.download and self.spec.download):
             return
-        configured = {hp.train_file, hp.val_file, hp.test_file}
-        missing = sorted(name for name in configured & set(self.spec.files) if not Path(self._location(name)).exists())
+        read = {hp.train_file, hp.val_file} | ({hp.test_file} if hp.tested else set())
+        missing = sorted(name for name in read & set(self.spec.files) if not Path(self._location(name)).exists())
         if missing:
             folder = Path(hp.data_dir) / str(self.spec.folder)
             logger.info("%s: %s missing in %s, downloading the official files", hp.dataset, ", ".join(missing), folder)
-            self.spec.download(Path(hp.data_dir))
+            self.spec.download(Path(hp.data_dir), missing)
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit", "validate"):

@@ -6,6 +6,7 @@ import io
 import re
 import urllib.request
 import zipfile
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
@@ -23,10 +24,8 @@ _PAIR_RE = re.compile(_PAIR)
 _MR_RE = re.compile(rf"{_PAIR}(?:,{_PAIR})*")
 
 
-def _how_to_get_data(folder: Path) -> str:
-    return (
-        f"Download the official release from {E2E_URL} and put {', '.join(E2E_FILES)} in {folder}, or {DATA_DIR_HINT}."
-    )
+def _how_to_get_data(folder: Path, names: Sequence[str]) -> str:
+    return f"Download the official release from {E2E_URL} and put {', '.join(names)} in {folder}, or {DATA_DIR_HINT}."
 
 
 def linearize_mr(mr: str) -> str:
@@ -44,31 +43,33 @@ def read_e2e(path: Path) -> list[Example]:
 
     Rows sharing an MR get one `group_id` (its index among the file's unique MRs, first-seen order).
     """
-    path = require_file(Path(path), f"E2E file {Path(path).name}", _how_to_get_data(Path(path).parent))
+    path = Path(path)
+    path = require_file(path, f"E2E file {path.name}", _how_to_get_data(path.parent, [path.name]))
     return read_table(path, source_column="mr", target_column="ref", linearize=linearize_mr)
 
 
-def download_e2e(data_dir: Path, url: str = E2E_URL) -> None:
+def download_e2e(data_dir: Path, needed: Sequence[str] = E2E_FILES, url: str = E2E_URL) -> None:
     """Fetch the official release zip and write its three CSVs into `data_dir/e2e/`.
 
     Each file is written to a temporary name and renamed, so an interrupted run never leaves a truncated CSV
-    that later runs would take for real data. Any network failure becomes a FileNotFoundError that says what
-    is missing and how to provide it by hand (these machines are often offline).
+    that later runs would take for real data. Any network failure becomes a FileNotFoundError that names the
+    files of `needed` (those the run reads) that are missing, and how to provide them by hand (these machines are
+    often offline).
     """
     folder = Path(data_dir) / "e2e"
     try:
         with urllib.request.urlopen(url, timeout=60) as response:
             archive = zipfile.ZipFile(io.BytesIO(response.read()))
     except (OSError, zipfile.BadZipFile) as err:
-        missing = [name for name in E2E_FILES if not (folder / name).is_file()] or list(E2E_FILES)
+        missing = [name for name in needed if not (folder / name).is_file()] or list(needed)
         raise FileNotFoundError(
             f"E2E file(s) {', '.join(missing)} missing: looked in {folder}, and downloading {url} failed ({err}). "
-            f"{_how_to_get_data(folder)}"
+            f"{_how_to_get_data(folder, missing)}"
         ) from err
     members = {Path(name).name: name for name in archive.namelist()}
     absent = [name for name in E2E_FILES if name not in members]
     if absent:
-        raise FileNotFoundError(f"{url} does not contain {absent}. {_how_to_get_data(folder)}")
+        raise FileNotFoundError(f"{url} does not contain {absent}. {_how_to_get_data(folder, E2E_FILES)}")
     for name in E2E_FILES:
         payload = archive.read(members[name])
         atomic_write(folder / name, partial(Path.write_bytes, data=payload))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +26,8 @@ class DatasetSpec:
     - `folder`: where split locations are resolved, under the data dir; None when a location is not a path
       (a Hub split name).
     - `files`: the default train / validation / test locations.
-    - `download(data_dir)` fetches the official files, where the dataset has a stable download address.
+    - `download(data_dir, needed)` fetches the official files, where the dataset has a stable download address;
+      a failure names the files of `needed` (those the run reads).
     - `seen_unseen`: the test split can be narrowed to categories seen or unseen in training.
     """
 
@@ -35,7 +36,7 @@ class DatasetSpec:
     files: tuple[str, str, str]
     metric_suite: str
     options: tuple[str, ...] = ()
-    download: Callable[[Path], None] | None = None
+    download: Callable[[Path, Sequence[str]], None] | None = None
     seen_unseen: bool = False
 
 
