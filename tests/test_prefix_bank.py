@@ -187,6 +187,10 @@ def test_clear_errors(tmp_path: Path, banks) -> None:
         bank.generate(input_ids=ids, attention_mask=mask, prefixes=["short", "long"], max_new_tokens=2)
     with pytest.raises(TypeError, match="one prefix name \\(or None\\) per row"):
         bank(input_ids=ids, attention_mask=mask, prefixes="short")
+    with pytest.raises(ValueError, match="attention_mask is \\(1, 5\\), the inputs \\(4, 5\\)"):
+        bank(input_ids=ids, attention_mask=mask[:1], prefixes=PREFIXES)
+    with pytest.raises(ValueError, match="input_ids must be integer token ids"):
+        bank.generate(input_ids=ids.float(), prefixes=PREFIXES, max_new_tokens=2)
     with pytest.raises(ValueError, match="already holds a prefix named 'short'"):
         bank.add("short", tmp_path)
     with pytest.raises(ValueError, match="unknown prefix 'gone'"):

@@ -701,3 +701,31 @@ def test_encoder_decoder_inputs_past_the_positions_behind_the_prefix_are_refused
     model.generate(ids[:, :3], max_new_tokens=54, min_new_tokens=54)
     with pytest.raises(ValueError, match="decoder input row 0 needs 55 positions \\(1 given, up to 55 generated\\)"):
         model.generate(ids[:, :3], max_new_tokens=55)
+
+
+def test_inputs_of_the_wrong_shape_type_vocabulary_or_device_are_refused_by_name() -> None:
+    """The LM failed on them deep inside (a size mismatch, an IndexError: a device-side assert on CUDA), or took a
+    mask of the wrong size without a word (broadcast over the rows, or positions counted from its extra columns)."""
+    model = PrefixModel(tiny_lm("gpt2"), PrefixConfig(length=2, hidden_dim=8))
+    ids, mask = pad_batch(ROWS, left=True)
+    foreign = ids.clone()
+    foreign[1, -1] = VOCAB
+    cases = [
+        (dict(input_ids=ids[0]), r"input_ids must be a tensor of \(batch, tokens\), .* got \(5,\)"),
+        (dict(input_ids=ids.float()), "input_ids must be integer token ids, got torch.float32"),
+        (dict(input_ids=foreign), rf"token id {VOCAB}, outside the vocabulary of GPT2LMHeadModel \(0..{VOCAB - 1}\)"),
+        (dict(input_ids=ids - VOCAB), "token id -"),
+        (dict(input_ids=ids, attention_mask=mask[:1]), r"attention_mask is \(1, 5\), the inputs \(3, 5\)"),
+        (dict(input_ids=ids, attention_mask=torch.nn.functional.pad(mask, (2, 0), value=1)), r"is \(3, 7\)"),
+        (dict(input_ids=ids, attention_mask=mask.to("meta")), "attention_mask is on meta, the inputs on cpu"),
+    ]
+    for inputs, refusal in cases:
+        with pytest.raises(ValueError, match=refusal):
+            model(**inputs)
+        with pytest.raises(ValueError, match=refusal):
+            model.generate(**inputs, max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"labels are \(1, 5\), the inputs \(3, 5\): a decoder-only LM takes one"):
+        model.loss(labels=ids[:1], input_ids=ids, attention_mask=mask)
+    with pytest.raises(ValueError, match="You have to specify either input_ids or inputs_embeds"):
+        model()  # the LM's own words (our position hook failed on the missing inputs with a KeyError)
+    assert model.generate(max_new_tokens=2).shape == (1, 3)  # from the start token

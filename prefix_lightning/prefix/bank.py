@@ -22,6 +22,7 @@ from prefix_lightning.methods import target_loss
 from prefix_lightning.prefix.config import PrefixConfig
 from prefix_lightning.prefix.encoder import INPUT, site_token_shapes
 from prefix_lightning.prefix.export import read_prefix
+from prefix_lightning.prefix.inputs import check_inputs
 from prefix_lightning.prefix.model import PrefixModel
 from prefix_lightning.prefix.positions import attach_position_shift, check_positions
 from prefix_lightning.prefix.rows import RowInjector, RowPrefixes
@@ -170,6 +171,7 @@ class PrefixBank(FrozenLMWrapper):
     # -- running ---------------------------------------------------------------------------------------------
     def forward(self, *, prefixes: PrefixNames, **inputs: Any) -> Any:
         """The LM's forward (loss, logits, ...), each row with the prefix named at its index (None: none)."""
+        check_inputs(self.lm, inputs)
         self._route(prefixes, _rows_of(inputs), inputs)
         return self.lm(**inputs)
 
@@ -181,7 +183,9 @@ class PrefixBank(FrozenLMWrapper):
         Length groups run subsets of the rows, each pointing the per-row prefixes at its own; with gradient
         checkpointing the layers are recomputed after every group has run, so the batch then runs as one group.
         """
-        current = self._route(prefixes, labels.shape[0], {**inputs, "labels": labels})
+        labeled = {**inputs, "labels": labels}
+        check_inputs(self.lm, labeled)
+        current = self._route(prefixes, labels.shape[0], labeled)
         if current is None or current.uniform:
             return target_loss(self.lm, labels, length_groups, **inputs)
         rows = current.rows
@@ -198,6 +202,7 @@ class PrefixBank(FrozenLMWrapper):
         input); a decoder-only beam search holds each input's prefix in its cache after the prompt."""
         if input_ids is not None:
             kwargs["input_ids"] = input_ids
+        check_inputs(self.lm, kwargs)
         current = self._route(prefixes, _rows_of(kwargs), kwargs, tokens_to_generate(self.lm, kwargs))
         return generate(self.lm, kwargs, self.packed_weights, self._cached_prefix(current))
 

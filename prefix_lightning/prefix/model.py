@@ -19,6 +19,7 @@ from prefix_lightning.prefix.attention import INFIX_QUERIES, PrefixInjector
 from prefix_lightning.prefix.config import PrefixConfig
 from prefix_lightning.prefix.encoder import INPUT, PrefixEncoder, prefix_encoders, typed_encoders
 from prefix_lightning.prefix.export import CONFIG_NAME, WEIGHTS_NAME, load_blocks, read_prefix, save_prefix
+from prefix_lightning.prefix.inputs import check_inputs
 from prefix_lightning.prefix.peft_format import (
     PEFT_CONFIG,
     PEFT_LEGACY_WEIGHTS,
@@ -133,7 +134,7 @@ class PrefixModel(FrozenLMWrapper):
 
     def forward(self, **inputs: Any) -> Any:
         """The LM's forward (loss, logits, ...) with the prefix in every attention layer."""
-        self._check_positions(inputs)
+        self._check_inputs(inputs)
         self._materialize()
         if "labels" in inputs:
             inputs = self._with_infix_queries(inputs, inputs["labels"])
@@ -151,7 +152,7 @@ class PrefixModel(FrozenLMWrapper):
         """Token-mean cross-entropy over the target tokens (see :func:`target_loss`); the prefix is
         materialized once for the whole batch. ``drop_right_padding_mask`` None: on accelerators only (the CPU's
         masked path is faster there)."""
-        self._check_positions({**inputs, "labels": labels})
+        self._check_inputs({**inputs, "labels": labels})
         self._materialize()
         inputs = self._with_infix_queries(inputs, labels)
         if drop_right_padding_mask is None:
@@ -164,10 +165,7 @@ class PrefixModel(FrozenLMWrapper):
         rows share it without copies (the route each call takes is :func:`prefix_lightning.decoding.generate`'s)."""
         if input_ids is not None:
             kwargs["input_ids"] = input_ids
-        if input_ids is not None and not (isinstance(input_ids, torch.Tensor) and input_ids.ndim == 2):
-            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-            raise ValueError(f"input_ids must be a tensor of (batch, tokens), as a tokenizer returns it; got {shape}")
-        self._check_positions(kwargs, tokens_to_generate(self.lm, kwargs))
+        self._check_inputs(kwargs, tokens_to_generate(self.lm, kwargs))
         self._materialize()
         # An infix is read from the prompt's last token on, whichever way the prompt comes.
         prompt = next(
@@ -179,7 +177,9 @@ class PrefixModel(FrozenLMWrapper):
         finally:
             self.injector.prompt_width = None
 
-    def _check_positions(self, inputs: dict[str, Any], generated: int = 0) -> None:
+    def _check_inputs(self, inputs: dict[str, Any], generated: int = 0) -> None:
+        """Refuse inputs the LM would fail on deep inside (``generated``: the tokens generate adds)."""
+        check_inputs(self.lm, inputs)
         shift = self.injector.shift if self.injector.enabled else 0
         check_positions(self.lm, self.injector, inputs, shift, generated)
 

@@ -102,10 +102,10 @@ def _position_sides(lm: PreTrainedModel, inputs: dict[str, Any], generating: boo
     return sides
 
 
-def input_tokens(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+def input_tokens(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | None:
     """The token ids a model's forward was called with, or its input embeddings where it was given no ids."""
     tokens = args[0] if args else kwargs.get("input_ids")
-    return tokens if tokens is not None else kwargs["inputs_embeds"]
+    return tokens if tokens is not None else kwargs.get("inputs_embeds")
 
 
 def positions_from_inputs(tokens: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
@@ -130,8 +130,8 @@ def _cached_length(tokens: torch.Tensor, kwargs: dict[str, Any]) -> int:
 def _shift_position_ids(
     injector: PrefixInjector, module: nn.Module, args: tuple, kwargs: dict[str, Any]
 ) -> tuple[tuple, dict]:
-    if injector.enabled:
-        tokens = input_tokens(args, kwargs)
+    tokens = input_tokens(args, kwargs)
+    if injector.enabled and tokens is not None:  # without inputs the LM says what is missing
         positions = kwargs.get("position_ids")
         if positions is None:
             positions = positions_from_inputs(tokens, kwargs)

@@ -99,7 +99,9 @@ def prefix_bias_hooks(
 
 
 def _pass_query_positions(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
-    kwargs[QUERY_POSITIONS] = positions_from_inputs(input_tokens(args, kwargs), kwargs)
+    tokens = input_tokens(args, kwargs)
+    if tokens is not None:  # without inputs the LM says what is missing
+        kwargs[QUERY_POSITIONS] = positions_from_inputs(tokens, kwargs)
     return args, kwargs
 
 
