@@ -170,6 +170,10 @@ def test_a_bad_line_is_named_before_anything_runs(
         (["--device", "bogus"], "argument --device: 'bogus' is not a torch device"),
         (["model=tiny_llama", "generation.num_beams=0"], "generation.num_beams=0 is not valid"),
         (["model=tiny_llama", "+generation.num_beam=3"], "generation has no option num_beam"),
+        (
+            ["model=tiny_llama", "data.max_source_tokens=abc"],
+            "data.max_source_tokens='abc' is not valid: use tokens > 0",
+        ),
     ],
 )
 def test_bad_options_are_named(

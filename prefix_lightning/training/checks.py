@@ -127,6 +127,9 @@ def check_config(cfg: DictConfig) -> None:
     check_generation(cfg)
     for option in ("data.train_size", "data.val_size", "data.test_size", "data.batch_size", "data.eval_batch_size"):
         _positive_or_null(cfg, option)
+    check_token_budgets(cfg)
+    workers = cfg.data.get("num_workers", 0)
+    _require(_is_int(workers) and workers >= 0, "data.num_workers", workers, "use 0 (the main process) or more")
     steps = cfg.trainer.get("max_steps", -1)
     _require(
         is_int(steps) and (steps == -1 or steps > 0),
@@ -171,6 +174,14 @@ def check_config(cfg: DictConfig) -> None:
     minutes = OmegaConf.select(cfg, "callbacks.last_checkpoint.every_minutes")
     timed = is_number(minutes) and minutes >= 0
     _require(minutes is None or timed, "callbacks.last_checkpoint.every_minutes", minutes, "use minutes >= 0, or null")
+
+
+def check_token_budgets(cfg: DictConfig) -> None:
+    """``data.max_source_tokens`` / ``max_target_tokens``, where given, before any model loads (a string failed a
+    comparison once the model had loaded)."""
+    for name in ("max_source_tokens", "max_target_tokens"):
+        if name in cfg.data:
+            _require(_is_int(cfg.data[name]) and cfg.data[name] > 0, f"data.{name}", cfg.data[name], "use tokens > 0")
 
 
 # Lightning's "true" precisions other than 32 cast the trainable prefix and its AdamW state too (and beam search's
