@@ -68,7 +68,7 @@ def read_generations(path: Path, task: str | None = None) -> tuple[list[str], li
 
 def _require_file(path: Path) -> None:
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise FileNotFoundError(f"{path}: {'a folder, not a file' if path.is_dir() else 'no such file'}")
 
 
 def _read_text(path: Path) -> str:

@@ -118,6 +118,7 @@ GEN = ["--hypotheses", "gen.txt", "--references"]  # gen.txt holds the two HYPOT
         ({}, ["--generations", "r.jsonl", "--hypotheses", "gen.txt"], "either --generations or"),
         ({}, ["--hypotheses", "gen.txt"], "give --hypotheses and --references, or --generations"),
         ({}, [*GEN, "missing.csv"], "missing.csv: no such file"),  # not the E2E download's advice
+        ({}, [*GEN, "."], ".: a folder, not a file"),
         ({"r.txt": "a\nb\n"}, [*GEN, "r.txt", "--output", "."], "--output . is a folder"),
         ({"r.txt": "a\nb\n", "f": ""}, [*GEN, "r.txt", "--output", "f/s.json"], "File exists"),
         (
