@@ -466,6 +466,15 @@ def test_saving_into_a_used_folder_leaves_no_files_of_the_earlier_prefix(tmp_pat
     assert PrefixModel.from_peft(tiny_lm("llama"), tmp_path).config.length == 4
 
 
+def test_saving_onto_a_file_is_refused_naming_it(tmp_path) -> None:
+    model = PrefixModel(tiny_lm("gpt2"), PrefixConfig(length=2, hidden_dim=8))
+    taken = tmp_path / "prefix.safetensors"
+    taken.write_text("")
+    for kind in (None, "peft"):
+        with pytest.raises(NotADirectoryError, match="prefix.safetensors is a file: a prefix is saved into a folder"):
+            model.save(taken, format=kind)
+
+
 def test_older_stacked_export_still_loads(tmp_path) -> None:
     """Format prefix-lightning/1 (one stacked tensor per group, shapes per group) loads to the same logits."""
     model = PrefixModel(tiny_lm("bart"), PrefixConfig(length=3, hidden_dim=16)).eval()

@@ -359,6 +359,8 @@ def write_prefix(
     """
     if format not in SAVE_FORMATS:
         raise ValueError(f"format={format!r} is not one of {SAVE_FORMATS}")
+    if folder.exists() and not folder.is_dir():  # mkdir's own words: "File exists"
+        raise NotADirectoryError(f"{folder} is a file: a prefix is saved into a folder (of several files)")
     if format != "peft":
         save_prefix(folder, blocks, config, lm, sites)
     reason = peft_incompatibility(config, sites, bool(lm.config.is_encoder_decoder))
