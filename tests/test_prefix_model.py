@@ -738,3 +738,14 @@ def test_inputs_of_the_wrong_shape_type_vocabulary_or_device_are_refused_by_name
     with pytest.raises(ValueError, match="You have to specify either input_ids or inputs_embeds"):
         model()  # the LM's own words (our position hook failed on the missing inputs with a KeyError)
     assert model.generate(max_new_tokens=2).shape == (1, 3)  # from the start token
+
+
+def test_encoder_decoder_inputs_for_other_rows_are_refused_by_name() -> None:
+    """Labels for fewer rows than the encoder's failed in a matrix product deep inside the LM; a decoder mask of
+    another size was taken without a word."""
+    model = PrefixModel(tiny_lm("bart"), PrefixConfig(length=2, hidden_dim=8))
+    ids, mask = pad_batch(ROWS, left=False)
+    with pytest.raises(ValueError, match="labels: 1 rows for 3 input rows; give one per input row"):
+        model.loss(labels=ids[:1], input_ids=ids, attention_mask=mask)
+    with pytest.raises(ValueError, match=r"decoder_attention_mask is \(3, 4\), the decoder_input_ids \(3, 5\)"):
+        model(input_ids=ids, attention_mask=mask, decoder_input_ids=ids, decoder_attention_mask=mask[:, :4])

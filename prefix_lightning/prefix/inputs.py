@@ -13,33 +13,45 @@ CACHE_KEYS = ("cache", "past_key_values")
 
 
 def check_inputs(lm: PreTrainedModel, inputs: dict[str, Any]) -> None:
-    """Refuse ``input_ids`` that are not integer ids of (batch, tokens) in the LM's vocabulary, a 2-D
-    ``attention_mask`` that does not give one entry per token (cached ones included) on their device, and
-    decoder-only ``labels`` of another shape than the ids."""
+    """Refuse ``input_ids`` that are not integer ids of (batch, tokens) in the LM's vocabulary, a 2-D attention mask
+    that does not give one entry per token (cached ones included) on their device, decoder-only ``labels`` of
+    another shape than the ids, and an encoder-decoder's decoder inputs (or labels) for another number of rows."""
     ids = inputs.get("input_ids")
     if ids is not None:
         _check_token_ids(lm, ids)
     tokens = ids if ids is not None else inputs.get("inputs_embeds")
     if tokens is None:  # generate starts from the start token, an encoder-decoder may be given encoder_outputs
         return
-    mask = inputs.get("attention_mask")
-    if isinstance(mask, torch.Tensor) and mask.ndim == 2:
-        cached = any(inputs.get(key) is not None for key in CACHE_KEYS)
-        rows, width = tokens.shape[:2]
-        fits = mask.shape[0] == rows and (mask.shape[1] >= width if cached else mask.shape[1] == width)
-        if not fits:
-            entries = "one entry per token (cached ones included)" if cached else "one entry per token"
-            raise ValueError(
-                f"attention_mask is {tuple(mask.shape)}, the inputs {(rows, width)}: a 2-D mask has {entries}"
-            )
-        if mask.device != tokens.device:
-            raise ValueError(f"attention_mask is on {mask.device}, the inputs on {tokens.device}: put them together")
+    cached = any(inputs.get(key) is not None for key in CACHE_KEYS)
+    _check_mask("attention_mask", inputs.get("attention_mask"), tokens, "the inputs", cached)
     labels = inputs.get("labels")
-    if labels is not None and not lm.config.is_encoder_decoder and labels.shape != tokens.shape[:2]:
-        raise ValueError(
-            f"labels are {tuple(labels.shape)}, the inputs {tuple(tokens.shape[:2])}: a decoder-only LM takes one "
-            "label per input token (-100 where no loss is taken)"
-        )
+    if not lm.config.is_encoder_decoder:
+        if labels is not None and labels.shape != tokens.shape[:2]:
+            raise ValueError(
+                f"labels are {tuple(labels.shape)}, the inputs {tuple(tokens.shape[:2])}: a decoder-only LM takes one "
+                "label per input token (-100 where no loss is taken)"
+            )
+        return
+    keys = ("decoder_input_ids", "decoder_inputs_embeds", "labels")
+    name, decoder = next(((key, inputs[key]) for key in keys if inputs.get(key) is not None), (None, None))
+    if decoder is None:
+        return
+    if decoder.shape[0] != tokens.shape[0]:
+        raise ValueError(f"{name}: {decoder.shape[0]} rows for {tokens.shape[0]} input rows; give one per input row")
+    _check_mask("decoder_attention_mask", inputs.get("decoder_attention_mask"), decoder, f"the {name}", cached)
+
+
+def _check_mask(name: str, mask: Any, tokens: torch.Tensor, what: str, cached: bool) -> None:
+    """A 2-D mask of ``tokens`` (``what``, in a message): one entry per token (at least, after a cache), on their
+    device."""
+    if not (isinstance(mask, torch.Tensor) and mask.ndim == 2):
+        return
+    rows, width = tokens.shape[:2]
+    if not (mask.shape[0] == rows and (mask.shape[1] >= width if cached else mask.shape[1] == width)):
+        entries = "one entry per token (cached ones included)" if cached else "one entry per token"
+        raise ValueError(f"{name} is {tuple(mask.shape)}, {what} {(rows, width)}: a 2-D mask has {entries}")
+    if mask.device != tokens.device:
+        raise ValueError(f"{name} is on {mask.device}, {what} on {tokens.device}: put them together")
 
 
 def _check_token_ids(lm: PreTrainedModel, ids: Any) -> None:
