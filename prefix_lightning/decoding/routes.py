@@ -13,6 +13,7 @@ from prefix_lightning.decoding.beam_search import CachedPrefix, beam_search, bea
 from prefix_lightning.decoding.masks import generation_mask, positions_from_mask
 from prefix_lightning.decoding.packed_linear import PackedWeights, packed_linears
 from prefix_lightning.methods.loss import slices_logits
+from prefix_lightning.numbers import is_int
 
 
 def rows_per_input(defaults: GenerationConfig, kwargs: dict[str, Any]) -> int:
@@ -32,8 +33,8 @@ def tokens_to_generate(lm: PreTrainedModel, kwargs: dict[str, Any]) -> int:
         prompt = kwargs.get("input_ids")
         start = 1 if lm.config.is_encoder_decoder or prompt is None else prompt.shape[-1]
         total = kwargs.get("max_length", config.max_length)
-        new = total - start if _is_count(total) else 0
-    return new if _is_count(new) else 0
+        new = total - start if is_int(total) else 0
+    return new if is_int(new) else 0
 
 
 def check_rows_per_input(kwargs: dict[str, Any]) -> None:
@@ -41,12 +42,8 @@ def check_rows_per_input(kwargs: dict[str, Any]) -> None:
     that many rows)."""
     for option in ("num_beams", "num_return_sequences"):
         value = kwargs.get(option)
-        if value is not None and not (_is_count(value) and value >= 1):
+        if value is not None and not (is_int(value) and value >= 1):
             raise ValueError(f"{option} must be a positive integer, got {value!r}")
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @torch.no_grad()

@@ -13,9 +13,10 @@ CACHE_KEYS = ("cache", "past_key_values")
 
 
 def check_inputs(lm: PreTrainedModel, inputs: dict[str, Any]) -> None:
-    """Refuse ``input_ids`` that are not integer ids of (batch, tokens) in the LM's vocabulary, a 2-D attention mask
-    that does not give one entry per token (cached ones included) on their device, decoder-only ``labels`` of
-    another shape than the ids, and an encoder-decoder's decoder inputs (or labels) for another number of rows."""
+    """Refuse ``input_ids`` that are not integer ids of (batch, tokens) in the LM's vocabulary (read on the CPU
+    only), a 2-D attention mask that does not give one entry per token (cached ones included) on their device,
+    decoder-only ``labels`` of another shape than the ids, and an encoder-decoder's decoder inputs (or labels) for
+    another number of rows."""
     ids = inputs.get("input_ids")
     if ids is not None:
         _check_token_ids(lm, ids)
@@ -60,8 +61,8 @@ def _check_token_ids(lm: PreTrainedModel, ids: Any) -> None:
         raise ValueError(f"input_ids must be a tensor of (batch, tokens), as a tokenizer returns it; got {shape}")
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise ValueError(f"input_ids must be integer token ids, got {ids.dtype}")
-    if ids.numel() == 0:
-        return
+    if ids.numel() == 0 or ids.device.type != "cpu":
+        return  # read back from an accelerator, the ids would cost a host synchronisation per training step
     # transformers types the embeddings as a plain Module.
     vocabulary: int = lm.get_input_embeddings().num_embeddings  # type: ignore[assignment]
     low, high = (int(value) for value in torch.aminmax(ids))

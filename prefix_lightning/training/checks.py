@@ -129,7 +129,7 @@ def check_config(cfg: DictConfig) -> None:
         _positive_or_null(cfg, option)
     check_token_budgets(cfg)
     workers = cfg.data.get("num_workers", 0)
-    _require(_is_int(workers) and workers >= 0, "data.num_workers", workers, "use 0 (the main process) or more")
+    _require(is_int(workers) and workers >= 0, "data.num_workers", workers, "use 0 (the main process) or more")
     steps = cfg.trainer.get("max_steps", -1)
     _require(
         is_int(steps) and (steps == -1 or steps > 0),
@@ -181,7 +181,7 @@ def check_token_budgets(cfg: DictConfig) -> None:
     comparison once the model had loaded)."""
     for name in ("max_source_tokens", "max_target_tokens"):
         if name in cfg.data:
-            _require(_is_int(cfg.data[name]) and cfg.data[name] > 0, f"data.{name}", cfg.data[name], "use tokens > 0")
+            _require(is_int(cfg.data[name]) and cfg.data[name] > 0, f"data.{name}", cfg.data[name], "use tokens > 0")
 
 
 # Lightning's "true" precisions other than 32 cast the trainable prefix and its AdamW state too (and beam search's
