@@ -135,3 +135,20 @@ def test_unsupported_family_is_refused_with_what_would_work(family: str) -> None
     model_type, fields, message = UNSUPPORTED[family]
     with pytest.raises(UnsupportedModelError, match=message):
         PrefixModel(tiny_lm(model_type, **fields), PrefixConfig(length=2))
+
+
+def test_a_relative_bias_bucketed_in_an_unknown_way_is_refused_at_construction() -> None:
+    """A layer whose own bias table is bucketed by a function of another signature than T5's or UMT5's is refused
+    when the prefix is built, not called with settings it may not take at the first forward pass."""
+    lm = tiny_lm("umt5")
+    for module in lm.modules():
+        if isinstance(getattr(module, "relative_attention_bias", None), torch.nn.Embedding):
+            bucket = module._relative_position_bucket
+            module._relative_position_bucket = lambda relative_position, scale=1, bucket=bucket: bucket(
+                relative_position
+            )
+    with pytest.raises(
+        UnsupportedModelError,
+        match="UMT5Attention buckets the relative positions .*\\(T5's and UMT5's are supported\\)",
+    ):
+        PrefixModel(lm, PrefixConfig(length=2))

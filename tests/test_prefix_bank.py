@@ -20,7 +20,7 @@ from tests.helpers.families import DECODERS, ENCODER_DECODERS, GQA
 from tests.helpers.tiny import PAD, pad_batch, tiny_lm
 
 FAMILIES = {**DECODERS, **ENCODER_DECODERS, "mistral_window": ("mistral", dict(GQA, sliding_window=3))}
-MIXED_FAMILIES = ["gpt2", "llama_gqa", "bart", "t5", "mistral_window", "gemma4_per_layer_heads"]
+MIXED_FAMILIES = ["gpt2", "llama_gqa", "bart", "t5", "umt5", "mistral_window", "gemma4_per_layer_heads"]
 ROWS = [
     torch.tensor([10, 11, 12, 13, 14]),
     torch.tensor([20, 21]),
@@ -74,10 +74,11 @@ def test_mixed_batch_logits_equal_each_rows_own_model(family: str, banks) -> Non
     _assert_rows_as_alone(bank, PREFIXES, singles.__getitem__, _is_encoder_decoder(family))
 
 
-def test_t5_mixed_left_padded_rows_give_each_rows_logits_alone(banks) -> None:
+@pytest.mark.parametrize("family", ["t5", "umt5"])
+def test_t5_mixed_left_padded_rows_give_each_rows_logits_alone(family: str, banks) -> None:
     """T5's prefix bias counts each row's positions from its first real token, so a batch of left-padded encoder
     inputs gives each row its logits alone (BART's learned positions count the pads: BART pads on the right)."""
-    bank, singles = banks("t5")
+    bank, singles = banks(family)
     _assert_rows_as_alone(bank, PREFIXES, singles.__getitem__, encoder_decoder=True, left=True)
 
 
@@ -319,7 +320,7 @@ def test_a_window_cache_follows_each_rows_prefix_as_inputs_leave_the_search(
     assert len(set(rows_kept)) >= 3, rows_kept  # inputs left the search at two steps at least
 
 
-@pytest.mark.parametrize("family", ["llama_gqa", "gpt2", "t5"])
+@pytest.mark.parametrize("family", ["llama_gqa", "gpt2", "t5", "umt5"])
 def test_unshifted_prefixes_mix_with_shifted_ones(family: str, tmp_path: Path) -> None:
     """A prefix trained with shift_positions=false keeps its rows' positions (and, on T5, gives its columns no
     relative bias) inside a mixed batch, as its own PrefixModel does."""

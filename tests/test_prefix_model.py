@@ -253,10 +253,11 @@ def test_a_static_cache_prefill_sees_no_empty_slots(kind: str) -> None:
         torch.testing.assert_close(step, want, atol=1e-5, rtol=0)
 
 
-def test_t5_decodes_with_a_static_cache_as_with_the_dynamic_one() -> None:
+@pytest.mark.parametrize("family", ["t5", "umt5"])
+def test_t5_decodes_with_a_static_cache_as_with_the_dynamic_one(family: str) -> None:
     """A static cache holds keys for the tokens yet to come: the prefix's relative bias counts a query's position
     from the tokens already in the cache, not from the cache's size."""
-    model = PrefixModel(tiny_lm("t5"), PrefixConfig(length=3, hidden_dim=16)).eval()
+    model = PrefixModel(tiny_lm(family), PrefixConfig(length=3, hidden_dim=16)).eval()
     settings = dict(max_new_tokens=4, do_sample=False, pad_token_id=PAD, output_scores=True)
     with torch.no_grad():
         dynamic = model.generate(input_ids=ROWS[0][None], return_dict_in_generate=True, **settings).scores
@@ -286,7 +287,7 @@ def test_encoder_decoder_loss_of_a_bf16_lm_is_float32(kind: str) -> None:
     torch.testing.assert_close(loss, expected)
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama", "bart", "t5"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "bart", "t5", "umt5"])
 def test_training_step_moves_only_the_prefix(kind: str) -> None:
     """Invariant 2: no gradient reaches the LM, its weights stay bit-identical, the prefix's change."""
     model = PrefixModel(tiny_lm(kind), PrefixConfig(length=3, hidden_dim=16, dropout=0.1))
@@ -351,7 +352,7 @@ def test_generate_matches_stepwise_argmax_and_batching(kind: str) -> None:
     assert not torch.allclose(plain, prefixed, atol=1e-3), "generation must use the prefix"
 
 
-@pytest.mark.parametrize("kind", ["bart", "t5"])
+@pytest.mark.parametrize("kind", ["bart", "t5", "umt5"])
 def test_encoder_decoder_generation_batched_equals_one_by_one(kind: str) -> None:
     """Greedy and beam search over a right-padded batch give each input's own result."""
     model = PrefixModel(tiny_lm(kind), PrefixConfig(length=3)).eval()
@@ -563,11 +564,12 @@ def test_a_refused_export_leaves_the_lm_as_it_was(loader: str, tmp_path: Path) -
     load(lm, good)
 
 
+@pytest.mark.parametrize("family", ["t5", "umt5"])
 @pytest.mark.parametrize("shift", [True, False])
-def test_t5_left_padded_rows_give_each_rows_logits_alone(shift: bool) -> None:
+def test_t5_left_padded_rows_give_each_rows_logits_alone(shift: bool, family: str) -> None:
     """The prefix's relative bias counts a query's distance from its row's first real token, not from the padded
     row's first column: each left-padded row's logits (encoder and decoder inputs) are the row's alone."""
-    model = PrefixModel(tiny_lm("t5"), PrefixConfig(length=3, reparam="none", shift_positions=shift)).eval()
+    model = PrefixModel(tiny_lm(family), PrefixConfig(length=3, reparam="none", shift_positions=shift)).eval()
     model.init_prefix_from_tokens(WORDS)
     ids, mask = pad_batch(ROWS, left=True)
     targets, target_mask = pad_batch(list(reversed(ROWS)), left=True)
@@ -580,10 +582,11 @@ def test_t5_left_padded_rows_give_each_rows_logits_alone(shift: bool) -> None:
             torch.testing.assert_close(logits[i][target_mask[i].bool()], alone, atol=1e-5, rtol=0)
 
 
-def test_t5_decodes_left_padded_inputs_as_right_padded_ones() -> None:
+@pytest.mark.parametrize("family", ["t5", "umt5"])
+def test_t5_decodes_left_padded_inputs_as_right_padded_ones(family: str) -> None:
     """A prefix's relative bias counts each row's positions from its first real token, and T5's own biases, between
     real tokens, do not depend on the padding: left-padded encoder inputs decode as right-padded ones."""
-    model = PrefixModel(tiny_lm("t5"), PrefixConfig(length=3, reparam="none")).eval()
+    model = PrefixModel(tiny_lm(family), PrefixConfig(length=3, reparam="none")).eval()
     model.init_prefix_from_tokens(WORDS)
     settings = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": PAD}
     settings |= {"output_logits": True, "return_dict_in_generate": True}

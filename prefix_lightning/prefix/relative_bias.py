@@ -2,7 +2,8 @@
 
 T5 has no position embeddings: each attention layer adds to its scores a learned bias indexed by the bucketed
 distance between key and query (``memory_position - query_position``), computed by the first layer of each stack
-and shared by the others. The prefix's L columns get the bias they would have as L real tokens right before the
+and shared by the others (UMT5 gives every self-attention layer a table of its own, which computes that layer's
+bias). The prefix's L columns get the bias they would have, in the layer's table, as L real tokens right before the
 input, the positions that real-word initialization computes them at:
 
 - self-attention (encoder, bidirectional; decoder, causal): for a query at position i of its row as if unpadded
@@ -22,6 +23,7 @@ real tokens, do not depend on where the padding stands.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, cast
@@ -35,13 +37,16 @@ from prefix_lightning.prefix.attention import QUERY_POSITIONS, PrefixBias
 from prefix_lightning.prefix.positions import input_tokens, positions_from_inputs
 from prefix_lightning.prefix.sites import AttentionSite, UnsupportedModelError
 
+# A module's bucketing of relative positions (memory minus query position) into its table's rows.
+Bucketing = Callable[[torch.Tensor], torch.Tensor]
+
 
 def _zero_columns(bias: torch.Tensor, length: int, positions: torch.Tensor | None) -> torch.Tensor:
     return bias.new_zeros(*bias.shape[:-1], length)
 
 
 def _relative_columns(
-    source: nn.Module, bias: torch.Tensor, length: int, positions: torch.Tensor | None
+    source: nn.Module, bucketing: Bucketing, bias: torch.Tensor, length: int, positions: torch.Tensor | None
 ) -> torch.Tensor:
     """The bias of ``source``'s relative-attention table for prefix slots at distances ``(j - L) - i`` from each
     query's position i."""
@@ -51,21 +56,32 @@ def _relative_columns(
             "counts from: its stack is not the model's encoder or decoder (see attach_query_positions)"
         )
     table = cast(nn.Embedding, source.relative_attention_bias)
-    bucket = cast(Callable[..., torch.Tensor], source._relative_position_bucket)
     device = table.weight.device
     slot_positions = torch.arange(-length, 0, device=device)
-    buckets = bucket(
-        slot_positions - positions.to(device)[..., None],  # (rows, queries, L)
-        bidirectional=not source.is_decoder,
-        num_buckets=source.relative_attention_num_buckets,
-        max_distance=source.relative_attention_max_distance,
-    )
+    buckets = bucketing(slot_positions - positions.to(device)[..., None])  # (rows, queries, L)
     return table(buckets).permute(0, 3, 1, 2)  # (rows, heads, queries, L)
 
 
-def _computes_relative_bias(module: nn.Module) -> bool:
-    return isinstance(getattr(module, "relative_attention_bias", None), nn.Embedding) and hasattr(
-        module, "_relative_position_bucket"
+def _bucketing(module: nn.Module) -> Bucketing | None:
+    """How ``module`` buckets relative positions for its own table (None if it has no table): T5's bucketing is a
+    staticmethod given the module's settings, UMT5's a method that reads them from its module. Another signature
+    is refused, rather than called with settings it may not take."""
+    if not isinstance(getattr(module, "relative_attention_bias", None), nn.Embedding):
+        return None
+    bucket = getattr(module, "_relative_position_bucket", None)
+    parameters = inspect.signature(bucket).parameters if callable(bucket) else {}
+    if list(parameters) == ["relative_position"]:
+        return cast(Bucketing, bucket)
+    if list(parameters) == ["relative_position", "bidirectional", "num_buckets", "max_distance"]:
+        return partial(
+            cast(Callable[..., torch.Tensor], bucket),
+            bidirectional=not module.is_decoder,
+            num_buckets=module.relative_attention_num_buckets,
+            max_distance=module.relative_attention_max_distance,
+        )
+    raise UnsupportedModelError(
+        f"{type(module).__name__} buckets the relative positions of its relative_attention_bias in a way "
+        "prefix-lightning does not know (T5's and UMT5's are supported), so the prefix columns cannot get their bias"
     )
 
 
@@ -74,27 +90,29 @@ def prefix_bias_hooks(
 ) -> dict[nn.Module, PrefixBias]:
     """The hook of every site whose attention receives a position bias (none for most models).
 
-    A site's bias table is its own if it has one, else that of the nearest earlier site of its group that has one
-    (T5 computes the bias in each stack's first layer and passes it on); a group without any table (T5's
-    cross-attention) gets zero columns.
+    A site's bias table is its own if it has one (UMT5's self-attention layers), else that of the nearest earlier
+    site of its group that has one (T5 computes the bias in each stack's first layer and passes it on); a group
+    without any table (the cross-attention of both) gets zero columns.
     """
     hooks: dict[nn.Module, PrefixBias] = {}
-    tables: dict[str, nn.Module] = {}
+    tables: dict[str, tuple[nn.Module, Bucketing]] = {}
     for module, site in bound:
-        if _computes_relative_bias(module):
-            tables[site.group] = module
+        bucketing = _bucketing(module)
+        if bucketing is not None:
+            tables[site.group] = module, bucketing
         if not site.position_bias:
             continue
-        if not (_computes_relative_bias(module) or hasattr(module, "has_relative_attention_bias")):
+        if bucketing is None and not hasattr(module, "has_relative_attention_bias"):
             raise UnsupportedModelError(
                 f"{type(module).__name__} ({site.name}) adds a position bias to its attention scores that "
-                "prefix-lightning does not know how to extend to the prefix (T5's relative bias is supported)"
+                "prefix-lightning does not know how to extend to the prefix (T5's and UMT5's relative bias are "
+                "supported)"
             )
-        source = tables.get(site.group)
-        if source is None or not shift_positions:
+        table = tables.get(site.group)
+        if table is None or not shift_positions:
             hooks[module] = _zero_columns
         else:
-            hooks[module] = partial(_relative_columns, source)
+            hooks[module] = partial(_relative_columns, *table)
     return hooks
 
 

@@ -17,7 +17,7 @@ from prefix_lightning.prefix.attention import ATTN_IMPLEMENTATION, record_attent
 
 SUPPORTED = (
     "decoder-only LMs (GPT-2, the Llama family such as SmolLM2, Qwen2, Qwen3, Mistral, Phi-3, Gemma, Gemma-3, "
-    "Gemma-4, GPT-NeoX, OPT) and encoder-decoders (BART, T5, Flan-T5)"
+    "Gemma-4, GPT-NeoX, OPT) and encoder-decoders (BART, T5, Flan-T5, UMT5)"
 )
 
 # Distinct probe lengths tell the three kinds of attention of an encoder-decoder apart.

@@ -45,6 +45,7 @@ T5: dict[str, Any] = FAMILIES["t5"]
 ENCODER_DECODERS = {
     "bart": ("bart", FAMILIES["bart"]),
     "t5": ("t5", T5),
+    "umt5": ("umt5", FAMILIES["umt5"]),
     "flan_t5_gated": ("t5", dict(T5, feed_forward_proj="gated-gelu", tie_word_embeddings=False)),
 }
 

@@ -38,6 +38,8 @@ FAMILIES: dict[str, dict[str, Any]] = {
         relative_attention_max_distance=16,
     ),
 }
+# UMT5 is T5 with a relative-attention table in every layer instead of each stack's first.
+FAMILIES["umt5"] = FAMILIES["t5"]
 # Real words of a prefix (invariant 1), and rows of different lengths.
 WORDS = torch.tensor([5, 6, 7, 8])
 ROWS = [torch.tensor([10, 11, 12, 13, 14]), torch.tensor([20, 21]), torch.tensor([30, 31, 32])]
@@ -46,9 +48,9 @@ PAIRS = [([10, 11, 12], [30, 31, 32, 33]), ([20, 21], [40, 41]), ([50, 51, 52, 5
 
 
 def tiny_lm(family: str, seed: int = 0, **overrides: Any) -> PreTrainedModel:
-    """A tiny random model of ``family`` (a transformers model type; gpt2, llama, bart and t5 have tiny defaults here)
-    in eval mode; ``overrides`` change its config (more layers, ``initializer_range``, ...). The same arguments give
-    the same weights."""
+    """A tiny random model of ``family`` (a transformers model type; gpt2, llama, bart, t5 and umt5 have tiny
+    defaults here) in eval mode; ``overrides`` change its config (more layers, ``initializer_range``, ...). The same
+    arguments give the same weights."""
     config = AutoConfig.for_model(
         family,
         vocab_size=VOCAB,
