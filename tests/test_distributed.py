@@ -31,7 +31,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from prefix_lightning import PrefixConfig, PrefixModel
 from prefix_lightning.data.sampler import EpochShuffleSampler
 from prefix_lightning.training.build import build_model
-from prefix_lightning.training.callbacks import MethodExport, ResultRecord
+from prefix_lightning.training.method_export import MethodExport
+from prefix_lightning.training.result_record import ResultRecord
 from prefix_lightning.training.sharded import clip_sharded_grad_norm, fsdp_gathered
 from prefix_lightning.training.spawn import SpawnDDPStrategy
 from tests.helpers.cli import run_cli, run_failing, run_python

@@ -367,3 +367,24 @@ def test_metrics_csv_keeps_the_earlier_attempts_rows_before_the_step_an_attempt_
     afresh.log_metrics({"loss": 5.0}, 0)
     afresh.save()
     assert _logged(tmp_path)[1] == [("0", "5.0", "")]
+
+
+def test_a_run_started_before_its_callbacks_moved_module_still_resumes(tmp_path: Path) -> None:
+    run = ["model=tiny_llama", "prefix.length=5"]
+    check_earlier_attempt(compose_train(tmp_path, run))
+    started = (tmp_path / STARTED_CONFIG).read_text()
+    for moved in ("method_export.MethodExport", "early_stopping.early_stopping", "result_record.ResultRecord"):
+        assert f"prefix_lightning.training.{moved}\n" in started
+        started = started.replace(f"prefix_lightning.training.{moved}\n", f"{OLD_CALLBACKS}.{moved.split('.')[1]}\n")
+    (tmp_path / STARTED_CONFIG).write_text(started)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.parent.mkdir()
+    torch.save({"state_dict": {}, "global_step": 3}, last)
+    check_earlier_attempt(compose_train(tmp_path, [*run, f"resume={tmp_path}"]))  # resumes with today's callbacks
+    moved = compose_train(tmp_path, [*run, "callbacks.export._target_=tests.Other", f"resume={tmp_path}"])
+    with pytest.raises(ConfigError, match=re.escape("export._target_: 'prefix_lightning.training.method_export.Meth")):
+        check_earlier_attempt(moved)  # another class still counts
+
+
+# Where the run's callbacks lived until they got a module each.
+OLD_CALLBACKS = "prefix_lightning.training.callbacks"

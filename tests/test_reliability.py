@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 from prefix_lightning.cli import report_errors
 from prefix_lightning.files.atomic import atomic_write
 from prefix_lightning.training.build import build_model, build_module, load_configured_backbone
-from prefix_lightning.training.callbacks import early_stopping
 from prefix_lightning.training.checks import ConfigError, check_config
+from prefix_lightning.training.early_stopping import early_stopping
 from tests.helpers.cli import FAST, run_cli, run_failing
 from tests.helpers.config import compose_train
 

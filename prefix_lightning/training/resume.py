@@ -204,8 +204,11 @@ def check_earlier_attempt(cfg: DictConfig) -> None:
 
 
 def _refuse_changes(cfg: DictConfig, saved_file: Path, refused: str, remedy: str) -> None:
-    saved = OmegaConf.load(saved_file)
-    before, now = _leaves(OmegaConf.to_container(saved)), _leaves(OmegaConf.to_container(cfg))
+    saved = _leaves(OmegaConf.to_container(OmegaConf.load(saved_file)))
+    before = {
+        key: MOVED_TARGETS.get(value, value) if key.endswith("._target_") else value for key, value in saved.items()
+    }
+    now = _leaves(OmegaConf.to_container(cfg))
     changed = sorted(
         key
         for key in before.keys() | now.keys()
@@ -217,6 +220,16 @@ def _refuse_changes(cfg: DictConfig, saved_file: Path, refused: str, remedy: str
 
 
 ABSENT = "<absent>"
+# Classes a run's config names that have since moved module, by their new place: a run started before the move
+# resumes with the same callbacks (generation samples are not compared: NOT_COMPUTED).
+MOVED_TARGETS = {
+    f"prefix_lightning.training.callbacks.{name}": f"prefix_lightning.training.{module}.{name}"
+    for module, name in (
+        ("method_export", "MethodExport"),
+        ("early_stopping", "early_stopping"),
+        ("result_record", "ResultRecord"),
+    )
+}
 
 
 def not_computed(key: str) -> bool:

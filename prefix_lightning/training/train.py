@@ -16,11 +16,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from prefix_lightning.files.checkpoints import logged_step
 from prefix_lightning.training.build import build_datamodule, build_model, build_module
-from prefix_lightning.training.callbacks import MethodExport, ResultRecord
 from prefix_lightning.training.dashboards import continue_dashboards
 from prefix_lightning.training.job import current_job
 from prefix_lightning.training.last_checkpoint import LastCheckpoint, RunStopped
+from prefix_lightning.training.method_export import MethodExport
 from prefix_lightning.training.optimized import settle_optimized_metric
+from prefix_lightning.training.result_record import ResultRecord
 from prefix_lightning.training.resume import check_earlier_attempt, finished_record, resume_checkpoint
 
 log = logging.getLogger(__name__)
