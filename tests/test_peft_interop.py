@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -12,7 +13,9 @@ import torch
 from peft import LoraConfig, PeftModel, PrefixTuningConfig, get_peft_model
 
 from prefix_lightning import PrefixConfig, PrefixModel
+from prefix_lightning.baselines.peft_adapter import require_peft
 from prefix_lightning.prefix.peft_format import PEFT_CONFIG, PEFT_WEIGHTS
+from tests.helpers.config import REPO
 from tests.helpers.families import DECODERS
 from tests.helpers.tiny import ROWS, pad_batch, tiny_lm
 
@@ -160,3 +163,15 @@ def test_foreign_or_misfitting_adapters_are_refused_in_one_line(tmp_path: Path) 
     (tmp_path / "llama" / PEFT_WEIGHTS).write_bytes(b"truncated")
     with pytest.raises(ValueError, match=rf"cannot read {tmp_path / 'llama' / PEFT_WEIGHTS}: .*truncated or corrupted"):
         PrefixModel.from_peft(tiny_lm("llama"), tmp_path / "llama")
+
+
+def test_without_peft_its_methods_name_the_extra_that_installs_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    project = (REPO / "pyproject.toml").read_text()  # the extra, and dev through it: peft's pin once
+    assert '\npeft = ["peft>=0.21,<0.22"]\n' in project and project.count("peft>=") == 1
+    assert '\n    "prefix-lightning[peft]",\n' in project.partition("\ndev = [")[2].partition("]\n")[0]
+    found = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None if name == "peft" else found(name, *rest))
+    with pytest.raises(
+        ModuleNotFoundError, match=re.escape("method lora needs peft: pip install 'prefix-lightning[peft]'")
+    ):
+        require_peft("lora")

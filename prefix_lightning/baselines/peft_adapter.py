@@ -1,6 +1,6 @@
 """Baselines that train a PEFT adapter around the LM (LoRA, PEFT's prefix tuning): building, loss and export.
 
-peft is an optional dependency (extras ``dev``, ``bench``): it is imported only when such a method is built.
+peft is an optional dependency (extras ``peft``, ``dev``): it is imported only when such a method is built.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class PeftAdapter(FineTunedLM):
 
 def require_peft(method: str) -> None:
     if importlib.util.find_spec("peft") is None:
-        raise ModuleNotFoundError(f"method {method} needs peft: pip install 'peft>=0.21,<0.22'")
+        raise ModuleNotFoundError(f"method {method} needs peft: pip install 'prefix-lightning[peft]'")
 
 
 def _peft_model(lm: PreTrainedModel, config: Any, method: str) -> Any:

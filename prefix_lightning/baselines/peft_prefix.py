@@ -7,7 +7,7 @@ cache holds the L prefix positions for every row generate will run (each beam it
 L placeholder tokens stand in front of the prompt so that generate takes them as already processed. The
 attention mask shows them and the real tokens take positions L, L+1, ..., as in PEFT's training forward.
 
-peft is an optional dependency (extras ``dev``, ``bench``): it is imported only when a function needs it.
+peft is an optional dependency (extras ``peft``, ``dev``): it is imported only when a function needs it.
 """
 
 from __future__ import annotations
