@@ -30,8 +30,9 @@ log = logging.getLogger(__name__)
 
 def export_checkpoint(checkpoint: str | Path, folder: str | Path, overwrite: bool = False) -> Path:
     """Rebuild the run's method from its config, load the checkpoint's trainable tensors into it (checked: every
-    one present, of its shape) and write the method's export and model card into ``folder``, which must be empty
-    unless ``overwrite`` (a run's own export folder would otherwise silently stop matching its result.json)."""
+    one present, of its shape) and write the method's export into ``folder``, which must be empty unless
+    ``overwrite`` (a run's own export folder would otherwise silently stop matching its result.json), with the model
+    card of the settings the run's config gives its own (``callbacks.export.card``; none where it gives none)."""
     checkpoint, folder = Path(checkpoint), Path(folder)
     if folder.exists() and not folder.is_dir():  # found now, not once the model is built
         raise ValueError(f"{folder} is a file: give a folder to export into (created if missing)")
@@ -55,20 +56,21 @@ def export_checkpoint(checkpoint: str | Path, folder: str | Path, overwrite: boo
     model.save(folder)
     step = int(state["global_step"])
     record = read_record(run_dir) or {}
-    scores = {}
+    scores, exported = {}, None
     if record.get("exported_step") == step:  # the run exported and tested these very weights
         scores = {**record["test"], record["optimized_metric"]: record[f"{record['export']}_val"]}
-    card = ModelCard(
-        method=cfg.method.name,
-        backbone=cast(dict[str, Any], OmegaConf.to_container(cfg.model.backbone, resolve=True)),
-        dataset=OmegaConf.select(cfg, "data.dataset", default="multi"),
-        train_size=cfg.data.train_size,
-        train_steps=record.get("train_steps"),
-        exported_step=step,
-        metrics={name: value for name, value in scores.items() if value is not None},
-        trainable_params=sum(p.numel() for p in model.trainable_parameters()),
-    )
-    write_cards(card, folder, getattr(model, "tasks", None))  # multi-task: a card per task
+        exported = record["export"]
+    settings = OmegaConf.select(cfg, "callbacks.export.card")  # what the run's own card states
+    if settings:
+        card = ModelCard(
+            **cast(dict[str, Any], OmegaConf.to_container(settings, resolve=True)),
+            train_steps=record.get("train_steps"),
+            exported=exported,
+            exported_step=step,
+            metrics={name: value for name, value in scores.items() if value is not None},
+            trainable_params=sum(p.numel() for p in model.trainable_parameters()),
+        )
+        write_cards(card, folder, getattr(model, "tasks", None))  # multi-task: a card per task
     return folder
 
 

@@ -5,17 +5,19 @@ export folder carries a model card stating the run's facts."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from prefix_lightning.evaluate import with_run_settings
 from prefix_lightning.export import export_checkpoint
 from prefix_lightning.methods.exports import export_loader
-from prefix_lightning.training.resume import exporting_run
+from prefix_lightning.training.resume import STARTED_CONFIG, exporting_run
 from tests.helpers.cli import run_cli
 from tests.helpers.config import REPO, run_folder
 
@@ -77,7 +79,18 @@ def test_the_export_command_writes_any_checkpoints_export(runs: dict[str, Path],
     assert done.returncode == 0, done.stderr[-2000:]
     exported, original = (load_file(folder / "prefix.safetensors") for folder in (tmp_path / "best", run / "prefix"))
     assert all((exported[key] == original[key]).all() for key in original)
-    assert "| test/bleu |" in (tmp_path / "best" / "README.md").read_text()  # the weights the run tested
+    assert (tmp_path / "best" / "README.md").read_text() == (run / "prefix" / "README.md").read_text()  # the same
+
+    # The card states what the run's config gives its card (callbacks.export.card), as the run's own did.
+    edited = tmp_path / "edited_run"
+    shutil.copytree(run / ".hydra", edited / ".hydra")
+    (edited / "checkpoints").mkdir()
+    shutil.copy(best, edited / "checkpoints")
+    config = OmegaConf.load(edited / STARTED_CONFIG)
+    config.callbacks.export.card.dataset = "e2e_renamed"
+    OmegaConf.save(config, edited / STARTED_CONFIG)
+    export_checkpoint(edited / "checkpoints" / best.name, tmp_path / "renamed")
+    assert "# prefix for tiny_llama on e2e_renamed\n" in (tmp_path / "renamed" / "README.md").read_text()
 
     last = run / "checkpoints" / "last.ckpt"
     subprocess.run([*command, str(last), str(tmp_path / "last")], cwd=REPO, check=True, capture_output=True)
