@@ -268,6 +268,21 @@ def test_t5_decodes_with_a_static_cache_as_with_the_dynamic_one(family: str) -> 
         torch.testing.assert_close(step, want, atol=1e-5, rtol=0)
 
 
+def test_t5_cached_decoding_gives_the_logits_of_its_whole_decoder_input() -> None:
+    """Each decoding step's prefix bias counts the query's position after the tokens in the decoder's cache (there
+    is no decoder mask to count over): the steps' logits are those of the generated sequence run at once."""
+    model = PrefixModel(tiny_lm("t5"), PrefixConfig(length=3, hidden_dim=16)).eval()
+    ids, mask = pad_batch(ROWS, left=False)
+    settings = dict(max_new_tokens=4, do_sample=False, pad_token_id=PAD, eos_token_id=None)
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, output_logits=True, return_dict_in_generate=True, **settings
+        )
+        whole = model(input_ids=ids, attention_mask=mask, decoder_input_ids=out.sequences[:, :-1]).logits
+    for step, logits in enumerate(out.logits):
+        torch.testing.assert_close(logits, whole[:, step], atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("kind", ["bart", "t5"])
 def test_encoder_decoder_loss_of_a_bf16_lm_is_float32(kind: str) -> None:
     """An encoder-decoder stored in bf16 computes its own loss in bf16 (steps of about 0.03 near 4); the loss is
@@ -321,6 +336,21 @@ def test_a_step_on_the_cache_without_mask_continues_the_positions(kind: str) -> 
         token = prompt.logits[:, -1:].argmax(-1)
         step = model(input_ids=token, cache=prompt.cache).logits[0, -1]
         whole = model(input_ids=torch.cat([row, token], dim=1)).logits[0, -1]
+    torch.testing.assert_close(step, whole, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_a_step_on_the_cache_with_a_mask_continues_each_rows_positions(kind: str) -> None:
+    """A caller's own decoding loop over a left-padded batch (a mask of the cached and new tokens, no position
+    ids): each row's new token takes the position after its own real tokens, its logits those of the whole row."""
+    model = PrefixModel(tiny_lm(kind), PrefixConfig(length=3, hidden_dim=16)).eval()
+    ids, mask = pad_batch(ROWS, left=True)
+    with torch.no_grad():
+        prompt = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        token = prompt.logits[:, -1:].argmax(-1)
+        mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+        step = model(input_ids=token, attention_mask=mask, cache=prompt.cache).logits[:, -1]
+        whole = model(input_ids=torch.cat([ids, token], dim=1), attention_mask=mask).logits[:, -1]
     torch.testing.assert_close(step, whole, atol=1e-5, rtol=0)
 
 
