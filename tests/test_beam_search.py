@@ -17,7 +17,7 @@ from transformers import GenerationConfig, LogitsProcessorList
 
 import prefix_lightning.decoding.routes as routes
 from prefix_lightning import PrefixModel
-from prefix_lightning.decoding import beam_search, beam_search_options, generation_mask
+from prefix_lightning.decoding import beam_search, beam_search_options, generation_mask, tokens_to_generate
 from tests.helpers.decoding import END, LENGTHS, ending_lm, left_padded, prefixed, transformers_search
 from tests.helpers.tiny import PAD, VOCAB, tiny_lm
 
@@ -254,6 +254,21 @@ def test_options_layered_like_generate() -> None:
         assert beam_search_options(lm, {"input_ids": ids, "num_beams": 3, "max_new_tokens": 5, **refused}) is None
     # options that change nothing without sampling are accepted
     assert beam_search_options(lm, {"input_ids": ids, "num_beams": 3, "max_new_tokens": 5, "temperature": 0.7})
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bart"])
+def test_the_tokens_generate_adds_are_counted_as_transformers_adds_them(kind: str) -> None:
+    """The position check reads how many tokens generate may add: max_new_tokens (given, or of the generation
+    config), else max_length less the prompt, or less the decoder's start token of an encoder-decoder."""
+    lm = tiny_lm(kind)
+    prompt = torch.tensor([[5, 6, 7, 8, 9]])
+    start = 1 if lm.config.is_encoder_decoder else prompt.shape[1]
+    settings = dict(min_new_tokens=0, eos_token_id=None, pad_token_id=PAD)
+    configured = GenerationConfig(max_new_tokens=4)
+    for options in ({"max_new_tokens": 3}, {"max_length": 9}, {"generation_config": configured}):
+        added = lm.generate(prompt, **options, **settings).shape[1] - start
+        assert tokens_to_generate(lm, {"input_ids": prompt, **options}) == added
+    assert tokens_to_generate(lm, {"input_ids": prompt, "max_new_tokens": "3"}) == 0  # transformers says what is wrong
 
 
 def test_beams_or_sequences_below_one_are_refused_by_name() -> None:

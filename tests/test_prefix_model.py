@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, StaticCache
 
 from prefix_lightning import PrefixBank, PrefixConfig, PrefixModel, UnsupportedModelError
 from prefix_lightning.prefix.attention import record_attention_calls
+from prefix_lightning.prefix.inputs import check_inputs
 from prefix_lightning.prefix.multitask import MultiTaskPrefix
 from tests.helpers.checkpointing import assert_checkpointing_keeps_gradients
 from tests.helpers.tiny import PAD, ROWS, VOCAB, WORDS, pad_batch, tiny_lm, training_batch
@@ -729,6 +730,8 @@ def test_inputs_past_the_positions_behind_the_prefix_are_refused_naming_their_le
     ids, mask = pad_batch([fits[0], fits[0, :3]], left=True)
     padded_ids, padded_mask = torch.nn.functional.pad(ids, (6, 0), value=PAD), torch.nn.functional.pad(mask, (6, 0))
     model(input_ids=padded_ids, attention_mask=padded_mask)  # 60 columns, at most 54 real tokens
+    with pytest.raises(ValueError, match=refusal):  # a 4-D mask counts no positions: the row's columns do
+        model(input_ids=too_long, attention_mask=torch.ones(1, 1, 55, 65))
     with torch.no_grad(), model.prefix_disabled():
         model(input_ids=too_long)  # the plain LM's positions
 
@@ -755,6 +758,7 @@ def test_inputs_of_the_wrong_shape_type_vocabulary_or_device_are_refused_by_name
     cases = [
         (dict(input_ids=ids[0]), r"input_ids must be a tensor of \(batch, tokens\), .* got \(5,\)"),
         (dict(input_ids=ids.float()), "input_ids must be integer token ids, got torch.float32"),
+        (dict(input_ids=ids.bool()), "input_ids must be integer token ids, got torch.bool"),
         (dict(input_ids=foreign), rf"token id {VOCAB}, outside the vocabulary of GPT2LMHeadModel \(0..{VOCAB - 1}\)"),
         (dict(input_ids=ids - VOCAB), "token id -"),
         (dict(input_ids=ids, attention_mask=mask[:1]), r"attention_mask is \(1, 5\), the inputs \(3, 5\)"),
@@ -768,6 +772,9 @@ def test_inputs_of_the_wrong_shape_type_vocabulary_or_device_are_refused_by_name
             model.generate(**inputs, max_new_tokens=2)
     with pytest.raises(ValueError, match=r"labels are \(1, 5\), the inputs \(3, 5\): a decoder-only LM takes one"):
         model.loss(labels=ids[:1], input_ids=ids, attention_mask=mask)
+    with pytest.raises(ValueError, match=r"labels are \(3, 4\), the inputs \(3, 5\)"):
+        model.loss(labels=ids[:, :4], input_ids=ids, attention_mask=mask)
+    check_inputs(model.lm, {"input_ids": foreign.to("meta")})  # ids off the CPU are not read back for the vocabulary
     with pytest.raises(ValueError, match="You have to specify either input_ids or inputs_embeds"):
         model()  # the LM's own words (our position hook failed on the missing inputs with a KeyError)
     assert model.generate(max_new_tokens=2).shape == (1, 3)  # from the start token
