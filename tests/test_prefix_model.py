@@ -303,6 +303,21 @@ def test_encoder_decoder_loss_of_a_bf16_lm_is_float32(kind: str) -> None:
     torch.testing.assert_close(loss, expected)
 
 
+@pytest.mark.parametrize("given", ["decoder_input_ids", "decoder_inputs_embeds"])
+def test_encoder_decoder_loss_reads_the_decoder_inputs_it_is_given(given: str) -> None:
+    """Only labels without decoder inputs are shifted right into them: given ids or embeddings are the decoder's."""
+    model = PrefixModel(tiny_lm("bart"), PrefixConfig(length=3, hidden_dim=16)).eval()
+    batch = training_batch(encoder_decoder=True)
+    decoder_ids = batch["labels"].clamp(min=PAD).flip(1)  # not the labels shifted right
+    decoder = decoder_ids if given == "decoder_input_ids" else model.lm.get_input_embeddings()(decoder_ids)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], given: decoder}
+    with torch.no_grad():
+        loss = model.loss(labels=batch["labels"], **inputs)
+        logits = model(**inputs).logits
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
+    torch.testing.assert_close(loss, expected)
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "bart", "t5", "umt5"])
 def test_training_step_moves_only_the_prefix(kind: str) -> None:
     """Invariant 2: no gradient reaches the LM, its weights stay bit-identical, the prefix's change."""
