@@ -341,6 +341,15 @@ def test_training_step_moves_only_the_prefix(kind: str) -> None:
     assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {"encoders"}
 
 
+@pytest.mark.parametrize("wrapper", [PrefixModel, PrefixBank])
+def test_an_lm_given_in_training_mode_is_held_frozen_in_eval_mode(wrapper: type) -> None:
+    """The LM's dropout stays off from the start, before any train() or eval() of the wrapper."""
+    lm = tiny_lm("gpt2").train()
+    model = wrapper(lm) if wrapper is PrefixBank else wrapper(lm, PrefixConfig(length=2))
+    assert not any(module.training for module in model.lm.modules())
+    assert not any(parameter.requires_grad for parameter in model.lm.parameters())
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_a_step_on_the_cache_without_mask_continues_the_positions(kind: str) -> None:
     """A caller's own decoding loop (no mask, no position ids): the next token's positions continue after the
