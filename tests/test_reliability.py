@@ -61,6 +61,7 @@ from tests.helpers.config import compose_train
         ("generation.early_stopping=maybe", "generation.early_stopping='maybe' is not valid"),
         ("+generation.num_beam=3", "generation has no option num_beam: use transformers' GenerationConfig"),
         ("callbacks.early_stopping.patience=0", "callbacks.early_stopping.patience=0 is not valid: use validations"),
+        ("callbacks.early_stopping.patience=true", "callbacks.early_stopping.patience=True is not valid: use valid"),
         ("callbacks.last_checkpoint.every_minutes=-1", "every_minutes=-1 is not valid: use minutes >= 0, or null"),
     ],
 )

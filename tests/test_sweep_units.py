@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from prefix_lightning.sweeps.aggregate import aggregate, main
-from prefix_lightning.sweeps.table import format_stat
+from prefix_lightning.sweeps.table import format_stat, sort_key
 from prefix_lightning.training import dashboards
 from prefix_lightning.training.checks import ConfigError
 from prefix_lightning.training.optimized import settle_optimized_metric
@@ -114,6 +114,11 @@ def test_table_averages_over_seeds_and_subsets(tmp_path: Path) -> None:
 )
 def test_mean_and_std_are_written_to_the_means_decimals(mean: float, std: float | None, text: str) -> None:
     assert format_stat(mean, std) == text
+
+
+def test_swept_values_sort_missing_then_numbers_then_text_and_flags() -> None:
+    """A flag (true) is no number in a table's order, though Python's bool is an int."""
+    assert sorted([True, 2, "a", None, 1.5], key=sort_key) == [None, 1.5, 2, "a", True]
 
 
 def test_report_is_one_self_contained_page(tmp_path: Path) -> None:
