@@ -184,6 +184,10 @@ def test_a_single_runs_folder_is_refused_not_summarized(tmp_path: Path, capsys: 
         main([str(run)])
     assert stopped.value.code == 1 and not (run / "summary").exists()
     assert f"{run} is a single run's folder (it holds {RECORD_FILE}), not a sweep's" in capsys.readouterr().err
+    unfinished = tmp_path / "unfinished"
+    (unfinished / ".hydra").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"unfinished is a single run's folder \(it holds \.hydra\)"):
+        aggregate(unfinished)  # not 'no finished runs below' it
     (tmp_path / "multirun.yaml").write_text("{}")
     write_record(tmp_path, GRID[2])  # a multirun of one job without overrides: the job's folder is the sweep's
     assert aggregate(tmp_path) == tmp_path / "summary"
