@@ -13,6 +13,7 @@ from prefix_lightning.data import (
     Example,
     Group,
     TextToTextCollator,
+    dart,
     download_e2e,
     group_references,
     linearize_mr,
@@ -248,6 +249,32 @@ def test_a_failed_download_names_only_the_files_the_run_reads(gpt2_tokenizer, tm
     needed = "devset.csv, testset_w_refs.csv" if tested else "devset.csv"
     assert message.startswith(f"E2E file(s) {needed} missing") and f"put {needed} in" in message
     assert "trainset.csv" not in message
+
+
+def test_a_failed_download_names_the_files_still_missing(tmp_path):
+    (tmp_path / "e2e").mkdir()
+    (tmp_path / "e2e" / "devset.csv").write_text("mr,ref\n")
+    with pytest.raises(FileNotFoundError) as info:
+        download_e2e(tmp_path, ["devset.csv", "testset_w_refs.csv"], url="http://127.0.0.1:9/x.zip")
+    message = str(info.value)
+    assert message.startswith("E2E file(s) testset_w_refs.csv missing") and "put testset_w_refs.csv in" in message
+
+
+def test_dart_downloads_and_names_only_the_files_the_run_reads(tmp_path, monkeypatch):
+    fetched = []
+    monkeypatch.setattr(dart, "fetch", lambda urls, folder, how_to_get: fetched.append((list(urls), how_to_get)))
+    dart.download_dart(tmp_path, ["dart-v1.1.1-full-dev.json"])
+    [(names, how_to_get)] = fetched
+    assert names == ["dart-v1.1.1-full-dev.json"] and how_to_get.startswith("Download dart-v1.1.1-full-dev.json from")
+
+
+def test_an_official_file_not_found_is_named_alone_in_how_to_get_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="put devset.csv in") as info:
+        read_e2e(tmp_path / "devset.csv")
+    assert "trainset.csv" not in str(info.value)
+    with pytest.raises(FileNotFoundError, match="Download dart-v1.1.1-full-dev.json from") as info:
+        dart.read_dart(tmp_path / "dart-v1.1.1-full-dev.json")
+    assert "full-train" not in str(info.value)
 
 
 def test_loaders(gpt2_tokenizer, data_dir):
