@@ -10,6 +10,12 @@ import torch
 from transformers import PreTrainedModel
 
 CACHE_KEYS = ("cache", "past_key_values")
+DECODER_KEYS = ("decoder_input_ids", "decoder_inputs_embeds", "labels")  # labels: shifted into the decoder's ids
+
+
+def decoder_inputs(inputs: dict[str, Any]) -> tuple[str, torch.Tensor] | None:
+    """An encoder-decoder call's decoder side, by name: its ids, its embeddings, or the labels it is made from."""
+    return next(((key, inputs[key]) for key in DECODER_KEYS if inputs.get(key) is not None), None)
 
 
 def check_inputs(lm: PreTrainedModel, inputs: dict[str, Any]) -> None:
@@ -33,10 +39,10 @@ def check_inputs(lm: PreTrainedModel, inputs: dict[str, Any]) -> None:
                 "label per input token (-100 where no loss is taken)"
             )
         return
-    keys = ("decoder_input_ids", "decoder_inputs_embeds", "labels")
-    name, decoder = next(((key, inputs[key]) for key in keys if inputs.get(key) is not None), (None, None))
-    if decoder is None:
+    found = decoder_inputs(inputs)
+    if found is None:
         return
+    name, decoder = found
     if decoder.shape[0] != tokens.shape[0]:
         raise ValueError(f"{name}: {decoder.shape[0]} rows for {tokens.shape[0]} input rows; give one per input row")
     _check_mask("decoder_attention_mask", inputs.get("decoder_attention_mask"), decoder, f"the {name}", cached)

@@ -25,6 +25,7 @@ from transformers import PreTrainedModel
 
 from prefix_lightning.decoding.masks import positions_from_mask
 from prefix_lightning.prefix.attention import INFIX_QUERIES, PrefixInjector, infix_rows
+from prefix_lightning.prefix.inputs import decoder_inputs
 from prefix_lightning.prefix.sites import UnsupportedModelError
 
 
@@ -93,8 +94,8 @@ def _position_sides(lm: PreTrainedModel, inputs: dict[str, Any], generating: boo
         mask = mask if mask is not None and mask.ndim == 2 else None
         return [] if tokens is None else [("input", tokens, mask, generating)]
     sides: list[_Side] = [] if tokens is None else [("encoder input", tokens, None, False)]
-    decoder_keys = ("decoder_input_ids", "decoder_inputs_embeds", "labels")
-    decoder = next((inputs[key] for key in decoder_keys if inputs.get(key) is not None), None)
+    found = decoder_inputs(inputs)
+    decoder = found[1] if found is not None else None
     if decoder is None and generating and tokens is not None:  # generate starts the decoder with one token
         decoder = tokens.new_empty(tokens.shape[0], 1)
     if decoder is not None:
