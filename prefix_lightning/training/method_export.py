@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from prefix_lightning.files.checkpoints import check_checkpoint
 from prefix_lightning.methods.model_card import ModelCard, write_cards
+from prefix_lightning.training.callback_lookup import find_callback
 from prefix_lightning.training.module import MethodModule
 from prefix_lightning.training.sharded import trainable_whole_on_rank_zero
 
@@ -116,7 +117,7 @@ def logged_test_scores(trainer: L.Trainer) -> dict[str, float]:
 
 def best_checkpoint_callback(trainer: L.Trainer) -> ModelCheckpoint | None:
     """The callback that keeps the best validation checkpoint (the first ModelCheckpoint)."""
-    return next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
+    return find_callback(trainer.checkpoint_callbacks, ModelCheckpoint)
 
 
 def kept_best_checkpoint(trainer: L.Trainer) -> str | None:

@@ -13,6 +13,7 @@ from typing import Any
 import lightning as L
 
 from prefix_lightning.methods import IGNORE_INDEX
+from prefix_lightning.training.callback_lookup import find_callback
 from prefix_lightning.training.dashboards import log_result
 from prefix_lightning.training.job import current_job
 from prefix_lightning.training.last_checkpoint import LastCheckpoint
@@ -148,8 +149,8 @@ class ResultRecord(L.Callback):
         train_time = self.progress["train_time_s"]
         # Lightning sets this attribute without declaring it.
         callbacks = trainer.callbacks  # type: ignore[attr-defined]
-        last = next((c for c in callbacks if isinstance(c, LastCheckpoint)), None)
-        export = next((c for c in callbacks if isinstance(c, MethodExport)), None)
+        last = find_callback(callbacks, LastCheckpoint)
+        export = find_callback(callbacks, MethodExport)
         record = {
             **self.job,
             **self.settings,

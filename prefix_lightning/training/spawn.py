@@ -27,6 +27,7 @@ from lightning.pytorch.trainer.call import _interrupt
 from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from prefix_lightning.training.callback_lookup import find_callback
 from prefix_lightning.training.last_checkpoint import LastCheckpoint, WorkersStopped
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -97,7 +98,7 @@ class _StatefulLauncher(_MultiProcessingLauncher):
         }
         buffer = io.BytesIO()
         torch.save(states, buffer)  # as Lightning sends its metrics: bytes, not tensors in shared memory
-        last = next((c for c in trainer.callbacks if isinstance(c, LastCheckpoint)), None)  # type: ignore[attr-defined]
+        last = find_callback(trainer.callbacks, LastCheckpoint)  # type: ignore[attr-defined]
         stopped_by = last.stopped_by if last is not None else None
         return {**super().get_extra_results(trainer), "states_bytes": buffer.getvalue(), "stopped_by": stopped_by}
 

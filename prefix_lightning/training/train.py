@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from prefix_lightning.files.checkpoints import logged_step
 from prefix_lightning.training.build import build_datamodule, build_model, build_module
+from prefix_lightning.training.callback_lookup import find_callback
 from prefix_lightning.training.dashboards import continue_dashboards
 from prefix_lightning.training.job import current_job
 from prefix_lightning.training.last_checkpoint import LastCheckpoint, RunStopped
@@ -79,7 +80,7 @@ def train(cfg: DictConfig) -> float | None:
     if not loggers:  # logger=none: the learning-rate monitor has nowhere to write and Lightning would refuse it
         callbacks = [callback for callback in callbacks if not isinstance(callback, LearningRateMonitor)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    export = next((c for c in callbacks if isinstance(c, MethodExport)), None)
+    export = find_callback(callbacks, MethodExport)
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
@@ -95,11 +96,11 @@ def train(cfg: DictConfig) -> float | None:
                 export.dirpath,
             )
     except SIGTERMException as stop:  # SIGTERM, SIGUSR1, Ctrl-C: last.ckpt is saved; exit non-zero, saying how to go on
-        last = next((c for c in callbacks if isinstance(c, LastCheckpoint)), None)
+        last = find_callback(callbacks, LastCheckpoint)
         job = current_job()
         raise RunStopped.of(last, cfg.paths.output_dir, in_sweep=bool(job and job.sweep)) from stop
     log.info("run finished in %.0f s; outputs in %s", time.perf_counter() - started, cfg.paths.output_dir)
-    record = next((c for c in callbacks if isinstance(c, ResultRecord)), None)
+    record = find_callback(callbacks, ResultRecord)
     return exported_value({**record.progress, "export": export.source if export else None}) if record else None
 
 
