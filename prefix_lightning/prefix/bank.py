@@ -219,20 +219,18 @@ class PrefixBank(FrozenLMWrapper):
         tokens generate adds); None when no row has a prefix."""
         names = self._checked(prefixes, rows)
         used = sorted({name for name in names if name is not None})
-        if not used:
-            self.injector.current = None
-            check_positions(self.lm, self.injector, inputs, 0, generated)
-            return None
-        entries = [self.held(name) for name in used]
-        blocks: list[list[torch.Tensor] | None] = [entry.site_blocks() for entry in entries]
-        shifts = [entry.config.virtual_positions for entry in entries]
-        if None in names:  # the rows without a prefix: an entry that shows nothing
-            blocks.append(None)
-            shifts.append(0)
-        place = {name: index for index, name in enumerate(used)}
-        per_row = [place[name] if name is not None else len(used) for name in names]
-        self.injector.current = RowPrefixes.build(blocks, shifts, per_row)
-        check_positions(self.lm, self.injector, inputs, max(shifts), generated)
+        self.injector.current, most_shift = None, 0
+        if used:
+            entries = [self.held(name) for name in used]
+            blocks: list[list[torch.Tensor] | None] = [entry.site_blocks() for entry in entries]
+            shifts = [entry.config.virtual_positions for entry in entries]
+            if None in names:  # the rows without a prefix: an entry that shows nothing
+                blocks.append(None)
+                shifts.append(0)
+            place = {name: index for index, name in enumerate(used)}
+            per_row = [place[name] if name is not None else len(used) for name in names]
+            self.injector.current, most_shift = RowPrefixes.build(blocks, shifts, per_row), max(shifts)
+        check_positions(self.lm, self.injector, inputs, most_shift, generated)
         return self.injector.current
 
     def _checked(self, prefixes: PrefixNames, rows: int) -> list[str | None]:
