@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, StaticCache
 
 from prefix_lightning import PrefixBank, PrefixConfig, PrefixModel, UnsupportedModelError
+from prefix_lightning.methods import IGNORE_INDEX
 from prefix_lightning.prefix.attention import record_attention_calls
 from prefix_lightning.prefix.inputs import check_inputs
 from prefix_lightning.prefix.multitask import MultiTaskPrefix
@@ -758,6 +759,24 @@ def test_inputs_past_the_positions_behind_the_prefix_are_refused_naming_their_le
         model(input_ids=too_long, attention_mask=torch.ones(1, 1, 55, 65))
     with torch.no_grad(), model.prefix_disabled():
         model(input_ids=too_long)  # the plain LM's positions
+
+
+def test_an_infix_counts_its_virtual_positions_only_where_tokens_stand_after_it() -> None:
+    """[x; INFIX; y]: a forward without labels is all source, which takes positions 0..n-1 (the whole table); the
+    target of a loss and the generated tokens stand L positions later."""
+    model = PrefixModel(tiny_lm("gpt2"), PrefixConfig(length=10, hidden_dim=8, kind="infix"))
+    whole_table = torch.randint(3, VOCAB, (1, 64))
+    model(input_ids=whole_table)
+    with pytest.raises(ValueError, match="needs 65 positions, but GPT2LMHeadModel's 64 positions hold only 64: "):
+        model(input_ids=torch.cat([whole_table, whole_table[:, :1]], 1))
+    labels = whole_table.clone()
+    labels[:, :60] = IGNORE_INDEX
+    with pytest.raises(ValueError, match="needs 64 positions, but .* hold only 54 behind the prefix's 10"):
+        model.loss(labels=labels, input_ids=whole_table)
+    with pytest.raises(ValueError, match="needs 64 positions, but .* hold only 54 behind the prefix's 10"):
+        model(input_ids=whole_table, labels=labels)
+    with pytest.raises(ValueError, match="needs 55 positions \\(50 given, up to 6 generated\\)"):
+        model.generate(whole_table[:, :50], max_new_tokens=6)
 
 
 def test_encoder_decoder_inputs_past_the_positions_behind_the_prefix_are_refused() -> None:

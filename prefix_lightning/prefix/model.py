@@ -180,8 +180,16 @@ class PrefixModel(FrozenLMWrapper):
     def _check_inputs(self, inputs: dict[str, Any], generated: int = 0) -> None:
         """Refuse inputs the LM would fail on deep inside (``generated``: the tokens generate adds)."""
         check_inputs(self.lm, inputs)
-        shift = self.injector.shift if self.injector.enabled else 0
-        check_positions(self.lm, self.injector, inputs, shift, generated)
+        check_positions(self.lm, self.injector, inputs, self._largest_shift(inputs, generated), generated)
+
+    def _largest_shift(self, inputs: dict[str, Any], generated: int) -> int:
+        """How far the prefix moves a call's real tokens: an infix moves only the tokens after it, the labels'
+        target (or the tokens ``infix_queries`` names) and generated tokens; a call without them is all source."""
+        if not self.injector.enabled:
+            return 0
+        if self.injector.infix and not (generated or "labels" in inputs or INFIX_QUERIES in inputs):
+            return 0
+        return self.injector.shift
 
     def _cached_prefix(self) -> CachedPrefix | None:
         """The prefix as cache entries for the steps after the prompt (a decoder-only LM whose attention modules

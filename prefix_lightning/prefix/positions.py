@@ -65,7 +65,7 @@ def check_positions(
             continue
         rows = tokens.shape[0]
         lengths = mask.sum(-1) if mask is not None else torch.full((rows,), width, device=tokens.device)
-        moved = injector.position_shift(rows) if injector.enabled else 0
+        moved = injector.position_shift(rows) if injector.enabled and most_shift else 0
         shifts = torch.as_tensor(moved, device=tokens.device).reshape(-1).expand(rows)
         over = lengths + added + shifts > count
         if bool(over.any()):
