@@ -211,6 +211,26 @@ def test_a_signal_to_the_spawning_process_stops_its_workers_as_one_process_stops
 
 
 @pytest.mark.integration
+def test_ctrl_c_at_a_terminal_stops_the_spawned_workers_once(tmp_path: Path, data_dir: Path) -> None:
+    """trainer=ddp_cpu started as a terminal starts it, in a process group of its own, and Ctrl-C after step 1: the
+    terminal signals the whole group. The workers, in a group of their own, get it once, from the main process (in
+    the main process's group, a worker took the main process's as a second Ctrl-C and stopped at once, saving nothing:
+    the other worker failed, or the main process waited forever); they stop after that step and save, the run exits
+    with 130 and resumes from there."""
+    ctrl_c = fault("CtrlCAt", step=1)
+    result = run_failing(tmp_path, *SHARDED_RUN, "trainer=ddp_cpu", *ctrl_c, new_session=True)
+    assert result.returncode == 130, result.stderr[-3000:]
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1] == f"stopped by SIGINT (saved {last}); to go on, run: python run.py resume={tmp_path}"
+    assert "stopped at once" not in result.stdout + result.stderr
+    assert torch.load(last, weights_only=True)["global_step"] == 1
+    resumed = run_cli(tmp_path, f"resume={tmp_path}", "test=false")
+    assert f"Restored all states from the checkpoint at {last}" in resumed.stdout + resumed.stderr
+    assert (tmp_path / "prefix" / "prefix.safetensors").is_file()
+
+
+@pytest.mark.integration
 def test_two_process_fsdp_checkpoints_lora_inside_the_sharded_layers_as_ddp_does(
     tmp_path: Path, data_dir: Path
 ) -> None:

@@ -27,9 +27,10 @@ FAST = [
 
 
 def run_python(
-    *args: str, env: Mapping[str, str] | None = None, timeout: float = COMMAND_TIMEOUT_S
+    *args: str, env: Mapping[str, str] | None = None, timeout: float = COMMAND_TIMEOUT_S, new_session: bool = False
 ) -> subprocess.CompletedProcess:
-    """``python <args>`` from the repository root, in this environment plus ``env``, output captured."""
+    """``python <args>`` from the repository root, in this environment plus ``env``, output captured; with
+    ``new_session``, in a process group of its own (as a terminal starts a command: Ctrl-C signals that group)."""
     return subprocess.run(
         [sys.executable, *args],
         cwd=REPO,
@@ -38,6 +39,7 @@ def run_python(
         env={**os.environ, **(env or {})},
         timeout=timeout,
         preexec_fn=_as_a_terminal_starts_it,
+        start_new_session=new_session,
     )
 
 
@@ -60,8 +62,10 @@ def run_cli(
     return result
 
 
-def run_failing(run_dir: Path, *overrides: str, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_failing(
+    run_dir: Path, *overrides: str, env: Mapping[str, str] | None = None, new_session: bool = False
+) -> subprocess.CompletedProcess:
     """``python run.py <overrides>`` that must fail; the test reads what it said."""
-    result = run_python("run.py", f"hydra.run.dir={run_dir}", *overrides, env=env)
+    result = run_python("run.py", f"hydra.run.dir={run_dir}", *overrides, env=env, new_session=new_session)
     assert result.returncode != 0, result.stdout[-3000:]
     return result

@@ -109,7 +109,42 @@ class SignalMainAt(L.Callback):
         if trainer.global_step != self.step or trainer.global_rank != 0:
             return
         last = next(c for c in trainer.callbacks if isinstance(c, LastCheckpoint))  # type: ignore[attr-defined]
-        os.kill(os.getppid(), self.signal)
+        self.send(os.getppid())
         deadline = time.monotonic() + 60
         while last.stopped_by is None and time.monotonic() < deadline:
             time.sleep(0.01)
+
+    def send(self, main: int) -> None:
+        os.kill(main, self.signal)
+
+
+class CtrlCAt(SignalMainAt):
+    """Ctrl-C at a terminal once ``step`` steps are done: SIGINT to every process in the main process's group, which
+    must be a group of its own (the run started in a new session), or the tests would get it too. The main process
+    gets it last, half a second after the others: a worker in that group then handles the terminal's signal before
+    the one the main process hands over (sent at once with ``os.killpg``, both at times count as one)."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(step, "SIGINT")
+
+    def send(self, main: int) -> None:
+        if os.getpgid(main) != main:
+            raise RuntimeError("CtrlCAt: the run does not lead its process group; start it in a new session")
+        for pid in _process_group(main):
+            if pid != main:
+                os.kill(pid, signal.SIGINT)
+        time.sleep(0.5)
+        os.kill(main, signal.SIGINT)
+
+
+def _process_group(group: int) -> list[int]:
+    """The processes in the process group ``group`` (Linux: read from /proc)."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getpgid(int(entry)) == group:
+                    members.append(int(entry))
+            except OSError:  # ended meanwhile
+                continue
+    return members
