@@ -231,6 +231,18 @@ def test_ctrl_c_at_a_terminal_stops_the_spawned_workers_once(tmp_path: Path, dat
 
 
 @pytest.mark.integration
+def test_a_signal_as_the_spawned_workers_start_stops_the_run_saving_nothing(tmp_path: Path, data_dir: Path) -> None:
+    """trainer=ddp_cpu: SIGUSR1 while the workers set up, before they listen for it, ends them. The run exits as one
+    stopped by it (138, not 1 with the workers' exit), saying that nothing was saved and how to start again."""
+    result = run_failing(tmp_path, *SHARDED_RUN, "trainer=ddp_cpu", *fault("SignalMainAtSetup", name="SIGUSR1"))
+    assert result.returncode == 138, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1] == f"stopped by SIGUSR1 (no checkpoint saved); to go on, run: python run.py resume={tmp_path}"
+    assert "SIGUSR1 reached the workers as they started" in result.stdout + result.stderr
+    assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
+
+
+@pytest.mark.integration
 def test_two_process_fsdp_checkpoints_lora_inside_the_sharded_layers_as_ddp_does(
     tmp_path: Path, data_dir: Path
 ) -> None:

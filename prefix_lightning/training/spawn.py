@@ -5,12 +5,14 @@ stayed in the fit's workers, so the test after it saw step 0 and a run with no v
 
 A stop signal (SIGTERM, SIGUSR1, Ctrl-C) stops it as it stops one process (see ``LastCheckpoint``): the main
 process, which only waits for its workers, hands the signal to them; they stop and save, and their stop is handed
-back to it with their results. Lightning's spawning main process neither hands signals over nor learns that the
-workers stopped: a signal killed it at once, leaving nothing saved."""
+back to it with their results; one that reaches them as they start, before they listen for it, ends them, and the
+run stops the same way, having saved nothing. Lightning's spawning main process neither hands signals over nor learns
+that the workers stopped: a signal killed it at once, leaving nothing saved."""
 
 from __future__ import annotations
 
 import io
+import logging
 import os
 import signal
 import threading
@@ -26,9 +28,12 @@ from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcess
 from lightning.pytorch.trainer.call import _interrupt
 from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch.multiprocessing import ProcessExitedException
 
 from prefix_lightning.training.callback_lookup import find_callback
 from prefix_lightning.training.last_checkpoint import LastCheckpoint, WorkersStopped
+
+log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
@@ -46,8 +51,17 @@ class SpawnDDPStrategy(DDPStrategy):
 
 class _StatefulLauncher(_MultiProcessingLauncher):
     def launch(self, function: Callable[..., Any], *args: Any, trainer: L.Trainer | None = None, **kwargs: Any) -> Any:
+        """A stop signal that reaches the workers as they start, before they listen for it, ends them (the
+        signal's default action): the run stops as one stopped by it, not as one that failed (exit status 1)."""
+        self.handed_over: str | None = None  # the stop signal handed to the workers
         with self._stop_signals_handed_to_workers():
-            return super().launch(function, *args, trainer=trainer, **kwargs)
+            try:
+                return super().launch(function, *args, trainer=trainer, **kwargs)
+            except ProcessExitedException as ended:
+                if self.handed_over is None:
+                    raise
+                log.warning("%s reached the workers as they started: they ended, saving nothing", self.handed_over)
+                raise WorkersStopped(self.handed_over) from ended
 
     @contextmanager
     def _stop_signals_handed_to_workers(self) -> Iterator[None]:
@@ -59,6 +73,7 @@ class _StatefulLauncher(_MultiProcessingLauncher):
             return
 
         def hand_over(signum: int, frame: Any) -> None:
+            self.handed_over = self.handed_over or signal.Signals(signum).name
             self.kill(signum)
             if signum == signal.SIGINT:
                 signal.signal(signal.SIGINT, stop_at_once)

@@ -118,6 +118,19 @@ class SignalMainAt(L.Callback):
         os.kill(main, self.signal)
 
 
+class SignalMainAtSetup(L.Callback):
+    """Sends the signal ``name`` to ``trainer=ddp_cpu``'s main process from rank 0 as the workers set up their fit
+    (before they listen for stop signals) and waits, for at most a minute, to be ended by the signal handed over."""
+
+    def __init__(self, name: str) -> None:
+        self.signal = getattr(signal, name)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and trainer.global_rank == 0:
+            os.kill(os.getppid(), self.signal)
+            time.sleep(60)
+
+
 class CtrlCAt(SignalMainAt):
     """Ctrl-C at a terminal once ``step`` steps are done: SIGINT to every process in the main process's group, which
     must be a group of its own (the run started in a new session), or the tests would get it too. The main process
