@@ -27,6 +27,13 @@ class JobFailed(CompactHydraException):
     code 1."""
 
 
+class StoppedBySignal(Exception):
+    """A run stopped by a signal, which is not an error: :func:`report_errors` prints its line as it is and exits
+    with ``exit_code``."""
+
+    exit_code: int
+
+
 def device_option(value: str) -> str:
     """An argparse type: a torch device this machine has, checked as the command line is read (a typo would
     otherwise surface in torch's words once the model is loaded or a benchmark phase has started)."""
@@ -65,13 +72,14 @@ def report_errors(entry: Callable[[], T]) -> T:
     """Run ``entry``; turn any exception into one line on stderr and exit code 1 (a job of a multirun: the line,
     then :class:`JobFailed`).
 
-    Set HYDRA_FULL_ERROR=1 (Hydra's own switch) to get the traceback instead. An exception with an ``exit_code``
-    (a run stopped by a signal, which is not an error) prints its line as it is and exits with that status.
+    Set HYDRA_FULL_ERROR=1 (Hydra's own switch) to get the traceback instead. A :class:`StoppedBySignal` prints
+    its line as it is and exits with its status (other errors may carry an ``exit_code`` too: torch's for a worker
+    that a signal killed).
     """
     try:
         return entry()
     except Exception as error:
-        stopped = getattr(error, "exit_code", None)
+        stopped = error.exit_code if isinstance(error, StoppedBySignal) else None
         if os.environ.get(DEBUG_VARIABLE) == "1" and stopped is None:
             raise
         message = _message(error)

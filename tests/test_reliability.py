@@ -13,6 +13,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
+from torch.multiprocessing import ProcessExitedException
 
 from prefix_lightning.cli import report_errors
 from prefix_lightning.files.atomic import atomic_write
@@ -95,6 +96,22 @@ def test_a_config_entry_that_fails_to_build_is_named_by_its_key(capsys: pytest.C
         report_errors(lambda: instantiate(cfg.trainer))
     assert stopped.value.code == 1
     message = "error: trainer: invalid literal for int() with base 10: 'abc' (set HYDRA_FULL_ERROR=1 for the traceback)"
+    assert capsys.readouterr().err == message + "\n"
+
+
+def test_a_worker_killed_by_a_signal_is_an_error_not_a_stop(capsys: pytest.CaptureFixture) -> None:
+    """trainer=ddp_cpu's worker killed (the OOM killer's SIGKILL): torch's error carries the worker's exit code too,
+    which is no status to exit with (-9 exited 247, and in a sweep ended it instead of failing the job)."""
+
+    def killed() -> None:
+        raise ProcessExitedException(
+            "process 0 terminated with signal SIGKILL", error_index=0, error_pid=1, exit_code=-9, signal_name="SIGKILL"
+        )
+
+    with pytest.raises(SystemExit) as ended:
+        report_errors(killed)
+    assert ended.value.code == 1
+    message = "error: process 0 terminated with signal SIGKILL (set HYDRA_FULL_ERROR=1 for the traceback)"
     assert capsys.readouterr().err == message + "\n"
 
 

@@ -22,6 +22,8 @@ from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from prefix_lightning.cli import StoppedBySignal
+
 log = logging.getLogger(__name__)
 
 LAST = "last.ckpt"
@@ -174,7 +176,7 @@ def _validation_follows(trainer: L.Trainer) -> bool:
     return fit_loop._data_fetcher is not None and fit_loop.epoch_loop._should_check_val_fx(fit_loop._data_fetcher)
 
 
-class RunStopped(Exception):
+class RunStopped(StoppedBySignal):
     """A run stopped by a signal, after saving what it had: one line with the command that goes on, and the exit
     status of a process killed by that signal (128 + its number), so that schedulers and sweeps do not take it for
     a success."""
