@@ -50,6 +50,8 @@ class SpawnDDPStrategy(DDPStrategy):
 
 
 class _StatefulLauncher(_MultiProcessingLauncher):
+    """Lightning's spawning launcher that also brings back the workers' states and their stop (see the module)."""
+
     def launch(self, function: Callable[..., Any], *args: Any, trainer: L.Trainer | None = None, **kwargs: Any) -> Any:
         """A stop signal that reaches the workers as they start, before they listen for it, ends them (the
         signal's default action): the run stops as one stopped by it, not as one that failed (exit status 1)."""
@@ -95,9 +97,9 @@ class _StatefulLauncher(_MultiProcessingLauncher):
     def _wrapping_function(
         self, process_idx: int, trainer: L.Trainer | None, function: Callable[..., Any], *args: Any
     ) -> None:
-        """Each worker ends its process group before it exits: Lightning does so for NCCL alone, and a gloo group
-        left to the interpreter's exit at times aborts the worker ("terminate called without an active
-        exception": gloo's threads still hold work when Python tears down)."""
+        """Each worker ends its torch.distributed process group before it exits: Lightning does so for NCCL alone,
+        and a gloo group left to the interpreter's exit at times aborts the worker ("terminate called without an
+        active exception": gloo's threads still hold work when Python tears down)."""
         try:
             stage = function if trainer is None else partial(_stage_stopped_as_one_process, trainer, function)
             super()._wrapping_function(process_idx, trainer, stage, *args)
@@ -137,10 +139,11 @@ def _stage_stopped_as_one_process(trainer: L.Trainer, stage: Callable[..., Any],
     ``on_exception``, where ``LastCheckpoint`` saves) in the main process alone, which does not train here; the
     worker does it, then hands its results back as after a finished stage, marked interrupted.
 
-    The worker first leaves the main process's process group, so that a stop signal reaches it once, from the main
-    process (Ctrl-C at a terminal signals the whole group: handed over as well, it came twice, the second stopping
-    at once). Until the stage listens for SIGINT, SIGINT ends the worker as SIGTERM does: Python's
-    ``KeyboardInterrupt`` ends a spawned worker quietly, handing nothing back, and the main process waited forever."""
+    The worker first leaves the main process's process group (the operating system's), so that a stop signal
+    reaches it once, from the main process (Ctrl-C at a terminal signals the whole group: handed over as well, it
+    came twice, the second stopping at once). Until the stage listens for SIGINT, SIGINT ends the worker as SIGTERM
+    does: Python's ``KeyboardInterrupt`` ends a spawned worker quietly, handing nothing back, and the main process
+    waited forever."""
     os.setpgid(0, 0)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     try:
