@@ -655,6 +655,23 @@ def test_t5_decodes_left_padded_inputs_as_right_padded_ones(family: str) -> None
         torch.testing.assert_close(left_padded, right_padded, atol=1e-5, rtol=0)
 
 
+def test_the_reparametrization_is_linear_tanh_linear_over_a_smaller_table() -> None:
+    """P = Linear(d, k) - tanh - Linear(k, layers * 2 * d_kv) applied to P' (L x d), the paper's MLP (without its
+    tanh it collapses to one linear map of P', and every other test still passed)."""
+    lm = tiny_lm("llama")
+    model = PrefixModel(lm, PrefixConfig(length=3, hidden_dim=16))
+    encoder = model.prefix_encoders["self"]
+    weights = {name: parameter.detach() for name, parameter in encoder.named_parameters()}
+    embedding = weights["embedding"]
+    assert embedding.shape == (3, lm.config.hidden_size)
+    hidden = torch.tanh(embedding @ weights["mlp.0.weight"].T + weights["mlp.0.bias"])
+    expected = hidden @ weights["mlp.2.weight"].T + weights["mlp.2.bias"]
+    config = lm.config
+    width = config.num_hidden_layers * 2 * config.num_key_value_heads * config.hidden_size // config.num_attention_heads
+    assert hidden.shape == (3, 16) and expected.shape == (3, width)
+    torch.testing.assert_close(encoder.flat().detach(), expected)
+
+
 def test_real_word_init_with_mlp_fits_the_target() -> None:
     direct = PrefixModel(tiny_lm("gpt2"), PrefixConfig(length=4, reparam="none"))
     direct.init_prefix_from_tokens(WORDS)
