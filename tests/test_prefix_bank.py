@@ -323,7 +323,8 @@ def test_a_window_cache_follows_each_rows_prefix_as_inputs_leave_the_search(
 @pytest.mark.parametrize("family", ["llama_gqa", "gpt2", "t5", "umt5"])
 def test_unshifted_prefixes_mix_with_shifted_ones(family: str, tmp_path: Path) -> None:
     """A prefix trained with shift_positions=false keeps its rows' positions (and, on T5, gives its columns no
-    relative bias) inside a mixed batch, as its own PrefixModel does."""
+    relative bias) inside a mixed batch, as its own PrefixModel does, and so in a batch of its rows alone (the path
+    of one prefix for every row)."""
     model_type, fields = FAMILIES[family]
     folders = {
         "kept": export(family, tmp_path / "kept", seed=7, length=3, shift_positions=False),
@@ -338,3 +339,4 @@ def test_unshifted_prefixes_mix_with_shifted_ones(family: str, tmp_path: Path) -
         return (lm if name is None else PrefixModel.from_prefix(lm, folders[name])).eval()
 
     _assert_rows_as_alone(bank, ["kept", "moved", None, "kept"], alone, _is_encoder_decoder(family))
+    _assert_rows_as_alone(bank, ["kept"] * 4, alone, _is_encoder_decoder(family))
