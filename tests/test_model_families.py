@@ -96,12 +96,27 @@ def _encoder_decoder_reference(reference, ids: torch.Tensor, mask: torch.Tensor)
     return output.logits[:, words:]
 
 
+# The decoder's cross-attention modules of BART and of the T5 family.
+CROSS_ATTENTION = ("encoder_attn", "EncDecAttention")
+
+
+def _attention_kind(name: str) -> str:
+    """The site group of an encoder-decoder's attention module, from its name: an export names its blocks by group,
+    so decoder self-attention and cross-attention (of one shape in BART and T5) swapped would pass the real-word
+    rule, yet an export made before the swap would load its "decoder" blocks into cross-attention."""
+    parts = name.split(".")
+    if parts[-1] in CROSS_ATTENTION:
+        return "cross"
+    return "encoder" if "encoder" in parts else "decoder"
+
+
 @pytest.mark.parametrize("family", sorted(ENCODER_DECODERS))
 def test_encoder_decoder_real_word_rule(family: str) -> None:
     model_type, fields = ENCODER_DECODERS[family]
     reference = tiny_lm(model_type, **fields)
     model = prefixed_from_words(model_type, fields)
     assert {site.group for site in model.sites} == {"encoder", "decoder", "cross"}
+    assert [site.group for site in model.sites] == [_attention_kind(site.name) for site in model.sites]
     ids, mask = pad_batch(ROWS, left=False)
     with torch.no_grad():
         got = model(input_ids=ids, attention_mask=mask, decoder_input_ids=TARGET.expand(len(ROWS), -1)).logits
