@@ -91,6 +91,24 @@ def test_gradient_checkpointing_recomputes_each_row_with_its_own_prefix() -> Non
         torch.testing.assert_close(have, want, atol=1e-6, rtol=1e-4)
 
 
+def test_prefix_dropout_applies_in_training_only() -> None:
+    """prefix.dropout drops entries of each task's prefix in training only: evaluation and decoding read the prefix
+    without dropout, as PrefixModel does."""
+    model_type, fields = DECODERS["llama_gqa"]
+    torch.manual_seed(0)
+    model = MultiTaskPrefix(tiny_lm(model_type, **fields), TASKS, PrefixConfig(length=3, hidden_dim=16, dropout=0.5))
+    torch.manual_seed(0)
+    undropped = MultiTaskPrefix(tiny_lm(model_type, **fields), TASKS, PrefixConfig(length=3, hidden_dim=16)).eval()
+    ids = batch(ROWS)["input_ids"]
+    with torch.no_grad():
+        expected = undropped(prefixes=TASKS, input_ids=ids).logits
+        torch.testing.assert_close(model.eval()(prefixes=TASKS, input_ids=ids).logits, expected)
+        model.train()
+        torch.manual_seed(1)
+        first, second = (model(prefixes=TASKS, input_ids=ids).logits for _ in range(2))
+    assert not torch.allclose(first, expected, atol=1e-4) and not torch.allclose(first, second, atol=1e-4)
+
+
 def test_each_task_exports_an_ordinary_prefix(tmp_path: Path) -> None:
     """prefix/<task>/ loads as a PrefixModel and gives the row's logits of the multi-task model."""
     model = multitask().eval()
