@@ -129,6 +129,24 @@ def test_each_task_exports_an_ordinary_prefix(tmp_path: Path) -> None:
         assert model.generate(prefixes=TASKS, input_ids=ids, attention_mask=mask, **greedy).shape == (3, 9)
 
 
+def test_a_multitask_export_loads_back_each_tasks_prefix(tmp_path: Path) -> None:
+    """from_export gives every task the prefix saved under its name (the logits of the saved model, row by row), and
+    refuses task prefixes of different settings, which one MultiTaskPrefix cannot hold."""
+    model = multitask().eval()
+    model.save(tmp_path / "prefix")
+    model_type, fields = DECODERS["llama_gqa"]
+    loaded = MultiTaskPrefix.from_export(tiny_lm(model_type, **fields), tmp_path / "prefix").eval()
+    assert loaded.tasks == sorted(TASKS)
+    names = ["webnlg", "dart", "e2e"]
+    ids, mask = pad_batch(ROWS, left=True)
+    with torch.no_grad():
+        expected = model(prefixes=names, input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(loaded(prefixes=names, input_ids=ids, attention_mask=mask).logits, expected)
+    PrefixModel(tiny_lm(model_type, **fields), length=2, hidden_dim=8).save(tmp_path / "prefix" / "dart")
+    with pytest.raises(ValueError, match="differ in their settings"):
+        MultiTaskPrefix.from_export(tiny_lm(model_type, **fields), tmp_path / "prefix")
+
+
 def test_the_mixture_tags_every_row_with_its_task(tmp_path: Path, data_dir: Path) -> None:
     cfg = compose_train(
         tmp_path, ["model=tiny_llama", "debug=fast", "data=multi", "data.tasks=[e2e_devsplit,webnlg,dart_devsplit]"]
