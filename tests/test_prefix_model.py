@@ -554,6 +554,23 @@ def test_older_stacked_export_still_loads(tmp_path) -> None:
         )
 
 
+def test_older_embedding_only_export_still_loads(tmp_path) -> None:
+    """Format prefix-lightning/1 stacked the attention sites' blocks per group but kept embedding-only's input
+    embeddings as one (L, d_model) block."""
+    model = PrefixModel(tiny_lm("gpt2"), PrefixConfig(length=3, kind="embedding", reparam="none")).eval()
+    model.save(tmp_path)
+    description = json.loads((tmp_path / "prefix_config.json").read_text())
+    save_file({"input": model.prefix_encoders["input"]()[0].detach().contiguous()}, tmp_path / "prefix.safetensors")
+    site = model.sites[0]
+    groups = {"self": {"layers": len(model.sites), "kv_heads": site.kv_heads, "head_dim": site.head_dim}}
+    description.update({"format": "prefix-lightning/1", "sites": groups})
+    (tmp_path / "prefix_config.json").write_text(json.dumps(description))
+
+    loaded = PrefixModel.from_prefix(tiny_lm("gpt2"), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ROWS[0][None]).logits, model(input_ids=ROWS[0][None]).logits)
+
+
 def test_prefix_refuses_a_base_model_of_another_shape(tmp_path) -> None:
     PrefixModel(tiny_lm("llama"), PrefixConfig(length=3)).save(tmp_path)
     with pytest.raises(ValueError, match="trained for .*llama.* this base model \\(gpt2\\)"):
@@ -582,6 +599,16 @@ def test_corrupted_export_is_refused(tmp_path) -> None:
     weights = tmp_path / "prefix.safetensors"
     weights.write_bytes(weights.read_bytes()[:-10])
     with pytest.raises(ValueError, match="truncated or corrupted"):
+        PrefixModel.from_prefix(tiny_lm("gpt2"), tmp_path)
+
+
+def test_an_export_whose_tensors_differ_from_its_description_is_refused_naming_the_site(tmp_path) -> None:
+    PrefixModel(tiny_lm("gpt2"), PrefixConfig(length=3)).save(tmp_path)
+    weights = tmp_path / "prefix.safetensors"
+    tensors = load_file(weights)
+    tensors["self.1"] = tensors["self.1"][:, :, :2].contiguous()  # 2 virtual tokens where the description says 3
+    save_file(tensors, weights)
+    with pytest.raises(ValueError, match="the self prefix of site 1 should be \\(2, 4, 3, 8\\), got \\(2, 4, 2, 8\\)"):
         PrefixModel.from_prefix(tiny_lm("gpt2"), tmp_path)
 
 
