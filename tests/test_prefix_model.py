@@ -699,6 +699,28 @@ def test_the_reparametrization_is_linear_tanh_linear_over_a_smaller_table() -> N
     torch.testing.assert_close(encoder.flat().detach(), expected)
 
 
+def test_prefix_key_values_are_each_sites_keys_then_values() -> None:
+    """prefix_key_values() gives per attention module (keys, values), the order PEFT and set_prefix_key_values take:
+    for a prefix from words, the plain LM's own keys and values of those words."""
+    model = PrefixModel(tiny_lm("llama"), PrefixConfig(length=len(WORDS), reparam="none"))
+    model.init_prefix_from_tokens(WORDS)
+    ids = ROWS[0][None]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        with model.prefix_disabled(), record_attention_calls() as calls:
+            model.lm(input_ids=WORDS[None], use_cache=False)
+    names = {module: name for name, module in model.lm.named_modules()}
+    plain = {names[call.module]: (call.key[0], call.value[0]) for call in calls}
+    pairs = model.prefix_key_values()
+    assert list(pairs) == list(plain)
+    for name, (keys, values) in pairs.items():
+        torch.testing.assert_close(keys, plain[name][0], atol=1e-6, rtol=0)
+        torch.testing.assert_close(values, plain[name][1], atol=1e-6, rtol=0)
+    model.set_prefix_key_values(pairs)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, logits, atol=0, rtol=0)
+
+
 def test_real_word_init_with_mlp_fits_the_target() -> None:
     direct = PrefixModel(tiny_lm("gpt2"), PrefixConfig(length=4, reparam="none"))
     direct.init_prefix_from_tokens(WORDS)
