@@ -211,6 +211,18 @@ def test_infix_generation_is_the_same_whichever_way_the_prompt_comes() -> None:
     assert torch.equal(model.generate(inputs_embeds=embeds, **settings), expected[:, ids.shape[1] :])
 
 
+def test_a_forward_after_generate_reads_the_infix_as_before_it() -> None:
+    """generate's prompt width is forgotten when it returns: a forward without labels afterwards (all prompt, no
+    token reads the infix) gives what it gave before."""
+    model = PrefixModel(tiny_lm("llama"), PrefixConfig(length=3, kind="infix", reparam="none"))
+    _randomize(model)
+    row = ROWS[0][None]
+    with torch.no_grad():
+        before = model(input_ids=row).logits
+        model.generate(input_ids=ROWS[2][None], max_new_tokens=2, do_sample=False, pad_token_id=PAD)
+        torch.testing.assert_close(model(input_ids=row).logits, before, atol=0, rtol=0)
+
+
 # -- initialization and export -----------------------------------------------------------------------------
 def test_vocabulary_init_is_real_token_init_of_drawn_tokens() -> None:
     drawn = PrefixModel(tiny_lm("gpt2"), PrefixConfig(length=3, reparam="none"))
