@@ -20,7 +20,7 @@ from tests.helpers.families import DECODERS, ENCODER_DECODERS, GQA
 from tests.helpers.tiny import PAD, pad_batch, tiny_lm
 
 FAMILIES = {**DECODERS, **ENCODER_DECODERS, "mistral_window": ("mistral", dict(GQA, sliding_window=3))}
-MIXED_FAMILIES = ["gpt2", "llama_gqa", "bart", "t5", "umt5", "mistral_window", "gemma4_per_layer_heads"]
+MIXED_FAMILIES = ["gpt2", "llama_gqa", "bart", "pegasus", "t5", "umt5", "mistral_window", "gemma4_per_layer_heads"]
 ROWS = [
     torch.tensor([10, 11, 12, 13, 14]),
     torch.tensor([20, 21]),

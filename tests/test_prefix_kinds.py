@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from prefix_lightning import PrefixConfig, PrefixModel, UnsupportedModelError
 from prefix_lightning.methods.loss import IGNORE_INDEX
@@ -81,6 +82,16 @@ def test_embedding_only_and_infix_refuse_encoder_decoder_models() -> None:
     for kind in ("embedding", "infix"):
         with pytest.raises(UnsupportedModelError, match="decoder-only"):
             PrefixModel(tiny_lm("bart"), PrefixConfig(length=2, kind=kind))
+
+
+def test_an_infix_refuses_decoders_whose_position_embeddings_move_every_token() -> None:
+    """BART's decoder alone (BartForCausalLM) embeds its positions in one module for the whole sequence, which
+    would move the source behind the infix as well."""
+    config = tiny_lm("bart").config
+    with pytest.raises(UnsupportedModelError, match="BartForCausalLM's position embeddings move all"):
+        PrefixModel(AutoModelForCausalLM.from_config(config), PrefixConfig(length=2, kind="infix"))
+    PrefixModel(AutoModelForCausalLM.from_config(config), PrefixConfig(length=2, kind="infix", shift_positions=False))
+    PrefixModel(AutoModelForCausalLM.from_config(config), PrefixConfig(length=2))
 
 
 def test_embedding_only_refuses_models_with_per_layer_inputs_of_token_ids() -> None:

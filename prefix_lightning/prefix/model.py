@@ -28,7 +28,12 @@ from prefix_lightning.prefix.peft_format import (
     read_peft_prefix,
     save_peft_prefix,
 )
-from prefix_lightning.prefix.positions import attach_position_shift, check_positions, position_count
+from prefix_lightning.prefix.positions import (
+    attach_position_shift,
+    check_positions,
+    position_count,
+    position_embedding_modules,
+)
 from prefix_lightning.prefix.sites import (
     AttentionSite,
     UnsupportedModelError,
@@ -79,6 +84,11 @@ class PrefixModel(FrozenLMWrapper):
             raise UnsupportedModelError(
                 f"an embedding-only prefix is input embeddings, and {type(lm).__name__} computes per-layer inputs from "
                 "the token ids, which virtual tokens do not have (Gemma 3n/4): use the prefix kind 'prefix'"
+            )
+        if kind == "infix" and settings.shift_positions and position_embedding_modules(lm):
+            raise UnsupportedModelError(
+                f"an infix moves only the tokens after it, and {type(lm).__name__}'s position embeddings move all of "
+                "a sequence's: use the prefix kind 'prefix', or prefix.shift_positions=false"
             )
         self.injector = PrefixInjector(infix=kind == "infix", shift=self.config.virtual_positions)
         self.sites: list[AttentionSite] = bind_sites(lm, self.injector, self.config.shift_positions)

@@ -161,10 +161,11 @@ def _shift_learned_embedding(
     later ids), once per distinct shift, each row taking its own."""
     if not injector.enabled:
         return output
-    tokens = args[0] if args else kwargs["input_ids"]
+    tokens = args[0] if args else next(kwargs[key] for key in ("input_ids", "input_ids_shape") if key in kwargs)
     if tokens is None:  # a decoder given embeddings (decoder_inputs_embeds) passes no ids: the output's rows stand in
         tokens = output[..., 0]
-    shift = injector.position_shift(tokens.shape[0])
+    # Sinusoidal tables (Pegasus, Marian) take the ids' shape and give one row of embeddings for the whole batch.
+    shift = injector.position_shift(tokens[0] if isinstance(tokens, tuple) else tokens.shape[0])
     per_row = torch.as_tensor(shift, device=output.device).reshape(-1, 1, 1)
     result = output
     for value in per_row.unique().tolist():
@@ -179,16 +180,21 @@ def _shift_learned_embedding(
     return result
 
 
+def position_embedding_modules(lm: PreTrainedModel) -> list[nn.Module]:
+    """The BART-style position embeddings, which move every token of the sequence they embed."""
+    return [
+        module
+        for name, module in lm.named_modules()
+        if name.endswith("embed_positions") and "cache_length" in inspect.signature(module.forward).parameters
+    ]
+
+
 def attach_position_shift(lm: PreTrainedModel, injector: PrefixInjector) -> list[RemovableHandle]:
     """Install the hooks that offset positions by the injector's shift while it is enabled.
 
     The hooks are partials of module-level functions, not closures, so that the model can be pickled.
     """
-    embedding_modules = [
-        module
-        for name, module in lm.named_modules()
-        if name.endswith("embed_positions") and "cache_length" in inspect.signature(module.forward).parameters
-    ]
+    embedding_modules = position_embedding_modules(lm)
     if embedding_modules:
         hook = partial(_shift_learned_embedding, injector)
         return [m.register_forward_hook(hook, with_kwargs=True) for m in embedding_modules]

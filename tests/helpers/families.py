@@ -46,6 +46,9 @@ ENCODER_DECODERS = {
     "bart": ("bart", FAMILIES["bart"]),
     "t5": ("t5", T5),
     "umt5": ("umt5", FAMILIES["umt5"]),
+    # sinusoidal positions, computed from the ids' shape
+    "pegasus": ("pegasus", FAMILIES["bart"]),
+    "marian": ("marian", FAMILIES["bart"]),
     "flan_t5_gated": ("t5", dict(T5, feed_forward_proj="gated-gelu", tie_word_embeddings=False)),
 }
 
