@@ -17,7 +17,13 @@ from transformers import GenerationConfig, LogitsProcessorList
 
 import prefix_lightning.decoding.routes as routes
 from prefix_lightning import PrefixModel
-from prefix_lightning.decoding import beam_search, beam_search_options, generation_mask, tokens_to_generate
+from prefix_lightning.decoding import (
+    beam_search,
+    beam_search_options,
+    generation_mask,
+    rows_per_input,
+    tokens_to_generate,
+)
 from tests.helpers.decoding import END, LENGTHS, ending_lm, left_padded, prefixed, transformers_search
 from tests.helpers.tiny import PAD, VOCAB, tiny_lm
 
@@ -183,6 +189,35 @@ def test_no_padding_one_token_prompts_and_no_mask(monkeypatch) -> None:
         assert torch.equal(ours, model.generate(input_ids=ids, attention_mask=mask, **options))
 
 
+def test_a_pad_id_of_0_fills_after_the_end_as_transformers_does(monkeypatch) -> None:
+    """transformers reads a pad id of 0 as none and fills the positions after a hypothesis's end with the end token."""
+    model = prefixed("gpt2")
+    sequences, _ = compare(model, monkeypatch, num_beams=3, eos_token_id=END, max_new_tokens=NEW, pad_token_id=0)
+    new = sequences[:, max(LENGTHS) :]
+    assert not (new == 0).any() and ((new == END).sum(1) > 1).any()
+
+
+def test_an_end_token_as_pad_masks_nothing(monkeypatch) -> None:
+    """generate infers no mask where the pad token is an end token: an end token inside a prompt is read."""
+    model = prefixed("llama")
+    ids = torch.randint(3, VOCAB, (4, 6), generator=torch.Generator().manual_seed(5))
+    ids[:, 2] = END
+    options = dict(input_ids=ids, num_beams=3, eos_token_id=END, max_new_tokens=NEW, pad_token_id=END)
+    ours = model.generate(**options)
+    with transformers_search(monkeypatch):
+        assert torch.equal(ours, model.generate(**options))
+    assert not torch.equal(ours, model.generate(**{**options, "attention_mask": (ids != END).long()}))
+
+
+def test_several_sequences_per_input_without_a_mask_read_the_padding_generate_infers() -> None:
+    """Outside the beam search (num_return_sequences), the prompt is run once per input only where its padding is
+    known: a padded batch given no mask decodes as with the mask generate infers from the pad token."""
+    model = prefixed("llama")
+    ids, mask = left_padded()
+    options = dict(input_ids=ids, num_beams=3, num_return_sequences=2, eos_token_id=END, **BASE)
+    assert torch.equal(model.generate(**options), model.generate(**options, attention_mask=mask))
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_plain_lm(kind) -> None:
     """The core function on a bare LM, against its own generate (no prompt cache given)."""
@@ -250,6 +285,7 @@ def test_options_layered_like_generate() -> None:
         {"top_k": 5, "do_sample": True},
         {"streamer": object()},
         {"forced_eos_token_id": 2},
+        {"min_length": 6},  # counts the prompt, unlike min_new_tokens
     ):
         assert beam_search_options(lm, {"input_ids": ids, "num_beams": 3, "max_new_tokens": 5, **refused}) is None
     # options that change nothing without sampling are accepted
@@ -269,6 +305,16 @@ def test_the_tokens_generate_adds_are_counted_as_transformers_adds_them(kind: st
         added = lm.generate(prompt, **options, **settings).shape[1] - start
         assert tokens_to_generate(lm, {"input_ids": prompt, **options}) == added
     assert tokens_to_generate(lm, {"input_ids": prompt, "max_new_tokens": "3"}) == 0  # transformers says what is wrong
+
+
+def test_rows_per_input_are_the_beams_or_the_sequences_returned() -> None:
+    """Sampling several sequences makes one row per sequence (the PEFT baseline's prefix needs one per row)."""
+    defaults = GenerationConfig()
+    assert rows_per_input(defaults, {}) == 1
+    assert rows_per_input(defaults, {"num_beams": 3, "num_return_sequences": 2}) == 3
+    assert rows_per_input(defaults, {"do_sample": True, "num_return_sequences": 4}) == 4
+    configured = GenerationConfig(do_sample=True, num_return_sequences=5)
+    assert rows_per_input(defaults, {"generation_config": configured}) == 5
 
 
 def test_beams_or_sequences_below_one_are_refused_by_name() -> None:

@@ -18,11 +18,13 @@ import yaml
 from omegaconf import OmegaConf
 
 from prefix_lightning import PrefixBank, PrefixModel
+from prefix_lightning.decoding import generated_texts
 from prefix_lightning.generate import adopt_prompt_format, exporting_runs, main, prompt_collators, read_requests
 from prefix_lightning.training.build import generation_settings, load_configured_backbone
 from prefix_lightning.training.compose import compose_config, model_config_for
 from prefix_lightning.training.resume import run_config, run_model_overrides
 from tests.helpers.config import REPO, compose_train
+from tests.helpers.tiny import tiny_lm
 
 SOURCES = [
     "name : The Eagle | eatType : coffee shop | area : riverside",
@@ -305,3 +307,14 @@ def test_the_run_of_each_prefix_is_found(prefixes: dict[str, Path], tmp_path: Pa
         adopt_prompt_format(cfg, found, set())
     adopt_prompt_format(cfg, found, {"model.separator"})  # given: kept
     assert cfg.model.separator == " <|endoftext|>"
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bart"])
+def test_generated_texts_are_the_new_tokens_only(family: str, gpt2_tokenizer) -> None:
+    """A causal LM's output starts with the whole prompt, none of which is text it wrote (an encoder-decoder's
+    holds new tokens only); the end token and the filler after it are no text."""
+    end = gpt2_tokenizer.eos_token_id
+    prompt = gpt2_tokenizer("name : Zizzi ||").input_ids
+    new = [*gpt2_tokenizer(" Zizzi is nice. ").input_ids, end, end]
+    output = torch.tensor([prompt + new if family == "gpt2" else new])
+    assert generated_texts(output, len(prompt), tiny_lm(family), gpt2_tokenizer) == ["Zizzi is nice."]
