@@ -26,6 +26,15 @@ def test_ragged_references_score_each_hypothesis_against_its_own_references():
     assert 0 < corpus_bleu(hypotheses, ragged) < 100
 
 
+def test_a_group_with_fewer_references_gets_no_empty_one():
+    # An empty reference (0 tokens) would be the closest length to a short output and lift its brevity penalty:
+    # the short output of the one-reference group is measured against its own reference's length.
+    hypotheses = ["a cheap pub in the city centre", "a restaurant"]
+    ragged = [["a pub in the centre", "a cheap pub near the centre of the city"], ["a restaurant by the river"]]
+    padded = [ragged[0], ragged[1] * 2]
+    assert corpus_bleu(hypotheses, ragged) == pytest.approx(corpus_bleu(hypotheses, padded))
+
+
 def test_adding_references_on_e2e_raises_the_score(data_dir):
     from prefix_lightning.data import group_references, read_e2e
 

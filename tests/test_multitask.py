@@ -204,6 +204,15 @@ def test_each_task_is_scored_alone_and_the_shared_metrics_averaged() -> None:
         "webnlg/seen/BLEU": 45.0,
         "BLEU": 50.0,
     }
+    # Subset scores (seen/..., unseen/...) are not averaged over the tasks, even where every task has them.
+    subsets = {"webnlg": {"BLEU": 40.0, "seen/BLEU": 45.0}, "webnlg_again": {"BLEU": 30.0, "seen/BLEU": 35.0}}
+    assert set(task_metrics(subsets)) == {
+        "webnlg/BLEU",
+        "webnlg/seen/BLEU",
+        "webnlg_again/BLEU",
+        "webnlg_again/seen/BLEU",
+        "BLEU",
+    }
 
 
 @pytest.mark.parametrize(

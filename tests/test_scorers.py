@@ -192,6 +192,13 @@ def test_xsum_rouge_stems_by_hand():
     assert scores == pytest.approx({"rouge1": 75.0, "rouge2": 100 / 3, "rougeL": 75.0})
 
 
+def test_xsum_rouge_is_the_f_measure_of_precision_and_recall():
+    # the cat are run / the cat is run fast today. ROUGE-1 and ROUGE-L: 3 hits, precision 3/4, recall 3/6, F 0.6;
+    # ROUGE-2: 1 hit, precision 1/3, recall 1/5, F 0.25. Times 100.
+    scores = score("xsum", ["The cats are running."], [["The cat is running fast today."]])
+    assert scores == pytest.approx({"rouge1": 60.0, "rouge2": 25.0, "rougeL": 60.0})
+
+
 def test_xsum_takes_the_best_reference_and_averages_over_outputs():
     scores = score("xsum", ["a b", "c d"], [["x y", "a b"], ["x y"]])
     assert scores == pytest.approx({"rouge1": 50.0, "rouge2": 50.0, "rougeL": 50.0})
