@@ -154,6 +154,21 @@ def test_the_baseline_is_full_fine_tuning_else_the_first_name(tmp_path: Path) ->
     assert not list((tmp_path / "summary").glob("paired_*.png"))  # one setting: nothing to plot against
 
 
+def test_a_tied_pair_puts_neither_method_ahead_and_one_setting_has_no_row_over_all(tmp_path: Path) -> None:
+    records = [
+        make_record(
+            {"method": method, "data.subset_seed": subset}, bleu=20.0 + (difference if method == "prefix" else 0)
+        )
+        for subset, difference in ((1, 0.0), (2, 2.0), (3, -1.0))
+        for method in ("prefix", "full")
+    ]
+    write_sweep(tmp_path, records)
+    with open(aggregate(tmp_path) / "paired.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert [row["metric"] for row in rows] == ["test/bleu"]  # one setting: no row over all settings
+    assert (rows[0]["pairs"], rows[0]["prefix_ahead"]) == ("3", "1")
+
+
 @pytest.mark.parametrize(
     "sweep",
     [

@@ -64,6 +64,13 @@ def test_a_swept_text_holding_a_bar_keeps_its_markdown_cell(tmp_path: Path) -> N
     table = (aggregate(tmp_path) / "results.md").read_text().splitlines()
     assert table[2].startswith("| a \\| b | 1 |")
     assert table[2].count(" | ") == table[3].count(" | ") == table[0].count(" | ")  # as many cells as the header
+    assert table[1] == "|" + "---|" * (table[0].count(" | ") + 1)  # and the line under the header
+
+
+def test_a_swept_text_is_shown_as_text_in_the_report(tmp_path: Path) -> None:
+    write_sweep(tmp_path, [make_record({"prefix.init_text": text}, bleu=1.0) for text in ("<b>fish & chips</b>", "c")])
+    html = (aggregate(tmp_path) / "report.html").read_text()
+    assert "<td>&lt;b&gt;fish &amp; chips&lt;/b&gt;</td>" in html and "<b>" not in html
 
 
 def test_table_averages_over_seeds_and_subsets(tmp_path: Path) -> None:
@@ -114,6 +121,14 @@ def test_table_averages_over_seeds_and_subsets(tmp_path: Path) -> None:
 )
 def test_mean_and_std_are_written_to_the_means_decimals(mean: float, std: float | None, text: str) -> None:
     assert format_stat(mean, std) == text
+
+
+def test_a_metric_column_takes_the_decimals_of_its_largest_mean(tmp_path: Path) -> None:
+    write_sweep(
+        tmp_path, [make_record({"prefix.length": 1}, bleu=5.123), make_record({"prefix.length": 10}, bleu=150.0)]
+    )
+    table = (aggregate(tmp_path) / "results.md").read_text()
+    assert "| 1 | 1 | 6.12 | 5.12 |" in table and "| 10 | 1 | 151.00 | 150.00 |" in table
 
 
 def test_swept_values_sort_missing_then_numbers_then_text_and_flags() -> None:
