@@ -272,7 +272,6 @@ class _Search:
     finished_scores: torch.Tensor  # ... their length-penalized scores
     finished_lengths: torch.Tensor  # ... their new tokens
     is_finished: torch.Tensor
-    improvable: torch.Tensor  # (inputs, 1): may a running beam still beat the finished ones?
 
     @classmethod
     def start(cls, input_ids: torch.Tensor, beams: int, max_length: int, fill: int) -> _Search:
@@ -290,7 +289,6 @@ class _Search:
             finished_scores=torch.full((batch, beams), _HIDDEN, dtype=torch.float32, device=device),
             finished_lengths=torch.zeros(batch, beams, dtype=torch.long, device=device),
             is_finished=torch.zeros(batch, beams, dtype=torch.bool, device=device),
-            improvable=torch.ones(batch, 1, dtype=torch.bool, device=device),
         )
 
     def select(self, rows: torch.Tensor) -> _Search:
@@ -340,9 +338,6 @@ class _Rules:
         # Ended continuations among the top `beams` join the finished hypotheses if they beat them.
         just_finished = ends & (torch.arange(candidates, device=ends.device) < beams)
         penalized = scores / ((step + 1) ** self.length_penalty)
-        full = search.is_finished.all(dim=-1, keepdim=True) & (self.early_stopping is True)
-        penalized += full.to(torch.float32) * _HIDDEN
-        penalized += (~search.improvable).to(torch.float32) * _HIDDEN
         penalized += (~just_finished) * _HIDDEN
         merged_scores = torch.cat([search.finished_scores, penalized], dim=1)
         best = torch.topk(merged_scores, beams)[1]
@@ -361,8 +356,8 @@ class _Rules:
         hoped_length = self.max_new_tokens if longest else step + 1
         best_running = running_scores[:, :1] / (hoped_length**self.length_penalty)
         worst_finished = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True)[0], _HIDDEN)
-        improvable = search.improvable & (best_running > worst_finished).any(dim=-1, keepdim=True)
-        done = ~improvable[:, 0]
+        # (an input leaves the search once done: none here is done yet)
+        done = ~(best_running > worst_finished).any(dim=-1)
         if self.early_stopping is True:
             done |= is_finished.all(dim=-1)
         if last:  # every continuation ends: every input is final
@@ -375,7 +370,6 @@ class _Rules:
             finished_scores,
             finished_lengths,
             is_finished,
-            improvable,
         )
         return state, sources.gather(1, going), done
 
