@@ -292,6 +292,30 @@ def test_ranks_split_each_global_batch_and_resume_mid_epoch() -> None:
         assert list(resumed) == ranks[rank], "only the first pass after the resume is shortened"
 
 
+def test_every_epoch_draws_its_own_order_of_every_example_from_the_seed() -> None:
+    """A resumed run sees the order of the uninterrupted run only if the order depends on (seed, epoch) alone; and
+    an order repeated every epoch would train on the same batches over and over."""
+
+    def order(epoch: int, seed: int = 3) -> list[int]:
+        sampler = EpochShuffleSampler(10, seed=seed, batch_size=4)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    orders = [order(epoch) for epoch in range(3)]
+    assert all(sorted(drawn) == list(range(10)) for drawn in orders)
+    assert len({tuple(drawn) for drawn in orders}) == 3
+    assert orders[1] == order(1) != order(1, seed=4)
+
+
+def test_ranks_of_an_uneven_set_take_equal_shares_padded_from_the_start_of_the_order() -> None:
+    """A rank with one batch fewer than the others would leave them waiting for its gradients (DDP hangs)."""
+    single = list(EpochShuffleSampler(9, seed=3, batch_size=4))
+    ranks = [EpochShuffleSampler(9, seed=3, batch_size=2, num_replicas=2, rank=r) for r in (0, 1)]
+    shares = [list(rank) for rank in ranks]
+    assert [len(share) for share in shares] == [len(rank) for rank in ranks] == [5, 5]
+    assert shares[0][4:] + shares[1][4:] == [single[8], single[0]]  # the last global batch, padded as it starts
+
+
 def test_a_spawned_worker_ends_its_process_group_before_it_exits(tmp_path: Path) -> None:
     """A gloo group left to the interpreter's exit at times aborted a worker; each ends its own, after its results
     are handed over (also when the stage failed)."""
