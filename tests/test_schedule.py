@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 from transformers import get_linear_schedule_with_warmup
 
+from prefix_lightning.training.build import build_model, build_module
 from prefix_lightning.training.schedule import linear_warmup_decay
+from tests.helpers.config import compose_train
 
 
 def _rates(make: Callable[[torch.optim.Optimizer], LRScheduler], steps: int) -> list[float]:
@@ -38,3 +41,19 @@ def test_the_number_of_steps_is_asked_for_once_after_the_first_step() -> None:
         optimizer.step()
         schedule.step()
     assert asked == [1] and schedule.get_last_lr()[0] == pytest.approx(0.7)
+
+
+def test_the_run_optimizes_the_methods_tensors_alone_with_its_configured_rate_decay_and_warmup(tmp_path: Path) -> None:
+    """The optimizer and schedule a run gets from its config (a dropped setting would train with defaults)."""
+    settings = ["model=tiny_llama", "method.lr=0.01", "optim.weight_decay=0.1", "optim.warmup_steps=2"]
+    cfg = compose_train(tmp_path, settings)
+    model, tokenizer = build_model(cfg)
+    configured = build_module(cfg, model, tokenizer).configure_optimizers()
+    optimizer, schedule = configured["optimizer"], configured["lr_scheduler"]
+    (group,) = optimizer.param_groups
+    assert [id(p) for p in group["params"]] == [id(p) for p in model.trainable_parameters()]
+    assert (group["weight_decay"], schedule["interval"]) == (0.1, "step")
+    assert schedule["scheduler"].get_last_lr() == [0.0]  # warming up: the step count is not needed yet
+    optimizer.step()
+    schedule["scheduler"].step()
+    assert schedule["scheduler"].get_last_lr() == pytest.approx([0.005])
