@@ -218,7 +218,7 @@ def test_command_line_prints_the_experiment(name: str) -> None:
 # --- data.val_fraction (the paper's low-data dev split: 30% of the training size) -----------------------------
 
 
-@pytest.mark.parametrize(("train_size", "groups"), [(50, 15), (100, 30), (200, 60), (500, 150)])
+@pytest.mark.parametrize(("train_size", "groups"), [(1, 1), (5, 2), (50, 15), (100, 30), (200, 60), (500, 150)])
 def test_val_fraction_sizes_held_out_validation(train_size: int, groups: int, gpt2_tokenizer, data_dir) -> None:
     module = offline_datamodule(gpt2_tokenizer, data_dir, train_size=train_size, val_size=None, val_fraction=0.3)
     module.setup("fit")
