@@ -193,11 +193,24 @@ def test_train_subset_is_seeded_and_disjoint_from_held_out_validation(gpt2_token
     assert not val_sources & {example.source for example in first.train_examples + other.train_examples}
 
 
+def test_the_training_order_follows_shuffle_seed_over_the_same_subset(gpt2_tokenizer, data_dir):
+    def first_batch(shuffle_seed):
+        module = offline_datamodule(gpt2_tokenizer, data_dir, train_size=50, shuffle_seed=shuffle_seed)
+        module.setup("fit")
+        return next(iter(module.train_dataloader()))["input_ids"]
+
+    again = first_batch(1)
+    assert torch.equal(first_batch(1), again) and not torch.equal(first_batch(2), again)
+
+
 def test_train_size_larger_than_available_names_the_count(gpt2_tokenizer, data_dir, devset):
     held_out_pairs = sum(len(refs) for _, refs in group_references(devset)[-50:])
     module = offline_datamodule(gpt2_tokenizer, data_dir, train_size=10_000)
     with pytest.raises(ValueError, match=f"has {len(devset) - held_out_pairs} training pairs available"):
         module.setup("fit")
+    every_pair = offline_datamodule(gpt2_tokenizer, data_dir, train_size=len(devset) - held_out_pairs)
+    every_pair.setup("fit")  # all that are available is a valid size
+    assert len(every_pair.train_examples) == len(devset) - held_out_pairs
 
 
 def test_held_out_validation_needs_val_size(gpt2_tokenizer, data_dir):
@@ -281,6 +294,8 @@ def test_loaders(gpt2_tokenizer, data_dir):
     module = offline_datamodule(gpt2_tokenizer, data_dir, val_file="testset_w_refs.csv", val_size=4)
     module.setup("fit")
     module.setup("test")
+    groups = reference_groups(read_e2e(data_dir / "e2e" / "testset_w_refs.csv"))
+    assert module.val_groups == groups[:4] and module.test_groups == groups[:30]  # the first N, in file order
     train = next(iter(module.train_dataloader()))
     assert set(train) == {"input_ids", "attention_mask", "labels"} and train["input_ids"].shape[0] == 10
 
