@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from prefix_lightning import PrefixConfig, PrefixModel
-from prefix_lightning.data.sampler import EpochShuffleSampler
+from prefix_lightning.data.sampler import EpochShuffleSampler, training_sampler
 from prefix_lightning.training.build import build_model
 from prefix_lightning.training.method_export import MethodExport
 from prefix_lightning.training.result_record import ResultRecord
@@ -314,6 +314,24 @@ def test_ranks_of_an_uneven_set_take_equal_shares_padded_from_the_start_of_the_o
     shares = [list(rank) for rank in ranks]
     assert [len(share) for share in shares] == [len(rank) for rank in ranks] == [5, 5]
     assert shares[0][4:] + shares[1][4:] == [single[8], single[0]]  # the last global batch, padded as it starts
+
+
+def test_a_resumed_epoch_starts_after_the_batches_trained_and_a_complete_one_starts_over() -> None:
+    """What Lightning restores (batches completed in the epoch, the epoch) decides where the order goes on."""
+
+    def resumed_order(done: int, epoch: int = 2) -> list[int]:
+        loops = SimpleNamespace(
+            restarting=True,
+            epoch_loop=SimpleNamespace(batch_progress=SimpleNamespace(current=SimpleNamespace(completed=done))),
+            epoch_progress=SimpleNamespace(current=SimpleNamespace(processed=epoch)),
+        )
+        trainer = SimpleNamespace(world_size=1, global_rank=0, fit_loop=loops)
+        return list(training_sampler(10, seed=3, batch_size=2, trainer=trainer))
+
+    whole = EpochShuffleSampler(10, seed=3, batch_size=2)
+    whole.set_epoch(2)
+    assert resumed_order(0) == resumed_order(5) == list(whole)  # 5 batches of 2: the epoch was complete
+    assert resumed_order(1) == list(whole)[2:]
 
 
 def test_a_spawned_worker_ends_its_process_group_before_it_exits(tmp_path: Path) -> None:
