@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +13,9 @@ from prefix_lightning.evaluation import main_validation_metric, validation_metri
 from prefix_lightning.prefix import PrefixModel
 from prefix_lightning.training.build import build_model, load_configured_backbone
 from prefix_lightning.training.checks import ConfigError
+from prefix_lightning.training.early_stopping import early_stopping
 from prefix_lightning.training.optimized import settle_optimized_metric
+from prefix_lightning.training.result_record import ResultRecord
 from tests.helpers.cli import run_cli
 from tests.helpers.config import compose_train
 
@@ -51,6 +54,23 @@ def test_a_metric_validation_does_not_log_is_refused_with_the_ones_it_does(tmp_p
     cfg = compose_train(tmp_path, ["optimized_metric=val/rougel"])
     with pytest.raises(ConfigError, match=r"optimized_metric='val/rougel' is not valid: .* logs val/loss, val/bleu"):
         settle_optimized_metric(cfg)
+
+
+def test_early_stopping_counts_validations_without_an_improvement_of_min_delta_in_the_metrics_direction() -> None:
+    callback = early_stopping("val/loss", "min", patience=2, min_delta=0.5)
+    assert callback is not None and callback.monitor == "val/loss"
+    stops = [callback._evaluate_stopping_criteria(torch.tensor(loss))[0] for loss in (3.0, 2.0, 1.7, 1.6)]
+    assert stops == [False, False, False, True]  # 1.7 and 1.6 improve on 2.0 by less than 0.5
+
+
+def test_the_record_keeps_the_first_best_validation_in_the_metrics_direction(tmp_path: Path) -> None:
+    """Ties keep the earlier step, as the best checkpoint does (Lightning replaces it only on a strict improvement);
+    the sanity check's validation is no validation of the run."""
+    record = ResultRecord(str(tmp_path), monitor="val/loss", mode="min")
+    for step, loss, sanity in ((0, 0.1, True), (2, 2.0, False), (4, 1.0, False), (6, 1.0, False), (8, 1.5, False)):
+        trainer = SimpleNamespace(sanity_checking=sanity, global_step=step, callback_metrics={"val/loss": loss})
+        record.on_validation_end(trainer, None)  # type: ignore[arg-type]
+    assert (record.progress["best_val"], record.progress["best_val_step"], record.progress["last_val"]) == (1.0, 4, 1.5)
 
 
 def _prefix_of_checkpoint(cfg, checkpoint: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
