@@ -49,6 +49,7 @@ def test_linearized_example(devset):
 def test_values_may_contain_commas():
     mr = "name[The Eagle], priceRange[less than £20], food[Fish, Chips]"
     assert linearize_mr(mr) == "name : The Eagle | priceRange : less than £20 | food : Fish, Chips"
+    assert linearize_mr(" name [ The Eagle ] ,food[Fish ]") == "name : The Eagle | food : Fish"  # spaces dropped
 
 
 def test_group_references_keeps_first_seen_order():
