@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import os
 import statistics
 from pathlib import Path
 
@@ -223,6 +224,19 @@ def test_finished_runs_are_skipped_and_unfinished_ones_resume(tmp_path: Path) ->
         resume_checkpoint(cfg)
     write_record(tmp_path, make_record({}, bleu=1.0))
     assert finished_record(tmp_path)["last_val"] == 1.5
+
+
+def test_an_unfinished_run_resumes_from_the_newest_checkpoint_in_its_folder(tmp_path: Path) -> None:
+    """A SLURM requeue's hpc_ckpt_<n>.ckpt is newer than last.ckpt when the job was preempted after its last save."""
+    cfg = compose_train(tmp_path, ["model=tiny_llama"])
+    last, requeued = tmp_path / "checkpoints" / "last.ckpt", tmp_path / "hpc_ckpt_1.ckpt"
+    last.parent.mkdir()
+    for age, path in ((100, last), (0, requeued)):
+        torch.save({"state_dict": {}, "global_step": 3}, path)
+        os.utime(path, (path.stat().st_mtime - age,) * 2)
+    assert resume_checkpoint(cfg) == str(requeued)
+    os.utime(last)  # saved again since
+    assert resume_checkpoint(cfg) == str(last)
 
 
 def test_a_folder_run_again_is_checked_against_the_config_its_run_started_with(tmp_path: Path) -> None:
