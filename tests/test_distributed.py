@@ -32,6 +32,7 @@ from prefix_lightning import PrefixConfig, PrefixModel
 from prefix_lightning.data.sampler import EpochShuffleSampler, training_sampler
 from prefix_lightning.training.build import build_model
 from prefix_lightning.training.method_export import MethodExport
+from prefix_lightning.training.module import MethodModule
 from prefix_lightning.training.result_record import ResultRecord
 from prefix_lightning.training.sharded import clip_sharded_grad_norm, fsdp_gathered
 from prefix_lightning.training.spawn import SpawnDDPStrategy
@@ -486,6 +487,19 @@ def test_train_tokens_count_every_ranks_tokens_once_after_a_resume_or_a_spawned_
     ranks.run(go_on)
     record = json.loads((tmp_path / "result.json").read_text())
     assert record["train_tokens"] == sum(map(sum, fit + after_resume))
+
+
+def test_train_tokens_of_an_encoder_decoder_count_the_targets_its_decoder_reads(tmp_path: Path) -> None:
+    module = MethodModule(PrefixModel(tiny_lm("bart"), length=2), tokenizer=None, output_dir=str(tmp_path))
+    record, trainer = ResultRecord(str(tmp_path), monitor="val/bleu"), SimpleNamespace(world_size=1)
+    record.on_fit_start(trainer, module)  # type: ignore[arg-type]
+    batch = {
+        "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]]),
+        "labels": torch.tensor([[5, 6, -100], [7, -100, -100]]),
+    }
+    record.on_train_batch_start(trainer, module, batch, 0)  # type: ignore[arg-type]
+    record.on_train_batch_end(trainer, module, None, batch, 0)  # type: ignore[arg-type]
+    assert record.progress["train_tokens"] == 5 + 3  # source tokens, then target tokens
 
 
 @pytest.mark.parametrize("name", ["tiny_llama", "tiny_bart"])
