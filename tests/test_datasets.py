@@ -8,6 +8,7 @@ import logging
 import sys
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from hydra.utils import instantiate
@@ -28,6 +29,7 @@ from prefix_lightning.data import (
 from prefix_lightning.data.datamodule import TextToTextDataModule
 from prefix_lightning.data.triples import read_triples_xml
 from prefix_lightning.training.build import build_datamodule, build_model
+from prefix_lightning.training.module import _split_metrics
 from tests.helpers.config import CONF, compose_train
 
 UNSEEN_2017 = {"Artist", "Athlete", "CelestialBody", "MeanOfTransportation", "Politician"}
@@ -177,6 +179,7 @@ def test_custom_jsonl_round_trip(tmp_path):
         {"table": "name : A | food : B", "text": "A serves B.", "id": 7},
         {"table": "name : A | food : B", "text": "B at\u2028A.", "id": 7},  # a line separator inside a string
         {"table": "name : C", "text": "C.", "id": "x"},
+        {"table": "name : C", "text": "C again.", "id": "y"},  # another group with the same source
     ]
     path = tmp_path / "train.jsonl"
     path.write_text("\n".join(json.dumps(row, ensure_ascii=False) for row in rows) + "\n\n", encoding="utf-8")
@@ -185,6 +188,7 @@ def test_custom_jsonl_round_trip(tmp_path):
         Example("name : A | food : B", "A serves B.", 0),
         Example("name : A | food : B", "B at\u2028A.", 0),
         Example("name : C", "C.", 1),
+        Example("name : C", "C again.", 2),
     ]
 
 
@@ -250,6 +254,7 @@ def test_malformed_dataset_files(tmp_path, name, content, read, message):
         ("d.csv", "source,target\na,b\nc,\n", r"line 3: empty target"),
         ("d.csv", "source,target\na,b\n,d\n", r"line 3: empty source"),
         ("d.csv", "source,target\na,b\n\n\nc,\n", r"line 5: empty target"),  # blank lines hold no row
+        ("d.csv", "source,target\na,b\nc,  \n", r"line 3: empty target"),  # spaces alone hold no text
         ("d.tsv", "source\ttarget\na\tb\n\nc\td\te\n", r"line 4: 3 cells, but the header has 2 columns"),
         ("d.csv", "source,target\na\n", r"line 2: missing field 'target'"),
         ("d.csv", "source,target,source\na,b,c\n", r"line 1: the header names column\(s\) \['source'\] more than"),
@@ -277,6 +282,7 @@ def test_malformed_custom_files(tmp_path, name, content, message):
         ("unicode.tsv", "source\ttarget\na\tb\nc\td\n".encode("utf-16")),  # Excel's "Unicode text"
         ("records.json", b'[{"source": "a", "target": "b"},\n {"source": "c", "target": "d"}]'),  # pandas records
         ("lines.json", b'{"source": "a", "target": "b"}\r\n{"source": "c", "target": "d"}\r\n'),  # datasets to_json
+        ("spaced.csv", b"source,target\n a , b\nc,d \n"),  # spaces around a cell's text are no part of it
     ],
 )
 def test_custom_files_as_common_tools_save_them(tmp_path, name, payload):
@@ -485,6 +491,17 @@ def test_webnlg_test_subsets(subset, count, data_dir, gpt2_tokenizer):
         assert (categories <= module.seen_categories) == (subset == "seen")
         assert (categories <= UNSEEN_2017) == (subset == "unseen")
     assert next(iter(module.test_dataloader()))["categories"][0] == module.test_groups[0].category
+
+
+def test_a_webnlg_test_is_also_scored_on_its_seen_and_unseen_inputs():
+    right = "the airport is in the city of aarhus"
+    outputs = [
+        {"category": "Airport", "generation": right, "references": [right]},
+        {"category": "Food", "generation": "nothing like it at all", "references": [right]},
+    ]
+    webnlg = SimpleNamespace(metric_suite="bleu", seen_categories=frozenset({"Airport"}))
+    metrics = _split_metrics("test", webnlg, outputs)
+    assert (metrics["seen/BLEU"], metrics["unseen/BLEU"]) == (pytest.approx(100), 0)
 
 
 def test_test_subset_needs_categories(data_dir, gpt2_tokenizer):
