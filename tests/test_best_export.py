@@ -8,12 +8,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from prefix_lightning.evaluation import main_validation_metric, validation_metrics
 from prefix_lightning.prefix import PrefixModel
 from prefix_lightning.training.build import build_model, load_configured_backbone
 from prefix_lightning.training.checks import ConfigError
 from prefix_lightning.training.early_stopping import early_stopping
+from prefix_lightning.training.method_export import kept_best_checkpoint
 from prefix_lightning.training.optimized import settle_optimized_metric
 from prefix_lightning.training.result_record import ResultRecord
 from tests.helpers.cli import run_cli
@@ -71,6 +73,26 @@ def test_the_record_keeps_the_first_best_validation_in_the_metrics_direction(tmp
         trainer = SimpleNamespace(sanity_checking=sanity, global_step=step, callback_metrics={"val/loss": loss})
         record.on_validation_end(trainer, None)  # type: ignore[arg-type]
     assert (record.progress["best_val"], record.progress["best_val_step"], record.progress["last_val"]) == (1.0, 4, 1.5)
+
+
+def test_the_best_checkpoint_is_the_runs_own_not_one_restored_from_another_runs_checkpoint(tmp_path: Path) -> None:
+    """Lightning restores the best path of a checkpoint a run started from (``ckpt_path=`` of another run)."""
+    callback = ModelCheckpoint(dirpath=tmp_path / "run" / "checkpoints", monitor="val/bleu", mode="max")
+    trainer = SimpleNamespace(checkpoint_callbacks=[callback])
+    callback.best_model_path = str(tmp_path / "other" / "checkpoints" / "step4.ckpt")
+    assert kept_best_checkpoint(trainer) is None  # type: ignore[arg-type]
+    callback.best_model_path = str(tmp_path / "run" / "checkpoints" / "step2.ckpt")
+    assert kept_best_checkpoint(trainer) == callback.best_model_path  # type: ignore[arg-type]
+
+
+def test_the_record_keeps_its_validations_on_a_resume_and_drops_another_runs(tmp_path: Path) -> None:
+    written = ResultRecord(str(tmp_path / "run"), monitor="val/bleu")
+    written.progress.update(best_val=3.0, best_val_step=4, last_val=2.0, train_tokens=10)
+    for folder, validations in (("run", (3.0, 4, 2.0)), ("other", (None, None, None))):
+        record = ResultRecord(str(tmp_path / folder), monitor="val/bleu")
+        record.load_state_dict(written.state_dict())
+        assert tuple(record.progress[name] for name in ("best_val", "best_val_step", "last_val")) == validations
+        assert record.progress["train_tokens"] == 10  # the steps trained count either way
 
 
 def _prefix_of_checkpoint(cfg, checkpoint: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
