@@ -281,6 +281,9 @@ def test_resume_takes_the_runs_own_overrides_and_folder(tmp_path: Path) -> None:
     # DDP and FSDP start the other ranks with this command line, which Lightning extends: taken as it is.
     relaunched = [*argv, f"hydra.run.dir='{run}'", "hydra.job.name=train_ddp_process_1", "hydra.output_subdir=null"]
     assert resume_arguments(relaunched) == relaunched
+    # A run started from another run's checkpoint goes on from its own last one, not from that checkpoint again.
+    started_from = run_folder(tmp_path / "started", "seed: 1\n", ["model=tiny_llama", "ckpt_path=/runs/a/last.ckpt"])
+    assert resume_arguments(["run.py", f"resume={started_from}"])[1:-3] == ["model=tiny_llama"]
     with pytest.raises(
         FileNotFoundError, match=r"resume=.*nowhere: not a run folder \(\.hydra/config\.yaml is missing"
     ):
