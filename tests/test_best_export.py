@@ -15,11 +15,13 @@ from prefix_lightning.prefix import PrefixModel
 from prefix_lightning.training.build import build_model, load_configured_backbone
 from prefix_lightning.training.checks import ConfigError
 from prefix_lightning.training.early_stopping import early_stopping
-from prefix_lightning.training.method_export import kept_best_checkpoint
+from prefix_lightning.training.method_export import MethodExport, kept_best_checkpoint
+from prefix_lightning.training.module import MethodModule
 from prefix_lightning.training.optimized import settle_optimized_metric
 from prefix_lightning.training.result_record import ResultRecord
 from tests.helpers.cli import run_cli
 from tests.helpers.config import compose_train
+from tests.helpers.tiny import tiny_lm
 
 
 def test_validation_scores_bleu_for_table_to_text_and_rouge_for_xsum() -> None:
@@ -83,6 +85,22 @@ def test_the_best_checkpoint_is_the_runs_own_not_one_restored_from_another_runs_
     assert kept_best_checkpoint(trainer) is None  # type: ignore[arg-type]
     callback.best_model_path = str(tmp_path / "run" / "checkpoints" / "step2.ckpt")
     assert kept_best_checkpoint(trainer) == callback.best_model_path  # type: ignore[arg-type]
+
+
+def test_an_export_of_the_last_weights_states_the_last_validations_score_not_the_best_ones(tmp_path: Path) -> None:
+    callback = ModelCheckpoint(dirpath=tmp_path / "checkpoints", monitor="val/bleu", mode="max")
+    callback.best_model_score = torch.tensor(5.0)  # an earlier validation's
+    trainer = SimpleNamespace(
+        global_step=6,
+        checkpoint_callbacks=[callback],
+        callback_metrics={"val/bleu": torch.tensor(2.0)},
+        strategy=None,
+        is_global_zero=True,
+    )
+    module = MethodModule(PrefixModel(tiny_lm("gpt2"), length=2), tokenizer=None, output_dir=str(tmp_path))
+    export = MethodExport(str(tmp_path / "prefix"), weights="last")
+    export.on_train_end(trainer, module)  # type: ignore[arg-type]
+    assert export.state_dict() == {"source": "last", "step": 6, "validation": {"val/bleu": 2.0}}
 
 
 def test_the_record_keeps_its_validations_on_a_resume_and_drops_another_runs(tmp_path: Path) -> None:
