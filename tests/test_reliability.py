@@ -74,6 +74,12 @@ def test_bad_values_are_rejected_naming_the_option(override: str, message: str, 
     assert message in str(caught.value)
 
 
+@pytest.mark.parametrize("interval", ["0.25", "1.0"])
+def test_a_fraction_of_an_epoch_up_to_a_whole_one_is_a_validation_interval(interval: str, tmp_path: Path) -> None:
+    overrides = [f"trainer.val_check_interval={interval}", "trainer.check_val_every_n_epoch=1"]
+    check_config(compose_train(tmp_path, overrides))
+
+
 @pytest.mark.parametrize("patience", [0, True])
 def test_early_stopping_built_in_python_refuses_a_patience_that_is_no_count(patience: object) -> None:
     with pytest.raises(ValueError, match=f"patience={patience} is not valid: use a positive integer or null"):
