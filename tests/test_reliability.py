@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from torch.multiprocessing import ProcessExitedException
+from transformers import AutoConfig
 
 from prefix_lightning.cli import report_errors
 from prefix_lightning.files.atomic import atomic_write
@@ -338,7 +339,7 @@ def test_infinite_loss_before_any_checkpoint_says_there_is_none(tmp_path: Path) 
 
 
 def test_sources_longer_than_the_context_are_cut_with_a_warning(tmp_path: Path, caplog) -> None:
-    from prefix_lightning.training.build import build_model, source_budget
+    from prefix_lightning.training.build import build_model, fitted_source_budget, source_budget
 
     cfg = compose_train(tmp_path, ["model=tiny_gpt2", "data.max_source_tokens=1000", "data.max_target_tokens=100"])
     model, _ = build_model(cfg)
@@ -351,6 +352,11 @@ def test_sources_longer_than_the_context_are_cut_with_a_warning(tmp_path: Path, 
     cfg.data.max_target_tokens = 250
     with pytest.raises(ConfigError, match="a target of 250 tokens .* leave no room for the source"):
         source_budget(cfg, model)
+    cfg.data.max_source_tokens, cfg.data.max_target_tokens = 20, 100
+    assert source_budget(cfg, model) == 20  # within the positions: as asked
+    # An encoder's positions hold the source alone: the target goes to the decoder.
+    bart = AutoConfig.for_model("bart", max_position_embeddings=64)
+    assert fitted_source_budget(bart, 4, wanted=1000, target=50) == 60
 
 
 def test_the_generations_text_file_has_one_line_per_input(tmp_path: Path) -> None:
