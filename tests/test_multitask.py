@@ -180,6 +180,10 @@ def test_the_mixture_tags_every_row_with_its_task(tmp_path: Path, data_dir: Path
         (["data=multi", "data.tasks=[webnlg,webnlg]"], "repeated"),
         (["data=multi", "data.tasks=webnlg"], "give a list"),
         (["data=multi", "method.model.tasks=[e2e_devsplit]"], r"method.model.tasks=\['e2e_devsplit'\] is not data"),
+        (
+            ["data=multi", "data.tasks=[e2e_devsplit,e2e]", "method.model.tasks=[e2e,e2e_devsplit]"],
+            r"method.model.tasks=\['e2e', 'e2e_devsplit'\] is not data.tasks=\['e2e_devsplit', 'e2e'\]",
+        ),
     ],
 )
 def test_mixture_configs_are_checked(overrides: list[str], message: str | None, tmp_path: Path) -> None:
