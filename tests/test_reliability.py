@@ -99,6 +99,13 @@ def test_a_gpu_trainer_without_a_gpu_is_refused_before_the_model_loads(tmp_path:
         check_config(compose_train(tmp_path, ["trainer=gpu"]))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="accelerator=auto picks the CPU only without a GPU")
+def test_half_precision_on_an_automatic_accelerator_without_a_gpu_is_refused(tmp_path: Path) -> None:
+    cfg = compose_train(tmp_path, ["trainer.accelerator=auto", "trainer.precision=16-mixed"])
+    with pytest.raises(ConfigError, match=r"trainer.precision=16-mixed is for GPUs \(on the CPU Lightning would run"):
+        check_config(cfg)
+
+
 def test_a_config_entry_that_fails_to_build_is_named_by_its_key(capsys: pytest.CaptureFixture) -> None:
     cfg = OmegaConf.create({"trainer": {"_target_": "builtins.int", "_args_": ["abc"]}})
     with pytest.raises(SystemExit) as stopped:
