@@ -60,6 +60,13 @@ def test_record_is_complete_only_with_every_field(tmp_path: Path) -> None:
     assert read_record(tmp_path) is None
 
 
+def test_an_older_runs_record_without_its_export_counts_as_finished(tmp_path: Path) -> None:
+    """Records written before export/exported_step existed stay finished runs: a sweep does not train them again."""
+    older = {key: value for key, value in make_record({}, bleu=1.0).items() if key not in ("export", "exported_step")}
+    (tmp_path / RECORD_FILE).write_text(json.dumps(older))
+    assert finished_record(tmp_path) == older
+
+
 def test_a_swept_text_holding_a_bar_keeps_its_markdown_cell(tmp_path: Path) -> None:
     write_sweep(tmp_path, [make_record({"prefix.init_text": text}, bleu=1.0) for text in ("a | b", "c")])
     table = (aggregate(tmp_path) / "results.md").read_text().splitlines()
