@@ -170,6 +170,26 @@ def test_the_mixture_tags_every_row_with_its_task(tmp_path: Path, data_dir: Path
     assert [group for _, group in prompts] == list(range(12))
 
 
+@pytest.mark.parametrize("tested", [True, False])
+def test_a_mixture_reads_its_tasks_test_files_only_where_the_run_tests(
+    tested: bool, tmp_path: Path, data_dir: Path
+) -> None:
+    """test=false reaches every task of the mixture: a run that does not test needs no test file."""
+    (tmp_path / "data" / "e2e").mkdir(parents=True)
+    (tmp_path / "data" / "e2e" / "devset.csv").symlink_to(data_dir / "e2e" / "devset.csv")  # no testset_w_refs.csv
+    overrides = ["model=tiny_llama", "debug=fast", "data=multi", "data.tasks=[e2e_devsplit]"]
+    overrides += [f"data.data_dir={tmp_path / 'data'}", f"test={str(tested).lower()}"]
+    cfg = compose_train(tmp_path, overrides)
+    model, tokenizer = build_model(cfg)
+    datamodule = build_datamodule(cfg, tokenizer, model)
+    if tested:
+        with pytest.raises(FileNotFoundError, match="testset_w_refs.csv"):
+            datamodule.setup("fit")
+        return
+    datamodule.setup("fit")
+    assert len(datamodule.tasks["e2e_devsplit"].train_examples) == 16
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
