@@ -228,6 +228,18 @@ def test_unsupported_architecture_names_the_supported_ones(tmp_path: Path) -> No
     assert "Supported: decoder-only LMs (GPT-2, the Llama family" in result.stderr
 
 
+def test_the_seed_sets_the_prefixs_initialization(tmp_path: Path) -> None:
+    """build_model seeds before building: the same seed starts the same prefix, another seed another one."""
+
+    def initial_prefix(seed: int) -> list[torch.Tensor]:
+        model, _ = build_model(compose_train(tmp_path, ["model=tiny_llama", f"seed={seed}"]))
+        return [parameter.detach().clone() for parameter in model.trainable_parameters()]
+
+    first, again, other = initial_prefix(1), initial_prefix(1), initial_prefix(2)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other, strict=True))
+
+
 def test_a_checkpoint_of_a_run_on_another_kind_of_base_model_is_refused(tmp_path: Path) -> None:
     """Prefixes of the same shapes on another model type (tiny BART's and tiny T5's, say) would load silently."""
     cfg = compose_train(tmp_path, ["model=tiny_llama"])
