@@ -176,7 +176,8 @@ def test_a_mixture_reads_its_tasks_test_files_only_where_the_run_tests(
 ) -> None:
     """test=false reaches every task of the mixture: a run that does not test needs no test file."""
     (tmp_path / "data" / "e2e").mkdir(parents=True)
-    (tmp_path / "data" / "e2e" / "devset.csv").symlink_to(data_dir / "e2e" / "devset.csv")  # no testset_w_refs.csv
+    # No testset_w_refs.csv; the link's target resolved, as the data dir may be given relative to the repository.
+    (tmp_path / "data" / "e2e" / "devset.csv").symlink_to((data_dir / "e2e" / "devset.csv").resolve())
     overrides = ["model=tiny_llama", "debug=fast", "data=multi", "data.tasks=[e2e_devsplit]"]
     overrides += [f"data.data_dir={tmp_path / 'data'}", f"test={str(tested).lower()}"]
     cfg = compose_train(tmp_path, overrides)
