@@ -218,6 +218,26 @@ def test_kill_9_after_the_timed_checkpoint_loses_no_more_than_the_interval(strai
 
 
 @pytest.mark.integration
+def test_a_timed_checkpoint_due_in_the_middle_of_a_step_waits_for_the_next_step(tmp_path: Path) -> None:
+    """Two batches a step, a timed last.ckpt every 1.2 s, and a pause after batch 2 (the first of step 2): the timer
+    falls due as batch 3 starts, in the middle of step 2, and the checkpoint waits for step 3's first batch. Taken
+    there it would hold step 1 without batch 2's accumulated gradients: resumed, the run ended with another prefix
+    than the uninterrupted one."""
+    settings = [*RUN[:3], "data.batch_size=2", "trainer.max_steps=4", "trainer.accumulate_grad_batches=2"]
+    settings += ["trainer.val_check_interval=8", "callbacks.last_checkpoint.every_minutes=0.02"]  # no validation
+    straight = tmp_path / "straight"
+    run_cli(straight, *settings)
+    killed = tmp_path / "killed"
+    pause = fault("PauseAfterBatch", batch=2, seconds=1.5)
+    result = run_failing(killed, *settings, *pause, *fault("SignalAtBatch", batch=4, name="SIGKILL"))
+    assert result.returncode == -signal.SIGKILL
+    last = killed / "checkpoints" / "last.ckpt"
+    assert global_step(last) == 2
+    assert_restored(run_cli(killed, *settings, f"ckpt_path={last}"), last)
+    assert_same_prefix(killed, straight)
+
+
+@pytest.mark.integration
 def test_slurm_keeps_lightnings_own_requeue_on_sigusr1(tmp_path: Path) -> None:
     """Under SLURM (auto-requeue), SIGUSR1 is Lightning's: it writes hpc_ckpt_1.ckpt and asks scontrol to requeue
     (absent here: it only warns), and the run goes on to its end, as SLURM then stops and restarts the job."""

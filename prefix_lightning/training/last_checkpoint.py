@@ -43,8 +43,9 @@ class LastCheckpoint(Checkpoint):
     already handles SIGUSR1 (SLURM auto-requeue) it is left to Lightning.
 
     A Lightning ``Checkpoint``, so that it runs after the other callbacks of a validation (the best checkpoint, early
-    stopping, the result record) and saves their updated state. The timed save happens as a training batch starts,
-    when the previous step is complete: a run resumed from it trains the next batch, as the uninterrupted run did.
+    stopping, the result record) and saves their updated state. The timed save happens as a training step's first
+    batch starts, when the previous step is complete: a run resumed from it trains the next batch, as the
+    uninterrupted run did.
     """
 
     def __init__(self, dirpath: str, every_minutes: float | None = 10.0) -> None:
@@ -122,8 +123,10 @@ class LastCheckpoint(Checkpoint):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        # Only as a step's first batch starts: later ones would save without the gradients accumulated so far.
         due = (
             self.interval_s is not None
+            and batch_idx % trainer.accumulate_grad_batches == 0
             and trainer.global_step > self._saved_step
             and time.monotonic() - self._saved_at >= self.interval_s
         )

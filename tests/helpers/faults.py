@@ -69,6 +69,20 @@ class SlowSteps(L.Callback):
         time.sleep(self.seconds)
 
 
+class PauseAfterBatch(L.Callback):
+    """Sleeps ``seconds`` after the training batch ``batch`` of the first epoch, so that a timer falls due as the
+    next batch starts (with gradient accumulation: possibly in the middle of a step)."""
+
+    def __init__(self, batch: int, seconds: float) -> None:
+        self.batch, self.seconds = batch, seconds
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: object, batch: object, batch_idx: int
+    ) -> None:
+        if trainer.current_epoch == 0 and batch_idx == self.batch:
+            time.sleep(self.seconds)
+
+
 class SignalInValidation(L.Callback):
     """Sends the signal ``name`` to this process in the middle of the validation that follows step ``step`` (after
     its first validation batch)."""
