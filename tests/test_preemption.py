@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import re
 import signal
@@ -21,6 +22,7 @@ from prefix_lightning.training.checks import ConfigError
 from prefix_lightning.training.csv_log import ContinuedCSVLogger
 from prefix_lightning.training.last_checkpoint import LastCheckpoint
 from prefix_lightning.training.resume import STARTED_CONFIG, check_earlier_attempt, resume_arguments
+from prefix_lightning.training.train import train
 from tests.helpers.cli import run_cli, run_failing, run_python
 from tests.helpers.config import compose_train, run_folder
 from tests.helpers.faults import fault
@@ -235,6 +237,19 @@ def test_a_timed_checkpoint_due_in_the_middle_of_a_step_waits_for_the_next_step(
     assert global_step(last) == 2
     assert_restored(run_cli(killed, *settings, f"ckpt_path={last}"), last)
     assert_same_prefix(killed, straight)
+
+
+@pytest.mark.integration
+def test_the_timer_does_not_save_a_step_already_saved(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A timed last.ckpt as every batch starts (every_minutes=0), validating every 2 steps: the timer saves the odd
+    steps once each, not step 0 (where training starts) nor the even ones again (their validation saved them)."""
+    timer = "callbacks.last_checkpoint.every_minutes=0"
+    cfg = compose_train(tmp_path, [*RUN, timer, "test=false"])
+    caplog.set_level(logging.INFO, logger="prefix_lightning.training.last_checkpoint")
+    train(cfg)
+    timed = re.findall(r"saved \S+last\.ckpt at step (\d+) \(every 0 minutes\)", caplog.text)
+    assert timed == ["1", "3", "5", "7"]
+    assert global_step(tmp_path / "checkpoints" / "last.ckpt") == 8
 
 
 @pytest.mark.integration
