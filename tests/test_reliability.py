@@ -295,6 +295,27 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> N
     assert list(tmp_path.iterdir()) == [target]
 
 
+class FailsToSerialize:
+    """Part of a checkpoint whose serialization fails, as a full disk fails a write part-way."""
+
+    def __reduce__(self) -> tuple:
+        raise OSError("disk full")
+
+
+def test_a_checkpoint_write_that_fails_leaves_the_previous_checkpoint_whole(tmp_path: Path) -> None:
+    """With the configured trainer's checkpoint writer: a write straight into last.ckpt would have truncated the
+    checkpoint a run resumes from before failing."""
+    writer = instantiate(compose_train(tmp_path).trainer).strategy.checkpoint_io
+    last = tmp_path / "last.ckpt"
+    writer.save_checkpoint({"global_step": 3, "state_dict": {"prefix": torch.ones(4)}}, last)
+    failing = {"global_step": 4, "state_dict": {"prefix": torch.zeros(4)}, "callbacks": FailsToSerialize()}
+    with pytest.raises(OSError, match="disk full"):
+        writer.save_checkpoint(failing, last)
+    kept = torch.load(last, weights_only=True)
+    assert kept["global_step"] == 3 and torch.equal(kept["state_dict"]["prefix"], torch.ones(4))
+    assert list(tmp_path.iterdir()) == [last]
+
+
 KILL_OVERRIDES = [
     *FAST[:-2],
     "trainer.val_check_interval=2",
