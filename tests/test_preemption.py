@@ -252,6 +252,34 @@ def test_the_timer_does_not_save_a_step_already_saved(tmp_path: Path, caplog: py
     assert global_step(tmp_path / "checkpoints" / "last.ckpt") == 8
 
 
+def _trained_batches(run_dir: Path, *overrides: str) -> list[list[list[int]]]:
+    """train(cfg) in ``run_dir`` validating at every epoch's end (4 batches), and the batches it trained on."""
+    every_epoch = ["trainer.val_check_interval=1.0", "trainer.check_val_every_n_epoch=1"]
+    recorder = [
+        "+callbacks.batches._target_=tests.helpers.recorders.BatchRecorder",
+        f"+callbacks.batches.folder={run_dir}",
+    ]
+    train(compose_train(run_dir, [*RUN[:3], *every_epoch, "test=false", "logger=none", *recorder, *overrides]))
+    return json.loads((run_dir / "rank0.json").read_text())
+
+
+@pytest.mark.integration
+def test_a_run_started_from_an_epoch_end_checkpoint_resumes_mid_epoch_in_its_own_order(tmp_path: Path) -> None:
+    """Validating at every epoch's end, the best checkpoint is written as the epoch ends (after Lightning counted
+    it processed, before it counted it completed). A run started from it keeps the two counts one apart, and the
+    sampler's epoch is Lightning's processed count: stopped in the middle of an epoch and resumed, the run goes on
+    with the batches it would have trained uninterrupted (taking the completed count, it drew another epoch's)."""
+    _trained_batches(tmp_path / "first", "trainer.max_steps=4")
+    epoch_end = tmp_path / "first" / "checkpoints" / "step4.ckpt"
+    uninterrupted = _trained_batches(tmp_path / "uninterrupted", "trainer.max_steps=8", f"ckpt_path={epoch_end}")
+    timed = "callbacks.last_checkpoint.every_minutes=0"  # saved as each step starts: step 5 as step 6 starts
+    _trained_batches(tmp_path / "stopped", "trainer.max_steps=6", f"ckpt_path={epoch_end}", timed)
+    mid_epoch = tmp_path / "stopped" / "checkpoints" / "last.ckpt"
+    assert global_step(mid_epoch) == 5
+    resumed = _trained_batches(tmp_path / "resumed", "trainer.max_steps=8", f"ckpt_path={mid_epoch}")
+    assert resumed == uninterrupted[1:]
+
+
 @pytest.mark.integration
 def test_slurm_keeps_lightnings_own_requeue_on_sigusr1(tmp_path: Path) -> None:
     """Under SLURM (auto-requeue), SIGUSR1 is Lightning's: it writes hpc_ckpt_1.ckpt and asks scontrol to requeue
