@@ -1,5 +1,5 @@
 """What the docs (README.md, docs/*.md) show holds for the code: the runs they show compose and pass the config
-check, the README's table of config groups names every shipped option."""
+check, the README's table of config groups names every shipped option, the source files they name exist."""
 
 from __future__ import annotations
 
@@ -86,3 +86,27 @@ def test_the_readme_table_of_groups_names_every_option() -> None:
     shipped = {group: names - {"default"} if len(names) > 1 else names for group, names in shipped.items()}
     assert {"model", "method", "data", "trainer", "logger"} <= set(shipped)
     assert {group: listed[group] for group in shipped} == shipped
+
+
+# Files the docs name that are not the repository's: the reader's own (the README's example method) and the paper
+# authors' script.
+NOT_OURS = {"my_methods.py", "conf/method/norms.yaml", "gpt2/train_e2e.py"}
+
+
+def test_the_source_files_the_docs_name_exist() -> None:
+    """Every Python file (`prefix/attention.py`, or by its name where a table gives the package) and config file
+    (`conf/...yaml`) the docs name is in the repository: a module renamed or moved leaves no stale name behind."""
+    sources = [
+        *REPO.glob("*.py"),
+        *(path for folder in ("prefix_lightning", "tests", "conf") for path in (REPO / folder).rglob("*")),
+    ]
+    files = [path.relative_to(REPO).as_posix() for path in sources]
+    named = {
+        (doc.name, name)
+        for doc in DOCS
+        for name in re.findall(r"(?<![\w/.<-])((?:[\w.]+/)*\w+\.py|conf/[\w/]+\.yaml)\b", doc.read_text())
+        if name not in NOT_OURS
+    }
+    assert len(named) > 50
+    missing = [(doc, name) for doc, name in sorted(named) if not any(f"/{path}".endswith(f"/{name}") for path in files)]
+    assert missing == []
