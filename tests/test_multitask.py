@@ -6,13 +6,16 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from typing import Any
 
+import lightning as L
 import pytest
 import torch
 import yaml
 from hydra import compose, initialize_config_dir
 
 from prefix_lightning import PrefixConfig, PrefixModel
+from prefix_lightning.data.datamodule import TextToTextDataModule
 from prefix_lightning.evaluate import evaluate, with_run_settings
 from prefix_lightning.evaluation import task_metrics
 from prefix_lightning.prefix.attention import record_attention_calls
@@ -25,6 +28,7 @@ from prefix_lightning.training.optimized import settle_optimized_metric
 from prefix_lightning.training.resume import RUN_CONFIG, RUN_OVERRIDES
 from tests.helpers.cli import run_cli
 from tests.helpers.config import compose_train
+from tests.helpers.data import GPT2_LAYOUT
 from tests.helpers.families import DECODERS
 from tests.helpers.tiny import PAD, pad_batch, tiny_lm
 
@@ -168,6 +172,39 @@ def test_the_mixture_tags_every_row_with_its_task(tmp_path: Path, data_dir: Path
     prompts = [p for b in datamodule.test_dataloader() for p in zip(b["prefixes"], b["group_ids"], strict=True)]
     assert [task for task, _ in prompts] == [task for task in model.tasks for _ in range(4)]
     assert [group for _, group in prompts] == list(range(12))
+
+
+class _BuildsATask(L.LightningDataModule):
+    """A data module whose __init__ builds another with settings of its own, as MultiTaskDataModule builds its tasks
+    (in a comprehension, which Python >= 3.12 runs in the __init__'s frame)."""
+
+    def __init__(self, tokenizer: Any, data_dir: Path, train_size: int | None = None, subset_seed: int | None = None):
+        super().__init__()
+        self.task = TextToTextDataModule(
+            tokenizer, data_dir, "e2e", **GPT2_LAYOUT, train_file="devset.csv", val_size=5, train_size=20, subset_seed=3
+        )
+
+
+def test_a_task_built_inside_another_data_module_keeps_its_own_settings(gpt2_tokenizer: Any, data_dir: Path) -> None:
+    """Lightning's save_hyperparameters also collects the arguments of an enclosing data module's __init__, whose
+    values won: every task of a mixture took its None sizes and seed (on Python >= 3.12 the mixture failed in
+    manual_seed(None), or trained on all pairs where a seed was given)."""
+    task = _BuildsATask(gpt2_tokenizer, data_dir).task
+    assert (task.hparams.train_size, task.hparams.subset_seed) == (20, 3)
+    task.setup("fit")
+    alone = TextToTextDataModule(
+        gpt2_tokenizer,
+        data_dir,
+        "e2e",
+        **GPT2_LAYOUT,
+        train_file="devset.csv",
+        val_size=5,
+        train_size=20,
+        subset_seed=3,
+    )
+    alone.setup("fit")
+    assert len(task.train_examples) == 20
+    assert task.train_examples == alone.train_examples
 
 
 @pytest.mark.parametrize("tested", [True, False])

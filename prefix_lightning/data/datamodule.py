@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from pathlib import Path
 from typing import Any, cast
@@ -103,7 +104,13 @@ class TextToTextDataModule(L.LightningDataModule):
                 "fraction and set train_size (or give val_size instead)"
             )
         data_dir = str(data_dir)  # checkpoints load with weights_only=True, which refuses Path objects
-        self.save_hyperparameters(ignore=["tokenizer"], logger=False)  # train() logs the config
+        # This call's arguments, given whole: Lightning's own collection also takes those of a data module whose
+        # __init__ builds this one (a MultiTaskDataModule's tasks, on Python >= 3.12 whose comprehensions run in
+        # the enclosing frame), and theirs would win (every task's sizes and seed the mixture's None).
+        given = locals()
+        parameters = inspect.signature(TextToTextDataModule.__init__).parameters
+        arguments = {name: given[name] for name in parameters if name not in ("self", "tokenizer")}
+        self.save_hyperparameters(arguments, logger=False)  # train() logs the config
         self.collator = TextToTextCollator(
             tokenizer, separator, target_end, is_encoder_decoder, max_source_tokens, max_target_tokens
         )
