@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
 
-@runtime_checkable
 class TrainableLM(Protocol):
     """An LM adapted by one method: prefix-tuning (``PrefixModel``) or a baseline (``prefix_lightning.baselines``).
 
