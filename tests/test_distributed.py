@@ -244,6 +244,22 @@ def test_a_signal_as_the_spawned_workers_start_stops_the_run_saving_nothing(tmp_
 
 
 @pytest.mark.integration
+def test_a_signal_while_the_workers_are_launched_is_handed_to_them_once_they_are_ready(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    """trainer=ddp_cpu: Ctrl-C to the main process while it launches its workers, before it knows them. It keeps the
+    signal and hands it to them once they are ready for it (handed to no one, it let the run train on to its end;
+    handed to a worker not yet ready, it ended it quietly and the main process waited forever): they end, and the run
+    exits as one stopped by it, having saved nothing."""
+    result = run_failing(tmp_path, *SHARDED_RUN, "trainer=ddp_cpu", *fault("SignalMainAsItLaunches", name="SIGINT"))
+    assert result.returncode == 130, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1] == f"stopped by SIGINT (no checkpoint saved); to go on, run: python run.py resume={tmp_path}"
+    assert "SIGINT reached the workers as they started" in result.stdout + result.stderr
+    assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
+
+
+@pytest.mark.integration
 def test_two_process_fsdp_checkpoints_lora_inside_the_sharded_layers_as_ddp_does(
     tmp_path: Path, data_dir: Path
 ) -> None:

@@ -4,25 +4,29 @@ and what the callbacks recorded (the result record's validations and token count
 stayed in the fit's workers, so the test after it saw step 0 and a run with no validation.
 
 A stop signal (SIGTERM, SIGUSR1, Ctrl-C) stops it as it stops one process (see ``LastCheckpoint``): the main
-process, which only waits for its workers, hands the signal to them; they stop and save, and their stop is handed
-back to it with their results; one that reaches them as they start, before they listen for it, ends them, and the
-run stops the same way, having saved nothing. Lightning's spawning main process neither hands signals over nor learns
-that the workers stopped: a signal killed it at once, leaving nothing saved."""
+process, which only waits for its workers, hands the signal to them (one that comes while it launches them, once
+they are ready for it); they stop and save, and their stop is handed back to it with their results; one that reaches
+them as they start, before they listen for it, ends them, and the run stops the same way, having saved nothing.
+Lightning's spawning main process neither hands signals over nor learns that the workers stopped: a signal killed it
+at once, leaving nothing saved."""
 
 from __future__ import annotations
 
 import io
 import logging
 import os
+import queue
 import signal
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from functools import partial
+from multiprocessing.connection import Connection
 from typing import Any
 
 import lightning as L
 import torch
+import torch.multiprocessing as mp
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.trainer.call import _interrupt
@@ -56,7 +60,10 @@ class _StatefulLauncher(_MultiProcessingLauncher):
         """A stop signal that reaches the workers as they start, before they listen for it, ends them (the
         signal's default action): the run stops as one stopped by it, not as one that failed (exit status 1)."""
         self.handed_over: str | None = None  # the stop signal handed to the workers
-        with self._stop_signals_handed_to_workers():
+        # Each worker's pid, as it is ready. Not a multiprocessing queue, whose lock a worker ended by the signal
+        # handed over could keep: a pipe's short messages are written whole.
+        ready, self._ready = mp.get_context(self._start_method).Pipe(duplex=False)
+        with self._stop_signals_handed_to_workers(ready):
             try:
                 return super().launch(function, *args, trainer=trainer, **kwargs)
             except ProcessExitedException as ended:
@@ -66,17 +73,18 @@ class _StatefulLauncher(_MultiProcessingLauncher):
                 raise WorkersStopped(self.handed_over) from ended
 
     @contextmanager
-    def _stop_signals_handed_to_workers(self) -> Iterator[None]:
+    def _stop_signals_handed_to_workers(self, ready: Connection) -> Iterator[None]:
         """While the workers run, a stop signal to the main process is theirs: it is handed to each of them once
-        (they stop after the current step). A second Ctrl-C stops at once, as it does one process: the workers
-        are killed and the main process raises ``KeyboardInterrupt``."""
+        (they stop after the current step) by :meth:`_hand_over_when_ready`. A second Ctrl-C stops at once, as it
+        does one process: the workers are killed and the main process raises ``KeyboardInterrupt``."""
         if threading.current_thread() is not threading.main_thread():  # signals are handled by the main thread
             yield
             return
+        signals: queue.SimpleQueue[int | None] = queue.SimpleQueue()  # its put may be called in a signal handler
 
         def hand_over(signum: int, frame: Any) -> None:
             self.handed_over = self.handed_over or signal.Signals(signum).name
-            self.kill(signum)
+            signals.put(signum)
             if signum == signal.SIGINT:
                 signal.signal(signal.SIGINT, stop_at_once)
 
@@ -87,12 +95,34 @@ class _StatefulLauncher(_MultiProcessingLauncher):
         found = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
         for signum in STOP_SIGNALS:
             signal.signal(signum, hand_over)
+        handing_over = threading.Thread(target=self._hand_over_when_ready, args=(ready, signals), daemon=True)
+        handing_over.start()
         try:
             yield
         finally:
             for signum, handler in found.items():
                 if handler is not None:  # None: a handler not set from Python, which cannot be put back
                     signal.signal(signum, handler)
+            self._ready.send(None)
+            signals.put(None)
+            handing_over.join()
+
+    def _hand_over_when_ready(self, ready: Connection, signals: queue.SimpleQueue[int | None]) -> None:
+        """Hands the stop ``signals`` to the workers once all are ``ready`` for them (see
+        ``_stage_stopped_as_one_process``), those that came before then included, until ``None``; in a thread of the
+        main process. The main process knows its workers only once it has started them all (a signal that came
+        before was handed to no one, and the run trained on), and a worker that had not yet taken its signals ended
+        quietly on SIGINT, handing nothing back (the main process waited forever)."""
+        workers: list[int] = []
+        while len(workers) < self._strategy.num_processes:  # type: ignore[attr-defined]  # a DDPStrategy's
+            pid = ready.recv()
+            if pid is None:  # the launch is over
+                return
+            workers.append(pid)
+        while (signum := signals.get()) is not None:
+            for pid in workers:
+                with suppress(ProcessLookupError):  # ended meanwhile
+                    os.kill(pid, signum)
 
     def _wrapping_function(
         self, process_idx: int, trainer: L.Trainer | None, function: Callable[..., Any], *args: Any
@@ -101,7 +131,9 @@ class _StatefulLauncher(_MultiProcessingLauncher):
         and a gloo group left to the interpreter's exit at times aborts the worker ("terminate called without an
         active exception": gloo's threads still hold work when Python tears down)."""
         try:
-            stage = function if trainer is None else partial(_stage_stopped_as_one_process, trainer, function)
+            stage = (
+                function if trainer is None else partial(_stage_stopped_as_one_process, trainer, self._ready, function)
+            )
             super()._wrapping_function(process_idx, trainer, stage, *args)
         finally:
             if torch.distributed.is_initialized():
@@ -134,18 +166,22 @@ class _StatefulLauncher(_MultiProcessingLauncher):
             raise WorkersStopped(stopped_by or "SIGTERM")
 
 
-def _stage_stopped_as_one_process(trainer: L.Trainer, stage: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+def _stage_stopped_as_one_process(
+    trainer: L.Trainer, ready: Connection, stage: Callable[..., Any], *args: Any, **kwargs: Any
+) -> Any:
     """A worker's stage, stopped by a signal as one process's is: Lightning handles a stop (calling the callbacks'
     ``on_exception``, where ``LastCheckpoint`` saves) in the main process alone, which does not train here; the
     worker does it, then hands its results back as after a finished stage, marked interrupted.
 
-    The worker first leaves the main process's process group (the operating system's), so that a stop signal
-    reaches it once, from the main process (Ctrl-C at a terminal signals the whole group: handed over as well, it
-    came twice, the second stopping at once). Until the stage listens for SIGINT, SIGINT ends the worker as SIGTERM
-    does: Python's ``KeyboardInterrupt`` ends a spawned worker quietly, handing nothing back, and the main process
-    waited forever."""
+    The worker first takes its signals, then tells the main process, through ``ready``, that they may be handed to
+    it. It leaves the main process's process group (the operating system's), so that a stop signal reaches it once,
+    from the main process (Ctrl-C at a terminal signals the whole group: handed over as well, it came twice, the
+    second stopping at once). Until the stage listens for SIGINT, SIGINT ends the worker as SIGTERM does: Python's
+    ``KeyboardInterrupt`` ends a spawned worker quietly, handing nothing back, and the main process waited
+    forever."""
     os.setpgid(0, 0)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    ready.send(os.getpid())
     try:
         return stage(*args, **kwargs)
     except SIGTERMException as stop:

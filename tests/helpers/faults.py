@@ -145,6 +145,20 @@ class SignalMainAtSetup(L.Callback):
             time.sleep(60)
 
 
+class SignalMainAsItLaunches(L.Callback):
+    """Sends the signal ``name`` to ``trainer=ddp_cpu``'s main process as it pickles this callback for its first
+    worker: while it launches the workers, before it knows them and before they are ready for the signal."""
+
+    def __init__(self, name: str) -> None:
+        self.signal, self.sent = getattr(signal, name), False
+
+    def __getstate__(self) -> dict[str, object]:
+        if not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.signal)
+        return self.__dict__
+
+
 class CtrlCAt(SignalMainAt):
     """Ctrl-C at a terminal once ``step`` steps are done: SIGINT to every process in the main process's group, which
     must be a group of its own (the run started in a new session), or the tests would get it too. The main process
