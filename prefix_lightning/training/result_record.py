@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -168,7 +168,7 @@ class ResultRecord(L.Callback):
             "prefix": self._relative(export.dirpath if export else None),
             "export": export.source if export else None,
             "exported_step": export.step if export else None,
-            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "finished": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         path = write_record(self.dirpath, record)
         log_result(trainer.loggers, record)
