@@ -232,30 +232,24 @@ def test_ctrl_c_at_a_terminal_stops_the_spawned_workers_once(tmp_path: Path, dat
 
 
 @pytest.mark.integration
-def test_a_signal_as_the_spawned_workers_start_stops_the_run_saving_nothing(tmp_path: Path, data_dir: Path) -> None:
-    """trainer=ddp_cpu: SIGUSR1 while the workers set up, before they listen for it, ends them. The run exits as one
-    stopped by it (138, not 1 with the workers' exit), saying that nothing was saved and how to start again."""
-    result = run_failing(tmp_path, *SHARDED_RUN, "trainer=ddp_cpu", *fault("SignalMainAtSetup", name="SIGUSR1"))
-    assert result.returncode == 138, result.stderr[-3000:]
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines[-1] == f"stopped by SIGUSR1 (no checkpoint saved); to go on, run: python run.py resume={tmp_path}"
-    assert "SIGUSR1 reached the workers as they started" in result.stdout + result.stderr
-    assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
-
-
-@pytest.mark.integration
-def test_a_signal_while_the_workers_are_launched_is_handed_to_them_once_they_are_ready(
-    tmp_path: Path, data_dir: Path
+@pytest.mark.parametrize(
+    ("when", "name", "status"),
+    [("SignalMainAtSetup", "SIGUSR1", 138), ("SignalMainAsItLaunches", "SIGINT", 130)],
+    ids=["as_the_workers_set_up", "while_the_workers_are_launched"],
+)
+def test_a_signal_as_the_spawned_workers_start_stops_the_run_saving_nothing(
+    when: str, name: str, status: int, tmp_path: Path, data_dir: Path
 ) -> None:
-    """trainer=ddp_cpu: Ctrl-C to the main process while it launches its workers, before it knows them. It keeps the
-    signal and hands it to them once they are ready for it (handed to no one, it let the run train on to its end;
-    handed to a worker not yet ready, it ended it quietly and the main process waited forever): they end, and the run
-    exits as one stopped by it, having saved nothing."""
-    result = run_failing(tmp_path, *SHARDED_RUN, "trainer=ddp_cpu", *fault("SignalMainAsItLaunches", name="SIGINT"))
-    assert result.returncode == 130, result.stderr[-3000:]
+    """trainer=ddp_cpu: a stop signal to the main process while the workers set up, before they listen for it, ends
+    them; one that comes while the main process launches them, before it knows them, is kept and handed to them once
+    they are ready for it (handed to no one, it let the run train on to its end; handed to a worker not yet ready,
+    it ended it quietly and the main process waited forever). Either way the run exits as one stopped by it
+    (128+signal, not 1 with the workers' exit), saying that nothing was saved and how to start again."""
+    result = run_failing(tmp_path, *SHARDED_RUN, "trainer=ddp_cpu", *fault(when, name=name))
+    assert result.returncode == status, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines[-1] == f"stopped by SIGINT (no checkpoint saved); to go on, run: python run.py resume={tmp_path}"
-    assert "SIGINT reached the workers as they started" in result.stdout + result.stderr
+    assert lines[-1] == f"stopped by {name} (no checkpoint saved); to go on, run: python run.py resume={tmp_path}"
+    assert f"{name} reached the workers as they started" in result.stdout + result.stderr
     assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
 
 
