@@ -174,15 +174,18 @@ def test_the_mixture_tags_every_row_with_its_task(tmp_path: Path, data_dir: Path
     assert [group for _, group in prompts] == list(range(12))
 
 
+# A task of its own: 20 training pairs drawn with seed 3.
+TASK_SETTINGS = {**GPT2_LAYOUT, "train_file": "devset.csv", "val_size": 5, "train_size": 20, "subset_seed": 3}
+
+
 class _BuildsATask(L.LightningDataModule):
-    """A data module whose __init__ builds another with settings of its own, as MultiTaskDataModule builds its tasks
-    (in a comprehension, which Python >= 3.12 runs in the __init__'s frame)."""
+    """A data module whose __init__ builds a task with the settings above while its own arguments of the same names
+    are None, as MultiTaskDataModule builds its tasks (in a comprehension, which Python >= 3.12 runs in the
+    __init__'s frame)."""
 
     def __init__(self, tokenizer: Any, data_dir: Path, train_size: int | None = None, subset_seed: int | None = None):
         super().__init__()
-        self.task = TextToTextDataModule(
-            tokenizer, data_dir, "e2e", **GPT2_LAYOUT, train_file="devset.csv", val_size=5, train_size=20, subset_seed=3
-        )
+        self.task = TextToTextDataModule(tokenizer, data_dir, "e2e", **TASK_SETTINGS)
 
 
 def test_a_task_built_inside_another_data_module_keeps_its_own_settings(gpt2_tokenizer: Any, data_dir: Path) -> None:
@@ -192,16 +195,7 @@ def test_a_task_built_inside_another_data_module_keeps_its_own_settings(gpt2_tok
     task = _BuildsATask(gpt2_tokenizer, data_dir).task
     assert (task.hparams.train_size, task.hparams.subset_seed) == (20, 3)
     task.setup("fit")
-    alone = TextToTextDataModule(
-        gpt2_tokenizer,
-        data_dir,
-        "e2e",
-        **GPT2_LAYOUT,
-        train_file="devset.csv",
-        val_size=5,
-        train_size=20,
-        subset_seed=3,
-    )
+    alone = TextToTextDataModule(gpt2_tokenizer, data_dir, "e2e", **TASK_SETTINGS)
     alone.setup("fit")
     assert len(task.train_examples) == 20
     assert task.train_examples == alone.train_examples
