@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from prefix_lightning.methods.sliced_cross_entropy import sliced_cross_entropy
+
 IGNORE_INDEX = -100  # label of positions outside the target (transformers' convention)
 
 
@@ -36,7 +38,8 @@ def target_loss(
     and 1 on accelerators, where a small batch is bound by latency rather than by arithmetic (docs/performance.md).
     Encoder-decoder targets fill the decoder: the LM runs whole, on the labels shifted right as its own loss would
     shift them, and the cross-entropy is taken once, in float32 (an LM stored in bf16 would take its own in bf16,
-    where causal LMs' loss is float32). ``on_group`` is told each group's rows
+    where causal LMs' loss is float32). The cross-entropy upcasts the logits a slice of rows at a time
+    (``sliced_cross_entropy``): no float32 copy of them waits for the backward. ``on_group`` is told each group's rows
     (indices into the batch) before its forward, for state that follows the rows (a bank's per-row prefixes).
 
     ``drop_right_padding_mask``: a right-padded batch runs without its attention mask. Under causal attention no
@@ -49,7 +52,8 @@ def target_loss(
         if inputs.get("decoder_input_ids") is None and inputs.get("decoder_inputs_embeds") is None:
             inputs = {**inputs, "decoder_input_ids": lm.prepare_decoder_input_ids_from_labels(labels=labels)}
         logits = lm(**inputs, use_cache=False).logits  # aligned with the labels: no shift
-        return nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+        summed = sliced_cross_entropy(logits.flatten(0, 1), labels.flatten(), IGNORE_INDEX)
+        return summed / (labels != IGNORE_INDEX).sum()
     if not slices_logits(lm):
         return lm(**inputs, labels=labels, use_cache=False).loss
     if length_groups is None:
@@ -69,7 +73,7 @@ def target_loss(
         if on_group is not None:
             on_group(rows)
         logits = lm(**group, use_cache=False, logits_to_keep=predicts).logits
-        total = total + nn.functional.cross_entropy(logits.float(), targets[predicts[:, :-1]], reduction="sum")
+        total = total + sliced_cross_entropy(logits, targets[predicts[:, :-1]])
     return total / (labels[:, 1:] != IGNORE_INDEX).sum()
 
 
