@@ -53,10 +53,18 @@ lint: setup
 	$(BIN)/mypy
 
 # What .ci/gpu needs on a GPU machine without a package registry (see docs/gpu.md): the project's wheels that
-# such machines lack, pytest's, the E2E files and the GPT-2 tokenizer, in the ignored folder .gpu-bundle/.
+# such machines lack, pytest's, bitsandbytes (the quantized LM's tests), the E2E files and the GPT-2 tokenizer, in
+# the ignored folder .gpu-bundle/. bitsandbytes' wheel (41 MB) holds a library per CUDA release: only those of
+# BNB_CUDA (the GPU machine's torch.version.cuda major) are kept, so that the bundle travels (64 MiB at most).
+BNB_CUDA ?= 13
 gpu-bundle: setup
 	../shared/gpu/wheels.sh $(CURDIR)/.gpu-bundle/wheels  # absolute: the script changes folders before it copies
 	$(BIN)/pip download --quiet --no-deps -d .gpu-bundle/wheels pytest pluggy iniconfig pytest-timeout packaging pygments
+	rm -rf .gpu-bundle/bnb && $(BIN)/pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+	  --platform manylinux_2_24_x86_64 -d .gpu-bundle/bnb "bitsandbytes==$$($(BIN)/pip show bitsandbytes | awk '/^Version:/{print $$2}')"
+	$(BIN)/python -m zipfile -e .gpu-bundle/bnb/bitsandbytes-*.whl .gpu-bundle/wheels/site/
+	find .gpu-bundle/wheels/site/bitsandbytes -name 'libbitsandbytes_*' ! -name 'libbitsandbytes_cuda$(BNB_CUDA)*' -delete
+	rm -rf .gpu-bundle/bnb
 	rm -rf .gpu-bundle/data .gpu-bundle/tokenizers && mkdir -p .gpu-bundle/data .gpu-bundle/tokenizers
 	cp -r $(DATA_DIR)/e2e .gpu-bundle/data/
 	cp -r $(TOKENIZER_DIR) .gpu-bundle/tokenizers/gpt2

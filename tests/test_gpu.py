@@ -40,18 +40,28 @@ def test_bf16_run_trains_validates_decodes_and_exports_a_float32_prefix(
 
 
 @pytest.mark.integration
-def test_fsdp_run_clips_trains_and_keeps_prefix_only_checkpoints(tmp_path: Path, data_dir: Path) -> None:
-    """One GPU under FSDP (gradient clipping by norm on, as by default) trains as the plain GPU run does."""
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_fsdp_run_trains_as_the_plain_gpu_run(precision: str, tmp_path: Path, data_dir: Path) -> None:
+    """One GPU under FSDP (gradient clipping by norm on, as by default) keeps prefix-only checkpoints, and its
+    exported prefix gives the plain GPU run's logits: to float32's rounding, and to bf16's under bf16-mixed, where
+    FSDP's mixed precision computes with every parameter cast to bf16 (the prefix's and the norms' too) while
+    autocast keeps them float32 outside matrix products."""
     fsdp, plain = tmp_path / "fsdp", tmp_path / "plain"
-    run_cli(fsdp, *FAST, "trainer=fsdp", "trainer.devices=1")
-    run_cli(plain, *FAST, "trainer=gpu", "trainer.devices=1")
+    run_cli(fsdp, *FAST, "trainer=fsdp", "trainer.devices=1", f"trainer.precision={precision}")
+    run_cli(plain, *FAST, "trainer=gpu", "trainer.devices=1", f"trainer.precision={precision}")
     checkpoint = torch.load(fsdp / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["state_dict"] and all(key.startswith("model.encoders.") for key in checkpoint["state_dict"])
-    ours, reference = _trained(fsdp), _trained(plain)
-    assert ours.keys() == reference.keys()
-    for name in ours:
-        torch.testing.assert_close(ours[name], reference[name], atol=1e-4, rtol=1e-4)
-    assert _test_bleu(fsdp) == pytest.approx(_test_bleu(plain), abs=1e-6)
+    batch = {name: tensor.cuda() for name, tensor in training_batch(False).items()}
+    with torch.no_grad():  # both prefixes on one LM of the runs' shape (model=tiny_llama)
+        ours, reference = (
+            PrefixModel.from_prefix(tiny_lm("llama", num_hidden_layers=2).cuda(), run / "prefix")(**batch).logits
+            for run in (fsdp, plain)
+        )
+    assert not torch.equal(ours, tiny_lm("llama", num_hidden_layers=2).cuda()(**batch).logits)  # a prefix acts
+    tolerance = dict(rtol=1e-4, atol=1e-4) if precision == "32-true" else dict(rtol=1.6e-2, atol=1e-2)
+    torch.testing.assert_close(ours, reference, **tolerance)
+    if precision == "32-true":
+        assert _test_bleu(fsdp) == pytest.approx(_test_bleu(plain), abs=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
