@@ -28,8 +28,9 @@ def sliced_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_ind
 
 
 def _row_slices(logits: torch.Tensor) -> list[slice]:
+    """At least one, empty where there are no rows (a group of rows without a target): its sum is 0."""
     rows = max(1, SLICE_ELEMENTS // logits.shape[-1])
-    return [slice(start, start + rows) for start in range(0, logits.shape[0], rows)]
+    return [slice(start, start + rows) for start in range(0, max(1, logits.shape[0]), rows)]
 
 
 class _SlicedCrossEntropy(torch.autograd.Function):
