@@ -102,6 +102,24 @@ def test_one_compilation_serves_every_block() -> None:
     assert graphs[0] == graphs[1] > 0
 
 
+# GPT-2 with its padding mask widened, Llama with the prefix's causal columns, an infix read by the target only.
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("family", "drop_mask", "kind"), [("gpt2", False, "prefix"), ("llama", True, "prefix"), ("llama", True, "infix")]
+)
+def test_compiled_block_traces_the_prefix_attention(family: str, drop_mask: bool, kind: str) -> None:
+    """A training step runs each block as one graph forward and one backward: the prefix's attention is traced into
+    the block's graph, where each break would cost the host another guarded call forward and backward (the compiled
+    step's cost on a GPU, docs/gpu.md)."""
+    torch._dynamo.reset()
+    counters.clear()
+    model = PrefixModel(tiny_lm(family), length=3, kind=kind)
+    compile_lm(model.lm, BACKEND)
+    model.loss(drop_right_padding_mask=drop_mask, **training_batch(encoder_decoder=False)).backward()
+    assert counters["stats"]["unique_graphs"] > 0
+    assert not counters["graph_break"]
+
+
 def test_compiled_blocks_decode_eager_with_the_packed_linear_layers() -> None:
     """Decoding runs the compiled blocks eager (decoding.routes), so the CPU's packed layers serve them too."""
     lm = tiny_lm("llama").requires_grad_(False)  # frozen, as packing wants it

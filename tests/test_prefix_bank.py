@@ -127,7 +127,7 @@ def test_rows_of_one_prefix_take_the_single_prefix_path(banks) -> None:
     with torch.no_grad():
         got = bank.generate(input_ids=ids, attention_mask=mask, prefixes=["long"] * len(ROWS), **settings)
         assert bank.injector.current.uniform
-        assert isinstance(bank.injector.lookup("self", 0), torch.Tensor)
+        assert isinstance(bank.injector.lookup(bank.injector.bindings[0]), torch.Tensor)
         expected = singles["long"].generate(input_ids=ids, attention_mask=mask, **settings)
     assert torch.equal(got, expected)
 

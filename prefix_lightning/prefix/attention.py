@@ -72,25 +72,39 @@ class PrefixInjector:
 
     ``prefixes`` maps a site group to its materialized prefix: one (2, kv_heads, L, head_dim) block per site.
     It is set once per forward/generate by the owner and kept until the next one, so that gradient
-    checkpointing recomputes layers with the very same prefix tensors.
+    checkpointing recomputes layers with the very same prefix tensors. Setting it hands each bound site its own
+    block (``SiteBinding.block``), which a compiled block reads as an input of its graph: a lookup by the site's index
+    would be a constant of the graph, one compilation per block (see backbones.compiled).
     """
+
+    # Whether compiled blocks trace the attention of this injector's sites; a bank's per-row prefixes run eager.
+    traceable = True
 
     def __init__(self, infix: bool = False, shift: int = 0) -> None:
         self.enabled = True
         self.infix = infix
         self.shift = shift  # added to real tokens' positions (see prefix.positions)
         self.prompt_width: int | None = None  # set by generate for an infix
-        self.prefixes: dict[str, list[torch.Tensor]] | None = None
+        self._prefixes: dict[str, list[torch.Tensor]] | None = None
+        self.bindings: list[SiteBinding] = []  # every site bound to this injector (see bind)
 
     def __getstate__(self) -> dict:
         """Copies (pickling for spawned processes) start without the materialized prefix of the last forward."""
-        return {**self.__dict__, "prefixes": None}
+        return {**self.__dict__, "_prefixes": None}
 
-    def lookup(self, group: str, index: int) -> torch.Tensor | RowsPrefix | None:
-        """The prefix that the site (group, index) reads now: one block for every row, or each row its own."""
-        if not self.enabled or self.prefixes is None:
-            return None
-        return self.prefixes[group][index]
+    @property
+    def prefixes(self) -> dict[str, list[torch.Tensor]] | None:
+        return self._prefixes
+
+    @prefixes.setter
+    def prefixes(self, prefixes: dict[str, list[torch.Tensor]] | None) -> None:
+        self._prefixes = prefixes
+        for binding in self.bindings:
+            binding.block = None if prefixes is None else prefixes[binding.group][binding.index]
+
+    def lookup(self, binding: SiteBinding) -> torch.Tensor | RowsPrefix | None:
+        """The prefix that a bound site reads now: one block for every row, or each row its own."""
+        return binding.block if self.enabled else None
 
     def position_shift(self, rows: int) -> int | torch.Tensor:
         """What real tokens' positions move by in a call with ``rows`` rows: one number for all rows here."""
@@ -111,12 +125,19 @@ class PrefixInjector:
 PrefixBias = Callable[[torch.Tensor, int, torch.Tensor | None], torch.Tensor]
 
 
-@dataclass(frozen=True)
-class _Binding:
+@dataclass(eq=False)
+class SiteBinding:
+    """Where an attention module reads its prefix: the injector, the site's (group, index) and position-bias hook,
+    and the site's block of the current forward."""
+
     injector: PrefixInjector
     group: str
     index: int
     bias: PrefixBias | None = None
+    block: torch.Tensor | None = None  # the site's prefix of the current forward, set by the injector
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "block": None}
 
 
 # The binding is an attribute of the attention module, so that it travels with the model when the model is
@@ -130,7 +151,9 @@ def bind(module: nn.Module, injector: PrefixInjector, group: str, index: int, bi
     columns' position bias where the model passes one."""
     if hasattr(module, _BINDING):
         raise ValueError("this attention module already carries a prefix: wrap each base model only once")
-    setattr(module, _BINDING, _Binding(injector, group, index, bias))
+    binding = SiteBinding(injector, group, index, bias)
+    setattr(module, _BINDING, binding)
+    injector.bindings.append(binding)
 
 
 @contextmanager
@@ -213,7 +236,26 @@ def prefix_attention(
     attention_mask: torch.Tensor | None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """SDPA attention with the module's prefix keys/values in front of its own."""
+    """SDPA attention with the module's prefix keys/values in front of its own.
+
+    Inside a compiled block this is traced into the block's graph where the site reads one block for every row;
+    what would be specialized on the site or cannot be traced runs eager, a break in the graph: recording the
+    calls, a bank's per-row prefixes, the prefix columns' position bias (each site its own hook).
+    """
+    binding = getattr(module, _BINDING, None)
+    if _recording is not None or (binding is not None and (binding.bias is not None or not binding.injector.traceable)):
+        return _eager_prefix_attention(module, query, key, value, attention_mask, **kwargs)
+    return _prefix_attention(module, query, key, value, attention_mask, **kwargs)
+
+
+def _prefix_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
     if _recording is not None:
         biased = kwargs.get("position_bias") is not None
         window = kwargs.get("sliding_window")
@@ -221,7 +263,7 @@ def prefix_attention(
     queries = kwargs.pop(INFIX_QUERIES, None)
     positions = kwargs.pop(QUERY_POSITIONS, None)
     binding = getattr(module, _BINDING, None)
-    prefix = binding.injector.lookup(binding.group, binding.index) if binding is not None else None
+    prefix = binding.injector.lookup(binding) if binding is not None else None
     if binding is not None and prefix is not None:
         causal = kwargs.get("is_causal")
         if causal is None:
@@ -241,10 +283,11 @@ def prefix_attention(
             seen = rows[:, None, :, None]
         bias = kwargs.get("position_bias")
         plain_causal = attention_mask is None and causal and seen is None and bias is None and query.shape[2] > 1
-        if plain_causal and not is_in_torch_dispatch_mode():
+        if plain_causal and not torch.compiler.is_compiling() and not is_in_torch_dispatch_mode():
             # Causal over real tokens, every prefix column visible: the bottom-right aligned causal pattern, which
             # SDPA's flash and memory-efficient kernels apply without a mask in memory. (It is a tensor subclass,
-            # which cannot be made under a dispatch mode such as FlopCounterMode: there the mask is explicit.)
+            # which cannot be made under a dispatch mode such as FlopCounterMode nor traced into a compiled graph:
+            # there the mask is explicit.)
             attention_mask = causal_lower_right(query.shape[2], keys.shape[2] + key.shape[2])
         else:
             attention_mask = _widen_mask(attention_mask, causal, query, key.shape[2], keys.shape[2], seen)
@@ -287,7 +330,6 @@ def _without_empty_static_slots(
 CUDA_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-# Eager inside compiled blocks (a graph break; see backbones.compiled): the lookup of a block's prefix by its index
-# would make each block's graph its own.
-AttentionInterface.register(ATTN_IMPLEMENTATION, torch.compiler.disable(prefix_attention))
+_eager_prefix_attention = torch.compiler.disable(_prefix_attention)
+AttentionInterface.register(ATTN_IMPLEMENTATION, prefix_attention)
 AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from prefix_lightning.prefix.attention import PrefixBias, PrefixInjector, RowsPrefix
+from prefix_lightning.prefix.attention import PrefixBias, PrefixInjector, RowsPrefix, SiteBinding
 
 
 class RowPrefixes:
@@ -129,11 +129,13 @@ class RowInjector(PrefixInjector):
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "current": None}
 
-    def lookup(self, group: str, index: int) -> torch.Tensor | RowsPrefix | None:
+    traceable = False  # a site's table is found by its (group, index): compiled blocks run its attention eager
+
+    def lookup(self, binding: SiteBinding) -> torch.Tensor | RowsPrefix | None:
         if not self.enabled or self.current is None:
             return None
         current = self.current
-        table = current.tables[self.places[(group, index)]]
+        table = current.tables[self.places[(binding.group, binding.index)]]
         entry = current.rows[0]
         # The site's own bias hook assumes a prefix with positions: an entry without them reads rows' view.
         if current.uniform and not (self.biased and current.shifts[entry] == 0):
