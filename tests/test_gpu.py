@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from prefix_lightning import PrefixModel
+from prefix_lightning.prefix import attention
 from tests.helpers.cli import FAST, run_cli
 from tests.helpers.decoding import END, left_padded, prefixed, transformers_search
 from tests.helpers.tiny import PAD, tiny_lm, training_batch
@@ -88,3 +89,12 @@ def test_a_prefix_wraps_an_lm_already_on_cuda(kind: str, tmp_path: Path) -> None
     loaded = PrefixModel.from_prefix(tiny_lm(kind).cuda(), model.save(tmp_path / "prefix"))
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, model.eval()(**batch).logits)
+
+
+def test_grouped_key_value_heads_reach_the_flash_kernel_as_they_are() -> None:
+    """In bf16 on a GPU the flash kernel takes the prefix's causal attention of a grouped-query layer with its
+    key/value heads as they are (tests/test_prefix_model.py: the same loss and gradients as repeated heads)."""
+    query = torch.randn(2, 4, 5, 8, dtype=torch.bfloat16, device="cuda")  # 4 query heads, 2 key/value heads
+    key = value = torch.randn(2, 2, 8, 8, dtype=torch.bfloat16, device="cuda")
+    assert attention.flash_takes_grouped_heads(query, key, value)
+    assert not attention.flash_takes_grouped_heads(query.float(), key.float(), value.float())  # no flash in float32

@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, StaticCache
 
 from prefix_lightning import PrefixBank, PrefixConfig, PrefixModel, UnsupportedModelError
 from prefix_lightning.methods import IGNORE_INDEX
+from prefix_lightning.prefix import attention
 from prefix_lightning.prefix.attention import record_attention_calls
 from prefix_lightning.prefix.inputs import check_inputs
 from prefix_lightning.prefix.multitask import MultiTaskPrefix
@@ -46,6 +47,30 @@ def test_real_word_prefix_without_padding_uses_explicit_causal_mask() -> None:
         got = model(input_ids=ROWS[0][None]).logits[0]
         expected = reference(input_ids=torch.cat([WORDS, ROWS[0]])[None]).logits[0, len(WORDS) :]
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_grouped_heads_train_as_transformers_repeated_heads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The prefix's causal attention with the key/value heads left grouped (where the flash kernel takes them so, on a
+    GPU in half precision) gives the loss and gradients of transformers' path, which repeats them to every query
+    head."""
+    model = PrefixModel(tiny_lm("llama"), length=3)  # 4 query heads, 2 key/value heads
+    batch = training_batch(encoder_decoder=False)
+
+    def loss_and_gradients() -> list[torch.Tensor]:
+        model.zero_grad()
+        loss = model.loss(drop_right_padding_mask=True, length_groups=1, **batch)
+        loss.backward()
+        return [loss.detach(), *(parameter.grad.clone() for parameter in model.trainable_parameters())]
+
+    repeated = loss_and_gradients()
+    calls = []
+    grouped_call = attention.grouped_causal_attention
+    monkeypatch.setattr(attention, "flash_takes_grouped_heads", lambda *_: True)
+    monkeypatch.setattr(attention, "grouped_causal_attention", lambda *a, **k: calls.append(1) or grouped_call(*a, **k))
+    grouped = loss_and_gradients()
+    assert len(calls) == model.lm.config.num_hidden_layers
+    for got, expected in zip(grouped, repeated, strict=True):
+        torch.testing.assert_close(got, expected)
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])

@@ -34,7 +34,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.bias import causal_lower_right
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -303,10 +303,43 @@ def _prefix_attention(
         key = torch.cat([keys, key], dim=2)
         value = torch.cat([values, value], dim=2)
         kwargs["is_causal"] = False
+    if isinstance(attention_mask, CausalBias) and flash_takes_grouped_heads(query, key, value):
+        return grouped_causal_attention(query, key, value, attention_mask, **kwargs)
     if query.is_cuda:
         with sdpa_kernel(CUDA_KERNELS):
             return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def flash_takes_grouped_heads(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether SDPA's flash kernel would read this grouped-query call's key/value heads as they are (CUDA, half
+    precision; never on the CPU)."""
+    if key.shape[1] == query.shape[1]:
+        return False
+    params = torch.backends.cuda.SDPAParams(query, key, value, None, 0.0, False, True)
+    return torch.backends.cuda.can_use_flash_attention(params)
+
+
+def grouped_causal_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: CausalBias,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **_: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' SDPA attention for the prefix's causal columns, the key/value heads left grouped.
+
+    transformers repeats a grouped-query layer's keys/values to every query head for any call with a mask (SDPA's
+    own grouping it asks for only without one), and the bottom-right causal bias is a mask to it: two copies per
+    layer, kept for the backward at the query heads' count. The flash kernel that the bias runs reads the groups as
+    they are.
+    """
+    output = nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=True
+    )
+    return output.transpose(1, 2).contiguous(), None
 
 
 def _without_empty_static_slots(
