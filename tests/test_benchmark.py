@@ -28,6 +28,7 @@ from prefix_lightning.benchmark.suites import SUITES, format_comparison
 from prefix_lightning.training.build import load_configured_backbone
 from tests.helpers.cli import run_python
 from tests.helpers.config import compose_train
+from tests.helpers.data import rows_and_padded_tokens
 from tests.helpers.peft import set_peft_prefix
 from tests.helpers.quantized import needs_bitsandbytes
 
@@ -53,6 +54,20 @@ def test_target_logits_loss_is_the_lms_own_loss(name: str, tmp_path: Path, data_
         torch.testing.assert_close(loss, reference, atol=1e-6, rtol=1e-6)
         for got, want in zip(torch.autograd.grad(loss, model.trainable_parameters()), expected, strict=True):
             torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+
+
+def test_batches_grouped_by_length_as_training_groups_them(tmp_path: Path, data_dir: Path) -> None:
+    """``data.group_by_length``: the benchmark's batches of the same pairs, regrouped as training regroups its
+    order, pad to fewer tokens (what a GPU step's time follows)."""
+
+    def batches(grouped: bool) -> list[dict[str, Any]]:
+        cfg = compose_train(tmp_path, ["model=tiny_llama", "data.batch_size=8", f"data.group_by_length={grouped}"])
+        return training_batches(cfg, load_configured_backbone(cfg)[1], 6)
+
+    (plain_rows, plain_padded), (rows, padded) = (rows_and_padded_tokens(batches(g)) for g in (False, True))
+    assert rows == plain_rows
+    real = sum(map(len, rows))
+    assert padded - real < (plain_padded - real) / 3
 
 
 def test_target_logits_loss_with_left_padding(tmp_path: Path, data_dir: Path) -> None:

@@ -29,6 +29,7 @@ from safetensors.torch import load_file
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from prefix_lightning import PrefixConfig, PrefixModel
+from prefix_lightning.data import sampler as sampler_module
 from prefix_lightning.data.sampler import EpochShuffleSampler, training_sampler
 from prefix_lightning.training.build import build_model
 from prefix_lightning.training.method_export import MethodExport
@@ -303,6 +304,59 @@ def test_ranks_split_each_global_batch_and_resume_mid_epoch() -> None:
         assert list(resumed) == ranks[rank], "only the first pass after the resume is shortened"
 
 
+# 23 examples of lengths in no order; windows of 2 global batches of 4 (3 windows, the last ending in a short batch).
+LENGTHS = [7, 3, 9, 1, 12, 5, 5, 8, 2, 11, 6, 4, 10, 3, 7, 1, 9, 2, 13, 6, 8, 4, 5]
+
+
+def test_batches_grouped_by_length_hold_neighbours_in_length_of_their_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each global batch holds the examples of one stretch of its window's lengths (less padding); the windows' own
+    examples and the order of their batches come from (seed, epoch); the short batch stays last."""
+    monkeypatch.setattr(sampler_module, "LENGTH_WINDOW", 2)
+
+    def order(seed: int = 3, epoch: int = 0) -> list[int]:
+        sampler = EpochShuffleSampler(len(LENGTHS), seed=seed, batch_size=4, lengths=LENGTHS)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    grouped = order()
+    assert sorted(grouped) == list(range(len(LENGTHS)))
+    plain = list(EpochShuffleSampler(len(LENGTHS), seed=3, batch_size=4))
+    for begin in range(0, len(LENGTHS), 8):  # a window: the same examples as the random order's, regrouped
+        window = grouped[begin : begin + 8]
+        assert sorted(window) == sorted(plain[begin : begin + 8])
+        ranked = sorted((LENGTHS[i] for i in window), reverse=True)
+        for batch in (window[:4], window[4:]):
+            lengths = sorted((LENGTHS[i] for i in batch), reverse=True)
+            assert lengths in (ranked[: len(batch)], ranked[4 : 4 + len(batch)])
+    assert len(grouped[-3:]) == 3 and sorted(grouped[-3:]) == sorted(sorted(plain[16:], key=LENGTHS.__getitem__)[:3])
+    padding = [
+        sum(max(LENGTHS[i] for i in batch) * len(batch) for batch in (o[b : b + 4] for b in range(0, 23, 4)))
+        for o in (grouped, plain)
+    ]
+    assert padding[0] < padding[1]
+    assert order() == grouped and order(epoch=1) != grouped and order(seed=4) != grouped
+
+
+def test_ranks_split_each_global_batch_grouped_by_length_and_resume_mid_epoch() -> None:
+    """Ranks take their shares of the single process's global batches, grouped the same (each global batch is
+    grouped as a whole), and a resume goes on in that order."""
+    single = list(EpochShuffleSampler(len(LENGTHS), seed=3, batch_size=4, lengths=LENGTHS))
+    ranks = [
+        EpochShuffleSampler(len(LENGTHS), seed=3, batch_size=2, num_replicas=2, rank=r, lengths=LENGTHS) for r in (0, 1)
+    ]
+    shares = [list(rank) for rank in ranks]
+    for begin in range(0, 20, 4):
+        together = shares[0][begin // 2 : begin // 2 + 2] + shares[1][begin // 2 : begin // 2 + 2]
+        assert together == single[begin : begin + 4]
+    ranks[1].resume_at(8)  # two global batches done
+    assert list(ranks[1]) == shares[1][4:]
+
+
+def test_lengths_must_cover_every_example() -> None:
+    with pytest.raises(ValueError, match="3 lengths for 4 examples"):
+        EpochShuffleSampler(4, seed=0, lengths=[1, 2, 3])
+
+
 def test_every_epoch_draws_its_own_order_of_every_example_from_the_seed() -> None:
     """A resumed run sees the order of the uninterrupted run only if the order depends on (seed, epoch) alone; and
     an order repeated every epoch would train on the same batches over and over."""
@@ -325,6 +379,8 @@ def test_ranks_of_an_uneven_set_take_equal_shares_padded_from_the_start_of_the_o
     shares = [list(rank) for rank in ranks]
     assert [len(share) for share in shares] == [len(rank) for rank in ranks] == [5, 5]
     assert shares[0][4:] + shares[1][4:] == [single[8], single[0]]  # the last global batch, padded as it starts
+    ranks[1].resume_at(8)  # two global batches done: the rest as the whole pass had it, padding included
+    assert list(ranks[1]) == shares[1][4:]
 
 
 def test_a_resumed_epoch_starts_after_the_batches_trained_and_a_complete_one_starts_over() -> None:

@@ -20,7 +20,7 @@ from prefix_lightning.data import (
     read_e2e,
     reference_groups,
 )
-from tests.helpers.data import GPT2_LAYOUT, offline_datamodule
+from tests.helpers.data import GPT2_LAYOUT, offline_datamodule, rows_and_padded_tokens
 
 
 @pytest.fixture(scope="module")
@@ -315,3 +315,14 @@ def test_loaders(gpt2_tokenizer, data_dir):
     torch.save(dict(module.hparams), buffer)
     buffer.seek(0)
     assert torch.load(buffer, weights_only=True)["data_dir"] == str(data_dir)
+
+
+def test_batches_grouped_by_length_pad_less_over_the_same_pairs(gpt2_tokenizer, data_dir):
+    def batches(grouped: bool) -> list[dict]:
+        module = offline_datamodule(gpt2_tokenizer, data_dir, batch_size=8, group_by_length=grouped)
+        module.setup("fit")
+        return list(module.train_dataloader())
+
+    (plain_rows, plain_padded), (rows, padded) = (rows_and_padded_tokens(batches(g)) for g in (False, True))
+    assert rows == plain_rows
+    assert padded < 0.8 * plain_padded

@@ -28,7 +28,7 @@ from prefix_lightning.training.optimized import settle_optimized_metric
 from prefix_lightning.training.resume import RUN_CONFIG, RUN_OVERRIDES
 from tests.helpers.cli import run_cli
 from tests.helpers.config import compose_train
-from tests.helpers.data import GPT2_LAYOUT
+from tests.helpers.data import GPT2_LAYOUT, rows_and_padded_tokens
 from tests.helpers.families import DECODERS
 from tests.helpers.tiny import PAD, pad_batch, tiny_lm
 
@@ -416,3 +416,17 @@ def test_one_task_of_a_mixture_is_evaluated_with_the_settings_set_for_every_task
     assert (cfg.data.dataset, cfg.data.metric_suite, cfg.data.test_size) == ("webnlg", "bleu", 4)
     assert {key: cfg.data[key] for key in budgets} == budgets
     assert "optimized_metric" not in " ".join(overrides)
+
+
+def test_mixed_batches_grouped_by_length_pad_less_over_the_same_rows(tmp_path: Path, data_dir: Path) -> None:
+    def padded_rows(grouped: bool) -> tuple[list[tuple[int, ...]], int]:
+        overrides = ["model=tiny_llama", "debug=fast", "data=multi", f"data.group_by_length={grouped}"]
+        cfg = compose_train(tmp_path, [*overrides, "data.tasks=[e2e_devsplit,webnlg]", "data.batch_size=4"])
+        model, tokenizer = build_model(cfg)
+        datamodule = build_datamodule(cfg, tokenizer, model)
+        datamodule.setup("fit")
+        return rows_and_padded_tokens(list(datamodule.train_dataloader()))
+
+    (plain_rows, plain_padded), (rows, padded) = padded_rows(False), padded_rows(True)
+    assert rows == plain_rows
+    assert padded < 0.9 * plain_padded

@@ -28,6 +28,7 @@ from prefix_lightning.baselines.peft_prefix import peft_generate, peft_prefix_co
 from prefix_lightning.benchmark.hardware import matmul_parameters, mfu, peak_tflops
 from prefix_lightning.benchmark.profiling import profiled
 from prefix_lightning.data import TextToTextCollator, read_e2e, reference_groups
+from prefix_lightning.data.sampler import grouped_by_length
 from prefix_lightning.prefix import PrefixBank, PrefixConfig, PrefixModel
 from prefix_lightning.prefix.bank import StoredPrefix
 from prefix_lightning.training.build import (
@@ -123,14 +124,19 @@ def _collator(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> TextToText
 
 
 def training_batches(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, count: int) -> list[Batch]:
-    """``count`` batches of ``data.batch_size`` pairs of E2E's devset.csv, drawn with ``data.subset_seed``."""
+    """``count`` batches of ``data.batch_size`` pairs of E2E's devset.csv, drawn with ``data.subset_seed``; with
+    ``data.group_by_length``, regrouped into batches of similar lengths as training regroups its order."""
     examples = read_e2e(Path(cfg.paths.data_dir) / TRAIN_FILE)
     size = cfg.data.batch_size
     if count * size > len(examples):
         raise ValueError(f"{count} batches of {size} need more than the {len(examples)} pairs of {TRAIN_FILE}")
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.data.subset_seed))
+    generator = torch.Generator().manual_seed(cfg.data.subset_seed)
+    order = torch.randperm(len(examples), generator=generator)
     collator = _collator(cfg, tokenizer)
     pairs = collator.encode_pairs([examples[i] for i in order[: count * size].tolist()], "benchmark training")
+    if cfg.data.get("group_by_length"):
+        grouped = grouped_by_length(list(range(len(pairs))), [pair.length for pair in pairs], size, generator)
+        pairs = [pairs[i] for i in grouped]
     return [collator.train_batch(pairs[i : i + size]) for i in range(0, len(pairs), size)]
 
 

@@ -27,6 +27,11 @@ class EncodedPair:
     input_ids: list[int]
     labels: list[int]
 
+    @property
+    def length(self) -> int:
+        """What a batch pads the pair to, as a sort key: its tokens (causal: twice, as inputs and labels)."""
+        return len(self.input_ids) + len(self.labels)
+
 
 @dataclass(frozen=True)
 class EncodedPrompt:

@@ -47,6 +47,9 @@ class TextToTextDataModule(L.LightningDataModule):
     - `download`: fetch the official files when missing, where the dataset has a download address; otherwise
       a missing file raises an error that says where it looked and how to get the data.
     - `shuffle_seed` seeds the training order (set it to the run's seed).
+    - `group_by_length`: each training batch holds pairs of similar lengths (sorted by length within windows of
+      50 batches, the batches then shuffled), so that less padding is computed: the accelerator's setting, where a
+      step's time follows its padded tokens; False draws batches at random.
     - `tested`: the run tests after training, so the test split is read and checked before training starts (a
       missing or bad test file would otherwise stop the run only after it trained); False: it is never read.
 
@@ -83,6 +86,7 @@ class TextToTextDataModule(L.LightningDataModule):
         download: bool = True,
         tested: bool = True,
         shuffle_seed: int = 0,
+        group_by_length: bool = False,
     ) -> None:
         super().__init__()
         if dataset not in DATASETS:
@@ -239,7 +243,13 @@ class TextToTextDataModule(L.LightningDataModule):
             # A list is a map-style dataset; torch annotates Dataset.
             self._train,  # type: ignore[arg-type]
             batch_size=hp.batch_size,
-            sampler=training_sampler(len(self._train), hp.shuffle_seed, hp.batch_size, self.trainer),
+            sampler=training_sampler(
+                len(self._train),
+                hp.shuffle_seed,
+                hp.batch_size,
+                self.trainer,
+                [pair.length for pair in self._train] if hp.group_by_length else None,
+            ),
             collate_fn=self.collator.train_batch,
             num_workers=hp.num_workers,
         )

@@ -39,7 +39,8 @@ class MultiTaskDataModule(L.LightningDataModule):
     """The pooled splits of ``tasks`` (task name -> that task's ``TextToTextDataModule`` arguments, as its data
     config gives them).
 
-    ``batch_size``, ``eval_batch_size``, ``num_workers`` and ``shuffle_seed`` are this module's: batches mix
+    ``batch_size``, ``eval_batch_size``, ``num_workers``, ``shuffle_seed`` and ``group_by_length`` (see
+    ``TextToTextDataModule``) are this module's: batches mix
     tasks. The tokenizer, prompt format, token budgets, ``data_dir`` and ``tested`` are passed on to every task,
     and so are ``train_size``, ``subset_seed``, ``val_size``, ``test_size`` and ``metric_suite`` where they are
     set (None: each task keeps its own). Validation and test inputs get unique ``group_id``s over all tasks (task
@@ -59,6 +60,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         eval_batch_size: int = 10,
         num_workers: int = 0,
         shuffle_seed: int = 0,
+        group_by_length: bool = False,
         data_dir: str | Path | None = None,
         train_size: int | None = None,
         subset_seed: int | None = None,
@@ -88,7 +90,7 @@ class MultiTaskDataModule(L.LightningDataModule):
             task: TextToTextDataModule(**{**dict(fields), **shared}) for task, fields in tasks.items()
         }
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.num_workers, self.shuffle_seed = num_workers, shuffle_seed
+        self.num_workers, self.shuffle_seed, self.group_by_length = num_workers, shuffle_seed, group_by_length
         self.collator = next(iter(self.tasks.values())).collator  # every task's collator is configured alike
         self._train: list[Tagged] = []
         self._val_loss: list[Tagged] = []
@@ -126,7 +128,13 @@ class MultiTaskDataModule(L.LightningDataModule):
             # A list is a map-style dataset; torch annotates Dataset.
             self._train,  # type: ignore[arg-type]
             batch_size=self.batch_size,
-            sampler=training_sampler(len(self._train), self.shuffle_seed, self.batch_size, self.trainer),
+            sampler=training_sampler(
+                len(self._train),
+                self.shuffle_seed,
+                self.batch_size,
+                self.trainer,
+                [cast(EncodedPair, tagged.item).length for tagged in self._train] if self.group_by_length else None,
+            ),
             collate_fn=partial(_batch, self.collator.train_batch),
             num_workers=self.num_workers,
         )

@@ -23,3 +23,13 @@ def offline_datamodule(tokenizer: Any, data_dir: Path, **overrides: Any) -> Text
         **GPT2_LAYOUT,
     }
     return TextToTextDataModule(tokenizer, data_dir, "e2e", **{**settings, **overrides})
+
+
+def rows_and_padded_tokens(batches: list[dict[str, Any]]) -> tuple[list[tuple[int, ...]], int]:
+    """Every row's tokens without its padding, sorted, and how many tokens the batches pad to in all."""
+    rows = [
+        tuple(row[mask.bool()].tolist())
+        for batch in batches
+        for row, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)
+    ]
+    return sorted(rows), sum(batch["input_ids"].numel() for batch in batches)
