@@ -40,11 +40,10 @@ class MultiTaskDataModule(L.LightningDataModule):
     config gives them).
 
     ``batch_size``, ``eval_batch_size``, ``num_workers``, ``shuffle_seed`` and ``group_by_length`` (see
-    ``TextToTextDataModule``) are this module's: batches mix
-    tasks. The tokenizer, prompt format, token budgets, ``data_dir`` and ``tested`` are passed on to every task,
-    and so are ``train_size``, ``subset_seed``, ``val_size``, ``test_size`` and ``metric_suite`` where they are
-    set (None: each task keeps its own). Validation and test inputs get unique ``group_id``s over all tasks (task
-    by task, in the order of ``tasks``).
+    ``TextToTextDataModule``) are this module's: batches mix tasks. The tokenizer, prompt format, token budgets,
+    ``data_dir`` and ``tested`` are passed on to every task, and so are ``train_size``, ``subset_seed``,
+    ``val_size``, ``test_size`` and ``metric_suite`` where they are set (None: each task keeps its own). Validation
+    and test inputs get unique ``group_id``s over all tasks (task by task, in the order of ``tasks``).
     """
 
     def __init__(

@@ -73,7 +73,7 @@ def target_loss(
         if on_group is not None:
             on_group(rows)
         logits = lm(**group, use_cache=False, logits_to_keep=predicts).logits
-        total = total + sliced_cross_entropy(logits, targets[predicts[:, :-1]])
+        total = total + sliced_cross_entropy(logits, targets[predicts[:, :-1]], IGNORE_INDEX)
     return total / (labels[:, 1:] != IGNORE_INDEX).sum()
 
 

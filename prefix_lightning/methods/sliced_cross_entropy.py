@@ -21,7 +21,7 @@ import torch
 SLICE_ELEMENTS = 2**22
 
 
-def sliced_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+def sliced_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """The summed float32 cross-entropy of ``logits`` (rows x vocabulary) against ``targets`` (one per row), rows
     whose target is ``ignore_index`` left out."""
     return _SlicedCrossEntropy.apply(logits, targets, ignore_index)
