@@ -31,6 +31,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from prefix_lightning import PrefixConfig, PrefixModel
 from prefix_lightning.data import sampler as sampler_module
 from prefix_lightning.data.sampler import EpochShuffleSampler, training_sampler
+from prefix_lightning.decoding.steps import static_steps_pay
 from prefix_lightning.training.build import build_model
 from prefix_lightning.training.method_export import MethodExport
 from prefix_lightning.training.module import MethodModule
@@ -688,6 +689,15 @@ def test_fsdp_clips_gradients_by_their_norm_as_plain_clipping_does() -> None:
         for clipped, expected in zip(model.trainable_parameters(), reference.trainable_parameters(), strict=True):
             assert clipped.grad is not None and expected.grad is not None
             torch.testing.assert_close(clipped.grad, expected.grad, atol=1e-7, rtol=1e-4)
+
+
+def test_an_lm_under_fsdp_decodes_without_a_cuda_graph() -> None:
+    """FSDP gathers a unit's weights at every call, which a graph replay would skip."""
+    model = PrefixModel(tiny_lm("llama"), PrefixConfig(length=3, hidden_dim=16))
+    cuda = torch.device("cuda")
+    assert static_steps_pay(model.lm, cuda)
+    with _fsdp_wrapped(model):
+        assert not static_steps_pay(model.lm, cuda)
 
 
 @pytest.mark.parametrize("stage", [2, 3])

@@ -4,6 +4,9 @@ machine runs them with ``pytest -m gpu``; where CUDA is absent they are skipped 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import import_module
 from pathlib import Path
 
 import pytest
@@ -68,13 +71,60 @@ def test_fsdp_run_trains_as_the_plain_gpu_run(precision: str, tmp_path: Path, da
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 @pytest.mark.parametrize("beams", [1, 5])
 def test_decoding_on_cuda_equals_transformers(kind: str, beams: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Beam search's steps after the first replay one CUDA graph (greedy search is transformers' own)."""
     model = prefixed(kind).cuda()
     ids, mask = (tensor.cuda() for tensor in left_padded())
     options = dict(num_beams=beams, max_new_tokens=15, eos_token_id=END, pad_token_id=PAD)
-    ours = model.generate(input_ids=ids, attention_mask=mask, **options)
+    with replays_counted(monkeypatch) as replays:
+        ours = model.generate(input_ids=ids, attention_mask=mask, **options)
     with transformers_search(monkeypatch):
         theirs = model.generate(input_ids=ids, attention_mask=mask, **options)
     assert torch.equal(ours, theirs)
+    assert (len(replays) > 1) == (beams > 1)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_decoding_graph_captured_under_autocast_decodes_as_growing_steps(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As validation and testing decode in a bf16-mixed run: a bf16 LM under autocast."""
+    model = prefixed(kind).cuda().to(torch.bfloat16)
+    ids, mask = (tensor.cuda() for tensor in left_padded())
+    options = dict(num_beams=5, max_new_tokens=15, eos_token_id=END, pad_token_id=PAD)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        with replays_counted(monkeypatch) as replays:
+            graphed = model.generate(input_ids=ids, attention_mask=mask, **options)
+        with monkeypatch.context() as patch:
+            patch.setattr(import_module("prefix_lightning.decoding.beam_search"), "static_steps_pay", lambda *_: False)
+            growing = model.generate(input_ids=ids, attention_mask=mask, **options)
+    assert replays and torch.equal(graphed, growing)
+
+
+def test_an_lm_that_cannot_be_captured_decodes_eager_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An LM whose forward waits for the GPU (as a mixture of experts' routing does) cannot become a CUDA graph."""
+    model = prefixed("llama").cuda()
+    ids, mask = (tensor.cuda() for tensor in left_padded())
+    options = dict(num_beams=5, max_new_tokens=15, eos_token_id=END, pad_token_id=PAD)
+    with transformers_search(monkeypatch):
+        theirs = model.generate(input_ids=ids, attention_mask=mask, **options)
+    model.lm.model.layers[0].register_forward_hook(lambda module, args, output: output[0].sum().item())
+    with replays_counted(monkeypatch) as replays:
+        assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, **options), theirs)
+        assert not replays and "without a CUDA graph" in caplog.text
+        caplog.clear()  # later searches of the LM grow, without trying again
+        assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, **options), theirs)
+        assert not replays and "without a CUDA graph" not in caplog.text
+
+
+@contextmanager
+def replays_counted(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    replays: list[int] = []
+    replay = torch.cuda.CUDAGraph.replay
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.cuda.CUDAGraph, "replay", lambda graph: replays.append(1) or replay(graph))
+        yield replays
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "bart"])

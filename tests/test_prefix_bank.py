@@ -15,7 +15,9 @@ import torch
 from safetensors.torch import save_file
 
 from prefix_lightning import PrefixBank, PrefixConfig, PrefixModel
+from prefix_lightning.decoding.steps import StaticSteps
 from prefix_lightning.prefix.rows import RowPrefixes
+from tests.helpers.decoding import static_steps
 from tests.helpers.families import DECODERS, ENCODER_DECODERS, GQA
 from tests.helpers.tiny import PAD, pad_batch, tiny_lm
 
@@ -104,6 +106,23 @@ def _assert_rows_as_alone(
 @pytest.mark.parametrize("beams", [1, 5], ids=["greedy", "beam5"])
 @pytest.mark.parametrize("family", MIXED_FAMILIES)
 def test_mixed_batch_decodes_each_row_as_its_own_model(family: str, beams: int, banks) -> None:
+    decodes_each_row_as_its_own_model(family, beams, banks)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama_gqa", "mistral_window"])
+def test_static_steps_decode_each_row_as_its_own_model(family: str, banks, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The beam search's route on CUDA (static steps, eager here): each row's prefix columns in the static mask.
+    A sliding window's cache cannot be made static: its steps stay growing."""
+    static_calls = []
+    step = StaticSteps.__call__
+    monkeypatch.setattr(StaticSteps, "__call__", lambda self, *args: static_calls.append(1) or step(self, *args))
+    with static_steps(monkeypatch):
+        decodes_each_row_as_its_own_model(family, 5, banks)
+    assert bool(static_calls) == (family != "mistral_window")
+
+
+def decodes_each_row_as_its_own_model(family: str, beams: int, banks) -> None:
+    """Assert that the bank decodes each row of a mixed batch as the row's own model does alone."""
     bank, singles = banks(family)
     encoder_decoder = _is_encoder_decoder(family)
     ids, mask = pad_batch(ROWS, left=not encoder_decoder)

@@ -14,7 +14,6 @@ whether a ``generate`` call is one of those); anything else goes through transfo
 from __future__ import annotations
 
 import functools
-import inspect
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, fields
@@ -33,6 +32,7 @@ from transformers import (
 from transformers.cache_utils import Cache, DynamicLayer
 
 from prefix_lightning.decoding.masks import generation_mask, positions_from_mask, token_ids
+from prefix_lightning.decoding.steps import Forward, GrowingSteps, StaticSteps, static_steps_pay
 
 # transformers' mark for a score that must not be chosen (added, not assigned, exactly as its beam search does).
 _HIDDEN = -1.0e9
@@ -179,13 +179,16 @@ def beam_search(
     min_new_tokens: int = 0,
     cached_prefix: CachedPrefix | None = None,
     on_step: Callable[[int, int], None] | None = None,
+    static: bool | None = None,
 ) -> torch.Tensor:
     """``lm.generate(num_beams=..., ...)``'s sequences (prompt + new tokens, padded after the end token, as wide
     as the prompt plus the longest output), computing only the inputs whose search is not over.
 
     ``cached_prefix`` moves a prefix into the cache after the prompt (see :class:`CachedPrefix`; it is left
     where it is for a cache whose layers cannot take it). ``on_step(step, rows)`` is told how many rows each
-    forward ran (step 0: the prompt, one row per input).
+    step searched (step 0: the prompt, one row per input). ``static`` runs the steps after the prompt on every row
+    the search started with, on a static cache, replayed from a CUDA graph on CUDA (:class:`StaticSteps`; by
+    default where that pays: :func:`static_steps_pay`).
     """
     device = input_ids.device
     batch, width = input_ids.shape
@@ -197,7 +200,7 @@ def beam_search(
     # generate drops an all-ones mask (no padding anywhere) before its first forward; positions come from it.
     model_mask = None if bool((attention_mask == 1).all()) else attention_mask
     positions = positions_from_mask(attention_mask)
-    forward = _Forward(lm)
+    forward = Forward(lm)
     rules = _Rules(
         width=width,
         max_new_tokens=max_new_tokens,
@@ -222,19 +225,20 @@ def beam_search(
             stack.enter_context(cached_prefix.decoding())
             shift, follow_rows = cached_prefix.shift, None
             model_mask = _with_prefix_columns(model_mask, attention_mask, cached_prefix)
+        steps: GrowingSteps | StaticSteps = GrowingSteps(forward, cache, model_mask, num_beams, follow_rows)
+        if static is None:
+            static = static_steps_pay(lm, device)
         for step in range(max_new_tokens):
             rows = search.active.numel()
             if step == 0:  # one row per input: its beams would all compute the same log-probabilities
                 log_probs = rules.log_probs(search.running[:, 0, :width], logits)[:, None].expand(-1, num_beams, -1)
             else:
+                if static and isinstance(steps, GrowingSteps):  # once the rows are beams
+                    steps = steps.static(batch * num_beams, max_new_tokens, search.active) or steps
                 tokens = search.running[:, :, width + step - 1].reshape(-1, 1)
-                mask = None
-                if model_mask is not None:
-                    mask = model_mask[search.active].repeat_interleave(num_beams, dim=0)
-                    mask = torch.cat([mask, mask.new_ones(rows * num_beams, step)], dim=1)
                 moved = shift[search.active, None] if isinstance(shift, torch.Tensor) else shift
                 token_positions = (positions[search.active, -1:] + step + moved).repeat_interleave(num_beams, dim=0)
-                logits, cache = forward(tokens, mask, token_positions, cache)
+                logits = steps(tokens, token_positions, search.active, step)
                 if on_step is not None:
                     on_step(step, rows * num_beams)
                 sequences = search.running[:, :, : width + step].reshape(rows * num_beams, width + step)
@@ -254,10 +258,7 @@ def beam_search(
             # The next step's cache rows: the beam each going beam extends, for the inputs still searched. Before
             # the first token the cache has one row per input.
             going = kept.repeat_interleave(num_beams) if step == 0 else (kept[:, None] * num_beams + sources).flatten()
-            # transformers annotates LongTensor, which no tensor operation returns statically.
-            cache.reorder_cache(going)  # type: ignore[arg-type]
-            if follow_rows is not None:
-                follow_rows(going)
+            steps.reorder(going)
     return outputs[:, : width + int(output_lengths.max())]
 
 
@@ -420,29 +421,3 @@ def _processors(
     if min_new_tokens and min_new_tokens > 0:
         processors.append(MinNewTokensLengthLogitsProcessor(width, min_new_tokens, eos, device=str(eos.device)))
     return processors
-
-
-class _Forward:
-    """One forward of the LM with the inputs ``generate`` would give it: positions if it takes them, logits of
-    the last position only if it can cut them."""
-
-    def __init__(self, lm: PreTrainedModel) -> None:
-        self.lm = lm
-        parameters = inspect.signature(lm.forward).parameters
-        self.takes_positions = "position_ids" in parameters
-        self.cuts_logits = "logits_to_keep" in parameters
-
-    def __call__(
-        self, tokens: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor, cache: Cache | None
-    ) -> tuple[torch.Tensor, Cache]:
-        inputs: dict[str, Any] = {"input_ids": tokens, "use_cache": True, "return_dict": True}
-        if cache is not None:
-            inputs["cache"] = cache
-        if mask is not None:
-            inputs["attention_mask"] = mask
-        if self.takes_positions:
-            inputs["position_ids"] = positions
-        if self.cuts_logits:
-            inputs["logits_to_keep"] = 1
-        output = self.lm(**inputs)
-        return output.logits[:, -1], output.cache

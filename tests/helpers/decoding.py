@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib import import_module
 
 import pytest
 import torch
@@ -51,4 +52,13 @@ def transformers_search(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """PrefixModel.generate with transformers' beam search (what it does for options beam_search lacks)."""
     with monkeypatch.context() as patch:
         patch.setattr(routes, "beam_search_options", lambda lm, kwargs: None)
+        yield
+
+
+@contextmanager
+def static_steps(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Our beam search's steps static on any device (the CUDA route, without the graph on the CPU)."""
+    with monkeypatch.context() as patch:
+        module = import_module("prefix_lightning.decoding.beam_search")  # which the package's function hides
+        patch.setattr(module, "static_steps_pay", lambda lm, device: True)
         yield

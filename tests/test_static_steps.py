@@ -1,0 +1,132 @@
+"""The beam search's static steps (prefix_lightning.decoding.steps: the route of CUDA, where each step is replayed
+from a graph) give transformers' sequences, here run eager on the CPU: every beam the search started with keeps a
+row, the cache is as long as the longest output, and the mask hides the columns not yet written. The graph itself is
+checked by tests/test_gpu.py."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from prefix_lightning.decoding import beam_search
+from prefix_lightning.decoding.steps import static_steps_pay
+from tests.helpers.decoding import END, LENGTHS, ending_lm, left_padded, prefixed, static_steps, transformers_search
+from tests.helpers.tiny import PAD, VOCAB
+
+BASE = dict(max_new_tokens=15, pad_token_id=PAD)
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def rows_of_each_forward(lm: torch.nn.Module) -> tuple[list[int], torch.utils.hooks.RemovableHandle]:
+    """The batch size of every forward of the LM on tokens (embedding-only's prefix is the LM's activations of
+    embeddings)."""
+    rows: list[int] = []
+
+    def count(module, args, kwargs) -> None:
+        if kwargs.get("input_ids") is not None:
+            rows.append(kwargs["input_ids"].shape[0])
+
+    return rows, lm.register_forward_pre_hook(count, with_kwargs=True)
+
+
+def static_against_transformers(model, monkeypatch, ids, mask, **options) -> list[int]:
+    """Assert our static steps' sequences equal transformers' beam search; the rows of each of our forwards."""
+    rows, handle = rows_of_each_forward(model.lm)
+    try:
+        with static_steps(monkeypatch):
+            ours = model.generate(input_ids=ids, attention_mask=mask, **options)
+    finally:
+        handle.remove()
+    with transformers_search(monkeypatch):
+        theirs = model.generate(input_ids=ids, attention_mask=mask, **options)
+    assert torch.equal(ours, theirs)
+    return rows
+
+
+def test_static_steps_are_the_route_of_cuda_only() -> None:
+    lm = ending_lm("llama")
+    assert static_steps_pay(lm, torch.device("cuda"))
+    assert not static_steps_pay(lm, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("beams", [2, 5])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(eos_token_id=END),
+        dict(eos_token_id=[44, END], length_penalty=0.8, no_repeat_ngram_size=3, min_new_tokens=4),
+        dict(eos_token_id=END, early_stopping="never", length_penalty=1.3, bad_words_ids=[[7], [9]]),
+    ],
+    ids=["plain", "summarization", "never"],
+)
+def test_static_steps_give_transformers_sequences(kind, beams, options, monkeypatch) -> None:
+    """Inputs end at different steps; their rows keep computing (unread) where the growing steps drop them."""
+    model = prefixed(kind)
+    ids, mask = left_padded()
+    rows = static_against_transformers(model, monkeypatch, ids, mask, num_beams=beams, **BASE, **options)
+    assert rows[0] == len(LENGTHS) and len(rows) > 2
+    assert set(rows[1:]) == {beams * len(LENGTHS)}
+
+
+@pytest.mark.parametrize("prefix_kind", ["infix", "embedding"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_static_steps_of_other_prefix_kinds(kind, prefix_kind, monkeypatch) -> None:
+    model = prefixed(kind, prefix_kind)
+    if prefix_kind == "embedding":
+        model.init_prefix_from_vocabulary(torch.Generator().manual_seed(1))
+    ids, mask = left_padded()
+    rows = static_against_transformers(model, monkeypatch, ids, mask, num_beams=3, eos_token_id=END, **BASE)
+    assert set(rows[1:]) == {3 * len(LENGTHS)}
+
+
+def test_static_steps_without_padding_or_mask(monkeypatch) -> None:
+    """No padding (generate drops the mask: the static mask still hides the columns not yet written), one-token
+    prompts, and a search of one step (no step after the prompt)."""
+    model = prefixed("llama")
+    full = torch.randint(3, VOCAB, (4, 6), generator=torch.Generator().manual_seed(3))
+    for ids in (full, full[:, :1]):
+        rows = static_against_transformers(model, monkeypatch, ids, None, num_beams=3, eos_token_id=END, **BASE)
+        assert set(rows[1:]) == {12}
+    ids, mask = left_padded()
+    for new in (1, 2):
+        options = dict(BASE, max_new_tokens=new)
+        static_against_transformers(model, monkeypatch, ids, mask, num_beams=4, eos_token_id=END, **options)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_static_steps_of_a_plain_lm(kind) -> None:
+    lm = ending_lm(kind)
+    ids, mask = left_padded()
+    options = dict(num_beams=4, eos_token_id=END, length_penalty=0.8, **BASE)
+    rows, handle = rows_of_each_forward(lm)
+    try:
+        ours = beam_search(lm, ids, mask, static=True, **options)
+    finally:
+        handle.remove()
+    assert torch.equal(ours, lm.generate(input_ids=ids, attention_mask=mask, **options))
+    assert set(rows[1:]) == {4 * len(LENGTHS)}
+
+
+def test_an_lm_whose_attention_takes_another_mask_keeps_the_growing_steps() -> None:
+    """The static mask is SDPA's (booleans); eager attention adds a float mask."""
+    lm = ending_lm("llama")
+    lm.set_attn_implementation("eager")
+    ids, mask = left_padded()
+    options = dict(num_beams=4, eos_token_id=END, **BASE)
+    rows, handle = rows_of_each_forward(lm)
+    try:
+        ours = beam_search(lm, ids, mask, static=True, **options)
+    finally:
+        handle.remove()
+    assert torch.equal(ours, lm.generate(input_ids=ids, attention_mask=mask, **options))
+    assert rows[-1] < rows[1]  # inputs left the search: growing steps
