@@ -38,8 +38,9 @@ def rows_of_each_forward(lm: torch.nn.Module) -> tuple[list[int], torch.utils.ho
     return rows, lm.register_forward_pre_hook(count, with_kwargs=True)
 
 
-def static_against_transformers(model, monkeypatch, ids, mask, **options) -> list[int]:
-    """Assert our static steps' sequences equal transformers' beam search; the rows of each of our forwards."""
+def static_against_transformers(model, monkeypatch, ids, mask, **options) -> tuple[torch.Tensor, list[int]]:
+    """Assert our static steps' sequences equal transformers' beam search; the sequences and the rows of each of
+    our forwards."""
     rows, handle = rows_of_each_forward(model.lm)
     try:
         with static_steps(monkeypatch):
@@ -49,7 +50,7 @@ def static_against_transformers(model, monkeypatch, ids, mask, **options) -> lis
     with transformers_search(monkeypatch):
         theirs = model.generate(input_ids=ids, attention_mask=mask, **options)
     assert torch.equal(ours, theirs)
-    return rows
+    return ours, rows
 
 
 def test_static_steps_are_the_route_of_cuda_only() -> None:
@@ -73,9 +74,11 @@ def test_static_steps_give_transformers_sequences(kind, beams, options, monkeypa
     """Inputs end at different steps; their rows keep computing (unread) where the growing steps drop them."""
     model = prefixed(kind)
     ids, mask = left_padded()
-    rows = static_against_transformers(model, monkeypatch, ids, mask, num_beams=beams, **BASE, **options)
+    sequences, rows = static_against_transformers(model, monkeypatch, ids, mask, num_beams=beams, **BASE, **options)
     assert rows[0] == len(LENGTHS) and len(rows) > 2
     assert set(rows[1:]) == {beams * len(LENGTHS)}
+    if options.get("early_stopping") != "never":  # which waits for the longest a beam may get
+        assert len(set((sequences[:, ids.shape[1] :] != PAD).sum(1).tolist())) >= 3  # inputs ended apart
 
 
 @pytest.mark.parametrize("prefix_kind", ["infix", "embedding"])
@@ -85,7 +88,7 @@ def test_static_steps_of_other_prefix_kinds(kind, prefix_kind, monkeypatch) -> N
     if prefix_kind == "embedding":
         model.init_prefix_from_vocabulary(torch.Generator().manual_seed(1))
     ids, mask = left_padded()
-    rows = static_against_transformers(model, monkeypatch, ids, mask, num_beams=3, eos_token_id=END, **BASE)
+    _, rows = static_against_transformers(model, monkeypatch, ids, mask, num_beams=3, eos_token_id=END, **BASE)
     assert set(rows[1:]) == {3 * len(LENGTHS)}
 
 
@@ -95,7 +98,7 @@ def test_static_steps_without_padding_or_mask(monkeypatch) -> None:
     model = prefixed("llama")
     full = torch.randint(3, VOCAB, (4, 6), generator=torch.Generator().manual_seed(3))
     for ids in (full, full[:, :1]):
-        rows = static_against_transformers(model, monkeypatch, ids, None, num_beams=3, eos_token_id=END, **BASE)
+        _, rows = static_against_transformers(model, monkeypatch, ids, None, num_beams=3, eos_token_id=END, **BASE)
         assert set(rows[1:]) == {12}
     ids, mask = left_padded()
     for new in (1, 2):

@@ -234,7 +234,7 @@ def beam_search(
                 log_probs = rules.log_probs(search.running[:, 0, :width], logits)[:, None].expand(-1, num_beams, -1)
             else:
                 if step == 1 and static and isinstance(steps, GrowingSteps):  # the rows are beams from now on
-                    steps = steps.static(batch * num_beams, max_new_tokens, search.active) or steps
+                    steps = steps.static(batch, max_new_tokens, search.active) or steps
                 tokens = search.running[:, :, width + step - 1].reshape(-1, 1)
                 moved = shift[search.active, None] if isinstance(shift, torch.Tensor) else shift
                 token_positions = (positions[search.active, -1:] + step + moved).repeat_interleave(num_beams, dim=0)

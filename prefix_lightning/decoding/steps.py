@@ -104,10 +104,11 @@ class GrowingSteps:
         if self.follow_rows is not None:
             self.follow_rows(going)
 
-    def static(self, rows: int, new_tokens: int, active: torch.Tensor) -> StaticSteps | None:
-        """These steps on a static cache of ``rows`` rows with room for ``new_tokens`` more tokens, made once the
-        cache's rows are the beams of the ``active`` inputs; None where its layers cannot be made static (a
-        sliding window, a prefix that attention adds) or its attention takes another mask than SDPA's."""
+    def static(self, inputs: int, new_tokens: int, active: torch.Tensor) -> StaticSteps | None:
+        """These steps on a static cache for the beams of ``inputs`` inputs with room for ``new_tokens`` more
+        tokens, made once the cache's rows are the beams of the ``active`` inputs; None where its layers cannot be
+        made static (a sliding window, a prefix that attention adds) or its attention takes another mask than
+        SDPA's."""
         layers = getattr(self.cache, "layers", None)
         if not layers or self.follow_rows is not None or not all(type(layer) is DynamicLayer for layer in layers):
             return None
@@ -115,52 +116,65 @@ class GrowingSteps:
         if masks.get(self.forward.lm.config._attn_implementation) is not masks["sdpa"]:
             return None
         mask = None if self.mask is None else self.mask[active].repeat_interleave(self.beams, dim=0)
-        return StaticSteps(self.forward, layers, mask, rows, new_tokens)
+        return StaticSteps(self.forward, layers, mask, self.beams, inputs, new_tokens, active)
 
 
 class StaticSteps:
-    """Steps of fixed shape: every row, a cache of fixed length, a mask over all of it; a CUDA graph on CUDA.
+    """Steps of fixed shape: a row for every beam of every input, a cache of fixed length, a mask over all of it;
+    a CUDA graph on CUDA.
 
-    The first step runs eager (it also warms up what the capture records), the graph is captured after it, and
-    every later step copies its tokens and positions into the graph's inputs and replays it. A step first moves
-    the rows as the last :meth:`reorder` said, then runs the LM on one token per row. An LM that cannot be captured
-    (one that synchronizes with the host in its forward, such as a mixture of experts' routing) runs the rest of
-    its static steps eager, with a warning, and its later searches grow.
+    Row ``input * beams + beam`` is always that beam of that input: the beams of an input share its prefix and
+    prompt, so a reordering of the beams moves only the generated tokens' columns, and the rows of an input whose
+    search is over stay where they are, computing unread. The first step runs eager (it also warms up what the
+    capture records), the graph is captured after it, and every later step copies its tokens and positions into the
+    graph's inputs and replays it. A step first moves the generated columns as the last :meth:`reorder` said, then
+    runs the LM on one token per row. An LM that cannot be captured (one that synchronizes with the host in its
+    forward, such as a mixture of experts' routing) runs the rest of its static steps eager, with a warning, and its
+    later searches grow.
     """
 
     def __init__(
-        self, forward: Forward, grown: list[DynamicLayer], mask: torch.Tensor | None, rows: int, new_tokens: int
+        self,
+        forward: Forward,
+        grown: list[DynamicLayer],
+        mask: torch.Tensor | None,
+        beams: int,
+        inputs: int,
+        new_tokens: int,
+        active: torch.Tensor,
     ) -> None:
         first = _stored(grown[0])[0]
-        used, cached = first.shape[0], first.shape[-2]
-        length = cached + new_tokens
-        self.layers = [_static_layer(layer, rows, length) for layer in grown]
+        device, cached = first.device, first.shape[-2]
+        rows, length = inputs * beams, cached + new_tokens
+        self.forward, self.beams, self.active = forward, beams, active
+        self.beam = torch.arange(beams, device=device)
+        placed = self._rows(active)
+        self.layers = [_static_layer(layer, rows, length, placed) for layer in grown]
         self.cache = Cache(layers=[layer for layer in self.layers])  # (a new list: transformers types it wider)
-        device = first.device
-        self.seen = torch.zeros(rows, length, dtype=torch.bool, device=device)  # cached columns: prefix, prompt
-        self.seen[:used, :cached] = True if mask is None else mask.bool()
+        self.seen = torch.zeros(rows, length, dtype=torch.bool, device=device)  # the prefix and prompt columns
+        self.seen[placed, :cached] = True if mask is None else mask.bool()
         self.columns = torch.arange(length, device=device)
-        self.going = torch.arange(rows, device=device)
+        self.first_new = cached
+        self.unmoved = torch.arange(rows, device=device)
+        self.going = self.unmoved.clone()
         self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(rows, 1, dtype=torch.long, device=device)
-        self.first_new = cached
-        self.forward = forward
         self.last_step = new_tokens - 1
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits = torch.empty(0)  # the graph's output, rewritten by every replay
         self.eager = device.type != "cuda"
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, active: torch.Tensor, step: int) -> torch.Tensor:
-        """The next-token logits of the first ``len(tokens)`` rows (a row per beam of the inputs still searched;
-        the rows past them and the columns are the steps' own: ``active`` is not needed)."""
-        used = tokens.shape[0]
-        self.tokens[:used].copy_(tokens)
-        self.positions[:used].copy_(positions)
+        """The next-token logits of each row of the search (a row per beam of the ``active`` inputs)."""
+        self.active = active
+        rows = self._rows(active)
+        self.tokens[rows] = tokens
+        self.positions[rows] = positions
         if self.graph is not None:
             self.graph.replay()
-            return self.logits[:used]
+            return self.logits[rows]
         if self.eager:
-            return self._step()[:used]
+            return self._step()[rows]
         logits = _on_side_stream(self._step)
         if step < self.last_step:  # a later step will replay it
             captured = _captured(self._step)
@@ -169,31 +183,40 @@ class StaticSteps:
                 _uncapturable.add(self.forward.lm)
             else:
                 self.graph, self.logits = captured
-        return logits[:used]
+        return logits[rows]
 
     def reorder(self, going: torch.Tensor) -> None:
-        """Make row ``i`` of the next step what row ``going[i]`` is now (rows past ``len(going)``: any)."""
-        self.going.zero_()
-        self.going[: going.numel()].copy_(going)
+        """Make row ``i`` of the search's next step what its row ``going[i]`` is now (the search's rows: the beams
+        of the inputs it still searches)."""
+        inputs = self.active[going // self.beams]
+        self.going.copy_(self.unmoved)
+        self.going[inputs * self.beams + self.beam.repeat(going.numel() // self.beams)] = (
+            inputs * self.beams + going % self.beams
+        )
+
+    def _rows(self, active: torch.Tensor) -> torch.Tensor:
+        """The static rows of the search's rows (the beams of the ``active`` inputs)."""
+        return (active[:, None] * self.beams + self.beam).flatten()
 
     def _step(self) -> torch.Tensor:
         for layer in self.layers:
             for stored in _stored(layer):
-                stored.copy_(stored.index_select(0, self.going))
-        self.seen.copy_(self.seen.index_select(0, self.going))
+                generated = stored[:, :, self.first_new :]
+                generated.copy_(generated.index_select(0, self.going))
         written = self.layers[0].cumulative_length  # the column this step's token goes to
         seen = self.seen | ((self.columns >= self.first_new) & (self.columns <= written))
         logits, _ = self.forward(self.tokens, seen[:, None, None, :], self.positions, self.cache)
         return logits
 
 
-def _static_layer(grown: DynamicLayer, rows: int, length: int) -> StaticLayer:
-    """A static layer of ``rows`` rows and ``length`` columns holding ``grown``'s keys and values in front."""
+def _static_layer(grown: DynamicLayer, rows: int, length: int, placed: torch.Tensor) -> StaticLayer:
+    """A static layer of ``rows`` rows and ``length`` columns holding ``grown``'s keys and values in front, its row
+    ``i`` at row ``placed[i]``."""
     keys, values = _stored(grown)
     layer = StaticLayer(max_cache_len=length)
-    layer.lazy_initialization(keys.new_empty(rows, *keys.shape[1:]), values.new_empty(rows, *values.shape[1:]))
+    layer.lazy_initialization(keys.new_zeros(rows, *keys.shape[1:]), values.new_zeros(rows, *values.shape[1:]))
     for stored, grown_part in zip(_stored(layer), (keys, values), strict=True):
-        stored[: grown_part.shape[0], :, : grown_part.shape[-2]] = grown_part
+        stored[placed, :, : grown_part.shape[-2]] = grown_part
     layer.cumulative_length.fill_(keys.shape[-2])
     return layer
 
