@@ -1,5 +1,6 @@
-"""Decoding a (prefixed) LM: the routes per call, a beam search equal to transformers' that drops finished
-inputs, the CPU's packed frozen weights, and the generated text."""
+"""Decoding a (prefixed) LM: the routes per call, a beam search equal to transformers' (that drops finished inputs
+on the CPU and replays its steps from a CUDA graph on CUDA), the CPU's packed frozen weights, and the generated
+text."""
 
 from prefix_lightning.decoding.beam_search import CachedPrefix, beam_search, beam_search_options
 from prefix_lightning.decoding.masks import generation_mask, positions_from_mask

@@ -5,7 +5,9 @@ outputs vary a lot in length (E2E), most steps are spent on inputs whose result 
 follows transformers' rules step by step (top-k continuations, stopping criteria, length penalty, the
 ``early_stopping`` done test), so that it returns the same sequences, but drops an input's rows from the running
 batch, its cache and its mask once transformers' done test says its finished hypotheses are final. The prompt is
-run once per input, not once per beam: the beams of an input are identical until the first token is chosen.
+run once per input, not once per beam: the beams of an input are identical until the first token is chosen. On
+CUDA, where a step's time is the host's, the steps after the first are replayed from a CUDA graph instead, every
+row kept (see :mod:`prefix_lightning.decoding.steps`).
 
 Only the options that the project's generation configs use are supported (:func:`beam_search_options` says
 whether a ``generate`` call is one of those); anything else goes through transformers' ``generate``.
