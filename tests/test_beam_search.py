@@ -8,9 +8,6 @@ of every forward).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import pytest
 import torch
 from transformers import GenerationConfig, LogitsProcessorList
@@ -24,43 +21,26 @@ from prefix_lightning.decoding import (
     rows_per_input,
     tokens_to_generate,
 )
-from tests.helpers.decoding import END, LENGTHS, ending_lm, left_padded, prefixed, transformers_search
+from tests.helpers.decoding import (  # noqa: F401 (one_thread: a fixture)
+    END,
+    LENGTHS,
+    ending_lm,
+    left_padded,
+    one_thread,
+    prefixed,
+    rows_per_forward,
+    transformers_search,
+)
 from tests.helpers.tiny import PAD, VOCAB, tiny_lm
 
 NEW = 15
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread, and far faster than on threads that wait for busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@contextmanager
-def rows_per_forward(model: PrefixModel) -> Iterator[list[int]]:
-    """The batch size of every forward of the LM on tokens inside the block (embedding-only's prefix is the
-    LM's activations of embeddings)."""
-    rows: list[int] = []
-
-    def count(module, args, kwargs) -> None:
-        if kwargs.get("input_ids") is not None:
-            rows.append(kwargs["input_ids"].shape[0])
-
-    handle = model.lm.register_forward_pre_hook(count, with_kwargs=True)
-    try:
-        yield rows
-    finally:
-        handle.remove()
 
 
 def compare(model: PrefixModel, monkeypatch: pytest.MonkeyPatch, **options) -> tuple[torch.Tensor, list[int]]:
     """Our sequences (asserted equal to transformers') and the rows of each of our forwards: the prompt (one row
     per input), then one per step (a row per beam of the inputs left)."""
     ids, mask = left_padded()
-    with rows_per_forward(model) as rows:
+    with rows_per_forward(model.lm) as rows:
         ours = model.generate(input_ids=ids, attention_mask=mask, **options)
     with transformers_search(monkeypatch):
         theirs = model.generate(input_ids=ids, attention_mask=mask, **options)

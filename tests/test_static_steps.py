@@ -5,48 +5,32 @@ checked by tests/test_gpu.py."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
 from prefix_lightning.decoding import beam_search
 from prefix_lightning.decoding.steps import static_steps_pay
-from tests.helpers.decoding import END, LENGTHS, ending_lm, left_padded, prefixed, static_steps, transformers_search
+from tests.helpers.decoding import (  # noqa: F401 (one_thread: a fixture)
+    END,
+    LENGTHS,
+    ending_lm,
+    left_padded,
+    one_thread,
+    prefixed,
+    rows_per_forward,
+    static_steps,
+    transformers_search,
+)
 from tests.helpers.tiny import PAD, VOCAB
 
 BASE = dict(max_new_tokens=15, pad_token_id=PAD)
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def rows_of_each_forward(lm: torch.nn.Module) -> tuple[list[int], torch.utils.hooks.RemovableHandle]:
-    """The batch size of every forward of the LM on tokens (embedding-only's prefix is the LM's activations of
-    embeddings)."""
-    rows: list[int] = []
-
-    def count(module, args, kwargs) -> None:
-        if kwargs.get("input_ids") is not None:
-            rows.append(kwargs["input_ids"].shape[0])
-
-    return rows, lm.register_forward_pre_hook(count, with_kwargs=True)
-
-
 def static_against_transformers(model, monkeypatch, ids, mask, **options) -> tuple[torch.Tensor, list[int]]:
     """Assert our static steps' sequences equal transformers' beam search; the sequences and the rows of each of
     our forwards."""
-    rows, handle = rows_of_each_forward(model.lm)
-    try:
-        with static_steps(monkeypatch):
-            ours = model.generate(input_ids=ids, attention_mask=mask, **options)
-    finally:
-        handle.remove()
+    with rows_per_forward(model.lm) as rows, static_steps(monkeypatch):
+        ours = model.generate(input_ids=ids, attention_mask=mask, **options)
     with transformers_search(monkeypatch):
         theirs = model.generate(input_ids=ids, attention_mask=mask, **options)
     assert torch.equal(ours, theirs)
@@ -111,11 +95,8 @@ def test_static_steps_of_a_plain_lm(kind) -> None:
     lm = ending_lm(kind)
     ids, mask = left_padded()
     options = dict(num_beams=4, eos_token_id=END, length_penalty=0.8, **BASE)
-    rows, handle = rows_of_each_forward(lm)
-    try:
+    with rows_per_forward(lm) as rows:
         ours = beam_search(lm, ids, mask, static=True, **options)
-    finally:
-        handle.remove()
     assert torch.equal(ours, lm.generate(input_ids=ids, attention_mask=mask, **options))
     assert set(rows[1:]) == {4 * len(LENGTHS)}
 
@@ -126,10 +107,7 @@ def test_an_lm_whose_attention_takes_another_mask_keeps_the_growing_steps() -> N
     lm.set_attn_implementation("eager")
     ids, mask = left_padded()
     options = dict(num_beams=4, eos_token_id=END, **BASE)
-    rows, handle = rows_of_each_forward(lm)
-    try:
+    with rows_per_forward(lm) as rows:
         ours = beam_search(lm, ids, mask, static=True, **options)
-    finally:
-        handle.remove()
     assert torch.equal(ours, lm.generate(input_ids=ids, attention_mask=mask, **options))
     assert rows[-1] < rows[1]  # inputs left the search: growing steps

@@ -62,3 +62,30 @@ def static_steps(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         module = import_module("prefix_lightning.decoding.beam_search")  # which the package's function hides
         patch.setattr(module, "static_steps_pay", lambda lm, device: True)
         yield
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread, and far faster than on threads that wait for busy cores (autouse in
+    the modules that import it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@contextmanager
+def rows_per_forward(lm: torch.nn.Module) -> Iterator[list[int]]:
+    """The batch size of every forward of ``lm`` on tokens (embedding-only's prefix is the LM's activations of
+    embeddings)."""
+    rows: list[int] = []
+
+    def count(module, args, kwargs) -> None:
+        if kwargs.get("input_ids") is not None:
+            rows.append(kwargs["input_ids"].shape[0])
+
+    handle = lm.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        yield rows
+    finally:
+        handle.remove()
