@@ -12,7 +12,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, StaticCache
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from prefix_lightning import PrefixBank, PrefixConfig, PrefixModel, UnsupportedModelError
 from prefix_lightning.methods import IGNORE_INDEX
@@ -72,28 +71,6 @@ def test_grouped_heads_train_as_transformers_repeated_heads(monkeypatch: pytest.
     assert len(calls) == model.lm.config.num_hidden_layers
     for got, expected in zip(grouped, repeated, strict=True):
         torch.testing.assert_close(got, expected)
-
-
-@pytest.mark.parametrize("mask", ["none", "boolean", "additive"])
-def test_a_decoding_step_of_grouped_heads_attends_as_repeated_heads(mask: str) -> None:
-    """One query per row: the query heads of a group stand as the queries of their key/value head, the keys and
-    values not repeated; the output is transformers' SDPA attention's (which repeats them for a call with a mask)."""
-    module = tiny_lm("llama").model.layers[0].self_attn  # 4 query heads, 2 key/value heads
-    generator = torch.Generator().manual_seed(0)
-    query = torch.randn(3, 4, 1, 8, generator=generator)
-    key, value = (torch.randn(3, 2, 6, 8, generator=generator) for _ in range(2))
-    seen = torch.rand(3, 1, 1, 6, generator=generator) > 0.3
-    seen[..., -1] = True
-    masks = {"none": None, "boolean": seen, "additive": torch.zeros(3, 1, 1, 6).masked_fill(~seen, -1e9)}
-    given = masks[mask]
-    assert attention.takes_folded_groups(query, key, given, {})
-    folded, _ = attention.folded_groups_attention(query, key, value, given, scaling=module.scaling)
-    expected, _ = sdpa_attention_forward(module, query, key, value, given, scaling=module.scaling, dropout=0.0)
-    torch.testing.assert_close(folded, expected)
-    assert not attention.takes_folded_groups(query.expand(-1, -1, 2, -1), key, given, {})  # two queries per row
-    assert not attention.takes_folded_groups(query[:, :2], key, given, {})  # as many query heads as key/value
-    assert not attention.takes_folded_groups(query, key, torch.zeros(3, 4, 1, 6), {})  # a mask per head
-    assert not attention.takes_folded_groups(query, key, given, {"position_bias": torch.zeros(1, 4, 1, 6)})
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])

@@ -5,8 +5,8 @@ On a GPU, a step of a small LM is the host's work: 500 rows of one token each co
 and the host tens of milliseconds of operator calls (docs/gpu.md). Captured once as a CUDA graph, a step is one
 launch. A graph replays fixed shapes at fixed addresses, so :class:`StaticSteps` keeps a row for every beam the
 search started with (the rows of inputs whose search is over keep computing, unread), a cache as long as the longest
-sequence the search can make, and a mask over all of it; the rows still searched come first. On the CPU, where the
-work is the arithmetic, :class:`GrowingSteps` computes only the rows still searched.
+sequence the search can make, and a mask over all of it. On the CPU, where the work is the arithmetic,
+:class:`GrowingSteps` computes only the rows still searched.
 """
 
 from __future__ import annotations

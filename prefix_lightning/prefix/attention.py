@@ -29,7 +29,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Protocol
 
 import torch
@@ -306,13 +305,10 @@ def _prefix_attention(
         kwargs["is_causal"] = False
     if isinstance(attention_mask, CausalBias) and flash_takes_grouped_heads(query, key, value):
         return grouped_causal_attention(query, key, value, attention_mask, **kwargs)
-    attend: Callable[..., tuple[torch.Tensor, None]] = partial(sdpa_attention_forward, module)
-    if takes_folded_groups(query, key, attention_mask, kwargs):
-        attend = folded_groups_attention
     if query.is_cuda:
         with sdpa_kernel(CUDA_KERNELS):
-            return attend(query, key, value, attention_mask, **kwargs)
-    return attend(query, key, value, attention_mask, **kwargs)
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
 def flash_takes_grouped_heads(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
@@ -344,40 +340,6 @@ def grouped_causal_attention(
         query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=True
     )
     return output.transpose(1, 2).contiguous(), None
-
-
-def takes_folded_groups(
-    query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | CausalBias | None, kwargs: dict[str, Any]
-) -> bool:
-    """Whether a grouped-query call has one query per row (a decoding step), a mask the same for every head and no
-    position bias: its query heads can then stand as the queries of their key/value head."""
-    if query.shape[2] != 1 or key.shape[1] == query.shape[1] or kwargs.get("position_bias") is not None:
-        return False
-    return mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[1] == 1)
-
-
-def folded_groups_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    **_: Any,
-) -> tuple[torch.Tensor, None]:
-    """transformers' SDPA attention for a decoding step of a grouped-query layer, the keys/values not repeated.
-
-    For a call with a mask, transformers repeats the cached keys and values to every query head, which at each step
-    copies the whole cache once more per query head of a group. With one query per row, the query heads of a group
-    are that many queries of their key/value head (transformers' head order: query head h reads key/value head
-    h // group), which see the same keys through the same mask.
-    """
-    rows, heads, size = query.shape[0], query.shape[1], query.shape[3]
-    grouped = query.reshape(rows, key.shape[1], heads // key.shape[1], size)
-    output = nn.functional.scaled_dot_product_attention(
-        grouped, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling
-    )
-    return output.reshape(rows, heads, 1, size).transpose(1, 2).contiguous(), None
 
 
 def _without_empty_static_slots(
