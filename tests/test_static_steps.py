@@ -41,6 +41,8 @@ def test_static_steps_are_the_route_of_cuda_only() -> None:
     lm = ending_lm("llama")
     assert static_steps_pay(lm, torch.device("cuda"))
     assert not static_steps_pay(lm, torch.device("cpu"))
+    lm.model.layers[0].mlp.up_proj.weight.ds_id = 3  # as DeepSpeed's ZeRO-3 marks the parameters it partitions
+    assert not static_steps_pay(lm, torch.device("cuda"))  # (FSDP: tests/test_distributed.py)
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])

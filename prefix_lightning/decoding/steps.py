@@ -28,12 +28,15 @@ logger = logging.getLogger(__name__)
 
 def static_steps_pay(lm: nn.Module, device: torch.device) -> bool:
     """Whether the search's steps run static, as a CUDA graph: on CUDA, where the host's pace sets a step's time,
-    for an LM whose forward can be replayed (not one gathered from shards at every call, nor one that failed to
-    be captured before)."""
+    for an LM whose forward can be replayed (not one whose weights are gathered from shards at every call, nor one
+    that failed to be captured before)."""
     return device.type == "cuda" and lm not in _uncapturable and not _sharded(lm)
 
 
 def _sharded(lm: nn.Module) -> bool:
+    """Whether FSDP (either version) or DeepSpeed's ZeRO-3 (whose parameters carry a ``ds_id``) shards the LM."""
+    if any(hasattr(parameter, "ds_id") for parameter in lm.parameters()):
+        return True
     if not torch.distributed.is_available():
         return False
     from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
