@@ -27,8 +27,8 @@ from tests.helpers.decoding import (  # noqa: F401 (one_thread: a fixture)
     ending_lm,
     left_padded,
     one_thread,
+    ours_against_transformers,
     prefixed,
-    rows_per_forward,
     transformers_search,
 )
 from tests.helpers.tiny import PAD, VOCAB, tiny_lm
@@ -37,16 +37,9 @@ NEW = 15
 
 
 def compare(model: PrefixModel, monkeypatch: pytest.MonkeyPatch, **options) -> tuple[torch.Tensor, list[int]]:
-    """Our sequences (asserted equal to transformers') and the rows of each of our forwards: the prompt (one row
-    per input), then one per step (a row per beam of the inputs left)."""
-    ids, mask = left_padded()
-    with rows_per_forward(model.lm) as rows:
-        ours = model.generate(input_ids=ids, attention_mask=mask, **options)
-    with transformers_search(monkeypatch):
-        theirs = model.generate(input_ids=ids, attention_mask=mask, **options)
-    assert ours.shape == theirs.shape
-    assert torch.equal(ours, theirs)
-    return ours, rows
+    """Our sequences on the left-padded prompts (asserted equal to transformers') and the rows of each of our
+    forwards: the prompt (one row per input), then a row per beam of the inputs left."""
+    return ours_against_transformers(model, monkeypatch, *left_padded(), **options)
 
 
 BASE = dict(max_new_tokens=NEW, pad_token_id=PAD)

@@ -16,6 +16,7 @@ from tests.helpers.decoding import (  # noqa: F401 (one_thread: a fixture)
     ending_lm,
     left_padded,
     one_thread,
+    ours_against_transformers,
     prefixed,
     rows_per_forward,
     static_steps,
@@ -27,14 +28,10 @@ BASE = dict(max_new_tokens=15, pad_token_id=PAD)
 
 
 def static_against_transformers(model, monkeypatch, ids, mask, **options) -> tuple[torch.Tensor, list[int]]:
-    """Assert our static steps' sequences equal transformers' beam search; the sequences and the rows of each of
+    """Our sequences through the static steps (asserted equal to transformers' beam search) and the rows of each of
     our forwards."""
-    with rows_per_forward(model.lm) as rows, static_steps(monkeypatch):
-        ours = model.generate(input_ids=ids, attention_mask=mask, **options)
-    with transformers_search(monkeypatch):
-        theirs = model.generate(input_ids=ids, attention_mask=mask, **options)
-    assert torch.equal(ours, theirs)
-    return ours, rows
+    with static_steps(monkeypatch):
+        return ours_against_transformers(model, monkeypatch, ids, mask, **options)
 
 
 def test_static_steps_are_the_route_of_cuda_only() -> None:

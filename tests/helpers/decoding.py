@@ -89,3 +89,17 @@ def rows_per_forward(lm: torch.nn.Module) -> Iterator[list[int]]:
         yield rows
     finally:
         handle.remove()
+
+
+def ours_against_transformers(
+    model: PrefixModel, monkeypatch: pytest.MonkeyPatch, ids: torch.Tensor, mask: torch.Tensor | None, **options
+) -> tuple[torch.Tensor, list[int]]:
+    """Our sequences (asserted equal to transformers') and the rows of each of our forwards: the prompt (one row
+    per input), then one per step."""
+    with rows_per_forward(model.lm) as rows:
+        ours = model.generate(input_ids=ids, attention_mask=mask, **options)
+    with transformers_search(monkeypatch):
+        theirs = model.generate(input_ids=ids, attention_mask=mask, **options)
+    assert ours.shape == theirs.shape
+    assert torch.equal(ours, theirs)
+    return ours, rows
