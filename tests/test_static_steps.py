@@ -20,7 +20,6 @@ from tests.helpers.decoding import (  # noqa: F401 (one_thread: a fixture)
     prefixed,
     rows_per_forward,
     static_steps,
-    transformers_search,
 )
 from tests.helpers.tiny import PAD, VOCAB
 

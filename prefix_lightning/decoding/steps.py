@@ -217,7 +217,8 @@ def _static_layer(grown: DynamicLayer, rows: int, length: int, placed: torch.Ten
     ``i`` at row ``placed[i]``."""
     keys, values = _stored(grown)
     layer = StaticLayer(max_cache_len=length)
-    layer.lazy_initialization(keys.new_zeros(rows, *keys.shape[1:]), values.new_zeros(rows, *values.shape[1:]))
+    # (it reads only the shapes, dtype and device of what it is given: views of the first row, no copies)
+    layer.lazy_initialization(keys[:1].expand(rows, -1, -1, -1), values[:1].expand(rows, -1, -1, -1))
     for stored, grown_part in zip(_stored(layer), (keys, values), strict=True):
         stored[placed, :, : grown_part.shape[-2]] = grown_part
     layer.cumulative_length.fill_(keys.shape[-2])
