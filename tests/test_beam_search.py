@@ -21,12 +21,12 @@ from prefix_lightning.decoding import (
     rows_per_input,
     tokens_to_generate,
 )
-from tests.helpers.decoding import (  # noqa: F401 (one_thread: a fixture)
+from tests.helpers.decoding import (
     END,
     LENGTHS,
     ending_lm,
     left_padded,
-    one_thread,
+    one_thread,  # noqa: F401 (a fixture, autouse here)
     ours_against_transformers,
     prefixed,
     transformers_search,

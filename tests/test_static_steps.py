@@ -10,12 +10,12 @@ import torch
 
 from prefix_lightning.decoding import beam_search
 from prefix_lightning.decoding.steps import static_steps_pay
-from tests.helpers.decoding import (  # noqa: F401 (one_thread: a fixture)
+from tests.helpers.decoding import (
     END,
     LENGTHS,
     ending_lm,
     left_padded,
-    one_thread,
+    one_thread,  # noqa: F401 (a fixture, autouse here)
     ours_against_transformers,
     prefixed,
     rows_per_forward,
