@@ -65,6 +65,15 @@ def test_embedding_only_trains_nothing_but_the_input_embeddings() -> None:
     assert all(torch.equal(lm_before[k], v) for k, v in model.lm.state_dict().items())
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_embedding_only_trains_on_a_bf16_lm(kind: str) -> None:
+    """model.backbone.dtype=bfloat16: the float32 embeddings enter the bf16 LM in its precision and get gradients."""
+    model = PrefixModel(tiny_lm(kind).to(torch.bfloat16), PrefixConfig(length=3, kind="embedding", hidden_dim=16))
+    model.train()
+    model.loss(**_pairs()).backward()
+    assert all(p.dtype == torch.float32 and p.grad is not None for p in model.trainable_parameters())
+
+
 @pytest.mark.parametrize("reparam", ["none", "mlp"])
 def test_embedding_only_real_word_init_equals_the_words(reparam: str) -> None:
     """Initialized from real words, embedding-only is the plain LM reading those words first."""

@@ -117,11 +117,12 @@ class PrefixModel(FrozenLMWrapper):
         """Each site group's prefix keys/values, one (2, kv_heads, L, head_dim) block per site, in the graph.
 
         Embedding-only computes them as the frozen LM's own activations of the trainable input embeddings, at
-        positions 0..L-1: exactly what the LM would hold for those embeddings in front of the input.
+        positions 0..L-1: exactly what the LM would hold for those embeddings in front of the input. The embeddings
+        train in float32 and enter an LM stored in another precision (bf16) in its own.
         """
         blocks = {group: encoder(dropout) for group, encoder in self.encoders.items()}
         if self.config.kind == "embedding":
-            return self._activations(inputs_embeds=blocks[INPUT][0][None])
+            return self._activations(inputs_embeds=blocks[INPUT][0][None].to(self.lm.dtype))
         return blocks
 
     def _materialize(self) -> None:
