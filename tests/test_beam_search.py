@@ -191,6 +191,21 @@ def test_several_sequences_per_input_without_a_mask_read_the_padding_generate_in
     assert torch.equal(model.generate(**options), model.generate(**options, attention_mask=mask))
 
 
+@pytest.mark.parametrize("given", ["call", "generation_config"])
+def test_several_sequences_per_input_with_a_cache_implementation_decode_as_with_the_dynamic_cache(given: str) -> None:
+    """A cache implementation asked for (the call's or the LM's generation config) leaves generate to build its own
+    cache: it refuses the prompt's cache that the route would hand it."""
+    model = prefixed("llama")
+    ids, mask = left_padded()
+    options = dict(input_ids=ids, attention_mask=mask, num_beams=3, num_return_sequences=2, eos_token_id=END, **BASE)
+    expected = model.generate(**options)
+    if given == "call":
+        options["cache_implementation"] = "static"
+    else:
+        model.lm.generation_config.cache_implementation = "static"
+    assert torch.equal(model.generate(**options), expected)
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_plain_lm(kind) -> None:
     """The core function on a bare LM, against its own generate (no prompt cache given)."""

@@ -71,6 +71,8 @@ def _route(lm: PreTrainedModel, kwargs: dict[str, Any], cached_prefix: CachedPre
     own_cache = {"cache", "past_key_values", "inputs_embeds"} & kwargs.keys()
     config = kwargs.get("generation_config") or lm.generation_config
     cached = kwargs.get("use_cache", config.use_cache) is not False  # False: every step reruns the whole sequence
+    # A cache implementation asked for (a static cache) makes generate build its own cache: it refuses a given one.
+    own_cache_kind = kwargs.get("cache_implementation", config.cache_implementation) is not None
     searched = beam_search_options(lm, kwargs) if copies > 1 and slices_logits(lm) else None
     if searched is not None:
         if mask is None:
@@ -82,6 +84,7 @@ def _route(lm: PreTrainedModel, kwargs: dict[str, Any], cached_prefix: CachedPre
         copies > 1
         and cached
         and not own_cache
+        and not own_cache_kind
         and input_ids is not None
         # Without a mask, only a single row is sure to hold no padding that generate would infer a mask for.
         and (mask is not None or input_ids.shape[0] == 1)
