@@ -209,3 +209,18 @@ def test_runs_are_compared_by_what_they_computed_not_by_what_their_command_lines
     assert "data.num_workers" not in table
     assert "| null | full | 1 |" in table and "| 16 | full | 2 |" in table and "| 16 | prefix | 2 |" in table
     assert "### test/bleu: prefix − full" in (out / "paired.md").read_text()
+
+
+def test_ahead_counts_the_better_score_where_lower_is_better(tmp_path: Path) -> None:
+    """TER counts edits and a loss is a cost: a method with the lower one is ahead, not the one with the higher."""
+    records = []
+    for subset, (prefix_ter, full_ter) in enumerate(((0.51, 0.41), (0.52, 0.42), (0.40, 0.43)), start=1):
+        for method, ter in (("prefix", prefix_ter), ("full", full_ter)):
+            record = make_record({"method": method, "data.subset_seed": subset}, bleu=30.0 + subset)
+            record["test"]["test/ter"] = ter
+            record.update(optimized_metric="val/loss", best_val=ter)
+            records.append(record)
+    write_sweep(tmp_path, records)
+    with open(aggregate(tmp_path, metric="val/loss_best") / "paired.csv") as file:
+        ahead = {row["metric"]: row["prefix_ahead"] for row in csv.DictReader(file)}
+    assert ahead == {"val/loss_best": "1", "test/bleu": "0", "test/ter": "1"}

@@ -4,6 +4,7 @@ from prefix_lightning.evaluation.bleu import corpus_bleu
 from prefix_lightning.evaluation.java import MetricSkippedWarning
 from prefix_lightning.evaluation.suites import (
     SUITES,
+    higher_is_better,
     main_validation_metric,
     score,
     validation_metrics,
@@ -15,6 +16,7 @@ __all__ = [
     "SUITES",
     "MetricSkippedWarning",
     "corpus_bleu",
+    "higher_is_better",
     "main_validation_metric",
     "score",
     "task_metrics",

@@ -30,6 +30,16 @@ VALIDATION_SUITES = {"xsum": "xsum"}
 MAIN_METRICS = {"xsum": "rougel", "bleu": "bleu"}
 
 
+# Metrics where less is better, by the last part of their logged name: TER counts edits, a loss is a cost.
+LOWER_BETTER = ("ter", "loss")
+
+
+def higher_is_better(metric: str) -> bool:
+    """Whether a larger value of this logged metric is better (``test/bleu``: yes; ``test/unseen/ter``,
+    ``val/loss``: no)."""
+    return metric.rsplit("/", 1)[-1].lower() not in LOWER_BETTER
+
+
 def validation_suite(metric_suite: str) -> str:
     """The scorers a validation of a dataset with this test ``metric_suite`` runs."""
     return VALIDATION_SUITES.get(metric_suite, "bleu")

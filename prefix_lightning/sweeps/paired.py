@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from prefix_lightning.evaluation import higher_is_better
 from prefix_lightning.sweeps.intervals import Interval, mean_interval
 from prefix_lightning.sweeps.table import (
     REPEAT_KEYS,
@@ -46,7 +47,7 @@ class PairedRow:
     treatment: Stat
     baseline: Stat
     difference: Interval  # of treatment minus baseline, per pair
-    ahead: int  # pairs in which the treatment scores higher
+    ahead: int  # pairs in which the treatment scores better (higher, or lower for TER and a loss)
 
 
 @dataclass(frozen=True)
@@ -83,14 +84,15 @@ def _pairs(records: Sequence[dict[str, Any]], treatment: str, baseline: str) -> 
     return [(runs[treatment], runs[baseline]) for runs in by_rest.values() if treatment in runs and baseline in runs]
 
 
-def _row(setting: dict[str, Any], scores: Sequence[tuple[float, float]]) -> PairedRow:
+def _row(setting: dict[str, Any], scores: Sequence[tuple[float, float]], higher_better: bool) -> PairedRow:
     differences = [treatment - baseline for treatment, baseline in scores]
+    better = (difference > 0 if higher_better else difference < 0 for difference in differences)
     return PairedRow(
         setting,
         Stat.of([treatment for treatment, _ in scores]),
         Stat.of([baseline for _, baseline in scores]),
         mean_interval(differences, CONFIDENCE),
-        sum(difference > 0 for difference in differences),
+        sum(better),
     )
 
 
@@ -105,6 +107,7 @@ def compare_methods(records: Sequence[dict[str, Any]], table: Table, metric: str
     metrics = [metric, *(name for name in table.metrics if name.startswith("test/") and name != metric)]
     comparisons = []
     for name in metrics:
+        higher_better = higher_is_better(name.removesuffix("_best"))  # the table's "val/loss_best"
         groups: dict[str, tuple[dict[str, Any], list[tuple[float, float]]]] = {}
         for treatment, baseline in pairs:
             treated, base = record_metrics(treatment).get(name), record_metrics(baseline).get(name)
@@ -114,9 +117,11 @@ def compare_methods(records: Sequence[dict[str, Any]], table: Table, metric: str
         if not groups:
             continue
         rows = sorted(
-            (_row(*group) for group in groups.values()), key=lambda row: [sort_key(row.setting[key]) for key in keys]
+            (_row(*group, higher_better) for group in groups.values()),
+            key=lambda row: [sort_key(row.setting[key]) for key in keys],
         )
-        overall = _row({}, [scores for _, group in groups.values() for scores in group]) if len(rows) > 1 else None
+        everything = [scores for _, group in groups.values() for scores in group]
+        overall = _row({}, everything, higher_better) if len(rows) > 1 else None
         comparisons.append(Paired(name, *methods, keys, rows, overall))
     return comparisons
 
@@ -174,8 +179,8 @@ def explanation(paired: Paired) -> str:
         f"data subset, same seed). {treatment}, {baseline}: mean ± std over the pairs. {treatment} − {baseline}: "
         f"mean ± std of the per-pair differences. {CONFIDENCE:.0%} interval: Student's t interval of the mean "
         f"difference (none for a single pair); an interval that excludes 0 is a difference these pairs can tell "
-        f"apart from noise. {treatment} ahead: pairs in which {treatment} scores higher."
-        + (" Row all: every pair of every setting together." if paired.overall else "")
+        f"apart from noise. {treatment} ahead: pairs in which {treatment} scores better (higher; lower for TER "
+        "and a loss)." + (" Row all: every pair of every setting together." if paired.overall else "")
     )
 
 
