@@ -60,6 +60,25 @@ def test_record_is_complete_only_with_every_field(tmp_path: Path) -> None:
     assert read_record(tmp_path) is None
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "problem"),
+    [("test", None, "`test` is not an object"), ("overrides", [], "`overrides` is not an object")]
+    + [("test", {"test/bleu": "31.2"}, "`test/bleu` is not a number"), ("best_val", "high", "`best_val` is not a")],
+)
+def test_a_malformed_record_is_named_and_listed_unfinished_not_a_crash(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, field: str, value: object, problem: str
+) -> None:
+    """A hand-edited record with a field of the wrong type: aggregation stopped at it with "'NoneType' object is not
+    a mapping", naming neither the file nor the field."""
+    records = [make_record({"prefix.length": length}, bleu=float(length)) for length in (1, 2, 3)]
+    records[2][field] = value
+    write_sweep(tmp_path, records)
+    out = aggregate(tmp_path)
+    assert out is not None and "| 3 |" not in (out / "results.md").read_text()
+    assert f"{records[2]['run']}/{RECORD_FILE}: {problem}" in caplog.text
+    assert f"<code>{records[2]['run']}</code>" in (out / "report.html").read_text()  # listed as unfinished
+
+
 def test_an_older_runs_record_without_its_export_counts_as_finished(tmp_path: Path) -> None:
     """Records written before export/exported_step existed stay finished runs: a sweep does not train them again."""
     older = {key: value for key, value in make_record({}, bleu=1.0).items() if key not in ("export", "exported_step")}

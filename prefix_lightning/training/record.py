@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from prefix_lightning.files.atomic import atomic_write
+from prefix_lightning.numbers import is_number
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ FIELDS = (
     "finished",
 )
 LATER_FIELDS = ("export", "exported_step")  # a record without them is complete: it predates them
+MAPPINGS = ("overrides", "choices", "test")
+NUMBERS = ("best_val", "trainable_params", "tokens_per_s", "wall_time_s")  # each a number, or null
 
 
 def write_record(run_dir: str | Path, record: dict[str, Any]) -> Path:
@@ -85,4 +88,22 @@ def read_record(run_dir: str | Path) -> dict[str, Any] | None:
     if not isinstance(record, dict) or any(name not in record for name in FIELDS if name not in LATER_FIELDS):
         log.warning("ignoring the incomplete result record %s", path)
         return None
+    problem = _malformed(record)
+    if problem:
+        log.warning("ignoring the malformed result record %s: %s", path, problem)
+        return None
     return record
+
+
+def _malformed(record: dict[str, Any]) -> str | None:
+    """What in a complete record readers could not compute with (a hand-edited file), else None: they would stop
+    at it with a message that names neither the file nor the field."""
+    for name in MAPPINGS:
+        if not isinstance(record[name], dict):
+            return f"`{name}` is not an object"
+    if not isinstance(record["optimized_metric"], str):
+        return "`optimized_metric` is not a string"
+    for name, value in [*((name, record[name]) for name in NUMBERS), *record["test"].items()]:
+        if value is not None and not is_number(value):
+            return f"`{name}` is not a number"
+    return None
