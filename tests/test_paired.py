@@ -224,3 +224,21 @@ def test_ahead_counts_the_better_score_where_lower_is_better(tmp_path: Path) -> 
     with open(aggregate(tmp_path, metric="val/loss_best") / "paired.csv") as file:
         ahead = {row["metric"]: row["prefix_ahead"] for row in csv.DictReader(file)}
     assert ahead == {"val/loss_best": "1", "test/bleu": "0", "test/ter": "1"}
+
+
+def test_a_job_run_again_under_a_name_that_changes_nothing_counts_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A sweep run again with trainer.log_every_n_steps added names new job folders for the same computations: the
+    table counted such a run as one more repeat of its setting, and the paired comparison kept one of the two."""
+    records = [
+        make_record({"method": method, "data.subset_seed": subset}, bleu=bleu + subset)
+        for method, bleu in (("prefix", 50.0), ("full", 40.0))
+        for subset in (1, 2)
+    ]
+    again = make_record({"method": "prefix", "data.subset_seed": 1, "trainer.log_every_n_steps": 5}, bleu=51.0)
+    again["finished"] = "2026-01-02T00:00:00+00:00"
+    write_sweep(tmp_path, [again, *records])
+    table = (aggregate(tmp_path) / "results.md").read_text()
+    assert "| prefix | 2 | 52.50 ± 0.71 | 51.50 ± 0.71 |" in table
+    assert f"{records[0]['run']} and {again['run']} ran the same setting" in caplog.text

@@ -12,6 +12,7 @@ comparison (``paired.py``): paired.md, paired.csv and, over training sizes, pair
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 from collections.abc import Sequence
@@ -51,7 +52,28 @@ def load_records(sweep_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
             unfinished.append(str(job_dir.relative_to(sweep_dir)))
         else:
             finished.append((job_dir, record))
-    return comparable(finished), unfinished
+    names = [str(job_dir.relative_to(sweep_dir)) for job_dir, _ in finished]
+    return once_each(names, comparable(finished)), unfinished
+
+
+def once_each(names: Sequence[str], records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per computation, in their order: jobs whose settings differ only in ones that change nothing
+    (a sweep run again with ``trainer.log_every_n_steps=5`` added names new job folders) computed the same run, and
+    counted twice they would pass for two repeats. The one finished last is kept; a warning names the others."""
+    latest: dict[str, int] = {}
+    for index in sorted(range(len(records)), key=lambda index: str(records[index]["finished"])):
+        setting = json.dumps(records[index]["overrides"], sort_keys=True)
+        if setting in latest:
+            log.warning(
+                "%s and %s ran the same setting (they differ only in settings that change nothing): counted once, "
+                "as %s, which finished last",
+                names[latest[setting]],
+                names[index],
+                names[index],
+            )
+        latest[setting] = index
+    kept = set(latest.values())
+    return [record for index, record in enumerate(records) if index in kept]
 
 
 def comparable(finished: Sequence[tuple[Path, dict[str, Any]]]) -> list[dict[str, Any]]:
