@@ -18,7 +18,7 @@ import pytest
 from prefix_lightning.data import group_references, read_e2e
 from prefix_lightning.evaluation import SUITES, MetricSkippedWarning, corpus_bleu, score
 from prefix_lightning.evaluation.java import JavaUnavailable
-from prefix_lightning.evaluation.mteval import NIST_BETA, mteval_bleu_nist, tokenize
+from prefix_lightning.evaluation.mteval import NIST_BETA, ShortOutputWarning, mteval_bleu_nist, tokenize
 from prefix_lightning.evaluation.table_to_text import dart_text, webnlg_output, webnlg_reference
 
 # The Java scorers (METEOR 1.5, the PTB tokenizer of ROUGE_L and CIDEr) run in a JVM, a subprocess: their tests are
@@ -75,8 +75,21 @@ def test_mteval_tokenizes_13a_and_ignores_case():
 
 def test_mteval_survives_outputs_shorter_than_the_ngram_order():
     # e2e-metrics itself raises ZeroDivisionError in NIST here (no 5-gram in any output); the order counts as 0.
-    bleu, nist = mteval_bleu_nist(["Error"], [["The Eagle is a pub near the river."]])
+    with pytest.warns(ShortOutputWarning, match="1 of 1 outputs have fewer than 4 tokens"):
+        bleu, nist = mteval_bleu_nist(["Error"], [["The Eagle is a pub near the river."]])
     assert 0 < bleu < 1e-6 and math.isfinite(nist)
+
+
+def test_mteval_says_when_short_outputs_inflate_the_scores():
+    """Two empty outputs of three push e2e-metrics' BLEU past its scale (115.85 on 0-1, as the official script
+    prints it): the user is told; a corpus of outputs long enough is not warned about."""
+    references = [["the eagle is a pub"]] * 3
+    with pytest.warns(ShortOutputWarning, match="2 of 3 outputs"):
+        bleu, _ = mteval_bleu_nist(["the eagle is a pub", "", ""], references)
+    assert bleu > 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert mteval_bleu_nist(["the eagle is a pub"] * 3, references)[0] == pytest.approx(1.0)
 
 
 def test_e2e_bleu_equals_sacrebleu_lowercased_on_a_realistic_system(e2e_groups):

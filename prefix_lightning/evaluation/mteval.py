@@ -16,6 +16,7 @@ Both metrics follow `measure_scores.py -p` (the mode the prefix-tuning paper ran
 from __future__ import annotations
 
 import math
+import warnings
 from collections import Counter
 
 from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
@@ -25,6 +26,10 @@ NIST_ORDER = 5
 # mteval-v13a: the length penalty is 0.5 when the output is 2/3 of the reference length.
 NIST_BETA = -math.log(0.5) / math.log(1.5) ** 2
 _TOKENIZER = Tokenizer13a()
+
+
+class ShortOutputWarning(UserWarning):
+    """Outputs too short for e2e-metrics' n-gram counts: its BLEU and NIST overstate the corpus."""
 
 
 def tokenize(text: str) -> list[str]:
@@ -63,10 +68,24 @@ def mteval_bleu_nist(hypotheses: list[str], references: list[list[str]]) -> tupl
         reference_counts[()] += sum(len(ref) for ref in refs)
         mean_reference_lengths += sum(len(ref) for ref in refs) / len(refs)
 
+    _warn_short(hypotheses)
     return (
         _bleu(bleu_hits, candidate_counts[:BLEU_ORDER], closest_lengths),
         _nist(nist_hits, candidate_counts, reference_counts, mean_reference_lengths),
     )
+
+
+def _warn_short(hypotheses: list[str]) -> None:
+    """Say where the kept quirk moves the scores: an output shorter than NIST's order counts negative n-grams,
+    which shrink the totals that the hits are divided by (two empty outputs of three make BLEU 11585)."""
+    short = sum(len(tokenize(hypothesis)) < NIST_ORDER - 1 for hypothesis in hypotheses)
+    if short:
+        warnings.warn(
+            f"{short} of {len(hypotheses)} outputs have fewer than {NIST_ORDER - 1} tokens: e2e-metrics counts "
+            "their n-grams as negative, which inflates BLEU and NIST (kept here as the official script computes them)",
+            ShortOutputWarning,
+            stacklevel=3,
+        )
 
 
 def _bleu(hits: list[int], totals: list[int], reference_length: int) -> float:
