@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from prefix_lightning import PrefixBank, PrefixModel
 from prefix_lightning.decoding import generated_texts
 from prefix_lightning.generate import adopt_prompt_format, exporting_runs, main, prompt_collators, read_requests
-from prefix_lightning.training.build import generation_settings, load_configured_backbone
+from prefix_lightning.training.build import FLOAT_OPTIONS, generation_settings, load_configured_backbone
 from prefix_lightning.training.compose import compose_config, model_config_for
 from prefix_lightning.training.resume import run_config, run_model_overrides
 from tests.helpers.config import REPO, compose_train
@@ -128,6 +128,24 @@ def test_sampled_decoding_is_seeded(prefixes: dict[str, Path], tmp_path: Path) -
         return output.read_text()
 
     assert sampled() == sampled() != sampled("seed=2")
+
+
+def test_whole_numbers_are_taken_for_options_transformers_wants_as_floats(
+    prefixes: dict[str, Path], tmp_path: Path
+) -> None:
+    """Hydra reads ``temperature=2`` as an integer, which transformers' processors refuse (a run would stop at its
+    first validation, after its training steps)."""
+    inputs = write_jsonl(tmp_path / "inputs.jsonl", [{"source": source} for source in SOURCES[:2]])
+    sampling = ["generation.do_sample=true", "generation.num_beams=1"]
+
+    def sampled(value: str) -> str:
+        output = tmp_path / "outputs.jsonl"
+        options = ["--prefix", str(prefixes["e2e"]), "--input", str(inputs), "--output", str(output)]
+        penalties = [f"+generation.{option}={value}" for option in FLOAT_OPTIONS]
+        assert main([*options, *GENERATE, *sampling, *penalties]) == 0
+        return output.read_text()
+
+    assert sampled("2") == sampled("2.0")
 
 
 def test_lines_end_at_line_ends_only() -> None:

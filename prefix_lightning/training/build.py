@@ -16,12 +16,17 @@ from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerB
 from prefix_lightning.backbones import load_backbone
 from prefix_lightning.backbones.compiled import compile_lm
 from prefix_lightning.methods import TrainableLM
+from prefix_lightning.numbers import is_int
 from prefix_lightning.prefix.positions import positions_left
 from prefix_lightning.training.checks import ConfigError, check_config, method_class, options_at
 from prefix_lightning.training.module import MethodModule
 from prefix_lightning.training.tasks import task_data_configs
 
 log = logging.getLogger(__name__)
+
+# generate() options that transformers' logits processors take as floats only: Hydra reads `temperature=2` as an
+# integer, which they would refuse when generate builds them (at a run's first validation, after its training steps).
+FLOAT_OPTIONS = ("temperature", "repetition_penalty", "encoder_repetition_penalty")
 
 
 def load_configured_backbone(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -76,6 +81,7 @@ def build_method(cfg: DictConfig, lm: PreTrainedModel, tokenizer: PreTrainedToke
 def generation_settings(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
     """Decoding options for ``generate``, with the end-of-target token of this model's data format."""
     settings = {k: v for k, v in options_at(cfg, "generation").items() if v is not None}
+    settings.update({key: float(settings[key]) for key in FLOAT_OPTIONS if is_int(settings.get(key))})
     if settings.pop("ban_newline", False):
         settings["bad_words_ids"] = newline_tokens(tokenizer)
     end_ids = tokenizer(cfg.model.target_end, add_special_tokens=False).input_ids
