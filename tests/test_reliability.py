@@ -64,6 +64,7 @@ from tests.helpers.config import compose_train
         ("generation.no_repeat_ngram_size=-1", "generation.no_repeat_ngram_size=-1 is not valid"),
         ("generation.early_stopping=maybe", "generation.early_stopping='maybe' is not valid"),
         ("+generation.num_beam=3", "generation has no option num_beam: use transformers' GenerationConfig"),
+        ("+generation.repetition_penalty=0", "generation.repetition_penalty=0 is not valid: use a number > 0"),
         ("callbacks.early_stopping.patience=0", "callbacks.early_stopping.patience=0 is not valid: use validations"),
         ("callbacks.early_stopping.patience=true", "callbacks.early_stopping.patience=True is not valid: use valid"),
         ("callbacks.last_checkpoint.every_minutes=-1", "every_minutes=-1 is not valid: use minutes >= 0, or null"),
@@ -73,6 +74,25 @@ def test_bad_values_are_rejected_naming_the_option(override: str, message: str, 
     with pytest.raises(ConfigError) as caught:
         check_config(compose_train(tmp_path, [override]))
     assert message in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("+generation.temperature=0", "generation.temperature=0 is not valid: use a number > 0"),
+        ("+generation.top_k=-1", "generation.top_k=-1 is not valid: use an integer >= 0"),
+        ("+generation.top_p=1.5", "generation.top_p=1.5 is not valid: use a number from 0 to 1"),
+        ("+generation.min_p=-0.1", "generation.min_p=-0.1 is not valid: use a number from 0 to 1"),
+        ("+generation.typical_p=0", "generation.typical_p=0 is not valid: use a number > 0, up to 1"),
+    ],
+)
+def test_sampling_values_transformers_refuses_at_the_first_validation_are_named_first(
+    override: str, message: str, tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        check_config(compose_train(tmp_path, ["generation.do_sample=true", override]))
+    assert message in str(caught.value)
+    check_config(compose_train(tmp_path, [override]))  # without sampling, generate ignores it
 
 
 @pytest.mark.parametrize("interval", ["0.25", "1.0"])

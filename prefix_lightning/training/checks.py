@@ -233,6 +233,26 @@ def check_generation(cfg: DictConfig) -> None:
     _require(is_number(penalty), "generation.length_penalty", penalty, "use a number (> 0 favours longer outputs)")
     stopping = settings.get("early_stopping", False)
     _require(stopping in (True, False, "never"), "generation.early_stopping", stopping, "use true, false or never")
+    _check_processor_ranges(settings)
+
+
+def _check_processor_ranges(settings: dict[str, Any]) -> None:
+    """The ranges transformers' logits processors check only when ``generate`` builds them (a run's first
+    validation, after its training steps); the sampling ones only with sampling, where generate applies them."""
+    for option in ("repetition_penalty", "encoder_repetition_penalty"):
+        value = settings.get(option, 1.0)
+        _require(is_number(value) and value > 0, f"generation.{option}", value, "use a number > 0 (1: off)")
+    if settings.get("do_sample") is not True:
+        return
+    temperature = settings.get("temperature", 1.0)
+    _require(is_number(temperature) and temperature > 0, "generation.temperature", temperature, "use a number > 0")
+    top_k = settings.get("top_k", 0)
+    _require(is_int(top_k) and top_k >= 0, "generation.top_k", top_k, "use an integer >= 0 (0: off)")
+    for option in ("top_p", "min_p"):
+        value = settings.get(option, 1.0)
+        _require(is_number(value) and 0 <= value <= 1, f"generation.{option}", value, "use a number from 0 to 1")
+    typical = settings.get("typical_p", 1.0)
+    _require(is_number(typical) and 0 < typical <= 1, "generation.typical_p", typical, "use a number > 0, up to 1")
 
 
 @functools.cache
