@@ -16,6 +16,7 @@ prompts: its separator and end marker, its source budget (``data.max_source_toke
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from collections.abc import Iterator, Sequence
@@ -31,6 +32,7 @@ from transformers import PreTrainedTokenizerBase
 
 from prefix_lightning.cli import device_option, positive_int, report_errors
 from prefix_lightning.data import EncodedPrompt, Group, TextToTextCollator
+from prefix_lightning.data.files import read_text
 from prefix_lightning.decoding import generated_texts
 from prefix_lightning.prefix import PrefixBank, read_prefix
 from prefix_lightning.training.build import fitted_source_budget, generation_settings, load_configured_backbone
@@ -233,6 +235,9 @@ def decode(
 def opened(path: str, mode: str) -> Iterator[TextIO]:
     if path == "-":
         yield sys.stdin if mode == "r" else sys.stdout
+        return
+    if mode == "r":  # as data files are read: UTF-16 too (PowerShell's `>`), bad bytes named by file and line
+        yield io.StringIO(read_text(Path(path)), newline=None)  # newline=None: "\r\n" made "\n", as open() does
         return
     with open(path, mode, encoding="utf-8") as file:
         yield file  # type: ignore[misc]  # open() in text mode returns a TextIOWrapper, typed as IO[Any] here

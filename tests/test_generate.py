@@ -104,6 +104,24 @@ def test_plain_text_with_one_prefix(prefixes: dict[str, Path], tmp_path: Path) -
     assert text.read_text().splitlines() == [row["generation"] for row in written]
 
 
+def test_inputs_are_read_as_data_files_are(
+    prefixes: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """UTF-16 with its byte-order mark (what Windows PowerShell's ``>`` writes) and Windows line ends are read; bytes
+    that are no UTF-8 are named by file and line."""
+    utf16 = tmp_path / "inputs.txt"
+    utf16.write_bytes("\r\n".join(SOURCES[:2]).encode("utf-16") + "\r\n".encode("utf-16-le"))
+    output = tmp_path / "outputs.jsonl"
+    options = ["--prefix", str(prefixes["e2e"]), *GENERATE, "--output", str(output)]
+    assert main([*options, "--input", str(utf16)]) == 0
+    assert [json.loads(line)["source"] for line in output.read_text().splitlines()] == SOURCES[:2]
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("a source\ncaf\xe9\n".encode("latin-1"))
+    with pytest.raises(SystemExit):
+        main([*options, "--input", str(latin1)])
+    assert f"{latin1}, line 2: not UTF-8 text (byte 0xe9)" in capsys.readouterr().err
+
+
 def test_text_to_stdout_and_inputs_kept(prefixes: dict[str, Path], tmp_path: Path, capsys) -> None:
     inputs = tmp_path / "inputs.txt"
     inputs.write_text("\n".join(SOURCES[:2]) + "\n")
