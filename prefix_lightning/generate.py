@@ -313,6 +313,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("give at least one --prefix NAME=FOLDER")
     if "-" not in (args.input, args.output) and Path(args.input).resolve() == Path(args.output).resolve():
         parser.error(f"--output {args.output} is the --input file: the outputs would overwrite the inputs")
+    if args.output != "-" and Path(args.output).is_dir():  # found now, not once the model has loaded
+        parser.error(f"--output {args.output} is a folder: give the file to write the generations to")
     return args
 
 

@@ -206,6 +206,7 @@ def test_a_bad_line_is_named_before_anything_runs(
     [
         (["--threads", "0"], "argument --threads: 0 is not valid: use 1 or more"),
         (["--device", "bogus"], "argument --device: 'bogus' is not a torch device"),
+        (["model=tiny_llama", "--output", "."], "--output . is a folder: give the file to write the generations to"),
         (["model=tiny_llama", "generation.num_beams=0"], "generation.num_beams=0 is not valid"),
         (["model=tiny_llama", "+generation.num_beam=3"], "generation has no option num_beam"),
         (
