@@ -118,7 +118,7 @@ def check_config(cfg: DictConfig) -> None:
     for option in ("optim.weight_decay", "optim.warmup_steps"):
         value = OmegaConf.select(cfg, option)
         _require(is_number(value) and value >= 0, option, value, "use a value >= 0")
-    _require(is_int(cfg.get("seed")), "seed", cfg.get("seed"), "use an integer")
+    check_seed(cfg)
     subset_seed = OmegaConf.select(cfg, "data.subset_seed")
     mixture = OmegaConf.select(cfg, "data.tasks") is not None  # null there: each task keeps its own
     _require(
@@ -174,6 +174,11 @@ def check_config(cfg: DictConfig) -> None:
     minutes = OmegaConf.select(cfg, "callbacks.last_checkpoint.every_minutes")
     timed = is_number(minutes) and minutes >= 0
     _require(minutes is None or timed, "callbacks.last_checkpoint.every_minutes", minutes, "use minutes >= 0, or null")
+
+
+def check_seed(cfg: DictConfig) -> None:
+    """``seed``, before any model loads (torch's own error on it names no option)."""
+    _require(is_int(cfg.get("seed")), "seed", cfg.get("seed"), "use an integer")
 
 
 def check_token_budgets(cfg: DictConfig) -> None:
