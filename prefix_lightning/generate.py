@@ -36,7 +36,12 @@ from prefix_lightning.data.files import read_text
 from prefix_lightning.decoding import generated_texts
 from prefix_lightning.prefix import PrefixBank, read_prefix
 from prefix_lightning.training.build import fitted_source_budget, generation_settings, load_configured_backbone
-from prefix_lightning.training.checks import check_generation, check_seed, check_token_budgets
+from prefix_lightning.training.checks import (
+    check_generation,
+    check_prompt_format,
+    check_seed,
+    check_token_budgets,
+)
 from prefix_lightning.training.compose import compose_config, model_config_for
 from prefix_lightning.training.resume import exporting_run, override_key, run_config, run_model_overrides
 
@@ -256,6 +261,7 @@ def run(args: argparse.Namespace) -> int:
     check_generation(cfg)
     check_token_budgets(cfg)
     check_seed(cfg)
+    check_prompt_format(cfg)
     if args.output != "-":  # before the model loads
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     if args.threads:

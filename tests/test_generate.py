@@ -210,6 +210,7 @@ def test_a_bad_line_is_named_before_anything_runs(
         (["model=tiny_llama", "generation.num_beams=0"], "generation.num_beams=0 is not valid"),
         (["model=tiny_llama", "+generation.num_beam=3"], "generation has no option num_beam"),
         (["model=tiny_llama", "seed=abc"], "seed='abc' is not valid: use an integer"),
+        (["model=tiny_llama", "model.separator=123"], "model.separator=123 is not valid: use text"),
         (
             ["model=tiny_llama", "data.max_source_tokens=abc"],
             "data.max_source_tokens='abc' is not valid: use tokens > 0",

@@ -58,6 +58,7 @@ from tests.helpers.config import compose_train
         ("+generation.num_return_sequences=3", "generation.num_return_sequences=3 is not valid: runs, generate and"),
         ("seed=abc", "seed='abc' is not valid: use an integer"),
         ("seed=null", "seed=None is not valid: use an integer"),
+        ("model.target_end=null", "model.target_end=None is not valid: use the token that ends a target"),
         ("data.subset_seed=null", "data.subset_seed=None is not valid: use an integer"),
         ("trainer.val_check_interval=0.5", "with trainer.check_val_every_n_epoch=1"),
         ("generation.length_penalty=abc", "generation.length_penalty='abc' is not valid: use a number"),

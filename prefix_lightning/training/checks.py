@@ -119,6 +119,7 @@ def check_config(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, option)
         _require(is_number(value) and value >= 0, option, value, "use a value >= 0")
     check_seed(cfg)
+    check_prompt_format(cfg)
     subset_seed = OmegaConf.select(cfg, "data.subset_seed")
     mixture = OmegaConf.select(cfg, "data.tasks") is not None  # null there: each task keeps its own
     _require(
@@ -174,6 +175,14 @@ def check_config(cfg: DictConfig) -> None:
     minutes = OmegaConf.select(cfg, "callbacks.last_checkpoint.every_minutes")
     timed = is_number(minutes) and minutes >= 0
     _require(minutes is None or timed, "callbacks.last_checkpoint.every_minutes", minutes, "use minutes >= 0, or null")
+
+
+def check_prompt_format(cfg: DictConfig) -> None:
+    """``model.separator`` and ``model.target_end``, before any model loads (the tokenizer's own error on a number
+    or null names neither)."""
+    separator, end = cfg.model.get("separator"), cfg.model.get("target_end")
+    _require(isinstance(separator, str), "model.separator", separator, "use text (empty for encoder-decoders)")
+    _require(isinstance(end, str) and end != "", "model.target_end", end, "use the token that ends a target")
 
 
 def check_seed(cfg: DictConfig) -> None:
