@@ -35,6 +35,7 @@ from prefix_lightning.data import EncodedPrompt, Group, TextToTextCollator
 from prefix_lightning.data.files import read_text
 from prefix_lightning.decoding import generated_texts
 from prefix_lightning.prefix import PrefixBank, read_prefix
+from prefix_lightning.prefix.multitask import task_folders
 from prefix_lightning.training.build import fitted_source_budget, generation_settings, load_configured_backbone
 from prefix_lightning.training.checks import (
     check_generation,
@@ -72,6 +73,10 @@ def parse_prefixes(specs: Sequence[str]) -> dict[str, Path]:
         name = name or Path(folder).name
         if name in prefixes:
             raise ValueError(f"--prefix {spec}: the name {name!r} is given twice")
+        tasks = task_folders(folder)
+        if tasks:  # read_prefix would only say that the folder holds no prefix_config.json
+            each = " ".join(f"--prefix {task.name}={task}" for task in tasks)
+            raise ValueError(f"--prefix {spec} holds a multi-task run's prefixes, one per task: give each ({each})")
         read_prefix(folder)  # a missing or foreign folder is named before anything else runs
         prefixes[name] = Path(folder)
     return prefixes

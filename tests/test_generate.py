@@ -229,6 +229,19 @@ def test_bad_options_are_named(
     assert message in err and "Traceback" not in err
 
 
+def test_a_multi_task_runs_prefix_folder_is_answered_with_its_tasks(
+    prefixes: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    held = tmp_path / "prefix"
+    for name, folder in prefixes.items():
+        shutil.copytree(folder, held / name)
+    inputs = write_jsonl(tmp_path / "inputs.jsonl", [{"source": "x", "prefix": "e2e"}])
+    with pytest.raises(SystemExit):
+        main(["--prefix", str(held), "--input", str(inputs), "--output", "-"])
+    each = f"--prefix e2e={held / 'e2e'} --prefix webnlg={held / 'webnlg'}"
+    assert f"holds a multi-task run's prefixes, one per task: give each ({each})" in capsys.readouterr().err
+
+
 def test_prefixes_of_different_base_models_need_a_model(prefixes: dict[str, Path], tmp_path: Path, capsys) -> None:
     cfg = compose_train(tmp_path, ["model=tiny_gpt2"])
     other = PrefixModel(load_configured_backbone(cfg)[0], length=2, hidden_dim=8).save(tmp_path / "gpt2")
