@@ -122,6 +122,12 @@ def test_the_export_command_refuses_a_file_for_its_folder_first(tmp_path: Path) 
 
 
 def test_a_folder_without_an_export_is_refused_naming_what_was_looked_for(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "step2.ckpt"
+    checkpoint.touch()
+    with pytest.raises(
+        ValueError, match=r"step2.ckpt is a file, not an export folder \(python -m prefix_lightning.export"
+    ):
+        export_loader(checkpoint)
     with pytest.raises(FileNotFoundError, match=r"holds no export of this project's methods: expected prefix_config"):
         export_loader(tmp_path)
     (tmp_path / "adapter_config.json").write_text('{"peft_type": "IA3"}')

@@ -37,6 +37,11 @@ MARKERS = {
 def export_loader(folder: str | Path) -> Loader:
     """The method class's loader for the export in ``folder``; anything else is refused naming what it looked for."""
     folder = Path(folder)
+    if folder.is_file():
+        raise ValueError(
+            f"{folder} is a file, not an export folder (python -m prefix_lightning.export <checkpoint> <folder> "
+            "exports a run's checkpoint)"
+        )
     if not folder.is_dir():
         raise FileNotFoundError(f"no export folder at {folder}")
     if (folder / CONFIG_NAME).is_file():
