@@ -19,8 +19,9 @@ from transformers import AutoConfig
 from prefix_lightning.cli import report_errors
 from prefix_lightning.files.atomic import atomic_write
 from prefix_lightning.training.build import build_model, build_module, load_configured_backbone
-from prefix_lightning.training.checks import ConfigError, check_config
+from prefix_lightning.training.checks import ConfigError, check_config, check_validation_reached
 from prefix_lightning.training.early_stopping import early_stopping
+from prefix_lightning.training.train import train
 from tests.helpers.cli import FAST, run_cli, run_failing
 from tests.helpers.config import compose_train
 
@@ -100,6 +101,23 @@ def test_sampling_values_transformers_refuses_at_the_first_validation_are_named_
 def test_a_fraction_of_an_epoch_up_to_a_whole_one_is_a_validation_interval(interval: str, tmp_path: Path) -> None:
     overrides = [f"trainer.val_check_interval={interval}", "trainer.check_val_every_n_epoch=1"]
     check_config(compose_train(tmp_path, overrides))
+
+
+@pytest.mark.parametrize(
+    ("budget", "refused"),
+    [
+        (["trainer.val_check_interval=151"], "val_check_interval=151 is not valid: the run trains 150 batches"),
+        # The interval is in batches: 4 steps of 2 batches reach a validation at batch 8, not at batch 9.
+        (["trainer.max_steps=4", "trainer.accumulate_grad_batches=2", "trainer.val_check_interval=9"], "use at most 8"),
+    ],
+)
+def test_a_step_budget_that_never_reaches_a_validation_is_refused(
+    budget: list[str], refused: str, tmp_path: Path
+) -> None:
+    """Refused by train() before anything loads: the run would train its whole budget without a validation."""
+    with pytest.raises(ConfigError, match=refused):
+        train(compose_train(tmp_path, budget))
+    check_validation_reached(compose_train(tmp_path, [*budget[:-1], "trainer.val_check_interval=8"]))
 
 
 @pytest.mark.parametrize("patience", [0, True])

@@ -190,6 +190,27 @@ def check_seed(cfg: DictConfig) -> None:
     _require(is_int(cfg.get("seed")), "seed", cfg.get("seed"), "use an integer")
 
 
+def check_validation_reached(cfg: DictConfig) -> None:
+    """A budget in steps reaches the validation interval (the training's own rule: ``evaluate`` and ``export`` read
+    the configs of runs made before it). Lightning counts the interval in batches across epochs and never
+    validates a run that stops short of it: no best checkpoint to export, nothing for a sweeper to optimize (Optuna
+    fails the trial on the None that ``train`` returns)."""
+    trainer = cfg.trainer
+    steps, accumulated = trainer.get("max_steps", -1), trainer.get("accumulate_grad_batches", 1)
+    interval = trainer.get("val_check_interval")
+    counted = all(is_int(value) and value > 0 for value in (steps, accumulated, interval))
+    if not counted or trainer.get("check_val_every_n_epoch") is not None:
+        return  # by epochs, validated at an epoch's end, or a value check_config refuses
+    batches = steps * accumulated
+    _require(
+        interval <= batches,
+        "trainer.val_check_interval",
+        interval,
+        f"the run trains {batches} batches (trainer.max_steps x trainer.accumulate_grad_batches) and would never "
+        f"validate: use at most {batches}",
+    )
+
+
 def check_token_budgets(cfg: DictConfig) -> None:
     """``data.max_source_tokens`` / ``max_target_tokens``, where given, before any model loads (a string failed a
     comparison once the model had loaded)."""

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from prefix_lightning.files.checkpoints import logged_step
 from prefix_lightning.training.build import build_datamodule, build_model, build_module
 from prefix_lightning.training.callback_lookup import find_callback
+from prefix_lightning.training.checks import check_validation_reached
 from prefix_lightning.training.dashboards import continue_dashboards
 from prefix_lightning.training.job import current_job
 from prefix_lightning.training.last_checkpoint import LastCheckpoint, RunStopped
@@ -65,6 +66,7 @@ def train(cfg: DictConfig) -> float | None:
     if finished is not None:
         return exported_value(finished)
     settle_optimized_metric(cfg)
+    check_validation_reached(cfg)
     checkpoint = resume_checkpoint(cfg)  # a damaged one is refused before anything loads
     started = time.perf_counter()
     model, tokenizer = build_model(cfg)
