@@ -31,6 +31,13 @@ def _require(condition: bool, option: str, value: Any, accepted: str) -> None:
         raise ConfigError(f"{option}={value!r} is not valid: {accepted}")
 
 
+def _switch(cfg: DictConfig, option: str) -> None:
+    """An on/off setting is true or false (or absent): Python takes any other word, a typo such as ``flase`` too,
+    for true."""
+    value = OmegaConf.select(cfg, option)
+    _require(value is None or isinstance(value, bool), option, value, "use true or false")
+
+
 def _positive_or_null(cfg: DictConfig, option: str) -> None:
     value = OmegaConf.select(cfg, option)
     _require(value is None or (is_int(value) and value > 0), option, value, "use a positive integer or null")
@@ -126,6 +133,8 @@ def check_config(cfg: DictConfig) -> None:
         is_int(subset_seed) or (mixture and subset_seed is None), "data.subset_seed", subset_seed, "use an integer"
     )
     check_generation(cfg)
+    for option in ("test", "data.download", "data.group_by_length", "model.gradient_checkpointing"):
+        _switch(cfg, option)
     for option in ("data.train_size", "data.val_size", "data.test_size", "data.batch_size", "data.eval_batch_size"):
         _positive_or_null(cfg, option)
     check_token_budgets(cfg)
@@ -250,6 +259,8 @@ def check_generation(cfg: DictConfig) -> None:
             f"generation has no option {', '.join(unknown)}: use transformers' GenerationConfig fields "
             "(num_beams, max_new_tokens, length_penalty, ...) or ban_newline"
         )
+    for option in ("do_sample", "ban_newline"):
+        _switch(cfg, f"generation.{option}")
     beams = settings.get("num_beams", 1)
     _require(is_int(beams) and beams >= 1, "generation.num_beams", beams, "use 1 (greedy) or more beams")
     returned = settings.get("num_return_sequences", 1)
