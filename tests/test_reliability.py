@@ -65,6 +65,7 @@ from tests.helpers.config import compose_train
         ("seed=abc", "seed='abc' is not valid: use an integer"),
         ("seed=null", "seed=None is not valid: use an integer"),
         ("model.target_end=null", "model.target_end=None is not valid: use the token that ends a target"),
+        ("seed=-1", "seed=-1 is not valid: use an integer from 0 to 2**32 - 1"),
         ("data.subset_seed=null", "data.subset_seed=None is not valid: use an integer"),
         ("trainer.val_check_interval=0.5", "with trainer.check_val_every_n_epoch=1"),
         ("generation.length_penalty=abc", "generation.length_penalty='abc' is not valid: use a number"),

@@ -195,8 +195,10 @@ def check_prompt_format(cfg: DictConfig) -> None:
 
 
 def check_seed(cfg: DictConfig) -> None:
-    """``seed``, before any model loads (torch's own error on it names no option)."""
-    _require(is_int(cfg.get("seed")), "seed", cfg.get("seed"), "use an integer")
+    """``seed``, before any model loads, within numpy's bounds (which Lightning's seed_everything enforces once the
+    run has started, naming no option)."""
+    seed = cfg.get("seed")
+    _require(is_int(seed) and 0 <= seed < 2**32, "seed", seed, "use an integer from 0 to 2**32 - 1")
 
 
 def check_validation_reached(cfg: DictConfig) -> None:
