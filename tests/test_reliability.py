@@ -46,6 +46,7 @@ from tests.helpers.config import compose_train
         ("optim.weight_decay=abc", "optim.weight_decay='abc' is not valid: use a value >= 0"),
         ("optim.warmup_steps=-1", "optim.warmup_steps=-1 is not valid: use a value >= 0"),
         ("trainer.max_steps=abc", "trainer.max_steps='abc' is not valid: use a positive number of steps"),
+        ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val=-1 is not valid: use a norm > 0, or 0 or null"),
         ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0 is not valid: use 1 or more"),
         ("trainer.max_steps=-1", "trainer.max_epochs=-1 is not valid: with trainer.max_steps=-1 the run trains by"),
         ("trainer.val_check_interval=0", "trainer.val_check_interval=0 is not valid: use a number of training batches"),

@@ -175,6 +175,11 @@ def check_config(cfg: DictConfig) -> None:
         )
     accumulated = cfg.trainer.get("accumulate_grad_batches", 1)
     _require(is_int(accumulated) and accumulated >= 1, "trainer.accumulate_grad_batches", accumulated, "use 1 or more")
+    clip = cfg.trainer.get("gradient_clip_val")
+    # Lightning skips a value <= 0, but FSDP's clip_grad_norm_ (training/sharded.py) scales by it: a negative one
+    # would turn every step's gradient around.
+    clipped = is_number(clip) and clip >= 0
+    _require(clip is None or clipped, "trainer.gradient_clip_val", clip, "use a norm > 0, or 0 or null: no clipping")
     _require(cfg.get("export", "best") in ("best", "last"), "export", cfg.get("export"), "use best or last")
     patience = OmegaConf.select(cfg, "callbacks.early_stopping.patience")
     positive = is_int(patience) and patience > 0
