@@ -252,6 +252,14 @@ def test_finished_runs_are_skipped_and_unfinished_ones_resume(tmp_path: Path) ->
     assert finished_record(tmp_path)["last_val"] == 1.5
 
 
+def test_a_folder_as_ckpt_path_is_refused_unless_deepspeed_reads_it(tmp_path: Path) -> None:
+    """A run folder or its checkpoints/ given as ckpt_path stopped in torch's words once the model had loaded."""
+    with pytest.raises(ConfigError, match=f"ckpt_path={tmp_path} is a folder, not a checkpoint file: give one of"):
+        resume_checkpoint(compose_train(tmp_path, [f"ckpt_path={tmp_path}"]))
+    deepspeed = compose_train(tmp_path, ["trainer=deepspeed_zero2", f"ckpt_path={tmp_path}"])
+    assert resume_checkpoint(deepspeed) == str(tmp_path)  # DeepSpeed's checkpoints are folders
+
+
 def test_an_unfinished_run_resumes_from_the_newest_checkpoint_in_its_folder(tmp_path: Path) -> None:
     """A SLURM requeue's hpc_ckpt_<n>.ckpt is newer than last.ckpt when the job was preempted after its last save."""
     cfg = compose_train(tmp_path, ["model=tiny_llama"])

@@ -260,7 +260,14 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
     (``checkpoints/last.ckpt``, or on SLURM Lightning's ``hpc_ckpt_<n>.ckpt`` from a requeue). A damaged or
     missing file is refused, naming the newest intact checkpoint beside it."""
     if cfg.get("ckpt_path"):
-        return str(check_checkpoint(cfg.ckpt_path))
+        given = Path(cfg.ckpt_path)
+        deepspeed = "deepspeed" in str(OmegaConf.select(cfg, "trainer.strategy")).lower()
+        if given.is_dir() and not deepspeed:  # only DeepSpeed's checkpoints are folders; others failed once loaded
+            raise ConfigError(
+                f"ckpt_path={given} is a folder, not a checkpoint file: give one of its .ckpt files (a run keeps "
+                "them in <run>/checkpoints/), or go on with an interrupted run: resume=<run dir>"
+            )
+        return str(check_checkpoint(given))
     found = _folder_checkpoints(cfg)
     if not found:
         if cfg.get("resume"):
