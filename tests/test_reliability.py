@@ -127,6 +127,15 @@ def test_a_step_budget_that_never_reaches_a_validation_is_refused(
     check_validation_reached(compose_train(tmp_path, [*budget[:-1], "trainer.val_check_interval=8"]))
 
 
+@pytest.mark.integration
+def test_an_epoch_budget_that_never_reaches_a_validation_is_refused_before_training(tmp_path: Path) -> None:
+    """2 epochs of 4 batches and a validation every 10 batches: refused once the epoch's batches are known."""
+    budget = ["trainer.max_steps=-1", "trainer.max_epochs=2", "trainer.val_check_interval=10", "logger=none"]
+    with pytest.raises(ConfigError, match=r"the run trains 8 batches \(2 epochs of 4, trainer.max_epochs\)"):
+        train(compose_train(tmp_path, ["model=tiny_gpt2", "debug=fast", *budget]))
+    assert not (tmp_path / "checkpoints").exists()
+
+
 @pytest.mark.parametrize("patience", [0, True])
 def test_early_stopping_built_in_python_refuses_a_patience_that_is_no_count(patience: object) -> None:
     with pytest.raises(ValueError, match=f"patience={patience} is not valid: use a positive integer or null"):

@@ -18,6 +18,7 @@ from prefix_lightning.backbones import backbone_identity
 from prefix_lightning.decoding import generated_texts
 from prefix_lightning.evaluation import main_validation_metric, score, task_metrics, validation_suite
 from prefix_lightning.methods import TrainableLM
+from prefix_lightning.training.checks import ConfigError
 from prefix_lightning.training.schedule import linear_warmup_decay
 from prefix_lightning.training.sharded import clip_sharded_grad_norm, trainable_by_name
 
@@ -67,6 +68,22 @@ class MethodModule(L.LightningModule):
         strategy = self.trainer.strategy
         if getattr(self.model, "leaves_parameters_unused", False) and isinstance(strategy, DDPStrategy):
             strategy._ddp_kwargs["find_unused_parameters"] = True  # Lightning's kwargs for DistributedDataParallel
+
+    def on_train_start(self) -> None:
+        """A budget in epochs reaches the validation interval: Lightning counts an interval in batches across
+        epochs and never validates a run that ends short of it (a budget in steps is checked with the config,
+        before anything loads; an epoch's batches are known only now)."""
+        trainer = self.trainer
+        interval, epochs = trainer.val_check_interval, trainer.max_epochs
+        if not isinstance(interval, int) or trainer.check_val_every_n_epoch is not None or not epochs or epochs < 1:
+            return
+        batches = int(trainer.num_training_batches) * epochs
+        if interval > batches:
+            raise ConfigError(
+                f"trainer.val_check_interval={interval} is not valid: the run trains {batches} batches "
+                f"({epochs} epochs of {trainer.num_training_batches}, trainer.max_epochs) and would never validate: "
+                f"use at most {batches}"
+            )
 
     def forward(self, **batch: Any) -> Any:
         return self.model(**batch)
