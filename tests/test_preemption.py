@@ -110,6 +110,18 @@ def test_a_stop_signal_saves_exits_non_zero_and_resume_ends_with_the_uninterrupt
 
 
 @pytest.mark.integration
+def test_a_run_given_its_output_folder_names_the_folder_that_resumes_it(tmp_path: Path) -> None:
+    """With paths.output_dir, the outputs and checkpoints go there and Hydra's config into hydra.run.dir: the stop
+    names the folder resume= reads (the outputs' one is no run folder to it), which goes on in the outputs'."""
+    hydra_dir, outputs = tmp_path / "hydra", tmp_path / "outputs"
+    result = run_failing(hydra_dir, *RUN, f"paths.output_dir={outputs}", *fault("SignalAt", step=3, name="SIGTERM"))
+    last = outputs / "checkpoints" / "last.ckpt"
+    assert result.stderr.splitlines()[-1].endswith(f"(saved {last}); to go on, run: python run.py resume={hydra_dir}")
+    assert_restored(run_cli(hydra_dir, f"resume={hydra_dir}"), last)
+    assert (outputs / "result.json").is_file()
+
+
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("budget", "stop", "saved"),
     [
