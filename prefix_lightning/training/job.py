@@ -34,3 +34,9 @@ def current_job() -> HydraJob | None:
         overrides={override.key_or_group: override.value() for override in parsed},
         choices={group: choice for group, choice in hydra.runtime.choices.items() if group.split("/")[0] != "hydra"},
     )
+
+
+def resumable_folder(outputs: str) -> str:
+    """The folder ``resume=`` goes on from: the one Hydra wrote the run's config into, which is not the run's
+    ``outputs`` where ``paths.output_dir`` was given (Hydra's runtime unknown: ``outputs``)."""
+    return HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else outputs

@@ -23,6 +23,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from prefix_lightning.cli import StoppedBySignal
+from prefix_lightning.training.job import resumable_folder
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +158,7 @@ class LastCheckpoint(Checkpoint):
             log.warning(
                 "stopped at once by a second Ctrl-C, in the middle of a step: nothing saved now; to go on from the "
                 "last checkpoint, run: python run.py resume=%s",
-                trainer.default_root_dir,
+                resumable_folder(trainer.default_root_dir),
             )
             return
         if isinstance(exception, WorkersStopped):  # this process waited for the workers that trained, and saved

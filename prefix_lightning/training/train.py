@@ -8,7 +8,6 @@ import warnings
 from typing import Any
 
 import lightning as L
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -20,7 +19,7 @@ from prefix_lightning.training.build import build_datamodule, build_model, build
 from prefix_lightning.training.callback_lookup import find_callback
 from prefix_lightning.training.checks import check_validation_reached
 from prefix_lightning.training.dashboards import continue_dashboards
-from prefix_lightning.training.job import current_job
+from prefix_lightning.training.job import current_job, resumable_folder
 from prefix_lightning.training.last_checkpoint import LastCheckpoint, RunStopped
 from prefix_lightning.training.method_export import MethodExport
 from prefix_lightning.training.optimized import settle_optimized_metric
@@ -101,16 +100,10 @@ def train(cfg: DictConfig) -> float | None:
     except SIGTERMException as stop:  # SIGTERM, SIGUSR1, Ctrl-C: last.ckpt is saved; exit non-zero, saying how to go on
         last = find_callback(callbacks, LastCheckpoint)
         job = current_job()
-        raise RunStopped.of(last, resumable_folder(cfg), in_sweep=bool(job and job.sweep)) from stop
+        raise RunStopped.of(last, resumable_folder(cfg.paths.output_dir), in_sweep=bool(job and job.sweep)) from stop
     log.info("run finished in %.0f s; outputs in %s", time.perf_counter() - started, cfg.paths.output_dir)
     record = find_callback(callbacks, ResultRecord)
     return exported_value({**record.progress, "export": export.source if export else None}) if record else None
-
-
-def resumable_folder(cfg: DictConfig) -> str:
-    """The folder ``resume=`` goes on from: the one Hydra wrote the run's config into, which is not the outputs'
-    where ``paths.output_dir`` was given."""
-    return HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else cfg.paths.output_dir
 
 
 def exported_value(record: dict[str, Any]) -> float | None:
