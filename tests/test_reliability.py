@@ -70,6 +70,7 @@ from tests.helpers.config import compose_train
         ("data.subset_seed=null", "data.subset_seed=None is not valid: use an integer"),
         ("trainer.val_check_interval=0.5", "with trainer.check_val_every_n_epoch=1"),
         ("generation.length_penalty=abc", "generation.length_penalty='abc' is not valid: use a number"),
+        ("generation.max_new_tokens=null", "generation.max_new_tokens=None is not valid: use a positive integer (null"),
         ("generation.no_repeat_ngram_size=-1", "generation.no_repeat_ngram_size=-1 is not valid"),
         ("generation.early_stopping=maybe", "generation.early_stopping='maybe' is not valid"),
         ("+generation.num_beam=3", "generation has no option num_beam: use transformers' GenerationConfig"),
@@ -102,6 +103,11 @@ def test_sampling_values_transformers_refuses_at_the_first_validation_are_named_
         check_config(compose_train(tmp_path, ["generation.do_sample=true", override]))
     assert message in str(caught.value)
     check_config(compose_train(tmp_path, [override]))  # without sampling, generate ignores it
+
+
+def test_no_max_new_tokens_is_a_budget_with_max_length(tmp_path: Path) -> None:
+    """Without either, transformers would stop at its default 20 tokens, prompt included."""
+    check_config(compose_train(tmp_path, ["generation.max_new_tokens=null", "+generation.max_length=150"]))
 
 
 @pytest.mark.parametrize("interval", ["0.25", "1.0"])

@@ -277,8 +277,14 @@ def check_generation(cfg: DictConfig) -> None:
         returned,
         "runs, generate and evaluate keep one output per input",
     )
-    tokens = settings.get("max_new_tokens", 1)
-    _require(is_int(tokens) and tokens >= 1, "generation.max_new_tokens", tokens, "use a positive integer")
+    # null alone would leave transformers' default max_length of 20 tokens, prompt included, without a word.
+    tokens: Any = settings.get("max_new_tokens", 1 if "max_length" in settings else None)
+    _require(
+        is_int(tokens) and tokens >= 1,
+        "generation.max_new_tokens",
+        tokens,
+        "use a positive integer (null only with +generation.max_length)",
+    )
     for option in ("min_new_tokens", "no_repeat_ngram_size"):
         value = settings.get(option, 0)
         _require(is_int(value) and value >= 0, f"generation.{option}", value, "use an integer >= 0 (0: off)")
