@@ -246,6 +246,14 @@ def test_cli_error_is_one_line_before_any_model_loads(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
+def test_a_sweep_without_multirun_is_refused_before_any_model_loads(tmp_path: Path) -> None:
+    """Without -m, +sweep=length would train one job of the defaults (the 12-minute main job)."""
+    result = run_failing(tmp_path, "+sweep=length")
+    assert "+sweep=length is a multirun's settings: run it with -m" in result.stderr
+    assert "Loading embedded backbone" not in result.stdout + result.stderr
+
+
+@pytest.mark.integration
 def test_cli_shows_the_traceback_with_the_debug_switch(tmp_path: Path) -> None:
     result = run_failing(tmp_path, "prefix.length=0", env={"HYDRA_FULL_ERROR": "1"})
     assert "Traceback" in result.stderr and "ConfigError" in result.stderr

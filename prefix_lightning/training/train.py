@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 import warnings
 from typing import Any
@@ -17,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from prefix_lightning.files.checkpoints import logged_step
 from prefix_lightning.training.build import build_datamodule, build_model, build_module
 from prefix_lightning.training.callback_lookup import find_callback
-from prefix_lightning.training.checks import check_validation_reached
+from prefix_lightning.training.checks import ConfigError, check_validation_reached
 from prefix_lightning.training.dashboards import continue_dashboards
 from prefix_lightning.training.job import current_job, resumable_folder
 from prefix_lightning.training.last_checkpoint import LastCheckpoint, RunStopped
@@ -61,6 +62,7 @@ def train(cfg: DictConfig) -> float | None:
     (for both, settings that change what it computes are refused when they differ from those the run started with).
     """
     _console_for_rank_zero()
+    _check_sweep_is_a_multirun(cfg)
     check_earlier_attempt(cfg)
     finished = finished_record(cfg.paths.output_dir)
     if finished is not None:
@@ -104,6 +106,16 @@ def train(cfg: DictConfig) -> float | None:
     log.info("run finished in %.0f s; outputs in %s", time.perf_counter() - started, cfg.paths.output_dir)
     record = find_callback(callbacks, ResultRecord)
     return exported_value({**record.progress, "export": export.source if export else None}) if record else None
+
+
+def _check_sweep_is_a_multirun(cfg: DictConfig) -> None:
+    """A sweep config chosen without ``-m`` would run one job of the defaults, not the sweep. A resumed sweep job
+    and the re-launched processes of a multi-process run (``LOCAL_RANK`` set) carry the choice in their command
+    lines on purpose."""
+    job = current_job()
+    sweep = job.choices.get("sweep") if job is not None and job.sweep is None else None
+    if sweep is not None and cfg.get("resume") is None and os.environ.get("LOCAL_RANK") is None:
+        raise ConfigError(f"+sweep={sweep} is a multirun's settings: run it with -m (python run.py -m +sweep={sweep})")
 
 
 def exported_value(record: dict[str, Any]) -> float | None:
