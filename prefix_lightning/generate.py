@@ -37,12 +37,7 @@ from prefix_lightning.decoding import generated_texts
 from prefix_lightning.prefix import PrefixBank, read_prefix
 from prefix_lightning.prefix.multitask import task_folders
 from prefix_lightning.training.build import fitted_source_budget, generation_settings, load_configured_backbone
-from prefix_lightning.training.checks import (
-    check_generation,
-    check_prompt_format,
-    check_seed,
-    check_token_budgets,
-)
+from prefix_lightning.training.checks import check_decoding_options
 from prefix_lightning.training.compose import compose_config, model_config_for
 from prefix_lightning.training.resume import exporting_run, override_key, run_config, run_model_overrides
 
@@ -263,10 +258,7 @@ def run(args: argparse.Namespace) -> int:
     trained = {name: run_config(run) for name, run in runs.items()}
     given = set(map(override_key, args.overrides))
     adopt_prompt_format(cfg, trained, given)
-    check_generation(cfg)
-    check_token_budgets(cfg)
-    check_seed(cfg)
-    check_prompt_format(cfg)
+    check_decoding_options(cfg)
     if args.output != "-":  # before the model loads
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     if args.threads:

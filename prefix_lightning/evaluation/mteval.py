@@ -49,9 +49,11 @@ def mteval_bleu_nist(hypotheses: list[str], references: list[list[str]]) -> tupl
     nist_hits: list[Counter[tuple[str, ...]]] = [Counter() for _ in range(NIST_ORDER)]
     reference_counts: Counter[tuple[str, ...]] = Counter()  # every reference n-gram of the corpus, () = all tokens
     mean_reference_lengths = 0.0
+    short_outputs = 0
 
     for hypothesis, group in zip(hypotheses, references, strict=True):
         hyp = tokenize(hypothesis)
+        short_outputs += len(hyp) < NIST_ORDER - 1
         refs = [tokenize(reference) for reference in group]
         for n in range(1, NIST_ORDER + 1):
             ref_ngrams = [_ngrams(ref, n) for ref in refs]
@@ -68,20 +70,19 @@ def mteval_bleu_nist(hypotheses: list[str], references: list[list[str]]) -> tupl
         reference_counts[()] += sum(len(ref) for ref in refs)
         mean_reference_lengths += sum(len(ref) for ref in refs) / len(refs)
 
-    _warn_short(hypotheses)
+    _warn_short(short_outputs, len(hypotheses))
     return (
         _bleu(bleu_hits, candidate_counts[:BLEU_ORDER], closest_lengths),
         _nist(nist_hits, candidate_counts, reference_counts, mean_reference_lengths),
     )
 
 
-def _warn_short(hypotheses: list[str]) -> None:
+def _warn_short(short: int, total: int) -> None:
     """Say where the kept quirk moves the scores: an output shorter than NIST's order counts negative n-grams,
     which shrink the totals that the hits are divided by (two empty outputs of three make BLEU 11585)."""
-    short = sum(len(tokenize(hypothesis)) < NIST_ORDER - 1 for hypothesis in hypotheses)
     if short:
         warnings.warn(
-            f"{short} of {len(hypotheses)} outputs have fewer than {NIST_ORDER - 1} tokens: e2e-metrics counts "
+            f"{short} of {total} outputs have fewer than {NIST_ORDER - 1} tokens: e2e-metrics counts "
             "their n-grams as negative, which inflates BLEU and NIST (kept here as the official script computes them)",
             ShortOutputWarning,
             stacklevel=3,

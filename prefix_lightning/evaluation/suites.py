@@ -46,10 +46,11 @@ def validation_suite(metric_suite: str) -> str:
 
 
 def validation_metrics(metric_suite: str) -> dict[str, str]:
-    """The names validation logs for this test ``metric_suite`` (as ``val/<key>``), each with its direction: every
-    score is higher-better, the loss lower-better."""
+    """The names validation logs for this test ``metric_suite`` (as ``val/<key>``), each with its direction for a
+    checkpoint callback or sweeper ("max" or "min")."""
     keys = {"xsum": ("rouge1", "rouge2", "rougeL"), "bleu": ("BLEU",)}[validation_suite(metric_suite)]
-    return {"val/loss": "min", **{f"val/{key.lower()}": "max" for key in keys}}
+    names = ["val/loss", *(f"val/{key.lower()}" for key in keys)]
+    return {name: "max" if higher_is_better(name) else "min" for name in names}
 
 
 def main_validation_metric(metric_suite: str) -> str:

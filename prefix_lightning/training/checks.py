@@ -125,19 +125,16 @@ def check_config(cfg: DictConfig) -> None:
     for option in ("optim.weight_decay", "optim.warmup_steps"):
         value = OmegaConf.select(cfg, option)
         _require(is_number(value) and value >= 0, option, value, "use a value >= 0")
-    check_seed(cfg)
-    check_prompt_format(cfg)
+    check_decoding_options(cfg)
     subset_seed = OmegaConf.select(cfg, "data.subset_seed")
     mixture = OmegaConf.select(cfg, "data.tasks") is not None  # null there: each task keeps its own
     _require(
         is_int(subset_seed) or (mixture and subset_seed is None), "data.subset_seed", subset_seed, "use an integer"
     )
-    check_generation(cfg)
     for option in ("test", "data.download", "data.group_by_length", "model.gradient_checkpointing"):
         _switch(cfg, option)
     for option in ("data.train_size", "data.val_size", "data.test_size", "data.batch_size", "data.eval_batch_size"):
         _positive_or_null(cfg, option)
-    check_token_budgets(cfg)
     workers = cfg.data.get("num_workers", 0)
     _require(is_int(workers) and workers >= 0, "data.num_workers", workers, "use 0 (the main process) or more")
     steps = cfg.trainer.get("max_steps", -1)
@@ -191,7 +188,39 @@ def check_config(cfg: DictConfig) -> None:
     _require(minutes is None or timed, "callbacks.last_checkpoint.every_minutes", minutes, "use minutes >= 0, or null")
 
 
-def check_prompt_format(cfg: DictConfig) -> None:
+def check_validation_reached(cfg: DictConfig) -> None:
+    """A budget in steps reaches the validation interval, before anything loads (the training's own rule:
+    ``evaluate`` and ``export`` read the configs of runs made before it)."""
+    trainer = cfg.trainer
+    steps, accumulated = trainer.get("max_steps", -1), trainer.get("accumulate_grad_batches", 1)
+    interval = trainer.get("val_check_interval")
+    counted = all(is_int(value) and value > 0 for value in (steps, accumulated, interval))
+    if not counted or trainer.get("check_val_every_n_epoch") is not None:
+        return  # by epochs, validated at an epoch's end, or a value check_config refuses
+    require_validation_within(interval, steps * accumulated, "trainer.max_steps x trainer.accumulate_grad_batches")
+
+
+def require_validation_within(interval: int, batches: int, budget: str) -> None:
+    """Lightning counts a validation interval in batches across epochs and never validates a run that stops short
+    of it: no best checkpoint to export, nothing for a sweeper to optimize (Optuna fails the trial on the None that
+    ``train`` returns). Steps are checked with the config; epochs once the batches of one are known."""
+    _require(
+        interval <= batches,
+        "trainer.val_check_interval",
+        interval,
+        f"the run trains {batches} batches ({budget}) and would never validate: use at most {batches}",
+    )
+
+
+def check_decoding_options(cfg: DictConfig) -> None:
+    """The options that decoding reads, shared by training and ``generate`` (which reads nothing else of a run)."""
+    _check_seed(cfg)
+    _check_prompt_format(cfg)
+    _check_token_budgets(cfg)
+    _check_generation(cfg)
+
+
+def _check_prompt_format(cfg: DictConfig) -> None:
     """``model.separator`` and ``model.target_end``, before any model loads (the tokenizer's own error on a number
     or null names neither)."""
     separator, end = cfg.model.get("separator"), cfg.model.get("target_end")
@@ -199,35 +228,14 @@ def check_prompt_format(cfg: DictConfig) -> None:
     _require(isinstance(end, str) and end != "", "model.target_end", end, "use the token that ends a target")
 
 
-def check_seed(cfg: DictConfig) -> None:
+def _check_seed(cfg: DictConfig) -> None:
     """``seed``, before any model loads, within numpy's bounds (which Lightning's seed_everything enforces once the
     run has started, naming no option)."""
     seed = cfg.get("seed")
     _require(is_int(seed) and 0 <= seed < 2**32, "seed", seed, "use an integer from 0 to 2**32 - 1")
 
 
-def check_validation_reached(cfg: DictConfig) -> None:
-    """A budget in steps reaches the validation interval (the training's own rule: ``evaluate`` and ``export`` read
-    the configs of runs made before it). Lightning counts the interval in batches across epochs and never
-    validates a run that stops short of it: no best checkpoint to export, nothing for a sweeper to optimize (Optuna
-    fails the trial on the None that ``train`` returns)."""
-    trainer = cfg.trainer
-    steps, accumulated = trainer.get("max_steps", -1), trainer.get("accumulate_grad_batches", 1)
-    interval = trainer.get("val_check_interval")
-    counted = all(is_int(value) and value > 0 for value in (steps, accumulated, interval))
-    if not counted or trainer.get("check_val_every_n_epoch") is not None:
-        return  # by epochs, validated at an epoch's end, or a value check_config refuses
-    batches = steps * accumulated
-    _require(
-        interval <= batches,
-        "trainer.val_check_interval",
-        interval,
-        f"the run trains {batches} batches (trainer.max_steps x trainer.accumulate_grad_batches) and would never "
-        f"validate: use at most {batches}",
-    )
-
-
-def check_token_budgets(cfg: DictConfig) -> None:
+def _check_token_budgets(cfg: DictConfig) -> None:
     """``data.max_source_tokens`` / ``max_target_tokens``, where given, before any model loads (a string failed a
     comparison once the model had loaded)."""
     for name in ("max_source_tokens", "max_target_tokens"):
@@ -256,7 +264,7 @@ def _check_precision(precision: str, accelerator: str) -> None:
         )
 
 
-def check_generation(cfg: DictConfig) -> None:
+def _check_generation(cfg: DictConfig) -> None:
     """The decoding options, before any model loads: a typo would stop a run at its first validation, after its
     training steps, in transformers' words (or not at all: transformers ignores what it does not know)."""
     settings = {name: value for name, value in options_at(cfg, "generation").items() if value is not None}

@@ -18,7 +18,7 @@ from prefix_lightning.backbones import backbone_identity
 from prefix_lightning.decoding import generated_texts
 from prefix_lightning.evaluation import main_validation_metric, score, task_metrics, validation_suite
 from prefix_lightning.methods import TrainableLM
-from prefix_lightning.training.checks import ConfigError
+from prefix_lightning.training.checks import require_validation_within
 from prefix_lightning.training.schedule import linear_warmup_decay
 from prefix_lightning.training.sharded import clip_sharded_grad_norm, trainable_by_name
 
@@ -70,20 +70,15 @@ class MethodModule(L.LightningModule):
             strategy._ddp_kwargs["find_unused_parameters"] = True  # Lightning's kwargs for DistributedDataParallel
 
     def on_train_start(self) -> None:
-        """A budget in epochs reaches the validation interval: Lightning counts an interval in batches across
-        epochs and never validates a run that ends short of it (a budget in steps is checked with the config,
-        before anything loads; an epoch's batches are known only now)."""
         trainer = self.trainer
         interval, epochs = trainer.val_check_interval, trainer.max_epochs
         if not isinstance(interval, int) or trainer.check_val_every_n_epoch is not None or not epochs or epochs < 1:
             return
-        batches = int(trainer.num_training_batches) * epochs
-        if interval > batches:
-            raise ConfigError(
-                f"trainer.val_check_interval={interval} is not valid: the run trains {batches} batches "
-                f"({epochs} epochs of {trainer.num_training_batches}, trainer.max_epochs) and would never validate: "
-                f"use at most {batches}"
-            )
+        require_validation_within(
+            interval,
+            int(trainer.num_training_batches) * epochs,
+            f"{epochs} epochs of {trainer.num_training_batches}, trainer.max_epochs",
+        )
 
     def forward(self, **batch: Any) -> Any:
         return self.model(**batch)
