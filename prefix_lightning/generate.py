@@ -10,7 +10,8 @@ order (plain text, one generation per line, for an output file ending in ``.txt`
 text``). Inputs are checked before anything loads (a bad line is named by its number); outputs are written and
 flushed batch by batch, so a stopped run keeps every finished batch. Rows of a batch may read different prefixes
 (``PrefixBank``). A prefix still in the folder of the run that exported it is decoded as that run built its
-prompts: its separator and end marker, its source budget (``data.max_source_tokens``), unless given here.
+prompts and decoded its test: its separator and end marker, its source budget (``data.max_source_tokens``), its
+``generation`` settings, unless given here.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ from prefix_lightning.training.compose import compose_config, model_config_for
 from prefix_lightning.training.resume import exporting_run, override_key, run_config, run_model_overrides
 
 FORMATS = ("auto", "jsonl", "text")
-PROMPT_FORMAT = ("model.separator", "model.target_end")
+# What a prefix still in its run folder takes from its run, unless given.
+ADOPTED = ("model.separator", "model.target_end", "generation")
 SOURCE_BUDGET = "data.max_source_tokens"
 TARGET_BUDGET = "data.max_target_tokens"
 
@@ -151,22 +153,36 @@ def exporting_runs(prefixes: dict[str, Path]) -> dict[str, Path]:
         exported_by = exporting_run(folder)
         if exported_by:
             runs[name], _ = exported_by
-            print(f"{name}: prompts built as the run in {runs[name]} built them", file=sys.stderr)
+            print(f"{name}: prompts built and decoded as the run in {runs[name]} did", file=sys.stderr)
     return runs
 
 
-def adopt_prompt_format(cfg: DictConfig, trained: dict[str, DictConfig], given: set[str]) -> None:
-    """Prompts built as the prefixes' runs built them: their separator and end marker, unless given."""
-    for key in PROMPT_FORMAT:
-        values = {name: OmegaConf.select(config, key) for name, config in trained.items()}
+def adopt_run_settings(cfg: DictConfig, trained: dict[str, DictConfig], given: set[str]) -> None:
+    """Prompts built and decoded as the prefixes' runs built and decoded their tests (an XSum run's beam 6 and
+    length penalty, not table-to-text's defaults): their separator, end marker and ``generation`` settings, unless
+    given; a ``generation.<option>`` given keeps the rest of the runs' settings."""
+    for key in ADOPTED:
+        values = {name: _plain(config, key) for name, config in trained.items() if _plain(config, key) is not None}
         if key in given or not values:
             continue
-        if len(set(values.values())) > 1:
+        if len({json.dumps(value, sort_keys=True) for value in values.values()}) > 1:
             raise ValueError(
-                f"the prefixes' runs built prompts with different {key} ({values}): decode them in separate calls, "
-                f"or give {key}=..."
+                f"the prefixes' runs used different {key} ({values}): decode them in separate calls, or give {key}=..."
             )
-        OmegaConf.update(cfg, key, next(iter(values.values())))
+        adopted = next(iter(values.values()))
+        if isinstance(adopted, dict):
+            own = _plain(cfg, key)
+            for option in (given_key.removeprefix(f"{key}.") for given_key in given if given_key.startswith(f"{key}.")):
+                if option in own:
+                    adopted[option] = own[option]
+                else:
+                    adopted.pop(option, None)  # removed with ~
+        OmegaConf.update(cfg, key, adopted, merge=False)
+
+
+def _plain(config: DictConfig, key: str) -> Any:
+    value = OmegaConf.select(config, key)
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
 
 
 def prompt_collators(
@@ -188,7 +204,7 @@ def prompt_collators(
         if run is not None and TARGET_BUDGET not in given:
             target = OmegaConf.select(run, TARGET_BUDGET, default=target)
         virtual = 0 if name is None else bank.held(name).config.virtual_positions
-        settings[name] = (virtual, wanted, max(target, cfg.generation.max_new_tokens))
+        settings[name] = (virtual, wanted, max(target, cfg.generation.max_new_tokens or 0))
     budgets = {setting: fitted_source_budget(bank.lm.config, *setting) for setting in set(settings.values())}
     made = {
         budget: TextToTextCollator(
@@ -257,7 +273,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = compose(prefixes, args.overrides, runs)
     trained = {name: run_config(run) for name, run in runs.items()}
     given = set(map(override_key, args.overrides))
-    adopt_prompt_format(cfg, trained, given)
+    adopt_run_settings(cfg, trained, given)
+    if cfg.generation.get("max_new_tokens") is None and TARGET_BUDGET not in given:
+        cfg.data.max_target_tokens = cfg.generation.get("max_length")  # then it bounds the output (a check says so)
     check_decoding_options(cfg)
     if args.output != "-":  # before the model loads
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from prefix_lightning import PrefixBank, PrefixModel
 from prefix_lightning.decoding import generated_texts
-from prefix_lightning.generate import adopt_prompt_format, exporting_runs, main, prompt_collators, read_requests
+from prefix_lightning.generate import adopt_run_settings, exporting_runs, main, prompt_collators, read_requests
 from prefix_lightning.training.build import FLOAT_OPTIONS, generation_settings, load_configured_backbone
 from prefix_lightning.training.compose import compose_config, model_config_for
 from prefix_lightning.training.resume import run_config, run_model_overrides
@@ -164,6 +164,27 @@ def test_whole_numbers_are_taken_for_options_transformers_wants_as_floats(
         return output.read_text()
 
     assert sampled("2") == sampled("2.0")
+
+
+def test_a_budget_in_max_length_decodes_as_the_same_budget_in_new_tokens(
+    prefixes: dict[str, Path], tmp_path: Path
+) -> None:
+    """``generation.max_new_tokens=null +generation.max_length=...`` (the prompt counted): generate's target budget
+    follows it (it read null and refused data.max_target_tokens, an option the user never set)."""
+    inputs = write_jsonl(tmp_path / "inputs.jsonl", [{"source": SOURCES[0]}])
+    cfg = compose_config("generate", ["model=tiny_llama"])
+    _, tokenizer = load_configured_backbone(cfg)
+    prompt = len(tokenizer(SOURCES[0] + cfg.model.separator, add_special_tokens=False).input_ids)
+
+    def generation(*budget: str) -> str:
+        output = tmp_path / "outputs.jsonl"
+        options = ["--prefix", str(prefixes["e2e"]), "--input", str(inputs), "--output", str(output)]
+        assert main([*options, "model=tiny_llama", "generation.num_beams=2", *budget]) == 0
+        return json.loads(output.read_text())["generation"]
+
+    assert generation("generation.max_new_tokens=null", f"+generation.max_length={prompt + 4}") == generation(
+        "generation.max_new_tokens=4"
+    )
 
 
 def test_lines_end_at_line_ends_only() -> None:
@@ -356,9 +377,41 @@ def test_the_run_of_each_prefix_is_found(prefixes: dict[str, Path], tmp_path: Pa
     assert {name: config.model.separator for name, config in found.items()} == {"e2e": " =>", "webnlg": " :"}
     cfg = compose_train(tmp_path, ["model=tiny_llama"])
     with pytest.raises(ValueError, match="different model.separator"):
-        adopt_prompt_format(cfg, found, set())
-    adopt_prompt_format(cfg, found, {"model.separator"})  # given: kept
+        adopt_run_settings(cfg, found, set())
+    adopt_run_settings(cfg, found, {"model.separator"})  # given: kept
     assert cfg.model.separator == " <|endoftext|>"
+    found["e2e"].generation = {"num_beams": 6}
+    found["webnlg"].generation = {"num_beams": 5}
+    with pytest.raises(ValueError, match=r"different generation .*give generation=\.\.\."):
+        adopt_run_settings(cfg, found, {"model.separator"})
+    adopt_run_settings(cfg, found, {"model.separator", "generation"})  # a group chosen: the runs' settings left
+    assert cfg.generation.num_beams == 5 and cfg.generation.ban_newline
+
+
+def test_a_prefix_in_its_run_folder_decodes_as_that_run_decoded_its_test(
+    prefixes: dict[str, Path], tmp_path: Path
+) -> None:
+    """The run's generation settings (an XSum run's beam search, not table-to-text's defaults), unless given: an
+    option given keeps the others, a group given replaces them."""
+    summarization = ["generation=summarization", "generation.max_new_tokens=5", "generation.min_new_tokens=4"]
+    decoded = compose_config("generate", ["model=tiny_llama", *summarization]).generation
+    exported = in_run_folder(prefixes["e2e"], tmp_path / "run", {"generation": OmegaConf.to_container(decoded)})
+    inputs = write_jsonl(tmp_path / "inputs.jsonl", [{"source": source} for source in SOURCES])
+
+    def generations(folder: Path, *overrides: str) -> list[str]:
+        output = tmp_path / "outputs.jsonl"
+        command = ["--prefix", f"e2e={folder}", "--input", str(inputs), "--output", str(output)]
+        assert main([*command, "model=tiny_llama", *overrides]) == 0
+        return [json.loads(line)["generation"] for line in output.read_text().splitlines()]
+
+    from_run = generations(exported)
+    assert from_run == generations(prefixes["e2e"], *summarization)
+    assert from_run != generations(prefixes["e2e"])  # table-to-text's 100 new tokens
+    assert generations(exported, "generation.num_beams=2") == generations(
+        prefixes["e2e"], *summarization, "generation.num_beams=2"
+    )
+    table_to_text = ["generation=table_to_text", "generation.max_new_tokens=8"]
+    assert generations(exported, *table_to_text) == generations(prefixes["e2e"], *table_to_text)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "bart"])

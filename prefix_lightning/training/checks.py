@@ -216,8 +216,8 @@ def check_decoding_options(cfg: DictConfig) -> None:
     """The options that decoding reads, shared by training and ``generate`` (which reads nothing else of a run)."""
     _check_seed(cfg)
     _check_prompt_format(cfg)
+    _check_generation(cfg)  # first: generate's target budget is the tokens decoded
     _check_token_budgets(cfg)
-    _check_generation(cfg)
 
 
 def _check_prompt_format(cfg: DictConfig) -> None:
