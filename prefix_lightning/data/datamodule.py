@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from prefix_lightning.data.collate import EncodedPair, EncodedPrompt, TextToTextCollator
 from prefix_lightning.data.examples import Example, Group, reference_groups
 from prefix_lightning.data.registry import DATASETS, METRIC_SUITES
-from prefix_lightning.data.sampler import training_sampler
+from prefix_lightning.data.sampler import training_loader
 
 logger = logging.getLogger(__name__)
 
@@ -239,19 +239,15 @@ class TextToTextDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
-        return DataLoader(
-            # A list is a map-style dataset; torch annotates Dataset.
-            self._train,  # type: ignore[arg-type]
-            batch_size=hp.batch_size,
-            sampler=training_sampler(
-                len(self._train),
-                hp.shuffle_seed,
-                hp.batch_size,
-                self.trainer,
-                [pair.length for pair in self._train] if hp.group_by_length else None,
-            ),
-            collate_fn=self.collator.train_batch,
-            num_workers=hp.num_workers,
+        lengths = [pair.length for pair in self._train] if hp.group_by_length else None
+        return training_loader(
+            self._train,
+            lengths,
+            hp.shuffle_seed,
+            hp.batch_size,
+            self.trainer,
+            self.collator.train_batch,
+            hp.num_workers,
         )
 
     def val_dataloader(self) -> list[DataLoader]:

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from prefix_lightning.data.collate import EncodedPair, EncodedPrompt
 from prefix_lightning.data.datamodule import TextToTextDataModule
-from prefix_lightning.data.sampler import training_sampler
+from prefix_lightning.data.sampler import training_loader
 
 
 @dataclass(frozen=True)
@@ -123,19 +123,10 @@ class MultiTaskDataModule(L.LightningDataModule):
         ]
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            # A list is a map-style dataset; torch annotates Dataset.
-            self._train,  # type: ignore[arg-type]
-            batch_size=self.batch_size,
-            sampler=training_sampler(
-                len(self._train),
-                self.shuffle_seed,
-                self.batch_size,
-                self.trainer,
-                [cast(EncodedPair, tagged.item).length for tagged in self._train] if self.group_by_length else None,
-            ),
-            collate_fn=partial(_batch, self.collator.train_batch),
-            num_workers=self.num_workers,
+        lengths = [cast(EncodedPair, tagged.item).length for tagged in self._train] if self.group_by_length else None
+        collate = partial(_batch, self.collator.train_batch)
+        return training_loader(
+            self._train, lengths, self.shuffle_seed, self.batch_size, self.trainer, collate, self.num_workers
         )
 
     def val_dataloader(self) -> list[DataLoader]:
