@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, PrefixTuningConfig, get_peft_model
+from transformers import PreTrainedModel
 
 from prefix_lightning import PrefixConfig, PrefixModel
 from prefix_lightning.baselines.peft_adapter import require_peft
@@ -163,6 +164,24 @@ def test_foreign_or_misfitting_adapters_are_refused_in_one_line(tmp_path: Path) 
     (tmp_path / "llama" / PEFT_WEIGHTS).write_bytes(b"truncated")
     with pytest.raises(ValueError, match=rf"cannot read {tmp_path / 'llama' / PEFT_WEIGHTS}: .*truncated or corrupted"):
         PrefixModel.from_peft(tiny_lm("llama"), tmp_path / "llama")
+
+
+def test_an_adapter_of_another_named_base_model_is_loaded_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PEFT records the base model's name, not its type: a same-shape model of another name loads, said in a
+    warning (the values may mean nothing there); the model it names loads silently."""
+
+    def named(name: str) -> PreTrainedModel:
+        lm = tiny_lm("gpt2")
+        lm.name_or_path = name
+        return lm
+
+    PrefixModel(named("someone/gpt2-tiny"), length=LENGTH).save(tmp_path, format="peft")
+    PrefixModel.from_peft(named("someone/gpt2-tiny"), tmp_path)
+    assert not caplog.records
+    PrefixModel.from_peft(named("someone/other-tiny"), tmp_path)
+    assert "trained on someone/gpt2-tiny; this base model is someone/other-tiny" in caplog.text
 
 
 def test_without_peft_its_methods_name_the_extra_that_installs_it(monkeypatch: pytest.MonkeyPatch) -> None:

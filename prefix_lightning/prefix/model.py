@@ -343,8 +343,14 @@ class PrefixModel(FrozenLMWrapper):
     @classmethod
     def from_peft(cls, lm: PreTrainedModel, path: str | Path) -> PrefixModel:
         """Load a PEFT prefix-tuning adapter (saved with or without PEFT's ``prefix_projection``: PEFT saves the
-        projected values) onto the decoder-only ``lm``; refuses a base model of another shape."""
+        projected values) onto the decoder-only ``lm``; refuses a base model of another shape, warns where the
+        adapter names another base model (PEFT records no model type to refuse one of the same shape by)."""
         adapter = read_peft_prefix(path)
+        names = (lm.name_or_path, hub_name(lm.name_or_path))
+        if adapter.base_model and lm.name_or_path and adapter.base_model not in names:
+            log.warning(
+                "the PEFT prefix in %s was trained on %s; this base model is %s", path, adapter.base_model, names[0]
+            )
         config = PrefixConfig(length=adapter.length, reparam="none", shift_positions=True)
         found = attention_sites(lm)  # checked before lm is wrapped: a refused adapter leaves it as it was
         reason = peft_incompatibility(config, found, bool(lm.config.is_encoder_decoder))

@@ -117,6 +117,7 @@ class PeftPrefix:
     token_dim: int
     table: torch.Tensor
     heads: int | None = None  # the key/value heads the width splits into (``num_attention_heads``), where recorded
+    base_model: str | None = None  # ``base_model_name_or_path``, where recorded
 
     def key_values(self, sites: Sequence[AttentionSite]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each layer's (keys, values) for a model with these attention ``sites``; refuses another shape (the same
@@ -164,7 +165,10 @@ def read_peft_prefix(folder: str | Path) -> PeftPrefix:
     if task not in (None, "CAUSAL_LM"):
         raise ValueError(f"{config_file} is a {task} adapter; PEFT prefixes load onto decoder-only LMs (CAUSAL_LM)")
     heads = description.get("num_attention_heads")
-    return PeftPrefix(folder, length, layers, token_dim, table.float(), int(heads) if heads is not None else None)
+    base_model = description.get("base_model_name_or_path") or None
+    return PeftPrefix(
+        folder, length, layers, token_dim, table.float(), int(heads) if heads is not None else None, base_model
+    )
 
 
 def _read_table(folder: Path) -> torch.Tensor:
