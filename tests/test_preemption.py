@@ -365,21 +365,69 @@ def test_resume_takes_the_runs_own_overrides_and_folder(tmp_path: Path) -> None:
         resume_arguments(["run.py", f"resume={tmp_path / 'nowhere'}"])
 
 
-def test_resume_with_another_choice_of_a_group_drops_the_runs_settings_inside_it(tmp_path: Path) -> None:
-    """Hydra would stop at the run's ``data.tasks`` (not in e2e_devsplit's config); composed, the check lists."""
+def test_resume_with_another_choice_of_a_group_keeps_the_runs_settings_it_composes_with(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The run's settings inside a group given another choice are its own (its budget) and stay; one the new choice
+    lacks would stop Hydra (``data.tasks`` is not in e2e_devsplit's config): it is left out, saying so, and the
+    attempt's check lists what the new choice changes. Settings a resumed run may change are the new choice's."""
     mixture = ["data=multi", "data.tasks=[e2e_devsplit,webnlg]", "data.train_size=8"]
-    run = run_folder(tmp_path / "run", "seed: 1\n", ["model=tiny_llama", *mixture, "prefix.length=5"])
-    (run / ".hydra" / "hydra.yaml").write_text(
-        "hydra:\n  runtime:\n    choices:\n      data: multi\n      model: tiny_llama\n"
+    budget = ["trainer.max_steps=40", "trainer.val_check_interval=10"]
+    run = run_folder(
+        tmp_path / "run",
+        "seed: 1\n",
+        ["model=tiny_llama", *mixture, *budget, "trainer.strategy=ddp", "prefix.length=5"],
     )
-    argv = resume_arguments(["run.py", f"resume={run}", "data=e2e_devsplit", "model=tiny_llama"])
-    assert argv[1:5] == ["model=tiny_llama", "prefix.length=5", "data=e2e_devsplit", "model=tiny_llama"]
-    assert compose_train(tmp_path, argv[1:5]).data.dataset == "e2e"
-    assert resume_arguments(["run.py", f"resume={run}", "data=multi"])[1:6] == [
+    (run / ".hydra" / "hydra.yaml").write_text(
+        "hydra:\n  runtime:\n    choices:\n      data: multi\n      model: tiny_llama\n      trainer: cpu\n"
+    )
+    with caplog.at_level(logging.WARNING, logger="prefix_lightning.training.resume"):
+        argv = resume_arguments(["run.py", f"resume={run}", "data=e2e_devsplit", "trainer=ddp_cpu", "model=tiny_llama"])
+    given = ["data=e2e_devsplit", "trainer=ddp_cpu", "model=tiny_llama"]
+    assert argv[1:-3] == ["model=tiny_llama", "data.train_size=8", *budget, "prefix.length=5", *given]
+    assert caplog.messages == [
+        "resume: left out the run's data.tasks=[e2e_devsplit,webnlg], which Hydra does not compose with "
+        "data=e2e_devsplit trainer=ddp_cpu"
+    ]
+    composed = compose_train(tmp_path, argv[1:-3])
+    assert (composed.data.dataset, composed.data.train_size) == ("e2e", 8)
+    assert (composed.trainer.max_steps, composed.trainer.val_check_interval) == (40, 10)
+    assert composed.trainer.strategy._target_ == "prefix_lightning.training.spawn.SpawnDDPStrategy"
+    assert resume_arguments(["run.py", f"resume={run}", "data=multi"])[1:-4] == [
         "model=tiny_llama",
         *mixture,
+        *budget,
+        "trainer.strategy=ddp",
         "prefix.length=5",
     ]
+
+
+def test_resume_composes_a_new_choice_from_the_runs_own_config_folder(tmp_path: Path) -> None:
+    """A choice in a folder of the user's (the run's hydra.searchpath) composes with the run's settings too."""
+    own = tmp_path / "conf" / "data" / "mine.yaml"
+    own.parent.mkdir(parents=True)
+    own.write_text("defaults:\n  - e2e_devsplit\n  - _self_\ntrain_size: 12\n")
+    run = run_folder(tmp_path / "run", "seed: 1\n", ["data=multi", "data.tasks=[webnlg,mine]", "data.train_size=8"])
+    (run / ".hydra" / "hydra.yaml").write_text(
+        f"hydra:\n  searchpath:\n  - file://{own.parents[1]}\n  runtime:\n    choices:\n      data: multi\n"
+    )
+    argv = resume_arguments(["run.py", f"resume={run}", "data=mine"])
+    assert argv[1:-3] == ["data.train_size=8", f"hydra.searchpath=['file://{own.parents[1]}']", "data=mine"]
+
+
+@pytest.mark.integration
+def test_a_run_resumed_with_another_trainer_choice_trains_its_own_budget(straight: Path, tmp_path: Path) -> None:
+    """Stopped, then resumed with the spawning strategy (trainer=ddp_cpu, one process: their number sets the global
+    batch): the run's trainer.max_steps and val_check_interval stay (debug=fast's were composed, and refused), so it
+    ends with the uninterrupted run's prefix."""
+    run_failing(tmp_path, *RUN, *fault("SignalAt", step=3, name="SIGTERM"))
+    resumed = run_cli(tmp_path, f"resume={tmp_path}", "trainer=ddp_cpu", "trainer.devices=1")
+    assert_restored(resumed, tmp_path / "checkpoints" / "last.ckpt")
+    assert "left out" not in resumed.stderr
+    assert_same_prefix(tmp_path, straight)
+    assert sorted(path.name for path in tmp_path.glob("val_step*_metrics.json")) == sorted(
+        path.name for path in straight.glob("val_step*_metrics.json")
+    )
 
 
 def test_resume_refuses_settings_that_change_the_computation_and_lists_them(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from hydra.errors import HydraException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -18,7 +19,7 @@ from prefix_lightning.files.atomic import atomic_write
 from prefix_lightning.files.checkpoints import check_checkpoint
 from prefix_lightning.prefix.multitask import task_folders
 from prefix_lightning.training.checks import ConfigError
-from prefix_lightning.training.compose import quoted, searchpath_override
+from prefix_lightning.training.compose import compose_config, quoted, searchpath_override
 from prefix_lightning.training.last_checkpoint import LAST
 from prefix_lightning.training.record import RECORD_FILE, read_record
 
@@ -125,7 +126,7 @@ def resume_arguments(argv: Sequence[str]) -> list[str]:
         RESUMED_PLACEMENT,
         override("resume", run_dir),
     ]
-    kept = _outside_rechosen_groups(run_overrides(run_dir), rest, _choices(run_dir))
+    kept = _composing_with_new_choices(run_overrides(run_dir), rest, _choices(run_dir))
     return [argv[0], *kept, *rest, *placement]
 
 
@@ -141,17 +142,49 @@ def _hydra_setting(run_dir: Path, key: str) -> Any:
     return OmegaConf.select(OmegaConf.load(hydra_file), key) if hydra_file.is_file() else None
 
 
-def _outside_rechosen_groups(run: Sequence[str], given: Sequence[str], choices: dict[str, str]) -> list[str]:
-    """The run's overrides without those of a config group given another choice (``data=e2e`` for a
-    ``data=multi data.tasks=[...]`` run): the new choice composes as in a new run (Hydra stopped at ``data.tasks``),
-    and the attempt's check then lists what it changes."""
-    rechosen = set()
+def _composing_with_new_choices(run: Sequence[str], given: Sequence[str], choices: dict[str, str]) -> list[str]:
+    """The run's overrides, less those of a config group given another choice (``trainer=ddp_cpu``) that do not
+    compose with it. The others are the run's settings (its budget, ``trainer.max_steps=40``) and stay, as the
+    attempt's check expects; one the new choice lacks (``data.tasks=[...]`` of a ``data=multi`` run resumed with
+    ``data=e2e``) would stop Hydra, so it is left out, said on the console, and the check lists what the new choice
+    changes. Settings a resumed run may change (``trainer.strategy``: ``NOT_COMPUTED``) are the new choice's."""
+    rechosen = {}
     for item in given:
-        key, _, value = item.partition("=")
-        group = override_key(key)
-        if "." not in group and group in choices and choices[group] != value:
-            rechosen.add(group)
-    return [item for item in run if override_key(item).partition(".")[0] not in rechosen]
+        group, _, choice = item.partition("=")
+        group = override_key(group)
+        if "." not in group and group in choices and choices[group] != choice:
+            rechosen[group] = choice
+    outside, inside = [], []
+    for item in run:
+        key = override_key(item)
+        if key.partition(".")[0] not in rechosen:
+            outside.append(item)
+        elif key not in rechosen and not not_computed(key):  # not the choice itself, which the given one replaces
+            inside.append(item)
+    settings = [item for item in given if "=" in item and not item.startswith("-")]  # not Hydra's flags
+    if not inside or not _composes([*outside, *settings]):
+        return outside  # Hydra stops at what is given and says why (or it reads configs by flag: --config-dir)
+    kept: list[str] = []
+    for item in inside:
+        if _composes([*outside, *kept, item, *settings]):
+            kept.append(item)
+    dropped = [item for item in inside if item not in kept]
+    if dropped:
+        log.warning(
+            "resume: left out the run's %s, which Hydra does not compose with %s",
+            " ".join(dropped),
+            " ".join(f"{group}={choice}" for group, choice in rechosen.items()),
+        )
+    return [item for item in run if item in outside or item in kept]
+
+
+def _composes(overrides: Sequence[str]) -> bool:
+    """Whether Hydra composes the train config with ``overrides``."""
+    try:
+        compose_config("train", overrides)
+    except HydraException:
+        return False
+    return True
 
 
 def override(key: str, value: str | Path) -> str:
