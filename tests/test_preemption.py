@@ -353,6 +353,9 @@ def test_resume_takes_the_runs_own_overrides_and_folder(tmp_path: Path) -> None:
         f"resume='{run}'",
     ]
     assert resume_arguments(["run.py", f"resume='{run}'"])[-1] == f"resume='{run}'"
+    # Hydra's flags go last: its parser reads the overrides in one run (--cfg job in the middle cut them off).
+    flagged = resume_arguments(["run.py", "--cfg", "job", f"resume={run}", "trainer.devices=2", "--info", "config"])
+    assert flagged == [*argv, "--cfg", "job", "--info", "config"]
     # DDP and FSDP start the other ranks with this command line, which Lightning extends: taken as it is.
     relaunched = [*argv, f"hydra.run.dir='{run}'", "hydra.job.name=train_ddp_process_1", "hydra.output_subdir=null"]
     assert resume_arguments(relaunched) == relaunched

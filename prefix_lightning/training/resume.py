@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from hydra._internal.utils import get_args_parser
 from hydra.errors import HydraException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -120,14 +121,35 @@ def resume_arguments(argv: Sequence[str]) -> list[str]:
     run_dir = Path(unquoted(given[-1].partition("=")[2]))
     if not (run_dir / RUN_CONFIG).is_file():
         raise FileNotFoundError(f"resume={run_dir}: not a run folder ({RUN_CONFIG} is missing)")
-    rest = [argument for argument in argv[1:] if not argument.startswith("resume=")]
+    rest, flags = _overrides_and_flags([argument for argument in argv[1:] if not argument.startswith("resume=")])
     placement = [
         override("hydra.run.dir", run_dir),
         RESUMED_PLACEMENT,
         override("resume", run_dir),
     ]
     kept = _composing_with_new_choices(run_overrides(run_dir), rest, _choices(run_dir))
-    return [argv[0], *kept, *rest, *placement]
+    return [argv[0], *kept, *rest, *placement, *flags]
+
+
+def _overrides_and_flags(arguments: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The overrides, and Hydra's flags with their values (``--cfg job``): Hydra's parser takes the overrides in one
+    run, so the rebuilt command line puts the flags last (one in the middle left the overrides after it unread)."""
+    options = {option: action for action in get_args_parser()._actions for option in action.option_strings}
+    overrides: list[str] = []
+    flags: list[str] = []
+    tokens = list(arguments)
+    while tokens:
+        token = tokens.pop(0)
+        if not token.startswith("-"):
+            overrides.append(token)
+            continue
+        flags.append(token)
+        action = options.get(token)
+        if action is None or not tokens:
+            continue
+        if action.nargs is None or (action.nargs == "?" and tokens[0] in (action.choices or ())):  # --info config
+            flags.append(tokens.pop(0))
+    return overrides, flags
 
 
 def _choices(run_dir: Path) -> dict[str, str]:
@@ -161,7 +183,7 @@ def _composing_with_new_choices(run: Sequence[str], given: Sequence[str], choice
             outside.append(item)
         elif key not in rechosen and not not_computed(key):  # not the choice itself, which the given one replaces
             inside.append(item)
-    settings = [item for item in given if "=" in item and not item.startswith("-")]  # not Hydra's flags
+    settings = [item for item in given if "=" in item]
     if not inside or not _composes([*outside, *settings]):
         return outside  # Hydra stops at what is given and says why (or it reads configs by flag: --config-dir)
     kept: list[str] = []
