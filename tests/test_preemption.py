@@ -448,14 +448,17 @@ def test_resume_refuses_settings_that_change_the_computation_and_lists_them(tmp_
     ]
     check_earlier_attempt(compose_train(tmp_path, [*run, *allowed, f"resume={tmp_path}"]))
     changed = compose_train(
-        tmp_path, [*run, "prefix.length=3", "method.lr=0.1", "seed=2", "trainer.devices=2", f"resume={tmp_path}"]
+        tmp_path,
+        [*run, "prefix.length=3", "method.lr=0.1", "model.separator=:", "trainer.devices=2", f"resume={tmp_path}"],
     )
     with pytest.raises(ConfigError) as refused:
         check_earlier_attempt(changed)
+    # The run's own values as the command line takes them back (a new trainer= choice brings its own devices).
     assert str(refused.value) == (
         f"resume={tmp_path}: these settings differ from the run's own (.hydra/started_config.yaml) and change what "
-        "it computes: method.lr: 0.0005 -> 0.1; prefix.length: 5 -> 3; seed: 1 -> 2; trainer.devices: 1 -> 2. Resume "
-        "without them, or start a new run"
+        "it computes: method.lr: 0.0005 -> 0.1; model.separator: ' <|endoftext|>' -> ':'; prefix.length: 5 -> 3; "
+        "trainer.devices: 1 -> 2. Resume without them, or start a new run (the run's own: method.lr=0.0005 "
+        "model.separator=' <|endoftext|>' prefix.length=5 trainer.devices=1)"
     )
     # A run folder from before started_config.yaml: its .hydra/config.yaml (resumed attempts write theirs elsewhere).
     (tmp_path / STARTED_CONFIG).rename(tmp_path / ".hydra" / "config.yaml")

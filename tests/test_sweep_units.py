@@ -297,7 +297,7 @@ def test_a_folder_run_again_is_checked_against_the_config_its_run_started_with(t
         f"(.hydra/started_config.yaml) differ from these and change what it computes: "
         "callbacks.early_stopping.patience: None -> 2; trainer.max_steps: 150 -> 7. Run again without them, "
         "delete the folder to start it anew, or give the run (the sweep) another folder: hydra.run.dir=... "
-        "(hydra.sweep.dir=...)"
+        "(hydra.sweep.dir=...) (the run's own: callbacks.early_stopping.patience=null trainer.max_steps=150)"
     )
     last.unlink()
     write_record(tmp_path, make_record({}, bleu=1.0))  # finished: to be skipped, and checked the same way

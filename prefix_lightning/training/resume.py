@@ -7,6 +7,7 @@ Every attempt that goes on from an earlier one is checked against the config the
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -271,7 +272,24 @@ def _refuse_changes(cfg: DictConfig, saved_file: Path, refused: str, remedy: str
     )
     if changed:
         listed = "; ".join(f"{key}: {before.get(key, ABSENT)!r} -> {now.get(key, ABSENT)!r}" for key in changed)
-        raise ConfigError(f"{refused} and change what it computes: {listed}. {remedy}")
+        # Not always given by hand: a new group choice (trainer=ddp_cpu) brings its own trainer.devices.
+        own = [
+            f"{key}={_override_value(before[key])}"
+            for key in changed
+            if key in before and key in now and not isinstance(before[key], (dict, list))
+        ]
+        restore = f" (the run's own: {' '.join(own)})" if own else ""
+        raise ConfigError(f"{refused} and change what it computes: {listed}. {remedy}{restore}")
+
+
+def _override_value(value: Any) -> str:
+    """A setting's value as Hydra's command line takes it back."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    if isinstance(value, (int, float)):
+        return str(value)
+    word = re.fullmatch(r"[A-Za-z_][\w./:-]*", value) and value.lower() not in ("true", "false", "null")
+    return value if word else quoted(value)
 
 
 ABSENT = "<absent>"
