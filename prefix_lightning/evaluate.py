@@ -41,11 +41,13 @@ from prefix_lightning.training.compose import model_config_for
 from prefix_lightning.training.optimized import settle_optimized_metric
 from prefix_lightning.training.resume import (
     RUN_CONFIG,
+    composing_with_new_choices,
     exporting_run,
     override,
     override_key,
     run_config,
     run_overrides,
+    split_hydra_flags,
     unquoted,
 )
 
@@ -111,7 +113,7 @@ def with_run_settings(argv: Sequence[str]) -> list[str]:
     export = Path(unquoted(value))
     if (export / RUN_CONFIG).is_file():  # a run's folder: the export it holds
         export = export / run_config(export).method.export_dir
-    rest = [argument for argument in argv[1:] if not argument.startswith(EXPORT_KEYS)]
+    rest, flags = split_hydra_flags([argument for argument in argv[1:] if not argument.startswith(EXPORT_KEYS)])
     ignored = [argument for argument in rest if _group(argument) in FIXED_BY_EXPORT]
     if ignored:
         print(f"ignoring {' '.join(ignored)}: the export in {export} says its method and prefix", file=sys.stderr)
@@ -123,11 +125,12 @@ def with_run_settings(argv: Sequence[str]) -> list[str]:
         # Where the run wrote is not how it computed: this evaluation writes into its own folder, never over the run's
         # test outputs.
         overrides = [item for item in overrides if override_key(item) != "paths.output_dir"]
+        overrides = composing_with_new_choices(run, overrides, rest, "evaluate")
     if overrides:
         print(f"evaluating with the settings of the run in {run}: {' '.join(overrides)}", file=sys.stderr)
     elif "model" not in map(override_key, rest):
         overrides = _recorded_model(export)
-    return [argv[0], *overrides, *rest, override(key, export)]
+    return [argv[0], *overrides, *rest, override(key, export), *flags]
 
 
 def _recorded_model(export: Path) -> list[str]:

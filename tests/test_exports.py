@@ -156,6 +156,26 @@ def test_evaluate_takes_a_run_folder_for_the_export_it_holds(tmp_path: Path, cap
     assert f"evaluating with the settings of the run in {run}: method=lora data.train_size=8" in capsys.readouterr().err
 
 
+def test_evaluate_on_another_data_choice_keeps_what_composes_and_puts_hydras_flags_last(tmp_path: Path) -> None:
+    """A mixture's run scored on one dataset: its data.tasks (which data=e2e_devsplit lacks) left out, its budget
+    kept; ``--cfg job`` after the rebuilt overrides (Hydra's parser reads them in one run)."""
+    run = run_folder(
+        tmp_path / "run",
+        "method:\n  export_dir: prefix\n",
+        ["data=multi", "data.tasks=[e2e_devsplit,webnlg]", "data.train_size=8"],
+    )
+    (run / ".hydra" / "hydra.yaml").write_text("hydra:\n  runtime:\n    choices:\n      data: multi\n")
+    argv = with_run_settings(["evaluate", "--cfg", "job", f"export_path={run}", "data=e2e_devsplit"])
+    assert argv == [
+        "evaluate",
+        "data.train_size=8",
+        "data=e2e_devsplit",
+        f"export_path='{run / 'prefix'}'",
+        "--cfg",
+        "job",
+    ]
+
+
 def test_evaluate_does_not_write_into_the_folder_the_run_was_given(tmp_path: Path) -> None:
     """A run started with paths.output_dir=<its folder>: evaluating its export with other settings writes into
     evaluate's own folder, not over the run's test outputs."""

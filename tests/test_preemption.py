@@ -389,7 +389,7 @@ def test_resume_with_another_choice_of_a_group_keeps_the_runs_settings_it_compos
     given = ["data=e2e_devsplit", "trainer=ddp_cpu", "model=tiny_llama"]
     assert argv[1:-3] == ["model=tiny_llama", "data.train_size=8", *budget, "prefix.length=5", *given]
     assert caplog.messages == [
-        "resume: left out the run's data.tasks=[e2e_devsplit,webnlg], which Hydra does not compose with "
+        "left out the run's data.tasks=[e2e_devsplit,webnlg], which Hydra does not compose with "
         "data=e2e_devsplit trainer=ddp_cpu"
     ]
     composed = compose_train(tmp_path, argv[1:-3])

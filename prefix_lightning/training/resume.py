@@ -122,17 +122,17 @@ def resume_arguments(argv: Sequence[str]) -> list[str]:
     run_dir = Path(unquoted(given[-1].partition("=")[2]))
     if not (run_dir / RUN_CONFIG).is_file():
         raise FileNotFoundError(f"resume={run_dir}: not a run folder ({RUN_CONFIG} is missing)")
-    rest, flags = _overrides_and_flags([argument for argument in argv[1:] if not argument.startswith("resume=")])
+    rest, flags = split_hydra_flags([argument for argument in argv[1:] if not argument.startswith("resume=")])
     placement = [
         override("hydra.run.dir", run_dir),
         RESUMED_PLACEMENT,
         override("resume", run_dir),
     ]
-    kept = _composing_with_new_choices(run_overrides(run_dir), rest, _choices(run_dir))
+    kept = composing_with_new_choices(run_dir, run_overrides(run_dir), rest, "train")
     return [argv[0], *kept, *rest, *placement, *flags]
 
 
-def _overrides_and_flags(arguments: Sequence[str]) -> tuple[list[str], list[str]]:
+def split_hydra_flags(arguments: Sequence[str]) -> tuple[list[str], list[str]]:
     """The overrides, and Hydra's flags with their values (``--cfg job``): Hydra's parser takes the overrides in one
     run, so the rebuilt command line puts the flags last (one in the middle left the overrides after it unread)."""
     options = {option: action for action in get_args_parser()._actions for option in action.option_strings}
@@ -165,12 +165,14 @@ def _hydra_setting(run_dir: Path, key: str) -> Any:
     return OmegaConf.select(OmegaConf.load(hydra_file), key) if hydra_file.is_file() else None
 
 
-def _composing_with_new_choices(run: Sequence[str], given: Sequence[str], choices: dict[str, str]) -> list[str]:
-    """The run's overrides, less those of a config group given another choice (``trainer=ddp_cpu``) that do not
-    compose with it. The others are the run's settings (its budget, ``trainer.max_steps=40``) and stay, as the
-    attempt's check expects; one the new choice lacks (``data.tasks=[...]`` of a ``data=multi`` run resumed with
-    ``data=e2e``) would stop Hydra, so it is left out, said on the console, and the check lists what the new choice
-    changes. Settings a resumed run may change (``trainer.strategy``: ``NOT_COMPUTED``) are the new choice's."""
+def composing_with_new_choices(run_dir: Path, run: Sequence[str], given: Sequence[str], config: str) -> list[str]:
+    """The overrides ``run`` of the run in ``run_dir``, less those of a config group ``given`` another choice
+    (``trainer=ddp_cpu``) that do not compose with it in the command's ``config`` (train, evaluate). The others are
+    the run's settings (its budget, ``trainer.max_steps=40``) and stay, as the attempt's check expects; one the new
+    choice lacks (``data.tasks=[...]`` of a ``data=multi`` run resumed with ``data=e2e``) would stop Hydra, so it is
+    left out, said on the console, and the check lists what the new choice changes. Settings a resumed run may
+    change (``trainer.strategy``: ``NOT_COMPUTED``) are the new choice's."""
+    choices = _choices(run_dir)
     rechosen = {}
     for item in given:
         group, _, choice = item.partition("=")
@@ -185,26 +187,26 @@ def _composing_with_new_choices(run: Sequence[str], given: Sequence[str], choice
         elif key not in rechosen and not not_computed(key):  # not the choice itself, which the given one replaces
             inside.append(item)
     settings = [item for item in given if "=" in item]
-    if not inside or not _composes([*outside, *settings]):
+    if not inside or not _composes(config, [*outside, *settings]):
         return outside  # Hydra stops at what is given and says why (or it reads configs by flag: --config-dir)
     kept: list[str] = []
     for item in inside:
-        if _composes([*outside, *kept, item, *settings]):
+        if _composes(config, [*outside, *kept, item, *settings]):
             kept.append(item)
     dropped = [item for item in inside if item not in kept]
     if dropped:
         log.warning(
-            "resume: left out the run's %s, which Hydra does not compose with %s",
+            "left out the run's %s, which Hydra does not compose with %s",
             " ".join(dropped),
             " ".join(f"{group}={choice}" for group, choice in rechosen.items()),
         )
     return [item for item in run if item in outside or item in kept]
 
 
-def _composes(overrides: Sequence[str]) -> bool:
-    """Whether Hydra composes the train config with ``overrides``."""
+def _composes(config: str, overrides: Sequence[str]) -> bool:
+    """Whether Hydra composes the ``config`` (train, evaluate) with ``overrides``."""
     try:
-        compose_config("train", overrides)
+        compose_config(config, overrides)
     except HydraException:
         return False
     return True
