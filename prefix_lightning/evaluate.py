@@ -32,9 +32,11 @@ from prefix_lightning.prefix import PrefixModel
 from prefix_lightning.prefix.export import CONFIG_NAME
 from prefix_lightning.prefix.multitask import task_folders
 from prefix_lightning.training.build import (
-    build_datamodule,
     build_module,
+    configured_data,
+    encode_for,
     load_configured_backbone,
+    read_data_first,
 )
 from prefix_lightning.training.checks import ConfigError, check_config
 from prefix_lightning.training.compose import model_config_for
@@ -69,6 +71,9 @@ def evaluate(cfg: DictConfig) -> float | None:
     load = export_loader(path) if path else None  # a wrong folder is refused before the model loads
     if path:
         _check_tasks_match(Path(path), OmegaConf.select(cfg, "data.tasks"))
+    datamodule = configured_data(cfg)
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
+    read_data_first(datamodule, trainer, "test")  # a data problem is said before the model loads
     lm, tokenizer = load_configured_backbone(cfg)
     if load is not None:
         model = load(lm, path).eval()
@@ -76,9 +81,8 @@ def evaluate(cfg: DictConfig) -> float | None:
     else:
         model = PrefixModel(lm, length=1)
         log.info("no export_path given: evaluating the plain LM on the same prompts")
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
     module = build_module(cfg, model, tokenizer)
-    datamodule = build_datamodule(cfg, tokenizer, model)
+    encode_for(datamodule, cfg, tokenizer, model)
     with nullcontext() if path else model.prefix_disabled():
         (metrics,) = trainer.test(module, datamodule=datamodule)
     return metrics.get(cfg.optimized_metric.replace("val/", "test/", 1))  # none for val/loss: the test scores outputs

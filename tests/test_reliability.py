@@ -482,3 +482,93 @@ def test_the_generations_text_file_has_one_line_per_input(tmp_path: Path) -> Non
         "first\n\nparagraph\u2028end",
         "second",
     ]
+
+
+def _unloadable_model(tmp_path: Path) -> list[str]:
+    """Overrides for a model folder that passes the config checks and fails as it loads (its config.json is no
+    JSON): a run that reaches the model stops with that model's error, not the data's."""
+    folder = tmp_path / "unloadable-model"
+    folder.mkdir()
+    (folder / "config.json").write_text("not JSON")
+    return ["model=gpt2", f"model.backbone.name={folder}"]
+
+
+def _custom_files(folder: Path, files: dict[str, str]) -> list[str]:
+    """Overrides for data=custom on ``files`` (name -> text) written into ``folder``."""
+    folder.mkdir()
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    return ["data=custom", f"paths.data_dir={folder}", "data.train_file=train.csv", "data.val_file=val.csv"]
+
+
+GOOD_CSV = "source,target\na,b\nc,d\n"
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        (None, "E2E file devset.csv not found: looked for"),
+        ({"val.csv": GOOD_CSV, "test.csv": GOOD_CSV}, "data file not found: looked for .*train.csv"),
+        ({"train.csv": "source,target\n", "val.csv": GOOD_CSV, "test.csv": GOOD_CSV}, "train.csv holds no examples"),
+        (
+            {"train.csv": "src,tgt\na,b\n", "val.csv": GOOD_CSV, "test.csv": GOOD_CSV},
+            r"train.csv, line 1: missing column\(s\) \['source', 'target'\]",
+        ),
+        ({"train.csv": GOOD_CSV, "val.csv": GOOD_CSV}, "data file not found: looked for .*test.csv"),
+    ],
+    ids=["e2e-missing", "own-file-missing", "empty-file", "csv-header", "test-file-missing"],
+)
+def test_a_data_problem_is_said_before_the_model_loads(
+    files: dict[str, str] | None, message: str, tmp_path: Path
+) -> None:
+    """The datamodule read its files only after the model had loaded (half a minute for SmolLM2, minutes for a
+    large model) to find them missing or malformed."""
+    if files is None:  # the E2E default, nothing in the data dir and no download
+        data = [f"paths.data_dir={tmp_path / 'empty'}", "data.download=false"]
+    else:
+        data = _custom_files(tmp_path / "data", {**files})
+        data.append("data.test_file=test.csv")
+    cfg = compose_train(tmp_path / "run", [*_unloadable_model(tmp_path), *data, "logger=none"])
+    with pytest.raises((FileNotFoundError, ValueError), match=message):
+        train(cfg)
+
+
+def test_the_unloadable_model_of_these_tests_fails_as_it_loads(data_dir: Path, tmp_path: Path) -> None:
+    """With good data the run reaches the model, and stops there (what makes the test above prove the order)."""
+    cfg = compose_train(tmp_path / "run", [*_unloadable_model(tmp_path), f"paths.data_dir={data_dir}", "logger=none"])
+    with pytest.raises(Exception, match="unloadable-model") as stopped:
+        train(cfg)
+    assert not isinstance(stopped.value, FileNotFoundError)
+
+
+def test_evaluate_says_a_data_problem_before_the_model_loads(tmp_path: Path) -> None:
+    from hydra import compose, initialize_config_dir
+
+    from prefix_lightning.evaluate import evaluate
+    from tests.helpers.config import CONF
+
+    overrides = [*_unloadable_model(tmp_path), f"paths.data_dir={tmp_path / 'empty'}", "data.download=false"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("evaluate", overrides=[f"paths.output_dir={tmp_path / 'out'}", *overrides])
+    with pytest.raises(FileNotFoundError, match="E2E file testset_w_refs.csv not found: looked for"):
+        evaluate(cfg)
+
+
+def test_only_the_process_that_prepares_data_reads_it_before_the_model_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other processes of a multi-process run may start alongside the one that downloads: they must neither
+    download again nor find the files missing while it writes them (they read in setup, after Lightning's wait)."""
+    import lightning as L
+
+    from prefix_lightning.training.build import configured_data, read_data_first
+
+    cfg = compose_train(tmp_path / "run", [f"paths.data_dir={tmp_path / 'empty'}", "data.download=false"])
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    second = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)
+    assert second.local_rank == 1
+    read_data_first(configured_data(cfg), second, "fit")  # nothing read: no error
+    monkeypatch.delenv("LOCAL_RANK")
+    first = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)
+    with pytest.raises(FileNotFoundError, match="E2E file devset.csv not found"):
+        read_data_first(configured_data(cfg), first, "fit")

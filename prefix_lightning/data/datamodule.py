@@ -55,11 +55,15 @@ class TextToTextDataModule(L.LightningDataModule):
 
     Loaders: `val_dataloader()` returns `[loss_loader, generation_loader]` (dataloader_idx 0 and 1);
     `test_dataloader()` returns the generation loader. See `TextToTextCollator` for the batch formats.
+
+    Reading needs no tokenizer: built with `tokenizer=None`, the module downloads (`prepare_data`) and reads and
+    checks its splits (`read`) before the model loads, and tokenizes once `encode_with` gives it the model's
+    tokenizer, layout and source budget (`setup` reads nothing twice).
     """
 
     def __init__(
         self,
-        tokenizer: Any,
+        tokenizer: Any | None,
         data_dir: str | Path,
         dataset: str,
         separator: str,
@@ -115,9 +119,10 @@ class TextToTextDataModule(L.LightningDataModule):
         parameters = inspect.signature(TextToTextDataModule.__init__).parameters
         arguments = {name: given[name] for name in parameters if name not in ("self", "tokenizer")}
         self.save_hyperparameters(arguments, logger=False)  # train() logs the config
-        self.collator = TextToTextCollator(
-            tokenizer, separator, target_end, is_encoder_decoder, max_source_tokens, max_target_tokens
-        )
+        self._collator: TextToTextCollator | None = None
+        if tokenizer is not None:
+            self.encode_with(tokenizer, is_encoder_decoder, max_source_tokens)
+        self._splits_read: set[str] = set()  # "fit", "test": the stages whose splits `read` has read
         self.train_examples: list[Example] = []
         self.val_groups: list[Group] = []
         self.test_groups: list[Group] = []
@@ -126,6 +131,22 @@ class TextToTextDataModule(L.LightningDataModule):
         self._val_loss: list[EncodedPair] = []
         self._val_generation: list[EncodedPrompt] = []
         self._test_generation: list[EncodedPrompt] = []
+
+    def encode_with(self, tokenizer: Any, is_encoder_decoder: bool, max_source_tokens: int) -> None:
+        """Tokenize for the model, once it has loaded: its tokenizer, its layout (encoder-decoder or causal) and the
+        source tokens its positions leave room for."""
+        self.hparams.update(is_encoder_decoder=is_encoder_decoder, max_source_tokens=max_source_tokens)
+        hp = self.hparams
+        self._collator = TextToTextCollator(
+            tokenizer, hp.separator, hp.target_end, is_encoder_decoder, max_source_tokens, hp.max_target_tokens
+        )
+
+    @property
+    def collator(self) -> TextToTextCollator:
+        """The model's tokenization (see `encode_with`)."""
+        if self._collator is None:
+            raise RuntimeError("the data module has no tokenizer yet: call encode_with(...) before setup")
+        return self._collator
 
     @property
     def hparams(self) -> AttributeDict:
@@ -166,13 +187,32 @@ class TextToTextDataModule(L.LightningDataModule):
             logger.info("%s: %s missing in %s, downloading the official files", hp.dataset, ", ".join(missing), folder)
             self.spec.download(Path(hp.data_dir), missing)
 
-    def setup(self, stage: str | None = None) -> None:
-        if stage in (None, "fit", "validate"):
-            self._setup_fit()
-        if stage in (None, "test"):
-            self._setup_test()
+    def read(self, stage: str | None = None) -> None:
+        """Read and check the splits of `stage` (fit and validate: training and validation, and the test split when
+        the run tests; test: the test split; None: all), each once. Needs no tokenizer, so that a run reads them
+        before its model loads: a missing, empty or malformed file is said in seconds, not after minutes of
+        loading."""
+        if stage in (None, "fit", "validate") and "fit" not in self._splits_read:
+            self._read_fit()
+            self._splits_read.add("fit")
+        if stage in (None, "test") and "test" not in self._splits_read:
+            self._read_test()
 
-    def _setup_fit(self) -> None:
+    def setup(self, stage: str | None = None) -> None:
+        self.read(stage)
+        if stage in (None, "fit", "validate"):
+            val_pairs = [
+                Example(group.source, reference, group.group_id, group.category)
+                for group in self.val_groups
+                for reference in group.references
+            ]
+            self._train = self.collator.encode_pairs(self.train_examples, "train")
+            self._val_loss = self.collator.encode_pairs(val_pairs, "validation (loss)")
+            self._val_generation = self.collator.encode_prompts(self.val_groups, "validation (generation)")
+        if stage in (None, "test"):
+            self._test_generation = self.collator.encode_prompts(self.test_groups, "test")
+
+    def _read_fit(self) -> None:
         hp = self.hparams
         train = self._read(hp.train_file)
         val_size = self.val_size
@@ -191,16 +231,8 @@ class TextToTextDataModule(L.LightningDataModule):
             groups = reference_groups(self._read(hp.val_file))
             self.val_groups = _first_groups(groups, val_size, "val_size", self._location(hp.val_file))
         self.train_examples = self._draw_subset(pool)
-        val_pairs = [
-            Example(group.source, reference, group.group_id, group.category)
-            for group in self.val_groups
-            for reference in group.references
-        ]
         if hp.tested:  # a missing, bad or too small test split is refused now, not after the training
-            self._test_groups()
-        self._train = self.collator.encode_pairs(self.train_examples, "train")
-        self._val_loss = self.collator.encode_pairs(val_pairs, "validation (loss)")
-        self._val_generation = self.collator.encode_prompts(self.val_groups, "validation (generation)")
+            self._read_test()
 
     @property
     def val_size(self) -> int | None:
@@ -210,9 +242,9 @@ class TextToTextDataModule(L.LightningDataModule):
             return hp.val_size
         return max(1, round(hp.val_fraction * hp.train_size))
 
-    def _setup_test(self) -> None:
+    def _read_test(self) -> None:
         self.test_groups = self._test_groups()
-        self._test_generation = self.collator.encode_prompts(self.test_groups, "test")
+        self._splits_read.add("test")
 
     def _test_groups(self) -> list[Group]:
         hp = self.hparams

@@ -18,7 +18,7 @@ from typing import Any, cast
 import lightning as L
 from torch.utils.data import DataLoader
 
-from prefix_lightning.data.collate import EncodedPair, EncodedPrompt
+from prefix_lightning.data.collate import EncodedPair, EncodedPrompt, TextToTextCollator
 from prefix_lightning.data.datamodule import TextToTextDataModule
 from prefix_lightning.data.sampler import training_loader
 
@@ -49,7 +49,7 @@ class MultiTaskDataModule(L.LightningDataModule):
     def __init__(
         self,
         tasks: Mapping[str, Mapping[str, Any]],
-        tokenizer: Any,
+        tokenizer: Any | None,
         separator: str,
         target_end: str,
         is_encoder_decoder: bool = False,
@@ -90,15 +90,30 @@ class MultiTaskDataModule(L.LightningDataModule):
         }
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.shuffle_seed, self.group_by_length = num_workers, shuffle_seed, group_by_length
-        self.collator = next(iter(self.tasks.values())).collator  # every task's collator is configured alike
         self._train: list[Tagged] = []
         self._val_loss: list[Tagged] = []
         self._val_generation: list[Tagged] = []
         self._test_generation: list[Tagged] = []
 
+    @property
+    def collator(self) -> TextToTextCollator:
+        """The first task's: every task's collator is configured alike."""
+        return next(iter(self.tasks.values())).collator
+
+    def encode_with(self, tokenizer: Any, is_encoder_decoder: bool, max_source_tokens: int) -> None:
+        """Every task tokenizes for the model (see ``TextToTextDataModule.encode_with``)."""
+        for module in self.tasks.values():
+            module.encode_with(tokenizer, is_encoder_decoder, max_source_tokens)
+
     def prepare_data(self) -> None:
         for module in self.tasks.values():
             module.prepare_data()
+
+    def read(self, stage: str | None = None) -> None:
+        """Every task reads and checks its splits of ``stage``, before the model loads (see
+        ``TextToTextDataModule.read``)."""
+        for module in self.tasks.values():
+            module.read(stage)
 
     def setup(self, stage: str | None = None) -> None:
         for module in self.tasks.values():

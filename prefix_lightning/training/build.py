@@ -15,6 +15,8 @@ from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from prefix_lightning.backbones import load_backbone
 from prefix_lightning.backbones.compiled import compile_lm
+from prefix_lightning.data.datamodule import TextToTextDataModule
+from prefix_lightning.data.multitask import MultiTaskDataModule
 from prefix_lightning.methods import TrainableLM
 from prefix_lightning.numbers import is_int
 from prefix_lightning.prefix.positions import positions_left
@@ -23,6 +25,9 @@ from prefix_lightning.training.module import MethodModule
 from prefix_lightning.training.tasks import task_data_configs
 
 log = logging.getLogger(__name__)
+
+# The data modules a data config builds: one dataset, or a mixture of tasks (data=multi).
+RunData = TextToTextDataModule | MultiTaskDataModule
 
 # generate() options that transformers' logits processors take as floats only: Hydra reads `temperature=2` as an
 # integer, which they would refuse when generate builds them (at a run's first validation, after its training steps).
@@ -36,6 +41,11 @@ def load_configured_backbone(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrain
 def build_model(cfg: DictConfig) -> tuple[TrainableLM, PreTrainedTokenizerBase]:
     """The configured method around the backbone (checked first, seeded, gradient checkpointing as asked)."""
     check_config(cfg)
+    return build_checked_model(cfg)
+
+
+def build_checked_model(cfg: DictConfig) -> tuple[TrainableLM, PreTrainedTokenizerBase]:
+    """``build_model`` for a config that ``check_config`` has passed (a run checks it before it reads its data)."""
     L.seed_everything(cfg.seed, workers=True)
     lm, tokenizer = load_configured_backbone(cfg)
     model = build_method(cfg, lm, tokenizer)
@@ -146,20 +156,44 @@ def fitted_source_budget(config: PretrainedConfig, virtual_positions: int, wante
     return min(wanted, budget)
 
 
-def build_datamodule(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, model: TrainableLM) -> L.LightningDataModule:
-    """The configured data module; a mixture of tasks (``data.tasks``) gets each task's composed data config."""
+def build_datamodule(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, model: TrainableLM) -> RunData:
+    """The configured data module, tokenizing for ``model``."""
+    datamodule = configured_data(cfg)
+    encode_for(datamodule, cfg, tokenizer, model)
+    return datamodule
+
+
+def configured_data(cfg: DictConfig) -> RunData:
+    """The configured data module before the model loads: it downloads and reads its splits
+    (``read_data_first``), and tokenizes once ``encode_for`` gives it the model. A mixture of tasks
+    (``data.tasks``) gets each task's composed data config."""
     data: dict[str, Any] = options_at(cfg, "data")
     if "tasks" in data:
         data["tasks"] = task_data_configs(cfg)
     return instantiate(
         data,
-        tokenizer=tokenizer,
+        tokenizer=None,
         separator=cfg.model.separator,
         target_end=cfg.model.target_end,
-        is_encoder_decoder=bool(model.lm.config.is_encoder_decoder),
-        max_source_tokens=source_budget(cfg, model),
         tested=bool(cfg.get("test", True)),
     )
+
+
+def read_data_first(datamodule: RunData, trainer: L.Trainer, stage: str) -> None:
+    """Download what is missing and read the splits of ``stage`` before the model loads, so that a failed download
+    or a missing, empty or malformed file is said in seconds, not after the model's loading (minutes for a large
+    one). Only in the process that Lightning's ``prepare_data`` runs in (local rank 0; global rank 0 where data
+    are not prepared per node): the data are downloaded once, and the other processes of a multi-process run,
+    which may start alongside it, read in their ``setup``, after Lightning's wait for ``prepare_data``."""
+    if trainer.local_rank == 0 and (datamodule.prepare_data_per_node or trainer.node_rank == 0):
+        datamodule.prepare_data()
+        datamodule.read(stage)
+
+
+def encode_for(datamodule: RunData, cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, model: TrainableLM) -> None:
+    """The data module tokenizes for the loaded model: its tokenizer, its layout and the source tokens its
+    positions leave room for."""
+    datamodule.encode_with(tokenizer, bool(model.lm.config.is_encoder_decoder), source_budget(cfg, model))
 
 
 def build_module(cfg: DictConfig, model: TrainableLM, tokenizer: PreTrainedTokenizerBase) -> MethodModule:

@@ -16,9 +16,15 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from prefix_lightning.files.checkpoints import logged_step
-from prefix_lightning.training.build import build_datamodule, build_model, build_module
+from prefix_lightning.training.build import (
+    build_checked_model,
+    build_module,
+    configured_data,
+    encode_for,
+    read_data_first,
+)
 from prefix_lightning.training.callback_lookup import find_callback
-from prefix_lightning.training.checks import ConfigError, check_validation_reached
+from prefix_lightning.training.checks import ConfigError, check_config, check_validation_reached
 from prefix_lightning.training.dashboards import continue_dashboards
 from prefix_lightning.training.job import current_job, resumable_folder
 from prefix_lightning.training.last_checkpoint import LastCheckpoint, RunStopped
@@ -71,19 +77,22 @@ def train(cfg: DictConfig) -> float | None:
     check_validation_reached(cfg)
     checkpoint = resume_checkpoint(cfg)  # a damaged one is refused before anything loads
     started = time.perf_counter()
-    model, tokenizer = build_model(cfg)
-    trainable = sum(p.numel() for p in model.trainable_parameters())
-    frozen = sum(p.numel() for p in model.lm.parameters())
-    log.info("method %s: %s trainable parameters, LM of %s", cfg.method.name, f"{trainable:,}", f"{frozen:,}")
-    datamodule = build_datamodule(cfg, tokenizer, model)
-    module = build_module(cfg, model, tokenizer)
+    check_config(cfg)
+    datamodule = configured_data(cfg)
     loggers = instantiate_all(cfg.get("logger"))
-    if checkpoint is not None and (step := logged_step(checkpoint)) is not None:
-        continue_dashboards(loggers, step)
     callbacks = instantiate_all(cfg.get("callbacks"))
     if not loggers:  # logger=none: the learning-rate monitor has nowhere to write and Lightning would refuse it
         callbacks = [callback for callback in callbacks if not isinstance(callback, LearningRateMonitor)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    read_data_first(datamodule, trainer, "fit")  # a data problem is said before the model loads
+    model, tokenizer = build_checked_model(cfg)
+    trainable = sum(p.numel() for p in model.trainable_parameters())
+    frozen = sum(p.numel() for p in model.lm.parameters())
+    log.info("method %s: %s trainable parameters, LM of %s", cfg.method.name, f"{trainable:,}", f"{frozen:,}")
+    encode_for(datamodule, cfg, tokenizer, model)
+    module = build_module(cfg, model, tokenizer)
+    if checkpoint is not None and (step := logged_step(checkpoint)) is not None:
+        continue_dashboards(loggers, step)
     export = find_callback(callbacks, MethodExport)
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
