@@ -8,6 +8,7 @@ import signal
 import subprocess
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -17,9 +18,17 @@ from torch.multiprocessing import ProcessExitedException
 from transformers import AutoConfig
 
 from prefix_lightning.cli import report_errors
+from prefix_lightning.evaluate import evaluate
 from prefix_lightning.files.atomic import atomic_write
-from prefix_lightning.training.build import build_model, build_module, load_configured_backbone
+from prefix_lightning.training.build import (
+    build_model,
+    build_module,
+    configured_data,
+    load_configured_backbone,
+    read_data_first,
+)
 from prefix_lightning.training.checks import ConfigError, check_config, check_validation_reached
+from prefix_lightning.training.compose import compose_config
 from prefix_lightning.training.early_stopping import early_stopping
 from prefix_lightning.training.train import train
 from tests.helpers.cli import FAST, run_cli, run_failing
@@ -526,7 +535,7 @@ def test_a_data_problem_is_said_before_the_model_loads(
     if files is None:  # the E2E default, nothing in the data dir and no download
         data = [f"paths.data_dir={tmp_path / 'empty'}", "data.download=false"]
     else:
-        data = _custom_files(tmp_path / "data", {**files})
+        data = _custom_files(tmp_path / "data", files)
         data.append("data.test_file=test.csv")
     cfg = compose_train(tmp_path / "run", [*_unloadable_model(tmp_path), *data, "logger=none"])
     with pytest.raises((FileNotFoundError, ValueError), match=message):
@@ -542,14 +551,8 @@ def test_the_unloadable_model_of_these_tests_fails_as_it_loads(data_dir: Path, t
 
 
 def test_evaluate_says_a_data_problem_before_the_model_loads(tmp_path: Path) -> None:
-    from hydra import compose, initialize_config_dir
-
-    from prefix_lightning.evaluate import evaluate
-    from tests.helpers.config import CONF
-
     overrides = [*_unloadable_model(tmp_path), f"paths.data_dir={tmp_path / 'empty'}", "data.download=false"]
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("evaluate", overrides=[f"paths.output_dir={tmp_path / 'out'}", *overrides])
+    cfg = compose_config("evaluate", [f"paths.output_dir={tmp_path / 'out'}", *overrides])
     with pytest.raises(FileNotFoundError, match="E2E file testset_w_refs.csv not found: looked for"):
         evaluate(cfg)
 
@@ -559,10 +562,6 @@ def test_only_the_process_that_prepares_data_reads_it_before_the_model_loads(
 ) -> None:
     """The other processes of a multi-process run may start alongside the one that downloads: they must neither
     download again nor find the files missing while it writes them (they read in setup, after Lightning's wait)."""
-    import lightning as L
-
-    from prefix_lightning.training.build import configured_data, read_data_first
-
     cfg = compose_train(tmp_path / "run", [f"paths.data_dir={tmp_path / 'empty'}", "data.download=false"])
     monkeypatch.setenv("LOCAL_RANK", "1")
     second = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)
