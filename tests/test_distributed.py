@@ -402,9 +402,14 @@ def test_a_resumed_epoch_starts_after_the_batches_trained_and_a_complete_one_sta
     assert resumed_order(1) == list(whole)[2:]
 
 
-def test_a_spawned_worker_ends_its_process_group_before_it_exits(tmp_path: Path) -> None:
+def test_a_spawned_worker_ends_its_process_group_before_it_exits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A gloo group left to the interpreter's exit at times aborted a worker; each ends its own, after its results
     are handed over (also when the stage failed)."""
+    # The worker's function sets LOCAL_RANK in this process; left behind, a later run.py in this session took it
+    # for a launcher's and never started its rank 1.
+    monkeypatch.setenv("LOCAL_RANK", "0")
     strategy = SpawnDDPStrategy(parallel_devices=[torch.device("cpu")])
     strategy._configure_launcher()
     store = f"file://{tmp_path / 'store'}"
