@@ -3,6 +3,7 @@ errors, and every data config: instantiate, set up, one batch of each loader wit
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -491,6 +492,27 @@ def test_webnlg_test_subsets(subset, count, data_dir, gpt2_tokenizer):
         assert (categories <= module.seen_categories) == (subset == "seen")
         assert (categories <= UNSEEN_2017) == (subset == "unseen")
     assert next(iter(module.test_dataloader()))["categories"][0] == module.test_groups[0].category
+
+
+def test_webnlg_reads_its_training_split_once(data_dir, gpt2_tokenizer, monkeypatch):
+    """The test split's seen categories came from a second read of the training split, the largest file."""
+    module = TextToTextDataModule(
+        gpt2_tokenizer, data_dir, "webnlg", " =", "<|endoftext|>", val_size=3, test_size=4, test_subset="unseen"
+    )
+    read_files: list[str] = []
+
+    def counted(location: Path, **options: object) -> list:
+        read_files.append(Path(location).name)
+        return read_webnlg(location, **options)
+
+    monkeypatch.setattr(module, "spec", dataclasses.replace(module.spec, read=counted))
+    module.setup("fit")
+    module.setup("test")
+    assert sorted(read_files) == ["dev", "testdata_with_lex.xml", "train"]
+    alone = TextToTextDataModule(gpt2_tokenizer, data_dir, "webnlg", " =", "<|endoftext|>", test_subset="unseen")
+    alone.setup("test")  # an evaluation reads the training split for the categories
+    assert module.seen_categories == alone.seen_categories
+    assert module.test_groups == alone.test_groups[:4]
 
 
 def test_a_webnlg_test_is_also_scored_on_its_seen_and_unseen_inputs():

@@ -5,8 +5,10 @@ import io
 import logging
 from functools import partial
 
+import lightning as L
 import pytest
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 
 from prefix_lightning.data import (
     IGNORE_INDEX,
@@ -248,6 +250,25 @@ def test_a_download_says_what_is_missing_and_where_it_goes(gpt2_tokenizer, tmp_p
     assert fetched == [(tmp_path, ["devset.csv", "testset_w_refs.csv"])]
     expected = f"e2e: devset.csv, testset_w_refs.csv missing in {tmp_path / 'e2e'}, downloading the official files"
     assert expected in caplog.messages
+
+
+def test_an_evaluation_downloads_only_the_test_split(gpt2_tokenizer, tmp_path, monkeypatch):
+    """evaluate (and Lightning's test, which calls prepare_data without a stage) fetched the training and
+    validation splits too."""
+    official = dict(train_file="trainset.csv", val_file="devset.csv", test_file="testset_w_refs.csv")
+    module = offline_datamodule(gpt2_tokenizer, tmp_path, download=True, **official)
+    fetched: list[list[str]] = []
+    recording = dataclasses.replace(module.spec, download=lambda _, names: fetched.append(names))
+    monkeypatch.setattr(module, "spec", recording)
+    module.prepare_data()  # no stage, no trainer: what a training run reads
+    module.prepare_data("test")
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    module.trainer = trainer
+    for running in (TrainerFn.TESTING, TrainerFn.VALIDATING):
+        trainer.state.fn = running
+        module.prepare_data()
+    every_split = ["devset.csv", "testset_w_refs.csv", "trainset.csv"]
+    assert fetched == [every_split, ["testset_w_refs.csv"], ["testset_w_refs.csv"], every_split]
 
 
 @pytest.mark.parametrize("tested", [True, False])

@@ -4,6 +4,7 @@ only its task's prefix; the data mixture (data=multi), per-task export and per-t
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 import torch
 import yaml
 from hydra import compose, initialize_config_dir
+from lightning.pytorch.trainer.states import TrainerFn
 
 from prefix_lightning import PrefixConfig, PrefixModel
 from prefix_lightning.data.datamodule import TextToTextDataModule
@@ -21,7 +23,7 @@ from prefix_lightning.evaluation import task_metrics
 from prefix_lightning.prefix.attention import record_attention_calls
 from prefix_lightning.prefix.export import CONFIG_NAME
 from prefix_lightning.prefix.multitask import MultiTaskPrefix
-from prefix_lightning.training.build import build_datamodule, build_model, build_module
+from prefix_lightning.training.build import build_datamodule, build_model, build_module, configured_data
 from prefix_lightning.training.checks import ConfigError, check_config
 from prefix_lightning.training.compose import CONF_DIR
 from prefix_lightning.training.optimized import settle_optimized_metric
@@ -220,6 +222,19 @@ def test_a_mixture_reads_its_tasks_test_files_only_where_the_run_tests(
         return
     datamodule.setup("fit")
     assert len(datamodule.tasks["e2e_devsplit"].train_examples) == 16
+
+
+def test_a_mixture_under_test_downloads_only_its_tasks_test_files(tmp_path: Path, monkeypatch) -> None:
+    """Each task asks for the stage of the mixture's trainer: the tasks have none attached."""
+    overrides = ["model=tiny_llama", "data=multi", "data.tasks=[e2e_devsplit]", f"data.data_dir={tmp_path}"]
+    datamodule = configured_data(compose_train(tmp_path, overrides))
+    fetched: list[list[str]] = []
+    task = datamodule.tasks["e2e_devsplit"]
+    monkeypatch.setattr(task, "spec", dataclasses.replace(task.spec, download=lambda _, names: fetched.append(names)))
+    datamodule.trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    datamodule.trainer.state.fn = TrainerFn.TESTING
+    datamodule.prepare_data()
+    assert fetched == [["testset_w_refs.csv"]]
 
 
 @pytest.mark.parametrize(

@@ -174,18 +174,30 @@ class TextToTextDataModule(L.LightningDataModule):
             raise ValueError(f"{self._location(name)} holds no examples (the file has no rows)")
         return examples
 
-    def prepare_data(self) -> None:
-        """Download the official files (once, on one process per node) if one that the run reads is missing (a
-        missing file of the user's own is named when it is read)."""
+    def prepare_data(self, stage: str | None = None) -> None:
+        """Download the official files (once, on one process per node) if one that `stage` reads is missing (a
+        missing file of the user's own is named when it is read). Lightning gives no stage: it is what the
+        attached trainer runs (see `stage_to_prepare`)."""
         hp = self.hparams
         if not (hp.download and self.spec.download):
             return
-        read = {hp.train_file, hp.val_file} | ({hp.test_file} if hp.tested else set())
+        stage = stage_to_prepare(self, stage)
+        read = self._files_read(stage)
         missing = sorted(name for name in read & set(self.spec.files) if not Path(self._location(name)).exists())
         if missing:
             folder = Path(hp.data_dir) / str(self.spec.folder)
             logger.info("%s: %s missing in %s, downloading the official files", hp.dataset, ", ".join(missing), folder)
             self.spec.download(Path(hp.data_dir), missing)
+
+    def _files_read(self, stage: str | None) -> set[str]:
+        """The files that `read(stage)` reads."""
+        hp = self.hparams
+        files = set()
+        if stage in (None, "fit", "validate"):
+            files |= {hp.train_file, hp.val_file} | ({hp.test_file} if hp.tested else set())
+        if stage in (None, "test"):
+            files |= {hp.test_file} | ({hp.train_file} if self.spec.seen_unseen else set())
+        return files
 
     def read(self, stage: str | None = None) -> None:
         """Read and check the splits of `stage` (fit and validate: training and validation, and the test split when
@@ -215,6 +227,8 @@ class TextToTextDataModule(L.LightningDataModule):
     def _read_fit(self) -> None:
         hp = self.hparams
         train = self._read(hp.train_file)
+        if self.spec.seen_unseen:  # the test split's seen/unseen inputs, without reading the training file twice
+            self.seen_categories = frozenset(example.category for example in train)
         val_size = self.val_size
         if self._validation_held_out:
             groups = reference_groups(train)
@@ -250,7 +264,8 @@ class TextToTextDataModule(L.LightningDataModule):
         hp = self.hparams
         groups = reference_groups(self._read(hp.test_file))
         if self.spec.seen_unseen:
-            self.seen_categories = frozenset(example.category for example in self._read(hp.train_file))
+            if not self.seen_categories:
+                self.seen_categories = frozenset(example.category for example in self._read(hp.train_file))
             if hp.test_subset != "all":
                 seen = hp.test_subset == "seen"
                 groups = [group for group in groups if (group.category in self.seen_categories) == seen]
@@ -311,3 +326,13 @@ def _first_groups(groups: list[Group], size: int | None, name: str, where: Path 
     if not 0 < size <= len(groups):
         raise ValueError(f"{name}={size}, but {where} has {len(groups)} groups (inputs; data.{name}=null takes all)")
     return groups[:size]
+
+
+def stage_to_prepare(datamodule: L.LightningDataModule, stage: str | None) -> str:
+    """The stage whose files ``prepare_data`` downloads: the one given, else the one the attached trainer runs
+    (Lightning calls ``prepare_data`` without one; an evaluation then downloads no training split), else a
+    training run's."""
+    if stage is not None:
+        return stage
+    running = datamodule.trainer.state.fn if datamodule.trainer is not None else None
+    return running.value if running is not None else "fit"

@@ -19,7 +19,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from prefix_lightning.data.collate import EncodedPair, EncodedPrompt, TextToTextCollator
-from prefix_lightning.data.datamodule import TextToTextDataModule
+from prefix_lightning.data.datamodule import TextToTextDataModule, stage_to_prepare
 from prefix_lightning.data.sampler import training_loader
 
 
@@ -105,9 +105,12 @@ class MultiTaskDataModule(L.LightningDataModule):
         for module in self.tasks.values():
             module.encode_with(tokenizer, is_encoder_decoder, max_source_tokens)
 
-    def prepare_data(self) -> None:
+    def prepare_data(self, stage: str | None = None) -> None:
+        """Every task downloads what ``stage`` reads (see ``TextToTextDataModule.prepare_data``); the tasks have
+        no trainer of their own to ask."""
+        stage = stage_to_prepare(self, stage)
         for module in self.tasks.values():
-            module.prepare_data()
+            module.prepare_data(stage)
 
     def read(self, stage: str | None = None) -> None:
         """Every task reads and checks its splits of ``stage``, before the model loads (see

@@ -186,7 +186,7 @@ def read_data_first(datamodule: RunData, trainer: L.Trainer, stage: str) -> None
     are not prepared per node): the data are downloaded once, and the other processes of a multi-process run,
     which may start alongside it, read in their ``setup``, after Lightning's wait for ``prepare_data``."""
     if trainer.local_rank == 0 and (datamodule.prepare_data_per_node or trainer.node_rank == 0):
-        datamodule.prepare_data()
+        datamodule.prepare_data(stage)
         datamodule.read(stage)
 
 
