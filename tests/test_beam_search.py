@@ -8,12 +8,14 @@ of every forward).
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from transformers import GenerationConfig, LogitsProcessorList
 
 import prefix_lightning.decoding.routes as routes
-from prefix_lightning import PrefixModel
+from prefix_lightning import PrefixBank, PrefixModel
 from prefix_lightning.decoding import (
     beam_search,
     beam_search_options,
@@ -312,3 +314,23 @@ def test_beams_or_sequences_below_one_are_refused_by_name() -> None:
     for option, value in (("num_beams", 0), ("num_beams", -1), ("num_return_sequences", 0)):
         with pytest.raises(ValueError, match=f"{option} must be a positive integer, got {value}"):
             model.generate(prompt, max_new_tokens=2, **{option: value})
+
+
+def test_a_right_padded_decoder_only_batch_is_refused() -> None:
+    """Generation goes on from each row's last column: a right-padded row went on from its padding into other text
+    than the row alone gives, without a word. An encoder-decoder's source may be padded either way."""
+    ids = torch.tensor([[5, 6, 7], [8, 9, PAD]])
+    right_padded = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    model = PrefixModel(tiny_lm("gpt2"), length=2, hidden_dim=8)
+    bank = PrefixBank(tiny_lm("gpt2"))
+    bank.add("task", model)
+    for generate in (model.generate, partial(bank.generate, prefixes=["task", None])):
+        for beams in (1, 3):
+            with pytest.raises(ValueError, match=r"row\(s\) \[1\] end in padding.*pad a batch on the left"):
+                generate(ids, attention_mask=right_padded, num_beams=beams, max_new_tokens=2, pad_token_id=PAD)
+        left_padded = generate(
+            torch.tensor([[5, 6, 7], [PAD, 8, 9]]), attention_mask=right_padded.flip(1), max_new_tokens=2
+        )
+        assert left_padded.shape[0] == 2
+    seq2seq = PrefixModel(tiny_lm("bart"), length=2, hidden_dim=8)
+    assert seq2seq.generate(ids, attention_mask=right_padded, max_new_tokens=2).shape[0] == 2

@@ -46,6 +46,21 @@ def check_rows_per_input(kwargs: dict[str, Any]) -> None:
             raise ValueError(f"{option} must be a positive integer, got {value!r}")
 
 
+def check_left_padded(lm: PreTrainedModel, kwargs: dict[str, Any]) -> None:
+    """Refuse a decoder-only batch whose mask ends a row in padding: generation continues every row from the last
+    column, so a right-padded row goes on from its padding into wrong text (transformers only warns)."""
+    mask = kwargs.get("attention_mask")
+    if lm.config.is_encoder_decoder or not (isinstance(mask, torch.Tensor) and mask.ndim == 2 and mask.shape[1]):
+        return
+    ends_padded = mask[:, -1] == 0
+    if bool(ends_padded.any()):
+        rows = ends_padded.nonzero().flatten().tolist()
+        raise ValueError(
+            f"attention_mask: row(s) {rows} end in padding; a decoder-only LM generates after each row's last "
+            "column, so pad a batch on the left (tokenizer.padding_side = 'left')"
+        )
+
+
 @torch.no_grad()
 def generate(
     lm: PreTrainedModel, kwargs: dict[str, Any], packed: PackedWeights, cached_prefix: CachedPrefix | None = None
@@ -61,6 +76,7 @@ def generate(
     # Compiled blocks (model.compile) decode eager: the cache is read by block index, which a block's graph would
     # specialize on, one compilation per block (see backbones.compiled).
     check_rows_per_input(kwargs)
+    check_left_padded(lm, kwargs)
     with packed_linears(lm, packed), torch.compiler.set_stance("force_eager"):
         return _route(lm, kwargs, cached_prefix)
 
