@@ -263,6 +263,19 @@ def test_a_sweep_without_multirun_is_refused_before_any_model_loads(tmp_path: Pa
 
 
 @pytest.mark.integration
+def test_a_misspelled_setting_added_with_plus_is_refused(tmp_path: Path) -> None:
+    """Hydra refuses exprot=last and suggests +exprot=last, which then trained with export=best without a word. A
+    setting that a config reads through an interpolation may be added."""
+    result = run_failing(tmp_path / "typo", "+exprot=last")
+    assert "error: +exprot: the run has no setting exprot and no config reads it; did you mean export=...?" in (
+        result.stderr
+    )
+    assert "Loading embedded backbone" not in result.stdout + result.stderr
+    read = run_failing(tmp_path / "read", "+lr_value=-1", "method.lr=${lr_value}")
+    assert "method.lr=-1 is not valid: the learning rate must be > 0" in read.stderr  # past the check, read
+
+
+@pytest.mark.integration
 def test_cli_shows_the_traceback_with_the_debug_switch(tmp_path: Path) -> None:
     result = run_failing(tmp_path, "prefix.length=0", env={"HYDRA_FULL_ERROR": "1"})
     assert "Traceback" in result.stderr and "ConfigError" in result.stderr

@@ -6,8 +6,10 @@ this module asks them, and adds the rules of a run (learning rate, budgets, deco
 
 from __future__ import annotations
 
+import difflib
 import functools
 import inspect
+import re
 from typing import Any
 
 import torch
@@ -19,6 +21,7 @@ from prefix_lightning.backbones import BackboneConfig
 from prefix_lightning.backbones.quantization import quantized_training_error
 from prefix_lightning.numbers import is_int, is_number
 from prefix_lightning.prefix import PrefixConfig
+from prefix_lightning.training.job import current_job
 from prefix_lightning.training.tasks import TaskConfigError, check_tasks
 
 
@@ -103,8 +106,30 @@ def _check_tasks(cfg: DictConfig) -> None:
             )
 
 
+def _check_added_settings(cfg: DictConfig) -> None:
+    """Refuse a top-level setting that the command line adds (``+name=value``) and nothing reads: a misspelled
+    setting, which Hydra's own hint (append with ``+``) turns into one that is silently ignored. A config group
+    (``+sweep=length``) and a key that a config's interpolation reads (``${name}``) are kept."""
+    job = current_job()
+    if job is None:
+        return
+    unresolved = OmegaConf.to_yaml(cfg)
+    for key in job.added:
+        read = re.search(r"\$\{(oc\.select:)?" + re.escape(key) + r"\b", unresolved)
+        if "." in key or "/" in key or key in job.choices or read:
+            continue
+        settings = sorted(str(name) for name in cfg if name not in job.added)
+        close = difflib.get_close_matches(key, settings, n=1)
+        hint = f"did you mean {close[0]}=...? " if close else ""
+        raise ConfigError(
+            f"+{key}: the run has no setting {key} and no config reads it; {hint}top-level settings: "
+            + ", ".join(settings)
+        )
+
+
 def check_config(cfg: DictConfig) -> None:
     """Validate the options a run depends on, naming the option and what it accepts."""
+    _check_added_settings(cfg)
     backbone = _built("model.backbone", BackboneConfig, options_at(cfg, "model.backbone"))
     prefix = _built(None, PrefixConfig.of, {"config": options_at(cfg, "prefix")})
     _check_tasks(cfg)

@@ -21,6 +21,7 @@ class HydraJob:
     sweep: str | None  # the sweep folder's name in a multirun, else None
     overrides: dict[str, Any] = field(default_factory=dict)  # {key: typed value}, e.g. {"prefix.length": 5}
     choices: dict[str, str | None] = field(default_factory=dict)  # config group choices, e.g. {"model": "gpt2"}
+    added: tuple[str, ...] = ()  # the keys the command line adds (+key=value, ++key=value)
 
 
 def current_job() -> HydraJob | None:
@@ -33,6 +34,7 @@ def current_job() -> HydraJob | None:
         sweep=Path(hydra.sweep.dir).name if hydra.mode == RunMode.MULTIRUN else None,
         overrides={override.key_or_group: override.value() for override in parsed},
         choices={group: choice for group, choice in hydra.runtime.choices.items() if group.split("/")[0] != "hydra"},
+        added=tuple(override.key_or_group for override in parsed if override.is_add() or override.is_force_add()),
     )
 
 
