@@ -198,7 +198,11 @@ def test_a_signal_to_the_spawning_process_stops_its_workers_as_one_process_stops
     hands the signal to them; they stop after that step and save, and it exits as one process does (143, saying how
     to go on). Resumed, the run ends with the uninterrupted run's prefix."""
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    run_cli(straight, *SHARDED_RUN, "trainer=ddp_cpu")
+    console = run_cli(straight, *SHARDED_RUN, "trainer=ddp_cpu").stdout
+    # What the workers log reaches run.log and the console, as one process's does (it reached neither).
+    for line in ("exported best weights", "test over 4 inputs", "result record"):
+        assert line in (straight / "run.log").read_text() and line in console
+    assert (straight / "train_ddp_process_1.log").is_file()
     result = run_failing(stopped, *SHARDED_RUN, "trainer=ddp_cpu", *fault("SignalMainAt", step=1, name="SIGTERM"))
     assert result.returncode == 143
     last = stopped / "checkpoints" / "last.ckpt"

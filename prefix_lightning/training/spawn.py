@@ -8,7 +8,12 @@ process, which only waits for its workers, hands the signal to them (one that co
 they are ready for it); they stop and save, and their stop is handed back to it with their results; one that reaches
 them as they start, before they listen for it, ends them, and the run stops the same way, having saved nothing.
 Lightning's spawning main process neither hands signals over nor learns that the workers stopped: a signal killed it
-at once, leaving nothing saved."""
+at once, leaving nothing saved.
+
+A spawned worker starts with no logging set up (Hydra sets it up in the main process): what the stages log (the
+export, the test, the result record) reached neither run.log nor the console. The workers log as the relaunched
+ranks of ``strategy=ddp`` do: rank 0 where the main process does, the others into ``train_ddp_process_<rank>.log``
+next to it, keeping to errors on the console."""
 
 from __future__ import annotations
 
@@ -17,11 +22,14 @@ import logging
 import os
 import queue
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from functools import partial
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -54,12 +62,18 @@ class SpawnDDPStrategy(DDPStrategy):
 
 
 class _StatefulLauncher(_MultiProcessingLauncher):
-    """Lightning's spawning launcher that also brings back the workers' states and their stop (see the module)."""
+    """Lightning's spawning launcher that also brings back the workers' states and their stop, and whose workers
+    log as the main process does (see the module)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._logging: _MainProcessLogging | None = None  # read by launch, in the main process
 
     def launch(self, function: Callable[..., Any], *args: Any, trainer: L.Trainer | None = None, **kwargs: Any) -> Any:
         """A stop signal that reaches the workers as they start, before they listen for it, ends them (the
         signal's default action): the run stops as one stopped by it, not as one that failed (exit status 1)."""
         self.handed_over: str | None = None  # the stop signal handed to the workers
+        self._logging = _MainProcessLogging.read()
         # Each worker's pid, as it is ready. Not a multiprocessing queue, whose lock a worker ended by the signal
         # handed over could keep: a pipe's short messages are written whole.
         ready, self._ready = mp.get_context(self._start_method).Pipe(duplex=False)
@@ -130,6 +144,8 @@ class _StatefulLauncher(_MultiProcessingLauncher):
         """Each worker ends its torch.distributed process group before it exits: Lightning does so for NCCL alone,
         and a gloo group left to the interpreter's exit at times aborts the worker ("terminate called without an
         active exception": gloo's threads still hold work when Python tears down)."""
+        if self._logging is not None:
+            self._logging.set_up(process_idx)
         try:
             stage = (
                 function if trainer is None else partial(_stage_stopped_as_one_process, trainer, self._ready, function)
@@ -189,3 +205,48 @@ def _stage_stopped_as_one_process(
         trainer._teardown()
         trainer.state.stage = None  # as Lightning does after its teardown
         return None
+
+
+@dataclass(frozen=True)
+class _LogHandler:
+    file: str | None  # a file's path, else the console
+    stream: str  # the console's: "stdout" or "stderr"
+    level: int
+    formatter: logging.Formatter | None
+
+
+@dataclass(frozen=True)
+class _MainProcessLogging:
+    """The main process's logging (the root logger's level, its files and console), for the workers to set up (see
+    the module)."""
+
+    level: int
+    handlers: tuple[_LogHandler, ...]
+
+    @classmethod
+    def read(cls) -> _MainProcessLogging:
+        root = logging.getLogger()
+        handlers = []
+        for handler in root.handlers:
+            if isinstance(handler, logging.FileHandler):
+                handlers.append(_LogHandler(handler.baseFilename, "", handler.level, handler.formatter))
+            elif type(handler) is logging.StreamHandler:
+                stream = "stderr" if handler.stream is sys.stderr else "stdout"
+                handlers.append(_LogHandler(None, stream, handler.level, handler.formatter))
+        return cls(root.level, tuple(handlers))
+
+    def set_up(self, rank: int) -> None:
+        """In the worker of local ``rank``."""
+        root = logging.getLogger()
+        root.setLevel(self.level)
+        for kept in self.handlers:
+            handler: logging.Handler
+            if kept.file is None:
+                handler = logging.StreamHandler(getattr(sys, kept.stream))
+                handler.setLevel(kept.level if rank == 0 else max(kept.level, logging.ERROR))
+            else:
+                own = Path(kept.file).with_name(f"train_ddp_process_{rank}.log")
+                handler = logging.FileHandler(kept.file if rank == 0 else own)
+                handler.setLevel(kept.level)
+            handler.setFormatter(kept.formatter)
+            root.addHandler(handler)
