@@ -43,7 +43,16 @@ from tests.helpers.config import compose_train
         ("prefix.hidden_dim=0", "prefix.hidden_dim must be a positive integer, got 0"),
         ("prefix.reparam=lstm", "prefix.reparam must be 'mlp' or 'none'"),
         ("method.lr=-0.001", "method.lr=-0.001 is not valid: the learning rate must be > 0"),
+        (
+            "+optim.lr=0.001",
+            "optim has no option lr: its options are weight_decay, warmup_steps (the learning rate is method.lr)",
+        ),
         ("method.lr=0", "method.lr=0 is not valid: the learning rate must be > 0"),
+        (
+            "optim.warmup_steps=150",
+            "optim.warmup_steps=150 is not valid: warm up over fewer steps than trainer.max_steps",
+        ),
+        ("trainer.check_val_every_n_epoch=0", "trainer.check_val_every_n_epoch=0 is not valid: use a positive integer"),
         ("generation.num_beams=0", "generation.num_beams=0 is not valid: use 1 (greedy) or more beams"),
         ("data.train_size=0", "data.train_size=0 is not valid: use a positive integer or null"),
         ("data.max_source_tokens=abc", "data.max_source_tokens='abc' is not valid: use tokens > 0"),
@@ -271,6 +280,10 @@ def test_a_misspelled_setting_added_with_plus_is_refused(tmp_path: Path) -> None
         result.stderr
     )
     assert "Loading embedded backbone" not in result.stdout + result.stderr
+    for added, meant in (("+lr=0.1", "method.lr"), ("+model.sepparator=x", "model.separator")):
+        result = run_failing(tmp_path / "typo", added)
+        assert f"error: {added.split('=')[0]}: the run has no setting" in result.stderr
+        assert f"did you mean {meant}=...?" in result.stderr
     read = run_failing(tmp_path / "read", "+lr_value=-1", "method.lr=${lr_value}")
     assert "method.lr=-1 is not valid: the learning rate must be > 0" in read.stderr  # past the check, read
 

@@ -106,9 +106,16 @@ def _check_tasks(cfg: DictConfig) -> None:
             )
 
 
+OPTIM_OPTIONS = ("weight_decay", "warmup_steps")  # MethodModule's, besides the method's lr
+
+# Where a run reads its settings one by one (the top level, model, method): one that the command line adds there is
+# never read. The other groups take whatever they hold as options, and their own checks refuse an unknown one.
+READ_BY_NAME = ("", "model", "method")
+
+
 def _check_added_settings(cfg: DictConfig) -> None:
-    """Refuse a top-level setting that the command line adds (``+name=value``) and nothing reads: a misspelled
-    setting, which Hydra's own hint (append with ``+``) turns into one that is silently ignored. A config group
+    """Refuse a setting that the command line adds (``+name=value``) where nothing reads it: a misspelled setting,
+    which Hydra's own hint (append with ``+``) turns into one that is silently ignored. A config group
     (``+sweep=length``) and a key that a config's interpolation reads (``${name}``) are kept."""
     job = current_job()
     if job is None:
@@ -116,15 +123,33 @@ def _check_added_settings(cfg: DictConfig) -> None:
     unresolved = OmegaConf.to_yaml(cfg)
     for key in job.added:
         read = re.search(r"\$\{(oc\.select:)?" + re.escape(key) + r"\b", unresolved)
-        if "." in key or "/" in key or key in job.choices or read:
+        if key.rpartition(".")[0] not in READ_BY_NAME or "/" in key or key in job.choices or read:
             continue
-        settings = sorted(str(name) for name in cfg if name not in job.added)
-        close = difflib.get_close_matches(key, settings, n=1)
-        hint = f"did you mean {close[0]}=...? " if close else ""
-        raise ConfigError(
-            f"+{key}: the run has no setting {key} and no config reads it; {hint}top-level settings: "
-            + ", ".join(settings)
+        close = _closest_setting(
+            key, [path for path in _setting_paths(OmegaConf.to_container(cfg)) if path not in job.added]
         )
+        hint = f"; did you mean {close}=...?" if close else ""
+        raise ConfigError(f"+{key}: the run has no setting {key} and no config reads it{hint}")
+
+
+def _closest_setting(key: str, settings: list[str]) -> str | None:
+    """The setting whose name is nearest ``key``'s (``lr`` -> ``method.lr``), in ``key``'s group where two share it."""
+    group, _, name = key.rpartition(".")
+    paths: dict[str, list[str]] = {}
+    for path in settings:
+        paths.setdefault(path.rpartition(".")[2], []).append(path)
+    nearest = difflib.get_close_matches(name, paths, n=1)
+    if not nearest:
+        return None
+    candidates = paths[nearest[0]]
+    return next((path for path in candidates if path.rpartition(".")[0] == group), candidates[0])
+
+
+def _setting_paths(node: Any, path: str = "") -> list[str]:
+    """The dotted paths of a config's settings: ``method.lr``, ``model.backbone.name``, ..."""
+    if not (isinstance(node, dict) and node):
+        return [path]
+    return [found for name, child in node.items() for found in _setting_paths(child, f"{path}.{name}".lstrip("."))]
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -147,9 +172,15 @@ def check_config(cfg: DictConfig) -> None:
         )
     lr = cfg.method.lr
     _require(is_number(lr) and lr > 0, "method.lr", lr, "the learning rate must be > 0")
-    for option in ("optim.weight_decay", "optim.warmup_steps"):
-        value = OmegaConf.select(cfg, option)
-        _require(is_number(value) and value >= 0, option, value, "use a value >= 0")
+    unknown = sorted(set(cfg.get("optim") or {}) - set(OPTIM_OPTIONS))
+    if unknown:  # MethodModule would refuse it only once the model has loaded
+        raise ConfigError(
+            f"optim has no option {', '.join(unknown)}: its options are {', '.join(OPTIM_OPTIONS)} (the learning "
+            "rate is method.lr)"
+        )
+    for option in OPTIM_OPTIONS:
+        value = OmegaConf.select(cfg, f"optim.{option}")
+        _require(is_number(value) and value >= 0, f"optim.{option}", value, "use a value >= 0")
     check_decoding_options(cfg)
     subset_seed = OmegaConf.select(cfg, "data.subset_seed")
     mixture = OmegaConf.select(cfg, "data.tasks") is not None  # null there: each task keeps its own
@@ -169,6 +200,13 @@ def check_config(cfg: DictConfig) -> None:
         steps,
         "use a positive number of steps, or -1 for epochs",
     )
+    warmup = OmegaConf.select(cfg, "optim.warmup_steps")
+    _require(
+        steps == -1 or warmup < steps,
+        "optim.warmup_steps",
+        warmup,
+        f"warm up over fewer steps than trainer.max_steps={steps}, or the learning rate never reaches method.lr",
+    )
     if steps == -1:
         epochs = cfg.trainer.get("max_epochs", -1)
         _require(
@@ -177,6 +215,7 @@ def check_config(cfg: DictConfig) -> None:
             epochs,
             "with trainer.max_steps=-1 the run trains by epochs: use a positive number of epochs",
         )
+    _positive_or_null(cfg, "trainer.check_val_every_n_epoch")  # Lightning divides by it
     interval = cfg.trainer.get("val_check_interval")
     by_epoch = cfg.trainer.get("check_val_every_n_epoch") is not None  # Lightning takes fractions of epochs only then
     fraction = isinstance(interval, float) and 0 < interval <= 1 and by_epoch
