@@ -233,13 +233,16 @@ def test_a_random_models_tokenizer_out_of_reach_says_how_to_give_one(
         ("name", "no-such-model", "no such local model folder"),
         ("name", "empty", "holds no config.json: not a transformers model folder"),
         ("tokenizer", "no-such-tokenizer", "no such local tokenizer folder"),
-        ("tokenizer", "empty", "the tokenizer folder is empty"),
+        ("tokenizer", "empty", "holds no tokenizer.json or .* or \\*.model: not a transformers tokenizer folder"),
+        ("tokenizer", "notes", "holds no tokenizer.json or tokenizer_config.json or vocab.json or vocab.txt or"),
     ],
 )
 def test_model_and_tokenizer_folders_are_checked_before_loading(
     option: str, folder: str, message: str, tmp_path: Path
 ) -> None:
     (tmp_path / "empty").mkdir()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "README.md").write_text("not a tokenizer")  # transformers asked for sentencepiece
     cfg = compose_train(tmp_path, ["model=gpt2", f"++model.backbone.{option}={tmp_path}/{folder}"])
     with pytest.raises(ConfigError, match=message):
         check_config(cfg)

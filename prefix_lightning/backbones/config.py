@@ -61,18 +61,24 @@ class BackboneConfig:
                     f"id or model folder whose config to use), not both; got keys {sorted(self.random_config)}"
                 )
         else:
-            _check_local_folder(self.name, "model", "config.json")
+            _check_local_folder(self.name, "model", ("config.json",))
         if self.tokenizer is not None:
-            _check_local_folder(self.tokenizer, "tokenizer")
+            _check_local_folder(self.tokenizer, "tokenizer", TOKENIZER_FILES)
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
 
-def _check_local_folder(name: str, what: str, required: str | None = None) -> None:
-    """A name written as a path (``./m``, ``/m``, ``~/m``, ``a/b/c``) must be a folder that holds ``what``: a Hub id
-    is ``name`` or ``owner/name`` (dots allowed: ``Qwen/Qwen2.5-0.5B``). An existing folder is taken as one."""
+# A tokenizer folder holds one of these: transformers' own files, byte-level BPE's, WordPiece's, sentencepiece's.
+# Without them transformers asks for sentencepiece or tiktoken, as if a library were missing.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "*.model")
+
+
+def _check_local_folder(name: str, what: str, required: tuple[str, ...]) -> None:
+    """A name written as a path (``./m``, ``/m``, ``~/m``, ``a/b/c``) must be a folder that holds ``what`` (one of
+    the ``required`` files): a Hub id is ``name`` or ``owner/name`` (dots allowed: ``Qwen/Qwen2.5-0.5B``). An existing
+    folder is taken as one."""
     folder = Path(name).expanduser()
     if not folder.is_dir():
         if name.startswith((".", "/", "~")) or name.count("/") > 1:
@@ -80,7 +86,5 @@ def _check_local_folder(name: str, what: str, required: str | None = None) -> No
                 f"{name!r}: no such local {what} folder (give an existing folder or a Hugging Face Hub id such as gpt2)"
             )
         return
-    if required is not None and not (folder / required).is_file():
-        raise ValueError(f"{name!r} holds no {required}: not a transformers {what} folder")
-    if not any(folder.iterdir()):
-        raise ValueError(f"{name!r}: the {what} folder is empty")
+    if not any(next(folder.glob(pattern), None) for pattern in required):
+        raise ValueError(f"{name!r} holds no {' or '.join(required)}: not a transformers {what} folder")
