@@ -42,12 +42,12 @@ from prefix_lightning.training.checks import ConfigError, check_config
 from prefix_lightning.training.compose import model_config_for
 from prefix_lightning.training.optimized import settle_optimized_metric
 from prefix_lightning.training.resume import (
-    RUN_CONFIG,
     composing_with_new_choices,
     exporting_run,
     override,
     override_key,
     run_config,
+    run_export,
     run_overrides,
     split_hydra_flags,
     unquoted,
@@ -113,10 +113,10 @@ def with_run_settings(argv: Sequence[str]) -> list[str]:
     given = [argument.partition("=") for argument in argv[1:] if argument.startswith(EXPORT_KEYS)]
     if not given:
         return list(argv)
+    if len({Path(unquoted(value)) for _, _, value in given}) > 1:
+        raise ConfigError(f"{' and '.join(''.join(item) for item in given)}: give one export to evaluate")
     key, _, value = given[-1]
-    export = Path(unquoted(value))
-    if (export / RUN_CONFIG).is_file():  # a run's folder: the export it holds
-        export = export / run_config(export).method.export_dir
+    export = run_export(unquoted(value))
     rest, flags = split_hydra_flags([argument for argument in argv[1:] if not argument.startswith(EXPORT_KEYS)])
     ignored = [argument for argument in rest if _group(argument) in FIXED_BY_EXPORT]
     if ignored:

@@ -40,7 +40,13 @@ from prefix_lightning.prefix.multitask import task_folders
 from prefix_lightning.training.build import fitted_source_budget, generation_settings, load_configured_backbone
 from prefix_lightning.training.checks import check_decoding_options
 from prefix_lightning.training.compose import compose_config, model_config_for
-from prefix_lightning.training.resume import exporting_run, override_key, run_config, run_model_overrides
+from prefix_lightning.training.resume import (
+    exporting_run,
+    override_key,
+    run_config,
+    run_export,
+    run_model_overrides,
+)
 
 FORMATS = ("auto", "jsonl", "text")
 # What a prefix still in its run folder takes from its run, unless given.
@@ -70,12 +76,13 @@ def parse_prefixes(specs: Sequence[str]) -> dict[str, Path]:
         name = name or Path(folder).name
         if name in prefixes:
             raise ValueError(f"--prefix {spec}: the name {name!r} is given twice")
-        tasks = task_folders(folder)
+        export = run_export(folder)  # a run's folder: the export it holds
+        tasks = task_folders(export)
         if tasks:  # read_prefix would only say that the folder holds no prefix_config.json
             each = " ".join(f"--prefix {task.name}={task}" for task in tasks)
             raise ValueError(f"--prefix {spec} holds a multi-task run's prefixes, one per task: give each ({each})")
-        read_prefix(folder)  # a missing or foreign folder is named before anything else runs
-        prefixes[name] = Path(folder)
+        read_prefix(export)  # a missing or foreign folder is named before anything else runs
+        prefixes[name] = export
     return prefixes
 
 

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from prefix_lightning.evaluate import with_run_settings
 from prefix_lightning.export import export_checkpoint
 from prefix_lightning.methods.exports import export_loader
+from prefix_lightning.training.checks import ConfigError
 from prefix_lightning.training.resume import STARTED_CONFIG, exporting_run
 from tests.helpers.cli import run_cli
 from tests.helpers.config import REPO, run_folder
@@ -133,6 +134,17 @@ def test_a_folder_without_an_export_is_refused_naming_what_was_looked_for(tmp_pa
     (tmp_path / "adapter_config.json").write_text('{"peft_type": "IA3"}')
     with pytest.raises(ValueError, match=r"describes a 'IA3' adapter; this project trains LORA, PREFIX_TUNING"):
         export_loader(tmp_path)
+
+
+def test_evaluate_refuses_two_exports(tmp_path: Path) -> None:
+    """prefix_path (the older name) silently won over export_path."""
+    first, second = tmp_path / "a", tmp_path / "b"
+    with pytest.raises(ConfigError, match=f"export_path={first} and prefix_path={second}: give one export to evaluate"):
+        with_run_settings(["evaluate", f"export_path={first}", f"prefix_path={second}"])
+    assert (
+        with_run_settings(["evaluate", f"export_path={first}", f"prefix_path='{first}'"])[-1]
+        == f"prefix_path='{first}'"
+    )
 
 
 def test_evaluate_says_which_settings_an_export_overrules(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -19,11 +19,18 @@ from omegaconf import OmegaConf
 
 from prefix_lightning import PrefixBank, PrefixModel
 from prefix_lightning.decoding import generated_texts
-from prefix_lightning.generate import adopt_run_settings, exporting_runs, main, prompt_collators, read_requests
+from prefix_lightning.generate import (
+    adopt_run_settings,
+    exporting_runs,
+    main,
+    parse_prefixes,
+    prompt_collators,
+    read_requests,
+)
 from prefix_lightning.training.build import FLOAT_OPTIONS, generation_settings, load_configured_backbone
 from prefix_lightning.training.compose import compose_config, model_config_for
 from prefix_lightning.training.resume import run_config, run_model_overrides
-from tests.helpers.config import REPO, compose_train
+from tests.helpers.config import REPO, compose_train, run_folder
 from tests.helpers.tiny import tiny_lm
 
 SOURCES = [
@@ -261,6 +268,21 @@ def test_a_multi_task_runs_prefix_folder_is_answered_with_its_tasks(
         main(["--prefix", str(held), "--input", str(inputs), "--output", "-"])
     each = f"--prefix e2e={held / 'e2e'} --prefix webnlg={held / 'webnlg'}"
     assert f"holds a multi-task run's prefixes, one per task: give each ({each})" in capsys.readouterr().err
+
+
+def test_a_run_folder_stands_for_its_export_and_another_adapter_is_named(
+    prefixes: dict[str, Path], tmp_path: Path
+) -> None:
+    """A run's folder was taken for a multi-task run's (its prefix/ looked like a task's); a LoRA adapter was said to
+    load with PrefixModel.from_peft, which refuses it."""
+    run = run_folder(tmp_path / "run", "method:\n  export_dir: prefix\n", [])
+    shutil.copytree(prefixes["e2e"], run / "prefix")
+    assert parse_prefixes([str(run), f"other={run}"]) == {"run": run / "prefix", "other": run / "prefix"}
+    lora = tmp_path / "adapter"
+    lora.mkdir()
+    (lora / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    with pytest.raises(FileNotFoundError, match=r"prefix_config.json is missing \(it holds a PEFT LORA adapter, not a"):
+        parse_prefixes([str(lora)])
 
 
 def test_prefixes_of_different_base_models_need_a_model(prefixes: dict[str, Path], tmp_path: Path, capsys) -> None:

@@ -156,7 +156,7 @@ def test_foreign_or_misfitting_adapters_are_refused_in_one_line(tmp_path: Path) 
     (tmp_path / "gpt2" / "adapter_config.json").write_text(json.dumps({**config, "num_virtual_tokens": "abc"}))
     with pytest.raises(ValueError, match=r"adapter_config.json: num_virtual_tokens, num_layers and token_dim must be"):
         PrefixModel.from_peft(tiny_lm("gpt2"), tmp_path / "gpt2")
-    with pytest.raises(FileNotFoundError, match=r"is missing \(it holds a PEFT adapter: PrefixModel.from_peft"):
+    with pytest.raises(FileNotFoundError, match=r"is missing \(it holds a PEFT prefix adapter: PrefixModel.from_peft"):
         PrefixModel.from_prefix(tiny_lm("gpt2"), tmp_path / "gpt2")
     get_peft_model(tiny_lm("gpt2"), LoraConfig(r=2, task_type="CAUSAL_LM")).save_pretrained(tmp_path / "lora")
     with pytest.raises(ValueError, match=r"describes a 'LORA' adapter, not PEFT's prefix tuning"):

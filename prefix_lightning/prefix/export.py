@@ -29,7 +29,7 @@ from prefix_lightning.backbones import backbone_identity
 from prefix_lightning.files import atomic_write
 from prefix_lightning.prefix.config import PrefixConfig
 from prefix_lightning.prefix.encoder import PrefixEncoder, prefix_encoders, typed_encoders
-from prefix_lightning.prefix.peft_format import PEFT_CONFIG
+from prefix_lightning.prefix.peft_format import PEFT_TYPE, peft_adapter_type
 from prefix_lightning.prefix.sites import AttentionSite
 
 log = logging.getLogger(__name__)
@@ -200,8 +200,9 @@ def read_prefix(folder: str | Path) -> ExportedPrefix:
     folder = Path(folder)
     config_file = folder / CONFIG_NAME
     if not config_file.is_file():
-        peft = (
-            " (it holds a PEFT adapter: PrefixModel.from_peft loads that)" if (folder / PEFT_CONFIG).is_file() else ""
+        adapter = peft_adapter_type(folder)
+        peft = {None: "", PEFT_TYPE: " (it holds a PEFT prefix adapter: PrefixModel.from_peft loads that)"}.get(
+            adapter, f" (it holds a PEFT {adapter} adapter, not a prefix)"
         )
         raise FileNotFoundError(f"no exported prefix at {folder}: {CONFIG_NAME} is missing{peft}")
     try:

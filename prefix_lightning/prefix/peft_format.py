@@ -133,6 +133,17 @@ class PeftPrefix:
         return layer_key_values(self.table, self.layers, kv_heads, head_dim)
 
 
+def peft_adapter_type(folder: Path) -> str | None:
+    """The ``peft_type`` of the PEFT adapter in ``folder`` (``PREFIX_TUNING``, ``LORA``, ...); None where it holds none
+    that can be read."""
+    try:
+        description = json.loads((folder / PEFT_CONFIG).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    found = description.get("peft_type") if isinstance(description, dict) else None
+    return found if isinstance(found, str) else None
+
+
 def read_peft_prefix(folder: str | Path) -> PeftPrefix:
     """The PEFT prefix-tuning adapter in ``folder``; anything else is refused naming the file and the problem."""
     folder = Path(folder)

@@ -91,6 +91,13 @@ def run_config(run_dir: str | Path) -> DictConfig:
     return config
 
 
+def run_export(path: str | Path) -> Path:
+    """The export that ``path`` stands for: a run's folder stands for the export it holds (``<run>/prefix`` for a
+    prefix run, ``<run>/adapter`` for LoRA, ...); any other folder for itself."""
+    path = Path(path)
+    return path / run_config(path).method.export_dir if (path / RUN_CONFIG).is_file() else path
+
+
 def exporting_run(export: str | Path) -> tuple[Path, str | None] | None:
     """The run folder an export lies in (``<run>/prefix``, or another export of its checkpoints into its folder), and
     the task, for one task's prefix of a multi-task run (``<run>/prefix/<task>``); None for an export moved out of
