@@ -54,6 +54,15 @@ def test_the_optimized_metric_defaults_to_the_datasets_own(
     assert (cfg.callbacks.early_stopping.monitor, cfg.callbacks.result_record.mode) == (metric, mode)
 
 
+@pytest.mark.parametrize(("metric", "mode", "best"), [("val/loss", "max", "min"), ("val/bleu", "min", "max")])
+def test_a_mode_against_the_metrics_direction_is_refused(metric: str, mode: str, best: str, tmp_path: Path) -> None:
+    """It kept the worst checkpoint, without a word; a mode that is not max or min is refused the same way."""
+    for given in (mode, "maxx"):
+        cfg = compose_train(tmp_path, [f"optimized_metric={metric}", f"optimized_mode={given}"])
+        with pytest.raises(ConfigError, match=f"optimized_mode='{given}' is not valid: {metric} is best at its {best}"):
+            settle_optimized_metric(cfg)
+
+
 def test_a_metric_validation_does_not_log_is_refused_with_the_ones_it_does(tmp_path: Path) -> None:
     cfg = compose_train(tmp_path, ["optimized_metric=val/rougel"])
     with pytest.raises(ConfigError, match=r"optimized_metric='val/rougel' is not valid: .* logs val/loss, val/bleu"):

@@ -466,6 +466,15 @@ def test_a_data_file_without_rows_is_refused(split, stage, tmp_path, gpt2_tokeni
         module.setup(stage)
 
 
+def test_a_data_file_given_as_a_folder_is_said_to_be_one(tmp_path, gpt2_tokenizer):
+    """It was "not found: looked for <the folder>", though the path exists."""
+    module = _custom_module(tmp_path, gpt2_tokenizer)
+    (tmp_path / "custom" / "train.jsonl").unlink()
+    (tmp_path / "custom" / "train.jsonl").mkdir()
+    with pytest.raises(IsADirectoryError, match=r"custom/train.jsonl is a folder; give the data file in it"):
+        module.setup("fit")
+
+
 def test_a_test_size_beyond_the_split_is_refused_before_training(tmp_path, gpt2_tokenizer):
     module = _custom_module(tmp_path, gpt2_tokenizer, "data.test_size=5")  # the test file holds 4
     with pytest.raises(

@@ -15,8 +15,11 @@ DATA_DIR_HINT = "point the data dir at the folder that holds it (paths.data_dir=
 
 
 def require_file(path: Path, what: str, how_to_get: str) -> Path:
-    """`path` if it is a file; otherwise a FileNotFoundError naming `what`, where it looked and `how_to_get`."""
+    """`path` if it is a file; otherwise an error naming `what`, where it looked and `how_to_get` (a folder is said to
+    be one: "not found" misled where the path exists)."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{what}: {path} is a folder; give the data file in it")
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: looked for {path}. {how_to_get}")
     return path

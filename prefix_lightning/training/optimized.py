@@ -15,8 +15,6 @@ from prefix_lightning.evaluation import main_validation_metric, task_validation_
 from prefix_lightning.training.checks import ConfigError
 from prefix_lightning.training.tasks import TaskConfigError, task_data_configs
 
-MODES = ("max", "min")
-
 
 def settle_optimized_metric(cfg: DictConfig) -> None:
     """Fill ``optimized_metric`` and ``optimized_mode`` where they are null, and refuse a metric that validation
@@ -45,8 +43,11 @@ def settle_optimized_metric(cfg: DictConfig) -> None:
             f"optimized_metric={metric!r} is not valid: validation on {validated} logs {', '.join(logged)}"
         )
     mode = cfg.optimized_mode or logged[metric]
-    if mode not in MODES:
-        raise ConfigError(f"optimized_mode={mode!r} is not valid: use max, min or null ({metric}: {logged[metric]})")
+    if mode != logged[metric]:  # the opposite would keep the worst checkpoint
+        raise ConfigError(
+            f"optimized_mode={mode!r} is not valid: {metric} is best at its {logged[metric]}imum; give "
+            f"optimized_mode={logged[metric]} or null"
+        )
     _check_sweeper_direction(metric, mode)
     cfg.optimized_metric, cfg.optimized_mode = metric, mode
 
