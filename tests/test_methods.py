@@ -181,3 +181,10 @@ def test_a_new_method_is_one_class_and_one_yaml_file(tmp_path: Path) -> None:
     exported = load_file(run / "norms" / "norms.safetensors")
     assert {f"lm.{name}" for name in exported} == norms
     assert all(torch.equal(tensor, trained[f"lm.{name}"]) for name, tensor in exported.items())
+    # Its card says what its own save wrote, not "the whole fine-tuned model", and offers no load_export that fails.
+    card = (run / "norms" / "README.md").read_text()
+    assert (
+        "This folder holds what the method trained: the files that the method's own save wrote (norms.safetensors)"
+        in (card)
+    )
+    assert "load_export(lm" not in card and "With the code of the method `norms`" in card

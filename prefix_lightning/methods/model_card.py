@@ -13,6 +13,7 @@ from typing import Any
 from prefix_lightning.backbones import EMBEDDED, original_hub_id
 from prefix_lightning.baselines.top_layers import TOP_LAYERS_CONFIG
 from prefix_lightning.files import atomic_write
+from prefix_lightning.methods.exports import export_loader
 from prefix_lightning.prefix.export import CONFIG_NAME
 from prefix_lightning.prefix.peft_format import PEFT_CONFIG
 
@@ -72,15 +73,22 @@ class ModelCard:
         if self.metrics:
             lines += ["", "## Scores", "", "| metric | value |", "|---|---|"]
             lines += [f"| {name} | {value:.4g} |" for name, value in sorted(self.metrics.items())]
-        lines += ["", "## Load it", "", "With prefix-lightning (any method's export folder):", "", "```python"]
-        lines += [
-            "from prefix_lightning import load_backbone",
-            "from prefix_lightning.methods.exports import load_export",
-            "",
-            f"lm, tokenizer = load_backbone(**{self._backbone_arguments()!r})",
-            'model = load_export(lm, "<this folder>").eval()  # then model.generate(...)',
-            "```",
-        ]
+        lines += ["", "## Load it", ""]
+        if _loadable(folder):
+            lines += ["With prefix-lightning (any method's export folder):", "", "```python"]
+            lines += [
+                "from prefix_lightning import load_backbone",
+                "from prefix_lightning.methods.exports import load_export",
+                "",
+                f"lm, tokenizer = load_backbone(**{self._backbone_arguments()!r})",
+                'model = load_export(lm, "<this folder>").eval()  # then model.generate(...)',
+                "```",
+            ]
+        else:
+            lines += [
+                f"With the code of the method `{self.method}`, which wrote these files: prefix-lightning's",
+                "`load_export` reads the formats of the project's own methods only.",
+            ]
         if peft:
             lines += self._peft_section(json.loads((folder / PEFT_CONFIG).read_text()).get("peft_type"))
         if "config.json" in files and CONFIG_NAME not in files:
@@ -107,7 +115,9 @@ class ModelCard:
             return "the weights of the top transformer blocks"
         if PEFT_CONFIG in files:
             return "PEFT's adapter"
-        return "the whole fine-tuned model"
+        if "config.json" in files:
+            return "the whole fine-tuned model"
+        return f"the files that the method's own save wrote ({', '.join(sorted(files - {CARD}))})"
 
     @staticmethod
     def _is_encoder_decoder(folder: Path) -> bool:
@@ -171,6 +181,15 @@ class ModelCard:
                 'prefix-lightning as above, or `PrefixModel.from_peft(lm, "<this folder>")`.',
             ]
         return lines
+
+
+def _loadable(folder: Path) -> bool:
+    """Whether ``load_export`` reads the export in ``folder`` (a method of one's own may save in its own format)."""
+    try:
+        export_loader(folder)
+    except (FileNotFoundError, ValueError):
+        return False
+    return True
 
 
 def write_cards(card: ModelCard, folder: str | Path, tasks: Sequence[str] | None = None) -> list[Path]:
