@@ -137,6 +137,11 @@ UNSUPPORTED = {
         "Gemma2ForCausalLM computes attention only with attn_implementation eager, flex_attention, "
         "flash_attention_2 \\(it soft-caps its attention scores, attn_logit_softcapping=50.0\\).*needs SDPA",
     ),
+    "no layers": (
+        "gpt2",
+        dict(n_layer=0),
+        "GPT2LMHeadModel has no layers \\(its config says 0\\): a prefix needs attention",  # not "does not route"
+    ),
     "mamba": (
         "mamba",
         dict(num_hidden_layers=1, hidden_size=16, state_size=4),

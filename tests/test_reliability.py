@@ -52,6 +52,7 @@ from tests.helpers.config import compose_train
             "optim.warmup_steps=150",
             "optim.warmup_steps=150 is not valid: warm up over fewer steps than trainer.max_steps",
         ),
+        ("trainer.deterministic=maybe", "trainer.deterministic='maybe' is not valid: use true, false or warn"),
         ("trainer.check_val_every_n_epoch=0", "trainer.check_val_every_n_epoch=0 is not valid: use a positive integer"),
         ("generation.num_beams=0", "generation.num_beams=0 is not valid: use 1 (greedy) or more beams"),
         ("data.train_size=0", "data.train_size=0 is not valid: use a positive integer or null"),

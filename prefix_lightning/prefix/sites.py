@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
@@ -116,12 +117,23 @@ def discover_sites(lm: PreTrainedModel) -> list[tuple[torch.nn.Module, Attention
             sites[call.module] = AttentionSite(
                 names[call.module], group, kv_heads, head_dim, call.position_bias, call.sliding_window
             )
+    if not sites and _layer_count(lm.config) == 0:
+        raise UnsupportedModelError(f"{type(lm).__name__} has no layers (its config says 0): a prefix needs attention")
     if not sites:
         raise UnsupportedModelError(
             f"{type(lm).__name__} does not route attention through transformers' AttentionInterface, so no "
             f"prefix can be attached. Supported: {SUPPORTED}."
         )
     return list(sites.items())
+
+
+def _layer_count(config: Any) -> int | None:
+    """The number of layers a transformers config gives, under any of its names; None where it gives none."""
+    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
 
 
 # What wrappers insert into the names of the modules they wrap: FSDP, activation checkpointing, torch.compile.

@@ -189,6 +189,13 @@ def check_config(cfg: DictConfig) -> None:
     )
     for option in ("test", "data.download", "data.group_by_length", "model.gradient_checkpointing"):
         _switch(cfg, option)
+    deterministic = OmegaConf.select(cfg, "trainer.deterministic")  # Lightning half-applies any other word
+    _require(
+        deterministic is None or isinstance(deterministic, bool) or deterministic == "warn",
+        "trainer.deterministic",
+        deterministic,
+        "use true, false or warn",
+    )
     for option in ("data.train_size", "data.val_size", "data.test_size", "data.batch_size", "data.eval_batch_size"):
         _positive_or_null(cfg, option)
     workers = cfg.data.get("num_workers", 0)
