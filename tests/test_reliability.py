@@ -362,6 +362,21 @@ def test_a_checkpoint_of_a_run_on_another_kind_of_base_model_is_refused(tmp_path
         module.on_load_checkpoint(checkpoint)
 
 
+def test_a_checkpoint_of_another_method_is_refused_naming_both(tmp_path: Path) -> None:
+    """A top2 checkpoint given to a prefix run was said not to fit "another prefix length, reparametrization or base
+    model"."""
+    checkpoints = {}
+    for method in ("top2", "prefix"):
+        cfg = compose_train(tmp_path, ["model=tiny_llama", f"method={method}"])
+        model, tokenizer = build_model(cfg)
+        module = build_module(cfg, model, tokenizer)
+        checkpoints[method] = {"state_dict": module.state_dict()}
+        module.on_save_checkpoint(checkpoints[method])
+    with pytest.raises(ValueError, match="written by a run of the method TopLayers, but this run's method is Prefix"):
+        module.on_load_checkpoint(checkpoints["top2"])
+    module.on_load_checkpoint(checkpoints["prefix"])
+
+
 def test_a_checkpoint_missing_a_prefix_tensor_is_refused_naming_it(tmp_path: Path) -> None:
     """Non-strict loading would leave a tensor the file lacks at its initial value (a multi-task run resumed with a
     task more, say): the hook names it, as it names tensors of another shape."""

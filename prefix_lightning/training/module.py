@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 
 BASE_MODEL = "base_model"  # the checkpoint's record of its run's base model (backbone_identity)
+METHOD_CLASS = "method_class"  # the checkpoint's record of the class of its run's method (PrefixModel, LoRA, ...)
 
 
 class MethodModule(L.LightningModule):
@@ -213,6 +214,7 @@ class MethodModule(L.LightningModule):
         keep = self._trainable()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint[BASE_MODEL] = backbone_identity(self.model.lm)
+        checkpoint[METHOD_CLASS] = type(self.model).__name__
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Non-strict loading (the LM is not in the file) would silently skip prefix tensors: check them here, and
@@ -227,6 +229,12 @@ class MethodModule(L.LightningModule):
             raise ValueError(
                 f"this checkpoint was written by a run on a {trained_for} model, but this run's base model is a "
                 f"{own} model: start from a checkpoint of a run on the same base model"
+            )
+        written_by, trains = checkpoint.get(METHOD_CLASS), type(self.model).__name__  # absent from older checkpoints
+        if written_by is not None and written_by != trains:
+            raise ValueError(
+                f"this checkpoint was written by a run of the method {written_by}, but this run's method is {trains}: "
+                "start from a checkpoint of a run of the same method"
             )
         if "state_dict" not in checkpoint:
             return
