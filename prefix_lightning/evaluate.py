@@ -132,7 +132,12 @@ def with_run_settings(argv: Sequence[str]) -> list[str]:
         overrides = composing_with_new_choices(run, overrides, rest, "evaluate")
     if overrides:
         print(f"evaluating with the settings of the run in {run}: {' '.join(overrides)}", file=sys.stderr)
-    elif "model" not in map(override_key, rest):
+    elif exported_by is None:
+        print(
+            f"{export} is not in its run's folder: evaluating with the settings given (data, decoding), not its run's",
+            file=sys.stderr,
+        )
+    if not overrides and "model" not in map(override_key, rest):
         overrides = _recorded_model(export)
     return [argv[0], *overrides, *rest, override(key, export), *flags]
 

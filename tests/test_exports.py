@@ -152,7 +152,9 @@ def test_evaluate_says_which_settings_an_export_overrules(tmp_path: Path, capsys
     assert with_run_settings(argv)[1:3] == ["prefix.length=5", "data.test_size=4"]
     assert f"ignoring prefix.length=5 method=lora: the export in {tmp_path} says its method" in capsys.readouterr().err
     with_run_settings(["evaluate", f"export_path={tmp_path}", "data.test_size=4", "+prefixes=1"])
-    assert "ignoring" not in capsys.readouterr().err
+    said = capsys.readouterr().err
+    assert "ignoring" not in said
+    assert f"{tmp_path} is not in its run's folder: evaluating with the settings given (data, decoding)" in said
 
 
 def test_evaluate_takes_a_run_folder_for_the_export_it_holds(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

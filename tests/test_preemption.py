@@ -366,6 +366,9 @@ def test_resume_takes_the_runs_own_overrides_and_folder(tmp_path: Path) -> None:
         FileNotFoundError, match=r"resume=.*nowhere: not a run folder \(\.hydra/config\.yaml is missing"
     ):
         resume_arguments(["run.py", f"resume={tmp_path / 'nowhere'}"])
+    (tmp_path / "outputs" / "checkpoints").mkdir(parents=True)  # a run's paths.output_dir: its config is elsewhere
+    with pytest.raises(FileNotFoundError, match=r"holds a run's outputs \(paths.output_dir\); resume the folder its"):
+        resume_arguments(["run.py", f"resume={tmp_path / 'outputs'}"])
 
 
 def test_resume_with_another_choice_of_a_group_keeps_the_runs_settings_it_composes_with(

@@ -128,7 +128,14 @@ def resume_arguments(argv: Sequence[str]) -> list[str]:
         return list(argv)
     run_dir = Path(unquoted(given[-1].partition("=")[2]))
     if not (run_dir / RUN_CONFIG).is_file():
-        raise FileNotFoundError(f"resume={run_dir}: not a run folder ({RUN_CONFIG} is missing)")
+        outputs = (run_dir / "checkpoints").is_dir()  # a run's outputs, given paths.output_dir: its config is elsewhere
+        where = (
+            f": {run_dir} holds a run's outputs (paths.output_dir); resume the folder its config went to, "
+            "hydra.run.dir, which its stop message and its run.log name"
+            if outputs
+            else ""
+        )
+        raise FileNotFoundError(f"resume={run_dir}: not a run folder ({RUN_CONFIG} is missing){where}")
     rest, flags = split_hydra_flags([argument for argument in argv[1:] if not argument.startswith("resume=")])
     placement = [
         override("hydra.run.dir", run_dir),
