@@ -470,6 +470,25 @@ def test_resume_refuses_settings_that_change_the_computation_and_lists_them(tmp_
     assert not (tmp_path / STARTED_CONFIG).exists()  # an attempt that goes on from another one writes none
 
 
+@pytest.mark.integration
+def test_a_run_resumed_after_its_last_step_logs_as_the_straight_run(straight: Path, tmp_path: Path) -> None:
+    """Stopped in its test, a run resumes from the checkpoint of its last validation, which Lightning wrote before
+    counting that step for its loggers: the resumed test logged one step early, and metrics.csv, continued from
+    there, lost the first attempt's last training loss and validation."""
+    run_cli(tmp_path, *RUN)
+    for finished in (tmp_path / "result.json", *tmp_path.glob("test_*")):
+        finished.unlink()  # as a stop during the test leaves the folder
+    log = run_cli(tmp_path, f"resume={tmp_path}")
+    assert_restored(log, tmp_path / "checkpoints" / "last.ckpt")
+    assert _logged_columns(tmp_path) == _logged_columns(straight)
+
+
+def _logged_columns(run: Path) -> list[tuple[int, tuple[str, ...]]]:
+    """(step, the columns with a value) of each row of metrics.csv."""
+    with (run / "csv" / "metrics.csv").open() as file:
+        return [(int(row["step"]), tuple(sorted(k for k, v in row.items() if v))) for row in csv.DictReader(file)]
+
+
 def _logged(folder: Path) -> tuple[list[str], list[tuple[str, ...]]]:
     with (folder / "csv" / "metrics.csv").open() as file:
         reader = csv.DictReader(file)

@@ -179,6 +179,15 @@ class MethodModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self._score("val")
 
+    def on_test_start(self) -> None:
+        """The test logs at the steps taken, as after a straight fit. A run resumed from the checkpoint of its last
+        validation (stopped in its test) has no step left to train, and Lightning counts a step for its loggers only
+        after the step's validation, where that checkpoint was written: its test logged one step early, and
+        metrics.csv, continued from the step an attempt logs first, dropped the earlier attempt's last training loss
+        and validation."""
+        epoch_loop = self.trainer.fit_loop.epoch_loop
+        epoch_loop._batches_that_stepped = max(epoch_loop._batches_that_stepped, self.trainer.global_step)
+
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._generate(batch)
 
