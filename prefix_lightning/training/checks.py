@@ -21,6 +21,7 @@ from prefix_lightning.backbones import BackboneConfig
 from prefix_lightning.backbones.quantization import quantized_training_error
 from prefix_lightning.numbers import is_int, is_number
 from prefix_lightning.prefix import PrefixConfig
+from prefix_lightning.training.compose import config_leaves
 from prefix_lightning.training.job import current_job
 from prefix_lightning.training.tasks import TaskConfigError, check_tasks
 
@@ -118,16 +119,14 @@ def _check_added_settings(cfg: DictConfig) -> None:
     which Hydra's own hint (append with ``+``) turns into one that is silently ignored. A config group
     (``+sweep=length``) and a key that a config's interpolation reads (``${name}``) are kept."""
     job = current_job()
-    if job is None:
+    if job is None or not job.added:
         return
     unresolved = OmegaConf.to_yaml(cfg)
     for key in job.added:
         read = re.search(r"\$\{(oc\.select:)?" + re.escape(key) + r"\b", unresolved)
         if key.rpartition(".")[0] not in READ_BY_NAME or "/" in key or key in job.choices or read:
             continue
-        close = _closest_setting(
-            key, [path for path in _setting_paths(OmegaConf.to_container(cfg)) if path not in job.added]
-        )
+        close = _closest_setting(key, [path for path in config_leaves(cfg) if path not in job.added])
         hint = f"; did you mean {close}=...?" if close else ""
         raise ConfigError(f"+{key}: the run has no setting {key} and no config reads it{hint}")
 
@@ -143,13 +142,6 @@ def _closest_setting(key: str, settings: list[str]) -> str | None:
         return None
     candidates = paths[nearest[0]]
     return next((path for path in candidates if path.rpartition(".")[0] == group), candidates[0])
-
-
-def _setting_paths(node: Any, path: str = "") -> list[str]:
-    """The dotted paths of a config's settings: ``method.lr``, ``model.backbone.name``, ..."""
-    if not (isinstance(node, dict) and node):
-        return [path]
-    return [found for name, child in node.items() for found in _setting_paths(child, f"{path}.{name}".lstrip("."))]
 
 
 def check_config(cfg: DictConfig) -> None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from prefix_lightning.prefix import read_prefix
 
@@ -21,6 +22,20 @@ def compose_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
         return compose(name, overrides=list(overrides))
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(name, overrides=list(overrides))
+
+
+def config_leaves(config: DictConfig | ListConfig) -> dict[str, Any]:
+    """``{"a.b": value}`` for every setting of ``config``, interpolations unresolved (lists are values)."""
+    return _leaves(OmegaConf.to_container(config))
+
+
+def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict) or not tree:
+        return {prefix: tree}
+    leaves: dict[str, Any] = {}
+    for key, value in tree.items():
+        leaves |= _leaves(value, f"{prefix}{key}" if not prefix else f"{prefix}.{key}")
+    return leaves
 
 
 def quoted(value: str | Path) -> str:

@@ -21,7 +21,7 @@ from prefix_lightning.files.atomic import atomic_write
 from prefix_lightning.files.checkpoints import check_checkpoint
 from prefix_lightning.prefix.multitask import task_folders
 from prefix_lightning.training.checks import ConfigError
-from prefix_lightning.training.compose import compose_config, quoted, searchpath_override
+from prefix_lightning.training.compose import compose_config, config_leaves, quoted, searchpath_override
 from prefix_lightning.training.last_checkpoint import LAST
 from prefix_lightning.training.record import RECORD_FILE, read_record
 
@@ -276,11 +276,11 @@ def check_earlier_attempt(cfg: DictConfig) -> None:
 
 
 def _refuse_changes(cfg: DictConfig, saved_file: Path, refused: str, remedy: str) -> None:
-    saved = _leaves(OmegaConf.to_container(OmegaConf.load(saved_file)))
+    saved = config_leaves(OmegaConf.load(saved_file))
     before = {
         key: MOVED_TARGETS.get(value, value) if key.endswith("._target_") else value for key, value in saved.items()
     }
-    now = _leaves(OmegaConf.to_container(cfg))
+    now = config_leaves(cfg)
     changed = sorted(
         key
         for key in before.keys() | now.keys()
@@ -324,16 +324,6 @@ MOVED_TARGETS = {
 def not_computed(key: str) -> bool:
     """Whether a setting leaves what a run computes as it is (``NOT_COMPUTED``)."""
     return any(key == name or key.startswith(name + ".") for name in NOT_COMPUTED)
-
-
-def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"a.b": value}`` for every value of nested dicts (lists are values)."""
-    if not isinstance(tree, dict) or not tree:
-        return {prefix: tree}
-    leaves: dict[str, Any] = {}
-    for key, value in tree.items():
-        leaves |= _leaves(value, f"{prefix}{key}" if not prefix else f"{prefix}.{key}")
-    return leaves
 
 
 def finished_record(run_dir: str | Path) -> dict[str, Any] | None:
