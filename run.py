@@ -16,9 +16,12 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    if any(argument.startswith("resume=") for argument in sys.argv[1:]):  # that run's config, in its folder
+    # resume=: that run's config, in its folder; group=null: Hydra's traceback, unless refused first
+    if any(argument.startswith("resume=") or argument.endswith("=null") for argument in sys.argv[1:]):
         from prefix_lightning.cli import report_errors
+        from prefix_lightning.training.compose import check_group_choices
         from prefix_lightning.training.resume import resume_arguments
 
+        report_errors(lambda: check_group_choices(sys.argv[1:]))
         sys.argv = report_errors(lambda: resume_arguments(sys.argv))
     main()

@@ -39,7 +39,7 @@ from prefix_lightning.training.build import (
     read_data_first,
 )
 from prefix_lightning.training.checks import ConfigError, check_config
-from prefix_lightning.training.compose import model_config_for
+from prefix_lightning.training.compose import check_group_choices, model_config_for
 from prefix_lightning.training.optimized import settle_optimized_metric
 from prefix_lightning.training.resume import (
     composing_with_new_choices,
@@ -175,5 +175,6 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    report_errors(lambda: check_group_choices(sys.argv[1:]))
     sys.argv = report_errors(lambda: with_run_settings(sys.argv))
     main()

@@ -31,7 +31,7 @@ from prefix_lightning.training.checks import ConfigError, check_config, check_va
 from prefix_lightning.training.compose import compose_config
 from prefix_lightning.training.early_stopping import early_stopping
 from prefix_lightning.training.train import train
-from tests.helpers.cli import FAST, run_cli, run_failing
+from tests.helpers.cli import FAST, run_cli, run_failing, run_python
 from tests.helpers.config import compose_train
 
 
@@ -273,6 +273,20 @@ def test_a_sweep_without_multirun_is_refused_before_any_model_loads(tmp_path: Pa
     result = run_failing(tmp_path, "+sweep=length")
     assert "+sweep=length is a multirun's settings: run it with -m" in result.stderr
     assert "Loading embedded backbone" not in result.stdout + result.stderr
+
+
+@pytest.mark.integration
+def test_a_config_group_set_to_null_names_its_options(tmp_path: Path) -> None:
+    """Hydra stops on ``logger=null`` with a traceback from its defaults list ("Config group override must be a
+    string or a list"); run.py and evaluate name the group's options instead."""
+    result = run_failing(tmp_path, "logger=null")
+    assert "error: logger=null: the config group logger takes one of csv, none, tensorboard, wandb; ~logger" in (
+        result.stderr
+    )
+    assert "Traceback" not in result.stderr
+    evaluation = run_python("-m", "prefix_lightning.evaluate", "experiment=null")
+    assert evaluation.returncode == 1
+    assert "error: experiment=null: the config group experiment takes one of paper_dart," in evaluation.stderr
 
 
 @pytest.mark.integration

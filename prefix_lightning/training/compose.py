@@ -18,10 +18,22 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 def compose_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
     """The config ``name`` (e.g. "train") with ``overrides``, as a command line would compose it."""
+    check_group_choices(overrides)
     if GlobalHydra.instance().is_initialized():
         return compose(name, overrides=list(overrides))
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(name, overrides=list(overrides))
+
+
+def check_group_choices(overrides: Sequence[str]) -> None:
+    """Refuse ``group=null`` for a config group of ``conf/``, naming its options: Hydra stops on it with a traceback
+    from its defaults list. ``~group`` leaves a group out."""
+    for argument in overrides:
+        key, _, value = argument.partition("=")
+        group = key.lstrip("+")
+        if value == "null" and (CONF_DIR / group).is_dir():
+            options = ", ".join(sorted(path.stem for path in (CONF_DIR / group).glob("*.yaml")))
+            raise ValueError(f"{argument}: the config group {group} takes one of {options}; ~{group} leaves it out")
 
 
 def config_leaves(config: DictConfig | ListConfig) -> dict[str, Any]:
