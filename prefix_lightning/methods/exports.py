@@ -6,7 +6,6 @@ Not imported by ``prefix_lightning.methods`` itself: the method classes import t
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from prefix_lightning.methods.protocol import TrainableLM
 from prefix_lightning.prefix import PrefixModel
 from prefix_lightning.prefix.export import CONFIG_NAME
 from prefix_lightning.prefix.multitask import MultiTaskPrefix, task_folders
-from prefix_lightning.prefix.peft_format import PEFT_CONFIG
+from prefix_lightning.prefix.peft_format import PEFT_CONFIG, read_peft_config
 
 Loader = Callable[[PreTrainedModel, str | Path], TrainableLM]
 # PEFT adapter types, as adapter_config.json names them, and the loader of the class that trains each.
@@ -49,7 +48,7 @@ def export_loader(folder: str | Path) -> Loader:
     if (folder / TOP_LAYERS_CONFIG).is_file():
         return TopLayers.from_export
     if (folder / PEFT_CONFIG).is_file():
-        return PEFT_METHODS[_peft_type(folder / PEFT_CONFIG)]
+        return PEFT_METHODS[_peft_type(folder)]
     if (folder / "config.json").is_file():
         return FullFineTuning.from_export
     if task_folders(folder):
@@ -63,12 +62,10 @@ def load_export(lm: PreTrainedModel, folder: str | Path) -> TrainableLM:
     return export_loader(folder)(lm, folder)
 
 
-def _peft_type(path: Path) -> str:
-    try:
-        described = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path} is not a readable JSON file ({error})") from error
-    found = described.get("peft_type") if isinstance(described, dict) else None
+def _peft_type(folder: Path) -> str:
+    found = read_peft_config(folder).get("peft_type")
     if found not in PEFT_METHODS:
-        raise ValueError(f"{path} describes a {found!r} adapter; this project trains {', '.join(PEFT_METHODS)}")
+        raise ValueError(
+            f"{folder / PEFT_CONFIG} describes a {found!r} adapter; this project trains {', '.join(PEFT_METHODS)}"
+        )
     return found

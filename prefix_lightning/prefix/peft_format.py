@@ -133,14 +133,27 @@ class PeftPrefix:
         return layer_key_values(self.table, self.layers, kv_heads, head_dim)
 
 
+def read_peft_config(folder: Path) -> dict[str, Any]:
+    """The description in ``folder``'s ``adapter_config.json``; refused naming the file where it cannot be read."""
+    config_file = folder / PEFT_CONFIG
+    try:
+        description = json.loads(config_file.read_text())
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"no PEFT adapter at {folder}: {PEFT_CONFIG} is missing") from error
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{config_file} is not a readable JSON file ({error})") from error
+    if not isinstance(description, dict):
+        raise ValueError(f"{config_file} holds no JSON object")
+    return description
+
+
 def peft_adapter_type(folder: Path) -> str | None:
     """The ``peft_type`` of the PEFT adapter in ``folder`` (``PREFIX_TUNING``, ``LORA``, ...); None where it holds none
     that can be read."""
     try:
-        description = json.loads((folder / PEFT_CONFIG).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        found = read_peft_config(folder).get("peft_type")
+    except (OSError, ValueError):
         return None
-    found = description.get("peft_type") if isinstance(description, dict) else None
     return found if isinstance(found, str) else None
 
 
@@ -148,13 +161,8 @@ def read_peft_prefix(folder: str | Path) -> PeftPrefix:
     """The PEFT prefix-tuning adapter in ``folder``; anything else is refused naming the file and the problem."""
     folder = Path(folder)
     config_file = folder / PEFT_CONFIG
-    try:
-        description: Any = json.loads(config_file.read_text())
-    except FileNotFoundError as error:
-        raise FileNotFoundError(f"no PEFT adapter at {folder}: {PEFT_CONFIG} is missing") from error
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{config_file} is not a readable JSON file ({error})") from error
-    found = description.get("peft_type") if isinstance(description, dict) else None
+    description = read_peft_config(folder)
+    found = description.get("peft_type")
     if found != PEFT_TYPE:
         raise ValueError(f"{config_file} describes a {found!r} adapter, not PEFT's prefix tuning ({PEFT_TYPE})")
     missing = [key for key in ("num_virtual_tokens", "num_layers", "token_dim") if description.get(key) is None]
