@@ -121,6 +121,7 @@ def with_run_settings(argv: Sequence[str]) -> list[str]:
     ignored = [argument for argument in rest if _group(argument) in FIXED_BY_EXPORT]
     if ignored:
         print(f"ignoring {' '.join(ignored)}: the export in {export} says its method and prefix", file=sys.stderr)
+        rest = [argument for argument in rest if argument not in ignored]
     overrides: list[str] = []
     exported_by = exporting_run(export)
     if exported_by:
@@ -130,9 +131,9 @@ def with_run_settings(argv: Sequence[str]) -> list[str]:
         # test outputs.
         overrides = [item for item in overrides if override_key(item) != "paths.output_dir"]
         overrides = composing_with_new_choices(run, overrides, rest, "evaluate")
-    if overrides:
-        print(f"evaluating with the settings of the run in {run}: {' '.join(overrides)}", file=sys.stderr)
-    elif exported_by is None:
+        if overrides:
+            print(f"evaluating with the settings of the run in {run}: {' '.join(overrides)}", file=sys.stderr)
+    else:
         print(
             f"{export} is not in its run's folder: evaluating with the settings given (data, decoding), not its run's",
             file=sys.stderr,

@@ -163,7 +163,7 @@ def test_an_epoch_budget_that_never_reaches_a_validation_is_refused_before_train
 
 @pytest.mark.parametrize("patience", [0, True])
 def test_early_stopping_built_in_python_refuses_a_patience_that_is_no_count(patience: object) -> None:
-    with pytest.raises(ValueError, match=f"patience={patience} is not valid: use a positive integer or null"):
+    with pytest.raises(ValueError, match=f"patience={patience} is not valid: use validations > 0, or null"):
         early_stopping("val/bleu", "max", patience)  # type: ignore[arg-type]
 
 

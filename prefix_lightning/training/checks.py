@@ -22,7 +22,9 @@ from prefix_lightning.backbones.quantization import quantized_training_error
 from prefix_lightning.numbers import is_int, is_number
 from prefix_lightning.prefix import PrefixConfig
 from prefix_lightning.training.compose import config_leaves
+from prefix_lightning.training.early_stopping import check_patience
 from prefix_lightning.training.job import current_job
+from prefix_lightning.training.last_checkpoint import check_every_minutes
 from prefix_lightning.training.tasks import TaskConfigError, check_tasks
 
 
@@ -241,14 +243,9 @@ def check_config(cfg: DictConfig) -> None:
     clipped = is_number(clip) and clip >= 0
     _require(clip is None or clipped, "trainer.gradient_clip_val", clip, "use a norm > 0, or 0 or null: no clipping")
     _require(cfg.get("export", "best") in ("best", "last"), "export", cfg.get("export"), "use best or last")
-    patience = OmegaConf.select(cfg, "callbacks.early_stopping.patience")
-    positive = is_int(patience) and patience > 0
-    _require(
-        patience is None or positive, "callbacks.early_stopping.patience", patience, "use validations > 0, or null"
-    )
+    _built(None, check_patience, {"patience": OmegaConf.select(cfg, "callbacks.early_stopping.patience")})
     minutes = OmegaConf.select(cfg, "callbacks.last_checkpoint.every_minutes")
-    timed = is_number(minutes) and minutes >= 0
-    _require(minutes is None or timed, "callbacks.last_checkpoint.every_minutes", minutes, "use minutes >= 0, or null")
+    _built(None, check_every_minutes, {"every_minutes": minutes})
 
 
 def check_validation_reached(cfg: DictConfig) -> None:

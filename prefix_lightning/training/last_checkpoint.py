@@ -23,6 +23,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from prefix_lightning.cli import StoppedBySignal
+from prefix_lightning.numbers import is_number
 from prefix_lightning.training.job import resumable_folder
 
 log = logging.getLogger(__name__)
@@ -50,8 +51,7 @@ class LastCheckpoint(Checkpoint):
     """
 
     def __init__(self, dirpath: str, every_minutes: float | None = 10.0) -> None:
-        if every_minutes is not None and not every_minutes >= 0:
-            raise ValueError(f"callbacks.last_checkpoint.every_minutes={every_minutes!r}: use minutes >= 0, or null")
+        check_every_minutes(every_minutes)
         self.path = Path(dirpath) / LAST
         self.interval_s = None if every_minutes is None else 60.0 * every_minutes
         self._saved_at = time.monotonic()
@@ -206,3 +206,12 @@ class WorkersStopped(SIGTERMException):
     def __init__(self, signal_name: str) -> None:
         super().__init__()
         self.signal_name = signal_name
+
+
+def check_every_minutes(every_minutes: Any) -> None:
+    """Refuse an interval of timed saves that is not a number of minutes (``training/checks.py`` asks before anything
+    loads)."""
+    if every_minutes is not None and not (is_number(every_minutes) and every_minutes >= 0):
+        raise ValueError(
+            f"callbacks.last_checkpoint.every_minutes={every_minutes!r} is not valid: use minutes >= 0, or null"
+        )
