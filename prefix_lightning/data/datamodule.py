@@ -14,8 +14,8 @@ from torch.utils.data import DataLoader
 
 from prefix_lightning.data.collate import EncodedPair, EncodedPrompt, TextToTextCollator
 from prefix_lightning.data.examples import Example, Group, reference_groups
+from prefix_lightning.data.loaders import evaluation_loader, training_loader
 from prefix_lightning.data.registry import DATASETS, METRIC_SUITES
-from prefix_lightning.data.sampler import training_loader
 
 logger = logging.getLogger(__name__)
 
@@ -298,26 +298,16 @@ class TextToTextDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> list[DataLoader]:
-        loss_loader: DataLoader = DataLoader(
-            # A list is a map-style dataset; torch annotates Dataset.
-            self._val_loss,  # type: ignore[arg-type]
-            batch_size=self.hparams.eval_batch_size,
-            collate_fn=self.collator.train_batch,
-            num_workers=self.hparams.num_workers,
-        )
+        hp = self.hparams
+        loss_loader = evaluation_loader(self._val_loss, hp.eval_batch_size, self.collator.train_batch, hp.num_workers)
         return [loss_loader, self._generation_loader(self._val_generation)]
 
     def test_dataloader(self) -> DataLoader:
         return self._generation_loader(self._test_generation)
 
     def _generation_loader(self, prompts: list[EncodedPrompt]) -> DataLoader:
-        return DataLoader(
-            # A list is a map-style dataset; torch annotates Dataset.
-            prompts,  # type: ignore[arg-type]
-            batch_size=self.hparams.eval_batch_size,
-            collate_fn=self.collator.generation_batch,
-            num_workers=self.hparams.num_workers,
-        )
+        hp = self.hparams
+        return evaluation_loader(prompts, hp.eval_batch_size, self.collator.generation_batch, hp.num_workers)
 
 
 def _first_groups(groups: list[Group], size: int | None, name: str, where: Path | str) -> list[Group]:

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from prefix_lightning.data.collate import EncodedPair, EncodedPrompt, TextToTextCollator
 from prefix_lightning.data.datamodule import TextToTextDataModule, stage_to_prepare
-from prefix_lightning.data.sampler import training_loader
+from prefix_lightning.data.loaders import evaluation_loader, training_loader
 
 
 @dataclass(frozen=True)
@@ -148,23 +148,13 @@ class MultiTaskDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> list[DataLoader]:
-        loss_loader: DataLoader = DataLoader(
-            # A list is a map-style dataset; torch annotates Dataset.
-            self._val_loss,  # type: ignore[arg-type]
-            batch_size=self.eval_batch_size,
-            collate_fn=partial(_batch, self.collator.train_batch),
-            num_workers=self.num_workers,
-        )
+        collate = partial(_batch, self.collator.train_batch)
+        loss_loader = evaluation_loader(self._val_loss, self.eval_batch_size, collate, self.num_workers)
         return [loss_loader, self._generation_loader(self._val_generation)]
 
     def test_dataloader(self) -> DataLoader:
         return self._generation_loader(self._test_generation)
 
     def _generation_loader(self, prompts: list[Tagged]) -> DataLoader:
-        return DataLoader(
-            # A list is a map-style dataset; torch annotates Dataset.
-            prompts,  # type: ignore[arg-type]
-            batch_size=self.eval_batch_size,
-            collate_fn=partial(_batch, self.collator.generation_batch),
-            num_workers=self.num_workers,
-        )
+        collate = partial(_batch, self.collator.generation_batch)
+        return evaluation_loader(prompts, self.eval_batch_size, collate, self.num_workers)

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DistributedSampler
 
 
 class EpochShuffleSampler(DistributedSampler):
@@ -118,23 +118,3 @@ def training_sampler(
 
     sampler.resume_at(resumed)
     return sampler
-
-
-def training_loader(
-    examples: list[Any],
-    lengths: Sequence[int] | None,
-    seed: int,
-    batch_size: int,
-    trainer: Any | None,
-    collate_fn: Callable[[list[Any]], Any],
-    num_workers: int,
-) -> DataLoader:
-    """A data module's training loader: this rank's share of the (seed, epoch) order, in global batches of similar
-    ``lengths`` where given."""
-    return DataLoader(
-        examples,  # type: ignore[arg-type]  # a list is a map-style dataset; torch annotates Dataset
-        batch_size=batch_size,
-        sampler=training_sampler(len(examples), seed, batch_size, trainer, lengths),
-        collate_fn=collate_fn,
-        num_workers=num_workers,
-    )
