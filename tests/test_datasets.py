@@ -29,9 +29,9 @@ from prefix_lightning.data import (
 )
 from prefix_lightning.data.datamodule import TextToTextDataModule
 from prefix_lightning.data.triples import read_triples_xml
-from prefix_lightning.training.build import build_datamodule, build_model
+from prefix_lightning.training.build import build_model
 from prefix_lightning.training.module import _split_metrics
-from tests.helpers.config import CONF, compose_train
+from tests.helpers.config import CONF, build_datamodule, compose_train
 
 UNSEEN_2017 = {"Artist", "Athlete", "CelestialBody", "MeanOfTransportation", "Politician"}
 XSUM_SAMPLE = "xsum_sample/xsum-human-evaluation-data.txt"

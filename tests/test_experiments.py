@@ -16,12 +16,12 @@ from omegaconf import OmegaConf
 from omegaconf.errors import InterpolationKeyError
 
 from prefix_lightning.backbones import load_backbone
-from prefix_lightning.training.build import build_datamodule, build_model, build_module
+from prefix_lightning.training.build import build_model, build_module
 from prefix_lightning.training.checks import check_config
 from prefix_lightning.training.optimized import settle_optimized_metric
 from prefix_lightning.training.train import instantiate_all
 from tests.helpers.cli import run_python
-from tests.helpers.config import CONF, compose_train, options
+from tests.helpers.config import CONF, build_datamodule, compose_train, options
 from tests.helpers.data import offline_datamodule
 
 EXPERIMENTS = options("experiment")

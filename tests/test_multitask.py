@@ -23,13 +23,13 @@ from prefix_lightning.evaluation import task_metrics
 from prefix_lightning.prefix.attention import record_attention_calls
 from prefix_lightning.prefix.export import CONFIG_NAME
 from prefix_lightning.prefix.multitask import MultiTaskPrefix
-from prefix_lightning.training.build import build_datamodule, build_model, build_module, configured_data
+from prefix_lightning.training.build import build_model, build_module, configured_data
 from prefix_lightning.training.checks import ConfigError, check_config
 from prefix_lightning.training.compose import CONF_DIR
 from prefix_lightning.training.optimized import settle_optimized_metric
 from prefix_lightning.training.resume import RUN_CONFIG, RUN_OVERRIDES
 from tests.helpers.cli import run_cli
-from tests.helpers.config import compose_train
+from tests.helpers.config import build_datamodule, compose_train
 from tests.helpers.data import GPT2_LAYOUT, rows_and_padded_tokens
 from tests.helpers.families import DECODERS
 from tests.helpers.tiny import PAD, pad_batch, tiny_lm

@@ -156,13 +156,6 @@ def fitted_source_budget(config: PretrainedConfig, virtual_positions: int, wante
     return min(wanted, budget)
 
 
-def build_datamodule(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, model: TrainableLM) -> RunData:
-    """The configured data module, tokenizing for ``model``."""
-    datamodule = configured_data(cfg)
-    encode_for(datamodule, cfg, tokenizer, model)
-    return datamodule
-
-
 def configured_data(cfg: DictConfig) -> RunData:
     """The configured data module before the model loads: it downloads and reads its splits
     (``read_data_first``), and tokenizes once ``encode_for`` gives it the model. A mixture of tasks

@@ -7,6 +7,10 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
+from transformers import PreTrainedTokenizerBase
+
+from prefix_lightning.methods import TrainableLM
+from prefix_lightning.training.build import RunData, configured_data, encode_for
 
 REPO = Path(__file__).resolve().parents[2]
 CONF = REPO / "conf"
@@ -29,3 +33,11 @@ def run_folder(path: Path, config: str, overrides: Sequence[str]) -> Path:
     (path / ".hydra" / "config.yaml").write_text(config)
     (path / ".hydra" / "overrides.yaml").write_text("".join(f"- {item}\n" for item in overrides))
     return path
+
+
+def build_datamodule(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, model: TrainableLM) -> RunData:
+    """The configured data module, tokenizing for ``model`` (a run reads its data before the model loads, then
+    tokenizes: ``configured_data``, then ``encode_for``)."""
+    datamodule = configured_data(cfg)
+    encode_for(datamodule, cfg, tokenizer, model)
+    return datamodule
