@@ -33,8 +33,9 @@ class TaskPrefix(nn.Module):
         self.keys = site_keys(sites)
         self.encoders = prefix_encoders(config, sites, embed_dim)
 
+    @property
     def prefix_encoders(self) -> dict[str, PrefixEncoder]:
-        """The encoders by group."""
+        """The trainable part by group, as ``PrefixModel.prefix_encoders``."""
         return typed_encoders(self.encoders)
 
     def groups(self, dropout: float = 0.0) -> dict[str, list[torch.Tensor]]:
@@ -129,7 +130,7 @@ class MultiTaskPrefix(nn.Module):
         blocks = {task: exported.fitted_blocks(lm, sites) for task, exported in exports.items()}
         model = cls(lm, list(exports), first)
         for task, task_blocks in blocks.items():
-            load_blocks(model.task_prefix(task).prefix_encoders(), task_blocks)
+            load_blocks(model.task_prefix(task).prefix_encoders, task_blocks)
         return model
 
     def save(self, path: str | Path) -> Path:

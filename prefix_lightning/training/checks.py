@@ -149,6 +149,19 @@ def _closest_setting(key: str, settings: list[str]) -> str | None:
 def check_config(cfg: DictConfig) -> None:
     """Validate the options a run depends on, naming the option and what it accepts."""
     _check_added_settings(cfg)
+    _check_model_and_method(cfg)
+    _check_optim(cfg)
+    check_decoding_options(cfg)
+    _check_data(cfg)
+    _check_budget(cfg)
+    _check_trainer(cfg)
+    _require(cfg.get("export", "best") in ("best", "last"), "export", cfg.get("export"), "use best or last")
+    _built(None, check_patience, {"patience": OmegaConf.select(cfg, "callbacks.early_stopping.patience")})
+    minutes = OmegaConf.select(cfg, "callbacks.last_checkpoint.every_minutes")
+    _built(None, check_every_minutes, {"every_minutes": minutes})
+
+
+def _check_model_and_method(cfg: DictConfig) -> None:
     backbone = _built("model.backbone", BackboneConfig, options_at(cfg, "model.backbone"))
     prefix = _built(None, PrefixConfig.of, {"config": options_at(cfg, "prefix")})
     _check_tasks(cfg)
@@ -164,6 +177,10 @@ def check_config(cfg: DictConfig) -> None:
             "model.compile with model.gradient_checkpointing=true: the checkpointed blocks would run eager (the "
             "compiled call does not reach inside the checkpoint): keep one of the two"
         )
+    _switch(cfg, "model.gradient_checkpointing")
+
+
+def _check_optim(cfg: DictConfig) -> None:
     lr = cfg.method.lr
     _require(is_number(lr) and lr > 0, "method.lr", lr, "the learning rate must be > 0")
     unknown = sorted(set(cfg.get("optim") or {}) - set(OPTIM_OPTIONS))
@@ -175,25 +192,24 @@ def check_config(cfg: DictConfig) -> None:
     for option in OPTIM_OPTIONS:
         value = OmegaConf.select(cfg, f"optim.{option}")
         _require(is_number(value) and value >= 0, f"optim.{option}", value, "use a value >= 0")
-    check_decoding_options(cfg)
+
+
+def _check_data(cfg: DictConfig) -> None:
     subset_seed = OmegaConf.select(cfg, "data.subset_seed")
     mixture = OmegaConf.select(cfg, "data.tasks") is not None  # null there: each task keeps its own
     _require(
         is_int(subset_seed) or (mixture and subset_seed is None), "data.subset_seed", subset_seed, "use an integer"
     )
-    for option in ("test", "data.download", "data.group_by_length", "model.gradient_checkpointing"):
+    for option in ("test", "data.download", "data.group_by_length"):
         _switch(cfg, option)
-    deterministic = OmegaConf.select(cfg, "trainer.deterministic")  # Lightning half-applies any other word
-    _require(
-        deterministic is None or isinstance(deterministic, bool) or deterministic == "warn",
-        "trainer.deterministic",
-        deterministic,
-        "use true, false or warn",
-    )
     for option in ("data.train_size", "data.val_size", "data.test_size", "data.batch_size", "data.eval_batch_size"):
         _positive_or_null(cfg, option)
     workers = cfg.data.get("num_workers", 0)
     _require(is_int(workers) and workers >= 0, "data.num_workers", workers, "use 0 (the main process) or more")
+
+
+def _check_budget(cfg: DictConfig) -> None:
+    """The run's length in steps or epochs, its warm-up and its validation interval."""
     steps = cfg.trainer.get("max_steps", -1)
     _require(
         is_int(steps) and (steps == -1 or steps > 0),
@@ -227,6 +243,12 @@ def check_config(cfg: DictConfig) -> None:
         "use a number of training batches > 0, a fraction of an epoch (0 < x <= 1.0, with "
         "trainer.check_val_every_n_epoch=1), or null (once an epoch)",
     )
+    accumulated = cfg.trainer.get("accumulate_grad_batches", 1)
+    _require(is_int(accumulated) and accumulated >= 1, "trainer.accumulate_grad_batches", accumulated, "use 1 or more")
+
+
+def _check_trainer(cfg: DictConfig) -> None:
+    """The devices, precision and numerics of the run."""
     accelerator = cfg.trainer.get("accelerator", "cpu")
     _check_precision(str(cfg.trainer.get("precision", "32-true")), accelerator)
     if accelerator in ("gpu", "cuda") and not (torch.cuda.is_available() or torch.backends.mps.is_available()):
@@ -235,17 +257,18 @@ def check_config(cfg: DictConfig) -> None:
             f"{torch.__version__} sees no GPU on this machine: train on the CPU (the default trainer, or "
             "trainer=ddp_cpu), or install a CUDA build of torch"
         )
-    accumulated = cfg.trainer.get("accumulate_grad_batches", 1)
-    _require(is_int(accumulated) and accumulated >= 1, "trainer.accumulate_grad_batches", accumulated, "use 1 or more")
+    deterministic = OmegaConf.select(cfg, "trainer.deterministic")  # Lightning half-applies any other word
+    _require(
+        deterministic is None or isinstance(deterministic, bool) or deterministic == "warn",
+        "trainer.deterministic",
+        deterministic,
+        "use true, false or warn",
+    )
     clip = cfg.trainer.get("gradient_clip_val")
     # Lightning skips a value <= 0, but FSDP's clip_grad_norm_ (training/sharded.py) scales by it: a negative one
     # would turn every step's gradient around.
     clipped = is_number(clip) and clip >= 0
     _require(clip is None or clipped, "trainer.gradient_clip_val", clip, "use a norm > 0, or 0 or null: no clipping")
-    _require(cfg.get("export", "best") in ("best", "last"), "export", cfg.get("export"), "use best or last")
-    _built(None, check_patience, {"patience": OmegaConf.select(cfg, "callbacks.early_stopping.patience")})
-    minutes = OmegaConf.select(cfg, "callbacks.last_checkpoint.every_minutes")
-    _built(None, check_every_minutes, {"every_minutes": minutes})
 
 
 def check_validation_reached(cfg: DictConfig) -> None:
