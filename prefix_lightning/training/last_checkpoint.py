@@ -27,6 +27,7 @@ from prefix_lightning.numbers import is_number
 from prefix_lightning.training.job import resumable_folder
 
 log = logging.getLogger(__name__)
+SIGNAL_CONNECTOR_LOGGER = "lightning.pytorch.trainer.connectors.signal_connector"
 
 LAST = "last.ckpt"
 
@@ -62,7 +63,7 @@ class LastCheckpoint(Checkpoint):
 
     def save(self, trainer: L.Trainer) -> None:
         """Every rank calls this (sharded strategies gather the state); checkpoints are written atomically."""
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)  # the whole state; unsaid, Lightning logs its default
         self._saved_at, self._saved_step = time.monotonic(), trainer.global_step
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -109,7 +110,14 @@ class LastCheckpoint(Checkpoint):
             stopping = trainer.strategy.reduce_boolean_decision(stopping, all=False)
         stop = pending or self._lightning_stop
         if stopping and stop is not None:
-            stop()
+            # Lightning logs "Received SIGTERM" for every stop handed to it, a Ctrl-C's too: the run's own line says
+            # which signal stopped it.
+            signal_notices = logging.getLogger(SIGNAL_CONNECTOR_LOGGER)
+            muted, signal_notices.disabled = signal_notices.disabled, True
+            try:
+                stop()
+            finally:
+                signal_notices.disabled = muted
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int

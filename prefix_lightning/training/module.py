@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from pathlib import Path
 from typing import Any, cast
 
@@ -27,6 +28,17 @@ log = logging.getLogger(__name__)
 
 BASE_MODEL = "base_model"  # the checkpoint's record of its run's base model (backbone_identity)
 METHOD_CLASS = "method_class"  # the checkpoint's record of the class of its run's method (PrefixModel, LoRA, ...)
+
+
+# Lightning's warnings about Lightning's own ways, not about the run: silenced for every command that runs it.
+# The frozen LM stays in eval mode on purpose (no LM dropout); Lightning warns about every such module.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+# Our loaders do resume mid-epoch (data/sampler.py takes the position from the loop's state), which Lightning,
+# looking for a stateful loader, cannot see: it would warn on every such resume that results may be unreliable.
+warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
+# Lightning (up to 2.6) builds torch's LeafSpec, which newer torch deprecates: a warning at every run, about
+# Lightning's code, not the user's.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
 
 
 class MethodModule(L.LightningModule):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-import warnings
 from typing import Any
 
 import lightning as L
@@ -34,12 +33,6 @@ from prefix_lightning.training.result_record import ResultRecord
 from prefix_lightning.training.resume import check_earlier_attempt, finished_record, resume_checkpoint
 
 log = logging.getLogger(__name__)
-
-# The frozen LM stays in eval mode on purpose (no LM dropout); Lightning warns about every such module.
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-# Our loaders do resume mid-epoch (data/sampler.py takes the position from the loop's state), which Lightning,
-# looking for a stateful loader, cannot see: it would warn on every such resume that results may be unreliable.
-warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
 
 
 def instantiate_all(group: DictConfig | None) -> list[Any]:
