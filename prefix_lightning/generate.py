@@ -9,9 +9,9 @@ the plain LM; may be left out when one prefix is loaded); or plain text, one sou
 order (plain text, one generation per line, for an output file ending in ``.txt`` or with ``--output-format
 text``). Inputs are checked before anything loads (a bad line is named by its number); outputs are written and
 flushed batch by batch, so a stopped run keeps every finished batch. Rows of a batch may read different prefixes
-(``PrefixBank``). A prefix still in the folder of the run that exported it is decoded as that run built its
-prompts and decoded its test: its separator and end marker, its source budget (``data.max_source_tokens``), its
-``generation`` settings, unless given here.
+(``PrefixBank``; an infix, which only the target reads, decodes alone). A prefix still in the folder of the run that
+exported it is decoded as that run built its prompts and decoded its test: its separator and end marker, its source
+budget (``data.max_source_tokens``), its ``generation`` settings, unless given here.
 """
 
 from __future__ import annotations
@@ -29,13 +29,14 @@ from typing import Any, TextIO
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from prefix_lightning.cli import device_option, positive_int, report_errors
 from prefix_lightning.data import EncodedPrompt, Group, TextToTextCollator
 from prefix_lightning.data.files import read_text
 from prefix_lightning.decoding import generated_texts
-from prefix_lightning.prefix import PrefixBank, read_prefix
+from prefix_lightning.prefix import PrefixBank, PrefixModel, read_prefix
+from prefix_lightning.prefix.export import ExportedPrefix
 from prefix_lightning.prefix.multitask import task_folders
 from prefix_lightning.training.build import fitted_source_budget, generation_settings, load_configured_backbone
 from prefix_lightning.training.checks import check_decoding_options
@@ -194,7 +195,8 @@ def _plain(config: DictConfig, key: str) -> Any:
 
 def prompt_collators(
     cfg: DictConfig,
-    bank: PrefixBank,
+    lm: PreTrainedModel,
+    virtual_positions: dict[str, int],
     tokenizer: PreTrainedTokenizerBase,
     trained: dict[str, DictConfig],
     given: set[str],
@@ -203,22 +205,22 @@ def prompt_collators(
     ``data.max_source_tokens`` (unless given here), within what the model's positions leave beside that prefix's
     own virtual tokens and the longer of the run's target budget and the tokens decoded here."""
     settings: dict[str | None, tuple[int, int, int]] = {}  # virtual tokens, wanted source tokens, target tokens
-    for name in [None, *bank.names()]:
+    for name in [None, *virtual_positions]:
         run = trained.get(name) if name is not None else None
         wanted, target = cfg.data.max_source_tokens, cfg.data.max_target_tokens
         if run is not None and SOURCE_BUDGET not in given:
             wanted = OmegaConf.select(run, SOURCE_BUDGET, default=wanted)
         if run is not None and TARGET_BUDGET not in given:
             target = OmegaConf.select(run, TARGET_BUDGET, default=target)
-        virtual = 0 if name is None else bank.held(name).config.virtual_positions
+        virtual = 0 if name is None else virtual_positions[name]
         settings[name] = (virtual, wanted, max(target, cfg.generation.max_new_tokens or 0))
-    budgets = {setting: fitted_source_budget(bank.lm.config, *setting) for setting in set(settings.values())}
+    budgets = {setting: fitted_source_budget(lm.config, *setting) for setting in set(settings.values())}
     made = {
         budget: TextToTextCollator(
             tokenizer,
             cfg.model.separator,
             cfg.model.target_end,
-            bool(bank.lm.config.is_encoder_decoder),
+            bool(lm.config.is_encoder_decoder),
             max_source_tokens=budget,
             max_target_tokens=max(cfg.data.max_target_tokens, 2),
         )
@@ -245,7 +247,7 @@ def encode(collators: dict[str | None, TextToTextCollator], requests: list[Reque
 
 
 def decode(
-    bank: PrefixBank,
+    decoder: PrefixBank | PrefixModel,
     tokenizer: PreTrainedTokenizerBase,
     collators: dict[str | None, TextToTextCollator],
     requests: list[Request],
@@ -253,10 +255,35 @@ def decode(
 ) -> list[str]:
     """The generations of one batch (rows may read different prefixes)."""
     batch = collators[None].generation_batch(encode(collators, requests))
-    device = next(bank.lm.parameters()).device
+    device = next(decoder.lm.parameters()).device
     inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
-    output = bank.generate(**inputs, prefixes=[request.prefix for request in requests], **settings)
-    return generated_texts(output, inputs["input_ids"].shape[1], bank.lm, tokenizer)
+    if isinstance(decoder, PrefixBank):
+        output = decoder.generate(**inputs, prefixes=[request.prefix for request in requests], **settings)
+    else:
+        output = decoder.generate(**inputs, **settings)
+    return generated_texts(output, inputs["input_ids"].shape[1], decoder.lm, tokenizer)
+
+
+def check_infix_alone(kinds: dict[str, str], requests: list[Request]) -> None:
+    """Only the target reads an infix, so its rows cannot share a batch with rows of other prefixes (a bank holds
+    none): an infix decodes alone, before anything loads."""
+    infixes = [name for name, kind in kinds.items() if kind == "infix"]
+    if infixes and (len(kinds) > 1 or any(request.prefix is None for request in requests)):
+        raise ValueError(
+            f"--prefix {infixes[0]} is an infix, which only the target reads: it decodes alone, not in batches with "
+            "other prefixes or the plain LM (prefix null): run generate once for it"
+        )
+
+
+def load_decoder(lm: PreTrainedModel, exported: dict[str, ExportedPrefix]) -> PrefixBank | PrefixModel:
+    """The prefixes on ``lm``: a bank, whose batches mix them, or an infix's own ``PrefixModel``."""
+    first, *others = exported.values()
+    if not others and first.config.kind == "infix":
+        return PrefixModel.from_prefix(lm, first.folder).eval()
+    bank = PrefixBank(lm).eval()
+    for name, prefix in exported.items():
+        bank.add(name, prefix.folder)
+    return bank
 
 
 @contextmanager
@@ -284,21 +311,22 @@ def run(args: argparse.Namespace) -> int:
     if cfg.generation.get("max_new_tokens") is None and TARGET_BUDGET not in given:
         cfg.data.max_target_tokens = cfg.generation.get("max_length")  # then it bounds the output (a check says so)
     check_decoding_options(cfg)
+    exported = {name: read_prefix(folder) for name, folder in prefixes.items()}
+    check_infix_alone({name: prefix.config.kind for name, prefix in exported.items()}, requests)
     if args.output != "-":  # before the model loads
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     lm, tokenizer = load_configured_backbone(cfg)
-    bank = PrefixBank(lm.to(args.device)).eval()
-    for name, folder in prefixes.items():
-        bank.add(name, folder)
+    decoder = load_decoder(lm.to(args.device), exported)
     settings = generation_settings(cfg, tokenizer)
-    collators = prompt_collators(cfg, bank, tokenizer, trained, given)
+    virtual_positions = {name: exported[name].config.virtual_positions for name in prefixes}
+    collators = prompt_collators(cfg, decoder.lm, virtual_positions, tokenizer, trained, given)
     torch.manual_seed(cfg.seed)  # sampled decoding: the same seed, the same outputs
     text_output = args.output_format == "text" or (args.output_format == "auto" and args.output.endswith(".txt"))
     with opened(args.output, "w") as out:
         for chunk in tqdm(list(batches(requests, args.batch_size)), desc="generate", unit="batch", file=sys.stderr):
-            for request, text in zip(chunk, decode(bank, tokenizer, collators, chunk, settings), strict=True):
+            for request, text in zip(chunk, decode(decoder, tokenizer, collators, chunk, settings), strict=True):
                 if text_output:
                     out.write(" ".join(text.splitlines()) + "\n")
                 else:

@@ -17,7 +17,7 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
-from prefix_lightning import PrefixBank, PrefixModel
+from prefix_lightning import PrefixModel
 from prefix_lightning.decoding import generated_texts
 from prefix_lightning.generate import (
     adopt_run_settings,
@@ -93,6 +93,38 @@ def test_mixed_prefixes_decode_as_each_prefix_alone(prefixes: dict[str, Path], t
         (row["id"], row["source"], row["prefix"]) for row in rows
     ]
     assert [row["generation"] for row in written] == expected_generations(prefixes, tmp_path)
+
+
+def test_an_infix_decodes_alone_as_its_prefix_model_does(
+    prefixes: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A bank holds no infix (only the target reads it): generate decodes one on its own PrefixModel, and refuses
+    to mix it with other prefixes or the plain LM before anything loads."""
+    cfg = compose_train(tmp_path, ["model=tiny_llama", *DECODING])
+    torch.manual_seed(3)
+    infix = PrefixModel(load_configured_backbone(cfg)[0], length=4, kind="infix").save(tmp_path / "infix")
+    inputs = tmp_path / "inputs.txt"
+    inputs.write_text("".join(source + "\n" for source in SOURCES[:3]))
+    output = tmp_path / "outputs.txt"
+    assert main(["--prefix", f"infix={infix}", "--input", str(inputs), "--output", str(output), *GENERATE]) == 0
+    lm, tokenizer = load_configured_backbone(cfg)
+    model = PrefixModel.from_prefix(lm, infix).eval()
+    expected = []
+    for source in SOURCES[:3]:
+        ids = tokenizer(source + cfg.model.separator, add_special_tokens=False, return_tensors="pt").input_ids
+        generated = model.generate(input_ids=ids, **generation_settings(cfg, tokenizer))
+        expected.append(tokenizer.decode(generated[0, ids.shape[1] :], skip_special_tokens=True).strip())
+    assert output.read_text().splitlines() == expected
+    capsys.readouterr()
+    with_e2e = ["--prefix", f"infix={infix}", "--prefix", f"e2e={prefixes['e2e']}"]
+    for options, other in ((with_e2e, "e2e"), (["--prefix", f"infix={infix}"], None)):  # None: the plain LM
+        rows = [{"source": SOURCES[0], "prefix": "infix"}, {"source": SOURCES[1], "prefix": other}]
+        write_jsonl(inputs, rows)
+        with pytest.raises(SystemExit):
+            main([*options, "--input", str(inputs), "--output", "-", *GENERATE])
+        said = capsys.readouterr().err
+        assert "error: --prefix infix is an infix, which only the target reads: it decodes alone" in said
+        assert "generate:" not in said  # refused before anything loads
 
 
 def test_plain_text_with_one_prefix(prefixes: dict[str, Path], tmp_path: Path) -> None:
@@ -375,17 +407,15 @@ def test_each_prefix_cuts_sources_as_its_run_did(tmp_path: Path) -> None:
     the model's positions (tiny_gpt2: 256)."""
     cfg = compose_config("generate", ["model=tiny_gpt2", "generation.max_new_tokens=6"])
     lm, tokenizer = load_configured_backbone(cfg)
-    bank = PrefixBank(lm)
-    bank.add("short", PrefixModel(load_configured_backbone(cfg)[0], length=3))
-    bank.add("long", PrefixModel(load_configured_backbone(cfg)[0], length=60))
+    virtual = {"short": 3, "long": 60}
     run = OmegaConf.create({"data": {"max_source_tokens": 512, "max_target_tokens": 60}})
     budgets = {
         name: collator.max_source_tokens
-        for name, collator in prompt_collators(cfg, bank, tokenizer, {"short": run}, set()).items()
+        for name, collator in prompt_collators(cfg, lm, virtual, tokenizer, {"short": run}, set()).items()
     }
     assert budgets == {None: 256 - 6, "short": 256 - 3 - 60, "long": 256 - 60 - 6}
     cfg.data.max_source_tokens = 100  # given here: wins over the run's
-    given = prompt_collators(cfg, bank, tokenizer, {"short": run}, {"data.max_source_tokens"})
+    given = prompt_collators(cfg, lm, virtual, tokenizer, {"short": run}, {"data.max_source_tokens"})
     assert given["short"].max_source_tokens == 100
 
 
