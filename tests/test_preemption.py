@@ -422,6 +422,12 @@ def test_resume_composes_a_new_choice_from_the_runs_own_config_folder(tmp_path: 
     )
     argv = resume_arguments(["run.py", f"resume={run}", "data=mine"])
     assert argv[1:-3] == ["data.train_size=8", f"hydra.searchpath=['file://{own.parents[1]}']", "data=mine"]
+    # Given relative to the folder the run started in (file://conf), it is found from any other.
+    (run / ".hydra" / "hydra.yaml").write_text(
+        f"hydra:\n  searchpath:\n  - file://conf\n  runtime:\n    cwd: {tmp_path}\n    choices:\n      data: multi\n"
+    )
+    argv = resume_arguments(["run.py", f"resume={run}", "data=mine"])
+    assert argv[1:-3] == ["data.train_size=8", f"hydra.searchpath=['file://{own.parents[1]}']", "data=mine"]
 
 
 @pytest.mark.integration

@@ -68,7 +68,19 @@ def run_overrides(run_dir: str | Path) -> list[str]:
         str(override) for override in OmegaConf.load(path) if not str(override).startswith(("resume=", "ckpt_path="))
     ]
     searchpath = _hydra_setting(Path(run_dir), "hydra.searchpath")
-    return [*overrides, searchpath_override(list(searchpath))] if searchpath else overrides
+    if not searchpath:
+        return overrides
+    started_in = _hydra_setting(Path(run_dir), "hydra.runtime.cwd")
+    return [*overrides, searchpath_override([_found_from(started_in, str(entry)) for entry in searchpath])]
+
+
+def _found_from(started_in: str | None, entry: str) -> str:
+    """A config folder of a run's ``hydra.searchpath`` as the run found it: a relative ``file://`` folder (the
+    README's ``file://my_conf``) from the folder the run started in, so that it resumes from any other."""
+    folder = entry.removeprefix("file://")
+    if not entry.startswith("file://") or started_in is None or Path(folder).is_absolute():
+        return entry
+    return f"file://{Path(started_in) / folder}"
 
 
 def run_model_overrides(run_dir: str | Path) -> list[str]:
