@@ -161,6 +161,20 @@ def test_an_epoch_budget_that_never_reaches_a_validation_is_refused_before_train
     assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("missing", ["lr", "export_dir"])
+def test_a_method_config_without_a_setting_the_run_reads_is_named(missing: str, tmp_path: Path) -> None:
+    """A method config of one's own without lr failed in OmegaConf's words ("Key 'lr' is not in struct"), one
+    without export_dir only once the callbacks were built, after the model load."""
+    folder = tmp_path / "conf" / "method"
+    folder.mkdir(parents=True)
+    model = "model:\n  _target_: prefix_lightning.prefix.PrefixModel\n  config: ${prefix}\n"
+    settings = {"name": "name: mine\n", "model": model, "lr": "lr: 1.0e-3\n", "export_dir": "export_dir: prefix\n"}
+    (folder / "mine.yaml").write_text("".join(text for key, text in settings.items() if key != missing))
+    cfg = compose_train(tmp_path, [f"hydra.searchpath=[file://{folder.parent}]", "method=mine", "model=tiny_gpt2"])
+    with pytest.raises(ConfigError, match=f"method: the method's config lacks {missing}; a method config gives"):
+        check_config(cfg)
+
+
 @pytest.mark.parametrize("patience", [0, True])
 def test_early_stopping_built_in_python_refuses_a_patience_that_is_no_count(patience: object) -> None:
     with pytest.raises(ValueError, match=f"patience={patience} is not valid: use validations > 0, or null"):

@@ -109,6 +109,8 @@ def _check_tasks(cfg: DictConfig) -> None:
             )
 
 
+# What a run reads of a method's config (conf/method/<name>.yaml), beside the class's options under model.
+METHOD_SETTINGS = ("name", "model", "lr", "export_dir")
 OPTIM_OPTIONS = ("weight_decay", "warmup_steps")  # MethodModule's, besides the method's lr
 
 # Where a run reads its settings one by one (the top level, model, method): one that the command line adds there is
@@ -162,6 +164,14 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def _check_model_and_method(cfg: DictConfig) -> None:
+    method = options_at(cfg, "method")
+    missing = [key for key in METHOD_SETTINGS if key not in method]
+    if missing:
+        raise ConfigError(
+            f"method: the method's config lacks {', '.join(missing)}; a method config gives its name, its class and "
+            "options (model: _target_ and keywords), its learning rate (lr) and its export folder (export_dir), as "
+            "conf/method/prefix.yaml does"
+        )
     backbone = _built("model.backbone", BackboneConfig, options_at(cfg, "model.backbone"))
     prefix = _built(None, PrefixConfig.of, {"config": options_at(cfg, "prefix")})
     _check_tasks(cfg)
