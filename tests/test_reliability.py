@@ -105,6 +105,13 @@ def test_bad_values_are_rejected_naming_the_option(override: str, message: str, 
     assert message in str(caught.value)
 
 
+def test_a_method_class_that_cannot_be_imported_is_said_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Hydra's get_class logs the error it raises (three lines, then ours said it again)."""
+    with pytest.raises(ConfigError, match=r"method.model._target_='prefix_lightning.prefix.PrefixModell' is not a"):
+        check_config(compose_train(tmp_path, ["method.model._target_=prefix_lightning.prefix.PrefixModell"]))
+    assert not caplog.records
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [

@@ -25,6 +25,7 @@ from prefix_lightning.training.compose import config_leaves
 from prefix_lightning.training.early_stopping import check_patience
 from prefix_lightning.training.job import current_job
 from prefix_lightning.training.last_checkpoint import check_every_minutes
+from prefix_lightning.training.muted import muted
 from prefix_lightning.training.tasks import TaskConfigError, check_tasks
 
 
@@ -70,7 +71,8 @@ def method_class(cfg: DictConfig) -> type:
     """The class that ``method.model`` builds; its options must be keywords it takes."""
     target = OmegaConf.select(cfg, "method.model._target_")
     try:
-        cls = get_class(target)
+        with muted("hydra.utils"):  # it logs the error it raises, in three lines
+            cls = get_class(target)
     except Exception as error:
         raise ConfigError(f"method.model._target_={target!r} is not a class that can be imported ({error})") from error
     options = set(cfg.method.model) - {"_target_"}

@@ -25,6 +25,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from prefix_lightning.cli import StoppedBySignal
 from prefix_lightning.numbers import is_number
 from prefix_lightning.training.job import resumable_folder
+from prefix_lightning.training.muted import muted
 
 log = logging.getLogger(__name__)
 SIGNAL_CONNECTOR_LOGGER = "lightning.pytorch.trainer.connectors.signal_connector"
@@ -112,12 +113,8 @@ class LastCheckpoint(Checkpoint):
         if stopping and stop is not None:
             # Lightning logs "Received SIGTERM" for every stop handed to it, a Ctrl-C's too: the run's own line says
             # which signal stopped it.
-            signal_notices = logging.getLogger(SIGNAL_CONNECTOR_LOGGER)
-            muted, signal_notices.disabled = signal_notices.disabled, True
-            try:
+            with muted(SIGNAL_CONNECTOR_LOGGER):
                 stop()
-            finally:
-                signal_notices.disabled = muted
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
