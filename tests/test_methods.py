@@ -188,3 +188,28 @@ def test_a_new_method_is_one_class_and_one_yaml_file(tmp_path: Path) -> None:
         in (card)
     )
     assert "load_export(lm" not in card and "With the code of the method `norms`" in card
+
+
+def toy_method_config(conf: Path, name: str, cls: str) -> Path:
+    """conf/method/<name>.yaml of one of tests/helpers/toy_method.py's classes, in the config folder ``conf``."""
+    (conf / "method").mkdir(parents=True, exist_ok=True)
+    config = NORMS_METHOD.replace("name: norms", f"name: {name}").replace("NormTuning", cls)
+    (conf / "method" / f"{name}.yaml").write_text(config)
+    return conf
+
+
+def test_a_method_that_trains_nothing_is_named_as_it_is_built(tmp_path: Path) -> None:
+    """torch said "optimizer got an empty parameter list", once the run had loaded and tokenized everything."""
+    conf = toy_method_config(tmp_path / "conf", "frozen", "TrainsNothing")
+    cfg = compose_train(tmp_path / "run", [f"hydra.searchpath=[file://{conf}]", *QUICK, "method=frozen"])
+    with pytest.raises(ValueError, match=r"method frozen: TrainsNothing.trainable_parameters\(\) is empty"):
+        build_model(cfg)
+
+
+@pytest.mark.integration
+def test_a_method_whose_save_writes_nothing_is_named_at_the_export(tmp_path: Path) -> None:
+    """The export's size and card failed on a folder that did not exist ("No such file or directory")."""
+    conf = toy_method_config(tmp_path / "conf", "nosave", "SavesNothing")
+    cfg = compose_train(tmp_path / "run", [f"hydra.searchpath=[file://{conf}]", *QUICK, "method=nosave"])
+    with pytest.raises(RuntimeError, match=r"SavesNothing.save\('.*/run/norms'\) wrote nothing there: a method's save"):
+        train(cfg)

@@ -85,7 +85,13 @@ def build_method(cfg: DictConfig, lm: PreTrainedModel, tokenizer: PreTrainedToke
     del options["_target_"]
     if "tokenizer" in inspect.signature(cls).parameters:
         options["tokenizer"] = tokenizer
-    return cls(lm, **options)
+    model = cls(lm, **options)
+    if not model.trainable_parameters():  # torch would say "optimizer got an empty parameter list"
+        raise ValueError(
+            f"method {cfg.method.name}: {cls.__name__}.trainable_parameters() is empty; a method trains the parameters "
+            "it leaves requires_grad=True (the LM's own are frozen)"
+        )
+    return model
 
 
 def generation_settings(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:

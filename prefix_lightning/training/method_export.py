@@ -60,6 +60,11 @@ class MethodExport(L.Callback):
         with trainable_whole_on_rank_zero(trainer, pl_module):
             if trainer.is_global_zero:
                 pl_module.model.save(self.dirpath)
+                if not self.dirpath.is_dir() or not any(self.dirpath.iterdir()):
+                    raise RuntimeError(
+                        f"{type(pl_module.model).__name__}.save({str(self.dirpath)!r}) wrote nothing there: a "
+                        "method's save writes what it trained into the folder it is given"
+                    )
                 self._write_card(trainer, pl_module, {})
                 size = sum(f.stat().st_size for f in self.dirpath.rglob("*") if f.is_file()) / 1024
                 log.info("exported %s weights (step %d) to %s (%.1f KB)", self.source, self.step, self.dirpath, size)

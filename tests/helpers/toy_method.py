@@ -28,3 +28,18 @@ class NormTuning(FineTunedLM):
         tensors = {name: p.detach().contiguous() for name, p in self.lm.named_parameters() if p.requires_grad}
         save_file(tensors, folder / "norms.safetensors")
         return folder
+
+
+class TrainsNothing(FineTunedLM):
+    """A method written wrong: it freezes everything."""
+
+    def __init__(self, lm: PreTrainedModel) -> None:
+        lm.requires_grad_(False)
+        super().__init__(lm)
+
+
+class SavesNothing(NormTuning):
+    """A method written wrong: its save writes no file."""
+
+    def save(self, path: str | Path) -> Path:
+        return Path(path)
