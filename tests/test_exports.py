@@ -131,6 +131,8 @@ def test_a_folder_without_an_export_is_refused_naming_what_was_looked_for(tmp_pa
         export_loader(checkpoint)
     with pytest.raises(FileNotFoundError, match=r"holds no export of this project's methods: expected prefix_config"):
         export_loader(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"\(a method of one's own saves its own files, which its own code"):
+        export_loader(tmp_path)
     (tmp_path / "adapter_config.json").write_text('{"peft_type": "IA3"}')
     with pytest.raises(ValueError, match=r"describes a 'IA3' adapter; this project trains LORA, PREFIX_TUNING"):
         export_loader(tmp_path)

@@ -596,6 +596,13 @@ def test_older_embedding_only_export_still_loads(tmp_path) -> None:
         torch.testing.assert_close(loaded(input_ids=ROWS[0][None]).logits, model(input_ids=ROWS[0][None]).logits)
 
 
+def test_a_folder_that_holds_the_export_in_a_folder_of_its_own_names_it(tmp_path) -> None:
+    """``from_prefix(lm, <run>)`` for ``<run>/prefix`` (the commands take a run's folder; the library its export)."""
+    PrefixModel(tiny_lm("gpt2"), PrefixConfig(length=3)).save(tmp_path / "prefix")
+    with pytest.raises(FileNotFoundError, match=r"json is missing \(the folders inside it that hold one:"):
+        PrefixModel.from_prefix(tiny_lm("gpt2"), tmp_path)
+
+
 def test_prefix_refuses_a_base_model_of_another_shape(tmp_path) -> None:
     PrefixModel(tiny_lm("llama"), PrefixConfig(length=3)).save(tmp_path)
     with pytest.raises(ValueError, match="trained for .*llama.* this base model \\(gpt2\\)"):

@@ -54,7 +54,10 @@ def export_loader(folder: str | Path) -> Loader:
     if task_folders(folder):
         return MultiTaskPrefix.from_export
     expected = "; ".join(f"{marker} for {kind}" for marker, kind in MARKERS.items())
-    raise FileNotFoundError(f"{folder} holds no export of this project's methods: expected {expected}")
+    raise FileNotFoundError(
+        f"{folder} holds no export of this project's methods: expected {expected} (a method of one's own saves its "
+        "own files, which its own code loads)"
+    )
 
 
 def load_export(lm: PreTrainedModel, folder: str | Path) -> TrainableLM:

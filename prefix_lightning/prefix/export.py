@@ -204,7 +204,9 @@ def read_prefix(folder: str | Path) -> ExportedPrefix:
         peft = {None: "", PEFT_TYPE: " (it holds a PEFT prefix adapter: PrefixModel.from_peft loads that)"}.get(
             adapter, f" (it holds a PEFT {adapter} adapter, not a prefix)"
         )
-        raise FileNotFoundError(f"no exported prefix at {folder}: {CONFIG_NAME} is missing{peft}")
+        inside = sorted(found.parent for found in folder.glob(f"*/{CONFIG_NAME}"))
+        within = f" (the folders inside it that hold one: {', '.join(map(str, inside))})" if inside else ""
+        raise FileNotFoundError(f"no exported prefix at {folder}: {CONFIG_NAME} is missing{peft or within}")
     try:
         description = json.loads(config_file.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as error:

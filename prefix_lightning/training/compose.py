@@ -66,6 +66,11 @@ def model_config_for(prefixes: Iterable[str | Path]) -> str:
     model (``backbone_identity``); different records, or none or several configs matching, are refused, asking
     for ``model=``."""
     recorded = {read_prefix(folder).base_model.get("name_or_path") for folder in prefixes}
+    if len(recorded - {None, ""}) > 1:
+        raise ValueError(
+            f"the prefixes were trained on different base models ({', '.join(sorted(map(str, recorded)))}): a batch "
+            "decodes on one LM, so decode each model's prefixes in a call of their own"
+        )
     if len(recorded) != 1 or None in recorded or "" in recorded:
         raise ValueError(
             f"the prefixes record different or unknown base models ({sorted(map(str, recorded))}): give model=<name>"
