@@ -17,7 +17,7 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     # resume=: that run's config, in its folder; group=null: Hydra's traceback, unless refused first
-    if any(argument.startswith("resume=") or argument.endswith("=null") for argument in sys.argv[1:]):
+    if any(argument.startswith("resume=") or argument.lower().endswith("null") for argument in sys.argv[1:]):
         from prefix_lightning.cli import report_errors
         from prefix_lightning.training.compose import check_group_choices
         from prefix_lightning.training.resume import resume_arguments

@@ -406,6 +406,27 @@ def test_a_prefix_in_its_run_folder_decodes_on_that_runs_model(prefixes: dict[st
     assert outputs["run's"].read_text() == outputs["given"].read_text()
 
 
+def test_a_run_on_a_model_config_of_ones_own_decodes_on_it_from_any_folder(
+    prefixes: dict[str, Path], tmp_path: Path
+) -> None:
+    """The run read its model config from a folder of the user's, given relative to where it started
+    (hydra.searchpath=[file://my_conf]): generate composes it (it named the model config alone, not the folder)."""
+    own = tmp_path / "my_conf" / "model"
+    own.mkdir(parents=True)
+    (own / "mine.yaml").write_text("defaults:\n  - tiny_llama\n  - _self_\n")
+    run = tmp_path / "run"
+    exported = in_run_folder(prefixes["e2e"], run, {})
+    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["model=mine"]))
+    (run / ".hydra" / "hydra.yaml").write_text(
+        f"hydra:\n  searchpath:\n  - file://my_conf\n  runtime:\n    cwd: {tmp_path}\n    choices:\n      model: mine\n"
+    )
+    assert run_model_overrides(run) == ["model=mine", f"hydra.searchpath=['file://{own.parent}']"]
+    inputs = write_jsonl(tmp_path / "inputs.jsonl", [{"source": source} for source in SOURCES[:2]])
+    output = tmp_path / "outputs.jsonl"
+    assert main(["--prefix", f"e2e={exported}", "--input", str(inputs), "--output", str(output), *DECODING]) == 0
+    assert len(output.read_text().splitlines()) == 2
+
+
 def test_each_prefix_cuts_sources_as_its_run_did(tmp_path: Path) -> None:
     """The run's source and target budgets and the prefix's own virtual tokens (not the longest prefix held), in
     the model's positions (tiny_gpt2: 256)."""

@@ -28,7 +28,7 @@ from prefix_lightning.training.build import (
     read_data_first,
 )
 from prefix_lightning.training.checks import ConfigError, check_config, check_validation_reached
-from prefix_lightning.training.compose import compose_config
+from prefix_lightning.training.compose import check_group_choices, compose_config
 from prefix_lightning.training.early_stopping import early_stopping
 from prefix_lightning.training.train import train
 from tests.helpers.cli import FAST, run_cli, run_failing, run_python
@@ -294,6 +294,14 @@ def test_a_sweep_without_multirun_is_refused_before_any_model_loads(tmp_path: Pa
     result = run_failing(tmp_path, "+sweep=length")
     assert "+sweep=length is a multirun's settings: run it with -m" in result.stderr
     assert "Loading embedded backbone" not in result.stdout + result.stderr
+
+
+def test_null_for_a_config_group_is_named_and_leaving_out_offered_where_a_run_does_without_the_group() -> None:
+    with pytest.raises(ValueError, match=r"^trainer=NULL: the config group trainer takes one of cpu, .*, slurm$"):
+        check_group_choices(["trainer=NULL"])
+    with pytest.raises(ValueError, match=r"^debug= null: the config group debug takes one of fast; ~debug leaves it"):
+        check_group_choices(["debug= null"])
+    check_group_choices(["seed=null", "model.backbone.name=null", "+generation.max_length=null"])  # settings
 
 
 @pytest.mark.integration

@@ -14,6 +14,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from prefix_lightning.prefix import read_prefix
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+# The groups a run does without when left out with ~group (the others are the run itself).
+OPTIONAL_GROUPS = ("logger", "callbacks", "experiment", "debug")
 
 
 def compose_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
@@ -27,13 +29,14 @@ def compose_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
 
 def check_group_choices(overrides: Sequence[str]) -> None:
     """Refuse ``group=null`` for a config group of ``conf/``, naming its options: Hydra stops on it with a traceback
-    from its defaults list. ``~group`` leaves a group out."""
+    from its defaults list."""
     for argument in overrides:
         key, _, value = argument.partition("=")
         group = key.lstrip("+")
-        if value == "null" and (CONF_DIR / group).is_dir():
+        if value.strip().lower() == "null" and (CONF_DIR / group).is_dir():
             options = ", ".join(sorted(path.stem for path in (CONF_DIR / group).glob("*.yaml")))
-            raise ValueError(f"{argument}: the config group {group} takes one of {options}; ~{group} leaves it out")
+            leave_out = f"; ~{group} leaves it out" if group in OPTIONAL_GROUPS else ""
+            raise ValueError(f"{argument}: the config group {group} takes one of {options}{leave_out}")
 
 
 def config_leaves(config: DictConfig | ListConfig) -> dict[str, Any]:
@@ -66,10 +69,11 @@ def model_config_for(prefixes: Iterable[str | Path]) -> str:
     model (``backbone_identity``); different records, or none or several configs matching, are refused, asking
     for ``model=``."""
     recorded = {read_prefix(folder).base_model.get("name_or_path") for folder in prefixes}
-    if len(recorded - {None, ""}) > 1:
+    named = sorted(str(name) for name in recorded if name)
+    if len(named) > 1:
         raise ValueError(
-            f"the prefixes were trained on different base models ({', '.join(sorted(map(str, recorded)))}): a batch "
-            "decodes on one LM, so decode each model's prefixes in a call of their own"
+            f"the prefixes were trained on different base models ({', '.join(named)}): a batch decodes on one LM, so "
+            "decode each model's prefixes in a call of their own (or give model=<name> where they name one LM twice)"
         )
     if len(recorded) != 1 or None in recorded or "" in recorded:
         raise ValueError(

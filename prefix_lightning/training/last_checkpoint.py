@@ -113,7 +113,7 @@ class LastCheckpoint(Checkpoint):
         if stopping and stop is not None:
             # Lightning logs "Received SIGTERM" for every stop handed to it, a Ctrl-C's too: the run's own line says
             # which signal stopped it.
-            with muted(SIGNAL_CONNECTOR_LOGGER):
+            with muted(SIGNAL_CONNECTOR_LOGGER, "Received SIGTERM"):
                 stop()
 
     def on_train_batch_end(

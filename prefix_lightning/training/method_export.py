@@ -57,17 +57,22 @@ class MethodExport(L.Callback):
                 callback.best_model_score if self.source == "best" else trainer.callback_metrics.get(callback.monitor)
             )
             self._validation = {callback.monitor: float(value)} if value is not None else {}
+        written = True
         with trainable_whole_on_rank_zero(trainer, pl_module):
             if trainer.is_global_zero:
                 pl_module.model.save(self.dirpath)
-                if not self.dirpath.is_dir() or not any(self.dirpath.iterdir()):
-                    raise RuntimeError(
-                        f"{type(pl_module.model).__name__}.save({str(self.dirpath)!r}) wrote nothing there: a "
-                        "method's save writes what it trained into the folder it is given"
+                written = self.dirpath.is_dir() and any(self.dirpath.iterdir())
+                if written:
+                    self._write_card(trainer, pl_module, {})
+                    size = sum(f.stat().st_size for f in self.dirpath.rglob("*") if f.is_file()) / 1024
+                    log.info(
+                        "exported %s weights (step %d) to %s (%.1f KB)", self.source, self.step, self.dirpath, size
                     )
-                self._write_card(trainer, pl_module, {})
-                size = sum(f.stat().st_size for f in self.dirpath.rglob("*") if f.is_file()) / 1024
-                log.info("exported %s weights (step %d) to %s (%.1f KB)", self.source, self.step, self.dirpath, size)
+        if not trainer.strategy.broadcast(written):  # every rank stops, not rank 0 alone before the test's collectives
+            raise RuntimeError(
+                f"{type(pl_module.model).__name__}.save({str(self.dirpath)!r}) wrote nothing there: a method's save "
+                "writes what it trained into the folder it is given"
+            )
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """A run resumed from a checkpoint of its last training step (interrupted in its final validation or in the

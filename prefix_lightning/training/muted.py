@@ -1,4 +1,4 @@
-"""Silencing a library's logger for one call whose news the project says itself, in its own words."""
+"""Silencing a library's log lines for one call whose news the project says itself, in its own words."""
 
 from __future__ import annotations
 
@@ -8,12 +8,17 @@ from contextlib import contextmanager
 
 
 @contextmanager
-def muted(logger_name: str) -> Iterator[None]:
-    """Drop what the logger ``logger_name`` logs inside the block (a library's error line before the exception
-    that the project turns into one line of its own, a notice the project's own line repeats)."""
+def muted(logger_name: str, containing: str = "") -> Iterator[None]:
+    """Drop the records of the logger ``logger_name`` whose message holds ``containing`` (all, by default) inside
+    the block: a library's error line before the exception that the project turns into one line of its own, a
+    notice that the project's own line repeats."""
     logger = logging.getLogger(logger_name)
-    was_disabled, logger.disabled = logger.disabled, True
+
+    def passes(record: logging.LogRecord) -> bool:
+        return containing not in record.getMessage()
+
+    logger.addFilter(passes)
     try:
         yield
     finally:
-        logger.disabled = was_disabled
+        logger.removeFilter(passes)

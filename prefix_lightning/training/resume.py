@@ -84,12 +84,13 @@ def _found_from(started_in: str | None, entry: str) -> str:
 
 
 def run_model_overrides(run_dir: str | Path) -> list[str]:
-    """The overrides that gave the run in ``run_dir`` its model: its model config and the ``model.*`` settings given
-    (none where Hydra's record of its choices is missing)."""
+    """The overrides that gave the run in ``run_dir`` its model: its model config, the ``model.*`` settings given and
+    the config folders of the user's that it read (a model config of one's own); none where Hydra's record of its
+    choices is missing."""
     choice = _choices(Path(run_dir)).get("model")
     if choice is None:
         return []
-    given = [item for item in run_overrides(run_dir) if override_key(item).startswith("model.")]
+    given = [item for item in run_overrides(run_dir) if override_key(item).startswith(("model.", "hydra.searchpath"))]
     return [f"model={choice}", *given]
 
 
