@@ -105,6 +105,23 @@ def test_bad_values_are_rejected_naming_the_option(override: str, message: str, 
     assert message in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["method=lora", "method.model.dropout=maybe"], "method.model.dropout='maybe' is not valid: LoRA takes a"),
+        (["method=lora", "method.model.rank=true"], "method.model.rank=True is not valid: LoRA takes an integer"),
+        (["method=top2", "method.model.layers=x"], "method.model.layers='x' is not valid: TopLayers takes an integer"),
+    ],
+)
+def test_a_method_option_of_another_kind_than_its_annotation_is_named_first(
+    overrides: list[str], message: str, tmp_path: Path
+) -> None:
+    """LoRA's dropout=maybe failed after the model load, in "'>' not supported between instances of 'str' and
+    'float'"."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_config(compose_train(tmp_path, overrides))
+
+
 def test_a_method_class_that_cannot_be_imported_is_said_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Hydra's get_class logs the error it raises (three lines, then ours said it again)."""
     with pytest.raises(ConfigError, match=r"method.model._target_='prefix_lightning.prefix.PrefixModell' is not a"):

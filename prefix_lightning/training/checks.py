@@ -10,6 +10,8 @@ import difflib
 import functools
 import inspect
 import re
+import types
+import typing
 from typing import Any
 
 import torch
@@ -83,6 +85,34 @@ def method_class(cfg: DictConfig) -> type:
         accepted = sorted(set(parameters) - {"self", "lm", "tokenizer"})
         raise ConfigError(f"method.model: {cls.__name__} takes no option {', '.join(unknown)}; options: {accepted}")
     return cls
+
+
+# What a scalar annotation of a method's option accepts, in the words of the message that refuses another value.
+SCALARS: dict[Any, tuple[str, Any]] = {
+    bool: ("true or false", lambda value: isinstance(value, bool)),
+    int: ("an integer", is_int),
+    float: ("a number", is_number),
+    str: ("text", lambda value: isinstance(value, str)),
+    type(None): ("null", lambda value: value is None),
+}
+
+
+def _check_option_types(cls: type, options: dict[str, Any]) -> None:
+    """An option whose parameter is annotated as a switch, a number or text (or null) is checked as it is written:
+    ``method.model.dropout=maybe`` reached LoRA as text, which failed in a comparison inside it."""
+    try:
+        parameters = inspect.signature(cls, eval_str=True).parameters
+    except Exception:  # an annotation that cannot be resolved here: the class checks its own values
+        return
+    for name, value in options.items():
+        hint = parameters[name].annotation if name in parameters else None
+        union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+        kinds = typing.get_args(hint) if union else (hint,)
+        if not kinds or not all(kind in SCALARS for kind in kinds):
+            continue  # a structure (a prefix config, a list of modules): the class checks it
+        if not any(SCALARS[kind][1](value) for kind in kinds):
+            accepted = " or ".join(SCALARS[kind][0] for kind in kinds)
+            raise ConfigError(f"method.model.{name}={value!r} is not valid: {cls.__name__} takes {accepted}")
 
 
 def _check_tasks(cfg: DictConfig) -> None:
@@ -174,6 +204,9 @@ def _check_model_and_method(cfg: DictConfig) -> None:
             "options (model: _target_ and keywords), its learning rate (lr) and its export folder (export_dir), as "
             "conf/method/prefix.yaml does"
         )
+    options = options_at(cfg, "method.model")
+    del options["_target_"]
+    _check_option_types(method_class(cfg), options)
     backbone = _built("model.backbone", BackboneConfig, options_at(cfg, "model.backbone"))
     prefix = _built(None, PrefixConfig.of, {"config": options_at(cfg, "prefix")})
     _check_tasks(cfg)
