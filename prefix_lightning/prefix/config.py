@@ -23,7 +23,9 @@ class PrefixConfig:
         "embedding": input embeddings only, whose activations in every layer the frozen LM computes (the paper's
         embedding-only ablation). Infix and embedding are for decoder-only LMs.
     reparam: "mlp" trains P = MLP(P') (the paper's default, dropped at export); "none" trains P directly.
-    hidden_dim: width k of the reparametrization MLP (512 for table-to-text, 800 for summarization).
+    hidden_dim: width k of the reparametrization MLP (512 for table-to-text, 800 for summarization). As in the
+        authors' code, P' has the model's width and k is the MLP's hidden width (the paper's footnote 4 writes
+        P' as |P| x k).
     dropout: dropout on the materialized prefix during training.
     shift_positions: real tokens take positions L, L+1, ... as if the prefix were real tokens before them. With a
         relative position bias (T5) the real tokens keep their distances and the prefix columns get the bias of
