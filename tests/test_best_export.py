@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import SingleDeviceStrategy
 
 from prefix_lightning.evaluation import main_validation_metric, validation_metrics
 from prefix_lightning.prefix import PrefixModel
@@ -103,7 +104,7 @@ def test_an_export_of_the_last_weights_states_the_last_validations_score_not_the
         global_step=6,
         checkpoint_callbacks=[callback],
         callback_metrics={"val/bleu": torch.tensor(2.0)},
-        strategy=None,
+        strategy=SingleDeviceStrategy(torch.device("cpu")),
         is_global_zero=True,
     )
     module = MethodModule(PrefixModel(tiny_lm("gpt2"), length=2), tokenizer=None, output_dir=str(tmp_path))
