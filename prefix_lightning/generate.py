@@ -320,7 +320,7 @@ def run(args: argparse.Namespace) -> int:
     lm, tokenizer = load_configured_backbone(cfg)
     decoder = load_decoder(lm.to(args.device), exported)
     settings = generation_settings(cfg, tokenizer)
-    virtual_positions = {name: exported[name].config.virtual_positions for name in prefixes}
+    virtual_positions = {name: prefix.config.virtual_positions for name, prefix in exported.items()}
     collators = prompt_collators(cfg, decoder.lm, virtual_positions, tokenizer, trained, given)
     torch.manual_seed(cfg.seed)  # sampled decoding: the same seed, the same outputs
     text_output = args.output_format == "text" or (args.output_format == "auto" and args.output.endswith(".txt"))

@@ -20,7 +20,7 @@ from prefix_lightning.data.multitask import MultiTaskDataModule
 from prefix_lightning.methods import TrainableLM
 from prefix_lightning.numbers import is_int
 from prefix_lightning.prefix.positions import positions_left
-from prefix_lightning.training.checks import ConfigError, check_config, method_class, options_at
+from prefix_lightning.training.checks import ConfigError, check_config, method_class, method_options, options_at
 from prefix_lightning.training.module import MethodModule
 from prefix_lightning.training.tasks import task_data_configs
 
@@ -81,8 +81,7 @@ def build_method(cfg: DictConfig, lm: PreTrainedModel, tokenizer: PreTrainedToke
     """The class ``method.model._target_`` called with the LM, its other keys, and the tokenizer where the class
     takes one (called directly, not through Hydra, so that its refusals reach the user as they are)."""
     cls = method_class(cfg)
-    options = options_at(cfg, "method.model")
-    del options["_target_"]
+    options = method_options(cfg)
     if "tokenizer" in inspect.signature(cls).parameters:
         options["tokenizer"] = tokenizer
     model = cls(lm, **options)

@@ -87,6 +87,14 @@ def method_class(cfg: DictConfig) -> type:
     return cls
 
 
+def method_options(cfg: DictConfig) -> dict[str, Any]:
+    """The keywords ``method.model`` gives its class, resolved (the LM, and the tokenizer where the class takes one,
+    are passed when it is built)."""
+    options = options_at(cfg, "method.model")
+    del options["_target_"]
+    return options
+
+
 # What a scalar annotation of a method's option accepts, in the words of the message that refuses another value.
 SCALARS: dict[Any, tuple[str, Any]] = {
     bool: ("true or false", lambda value: isinstance(value, bool)),
@@ -204,13 +212,12 @@ def _check_model_and_method(cfg: DictConfig) -> None:
             "options (model: _target_ and keywords), its learning rate (lr) and its export folder (export_dir), as "
             "conf/method/prefix.yaml does"
         )
-    options = options_at(cfg, "method.model")
-    del options["_target_"]
-    _check_option_types(method_class(cfg), options)
+    cls = method_class(cfg)
+    _check_option_types(cls, method_options(cfg))
     backbone = _built("model.backbone", BackboneConfig, options_at(cfg, "model.backbone"))
     prefix = _built(None, PrefixConfig.of, {"config": options_at(cfg, "prefix")})
     _check_tasks(cfg)
-    if backbone.quantization is not None and getattr(method_class(cfg), "trains_lm_weights", False):
+    if backbone.quantization is not None and getattr(cls, "trains_lm_weights", False):
         what = f"model.backbone.quantization={backbone.quantization}"
         raise ConfigError(quantized_training_error(f"method {cfg.method.name}", what))
     if (prefix.init_text is not None or prefix.init_vocab) and "config" not in cfg.method.model:
